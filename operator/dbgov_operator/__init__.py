@@ -1,0 +1,1 @@
+"""dbgov's Kubernetes operator: policies, sidecar injection, credentials, approvals, audit."""

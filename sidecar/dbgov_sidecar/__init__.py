@@ -1,0 +1,1 @@
+"""dbgov's sidecar: a PostgreSQL wire-protocol proxy that enforces dbgov policies."""
