@@ -1,0 +1,56 @@
+"""Label and annotation keys dbgov reads or writes on Kubernetes objects.
+
+These keys are a public API: users put them on pod templates and platform tooling matches on
+them, so they are defined once, here, each with what it means and who writes it.
+"""
+
+from typing import Final
+
+PREFIX: Final = "dbgov.io"
+"""The domain every dbgov label and annotation key lives under."""
+
+INJECT: Final = f"{PREFIX}/inject"
+"""Pod label, set by users: ``"true"`` enrolls the pod; the webhook adds the dbgov sidecar."""
+
+INJECT_ENABLED: Final = "true"
+"""The only value of :data:`INJECT` that enrolls a pod."""
+
+STATUS: Final = f"{PREFIX}/status"
+"""Pod annotation, written by the webhook: ``"injected"`` once the sidecar was added.
+
+A pod that already carries it is never injected again."""
+
+STATUS_INJECTED: Final = "injected"
+"""The value of :data:`STATUS` on a pod the webhook has injected."""
+
+DATABASE_URL_ENV: Final = f"{PREFIX}/database-url-env"
+"""Pod annotation, set by users: the name of the app's environment variable that holds the
+database URL (e.g. ``DATABASE_URL``). The webhook points it at the in-pod proxy and hands the
+original value to the sidecar as its upstream."""
+
+SIDECAR_IMAGE: Final = f"{PREFIX}/sidecar-image"
+"""Pod annotation, set by users: overrides the sidecar image for this pod."""
+
+SIDECAR_RESOURCES: Final = f"{PREFIX}/sidecar-resources"
+"""Pod annotation, set by users: JSON ``{"requests": {...}, "limits": {...}}`` replacing the
+sidecar's default resource requirements."""
+
+DATABASE: Final = f"{PREFIX}/database"
+"""Pod annotation, set by users: the name of the ``Database`` resource (same namespace) the
+sidecar connects to, when the upstream is not given by :data:`DATABASE_URL_ENV`."""
+
+PROXY_PORT: Final = f"{PREFIX}/proxy-port"
+"""Pod annotation, set by users: the loopback port the proxy listens on (default 5432)."""
+
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+"""Standard label on objects the operator creates (policy bundle ConfigMaps)."""
+
+MANAGED_BY_VALUE: Final = "dbgov"
+"""The value of :data:`MANAGED_BY_LABEL` on objects dbgov owns."""
+
+BUNDLE_SERVICE_ACCOUNT: Final = f"{PREFIX}/service-account"
+"""ConfigMap label, written by the operator: the ServiceAccount a policy bundle is for."""
+
+BUNDLE_POLICIES: Final = f"{PREFIX}/policies"
+"""ConfigMap annotation, written by the operator: comma-separated names of the policies merged
+into the bundle, in merge order."""

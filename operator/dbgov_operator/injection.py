@@ -1,0 +1,276 @@
+"""Sidecar injection as a pure function: a pod in, an edited copy of it out.
+
+The mutating webhook diffs the copy against the original to build its JSON patch, so this module
+never computes patch indexes (the edge cases of hand-written patches are where injectors break).
+No I/O here: the pod, its namespace and the settings are all the input there is.
+"""
+
+import copy
+import json
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dbgov_operator import annotations, settings
+from dbgov_operator.kubetypes import Container, EnvVar, Volume
+
+SIDECAR_NAME = "dbgov-proxy"
+TOKEN_VOLUME = "dbgov-token"
+POLICY_VOLUME = "dbgov-policy"
+TOKEN_DIR = "/var/run/secrets/dbgov.io/serviceaccount"
+POLICY_DIR = "/etc/dbgov/policy"
+POLICY_KEY = "policy.yaml"
+LOOPBACK = "127.0.0.1"
+
+
+class InjectionRefused(Exception):
+    """An enrolled pod asks for something the webhook cannot do; the pod is refused, not
+    silently admitted without its sidecar (fail closed)."""
+
+    def __init__(self, *, annotation: str, reason: str) -> None:
+        super().__init__(f"{annotation}: {reason}")
+        self.annotation = annotation
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """Whether to inject a pod, and why (logged and reported in tests)."""
+
+    inject: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Injection:
+    """The injected copy of a pod, plus warnings for the user who created it."""
+
+    pod: dict[str, Any]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Overrides:
+    image: str
+    resources: Mapping[str, Any]
+    proxy_port: int
+    database: str | None
+    url_env: str | None
+
+
+def decide(pod: Mapping[str, Any], *, namespace: str, config: settings.Settings) -> Decision:
+    """Decide whether ``pod`` (being created in ``namespace``) gets the sidecar."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if namespace in config.system_namespaces:
+        return Decision(inject=False, reason=f"system namespace {namespace}")
+    if namespace == config.namespace:
+        return Decision(inject=False, reason="the operator's own namespace")
+    if labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
+        return Decision(inject=False, reason=f"not labeled {annotations.INJECT}=true")
+    if (meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED:
+        return Decision(inject=False, reason="already injected")
+    if any(c.get("name") == SIDECAR_NAME for c in _all_containers(pod)):
+        return Decision(inject=False, reason=f"already has a {SIDECAR_NAME} container")
+    return Decision(inject=True, reason="enrolled")
+
+
+def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Injection:
+    """Return a copy of ``pod`` with the dbgov sidecar, its volumes, and the app re-pointed."""
+    out: dict[str, Any] = copy.deepcopy(dict(pod))
+    meta = out.setdefault("metadata", {})
+    spec = out.setdefault("spec", {})
+    overrides = _overrides(meta.get("annotations") or {}, sidecar)
+    service_account = spec.get("serviceAccountName") or "default"
+
+    upstream, warnings = _repoint_apps(spec, overrides)
+    container = _sidecar_container(overrides=overrides, upstream=upstream, sidecar=sidecar)
+    spec["initContainers"] = [container, *spec.get("initContainers", [])]
+    spec["volumes"] = [
+        *spec.get("volumes", []),
+        *_volumes(sidecar=sidecar, bundle=sidecar.bundle_prefix + service_account),
+    ]
+    meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
+    return Injection(pod=out, warnings=warnings)
+
+
+def rewrite_database_url(url: str, *, port: int) -> str | None:
+    """Point a ``postgres://`` URL at the loopback proxy; ``None`` if it is not such a URL.
+
+    Credentials, database and options are kept; host/port move to the proxy, and a TLS
+    ``sslmode`` becomes ``disable`` because the hop to the proxy never leaves the pod (the proxy
+    speaks TLS to the real database)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return None
+    userinfo, _, _hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}@{LOOPBACK}:{port}" if userinfo else f"{LOOPBACK}:{port}"
+    query = [
+        (key, "disable" if key == "sslmode" else value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if key not in ("host", "hostaddr", "port")
+    ]
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path, urllib.parse.urlencode(query), parts.fragment)
+    )
+
+
+def _overrides(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSettings) -> _Overrides:
+    resources: Mapping[str, Any] = sidecar.resources
+    raw = pod_annotations.get(annotations.SIDECAR_RESOURCES)
+    if raw is not None:
+        resources = _parse_resources(raw)
+    port = sidecar.proxy_port
+    raw_port = pod_annotations.get(annotations.PROXY_PORT)
+    if raw_port is not None:
+        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+            raise InjectionRefused(
+                annotation=annotations.PROXY_PORT, reason=f"not a port number: {raw_port!r}"
+            )
+        port = int(raw_port)
+    return _Overrides(
+        image=pod_annotations.get(annotations.SIDECAR_IMAGE) or sidecar.image,
+        resources=resources,
+        proxy_port=port,
+        database=pod_annotations.get(annotations.DATABASE) or None,
+        url_env=pod_annotations.get(annotations.DATABASE_URL_ENV) or None,
+    )
+
+
+def _parse_resources(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise InjectionRefused(
+            annotation=annotations.SIDECAR_RESOURCES, reason=f"not JSON: {err}"
+        ) from err
+    if not isinstance(value, dict) or not set(value) <= {"requests", "limits"}:
+        raise InjectionRefused(
+            annotation=annotations.SIDECAR_RESOURCES,
+            reason='expected a JSON object with only "requests" and "limits"',
+        )
+    return value
+
+
+def _repoint_apps(
+    spec: dict[str, Any], overrides: _Overrides
+) -> tuple[list[EnvVar], tuple[str, ...]]:
+    """Point every app container at the proxy; return the sidecar's upstream env and warnings."""
+    upstream: list[EnvVar] = []
+    found_url = False
+    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        env: list[dict[str, Any]] = container.setdefault("env", [])
+        for name, value in (("PGHOST", LOOPBACK), ("PGPORT", str(overrides.proxy_port))):
+            original = _set_env(env, name, value)
+            if original is not None and not any(
+                u["name"] == f"DBGOV_UPSTREAM_{name}" for u in upstream
+            ):
+                upstream.append(_renamed(original, f"DBGOV_UPSTREAM_{name}"))
+        if overrides.url_env is None:
+            continue
+        for var in env:
+            if var.get("name") != overrides.url_env:
+                continue
+            if not found_url:
+                upstream.append(_renamed(var, "DBGOV_UPSTREAM_URL"))
+                found_url = True
+            _repoint_url(var, port=overrides.proxy_port)
+    warnings: tuple[str, ...] = ()
+    if overrides.url_env is not None and not found_url:
+        warnings = (
+            f"{annotations.DATABASE_URL_ENV}: no container sets {overrides.url_env} in env; "
+            "it was left unchanged (variables from envFrom cannot be rewritten)",
+        )
+    return upstream, warnings
+
+
+def _set_env(env: list[dict[str, Any]], name: str, value: str) -> dict[str, Any] | None:
+    """Set ``name`` to ``value``; return the previous entry if there was one."""
+    for index, var in enumerate(env):
+        if var.get("name") == name:
+            env[index] = {"name": name, "value": value}
+            return var
+    env.append({"name": name, "value": value})
+    return None
+
+
+def _repoint_url(var: dict[str, Any], *, port: int) -> None:
+    rewritten = rewrite_database_url(var["value"], port=port) if "value" in var else None
+    # A URL from a Secret cannot be edited in place: the sidecar gets the reference, and the
+    # app gets a URL for the proxy that names no database (the proxy serves one upstream).
+    var.pop("valueFrom", None)
+    var["value"] = rewritten or f"postgresql://{LOOPBACK}:{port}"
+
+
+def _renamed(var: Mapping[str, Any], name: str) -> EnvVar:
+    renamed: EnvVar = {"name": name}
+    if "valueFrom" in var:
+        renamed["valueFrom"] = copy.deepcopy(var["valueFrom"])
+    else:
+        renamed["value"] = str(var.get("value", ""))
+    return renamed
+
+
+def _sidecar_container(
+    *, overrides: _Overrides, upstream: list[EnvVar], sidecar: settings.SidecarSettings
+) -> Container:
+    env: list[EnvVar] = [
+        {"name": "DBGOV_LISTEN", "value": f"{LOOPBACK}:{overrides.proxy_port}"},
+        {"name": "DBGOV_POLICY_FILE", "value": f"{POLICY_DIR}/{POLICY_KEY}"},
+        {"name": "DBGOV_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
+        {"name": "DBGOV_TOKEN_AUDIENCE", "value": sidecar.token_audience},
+        _field_env("DBGOV_POD_NAME", "metadata.name"),
+        _field_env("DBGOV_POD_NAMESPACE", "metadata.namespace"),
+        _field_env("DBGOV_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ]
+    if overrides.database is not None:
+        env.append({"name": "DBGOV_DATABASE", "value": overrides.database})
+    return {
+        "name": SIDECAR_NAME,
+        "image": overrides.image,
+        "args": ["proxy"],
+        "restartPolicy": "Always",
+        "env": [*env, *upstream],
+        "resources": copy.deepcopy(dict(overrides.resources)),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
+        ],
+    }
+
+
+def _field_env(name: str, path: str) -> EnvVar:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _volumes(*, sidecar: settings.SidecarSettings, bundle: str) -> list[Volume]:
+    token: Volume = {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": sidecar.token_audience,
+                        "expirationSeconds": sidecar.token_expiration_seconds,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }
+    # optional: the pod may start before any policy binds its ServiceAccount; the sidecar
+    # refuses every statement until the bundle appears (fail closed), then reloads it.
+    policy: Volume = {"name": POLICY_VOLUME, "configMap": {"name": bundle, "optional": True}}
+    return [token, policy]
+
+
+def _all_containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    spec = pod.get("spec") or {}
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]

@@ -1,0 +1,113 @@
+"""Kubernetes payload shapes the operator builds, as TypedDicts (field names as on the wire).
+
+Objects the operator only reads (pods under admission, custom resources) stay plain mappings:
+the apiserver validated them, and we copy them rather than re-declare every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+
+class ObjectFieldSelector(TypedDict):
+    fieldPath: str
+
+
+class EnvVarSource(TypedDict, total=False):
+    fieldRef: ObjectFieldSelector
+    secretKeyRef: dict[str, Any]
+    configMapKeyRef: dict[str, Any]
+
+
+class EnvVar(TypedDict):
+    name: str
+    value: NotRequired[str]
+    valueFrom: NotRequired[EnvVarSource]
+
+
+class VolumeMount(TypedDict):
+    name: str
+    mountPath: str
+    readOnly: NotRequired[bool]
+
+
+class Capabilities(TypedDict):
+    drop: list[str]
+
+
+class SecurityContext(TypedDict):
+    allowPrivilegeEscalation: bool
+    readOnlyRootFilesystem: bool
+    runAsNonRoot: bool
+    capabilities: Capabilities
+
+
+class Container(TypedDict):
+    name: str
+    image: str
+    args: list[str]
+    restartPolicy: Literal["Always"]
+    env: list[EnvVar]
+    resources: dict[str, Any]
+    securityContext: SecurityContext
+    volumeMounts: list[VolumeMount]
+
+
+class ServiceAccountTokenProjection(TypedDict):
+    audience: str
+    expirationSeconds: int
+    path: str
+
+
+class VolumeProjection(TypedDict):
+    serviceAccountToken: ServiceAccountTokenProjection
+
+
+class ProjectedVolumeSource(TypedDict):
+    sources: list[VolumeProjection]
+
+
+class ConfigMapVolumeSource(TypedDict):
+    name: str
+    optional: bool
+
+
+class Volume(TypedDict):
+    name: str
+    projected: NotRequired[ProjectedVolumeSource]
+    configMap: NotRequired[ConfigMapVolumeSource]
+
+
+class ObjectMeta(TypedDict):
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
+class ConfigMap(TypedDict):
+    apiVersion: Literal["v1"]
+    kind: Literal["ConfigMap"]
+    metadata: ObjectMeta
+    data: dict[str, str]
+
+
+class Condition(TypedDict):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    observedGeneration: int
+    lastTransitionTime: str
+    reason: str
+    message: str
+
+
+class BoundWorkload(TypedDict):
+    serviceAccount: str
+    configMap: str
+
+
+class PolicyStatus(TypedDict):
+    observedGeneration: int
+    conditions: list[Condition]
+    boundWorkloads: list[BoundWorkload]
+    workloads: int

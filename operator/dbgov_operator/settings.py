@@ -1,0 +1,131 @@
+"""Operator settings: one root dataclass of grouped settings, read from the environment here only.
+
+Every other module receives the group it needs as an argument, so tests build settings directly
+and nothing else in the operator reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SidecarSettings:
+    """What the webhook injects into enrolled pods."""
+
+    image: str = "ghcr.io/dbgov/dbgov-sidecar:0.1.0"
+    """Default sidecar image (a pod may override it with ``dbgov.io/sidecar-image``)."""
+    resources: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }
+    )
+    """Default sidecar resource requirements (override: ``dbgov.io/sidecar-resources``)."""
+    proxy_port: int = 5432
+    """Loopback port the proxy listens on inside the pod."""
+    token_audience: str = "dbgov"
+    """Audience of the projected ServiceAccount token the sidecar presents."""
+    token_expiration_seconds: int = 3600
+    """Lifetime the kubelet requests for the projected token (it rotates it before expiry)."""
+    bundle_prefix: str = "dbgov-policy-"
+    """ConfigMap name prefix of the per-ServiceAccount policy bundle."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookSettings:
+    """Where the admission webhook listens and how the apiserver reaches it."""
+
+    listen_addr: str = "0.0.0.0"
+    """Address the HTTPS webhook server binds to."""
+    port: int = 9443
+    """Port the HTTPS webhook server binds to."""
+    service_name: str = ""
+    """Webhook Service name; when set, webhook configurations use the ``service:`` form."""
+    service_port: int = 443
+    """Port of the webhook Service (used with :attr:`service_name`)."""
+    url_host: str = "127.0.0.1"
+    """Host in ``url:`` form configurations (when no Service is set, e.g. in tests)."""
+    cert_dir: str = "/tmp/dbgov-webhook-certs"
+    """Directory the serving certificate, key and CA bundle are written to."""
+    cert_secret: str = ""
+    """Secret (operator namespace) holding the CA and serving cert, shared by all replicas."""
+    cert_validity_days: int = 90
+    """Lifetime of a new serving certificate."""
+    renew_before_days: int = 30
+    """Renew the serving certificate when it expires within this many days."""
+    managed_name: str = "dbgov.io"
+    """Name of the Validating/MutatingWebhookConfiguration objects the operator keeps current."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """All operator settings."""
+
+    namespace: str = "dbgov-system"
+    """The operator's own namespace; pods there are never injected."""
+    system_namespaces: tuple[str, ...] = DEFAULT_SYSTEM_NAMESPACES
+    """Namespaces the webhook never touches."""
+    peering: str = ""
+    """kopf peering name for several replicas; empty runs standalone (one replica)."""
+    sidecar: SidecarSettings = field(default_factory=SidecarSettings)
+    """Injection settings."""
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    """Webhook server settings."""
+
+
+def from_env(env: Mapping[str, str]) -> Settings:
+    """Read settings from ``DBGOV_*`` environment variables; unset ones keep their defaults."""
+    side = SidecarSettings()
+    hook = WebhookSettings()
+    sidecar = SidecarSettings(
+        image=env.get("DBGOV_SIDECAR_IMAGE", side.image),
+        resources=_json(env, "DBGOV_SIDECAR_RESOURCES", side.resources),
+        proxy_port=int(env.get("DBGOV_PROXY_PORT", side.proxy_port)),
+        token_audience=env.get("DBGOV_TOKEN_AUDIENCE", side.token_audience),
+        token_expiration_seconds=int(
+            env.get("DBGOV_TOKEN_EXPIRATION_SECONDS", side.token_expiration_seconds)
+        ),
+        bundle_prefix=env.get("DBGOV_BUNDLE_PREFIX", side.bundle_prefix),
+    )
+    webhook = WebhookSettings(
+        listen_addr=env.get("DBGOV_WEBHOOK_LISTEN_ADDR", hook.listen_addr),
+        port=int(env.get("DBGOV_WEBHOOK_PORT", hook.port)),
+        service_name=env.get("DBGOV_WEBHOOK_SERVICE", hook.service_name),
+        service_port=int(env.get("DBGOV_WEBHOOK_SERVICE_PORT", hook.service_port)),
+        url_host=env.get("DBGOV_WEBHOOK_URL_HOST", hook.url_host),
+        cert_dir=env.get("DBGOV_WEBHOOK_CERT_DIR", hook.cert_dir),
+        cert_secret=env.get("DBGOV_WEBHOOK_CERT_SECRET", hook.cert_secret),
+        cert_validity_days=int(
+            env.get("DBGOV_WEBHOOK_CERT_VALIDITY_DAYS", hook.cert_validity_days)
+        ),
+        renew_before_days=int(env.get("DBGOV_WEBHOOK_RENEW_BEFORE_DAYS", hook.renew_before_days)),
+        managed_name=env.get("DBGOV_WEBHOOK_CONFIGURATION", hook.managed_name),
+    )
+    system = env.get("DBGOV_SYSTEM_NAMESPACES")
+    return Settings(
+        namespace=env.get("DBGOV_NAMESPACE", Settings().namespace),
+        system_namespaces=(
+            tuple(n.strip() for n in system.split(",") if n.strip())
+            if system is not None
+            else DEFAULT_SYSTEM_NAMESPACES
+        ),
+        peering=env.get("DBGOV_PEERING", ""),
+        sidecar=sidecar,
+        webhook=webhook,
+    )
+
+
+def _json(env: Mapping[str, str], key: str, default: Mapping[str, Any]) -> Mapping[str, Any]:
+    raw = env.get(key)
+    if raw is None:
+        return default
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object")
+    return value

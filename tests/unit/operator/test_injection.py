@@ -1,0 +1,150 @@
+"""Injection golden files: testdata/<case>.pod.yaml -> <case>.injected.yaml.
+
+Refresh the expected files with DBGOV_UPDATE_GOLDEN=1 after an intended change, and read the
+diff before committing it.
+"""
+
+import copy
+import os
+import pathlib
+import re
+from typing import Any
+
+import jsonpatch
+import kopf
+import pytest
+import yaml
+
+from dbgov_operator import annotations, handlers, injection, settings
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+CASES = sorted(p.name.removesuffix(".pod.yaml") for p in TESTDATA.glob("*.pod.yaml"))
+CONFIG = settings.Settings(namespace="dbgov-system")
+
+
+def _load(path: pathlib.Path) -> dict[str, Any]:
+    value = yaml.safe_load(path.read_text())
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(case: str) -> None:
+    pod = _load(TESTDATA / f"{case}.pod.yaml")
+    original = copy.deepcopy(pod)
+    assert injection.decide(pod, namespace="apps", config=CONFIG).inject
+    result = injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert pod == original, "inject must not modify its input"
+    golden = TESTDATA / f"{case}.injected.yaml"
+    if os.environ.get("DBGOV_UPDATE_GOLDEN") == "1":
+        golden.write_text(yaml.safe_dump(result.pod, sort_keys=False))
+    assert result.pod == _load(golden)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_patch_from_diff_reproduces_the_injected_pod(case: str) -> None:
+    pod = _load(TESTDATA / f"{case}.pod.yaml")
+    result = injection.inject(pod, sidecar=CONFIG.sidecar)
+    patch = kopf.Patch(body=kopf.Body(pod))
+    handlers.replace_body(patch, result.pod)
+    ops = patch.as_json_patch()
+    assert jsonpatch.apply_patch(pod, ops) == result.pod
+    # The app's own containers and volumes are never removed or replaced wholesale.
+    whole = re.compile(r"^/spec/(containers|initContainers|volumes)(/\d+)?$")
+    assert not [op for op in ops if op["op"] != "add" and whole.match(op["path"])], ops
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_second_admission_is_a_no_op(case: str) -> None:
+    pod = injection.inject(_load(TESTDATA / f"{case}.pod.yaml"), sidecar=CONFIG.sidecar).pod
+    decision = injection.decide(pod, namespace="apps", config=CONFIG)
+    assert not decision.inject
+    assert decision.reason == "already injected"
+
+
+def test_sidecar_without_status_annotation_is_not_injected_again() -> None:
+    pod = injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=CONFIG.sidecar).pod
+    del pod["metadata"]["annotations"][annotations.STATUS]
+    assert injection.decide(pod, namespace="apps", config=CONFIG) == injection.Decision(
+        inject=False, reason="already has a dbgov-proxy container"
+    )
+
+
+@pytest.mark.parametrize(
+    ("namespace", "reason"),
+    [
+        ("kube-system", "system namespace kube-system"),
+        ("kube-public", "system namespace kube-public"),
+        ("kube-node-lease", "system namespace kube-node-lease"),
+        ("dbgov-system", "the operator's own namespace"),
+    ],
+)
+def test_never_in_system_or_own_namespace(namespace: str, reason: str) -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    assert injection.decide(pod, namespace=namespace, config=CONFIG) == injection.Decision(
+        inject=False, reason=reason
+    )
+
+
+@pytest.mark.parametrize("labels", [None, {}, {"dbgov.io/inject": "false"}, {"app": "x"}])
+def test_unlabeled_pods_are_left_alone(labels: dict[str, str] | None) -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["metadata"]["labels"] = labels
+    assert not injection.decide(pod, namespace="apps", config=CONFIG).inject
+
+
+def test_bundle_volume_names_the_pods_service_account() -> None:
+    pod = injection.inject(_load(TESTDATA / "url-literal.pod.yaml"), sidecar=CONFIG.sidecar).pod
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["dbgov-policy"]["configMap"]["name"] == "dbgov-policy-orders"
+    token = volumes["dbgov-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "dbgov"
+
+
+def test_native_sidecar_runs_first() -> None:
+    pod = injection.inject(_load(TESTDATA / "overrides.pod.yaml"), sidecar=CONFIG.sidecar).pod
+    first, second = pod["spec"]["initContainers"]
+    assert (first["name"], first["restartPolicy"]) == ("dbgov-proxy", "Always")
+    assert second["name"] == "migrate"
+    assert "restartPolicy" not in second
+
+
+def test_missing_url_variable_warns() -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["metadata"]["annotations"] = {annotations.DATABASE_URL_ENV: "DB_URL"}
+    result = injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert len(result.warnings) == 1
+    assert "DB_URL" in result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (annotations.SIDECAR_RESOURCES, "{nope", "not JSON"),
+        (annotations.SIDECAR_RESOURCES, '{"cpu": "1"}', "only"),
+        (annotations.PROXY_PORT, "70000", "not a port number"),
+        (annotations.PROXY_PORT, "http", "not a port number"),
+    ],
+)
+def test_invalid_override_refuses_the_pod(key: str, value: str, reason: str) -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["metadata"]["annotations"] = {key: value}
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert caught.value.annotation == key
+    assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@db:5432/app", "postgresql://u:p@127.0.0.1:5432/app"),
+        ("postgres://db/app?sslmode=require", "postgres://127.0.0.1:5432/app?sslmode=disable"),
+        ("postgresql://u@h1:5432,h2:5432/app", "postgresql://u@127.0.0.1:5432/app"),
+        ("postgresql:///app?host=/var/run/pg&port=5433", "postgresql://127.0.0.1:5432/app"),
+        ("mysql://u@db/app", None),
+        ("not a url", None),
+    ],
+)
+def test_rewrite_database_url(url: str, expected: str | None) -> None:
+    assert injection.rewrite_database_url(url, port=5432) == expected
