@@ -1,0 +1,97 @@
+"""Log in to the upstream database: the client half of PostgreSQL's startup exchange, pure.
+
+The proxy authenticates upstream with its own configured credentials (cleartext, md5 or
+SCRAM-SHA-256), then collects the ParameterStatus messages and BackendKeyData the client must
+see. Fed one server message at a time; returns what to send back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
+
+
+class UpstreamRefused(Exception):
+    """The upstream server sent an ErrorResponse during login (its raw bytes are kept)."""
+
+    def __init__(self, error: bytes) -> None:
+        fields = messages.decode_fields(error)
+        super().__init__(f"{fields.get('C', '?????')}: {fields.get('M', 'login refused')}")
+        self.error = error
+        self.fields = fields
+
+
+class UpstreamLogin:
+    """One login attempt: ``startup()`` first, then ``on_message()`` until ``done``."""
+
+    def __init__(self, *, user: str, password: str | None, params: Mapping[str, str], nonce: str):
+        self._user = user
+        self._password = password
+        self._params = {**params, "user": user}
+        self._scram: auth.ScramClient | None = None
+        self._nonce = nonce
+        self.done = False
+        self.parameter_status: list[bytes] = []
+        """Raw ParameterStatus messages, forwarded to the client as they are."""
+        self.notices: list[bytes] = []
+        self.backend_key: tuple[int, int] | None = None
+
+    def startup(self) -> bytes:
+        """The StartupMessage to send first."""
+        return messages.startup_message(self._params)
+
+    def on_message(self, msg: framing.Message) -> bytes:
+        """Handle one server message; return the bytes to answer with (often none)."""
+        if self.done:
+            raise ProtocolViolation(f"server sent {chr(msg.type)!r} after ReadyForQuery")
+        if msg.type == messages.AUTHENTICATION:
+            return self._on_auth(msg.data)
+        if msg.type == messages.ERROR_RESPONSE:
+            raise UpstreamRefused(msg.data)
+        if msg.type == messages.PARAMETER_STATUS:
+            messages.decode_parameter_status(msg.data)
+            self.parameter_status.append(msg.data)
+        elif msg.type == messages.BACKEND_KEY_DATA:
+            self.backend_key = messages.decode_backend_key_data(msg.data)
+        elif msg.type == messages.NOTICE_RESPONSE:
+            self.notices.append(msg.data)
+        elif msg.type == messages.READY_FOR_QUERY:
+            messages.decode_ready_for_query(msg.data)
+            self.done = True
+        elif msg.type != messages.NEGOTIATE_PROTOCOL_VERSION:
+            raise ProtocolViolation(f"unexpected server message {chr(msg.type)!r} during login")
+        return b""
+
+    def _on_auth(self, data: bytes) -> bytes:
+        code, payload = messages.decode_authentication(data)
+        if code == messages.AUTH_OK:
+            return b""
+        if code == messages.AUTH_CLEARTEXT:
+            return messages.password_message(self._need_password().encode() + b"\0")
+        if code == messages.AUTH_MD5:
+            if len(payload) != 4:
+                raise ProtocolViolation("AuthenticationMD5Password without a 4-byte salt")
+            hashed = auth.md5_password(
+                user=self._user, password=self._need_password(), salt=payload
+            )
+            return messages.password_message(hashed)
+        if code == messages.AUTH_SASL:
+            mechanisms = messages.decode_sasl_mechanisms(payload)
+            if auth.SCRAM_SHA_256 not in mechanisms:
+                raise AuthenticationFailed(
+                    f"server offers no supported SASL mechanism: {mechanisms}"
+                )
+            self._scram = auth.ScramClient(password=self._need_password(), nonce=self._nonce)
+            return messages.sasl_initial_response(auth.SCRAM_SHA_256, self._scram.client_first())
+        if code == messages.AUTH_SASL_CONTINUE and self._scram is not None:
+            return messages.password_message(self._scram.client_final(payload))
+        if code == messages.AUTH_SASL_FINAL and self._scram is not None:
+            self._scram.verify_server_final(payload)
+            return b""
+        raise AuthenticationFailed(f"unsupported authentication request {code}")
+
+    def _need_password(self) -> str:
+        if self._password is None:
+            raise AuthenticationFailed("upstream asks for a password and none is configured")
+        return self._password

@@ -1,0 +1,111 @@
+"""The seam between the proxy and the policy engine.
+
+The session asks a ``Policy`` for a decision on every statement text (simple Query text and
+every Parse). ``EnginePolicy`` adapts ``dbgov_policy.engine.Engine``; ``AllowAll`` is the stand-in
+used where no policy is configured (tests, benchmarks of the bare proxy). Both are pure.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Decision(Protocol):
+    """What the session reads from a policy decision (``dbgov_policy.decide.Decision``)."""
+
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def rule(self) -> str | None: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def hint(self) -> str | None: ...
+    @property
+    def sqlstate(self) -> str | None: ...
+    @property
+    def rewritten(self) -> str | None: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def masked_columns(self) -> tuple[str, ...]: ...
+    @property
+    def statements(self) -> tuple[Any, ...]: ...
+
+
+class Policy(Protocol):
+    """A loaded policy: decides statements for one session context at a time."""
+
+    @property
+    def mode(self) -> str:
+        """'enforce' or 'dry-run'."""
+
+    @property
+    def max_rows_returned(self) -> int | None:
+        """Refuse results with more rows than this (None: no limit)."""
+
+    def new_context(self) -> object:
+        """Per-session state the engine keeps (prepared statement and cursor names)."""
+
+    def decide(self, sql: str, context: object) -> Decision:
+        """The decision for one statement text."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimpleDecision:
+    """A decision made without the engine (allow-all, fixed refusals in tests)."""
+
+    verdict: str = "allow"
+    rule: str | None = None
+    reason: str = "no policy configured"
+    hint: str | None = None
+    sqlstate: str | None = None
+    rewritten: str | None = None
+    fingerprint: str = ""
+    masked_columns: tuple[str, ...] = ()
+    statements: tuple[Any, ...] = field(default_factory=tuple)
+
+
+_ALLOW = SimpleDecision()
+
+
+class AllowAll:
+    """Allows every statement: the proxy without policy."""
+
+    mode = "enforce"
+    max_rows_returned: int | None = None
+
+    def new_context(self) -> object:
+        return None
+
+    def decide(self, sql: str, context: object) -> Decision:
+        return _ALLOW
+
+
+class EnginePolicy:
+    """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        # Imported late so the proxy runs (allow-all) where the engine is not installed.
+        engine_module = importlib.import_module("dbgov_policy.engine")
+        self._context_type = engine_module.SessionContext
+
+    @property
+    def mode(self) -> str:
+        return str(self._engine.policy.mode)
+
+    @property
+    def max_rows_returned(self) -> int | None:
+        guardrails = getattr(self._engine.policy, "guardrails", None)
+        value = getattr(guardrails, "max_rows_returned", None)
+        return None if value is None else int(value)
+
+    def new_context(self) -> object:
+        return self._context_type()
+
+    def decide(self, sql: str, context: object) -> Decision:
+        decision: Decision = self._engine.decide(sql, session=context)
+        return decision

@@ -1,0 +1,492 @@
+"""The asyncio shell around ``session.Session``: sockets in, sockets out, nothing decided here.
+
+Both sides are ``asyncio.Protocol``s (not streams): bytes from a socket go straight into the
+session, and whatever it queued goes out in one write per side. Reading from one side pauses
+while the other side's write buffer is full, so a slow client holds the server back instead of
+growing memory. Tasks exist only while connecting (upstream login, TLS handshakes, cancels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import ssl
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbgov_sidecar import login, policy_port, session
+from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, framing, messages
+
+log = logging.getLogger("dbgov.proxy")
+
+AuditWrite = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    """How the proxy reaches and logs in to the real database."""
+
+    host: str = "127.0.0.1"
+    """Upstream host name or address."""
+    port: int = 5432
+    """Upstream port."""
+    user: str = "postgres"
+    """Role the proxy logs in as."""
+    password: str | None = None
+    """Password for that role (cleartext, md5 and SCRAM-SHA-256 are supported)."""
+    database: str | None = None
+    """Database to use (None: the one each client asks for)."""
+    sslmode: str = "prefer"
+    """disable | prefer | require | verify-full."""
+    sslrootcert: str | None = None
+    """CA bundle for verify-full (None: the system store)."""
+    connect_timeout: float = 10.0
+    """Seconds allowed for connecting and logging in."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    """Everything the proxy shell needs."""
+
+    listen_host: str = "127.0.0.1"
+    """Address to listen on."""
+    listen_port: int = 6432
+    """Port to listen on (0: any free port)."""
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    """The real database."""
+    session: session.SessionConfig = field(default_factory=session.SessionConfig)
+    """Per-session settings (client auth, limits, audit)."""
+    tls_cert: str | None = None
+    """PEM certificate offered to clients that ask for TLS."""
+    tls_key: str | None = None
+    """PEM private key for ``tls_cert``."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight sessions get to finish on shutdown."""
+
+
+class Proxy:
+    """Listens for clients and runs one ``Session`` per connection."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        policy: Callable[[], policy_port.Policy],
+        audit: AuditWrite | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.audit = audit
+        self.connections: set[ClientConnection] = set()
+        self.keys: dict[tuple[int, int], ClientConnection] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats: dict[str, int] = {"sessions_total": 0, "upstream_errors": 0}
+        self._server: asyncio.Server | None = None
+        self._client_tls = _server_tls(config.tls_cert, config.tls_key)
+        self._upstream_tls = _client_tls(config.upstream)
+        if self._client_tls is not None:
+            config = dataclasses.replace(
+                config, session=dataclasses.replace(config.session, tls_available=True)
+            )
+            self.config = config
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Start listening."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            self.config.listen_host,
+            self.config.listen_port,
+            reuse_address=True,
+        )
+
+    async def stop(self, *, drain_timeout: float | None = None) -> None:
+        """Stop accepting, give sessions time to finish, then close the rest."""
+        if self._server is not None:
+            self._server.close()
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            if all(c.idle for c in self.connections):
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close("proxy shutting down")
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def spawn(self, coro: Any) -> None:
+        """Run a short-lived task the proxy keeps track of (and cancels on stop)."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def new_key(self, conn: ClientConnection) -> tuple[int, int]:
+        """A BackendKeyData pair of our own, mapped to the connection."""
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(31))
+            if key not in self.keys:
+                self.keys[key] = conn
+                return key
+
+    async def forward_cancel(self, pid: int, secret: int) -> None:
+        """Send the upstream CancelRequest for the session holding our key (pid, secret)."""
+        conn = self.keys.get((pid, secret))
+        if conn is None or conn.upstream_key is None:
+            return
+        upstream_pid, upstream_secret = conn.upstream_key
+        cfg = self.config.upstream
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(cfg.connect_timeout):
+                reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
+                try:
+                    if self._upstream_tls is not None:
+                        writer.write(messages.ssl_request())
+                        answer = await reader.readexactly(1)
+                        if answer == b"S":
+                            await writer.start_tls(self._upstream_tls, server_hostname=cfg.host)
+                    writer.write(messages.cancel_request(upstream_pid, upstream_secret))
+                    await writer.drain()
+                    await reader.read(1)  # the server closes when done
+                finally:
+                    writer.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client socket of one session."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_key: tuple[int, int] | None = None
+        self.session: session.Session | None = None
+        self._key: tuple[int, int] | None = None
+        self._closed = False
+        self._audit_prev = "0" * 64
+
+    @property
+    def idle(self) -> bool:
+        """No statement in flight (safe to close on shutdown)."""
+        s = self.session
+        return s is None or s.state != "ready" or s.idle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._key = self.proxy.new_key(self)
+        self.proxy.connections.add(self)
+        self.proxy.stats["sessions_total"] += 1
+        self.session = session.Session(
+            policy=self.proxy.policy,
+            config=self.proxy.config.session,
+            client=session.ClientInfo(address=address, session_id=secrets.token_hex(8)),
+            backend_key=self._key,
+            nonce=secrets.token_urlsafe(18),
+        )
+
+    def data_received(self, data: bytes) -> None:
+        assert self.session is not None
+        self.session.client_data(data, time.time())
+        self.pump()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None and self.session.state != "closed":
+            self.session.client_eof()
+            self._write_audit()
+        self.close("client gone")
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def pump(self) -> None:
+        """Write out what the session queued and carry out its actions."""
+        s = self.session
+        if s is None:
+            return
+        if s.events:
+            self._write_audit()
+        if s.to_server and self.upstream is not None and self.upstream.relaying:
+            self.upstream.write(bytes(s.to_server))
+            s.to_server.clear()
+        if s.to_client and self.transport is not None:
+            self.transport.write(bytes(s.to_client))
+            s.to_client.clear()
+        if s.actions:
+            actions, s.actions = s.actions, []
+            for action in actions:
+                self._act(action)
+
+    def _act(self, action: session.Action) -> None:
+        if isinstance(action, session.ConnectUpstream):
+            self.proxy.spawn(self._connect(dict(action.params)))
+        elif isinstance(action, session.StartClientTLS):
+            self.proxy.spawn(self._start_tls())
+        elif isinstance(action, session.ForwardCancel):
+            self.proxy.spawn(self.proxy.forward_cancel(action.pid, action.secret))
+        elif isinstance(action, session.Close):
+            self.close(action.reason)
+
+    def _write_audit(self) -> None:
+        s = self.session
+        assert s is not None
+        events, s.events = s.events, []
+        if self.proxy.audit is None:
+            return
+        for event in events:
+            self.proxy.audit(event)
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None and self.session is not None
+        ctx = self.proxy._client_tls
+        assert ctx is not None
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as err:
+            log.info("client TLS handshake failed: %s", err)
+            self.close("TLS handshake failed")
+            return
+        if new is None:
+            self.close("TLS handshake failed")
+            return
+        self.transport = new
+        self.session.client_tls_started(time.time())
+        self.pump()
+
+    async def _connect(self, params: dict[str, str]) -> None:
+        cfg = self.proxy.config.upstream
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                up = await self._login(params)
+        except login.UpstreamRefused as err:
+            self.proxy.stats["upstream_errors"] += 1
+            self.session.upstream_failed(error=err.error, reason=str(err))
+        except (
+            OSError,
+            TimeoutError,
+            AuthenticationFailed,
+            ProtocolViolation,
+            ssl.SSLError,
+        ) as err:
+            self.proxy.stats["upstream_errors"] += 1
+            reason = str(err) or type(err).__name__
+            self.session.upstream_failed(error=None, reason=reason)
+        else:
+            if self._closed:
+                up.close()
+                return
+            self.upstream = up
+            self.session.upstream_ready(
+                parameter_status=up.login_state.parameter_status,
+                notices=up.login_state.notices,
+                now=time.time(),
+            )
+            self.upstream_key = up.login_state.backend_key
+            up.start_relay()
+        self.pump()
+
+    async def _login(self, params: dict[str, str]) -> UpstreamConnection:
+        cfg = self.proxy.config.upstream
+        loop = asyncio.get_running_loop()
+        state = login.UpstreamLogin(
+            user=cfg.user, password=cfg.password, params=params, nonce=secrets.token_urlsafe(18)
+        )
+        _, up = await loop.create_connection(
+            lambda: UpstreamConnection(self, state), cfg.host, cfg.port
+        )
+        try:
+            tls = self.proxy._upstream_tls
+            if tls is not None:
+                up.write(messages.ssl_request())
+                answer = await up.read_ssl_answer()
+                if answer == b"S":
+                    assert up.transport is not None
+                    new = await loop.start_tls(up.transport, up, tls, server_hostname=cfg.host)
+                    if new is None:
+                        raise ConnectionError("upstream TLS handshake failed")
+                    up.transport = new
+                elif cfg.sslmode in ("require", "verify-full"):
+                    raise ConnectionError(f"upstream does not support TLS (sslmode={cfg.sslmode})")
+            up.write(state.startup())
+            while not state.done:
+                reply = state.on_message(await up.read_message())
+                if reply:
+                    up.write(reply)
+        except BaseException:
+            up.close()
+            raise
+        return up
+
+    def close(self, reason: str) -> None:
+        """Close both sides (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.proxy.connections.discard(self)
+        if self._key is not None:
+            self.proxy.keys.pop(self._key, None)
+        if self.session is not None:
+            if self.session.state != "closed":
+                self.session.state = "closed"
+            self.pump()
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None:
+            if reason != "client terminated":
+                with contextlib.suppress(Exception):
+                    self.upstream.write(messages.TERMINATE_MESSAGE)
+            self.upstream.close()
+
+    def server_data(self, data: bytes) -> None:
+        """Bytes from upstream, once relaying."""
+        assert self.session is not None
+        self.session.server_data(data, time.time())
+        self.pump()
+
+    def upstream_lost(self) -> None:
+        """The upstream socket closed."""
+        if self._closed or self.session is None:
+            return
+        self.session.upstream_lost(time.time())
+        self.pump()
+        self.close("upstream lost")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The upstream socket of one session: logs in, then relays."""
+
+    def __init__(self, owner: ClientConnection, login_state: login.UpstreamLogin) -> None:
+        self.owner = owner
+        self.login_state = login_state
+        self.transport: asyncio.Transport | None = None
+        self.relaying = False
+        self._framer = framing.Framer(side="backend")
+        self._waiter: asyncio.Future[None] | None = None
+        self._ssl_answer: bytes | None = None
+        self._expect_ssl_answer = False
+        self._lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:
+            self.owner.server_data(data)
+            return
+        if self._expect_ssl_answer:
+            self._expect_ssl_answer = False
+            self._ssl_answer = data[:1]
+            if len(data) > 1:
+                self._lost = ProtocolViolation("server sent data after its SSL answer")
+            data = b""
+        self._framer.feed(data)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("upstream closed the connection")
+        if self.relaying:
+            self.owner.upstream_lost()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        if self.owner.transport is not None:
+            self.owner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner.transport is not None:
+            self.owner.transport.resume_reading()
+
+    async def read_ssl_answer(self) -> bytes:
+        self._expect_ssl_answer = True
+        while self._ssl_answer is None:
+            await self._wait()
+        if self._lost is not None:
+            raise self._lost
+        if self._ssl_answer not in (b"S", b"N"):
+            raise ProtocolViolation(f"server answered SSLRequest with {self._ssl_answer!r}")
+        return self._ssl_answer
+
+    async def read_message(self) -> framing.Message:
+        while True:
+            msg = self._framer.next_message()
+            if msg is not None:
+                return msg
+            await self._wait()
+
+    async def _wait(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._lost is not None and self._framer.buffered == 0:
+            raise self._lost
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def start_relay(self) -> None:
+        """Login done: everything from now on goes to the session."""
+        self.relaying = True
+        leftover = self._framer.take_buffer()
+        if leftover:
+            self.owner.server_data(leftover)
+
+
+def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:
+    if cfg.sslmode == "disable":
+        return None
+    if cfg.sslmode == "verify-full":
+        return ssl.create_default_context(cafile=cfg.sslrootcert)
+    if cfg.sslmode not in ("prefer", "require"):
+        raise ValueError(f"unsupported sslmode {cfg.sslmode!r}")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,664 @@
+"""One client session through the proxy, as a pure state machine: bytes + decisions → actions.
+
+The asyncio shell (``proxy.py``) feeds client and server bytes in and writes out what collects
+in ``to_client`` / ``to_server``; anything that is not bytes (start TLS, connect upstream,
+forward a cancel, close) is queued in ``actions``, and audit events in ``events``. Nothing here
+touches a socket or the clock: the shell passes the time in.
+
+Refusing a statement keeps the session exactly as PostgreSQL would leave it. Instead of the
+refused statement the proxy sends the server a *marker* that fails to parse (a bare unique
+identifier), so the server itself aborts the transaction block, skips to Sync in the extended
+protocol, and answers with the right ReadyForQuery status, in order with everything pipelined
+around it. The marker's syntax error is then replaced by the policy's ErrorResponse.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dbgov_sidecar import policy_port
+from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
+
+SQLSTATE_POLICY = "42501"
+SQLSTATE_UNPARSEABLE = "42601"
+SQLSTATE_LIMIT = "54000"
+
+# Startup parameters that would change how SQL is read or bypass the proxy.
+_FORBIDDEN_PARAMS = frozenset(
+    {
+        "replication",
+        "standard_conforming_strings",
+        "backslash_quote",
+        "search_path",
+        "role",
+        "session_authorization",
+        "session_replication_role",
+        "default_transaction_read_only",
+    }
+)
+_ASYNC_SERVER = frozenset(
+    (messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION)
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionConfig:
+    """What a session needs to know about the proxy's configuration."""
+
+    tls_available: bool = False
+    """A certificate is configured: answer SSLRequest with 'S'."""
+    client_scram: auth.ScramKeys | None = None
+    """Ask clients for this password with SCRAM-SHA-256 (None: trust)."""
+    upstream_database: str | None = None
+    """Database to connect to upstream (None: the one the client asks for)."""
+    max_message_size: int = framing.DEFAULT_MAX_MESSAGE
+    """Largest client message accepted."""
+    audit: bool = True
+    """Produce audit events."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientInfo:
+    """Who is on the other end of the client socket."""
+
+    address: str
+    session_id: str
+
+
+# --- actions for the shell -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartClientTLS:
+    """Wrap the client connection in TLS ('S' has been queued in to_client)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectUpstream:
+    """Open the upstream connection and log in with these startup parameters."""
+
+    params: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardCancel:
+    """Cancel whatever the session owning this proxy-issued key is running."""
+
+    pid: int
+    secret: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close:
+    """Flush what is queued, then close both connections."""
+
+    reason: str
+
+
+Action = StartClientTLS | ConnectUpstream | ForwardCancel | Close
+
+
+@dataclass(slots=True, kw_only=True)
+class _Statement:
+    sql: str
+    decision: policy_port.Decision
+    verdict: str  # what happened (dry-run may differ from decision.verdict)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Unit:
+    """Statements answered by one ReadyForQuery (one Query, or messages up to a Sync)."""
+
+    started: float
+    statements: list[_Statement]
+    rows: int = 0
+    tags: list[str] | None = None
+    sqlstate: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Refusal:
+    token: str
+    error: bytes
+    sync_id: int
+
+
+class Session:
+    """Client ⇄ proxy ⇄ server for one connection. Feed bytes; read outboxes."""
+
+    def __init__(
+        self,
+        *,
+        policy: Callable[[], policy_port.Policy],
+        config: SessionConfig,
+        client: ClientInfo,
+        backend_key: tuple[int, int],
+        nonce: str,
+    ) -> None:
+        self._policy = policy
+        self._config = config
+        self._client_info = client
+        self._backend_key = backend_key
+        self._nonce = nonce
+        self._client = framing.Framer(
+            side="frontend", startup=True, max_message_size=config.max_message_size
+        )
+        self._server = framing.Framer(side="backend", max_message_size=1 << 30)
+        self.state = "startup"
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.actions: list[Action] = []
+        self.events: list[dict[str, Any]] = []
+        self.params: dict[str, str] = {}
+        self.txn_status = "I"
+        self._context: object = None
+        self._scram: auth.ScramServer | None = None
+        self._skipping = False  # drop client messages until Sync (after a refused Parse)
+        self._syncs_sent = 0
+        self._syncs_done = 0
+        self._refusals: deque[_Refusal] = deque()
+        self._marker_count = 0
+        self._units: deque[_Unit] = deque()
+        self._pending: _Unit | None = None
+        self._rows = 0  # DataRows of the statement now streaming
+        self._over_limit = False
+        self._row_limit: int | None = None
+        self._abort_marker: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing sent upstream is still waiting for its ReadyForQuery."""
+        return self._syncs_done == self._syncs_sent and self._pending is None
+
+    # --- entry points ---------------------------------------------------------------------
+
+    def client_data(self, data: bytes, now: float) -> None:
+        """Bytes arrived from the client."""
+        self._client.feed(data)
+        try:
+            self._drain_client(now)
+        except ProtocolViolation as err:
+            self._fatal(err.sqlstate, f"protocol violation: {err.what}")
+
+    def client_eof(self) -> None:
+        """The client closed its side."""
+        try:
+            self._client.check_eof()
+        except ProtocolViolation as err:
+            self._close(f"client protocol violation: {err.what}")
+            return
+        self._close("client disconnected")
+
+    def server_data(self, data: bytes, now: float) -> None:
+        """Bytes arrived from the upstream server (after login)."""
+        self._server.feed(data)
+        try:
+            chunk, msgs = self._server.drain()
+            if msgs:
+                self._on_server(chunk, msgs, now)
+        except ProtocolViolation as err:
+            self._fatal("08P01", f"upstream server broke the protocol: {err.what}")
+
+    def client_tls_started(self, now: float) -> None:
+        """The shell finished the TLS handshake with the client."""
+        self.state = "startup"
+        self._drain_client(now)
+
+    def upstream_ready(
+        self, *, parameter_status: list[bytes], notices: list[bytes], now: float
+    ) -> None:
+        """Upstream login succeeded: finish the client's startup and start relaying."""
+        pid, secret = self._backend_key
+        self.to_client += messages.authentication(messages.AUTH_OK)
+        for raw in parameter_status:
+            self.to_client += raw
+        for raw in notices:
+            self.to_client += raw
+        self.to_client += messages.backend_key_data(pid, secret)
+        self.to_client += messages.ready_for_query("I")
+        self.state = "ready"
+        self._context = self._policy().new_context()
+        self._event(now, {"type": "session_start"})
+        self._drain_client(now)
+
+    def upstream_failed(self, *, error: bytes | None, reason: str) -> None:
+        """Upstream login failed: pass its ErrorResponse on (or our own) and close."""
+        if error is not None:
+            self.to_client += error
+            self._close(reason)
+        else:
+            self._fatal("08006", f"could not connect to the upstream database: {reason}")
+
+    def upstream_lost(self, now: float) -> None:
+        """The upstream connection dropped while the session was relaying."""
+        if self.state == "closed":
+            return
+        self._fatal("08006", "the upstream database closed the connection")
+        self._event(now, {"type": "session_end", "reason": "upstream lost"})
+
+    # --- client side ----------------------------------------------------------------------
+
+    def _drain_client(self, now: float) -> None:
+        while self.state in ("startup", "auth", "ready"):
+            if self.state == "ready":
+                chunk, msgs = self._client.drain()
+                if msgs:
+                    self._on_ready(chunk, msgs, now)
+                return
+            msg = self._client.next_message()
+            if msg is None:
+                return
+            if self.state == "startup":
+                self._on_startup(msg)
+            else:
+                self._on_auth(msg)
+
+    def _on_startup(self, msg: framing.Message) -> None:
+        packet = messages.decode_startup(msg.data)
+        if isinstance(packet, messages.SSLRequest):
+            if self._client.buffered:
+                raise ProtocolViolation("client sent data after SSLRequest before the answer")
+            if self._config.tls_available:
+                self.to_client += b"S"
+                self.state = "tls"
+                self.actions.append(StartClientTLS())
+            else:
+                self.to_client += b"N"
+        elif isinstance(packet, messages.GSSENCRequest):
+            self.to_client += b"N"
+        elif isinstance(packet, messages.CancelRequest):
+            self.actions.append(ForwardCancel(pid=packet.pid, secret=packet.secret))
+            self._close("cancel request")
+        else:
+            self._on_startup_message(packet)
+
+    def _on_startup_message(self, packet: messages.StartupMessage) -> None:
+        params = dict(packet.params)
+        if packet.protocol != framing.PROTOCOL_3:
+            # We speak 3.0; protocol extensions (_pq_.*) are not forwarded.
+            params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
+        problem = _forbidden_parameter(params)
+        if problem is not None:
+            self._fatal("08004", problem)
+            return
+        self.params = params
+        if self._config.client_scram is not None:
+            self.state = "auth"
+            self.to_client += messages.authentication_sasl([auth.SCRAM_SHA_256])
+            return
+        self._connect()
+
+    def _on_auth(self, msg: framing.Message) -> None:
+        keys = self._config.client_scram
+        if msg.type != messages.PASSWORD or keys is None:
+            raise ProtocolViolation(f"expected a password message, got {chr(msg.type)!r}")
+        try:
+            if self._scram is None:
+                mechanism, first = messages.decode_sasl_initial_response(msg.data)
+                if mechanism != auth.SCRAM_SHA_256:
+                    raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism!r}")
+                self._scram = auth.ScramServer(keys=keys, nonce=self._nonce)
+                server_first = self._scram.server_first(first)
+                self.to_client += messages.authentication(messages.AUTH_SASL_CONTINUE, server_first)
+                return
+            final = self._scram.server_final(messages.decode_password(msg.data))
+        except AuthenticationFailed:
+            user = self.params.get("user", "")
+            self._fatal("28P01", f'password authentication failed for user "{user}"')
+            return
+        self.to_client += messages.authentication(messages.AUTH_SASL_FINAL, final)
+        self._connect()
+
+    def _connect(self) -> None:
+        upstream = {
+            k: v for k, v in self.params.items() if k not in ("user", "database", "options")
+        }
+        database = self._config.upstream_database or self.params.get("database")
+        if database:
+            upstream["database"] = database
+        self.state = "connecting"
+        self.actions.append(ConnectUpstream(params=upstream))
+
+    def _on_ready(self, chunk: bytes, msgs: list[framing.Message], now: float) -> None:
+        out: list[bytes] | None = None  # None while every message is forwarded untouched
+        terminate = False
+        for index, msg in enumerate(msgs):
+            mtype = msg.type
+            if self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
+                replacement: bytes | None = b""
+            elif mtype == messages.QUERY:
+                replacement = self._on_query(msg, now)
+            elif mtype == messages.PARSE:
+                replacement = self._on_parse(msg, now)
+            elif mtype == messages.SYNC:
+                self._skipping = False
+                self._syncs_sent += 1
+                self._units.append(self._pending or _Unit(started=now, statements=[]))
+                self._pending = None
+                replacement = None
+            elif mtype == messages.FUNCTION_CALL:
+                replacement = self._refuse_function_call(now)
+            elif mtype == messages.TERMINATE:
+                terminate = True
+                replacement = None
+            elif mtype == messages.PASSWORD:
+                raise ProtocolViolation("unexpected password message after authentication")
+            else:
+                replacement = None
+            if replacement is not None and out is None:
+                out = [m.data for m in msgs[:index]]
+            if out is not None:
+                out.append(msg.data if replacement is None else replacement)
+            if terminate:
+                if out is None:
+                    out = [m.data for m in msgs[: index + 1]]
+                break
+        self.to_server += chunk if out is None else b"".join(out)
+        if terminate:
+            self._event(now, {"type": "session_end", "reason": "client terminated"})
+            self._close("client terminated")
+
+    def _on_query(self, msg: framing.Message, now: float) -> bytes | None:
+        sql = messages.decode_query(msg.data)
+        self._syncs_sent += 1
+        decision, verdict = self._decide(sql)
+        statement = _Statement(sql=sql, decision=decision, verdict=verdict)
+        if verdict in ("allow", "mask"):
+            self._units.append(_Unit(started=now, statements=[statement]))
+            if verdict == "mask" and decision.rewritten is not None:
+                return messages.query(decision.rewritten)
+            return None
+        self._units.append(_Unit(started=now, statements=[]))
+        token = self._refuse(statement, now)
+        return messages.query(token)
+
+    def _on_parse(self, msg: framing.Message, now: float) -> bytes | None:
+        parse = messages.decode_parse(msg.data)
+        decision, verdict = self._decide(parse.query)
+        statement = _Statement(sql=parse.query, decision=decision, verdict=verdict)
+        if verdict in ("allow", "mask"):
+            if self._pending is None:
+                self._pending = _Unit(started=now, statements=[])
+            self._pending.statements.append(statement)
+            if verdict == "mask" and decision.rewritten is not None:
+                return messages.parse(parse.name, decision.rewritten, parse.param_types)
+            return None
+        token = self._refuse(statement, now)
+        self._skipping = True
+        return messages.parse(parse.name, token, ())
+
+    def _refuse_function_call(self, now: float) -> bytes:
+        decision = policy_port.SimpleDecision(
+            verdict="block",
+            rule="function-call-message",
+            reason="the FunctionCall protocol message is not allowed through dbgov",
+            hint="Call the function with a SELECT statement instead.",
+            sqlstate=SQLSTATE_POLICY,
+        )
+        self._syncs_sent += 1
+        self._units.append(_Unit(started=now, statements=[]))
+        statement = _Statement(sql="<FunctionCall message>", decision=decision, verdict="block")
+        return messages.query(self._refuse(statement, now))
+
+    def _decide(self, sql: str) -> tuple[policy_port.Decision, str]:
+        policy = self._policy()
+        self._row_limit = policy.max_rows_returned
+        try:
+            decision = policy.decide(sql, self._context)
+        except Exception as err:  # fail closed: an engine failure refuses the statement
+            decision = policy_port.SimpleDecision(
+                verdict="block",
+                rule=None,
+                reason=f"the policy engine failed on this statement ({type(err).__name__})",
+                hint="This is a dbgov bug; the statement was not run.",
+                sqlstate=SQLSTATE_POLICY,
+            )
+            return decision, "block"
+        verdict = decision.verdict
+        if policy.mode == "dry-run" and verdict != "allow":
+            return decision, "allow"
+        return decision, verdict
+
+    def _refuse(self, statement: _Statement, now: float) -> str:
+        """Audit the refusal, queue its error, and return the marker to send upstream."""
+        decision = statement.decision
+        self._marker_count += 1
+        token = f"dbgov_refused_{self._marker_count}"
+        error = refusal_error(decision)
+        self._refusals.append(_Refusal(token=token, error=error, sync_id=self._syncs_sent))
+        if self._config.audit:
+            self.events.append(
+                self._statement_event(
+                    statement,
+                    now=now,
+                    duration=0.0,
+                    rows=0,
+                    tags=None,
+                    sqlstate=decision.sqlstate or SQLSTATE_POLICY,
+                )
+            )
+        return token
+
+    # --- server side ----------------------------------------------------------------------
+
+    def _on_server(self, chunk: bytes, msgs: list[framing.Message], now: float) -> None:
+        out: list[bytes] | None = None
+        for index, msg in enumerate(msgs):
+            mtype = msg.type
+            replacement: bytes | None = None
+            if mtype == messages.DATA_ROW:
+                replacement = self._on_data_row()
+            elif mtype == messages.READY_FOR_QUERY:
+                replacement = self._on_ready_for_query(msg, now)
+            elif mtype == messages.COMMAND_COMPLETE:
+                replacement = self._on_command_complete(msg)
+            elif mtype == messages.ERROR_RESPONSE:
+                replacement = self._on_error(msg)
+            elif mtype in (messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY):
+                replacement = self._on_statement_end(msg)
+            elif self._over_limit and mtype not in _ASYNC_SERVER:
+                replacement = b""
+            if replacement is not None and out is None:
+                out = [m.data for m in msgs[:index]]
+            if out is not None:
+                out.append(msg.data if replacement is None else replacement)
+        self.to_client += chunk if out is None else b"".join(out)
+
+    def _current_unit(self) -> _Unit | None:
+        return self._units[0] if self._units else self._pending
+
+    def _on_data_row(self) -> bytes | None:
+        self._rows += 1
+        unit = self._current_unit()
+        if unit is not None:
+            unit.rows += 1
+        limit = self._row_limit
+        if self._over_limit or (limit is not None and self._rows > limit):
+            self._over_limit = True
+            return b""
+        return None
+
+    def _on_statement_end(self, msg: framing.Message) -> bytes | None:
+        self._rows = 0
+        if self._over_limit:
+            return b""
+        return None
+
+    def _on_command_complete(self, msg: framing.Message) -> bytes | None:
+        self._rows = 0
+        if self._over_limit:
+            limit = self._row_limit
+            unit = self._current_unit()
+            if unit is not None:
+                unit.sqlstate = SQLSTATE_LIMIT
+            return messages.error_response(
+                code=SQLSTATE_LIMIT,
+                message=f"dbgov: the result has more than {limit} rows (maxRowsReturned)",
+                hint="Add a WHERE clause or LIMIT, or ask for a higher maxRowsReturned.",
+            )
+        unit = self._current_unit()
+        if unit is not None and self._config.audit:
+            if unit.tags is None:
+                unit.tags = []
+            unit.tags.append(messages.decode_command_complete(msg.data))
+        return None
+
+    def _on_error(self, msg: framing.Message) -> bytes | None:
+        self._rows = 0
+        if self._abort_marker is not None:
+            return b""  # the error we provoked to abort the transaction
+        if self._over_limit:
+            return b""
+        unit = self._current_unit()
+        if self._refusals and self._refusals[0].sync_id == self._syncs_done + 1:
+            fields = messages.decode_fields(msg.data)
+            if self._refusals[0].token in fields.get("M", ""):
+                refusal = self._refusals.popleft()
+                if unit is not None:
+                    unit.sqlstate = messages.decode_fields(refusal.error).get("C")
+                return refusal.error
+        if unit is not None and unit.sqlstate is None:
+            unit.sqlstate = messages.decode_fields(msg.data).get("C")
+        return None
+
+    def _on_ready_for_query(self, msg: framing.Message, now: float) -> bytes | None:
+        status = messages.decode_ready_for_query(msg.data)
+        self._syncs_done += 1
+        while self._refusals and self._refusals[0].sync_id <= self._syncs_done:
+            self._refusals.popleft()  # the server failed earlier; its error went through
+        self._rows = 0
+        if self._abort_marker is not None:
+            self._abort_marker = None
+            self.txn_status = status
+            return None
+        if self._units:
+            self._finish_unit(self._units.popleft(), now)
+        if self._over_limit:
+            self._over_limit = False
+            if status == "T" and self._syncs_done == self._syncs_sent:
+                # PostgreSQL would have aborted the block: make the server's block fail too.
+                self._marker_count += 1
+                self._abort_marker = f"dbgov_abort_{self._marker_count}"
+                self._syncs_sent += 1
+                self.to_server += messages.query(self._abort_marker)
+                return b""
+        self.txn_status = status
+        return None
+
+    def _finish_unit(self, unit: _Unit, now: float) -> None:
+        if not self._config.audit:
+            return
+        for statement in unit.statements:
+            self.events.append(
+                self._statement_event(
+                    statement,
+                    now=now,
+                    duration=now - unit.started,
+                    rows=unit.rows,
+                    tags=unit.tags,
+                    sqlstate=unit.sqlstate,
+                )
+            )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _statement_event(
+        self,
+        statement: _Statement,
+        *,
+        now: float,
+        duration: float,
+        rows: int,
+        tags: list[str] | None,
+        sqlstate: str | None,
+    ) -> dict[str, Any]:
+        decision = statement.decision
+        infos = decision.statements
+        event: dict[str, Any] = {
+            "type": "statement",
+            "time": now,
+            "statement": statement.sql,
+            "fingerprint": decision.fingerprint,
+            "classes": sorted({str(getattr(s, "cls", "")) for s in infos} - {""}),
+            "tables_read": sorted({str(t) for s in infos for t in getattr(s, "reads", ())}),
+            "tables_written": sorted({str(t) for s in infos for t in getattr(s, "writes", ())}),
+            "decision": decision.verdict,
+            "enforced": statement.verdict,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "masked_columns": list(decision.masked_columns),
+            "rows_returned": rows,
+            "rows_affected": _rows_affected(tags),
+            "duration_ms": round(duration * 1000, 3),
+            "sqlstate": sqlstate,
+        }
+        event.update(self._identity())
+        return event
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "session_id": self._client_info.session_id,
+            "user": self.params.get("user"),
+            "application_name": self.params.get("application_name"),
+            "client_addr": self._client_info.address,
+            "database": self._config.upstream_database or self.params.get("database"),
+        }
+
+    def _event(self, now: float, fields: dict[str, Any]) -> None:
+        if self._config.audit:
+            self.events.append({**fields, "time": now, **self._identity()})
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        if self.state == "closed":
+            return
+        self.to_client += messages.error_response(code=sqlstate, message=message, severity="FATAL")
+        self._close(message)
+
+    def _close(self, reason: str) -> None:
+        if self.state != "closed":
+            self.state = "closed"
+            self.actions.append(Close(reason=reason))
+
+
+def refusal_error(decision: policy_port.Decision) -> bytes:
+    """The ErrorResponse a client gets for a refused statement."""
+    rule = f'rule "{decision.rule}"' if decision.rule else "dbgov"
+    if decision.verdict == "approve":
+        message = f"dbgov: statement requires approval ({rule}): {decision.reason}"
+        hint = decision.hint or (
+            "Approval is not available in local mode; run it in the cluster to request it."
+        )
+    else:
+        message = f"dbgov: statement refused by {rule}: {decision.reason}"
+        hint = decision.hint or "Change the statement or ask the policy owner for access."
+    return messages.error_response(
+        code=decision.sqlstate or SQLSTATE_POLICY, message=message, hint=hint
+    )
+
+
+def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
+    for key, value in params.items():
+        if key in _FORBIDDEN_PARAMS:
+            if key == "replication" and value.lower() in ("false", "off", "no", "0"):
+                continue
+            return f'dbgov does not allow the startup parameter "{key}"'
+        if key == "options" and ("-c" in value or "--" in value):
+            return 'dbgov does not allow settings in the startup parameter "options" (-c / --)'
+    return None
+
+
+def _rows_affected(tags: list[str] | None) -> int | None:
+    if not tags:
+        return None
+    total = 0
+    for tag in tags:
+        head, _, count = tag.rpartition(" ")
+        if (
+            head.split(" ")[0] in ("INSERT", "UPDATE", "DELETE", "MERGE", "COPY")
+            and count.isdigit()
+        ):
+            total += int(count)
+    return total
