@@ -85,6 +85,24 @@ def run_psql(dsn: str, sql: str, *, check: bool = True) -> str:
     return proc.stdout if check else proc.stdout + proc.stderr
 
 
+_pgbench_ready: set[int] = set()
+
+
+def init_pgbench(server: PgServer, *, scale: int = 1) -> None:
+    """Create the pgbench tables in ``shop`` (once per server), owned by ``app``."""
+    if server.port in _pgbench_ready:
+        return
+    args = [str(BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-h", server.host, "-p"]
+    subprocess.run(
+        [*args, str(server.port), "-U", "app", "shop"],
+        env={**os.environ, "PGPASSWORD": APP_PASSWORD},
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    _pgbench_ready.add(server.port)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

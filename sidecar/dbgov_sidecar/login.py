@@ -72,16 +72,12 @@ class UpstreamLogin:
         if code == messages.AUTH_MD5:
             if len(payload) != 4:
                 raise ProtocolViolation("AuthenticationMD5Password without a 4-byte salt")
-            hashed = auth.md5_password(
-                user=self._user, password=self._need_password(), salt=payload
-            )
+            hashed = auth.md5_password(user=self._user, password=self._need_password(), salt=payload)
             return messages.password_message(hashed)
         if code == messages.AUTH_SASL:
             mechanisms = messages.decode_sasl_mechanisms(payload)
             if auth.SCRAM_SHA_256 not in mechanisms:
-                raise AuthenticationFailed(
-                    f"server offers no supported SASL mechanism: {mechanisms}"
-                )
+                raise AuthenticationFailed(f"server offers no supported SASL mechanism: {mechanisms}")
             self._scram = auth.ScramClient(password=self._need_password(), nonce=self._nonce)
             return messages.sasl_initial_response(auth.SCRAM_SHA_256, self._scram.client_first())
         if code == messages.AUTH_SASL_CONTINUE and self._scram is not None:

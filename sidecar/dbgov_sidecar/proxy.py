@@ -318,9 +318,7 @@ class ClientConnection(asyncio.Protocol):
         state = login.UpstreamLogin(
             user=cfg.user, password=cfg.password, params=params, nonce=secrets.token_urlsafe(18)
         )
-        _, up = await loop.create_connection(
-            lambda: UpstreamConnection(self, state), cfg.host, cfg.port
-        )
+        _, up = await loop.create_connection(lambda: UpstreamConnection(self, state), cfg.host, cfg.port)
         try:
             tls = self.proxy._upstream_tls
             if tls is not None:

@@ -39,9 +39,7 @@ _FORBIDDEN_PARAMS = frozenset(
         "default_transaction_read_only",
     }
 )
-_ASYNC_SERVER = frozenset(
-    (messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION)
-)
+_ASYNC_SERVER = frozenset((messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,9 +141,7 @@ class Session:
         self._client_info = client
         self._backend_key = backend_key
         self._nonce = nonce
-        self._client = framing.Framer(
-            side="frontend", startup=True, max_message_size=config.max_message_size
-        )
+        self._client = framing.Framer(side="frontend", startup=True, max_message_size=config.max_message_size)
         self._server = framing.Framer(side="backend", max_message_size=1 << 30)
         self.state = "startup"
         self.to_client = bytearray()
@@ -207,9 +203,7 @@ class Session:
         self.state = "startup"
         self._drain_client(now)
 
-    def upstream_ready(
-        self, *, parameter_status: list[bytes], notices: list[bytes], now: float
-    ) -> None:
+    def upstream_ready(self, *, parameter_status: list[bytes], notices: list[bytes], now: float) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying."""
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
@@ -313,9 +307,7 @@ class Session:
         self._connect()
 
     def _connect(self) -> None:
-        upstream = {
-            k: v for k, v in self.params.items() if k not in ("user", "database", "options")
-        }
+        upstream = {k: v for k, v in self.params.items() if k not in ("user", "database", "options")}
         database = self._config.upstream_database or self.params.get("database")
         if database:
             upstream["database"] = database
@@ -386,7 +378,7 @@ class Session:
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
             return None
-        token = self._refuse(statement, now)
+        token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
         self._skipping = True
         return messages.parse(parse.name, token, ())
 
@@ -422,13 +414,19 @@ class Session:
             return decision, "allow"
         return decision, verdict
 
-    def _refuse(self, statement: _Statement, now: float) -> str:
-        """Audit the refusal, queue its error, and return the marker to send upstream."""
+    def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:
+        """Audit the refusal, queue its error, and return the marker to send upstream.
+
+        ``sync_id`` is the ReadyForQuery the marker's error comes before: the Query itself
+        (already counted) or, for a Parse, the Sync still to come.
+        """
         decision = statement.decision
         self._marker_count += 1
         token = f"dbgov_refused_{self._marker_count}"
         error = refusal_error(decision)
-        self._refusals.append(_Refusal(token=token, error=error, sync_id=self._syncs_sent))
+        if sync_id is None:
+            sync_id = self._syncs_sent
+        self._refusals.append(_Refusal(token=token, error=error, sync_id=sync_id))
         if self._config.audit:
             self.events.append(
                 self._statement_event(
@@ -634,9 +632,7 @@ def refusal_error(decision: policy_port.Decision) -> bytes:
     else:
         message = f"dbgov: statement refused by {rule}: {decision.reason}"
         hint = decision.hint or "Change the statement or ask the policy owner for access."
-    return messages.error_response(
-        code=decision.sqlstate or SQLSTATE_POLICY, message=message, hint=hint
-    )
+    return messages.error_response(code=decision.sqlstate or SQLSTATE_POLICY, message=message, hint=hint)
 
 
 def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
@@ -656,9 +652,6 @@ def _rows_affected(tags: list[str] | None) -> int | None:
     total = 0
     for tag in tags:
         head, _, count = tag.rpartition(" ")
-        if (
-            head.split(" ")[0] in ("INSERT", "UPDATE", "DELETE", "MERGE", "COPY")
-            and count.isdigit()
-        ):
+        if head.split(" ")[0] in ("INSERT", "UPDATE", "DELETE", "MERGE", "COPY") and count.isdigit():
             total += int(count)
     return total

@@ -31,9 +31,7 @@ def md5_password(*, user: str, password: str, salt: bytes) -> bytes:
 def saslprep(password: str) -> bytes:
     """SASLprep (RFC 4013) as PostgreSQL applies it: fall back to the raw bytes if invalid."""
     mapped = "".join(
-        " " if stringprep.in_table_c12(ch) else ch
-        for ch in password
-        if not stringprep.in_table_b1(ch)
+        " " if stringprep.in_table_c12(ch) else ch for ch in password if not stringprep.in_table_b1(ch)
     )
     normalized = unicodedata.normalize("NFKC", mapped)
     prohibited = (

@@ -198,9 +198,7 @@ class Framer:
 
     def _check_length(self, mtype: int, length: int) -> None:
         if length < 4:
-            raise ProtocolViolation(
-                f"message {chr(mtype)!r} has length {length}, below the minimum of 4"
-            )
+            raise ProtocolViolation(f"message {chr(mtype)!r} has length {length}, below the minimum of 4")
         if length > self._max:
             raise ProtocolViolation(
                 f"message {chr(mtype)!r} of {length} bytes exceeds the limit of {self._max}"
@@ -211,9 +209,7 @@ class Framer:
         else:
             fixed = _FIXED_BACKEND.get(mtype)
             if fixed is not None and length != fixed:
-                raise ProtocolViolation(
-                    f"message {chr(mtype)!r} has length {length} instead of {fixed}"
-                )
+                raise ProtocolViolation(f"message {chr(mtype)!r} has length {length} instead of {fixed}")
 
     def _bad_type(self, mtype: int) -> ProtocolViolation:
         who = "client" if self.side == "frontend" else "server"

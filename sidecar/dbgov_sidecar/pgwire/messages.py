@@ -226,9 +226,7 @@ def decode_bind(data: bytes) -> Bind:
             raise ProtocolViolation(f"Bind parameter has invalid length {size}")
         params.append(None if size == -1 else reader.take(size))
     if len(param_formats) not in (0, 1, count):
-        raise ProtocolViolation(
-            f"Bind has {len(param_formats)} parameter formats for {count} parameters"
-        )
+        raise ProtocolViolation(f"Bind has {len(param_formats)} parameter formats for {count} parameters")
     result_formats = reader.formats()
     reader.end()
     return Bind(
@@ -535,9 +533,7 @@ def error_response(
     """Encode an ErrorResponse (severity ERROR or FATAL) with SQLSTATE ``code``."""
     return _msg(
         b"E",
-        _fields(
-            code=code, message=message, severity=severity, detail=detail, hint=hint, extra=extra
-        ),
+        _fields(code=code, message=message, severity=severity, detail=detail, hint=hint, extra=extra),
     )
 
 
@@ -552,9 +548,7 @@ def notice_response(
     """Encode a NoticeResponse."""
     return _msg(
         b"N",
-        _fields(
-            code=code, message=message, severity=severity, detail=detail, hint=hint, extra=None
-        ),
+        _fields(code=code, message=message, severity=severity, detail=detail, hint=hint, extra=None),
     )
 
 

@@ -14,17 +14,13 @@ def test_md5_matches_postgresql_formula() -> None:
     salt = b"\x01\x02\x03\x04"
     inner = hashlib.md5(b"secretalice").hexdigest()
     expected = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
-    assert auth.md5_password(user="alice", password="secret", salt=salt) == (
-        expected.encode() + b"\0"
-    )
+    assert auth.md5_password(user="alice", password="secret", salt=salt) == (expected.encode() + b"\0")
 
 
 def test_scram_rfc7677_vector() -> None:
     client = auth.ScramClient(password="pencil", nonce="rOprNGfwEbeRWgbNEkqO", username="user")
     assert client.client_first() == b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
-    server_first = (
-        b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
-    )
+    server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
     final = client.client_final(server_first)
     assert final == (
         b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"

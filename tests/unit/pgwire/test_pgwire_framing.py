@@ -96,9 +96,7 @@ def test_cancel_and_gssenc_requests_decode() -> None:
         ("frontend", True, struct.pack("!ii", 8, 2 << 16), "unsupported frontend protocol 2.0"),
     ],
 )
-def test_violations_name_what_was_wrong(
-    side: str, startup: bool, data: bytes, complaint: str
-) -> None:
+def test_violations_name_what_was_wrong(side: str, startup: bool, data: bytes, complaint: str) -> None:
     framer = framing.Framer(side=side, startup=startup, max_message_size=1 << 20)
     framer.feed(data)
     with pytest.raises(ProtocolViolation, match=complaint.replace("(", r"\(")):

@@ -23,9 +23,7 @@ def test_parse_roundtrip(name: str, sql: str, oids: list[int]) -> None:
     st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=5),
     st.lists(st.sampled_from([0, 1]), max_size=3),
 )
-def test_bind_roundtrip(
-    portal: str, stmt: str, params: list[bytes | None], formats: list[int]
-) -> None:
+def test_bind_roundtrip(portal: str, stmt: str, params: list[bytes | None], formats: list[int]) -> None:
     raw = messages.bind(portal, stmt, params, result_formats=formats)
     decoded = messages.decode_bind(raw)
     assert (decoded.portal, decoded.statement) == (portal, stmt)
@@ -71,9 +69,7 @@ def test_error_response_fields() -> None:
     assert fields["C"] == "42501"
     assert fields["M"].startswith("blocked by rule no-drop")
     assert fields["H"] == "ask a DBA"
-    assert messages.decode_fields(messages.notice_response(code="01000", message="m"))["S"] == (
-        "NOTICE"
-    )
+    assert messages.decode_fields(messages.notice_response(code="01000", message="m"))["S"] == ("NOTICE")
 
 
 def test_small_messages() -> None:
@@ -81,12 +77,8 @@ def test_small_messages() -> None:
     assert messages.decode_command_complete(messages.command_complete("SELECT 3")) == "SELECT 3"
     assert messages.decode_backend_key_data(messages.backend_key_data(7, -8)) == (7, -8)
     assert messages.decode_parameter_status(messages.parameter_status("a", "b")) == ("a", "b")
-    assert messages.decode_target(messages.describe("S", "x")) == messages.Target(
-        kind="S", name="x"
-    )
-    assert messages.decode_execute(messages.execute("p", 5)) == messages.Execute(
-        portal="p", max_rows=5
-    )
+    assert messages.decode_target(messages.describe("S", "x")) == messages.Target(kind="S", name="x")
+    assert messages.decode_execute(messages.execute("p", 5)) == messages.Execute(portal="p", max_rows=5)
     code, payload = messages.decode_authentication(messages.authentication_sasl(["SCRAM-SHA-256"]))
     assert code == messages.AUTH_SASL
     assert messages.decode_sasl_mechanisms(payload) == ["SCRAM-SHA-256"]

@@ -10,9 +10,7 @@ class _Server:
 
     def __init__(self) -> None:
         self.framer = framing.Framer(side="frontend", startup=True)
-        self.scram = auth.ScramServer(
-            keys=auth.scram_keys("s3cret", salt=b"saltsaltsaltsalt"), nonce="SRV"
-        )
+        self.scram = auth.ScramServer(keys=auth.scram_keys("s3cret", salt=b"saltsaltsaltsalt"), nonce="SRV")
         self.user = ""
 
     def receive(self, data: bytes) -> bytes:
@@ -33,9 +31,7 @@ class _Server:
         if msg.type == messages.PASSWORD and not self.scram_started():
             mech, first = messages.decode_sasl_initial_response(msg.data)
             assert mech == auth.SCRAM_SHA_256
-            return messages.authentication(
-                messages.AUTH_SASL_CONTINUE, self.scram.server_first(first)
-            )
+            return messages.authentication(messages.AUTH_SASL_CONTINUE, self.scram.server_first(first))
         if msg.type == messages.PASSWORD:
             final = self.scram.server_final(messages.decode_password(msg.data))
             return (
@@ -78,9 +74,7 @@ class _Server:
 
     def _result(self, text: str) -> bytes:
         return (
-            self._description()
-            + messages.data_row([text.encode()])
-            + messages.command_complete("SELECT 1")
+            self._description() + messages.data_row([text.encode()]) + messages.command_complete("SELECT 1")
         )
 
 
@@ -95,9 +89,7 @@ def test_scram_login_and_queries_through_the_codec() -> None:
     msg = client_framer.next_message()
     assert msg is not None
     code, payload = messages.decode_authentication(msg.data)
-    assert code == messages.AUTH_SASL and messages.decode_sasl_mechanisms(payload) == [
-        auth.SCRAM_SHA_256
-    ]
+    assert code == messages.AUTH_SASL and messages.decode_sasl_mechanisms(payload) == [auth.SCRAM_SHA_256]
     client_framer.feed(
         server.receive(messages.sasl_initial_response(auth.SCRAM_SHA_256, scram.client_first()))
     )

@@ -1,0 +1,83 @@
+"""`dbgov check`: judge SQL against a policy without a database, for people writing policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TextIO
+
+from dbgov_policy import compile as policy_compile
+from dbgov_policy import decide, engine
+from dbgov_sidecar import policyfile
+
+MARK = {"allow": "ALLOW", "mask": "MASK", "approve": "APPROVE", "block": "BLOCK"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="judge SQL against a policy (no database needed)",
+        description="Judge each SQL argument as one query string, as a client would send it in one "
+        "simple-query message, and explain the decision. Exit 0 whatever the decisions; exit 2 "
+        "when the policy or the usage is invalid.",
+    )
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="policy file: a DatabaseAccessPolicy spec, or the whole resource",
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="output format (json: one object per line)",
+    )
+    p.add_argument("sql", nargs="+", help="query strings to judge ('-' reads one from standard input)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        policy = policyfile.load_policy_file(args.policy, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
+    except policy_compile.PolicyInvalid as exc:
+        print(f"dbgov check: {exc}", file=err)
+        return 2
+    eng = engine.Engine(policy)
+    session = engine.SessionContext()
+    for sql in args.sql:
+        text = sys.stdin.read() if sql == "-" else sql
+        d = eng.decide(text, session=session)
+        if args.format == "json":
+            out.write(json.dumps({"sql": text, **d.as_dict()}, ensure_ascii=False) + "\n")
+        else:
+            out.write(explain(text, d))
+    return 0
+
+
+def explain(sql: str, d: decide.Decision) -> str:
+    lines = [
+        f"{MARK[d.verdict]:8} {sql.strip()}",
+        f"  rule:    {d.rule or '-'}",
+        f"  why:     {d.reason}",
+    ]
+    if d.hint:
+        lines.append(f"  hint:    {d.hint}")
+    if d.sqlstate:
+        lines.append(f"  sqlstate: {d.sqlstate} (what the client sees)")
+    for i, s in enumerate(d.statements, 1):
+        parts = [f"{s.cls}/{s.fine}"]
+        if s.reads:
+            parts.append("reads " + ", ".join(s.reads))
+        if s.writes:
+            parts.append("writes " + ", ".join(s.writes))
+        if s.functions:
+            parts.append("calls " + ", ".join(s.functions))
+        nested = " (nested)" if s.nested else ""
+        lines.append(f"  [{i}]{nested} {'; '.join(parts)} -> {s.verdict} by {s.rule}")
+    if d.masked_columns:
+        lines.append(f"  masked:  {', '.join(d.masked_columns)}")
+    if d.rewritten:
+        lines.append(f"  sent upstream: {d.rewritten}")
+    return "\n".join(lines) + "\n\n"
