@@ -21,12 +21,30 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # The full suite CI runs: lint, unit, integration (real PostgreSQL), e2e (real kube-apiserver).
-test: setup lint
+test: setup lint tools
 	$(PY) -m pytest -n 2 tests
 
 # Fast loop while iterating: unit tests only.
 test-unit: setup
 	$(PY) -m pytest -n 2 tests/unit
+
+# kube-apiserver, etcd and helm for the e2e tests, built from the Go modules pinned in
+# hack/tools/ into ~/.cache/dbgov/tools (override: DBGOV_TOOLS_DIR); cached per version.
+.PHONY: tools crds e2e kind-e2e
+tools:
+	hack/build-tools.sh
+
+# e2e tests only: a real etcd + kube-apiserver started by the test session.
+e2e: setup tools
+	$(PY) -m pytest -n 2 tests/e2e
+
+# Copy the canonical CRDs (crds/) into the chart; tests/unit/test_chart.py fails if they differ.
+crds:
+	cp crds/*.yaml charts/dbgov/files/crds/
+
+# Install the chart on a kind cluster (needs Docker, kind, kubectl; not part of `make test`).
+kind-e2e: tools
+	hack/kind-e2e.sh
 
 demo: setup
 	$(PY) -m dbgov_sidecar.demo

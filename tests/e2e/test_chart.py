@@ -1,0 +1,267 @@
+"""The Helm chart with the pinned helm, applied to a real kube-apiserver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from . import kube
+
+CHART = kube.REPO_ROOT / "charts" / "dbgov"
+
+
+def render(
+    tools: kube.Tools,
+    home: Path,
+    *,
+    namespace: str,
+    release: str = "dbgov",
+    sets: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    args: list[str] = ["template", release, str(CHART), "--namespace", namespace]
+    for value in sets:
+        args += ["--set", value]
+    return kube.yaml_documents(kube.helm(tools, *args, home=home).stdout)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_helm_lint_strict_is_clean(kube_tools: kube.Tools, helm_home: Path) -> None:
+    result = kube.helm(kube_tools, "lint", "--strict", CHART, home=helm_home)
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        ("operator.replicaCount=2", "additional properties 'replicaCount' not allowed"),
+        ("sidecar.proxyPort=0", "minimum"),
+        ("operator.replicas=2", "/operator/peering"),  # schema if/then; the template also fails
+    ],
+)
+def test_bad_values_fail_lint_and_template(
+    kube_tools: kube.Tools, helm_home: Path, value: str, expect: str
+) -> None:
+    lint = kube.helm(kube_tools, "lint", "--strict", CHART, "--set", value, home=helm_home, check=False)
+    assert lint.returncode != 0
+    template = kube.helm(kube_tools, "template", "x", CHART, "--set", value, home=helm_home, check=False)
+    assert template.returncode != 0
+    assert expect in template.stderr
+
+
+def test_template_renders_the_operator_objects(kube_tools: kube.Tools, helm_home: Path) -> None:
+    docs = render(kube_tools, helm_home, namespace="dbgov-system")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
+        ]
+        + ["CustomResourceDefinition"] * 3
+    )
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "dbgov_operator"]
+    assert container["image"] == "ghcr.io/dbgov/dbgov-operator:0.1.0"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["DBGOV_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["DBGOV_SIDECAR_IMAGE"] == "ghcr.io/dbgov/dbgov-sidecar:0.1.0"
+    assert json.loads(env["DBGOV_SIDECAR_RESOURCES"])["limits"] == {"memory": "256Mi"}
+    assert env["DBGOV_WEBHOOK_SERVICE"] == "dbgov-webhook"
+    assert env["DBGOV_WEBHOOK_PORT"] == "9443"
+    assert env["DBGOV_WEBHOOK_CERT_SECRET"] == "dbgov-webhook-tls"
+    assert env["DBGOV_WEBHOOK_CERT_SOURCE"] == "operator"
+    assert env["DBGOV_LOG_LEVEL"] == "INFO"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"  # standalone: never two operators
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "webhook"
+
+
+def test_crds_in_the_chart_equal_crds_dir_and_are_gated(kube_tools: kube.Tools, helm_home: Path) -> None:
+    canonical = {c["metadata"]["name"]: c for c in kube.load_crds()}
+    rendered = by_kind(render(kube_tools, helm_home, namespace="ns"), "CustomResourceDefinition")
+    assert {c["metadata"]["name"] for c in rendered} == set(canonical)
+    for crd in rendered:
+        assert crd["spec"] == canonical[crd["metadata"]["name"]]["spec"]
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert crd["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dbgov"
+    unkept = render(kube_tools, helm_home, namespace="ns", sets=("crds.keep=false",))
+    assert all("annotations" not in c["metadata"] for c in by_kind(unkept, "CustomResourceDefinition"))
+    without = render(kube_tools, helm_home, namespace="ns", sets=("crds.install=false",))
+    assert by_kind(without, "CustomResourceDefinition") == []
+
+
+def test_cert_manager_option(kube_tools: kube.Tools, helm_home: Path) -> None:
+    docs = render(kube_tools, helm_home, namespace="ops", sets=("webhook.certManager.enabled=true",))
+    certs = {c["metadata"]["name"]: c["spec"] for c in by_kind(docs, "Certificate")}
+    serving = certs["dbgov-webhook"]
+    assert serving["secretName"] == "dbgov-webhook-tls"
+    assert serving["dnsNames"] == ["dbgov-webhook.ops.svc", "dbgov-webhook.ops.svc.cluster.local"]
+    assert serving["issuerRef"]["name"] == "dbgov-webhook-ca"
+    assert certs["dbgov-webhook-ca"]["isCA"] is True
+    (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DBGOV_WEBHOOK_CERT_SOURCE"] == "cert-manager"
+    external = render(
+        kube_tools,
+        helm_home,
+        namespace="ops",
+        sets=(
+            "webhook.certManager.enabled=true",
+            "webhook.certManager.issuerRef.kind=ClusterIssuer",
+            "webhook.certManager.issuerRef.name=corp-ca",
+        ),
+    )
+    assert [c["metadata"]["name"] for c in by_kind(external, "Certificate")] == ["dbgov-webhook"]
+    assert by_kind(external, "Issuer") == []
+    assert by_kind(external, "Certificate")[0]["spec"]["issuerRef"] == {
+        "kind": "ClusterIssuer",
+        "name": "corp-ca",
+    }
+
+
+def test_rbac_is_least_privilege(kube_tools: kube.Tools, helm_home: Path) -> None:
+    docs = render(kube_tools, helm_home, namespace="dbgov-system")
+    for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], (role["kind"], rule)
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    secret_verbs = [r["verbs"] for r in cluster_role["rules"] if "secrets" in r["resources"]]
+    assert secret_verbs == [["get"]]  # named admin secrets only; never list/watch cluster-wide
+    assert not any("kopf.dev" in r["apiGroups"] for r in cluster_role["rules"])
+    peered = render(
+        kube_tools, helm_home, namespace="x", sets=("operator.peering=dbgov", "operator.replicas=2")
+    )
+    assert any("kopf.dev" in r["apiGroups"] for r in by_kind(peered, "ClusterRole")[0]["rules"])
+    assert by_kind(peered, "Deployment")[0]["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+def test_chart_kube_version_constraint(kube_tools: kube.Tools, helm_home: Path) -> None:
+    old = kube.helm(
+        kube_tools, "template", "x", CHART, "--kube-version", "1.28.0", home=helm_home, check=False
+    )
+    assert old.returncode != 0
+    assert "kubeVersion" in old.stderr or "incompatible" in old.stderr
+    # The pinned helm is linked with the test cluster's version, so it renders by default.
+    assert kube.helm(kube_tools, "version", home=helm_home).stdout.startswith("version.BuildInfo")
+
+
+def test_rendered_chart_applies_with_server_side_dry_run(
+    kube_cluster: kube.KubeCluster, kube_tools: kube.Tools, helm_home: Path, namespace: str
+) -> None:
+    docs = render(kube_tools, helm_home, namespace=namespace, release=f"r{namespace}")
+    applied = [kube_cluster.apply_manifest(doc, namespace=namespace, dry_run=True) for doc in docs]
+    assert [a.kind for a in applied] == [d["kind"] for d in docs]
+    deploy = next(a for a in applied if a.kind == "Deployment")
+    # Server-side defaulting ran: this went through the real API machinery.
+    assert deploy.spec.template.spec.containers[0].terminationMessagePath == "/dev/termination-log"
+    # ... and nothing was stored.
+    with pytest.raises(ApiException) as info:
+        client.AppsV1Api(kube_cluster.api_client()).read_namespaced_deployment(
+            deploy.metadata.name, namespace
+        )
+    assert info.value.status == 404
+
+
+def test_chart_crds_install_and_become_established(
+    kube_cluster: kube.KubeCluster, kube_tools: kube.Tools, helm_home: Path, dbgov_crds: list[str]
+) -> None:
+    """The chart's CRD objects (labels, keep annotation) apply for real over the canonical ones."""
+    docs = render(kube_tools, helm_home, namespace="dbgov-system")
+    crds = by_kind(docs, "CustomResourceDefinition")
+    kube_cluster.install_crds(crds)
+    ext = client.ApiextensionsV1Api(kube_cluster.api_client())
+    for crd in crds:
+        stored = ext.read_custom_resource_definition(crd["metadata"]["name"])
+        assert stored.metadata.annotations["helm.sh/resource-policy"] == "keep"
+        assert {c.type: c.status for c in stored.status.conditions}["Established"] == "True"
+
+
+def test_operator_rbac_grants_what_it_needs_and_no_more(
+    kube_cluster: kube.KubeCluster, kube_tools: kube.Tools, helm_home: Path, namespace: str
+) -> None:
+    """Apply the RBAC objects for real and ask the authorizer (SubjectAccessReview)."""
+    release = f"r{namespace}"
+    docs = render(kube_tools, helm_home, namespace=namespace, release=release)
+    for doc in docs:
+        if doc["kind"] in {
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        }:
+            kube_cluster.apply_manifest(doc, namespace=namespace)
+    user = f"system:serviceaccount:{namespace}:{release}-dbgov"
+    authz = client.AuthorizationV1Api(kube_cluster.api_client())
+
+    def allowed(
+        verb: str,
+        resource: str,
+        *,
+        group: str = "",
+        ns: str | None = "shop",
+        sub: str | None = None,
+    ) -> bool:
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=user,
+                groups=["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+                resource_attributes=client.V1ResourceAttributes(
+                    verb=verb, resource=resource, group=group, namespace=ns, subresource=sub
+                ),
+            )
+        )
+        return bool(authz.create_subject_access_review(review).status.allowed)
+
+    try:
+        assert allowed("watch", "databaseaccesspolicies", group="dbgov.io")
+        assert allowed("patch", "databaseaccesspolicies", group="dbgov.io", sub="status")
+        assert allowed("update", "accessrequests", group="dbgov.io", sub="status")
+        assert allowed("create", "configmaps")
+        assert allowed("list", "pods")
+        assert allowed("create", "events")
+        assert allowed("get", "secrets")
+        assert allowed(
+            "create", "mutatingwebhookconfigurations", group="admissionregistration.k8s.io", ns=None
+        )
+        assert allowed("create", "secrets", ns=namespace)  # its own webhook certificate
+        # ... and no more:
+        assert not allowed("list", "secrets")
+        assert not allowed("create", "secrets")
+        assert not allowed("delete", "databaseaccesspolicies", group="dbgov.io")
+        assert not allowed("create", "pods")
+        assert not allowed("create", "serviceaccounts", sub="token")
+        assert not allowed(
+            "delete", "mutatingwebhookconfigurations", group="admissionregistration.k8s.io", ns=None
+        )
+        assert not allowed("create", "clusterroles", group="rbac.authorization.k8s.io", ns=None)
+    finally:
+        rbac = client.RbacAuthorizationV1Api(kube_cluster.api_client())
+        for delete, name in (
+            (rbac.delete_cluster_role_binding, f"{release}-dbgov"),
+            (rbac.delete_cluster_role, f"{release}-dbgov"),
+        ):
+            try:
+                delete(name)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
