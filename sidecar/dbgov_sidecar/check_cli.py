@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys
     return 0
 
 
-def explain(sql: str, d: decide.Decision) -> str:
+def explain(sql: str, d: decide.Decision, *, abbreviate: bool = False) -> str:
     lines = [
         f"{MARK[d.verdict]:8} {sql.strip()}",
         f"  rule:    {d.rule or '-'}",
@@ -79,5 +79,6 @@ def explain(sql: str, d: decide.Decision) -> str:
     if d.masked_columns:
         lines.append(f"  masked:  {', '.join(d.masked_columns)}")
     if d.rewritten:
-        lines.append(f"  sent upstream: {d.rewritten}")
+        shown = d.rewritten if not abbreviate or len(d.rewritten) < 160 else d.rewritten[:150] + " …"
+        lines.append(f"  sent upstream: {shown}")
     return "\n".join(lines) + "\n\n"

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dbgov demo: an AI agent's session judged by {args.policy}\n")
     for title, sql in AGENT_SESSION:
         print(f"# {title}")
-        print(check_cli.explain(sql, eng.decide(sql, session=session)), end="")
+        print(check_cli.explain(sql, eng.decide(sql, session=session), abbreviate=True), end="")
     return 0
 
 

@@ -1,0 +1,896 @@
+"""SQL text → what each statement in it would do, read from PostgreSQL's own parse tree.
+
+libpg_query (through pglast) is the authority: it splits the query string the way the
+server will and names every node. This module walks that tree once and records, for each
+statement that will run (a top-level statement, and every statement hidden inside another:
+data-modifying CTEs, EXPLAIN ANALYZE, PREPARE, DECLARE, rule actions, function and DO
+bodies), its class, the relations it reads and writes, the functions it calls, the hard
+guardrails it trips, and where masked tables would have to be rewritten.
+
+The walk is policy-independent; `decide` applies a policy to the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pglast import parser as pg_parser
+
+from dbgov_policy import _pgcatalog, classes, guards, model
+
+Role = Literal["read", "target"]
+
+#: Fields whose RangeVars are read as data (and may be replaced by a masking subquery).
+READ_FIELDS = frozenset({"fromClause", "usingClause", "sourceRelation"})
+#: Nested statements that run as themselves and are judged as their own unit.
+DML_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+RELATION_DROP_TYPES = frozenset(
+    {
+        "OBJECT_TABLE",
+        "OBJECT_VIEW",
+        "OBJECT_MATVIEW",
+        "OBJECT_INDEX",
+        "OBJECT_SEQUENCE",
+        "OBJECT_FOREIGN_TABLE",
+    }
+)
+TRANSACTION_FINE = {
+    "TRANS_STMT_BEGIN": "begin",
+    "TRANS_STMT_START": "begin",
+    "TRANS_STMT_COMMIT": "commit",
+    "TRANS_STMT_ROLLBACK": "rollback",
+    "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback",
+    "TRANS_STMT_PREPARE": "prepare-transaction",
+    "TRANS_STMT_COMMIT_PREPARED": "commit-prepared",
+    "TRANS_STMT_ROLLBACK_PREPARED": "rollback-prepared",
+}
+#: Utility statements that act on every table of the database when they name none.
+WHOLE_DATABASE_NODES = frozenset({"VacuumStmt", "ClusterStmt", "ReindexStmt"})
+#: A_Expr kinds whose `name` is not an operator that could call a user function.
+NON_OPERATOR_EXPRS = frozenset(
+    {"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM"}
+)
+DYNAMIC_PLPGSQL = frozenset({"PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Finding:
+    """A hard guardrail a statement trips: always a block."""
+
+    guard: str
+    reason: str
+    hint: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReadRef:
+    """A relation read in a position a masking subquery can take its place."""
+
+    rel: model.QualifiedName
+    location: int
+    """Byte offset of the name in the query string; -1 when it came from a nested body."""
+    alias: str | None
+    only: bool
+    copy_columns: tuple[str, ...] | None = None
+    """For `COPY table [(cols)] TO`: the columns (empty tuple = all); None otherwise."""
+    ambiguous: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TargetRef:
+    """A relation a statement writes or acts on (never rewritten)."""
+
+    rel: model.QualifiedName
+    alias: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Setting:
+    """A setting a statement changes (SET, RESET, set_config)."""
+
+    name: str
+    value: str | None
+    """Normalized new value; None for RESET/DEFAULT; '?' when not a constant."""
+    local: bool = False
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Unit:
+    """One statement that will run, as the policy judges it."""
+
+    cls: classes.StatementClass
+    nested: bool = False
+    extra_classes: set[str] = dataclasses.field(default_factory=set)
+    reads: list[model.QualifiedName] = dataclasses.field(default_factory=list)
+    writes: list[model.QualifiedName] = dataclasses.field(default_factory=list)
+    functions: list[str] = dataclasses.field(default_factory=list)
+    user_functions: list[str] = dataclasses.field(default_factory=list)
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    read_refs: list[ReadRef] = dataclasses.field(default_factory=list)
+    targets: list[TargetRef] = dataclasses.field(default_factory=list)
+    column_names: set[str] = dataclasses.field(default_factory=set)
+    has_star: bool = False
+    non_relation_object: bool = False
+    where_constrains: bool | None = None
+    """For update/delete/merge: does the WHERE (ON) constrain a column of the target?"""
+    settings: list[Setting] = dataclasses.field(default_factory=list)
+    names_used: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """Session names the statement relies on: ("prepared"|"cursor", name)."""
+    names_defined: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    names_dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def class_names(self) -> frozenset[str]:
+        return self.cls.names | self.extra_classes
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Analysis:
+    """Everything the policy needs to know about one query string."""
+
+    units: tuple[Unit, ...]
+    statement_count: int
+    error: str | None = None
+    """Why the text could not be analyzed (→ block, SQLSTATE 42601)."""
+    literal_sensitive: bool = False
+    """The verdict depends on a literal value, so it must not be cached by normalized text."""
+
+
+class _Sensitive:
+    __slots__ = ("flag",)
+
+    def __init__(self) -> None:
+        self.flag = False
+
+
+def parse_tree(sql: str) -> list[dict[str, Any]]:
+    """libpg_query's raw statements for `sql`; raises pglast's ParseError."""
+    tree = json.loads(pg_parser.parse_sql_json(sql))
+    stmts: list[dict[str, Any]] = tree.get("stmts", [])
+    return stmts
+
+
+def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis:
+    """Analyze a query string as one simple-query message would carry it."""
+    if "\x00" in sql:
+        return Analysis(units=(), statement_count=0, error="the query text contains a NUL character")
+    try:
+        stmts = parse_tree(sql)
+    except pg_parser.ParseError as err:
+        return Analysis(units=(), statement_count=0, error=f"PostgreSQL's parser rejects it: {err}")
+    except (ValueError, RecursionError) as err:
+        return Analysis(units=(), statement_count=0, error=f"cannot parse: {err}")
+    walker = _Walker(search_path=search_path)
+    try:
+        for raw in stmts:
+            node = raw.get("stmt")
+            if not node:
+                continue
+            walker.top_level(node)
+    except RecursionError:
+        return Analysis(units=(), statement_count=len(stmts), error="statement nests too deeply to analyze")
+    return Analysis(
+        units=tuple(walker.units),
+        statement_count=len([s for s in stmts if s.get("stmt")]),
+        error=None,
+        literal_sensitive=walker.sensitive.flag,
+    )
+
+
+def _node(value: Any) -> tuple[str, dict[str, Any]] | None:
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, inner),) = value.items()
+        if key[:1].isupper() and isinstance(inner, dict):
+            return key, inner
+    return None
+
+
+def _strings(items: Any) -> list[str]:
+    out = []
+    for item in items or []:
+        n = _node(item)
+        if n and n[0] == "String":
+            out.append(str(n[1].get("sval", "")))
+    return out
+
+
+def _const_text(value: Any) -> str | None:
+    n = _node(value)
+    if n is None:
+        return None
+    kind, fields = n
+    if kind == "A_Const":
+        for key in ("sval", "ival", "fval", "boolval", "bsval"):
+            if key in fields:
+                inner = fields[key]
+                if isinstance(inner, dict):
+                    val = next(iter(inner.values()), "")
+                    return str(val).lower() if key == "boolval" else str(val)
+                return str(inner)
+        if fields.get("isnull"):
+            return "null"
+        # an A_Const with every field at its default is 0 / false / ''
+        return "0"
+    if kind == "TypeCast":
+        return _const_text(fields.get("arg"))
+    return None
+
+
+def _defelems(options: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in options or []:
+        n = _node(item)
+        if n and n[0] == "DefElem":
+            out[str(n[1].get("defname", ""))] = n[1].get("arg")
+    return out
+
+
+class _Walker:
+    def __init__(self, *, search_path: tuple[str, ...]) -> None:
+        self.search_path = search_path
+        self.units: list[Unit] = []
+        self.sensitive = _Sensitive()
+        self.in_body = 0
+        """Depth inside function/DO bodies, whose offsets are not the query string's."""
+
+    # ---- units -------------------------------------------------------------------------
+
+    def top_level(self, node: dict[str, Any]) -> None:
+        n = _node(node)
+        if n is None:
+            self.units.append(self._unknown("an empty parse node"))
+            return
+        self.statement(n[0], n[1], nested=False, scope=frozenset())
+
+    def _unknown(self, what: str) -> Unit:
+        unit = Unit(cls=classes.StatementClass("utility", "unknown"))
+        unit.findings.append(
+            Finding(
+                guard="unknown-statement",
+                reason=f"dbgov does not know {what}, and unknown statements are refused",
+                hint="Ask your dbgov administrator to add support, or rewrite the statement.",
+            )
+        )
+        return unit
+
+    def statement(self, kind: str, fields: dict[str, Any], *, nested: bool, scope: frozenset[str]) -> Unit:
+        cls = classes.NODE_CLASSES.get(kind)
+        if cls is None:
+            unit = self._unknown(f"the statement kind {kind}")
+            unit.nested = nested
+            self.units.append(unit)
+            return unit
+        unit = Unit(cls=self._refine(kind, fields, cls), nested=nested)
+        self.units.append(unit)
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(fields, unit, scope)
+        else:
+            self.fields(kind, fields, unit, scope, "target")
+        if unit.cls.coarse in {"ddl", "dcl"} and not unit.writes:
+            unit.non_relation_object = True
+        if kind in WHOLE_DATABASE_NODES and not unit.writes:
+            unit.non_relation_object = True  # VACUUM, ANALYZE, CLUSTER, REINDEX of every table
+        return unit
+
+    def _refine(self, kind: str, f: dict[str, Any], cls: classes.StatementClass) -> classes.StatementClass:
+        C = classes.StatementClass
+        if kind == "TransactionStmt":
+            return C("tcl", TRANSACTION_FINE.get(str(f.get("kind")), "begin"))
+        if kind in {"GrantStmt", "GrantRoleStmt"} and not f.get("is_grant"):
+            return C("dcl", "revoke")
+        if kind == "VacuumStmt" and not f.get("is_vacuumcmd"):
+            return C("utility", "analyze")
+        if kind == "FetchStmt" and f.get("ismove"):
+            return C("utility", "move")
+        if kind == "VariableSetStmt" and str(f.get("kind", "")).startswith("VAR_RESET"):
+            return C("session", "reset")
+        if kind == "SelectStmt" and f.get("intoClause"):
+            return C("ddl", "select-into")
+        return cls
+
+    # ---- generic walk ------------------------------------------------------------------
+
+    def visit(self, value: Any, unit: Unit, scope: frozenset[str], role: Role) -> None:
+        if isinstance(value, list):
+            for item in value:
+                self.visit(item, unit, scope, role)
+            return
+        if not isinstance(value, dict):
+            return
+        n = _node(value)
+        if n is not None:
+            self.node(n[0], n[1], unit, scope, role)
+        elif "relname" in value and "relpersistence" in value:
+            self.range_var(value, unit, scope, role)
+        else:
+            self.fields("", value, unit, scope, role)
+
+    def fields(
+        self, kind: str, fields: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role
+    ) -> None:
+        for key, value in fields.items():
+            if not isinstance(value, (dict, list)):
+                continue
+            if (
+                key in {"larg", "rarg"}
+                and kind == "SelectStmt"
+                and isinstance(value, dict)
+                and _node(value) is None
+            ):
+                self.node("SelectStmt", value, unit, scope, "target")
+                continue
+            self.visit(value, unit, scope, "read" if key in READ_FIELDS else role)
+
+    def node(self, kind: str, fields: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
+        if kind == "RangeVar":
+            self.range_var(fields, unit, scope, role)
+        elif kind == "SelectStmt":
+            self._select(fields, unit, scope)
+        elif kind in DML_NODES or (kind in classes.NODE_CLASSES and kind != "SelectStmt"):
+            self.statement(kind, fields, nested=True, scope=scope)
+        elif kind == "FuncCall":
+            self.func_call(fields, unit, scope, role)
+        elif kind == "ColumnRef":
+            self.column_ref(fields, unit)
+        elif kind == "A_Expr":
+            if fields.get("kind") not in NON_OPERATOR_EXPRS:
+                self.operator(fields.get("name"), unit)
+            self.fields(kind, fields, unit, scope, role)
+        elif kind == "CommonTableExpr":
+            self.fields(kind, fields, unit, scope, role)
+        else:
+            self.fields(kind, fields, unit, scope, role)
+
+    def _select(self, fields: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        scope = self.with_clause(fields.get("withClause"), unit, scope)
+        rest = {k: v for k, v in fields.items() if k != "withClause"}
+        if fields.get("intoClause"):
+            unit.extra_classes.add("create")
+        self.fields("SelectStmt", rest, unit, scope, "target")
+
+    def with_clause(self, with_clause: Any, unit: Unit, scope: frozenset[str]) -> frozenset[str]:
+        """Walk CTE bodies with the names each may see; return the scope for the body."""
+        if not isinstance(with_clause, dict):
+            return scope
+        ctes = [n[1] for n in map(_node, with_clause.get("ctes", [])) if n and n[0] == "CommonTableExpr"]
+        cte_names = [str(c.get("ctename", "")) for c in ctes]
+        recursive = bool(with_clause.get("recursive"))
+        for i, cte in enumerate(ctes):
+            visible = scope | frozenset(cte_names if recursive else cte_names[:i])
+            self.visit(cte.get("ctequery"), unit, visible, "target")
+        return scope | frozenset(cte_names)
+
+    # ---- leaves ------------------------------------------------------------------------
+
+    def resolve(self, schema: str | None, name: str) -> tuple[model.QualifiedName, bool]:
+        """A relation name as PostgreSQL would resolve it, and whether that is ambiguous."""
+        if schema:
+            return model.QualifiedName(schema=schema, name=name), False
+        if name in _pgcatalog.PG_CATALOG_RELATIONS:
+            return model.QualifiedName(schema="pg_catalog", name=name), False
+        first = self.search_path[0] if self.search_path else "public"
+        return model.QualifiedName(schema=first, name=name), len(self.search_path) > 1
+
+    def range_var(self, rv: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
+        schema = rv.get("schemaname")
+        name = str(rv.get("relname", ""))
+        if not schema and name in scope:
+            return  # a CTE reference, not a relation
+        rel, ambiguous = self.resolve(schema, name)
+        alias_node = rv.get("alias")
+        alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
+        if rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog":
+            unit.findings.append(
+                Finding(
+                    guard="leaky-catalog",
+                    reason=f"{rel} exposes passwords, other sessions' statements or sampled column values",
+                    hint="Query the application's own tables, or ask a DBA for the specific information.",
+                )
+            )
+        if role == "read":
+            unit.reads.append(rel)
+            unit.read_refs.append(
+                ReadRef(
+                    rel=rel,
+                    location=-1 if self.in_body else int(rv.get("location", -1)),
+                    alias=alias,
+                    only=not rv.get("inh", False),
+                    ambiguous=ambiguous,
+                )
+            )
+        else:
+            unit.writes.append(rel)
+            unit.targets.append(TargetRef(rel=rel, alias=alias))
+
+    def column_ref(self, fields: dict[str, Any], unit: Unit) -> None:
+        for item in fields.get("fields", []):
+            n = _node(item)
+            if n is None:
+                continue
+            if n[0] == "A_Star":
+                unit.has_star = True
+            elif n[0] == "String":
+                unit.column_names.add(str(n[1].get("sval", "")))
+
+    def operator(self, name: Any, unit: Unit) -> None:
+        parts = _strings(name)
+        if not parts:
+            return
+        op = parts[-1]
+        schema = parts[0] if len(parts) > 1 else None
+        if (schema in (None, "pg_catalog")) and op in _pgcatalog.OPERATORS:
+            return
+        qualified = f"{schema}.{op}" if schema else op
+        unit.user_functions.append(f"operator {qualified}")
+        unit.functions.append(f"operator {qualified}")
+        unit.extra_classes.add("call")
+
+    def func_call(self, fields: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
+        parts = _strings(fields.get("funcname"))
+        bare = parts[-1] if parts else ""
+        schema = parts[-2] if len(parts) > 1 else None
+        qualified = ".".join(parts)
+        unit.functions.append(qualified)
+        if schema in (None, "pg_catalog"):
+            guard = guards.function_guard(bare)
+            if guard is not None:
+                unit.findings.append(
+                    Finding(
+                        guard=guard,
+                        reason=f"the function {qualified}() is refused in every policy ({guard})",
+                        hint="This is a hard guardrail; it cannot be allowed through dbgov.",
+                    )
+                )
+            if bare == "set_config":
+                self.set_config(fields.get("args", []), unit)
+            if bare not in _pgcatalog.FUNCTIONS:
+                unit.user_functions.append(qualified)
+        else:
+            unit.user_functions.append(qualified)
+            if guards.function_guard(bare) is not None and schema not in (None, "pg_catalog"):
+                # dblink and friends live in whatever schema the extension was installed in
+                unit.findings.append(
+                    Finding(
+                        guard=guards.function_guard(bare) or "denied-function",
+                        reason=f"the function {qualified}() is refused in every policy",
+                        hint="This is a hard guardrail; it cannot be allowed through dbgov.",
+                    )
+                )
+        self.fields("FuncCall", fields, unit, scope, role)
+
+    def set_config(self, args: list[Any], unit: Unit) -> None:
+        self.sensitive.flag = True
+        name = _const_text(args[0]) if args else None
+        if name is None:
+            unit.findings.append(
+                Finding(
+                    guard="guarded-setting",
+                    reason="set_config() with a setting name that is not a constant cannot be checked",
+                    hint="Call set_config with a literal setting name.",
+                )
+            )
+            return
+        value = _const_text(args[1]) if len(args) > 1 else None
+        local = (_const_text(args[2]) if len(args) > 2 else None) in {"true", "t", "on", "1"}
+        unit.settings.append(
+            Setting(name=name.lower(), value=value if value is not None else "?", local=local)
+        )
+
+    # ---- statement handlers (`_on_<NodeType>`) -----------------------------------------
+
+    def _on_SelectStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._select(f, unit, scope)
+
+    def _dml(self, f: dict[str, Any], unit: Unit, scope: frozenset[str], where_key: str) -> None:
+        scope = self.with_clause(f.get("withClause"), unit, scope)
+        rest = {k: v for k, v in f.items() if k != "withClause"}
+        self.fields("", rest, unit, scope, "target")
+        target = f.get("relation") or {}
+        alias_node = target.get("alias")
+        names = {str(target.get("relname", ""))}
+        if isinstance(alias_node, dict):
+            names = {str(alias_node.get("aliasname"))}
+        unit.where_constrains = _constrains(f.get(where_key), names, self.sensitive)
+
+    def _on_InsertStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._dml(f, unit, scope, "whereClause")
+        unit.where_constrains = None
+
+    def _on_UpdateStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._dml(f, unit, scope, "whereClause")
+
+    def _on_DeleteStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._dml(f, unit, scope, "whereClause")
+
+    def _on_MergeStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._dml(f, unit, scope, "joinCondition")
+
+    def _on_CopyStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.sensitive.flag = True
+        if f.get("is_program"):
+            unit.findings.append(
+                Finding(
+                    guard="copy-program",
+                    reason="COPY ... PROGRAM runs a shell command on the database server",
+                    hint="Use COPY ... TO STDOUT / FROM STDIN and process the data in your application.",
+                )
+            )
+        elif f.get("filename"):
+            unit.findings.append(
+                Finding(
+                    guard="server-files",
+                    reason="COPY to or from a server file reads or writes the database server's filesystem",
+                    hint="Use COPY ... TO STDOUT / FROM STDIN instead.",
+                )
+            )
+        rv = f.get("relation")
+        if isinstance(rv, dict):
+            if f.get("is_from"):
+                self.range_var(rv, unit, scope, "target")
+            else:
+                rel, ambiguous = self.resolve(rv.get("schemaname"), str(rv.get("relname", "")))
+                unit.reads.append(rel)
+                unit.read_refs.append(
+                    ReadRef(
+                        rel=rel,
+                        location=int(rv.get("location", -1)),
+                        alias=None,
+                        only=not rv.get("inh", False),
+                        copy_columns=tuple(_strings(f.get("attlist"))),
+                        ambiguous=ambiguous,
+                    )
+                )
+        if f.get("query"):
+            self.visit(f.get("query"), unit, scope, "target")
+        if f.get("whereClause"):
+            self.visit(f.get("whereClause"), unit, scope, "target")
+
+    def _on_ExplainStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        opts = _defelems(f.get("options"))
+        analyze = "analyze" in opts and _const_text(opts["analyze"]) not in {"false", "off", "0"}
+        query = _node(f.get("query"))
+        if query is None:
+            return
+        if analyze:
+            self.statement(query[0], query[1], nested=True, scope=scope)
+        elif query[0] == "SelectStmt":
+            self._select(query[1], unit, scope)
+        else:
+            # Plain EXPLAIN does not run the statement: judge what it names, not what it does.
+            inner = Unit(cls=classes.StatementClass("utility", "explain"))
+            saved, self.units = self.units, [inner]
+            try:
+                handler = getattr(self, f"_on_{query[0]}", None)
+                if handler is not None:
+                    handler(query[1], inner, scope)
+                else:
+                    self.fields(query[0], query[1], inner, scope, "target")
+            finally:
+                nested_units, self.units = self.units[1:], saved
+            unit.reads.extend(inner.reads + inner.writes)
+            unit.read_refs.extend(inner.read_refs)
+            unit.functions.extend(inner.functions)
+            unit.findings.extend(inner.findings)
+            self.units.extend(nested_units)
+
+    def _on_PrepareStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.names_defined.append(("prepared", str(f.get("name", ""))))
+        query = _node(f.get("query"))
+        if query:
+            self.statement(query[0], query[1], nested=True, scope=scope)
+
+    def _on_DeclareCursorStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.names_defined.append(("cursor", str(f.get("portalname", ""))))
+        query = _node(f.get("query"))
+        if query:
+            self.statement(query[0], query[1], nested=True, scope=scope)
+
+    def _on_ExecuteStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.names_used.append(("prepared", str(f.get("name", ""))))
+        self.fields("ExecuteStmt", f, unit, scope, "target")
+
+    def _on_FetchStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.names_used.append(("cursor", str(f.get("portalname", ""))))
+
+    def _on_ClosePortalStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        name = f.get("portalname")
+        unit.names_dropped.append(("cursor", str(name) if name else "*"))
+
+    def _on_DeallocateStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        name = f.get("name")
+        unit.names_dropped.append(("prepared", str(name) if name else "*"))
+
+    def _on_DiscardStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        if f.get("target") in {"DISCARD_ALL", None}:
+            unit.names_dropped.extend([("prepared", "*"), ("cursor", "*")])
+            unit.settings.append(Setting(name="*", value=None))
+
+    def _on_VariableSetStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.sensitive.flag = True
+        kind = str(f.get("kind", ""))
+        name = str(f.get("name", "")).lower()
+        local = bool(f.get("is_local"))
+        if kind == "VAR_RESET_ALL":
+            unit.settings.append(Setting(name="*", value=None, local=local))
+        elif kind == "VAR_SET_MULTI":
+            # SET TRANSACTION ..., SET SESSION CHARACTERISTICS: isolation, access mode, deferrable
+            unit.settings.append(Setting(name="transaction_isolation", value="?", local=True))
+        elif kind in {"VAR_SET_DEFAULT", "VAR_RESET"}:
+            unit.settings.append(Setting(name=name, value=None, local=local))
+        else:
+            values = [_const_text(a) for a in f.get("args", [])]
+            value = "?" if any(v is None for v in values) else ",".join(str(v) for v in values)
+            unit.settings.append(Setting(name=name, value=value, local=local))
+
+    def _on_AlterSystemStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.findings.append(
+            Finding(
+                guard="alter-system",
+                reason="ALTER SYSTEM rewrites the server's configuration",
+                hint="Server configuration changes go through your database platform team.",
+            )
+        )
+
+    def _on_LoadStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.findings.append(
+            Finding(
+                guard="load-library",
+                reason="LOAD loads a shared library into the database server",
+                hint="Libraries are installed by your database platform team.",
+            )
+        )
+
+    def _on_CreateSubscriptionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        unit.findings.append(
+            Finding(
+                guard="replication",
+                reason="CREATE SUBSCRIPTION connects the database to another server",
+                hint="Replication is set up by your database platform team.",
+            )
+        )
+
+    def _on_AlterRoleSetStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._persisted_setting(f, unit)
+
+    def _on_AlterDatabaseSetStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self._persisted_setting(f, unit)
+
+    def _persisted_setting(self, f: dict[str, Any], unit: Unit) -> None:
+        setstmt = f.get("setstmt") or {}
+        name = str(setstmt.get("name", "")).lower()
+        if guards.setting_kind(name) in {"identity", "guarded"}:
+            unit.findings.append(
+                Finding(
+                    guard="guarded-setting",
+                    reason=f"changing the default of {name} changes how later sessions read SQL",
+                    hint="Setting defaults are managed by your database platform team.",
+                )
+            )
+
+    def _on_DropStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        if str(f.get("removeType")) not in RELATION_DROP_TYPES:
+            return
+        for obj in f.get("objects", []):
+            n = _node(obj)
+            parts = _strings(n[1].get("items")) if n and n[0] == "List" else []
+            if not parts:
+                continue
+            rel, _ = self.resolve(parts[-2] if len(parts) > 1 else None, parts[-1])
+            unit.writes.append(rel)
+            unit.targets.append(TargetRef(rel=rel, alias=None))
+
+    def _on_RuleStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        rv = f.get("relation")
+        if isinstance(rv, dict):
+            self.range_var(rv, unit, scope, "target")
+        # Rule actions run later, on someone else's statement: judge each as itself now.
+        for action in f.get("actions", []) or []:
+            n = _node(action)
+            if n:
+                self.statement(n[0], n[1], nested=True, scope=scope | {"new", "old"})
+        if f.get("whereClause"):
+            self.visit(f.get("whereClause"), unit, scope | {"new", "old"}, "target")
+
+    def _on_CreateFunctionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.sensitive.flag = True
+        opts = _defelems(f.get("options"))
+        language = (_const_text(opts.get("language")) or "").lower() or "sql"
+        lang_node = _node(opts.get("language"))
+        if lang_node and lang_node[0] == "String":
+            language = str(lang_node[1].get("sval", "")).lower()
+        body = _node(opts.get("as"))
+        sql_body = f.get("sql_body")
+        for item in f.get("options", []) or []:
+            n = _node(item)
+            if n and n[0] == "DefElem" and n[1].get("defname") == "set":
+                self.visit(n[1].get("arg"), unit, scope, "target")
+        if sql_body is not None:
+            self.in_body += 1
+            try:
+                self.visit(sql_body, unit, scope, "target")
+            finally:
+                self.in_body -= 1
+            return
+        texts = _strings(body[1].get("items")) if body and body[0] == "List" else []
+        if body and body[0] == "String":
+            texts = [str(body[1].get("sval", ""))]
+        if not texts:
+            return
+        self._body(language, texts[0], unit, scope)
+
+    def _on_DoStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.sensitive.flag = True
+        opts = _defelems(f.get("args"))
+        lang = _node(opts.get("language"))
+        language = str(lang[1].get("sval", "")).lower() if lang and lang[0] == "String" else "plpgsql"
+        body = _node(opts.get("as"))
+        text = str(body[1].get("sval", "")) if body and body[0] == "String" else ""
+        self._body(language, text, unit, scope)
+
+    def _body(self, language: str, text: str, unit: Unit, scope: frozenset[str]) -> None:
+        self.in_body += 1
+        try:
+            self._body_units(language, text, unit, scope)
+        finally:
+            self.in_body -= 1
+
+    def _body_units(self, language: str, text: str, unit: Unit, scope: frozenset[str]) -> None:
+        if language == "sql":
+            try:
+                stmts = parse_tree(text)
+            except pg_parser.ParseError as err:
+                self._unanalyzable(unit, f"its SQL body does not parse: {err}")
+                return
+            for raw in stmts:
+                n = _node(raw.get("stmt"))
+                if n:
+                    self.statement(n[0], n[1], nested=True, scope=scope)
+            return
+        if language == "plpgsql":
+            self._plpgsql(text, unit, scope)
+            return
+        self._unanalyzable(unit, f"its body is in {language}, which dbgov cannot analyze")
+
+    def _unanalyzable(self, unit: Unit, why: str) -> None:
+        unit.findings.append(
+            Finding(
+                guard="unanalyzable-body",
+                reason=f"the statements this code would run cannot be checked: {why}",
+                hint="Use LANGUAGE sql or plpgsql without dynamic SQL (EXECUTE), or have a DBA deploy it.",
+            )
+        )
+
+    def _plpgsql(self, text: str, unit: Unit, scope: frozenset[str]) -> None:
+        tag = "$dbgov$"
+        while tag in text:
+            tag = tag[:-1] + "x$"
+        wrapper = f"CREATE FUNCTION dbgov_check() RETURNS void LANGUAGE plpgsql AS {tag}{text}{tag}"
+        try:
+            tree = json.loads(pg_parser.parse_plpgsql_json(wrapper))
+        except pg_parser.ParseError as err:
+            self._unanalyzable(unit, f"its PL/pgSQL does not parse: {err}")
+            return
+        for kind, fields in _walk_nodes(tree):
+            if kind in DYNAMIC_PLPGSQL or (
+                kind in {"PLpgSQL_stmt_open", "PLpgSQL_stmt_return_query"} and fields.get("dynquery")
+            ):
+                self._unanalyzable(unit, "it builds SQL at run time (EXECUTE)")
+                return
+            if kind != "PLpgSQL_expr":
+                continue
+            query = str(fields.get("query", ""))
+            mode = int(fields.get("parseMode", 0))
+            if mode >= 3 and ":=" in query:
+                query = query.split(":=", 1)[1]
+            sql = query if mode == 0 else f"SELECT {query}"
+            try:
+                stmts = parse_tree(sql)
+            except pg_parser.ParseError as err:
+                self._unanalyzable(unit, f"an embedded statement does not parse: {err}")
+                return
+            for raw in stmts:
+                n = _node(raw.get("stmt"))
+                if n:
+                    self.statement(n[0], n[1], nested=True, scope=scope)
+
+
+def _walk_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _walk_nodes(item)
+    elif isinstance(value, dict):
+        n = _node(value)
+        if n is not None:
+            yield n
+            yield from _walk_nodes(n[1])
+        else:
+            for v in value.values():
+                yield from _walk_nodes(v)
+
+
+# ---- WHERE analysis --------------------------------------------------------------------
+
+
+def _refs(value: Any, target_names: set[str]) -> tuple[set[str], bool]:
+    """Columns of the target an expression references, and whether it references any column."""
+    cols: set[str] = set()
+    any_col = False
+    for kind, fields in _walk_nodes(value):
+        if kind == "ColumnRef":
+            parts = _strings(fields.get("fields"))
+            any_col = True
+            if len(parts) == 1 or (len(parts) >= 2 and parts[-2] in target_names):
+                cols.add(parts[-1] if parts else "*")
+        if kind == "CurrentOfExpr":
+            cols.add("ctid")
+    return cols, any_col
+
+
+def _constrains(where: Any, target_names: set[str], sensitive: _Sensitive) -> bool:
+    """Does this WHERE restrict which rows of the target are touched?
+
+    Judged by shape, never by constant values (so the answer is the same for every literal):
+    a conjunction constrains when one conjunct does; a disjunction only when every branch
+    does; a comparison when it involves a target column on one side and not the very same
+    expression on the other; `col IS NOT NULL`, constants, parameters and uncorrelated
+    sub-queries do not.
+    """
+    n = _node(where)
+    if n is None:
+        return False
+    kind, f = n
+    if kind == "BoolExpr":
+        op = f.get("boolop")
+        args = f.get("args", [])
+        if op == "AND_EXPR":
+            return any(_constrains(a, target_names, sensitive) for a in args)
+        if op == "OR_EXPR":
+            return bool(args) and all(_constrains(a, target_names, sensitive) for a in args)
+        return bool(args) and _constrains(args[0], target_names, sensitive)
+    if kind == "CurrentOfExpr":
+        return True
+    if kind == "NullTest":
+        return f.get("nulltesttype") == "IS_NULL" and bool(_refs(f.get("arg"), target_names)[0])
+    if kind == "A_Expr":
+        left, right = f.get("lexpr"), f.get("rexpr")
+        lcols, _ = _refs(left, target_names)
+        rcols, _ = _refs(right, target_names)
+        if not lcols and not rcols:
+            return False
+        if json.dumps(_strip_locations(left), sort_keys=True) == json.dumps(
+            _strip_locations(right), sort_keys=True
+        ):
+            return False  # id = id, coalesce(x,1) = coalesce(x,1): true for every row
+        if f.get("kind") in {"AEXPR_LIKE", "AEXPR_ILIKE"}:
+            sensitive.flag = True
+            pattern = _const_text(right)
+            if pattern is not None and pattern and set(pattern) <= {"%"}:
+                return False
+        return True
+    if kind == "SubLink":
+        test_cols, _ = _refs(f.get("testexpr"), target_names)
+        if test_cols:
+            return True
+        inner = _refs(f.get("subselect"), target_names - {""})[0]
+        qualified = any(
+            len(_strings(fields.get("fields"))) >= 2 and _strings(fields.get("fields"))[-2] in target_names
+            for kind2, fields in _walk_nodes(f.get("subselect"))
+            if kind2 == "ColumnRef"
+        )
+        return bool(inner) and qualified
+    cols, _ = _refs(where, target_names)
+    return bool(cols)
+
+
+def _strip_locations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_locations(v) for k, v in value.items() if k != "location"}
+    if isinstance(value, list):
+        return [_strip_locations(v) for v in value]
+    return value

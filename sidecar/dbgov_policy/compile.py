@@ -1,0 +1,449 @@
+"""Policy document → `CompiledPolicy`, or every problem with its field path.
+
+The local policy file is exactly the `spec` of a DatabaseAccessPolicy, so the same function
+serves `dbgov check`, the sidecar and the operator's validating webhook. It never stops at
+the first problem: a person fixing a policy wants the whole list at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import yaml
+
+from dbgov_policy import classes, model, names
+
+SPEC_FIELDS = frozenset({"mode", "default", "rules", "guardrails", "masks"})
+#: Fields of a DatabaseAccessPolicy spec that the operator reads; accepted and not judged here.
+CLUSTER_FIELDS = frozenset({"subjects", "databaseRef", "credentials", "audit", "description"})
+RULE_FIELDS = frozenset({"name", "verdict", "statements", "tables", "description"})
+GUARDRAIL_FIELDS = frozenset(
+    {
+        "requireWhere",
+        "maxRowsAffected",
+        "maxRowsReturned",
+        "deniedFunctions",
+        "allowedFunctions",
+        "allowedSettings",
+    }
+)
+MASK_FIELDS = frozenset({"table", "column", "strategy", "keepLast"})
+REQUIRE_WHERE_CLASSES = frozenset({"update", "delete", "merge"})
+#: Settings a policy may open up through `allowedSettings`; the engine tracks their effect.
+GUARDED_SETTINGS = frozenset({"search_path"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One thing wrong with a policy document."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class PolicyInvalid(ValueError):
+    """A policy document that cannot take effect; `problems` lists every reason."""
+
+    def __init__(self, problems: Sequence[Problem], *, source: str = "policy") -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path=path, message=message))
+
+
+def load_policy_text(text: str, *, source: str = "policy", mask_key: str = "") -> model.CompiledPolicy:
+    """Parse YAML (a spec, or a whole DatabaseAccessPolicy) and compile it."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PolicyInvalid([Problem(path="", message=f"not valid YAML: {err}")], source=source) from err
+    return compile_policy(doc, source=source, mask_key=mask_key)
+
+
+def compile_policy(doc: Any, *, source: str = "policy", mask_key: str = "") -> model.CompiledPolicy:
+    """Check a policy document and compile it; raise `PolicyInvalid` listing every problem."""
+    out = _Collector()
+    spec, prefix = _unwrap(doc, out)
+    if spec is None:
+        raise PolicyInvalid(out.problems, source=source)
+    _unknown_fields(spec, SPEC_FIELDS | CLUSTER_FIELDS, prefix.rstrip("."), out)
+    mode = _choice(spec, "mode", allowed=model.MODES, default="enforce", prefix=prefix, out=out)
+    default = _choice(spec, "default", allowed=model.VERDICTS, default="block", prefix=prefix, out=out)
+    rules = _rules(spec.get("rules", []), f"{prefix}rules", out)
+    guardrails = _guardrails(spec.get("guardrails", {}), f"{prefix}guardrails", out)
+    masks = _masks(spec.get("masks", []), f"{prefix}masks", out)
+    if out.problems:
+        raise PolicyInvalid(out.problems, source=source)
+    return model.CompiledPolicy(
+        mode=cast(model.Mode, mode),
+        default=cast(model.RuleVerdict, default),
+        rules=rules,
+        guardrails=guardrails,
+        masks=masks,
+        mask_key=mask_key,
+    )
+
+
+def _unwrap(doc: Any, out: _Collector) -> tuple[Mapping[str, Any] | None, str]:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, Mapping):
+        out.add("", f"a policy must be a mapping, got {_kind(doc)}")
+        return None, ""
+    if "apiVersion" in doc or "kind" in doc:
+        if doc.get("kind") != "DatabaseAccessPolicy":
+            out.add("kind", f"expected DatabaseAccessPolicy, got {doc.get('kind')!r}")
+        api = str(doc.get("apiVersion", ""))
+        if not api.startswith("dbgov.io/"):
+            out.add("apiVersion", f"expected dbgov.io/v1alpha1, got {api!r}")
+        spec = doc.get("spec")
+        if not isinstance(spec, Mapping):
+            out.add("spec", f"must be a mapping, got {_kind(spec)}")
+            return None, "spec."
+        return spec, "spec."
+    return doc, ""
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _unknown_fields(obj: Mapping[str, Any], known: frozenset[str], path: str, out: _Collector) -> None:
+    for key in obj:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else f"; known fields: {', '.join(sorted(known))}"
+            out.add(f"{path}.{key}" if path else str(key), f"unknown field{extra}")
+
+
+def _choice(
+    obj: Mapping[str, Any], key: str, *, allowed: Sequence[str], default: str, prefix: str, out: _Collector
+) -> str:
+    value = obj.get(key, default)
+    if value not in allowed:
+        out.add(f"{prefix}{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
+        return default
+    return str(value)
+
+
+def _str_list(value: Any, path: str, out: _Collector) -> list[tuple[str, str]] | None:
+    """A list of strings as (item path, text) pairs, or None after reporting a problem."""
+    if not isinstance(value, list):
+        out.add(path, f"must be a list, got {_kind(value)}")
+        return None
+    items: list[tuple[str, str]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            out.add(f"{path}[{i}]", f"must be a non-empty string, got {item!r}")
+        else:
+            items.append((f"{path}[{i}]", item.strip()))
+    return items
+
+
+def _statement_classes(value: Any, path: str, out: _Collector) -> frozenset[str] | None:
+    items = _str_list(value, path, out)
+    if items is None:
+        return None
+    result: set[str] = set()
+    for item_path, text in items:
+        name = classes.ALIASES.get(text.lower(), text.lower())
+        if name not in classes.ALL:
+            hint = difflib.get_close_matches(name, sorted(classes.ALL), n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            out.add(item_path, f"unknown statement class {text!r}{extra}")
+        else:
+            result.add(name)
+    if not items:
+        out.add(
+            path,
+            "an empty list matches no statement, so the rule can never match; omit it to match every class",
+        )
+    return frozenset(result)
+
+
+def _table_patterns(value: Any, path: str, out: _Collector) -> tuple[model.TablePattern, ...] | None:
+    items = _str_list(value, path, out)
+    if items is None:
+        return None
+    patterns = []
+    for item_path, text in items:
+        try:
+            schema, name = names.parse_qualified(text)
+        except ValueError as err:
+            out.add(item_path, str(err))
+            continue
+        patterns.append(model.TablePattern(schema=schema or "public", name=name, text=text))
+    if not items:
+        out.add(path, "an empty list covers no relation; omit it to cover every relation")
+    return tuple(patterns)
+
+
+def _rules(value: Any, path: str, out: _Collector) -> tuple[model.Rule, ...]:
+    if not isinstance(value, list):
+        out.add(path, f"must be a list of rules, got {_kind(value)}")
+        return ()
+    rules: list[model.Rule] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(value):
+        rpath = f"{path}[{i}]"
+        if not isinstance(raw, Mapping):
+            out.add(rpath, f"a rule must be a mapping, got {_kind(raw)}")
+            continue
+        _unknown_fields(raw, RULE_FIELDS, rpath, out)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            out.add(f"{rpath}.name", "every rule needs a name (it is what audit events and errors cite)")
+            name = f"rules[{i}]"
+        elif name in seen:
+            out.add(f"{rpath}.name", f"duplicate rule name {name!r} (also rules[{seen[name]}])")
+        seen.setdefault(name, i)
+        if "verdict" not in raw:
+            out.add(f"{rpath}.verdict", "required: allow, approve or block")
+        verdict = _choice(
+            raw, "verdict", allowed=model.VERDICTS, default="block", prefix=f"{rpath}.", out=out
+        )
+        stmts = (
+            _statement_classes(raw["statements"], f"{rpath}.statements", out) if "statements" in raw else None
+        )
+        tables = _table_patterns(raw["tables"], f"{rpath}.tables", out) if "tables" in raw else None
+        rule = model.Rule(
+            name=name, verdict=cast(model.RuleVerdict, verdict), statements=stmts, tables=tables
+        )
+        for j, earlier in enumerate(rules):
+            if _shadows(earlier, rule):
+                out.add(
+                    rpath,
+                    f"rule {name!r} can never match: rules[{j}] ({earlier.name!r}) comes first "
+                    "and covers every statement it would",
+                )
+                break
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _fine_to_coarse() -> dict[str, str]:
+    mapping = {c.fine: c.coarse for c in classes.NODE_CLASSES.values()}
+    mapping.update(
+        {
+            "revoke": "dcl",
+            "commit": "tcl",
+            "rollback": "tcl",
+            "savepoint": "tcl",
+            "release": "tcl",
+            "prepare-transaction": "tcl",
+            "commit-prepared": "tcl",
+            "rollback-prepared": "tcl",
+            "reset": "session",
+            "analyze": "utility",
+            "move": "utility",
+            "select-into": "ddl",
+        }
+    )
+    return mapping
+
+
+FINE_TO_COARSE = _fine_to_coarse()
+
+
+def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
+    """True when every statement `later` covers is already covered by `earlier`."""
+    if earlier.statements is not None:
+        if later.statements is None:
+            return False
+        for cls in later.statements:
+            if cls not in earlier.statements and FINE_TO_COARSE.get(cls) not in earlier.statements:
+                return False
+    if earlier.tables is not None:
+        if later.tables is None:
+            return False
+        for pattern in later.tables:
+            if not any(
+                model.TablePattern.matches(e, model.QualifiedName(schema=pattern.schema, name=pattern.name))
+                for e in earlier.tables
+            ):
+                return False
+    return True
+
+
+def _positive_int(value: Any, path: str, out: _Collector) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        out.add(path, f"must be a whole number ≥ 1, got {value!r}")
+        return None
+    return value
+
+
+def _function_names(value: Any, path: str, out: _Collector) -> frozenset[str]:
+    items = _str_list(value, path, out) or []
+    result = set()
+    for item_path, text in items:
+        try:
+            schema, name = names.parse_qualified(text)
+        except ValueError as err:
+            out.add(item_path, str(err))
+            continue
+        result.add(f"{schema}.{name}" if schema else name)
+    return frozenset(result)
+
+
+def _guardrails(value: Any, path: str, out: _Collector) -> model.Guardrails:
+    if not isinstance(value, Mapping):
+        out.add(path, f"must be a mapping, got {_kind(value)}")
+        return model.Guardrails()
+    _unknown_fields(value, GUARDRAIL_FIELDS, path, out)
+    require: set[str] = set()
+    for item_path, text in _str_list(value.get("requireWhere", []), f"{path}.requireWhere", out) or []:
+        if text.lower() not in REQUIRE_WHERE_CLASSES:
+            out.add(item_path, f"requireWhere applies to update, delete and merge, not {text!r}")
+        else:
+            require.add(text.lower())
+    settings: dict[str, frozenset[str]] = {}
+    raw_settings = value.get("allowedSettings", {})
+    if not isinstance(raw_settings, Mapping):
+        out.add(
+            f"{path}.allowedSettings",
+            f"must map a setting to its allowed values, got {_kind(raw_settings)}",
+        )
+    else:
+        for key, vals in raw_settings.items():
+            spath = f"{path}.allowedSettings.{key}"
+            if str(key).lower() not in GUARDED_SETTINGS:
+                out.add(
+                    spath,
+                    f"only {', '.join(sorted(GUARDED_SETTINGS))} can be opened up; other guarded settings stay refused",
+                )
+                continue
+            items = _str_list(vals, spath, out) or []
+            settings[str(key).lower()] = frozenset(names.normalize_setting_value(t) for _, t in items)
+    return model.Guardrails(
+        require_where=frozenset(require),
+        max_rows_affected=_positive_int(value.get("maxRowsAffected"), f"{path}.maxRowsAffected", out),
+        max_rows_returned=_positive_int(value.get("maxRowsReturned"), f"{path}.maxRowsReturned", out),
+        denied_functions=_function_names(value.get("deniedFunctions", []), f"{path}.deniedFunctions", out),
+        allowed_functions=_function_names(value.get("allowedFunctions", []), f"{path}.allowedFunctions", out),
+        allowed_settings=settings,
+    )
+
+
+def _masks(value: Any, path: str, out: _Collector) -> tuple[model.Mask, ...]:
+    if not isinstance(value, list):
+        out.add(path, f"must be a list of masks, got {_kind(value)}")
+        return ()
+    masks: list[model.Mask] = []
+    seen: dict[tuple[model.QualifiedName, str], int] = {}
+    for i, raw in enumerate(value):
+        mpath = f"{path}[{i}]"
+        if not isinstance(raw, Mapping):
+            out.add(mpath, f"a mask must be a mapping, got {_kind(raw)}")
+            continue
+        _unknown_fields(raw, MASK_FIELDS, mpath, out)
+        table = raw.get("table")
+        column = raw.get("column")
+        qname: model.QualifiedName | None = None
+        if not isinstance(table, str) or not table.strip():
+            out.add(f"{mpath}.table", "required: the table holding the column, e.g. public.customers")
+        else:
+            try:
+                schema, name = names.parse_qualified(table)
+            except ValueError as err:
+                out.add(f"{mpath}.table", str(err))
+            else:
+                if any(ch in f"{schema or ''}{name}" for ch in "*?"):
+                    out.add(f"{mpath}.table", "masks name one table; wildcards are not allowed")
+                qname = model.QualifiedName(schema=schema or "public", name=name)
+        col: str | None = None
+        if not isinstance(column, str) or not column.strip():
+            out.add(f"{mpath}.column", "required: the column to mask")
+        else:
+            try:
+                col = names.parse_identifier(column)
+            except ValueError as err:
+                out.add(f"{mpath}.column", str(err))
+        strategy = _choice(
+            raw, "strategy", allowed=model.STRATEGIES, default="redact", prefix=f"{mpath}.", out=out
+        )
+        if "strategy" not in raw:
+            out.add(f"{mpath}.strategy", f"required: one of {', '.join(model.STRATEGIES)}")
+        keep_last = raw.get("keepLast", 4)
+        if "keepLast" in raw and strategy != "partial":
+            out.add(f"{mpath}.keepLast", "only the partial strategy keeps characters")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or not 0 <= keep_last <= 64:
+            out.add(f"{mpath}.keepLast", f"must be a whole number from 0 to 64, got {keep_last!r}")
+            keep_last = 4
+        if qname is None or col is None:
+            continue
+        key = (qname, col)
+        if key in seen:
+            out.add(mpath, f"{qname}.{col} is already masked by masks[{seen[key]}]")
+            continue
+        seen[key] = i
+        masks.append(
+            model.Mask(
+                table=qname,
+                column=col,
+                strategy=cast(model.Strategy, strategy),
+                keep_last=keep_last,
+            )
+        )
+    return tuple(masks)
+
+
+def merge_specs(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Combine the specs of several policies that bind one workload into one spec.
+
+    Rules are concatenated in the order given (callers sort by policy name) with their names
+    prefixed by the policy's, so the first matching rule across all policies decides. What
+    protects is united: masks, denied functions and requireWhere; the tighter row limit wins;
+    the strictest default wins; any policy in `enforce` mode makes the merge enforce.
+    """
+    merged: dict[str, Any] = {
+        "mode": "dry-run" if specs else "enforce",
+        "default": "allow",
+        "rules": [],
+        "masks": [],
+    }
+    guard: dict[str, Any] = {}
+    seen_masks: set[tuple[str, str]] = set()
+    for policy_name, spec in specs:
+        if spec.get("mode", "enforce") == "enforce":
+            merged["mode"] = "enforce"
+        default = spec.get("default", "block")
+        if model.STRICTNESS.get(default, 3) > model.STRICTNESS.get(merged["default"], 3):
+            merged["default"] = default
+        for rule in spec.get("rules", []) or []:
+            merged["rules"].append({**rule, "name": f"{policy_name}/{rule.get('name', '?')}"})
+        for mask in spec.get("masks", []) or []:
+            key = (str(mask.get("table")), str(mask.get("column")))
+            if key not in seen_masks:
+                seen_masks.add(key)
+                merged["masks"].append(dict(mask))
+        g = spec.get("guardrails", {}) or {}
+        for list_key in ("requireWhere", "deniedFunctions", "allowedFunctions"):
+            if list_key in g:
+                guard[list_key] = sorted(set(guard.get(list_key, [])) | set(g[list_key]))
+        for limit_key in ("maxRowsAffected", "maxRowsReturned"):
+            if limit_key in g:
+                guard[limit_key] = min(guard.get(limit_key, g[limit_key]), g[limit_key])
+        for setting, values in (g.get("allowedSettings") or {}).items():
+            allowed = guard.setdefault("allowedSettings", {})
+            allowed[setting] = sorted(set(allowed.get(setting, [])) | set(values))
+    if not specs:
+        merged["default"] = "block"
+    if guard:
+        merged["guardrails"] = guard
+    return merged

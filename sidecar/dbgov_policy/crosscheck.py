@@ -1,0 +1,96 @@
+"""A second opinion from sqlglot on where statements start and what they are.
+
+A proxy that sees one statement where the server sees two is a classic bypass, so every
+statement libpg_query finds is parsed again by sqlglot, which must see exactly one statement
+of the same kind. Any disagreement, or a statement sqlglot cannot parse, blocks.
+
+sqlglot's PostgreSQL dialect parses queries, DML, DDL and privileges into real trees; for
+transaction, session and utility commands (SAVEPOINT, LISTEN, VACUUM, ...) it falls back to a
+generic Command or misreads the keyword, so those classes are checked by libpg_query alone
+(their grammar is a keyword and a few names, with nothing to hide a second statement in that
+libpg_query would not also see).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlglot
+from sqlglot import exp
+
+from dbgov_policy import analyze
+
+#: Coarse class → sqlglot node types that agree with it.
+AGREES: dict[str, tuple[type[exp.Expression], ...]] = {
+    "select": (
+        exp.Select,
+        exp.Union,
+        exp.Intersect,
+        exp.Except,
+        exp.Values,
+        exp.Subquery,
+        exp.Table,
+    ),
+    "insert": (exp.Insert,),
+    "update": (exp.Update,),
+    "delete": (exp.Delete,),
+    "merge": (exp.Merge,),
+    "copy": (exp.Copy,),
+    "ddl": (
+        exp.Create,
+        exp.Drop,
+        exp.Alter,
+        exp.TruncateTable,
+        exp.Comment,
+        exp.Select,
+        exp.Command,
+    ),
+    "dcl": (exp.Grant, exp.Revoke, exp.Create, exp.Alter, exp.Drop, exp.Command),
+}
+DDL_COMMAND_WORDS = frozenset(
+    {
+        "CREATE",
+        "ALTER",
+        "DROP",
+        "COMMENT",
+        "REFRESH",
+        "SECURITY",
+        "IMPORT",
+        "TRUNCATE",
+        "GRANT",
+        "REVOKE",
+        "REASSIGN",
+    }
+)
+
+# sqlglot logs a warning for every statement it parses as a generic Command; that is expected here.
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+
+def check(statement_texts: list[str], units: tuple[analyze.Unit, ...]) -> str | None:
+    """Why sqlglot disagrees with libpg_query about these statements, or None."""
+    top = [u for u in units if not u.nested]
+    if len(top) != len(statement_texts):
+        return f"libpg_query found {len(top)} statements but split the text into {len(statement_texts)}"
+    for text, unit in zip(statement_texts, top, strict=True):
+        expected = AGREES.get(unit.cls.coarse)
+        if expected is None:
+            continue
+        try:
+            parsed = [e for e in sqlglot.parse(text, read="postgres") if e is not None]
+        except (sqlglot.errors.ParseError, sqlglot.errors.TokenError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return f"sqlglot cannot parse a {unit.cls.fine} statement that PostgreSQL accepts ({first[:160]})"
+        except RecursionError:
+            return "sqlglot cannot parse the statement (nesting too deep)"
+        if len(parsed) != 1:
+            return f"sqlglot sees {len(parsed)} statements where PostgreSQL sees one"
+        node = parsed[0]
+        if not isinstance(node, expected):
+            return (
+                f"PostgreSQL reads a {unit.cls.fine} statement where sqlglot reads {type(node).__name__}; "
+                "the parsers disagree"
+            )
+        if isinstance(node, exp.Command) and str(node.this).upper() not in DDL_COMMAND_WORDS:
+            return f"sqlglot reads {node.this!s} where PostgreSQL reads a {unit.cls.fine} statement"
+    return None

@@ -1,0 +1,431 @@
+"""Analysis + policy → Decision. Pure; the engine adds caching and session state.
+
+Order, for each statement that will run:
+1. hard guardrails (always block);
+2. guarded settings and session names (EXECUTE/FETCH of names never prepared/declared);
+3. the first rule that covers the statement, else the built-in session basics, else the
+   policy's default;
+4. the policy's guardrails (requireWhere, deniedFunctions), which only make things stricter;
+5. masks: a read of a masked table turns `allow` into `mask`; a statement where masking
+   cannot be proven (a masked column used in a write, inside a function body, ...) is blocked.
+A query string's verdict is the strictest of its statements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from dbgov_policy import analyze, compile, guards, model, names
+
+POLICY_SQLSTATE = "42501"
+SYNTAX_SQLSTATE = "42601"
+
+#: Fine classes the built-in `session-basics` rule allows when no policy rule matched.
+SESSION_BASICS = frozenset(
+    {
+        "begin",
+        "commit",
+        "rollback",
+        "savepoint",
+        "release",
+        "set-constraints",
+        "show",
+        "reset",
+        "discard",
+        "deallocate",
+        "close",
+        "fetch",
+        "move",
+        "listen",
+        "unlisten",
+        "prepare",
+        "declare",
+        "execute",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StatementInfo:
+    """What one statement does, for `dbgov check`, audit events and metrics."""
+
+    cls: str
+    fine: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    functions: tuple[str, ...]
+    verdict: model.Verdict
+    rule: str | None
+    nested: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "class": self.cls,
+            "fine": self.fine,
+            "reads": list(self.reads),
+            "writes": list(self.writes),
+            "functions": list(self.functions),
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "nested": self.nested,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The verdict for one query string and why."""
+
+    verdict: model.Verdict
+    rule: str | None
+    reason: str
+    hint: str | None = None
+    sqlstate: str | None = None
+    rewritten: str | None = None
+    fingerprint: str = ""
+    statements: tuple[StatementInfo, ...] = ()
+    masked_columns: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "decision": self.verdict,
+            "rule": self.rule,
+            "reason": self.reason,
+            "hint": self.hint,
+            "sqlstate": self.sqlstate,
+            "fingerprint": self.fingerprint,
+            "statements": [s.as_dict() for s in self.statements],
+            "masked_columns": list(self.masked_columns),
+            "rewritten": self.rewritten,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Verdict:
+    verdict: model.Verdict
+    rule: str | None
+    reason: str
+    hint: str | None = None
+    sqlstate: str | None = None
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Names:
+    """Session names known while judging a query string (prepared statements, cursors)."""
+
+    prepared: set[str] = dataclasses.field(default_factory=set)
+    cursors: set[str] = dataclasses.field(default_factory=set)
+
+    def knows(self, kind: str, name: str) -> bool:
+        return name in (self.prepared if kind == "prepared" else self.cursors)
+
+    def apply(self, unit: analyze.Unit) -> None:
+        for kind, name in unit.names_defined:
+            (self.prepared if kind == "prepared" else self.cursors).add(name)
+        for kind, name in unit.names_dropped:
+            target = self.prepared if kind == "prepared" else self.cursors
+            if name == "*":
+                target.clear()
+            else:
+                target.discard(name)
+
+
+def _block(rule: str, reason: str, hint: str, sqlstate: str = POLICY_SQLSTATE) -> _Verdict:
+    return _Verdict(verdict="block", rule=rule, reason=reason, hint=hint, sqlstate=sqlstate)
+
+
+def blocked_unparseable(reason: str, fingerprint: str = "") -> Decision:
+    return Decision(
+        verdict="block",
+        rule="parse-error",
+        reason=reason,
+        hint="dbgov forwards only SQL it can analyze; check the statement's syntax.",
+        sqlstate=SYNTAX_SQLSTATE,
+        fingerprint=fingerprint,
+    )
+
+
+def _covers_class(statements: frozenset[str] | None, unit: analyze.Unit) -> bool:
+    if statements is None:
+        return True
+    if unit.cls.coarse not in statements and unit.cls.fine not in statements:
+        return False
+    return all(
+        extra in statements or compile.FINE_TO_COARSE.get(extra) in statements for extra in unit.extra_classes
+    )
+
+
+def _covers(rule: model.Rule, unit: analyze.Unit) -> bool:
+    if not _covers_class(rule.statements, unit):
+        return False
+    if rule.tables is None:
+        return True
+    if unit.non_relation_object:
+        return False
+    return all(rule.covers_relation(rel) for rel in (*unit.reads, *unit.writes))
+
+
+def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> _Verdict | None:
+    """A block for a setting no policy may change, `allow` for benign ones, None for others."""
+    if setting.name == "*":
+        return _Verdict(
+            verdict="allow",
+            rule="builtin:session-basics",
+            reason="RESET ALL / DISCARD restore defaults",
+        )
+    kind = guards.setting_kind(setting.name)
+    if kind == "identity":
+        return _block(
+            "guardrail:identity-setting",
+            f"changing {setting.name} would run later statements with another role's privileges",
+            "dbgov ties every statement to the workload's identity; connect as the role you need instead.",
+        )
+    if kind == "benign":
+        return _Verdict(
+            verdict="allow",
+            rule="builtin:session-basics",
+            reason=f"{setting.name} is a session setting",
+        )
+    if kind == "guarded":
+        if setting.value is None:
+            return _Verdict(
+                verdict="allow",
+                rule="builtin:session-basics",
+                reason=f"{setting.name} back to its default",
+            )
+        if setting.name == "client_encoding" and setting.value.replace("-", "").lower() in {
+            "utf8",
+            "unicode",
+        }:
+            return _Verdict(
+                verdict="allow", rule="builtin:session-basics", reason="client_encoding stays UTF8"
+            )
+        allowed = policy.guardrails.allowed_settings.get(setting.name)
+        if setting.local and setting.name == "search_path":
+            return _block(
+                "guardrail:guarded-setting",
+                "SET LOCAL search_path changes name resolution for part of a transaction only",
+                "Use a session-level SET with a value listed in guardrails.allowedSettings.",
+            )
+        if allowed is not None and names.normalize_setting_value(setting.value) in allowed:
+            return _Verdict(
+                verdict="allow",
+                rule=f"guardrails.allowedSettings.{setting.name}",
+                reason="value allowed by the policy",
+            )
+        return _block(
+            "guardrail:guarded-setting",
+            f"changing {setting.name} alters how later SQL is read or resolved",
+            f"Leave {setting.name} at its default"
+            + (
+                ", or use a value listed in guardrails.allowedSettings."
+                if setting.name == "search_path"
+                else "."
+            ),
+        )
+    return None
+
+
+def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | None:
+    """Why masking cannot be proven for this statement, or None."""
+    masked = policy.masked_tables
+    for ref in unit.read_refs:
+        if ref.rel in masked and ref.location < 0:
+            return f"{ref.rel} is read inside a function or DO body, where dbgov cannot mask it"
+        if ref.rel in masked and ref.ambiguous:
+            return f"{ref.rel.name} is ambiguous under the session's search_path; qualify it with its schema"
+    for target in unit.targets:
+        if target.rel not in masked:
+            continue
+        cols = {m.column for m in policy.masks_for(target.rel)}
+        whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
+        used = unit.column_names & (cols | whole_row)
+        if used or unit.has_star:
+            what = ", ".join(sorted(used)) if used else "*"
+            return (
+                f"the statement acts on {target.rel} and refers to masked data ({what}) "
+                "in a way a masking subquery cannot cover (SET, WHERE, RETURNING, constraints)"
+            )
+    return None
+
+
+def judge_unit(policy: model.CompiledPolicy, unit: analyze.Unit, known: Names) -> _Verdict:
+    if unit.findings:
+        f = unit.findings[0]
+        return _block(f"guardrail:{f.guard}", f.reason, f.hint)
+    setting_ok: _Verdict | None = None
+    for setting in unit.settings:
+        v = _setting_verdict(policy, setting)
+        if v is not None and v.verdict == "block":
+            return v
+        setting_ok = v if setting_ok is None else setting_ok
+    for kind, name in unit.names_used:
+        if not known.knows(kind, name):
+            what = "prepared statement" if kind == "prepared" else "cursor"
+            verb = "PREPARE" if kind == "prepared" else "DECLARE"
+            return _block(
+                f"guardrail:unknown-{kind}",
+                f"{what} {name!r} was never {verb}d through dbgov in this session",
+                f"{verb} it through dbgov first, so its statement is checked.",
+            )
+    base = _rule_verdict(policy, unit, setting_ok)
+    return _guardrails(policy, unit, base)
+
+
+def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: _Verdict | None) -> _Verdict:
+    for rule in policy.rules:
+        if _covers(rule, unit):
+            what = (
+                "allows" if rule.verdict == "allow" else ("holds" if rule.verdict == "approve" else "blocks")
+            )
+            reason = f"rule {rule.name!r} {what} {unit.cls.fine} statements" + (
+                f" on {', '.join(sorted({str(r) for r in (*unit.reads, *unit.writes)}))}"
+                if unit.reads or unit.writes
+                else ""
+            )
+            hint = None
+            if rule.verdict == "block":
+                hint = "This statement is not allowed for this workload; ask the policy owner if you need it."
+            elif rule.verdict == "approve":
+                hint = "A human must approve this statement before it runs."
+            return _Verdict(
+                verdict=rule.verdict,
+                rule=rule.name,
+                reason=reason,
+                hint=hint,
+                sqlstate=POLICY_SQLSTATE if rule.verdict != "allow" else None,
+            )
+    if unit.cls.fine in SESSION_BASICS or (unit.cls.fine == "set" and setting_ok is not None):
+        if setting_ok is not None and setting_ok.rule != "builtin:session-basics":
+            return setting_ok
+        return _Verdict(
+            verdict="allow",
+            rule="builtin:session-basics",
+            reason=f"{unit.cls.fine} is a session basic drivers need",
+        )
+    touched = sorted({str(r) for r in (*unit.reads, *unit.writes)})
+    reason = f"no rule covers this {unit.cls.fine} statement" + (
+        f" on {', '.join(touched)}" if touched else ""
+    )
+    if "call" in unit.extra_classes:
+        calls = ", ".join(dict.fromkeys(unit.user_functions))
+        reason += (
+            f" (it calls {calls}, which may write: list it in guardrails.allowedFunctions "
+            "if it only reads, or allow the call class)"
+        )
+    reason += f"; the policy default is {policy.default}"
+    return _Verdict(
+        verdict=policy.default,
+        rule="default",
+        reason=reason,
+        hint=None
+        if policy.default == "allow"
+        else "Add a rule for this statement class and these tables, or ask the policy owner.",
+        sqlstate=POLICY_SQLSTATE if policy.default != "allow" else None,
+    )
+
+
+def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict) -> _Verdict:
+    g = policy.guardrails
+    if unit.cls.fine in g.require_where and unit.where_constrains is False:
+        return _block(
+            "guardrail:require-where",
+            f"{unit.cls.fine.upper()} without a WHERE clause that constrains a column of the target table "
+            "(a missing WHERE, or one that is always true such as 1=1, id=id, id IS NOT NULL, OR true)",
+            "Add a WHERE clause that selects the rows you mean to change, e.g. WHERE id = ...",
+        )
+    for fn in unit.functions:
+        bare = fn.rsplit(".", 1)[-1]
+        if fn in g.denied_functions or bare in g.denied_functions:
+            return _block(
+                "guardrails.deniedFunctions",
+                f"the function {fn}() is denied by this policy",
+                "Remove the call, or ask the policy owner.",
+            )
+    if base.verdict != "block" and policy.masks:
+        problem = _mask_problem(policy, unit)
+        if problem is not None:
+            return _block(
+                "guardrail:mask-unprovable",
+                problem,
+                "Select masked columns only in plain reads, which dbgov rewrites; never write or filter by them.",
+            )
+        masked = sorted({str(r.rel) for r in unit.read_refs if r.rel in policy.masked_tables})
+        if base.verdict == "allow" and masked:
+            return dataclasses.replace(
+                base,
+                verdict="mask",
+                reason=f"{base.reason}; masked columns of {', '.join(masked)} are rewritten",
+            )
+    return base
+
+
+def _user_function_extra(policy: model.CompiledPolicy, unit: analyze.Unit) -> None:
+    allowed = policy.guardrails.allowed_functions
+    for fn in unit.user_functions:
+        bare = fn.rsplit(".", 1)[-1]
+        if fn not in allowed and bare not in allowed:
+            unit.extra_classes.add("call")
+            return
+
+
+def decide(
+    policy: model.CompiledPolicy,
+    analysis: analyze.Analysis,
+    *,
+    known: Names | None = None,
+    fingerprint: str = "",
+) -> tuple[Decision, list[analyze.ReadRef]]:
+    """Judge every statement; return the decision and the masked reads to rewrite."""
+    if analysis.error is not None:
+        return blocked_unparseable(analysis.error, fingerprint), []
+    if not analysis.units:
+        return Decision(verdict="allow", rule=None, reason="empty query", fingerprint=fingerprint), []
+    known = known if known is not None else Names()
+    infos: list[StatementInfo] = []
+    worst: _Verdict | None = None
+    refs: list[analyze.ReadRef] = []
+    masked_columns: list[str] = []
+    for unit in analysis.units:
+        _user_function_extra(policy, unit)
+        v = judge_unit(policy, unit, known)
+        known.apply(unit)
+        infos.append(_info(unit, v))
+        if worst is None or model.STRICTNESS[v.verdict] > model.STRICTNESS[worst.verdict]:
+            worst = v
+        if v.verdict in {"mask", "approve"}:
+            for ref in unit.read_refs:
+                if ref.rel in policy.masked_tables:
+                    refs.append(ref)
+                    masked_columns.extend(f"{ref.rel}.{m.column}" for m in policy.masks_for(ref.rel))
+    assert worst is not None
+    return (
+        Decision(
+            verdict=worst.verdict,
+            rule=worst.rule,
+            reason=worst.reason,
+            hint=worst.hint,
+            sqlstate=worst.sqlstate,
+            fingerprint=fingerprint,
+            statements=tuple(infos),
+            masked_columns=tuple(dict.fromkeys(masked_columns)),
+        ),
+        refs,
+    )
+
+
+def _uniq(items: Iterable[object]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(str(i) for i in items))
+
+
+def _info(unit: analyze.Unit, v: _Verdict) -> StatementInfo:
+    return StatementInfo(
+        cls=unit.cls.coarse,
+        fine=unit.cls.fine,
+        reads=_uniq(unit.reads),
+        writes=_uniq(unit.writes),
+        functions=_uniq(unit.functions),
+        verdict=v.verdict,
+        rule=v.rule,
+        nested=unit.nested,
+    )

@@ -1,0 +1,153 @@
+"""The engine: decisions with a cache and per-session state.
+
+Decisions are cached by libpg_query's normalized text (literals replaced by `$n`), which is
+exact for everything but constants: a repeated statement shape costs a normalize and a dict
+lookup. A decision that depends on a constant (SET values, set_config, COPY targets, DO and
+function bodies, LIKE patterns) or on session state (EXECUTE, FETCH, PREPARE, DECLARE) is
+never cached. Masked decisions cache the verdict but rebuild the rewrite for each text,
+because the rewrite carries the statement's own literals. Correctness never depends on the
+cache: a miss runs the full analysis.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from pglast import parser as pg_parser
+
+from dbgov_policy import analyze, crosscheck, mask, model
+from dbgov_policy import decide as verdicts
+
+DEFAULT_SEARCH_PATH = ("public",)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class SessionContext:
+    """What one client session has set up that later statements rely on."""
+
+    names: verdicts.Names = dataclasses.field(default_factory=verdicts.Names)
+    search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Entry:
+    decision: verdicts.Decision
+    rewrite: bool
+
+
+@dataclasses.dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    uncacheable: int = 0
+
+
+class Engine:
+    """Decides query strings for one compiled policy."""
+
+    def __init__(self, policy: model.CompiledPolicy, *, cache_size: int = 8192) -> None:
+        self.policy = policy
+        self.cache_size = cache_size
+        self.stats = CacheStats()
+        self._cache: collections.OrderedDict[tuple[tuple[str, ...], str], _Entry] = collections.OrderedDict()
+
+    def decide(self, sql: str, *, session: SessionContext | None = None) -> verdicts.Decision:
+        ctx = session if session is not None else SessionContext()
+        try:
+            key = (ctx.search_path, pg_parser.normalize(sql))
+        except pg_parser.ParseError:
+            key = None
+        except (ValueError, RecursionError):
+            key = None
+        if key is not None:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self.stats.hits += 1
+                self._cache.move_to_end(key)
+                if not entry.rewrite:
+                    return entry.decision
+                return self._with_rewrite(sql, ctx, entry.decision)
+        self.stats.misses += 1
+        decision, cacheable = self._first_sight(sql, ctx)
+        if key is not None and cacheable:
+            self._cache[key] = _Entry(
+                decision=dataclasses.replace(decision, rewritten=None),
+                rewrite=decision.rewritten is not None,
+            )
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self.stats.uncacheable += 1
+        return decision
+
+    def _first_sight(self, sql: str, ctx: SessionContext) -> tuple[verdicts.Decision, bool]:
+        analysis = analyze.analyze(sql, search_path=ctx.search_path)
+        try:
+            fingerprint = pg_parser.fingerprint(sql) if analysis.error is None else ""
+        except pg_parser.ParseError:
+            fingerprint = ""
+        if analysis.error is None and analysis.units:
+            problem: str | None
+            try:
+                texts = [t for t in pg_parser.split(sql) if t.strip()]
+            except pg_parser.ParseError as err:
+                texts, problem = [], f"cannot split the statements: {err}"
+            else:
+                problem = crosscheck.check(texts, analysis.units)
+            if problem is not None:
+                return verdicts.blocked_unparseable(problem, fingerprint), False
+        known = dataclasses.replace(
+            ctx.names, prepared=set(ctx.names.prepared), cursors=set(ctx.names.cursors)
+        )
+        decision, refs = verdicts.decide(self.policy, analysis, known=known, fingerprint=fingerprint)
+        decision = self._rewrite(sql, decision, refs)
+        if decision.verdict in {"allow", "mask"} or self.policy.mode == "dry-run":
+            self._apply_effects(analysis, ctx)
+        stateful = any(
+            u.names_used or u.names_defined or u.names_dropped or u.settings for u in analysis.units
+        )
+        cacheable = analysis.error is None and not analysis.literal_sensitive and not stateful
+        return decision, cacheable
+
+    def _rewrite(
+        self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef]
+    ) -> verdicts.Decision:
+        if not refs or decision.verdict not in {"mask", "approve"}:
+            return decision
+        try:
+            rewritten = mask.rewrite(sql, refs, self.policy)
+        except mask.RewriteError as err:
+            return dataclasses.replace(
+                decision,
+                verdict="block",
+                rule="guardrail:mask-unprovable",
+                reason=f"masked columns are read but the query cannot be rewritten safely: {err}",
+                hint="Simplify the statement, or select only columns that are not masked.",
+                sqlstate=verdicts.POLICY_SQLSTATE,
+                rewritten=None,
+            )
+        return dataclasses.replace(decision, rewritten=rewritten)
+
+    def _with_rewrite(self, sql: str, ctx: SessionContext, cached: verdicts.Decision) -> verdicts.Decision:
+        analysis = analyze.analyze(sql, search_path=ctx.search_path)
+        refs = [
+            ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
+        ]
+        return self._rewrite(sql, cached, refs)
+
+    def _apply_effects(self, analysis: analyze.Analysis, ctx: SessionContext) -> None:
+        for unit in analysis.units:
+            ctx.names.apply(unit)
+            for setting in unit.settings:
+                if setting.local:
+                    continue  # SET LOCAL ends with the transaction; resolution falls back to the session value
+                if setting.name == "*" or (setting.name == "search_path" and setting.value is None):
+                    ctx.search_path = DEFAULT_SEARCH_PATH
+                elif setting.name == "search_path" and setting.value not in (None, "?"):
+                    schemas = tuple(
+                        s
+                        for s in (p.strip() for p in setting.value.split(","))
+                        if s and s not in {"$user", "pg_catalog"}
+                    )
+                    ctx.search_path = schemas or DEFAULT_SEARCH_PATH

@@ -1,0 +1,268 @@
+"""The hard guardrails: what no policy can allow.
+
+These lists are the product's opinion of what a governed workload must never do through a
+proxied connection: run programs or touch files on the database server, signal other
+backends, replicate or decode the WAL, reach other servers, read catalogs that leak data or
+secrets, or change how later SQL is read or whose privileges it runs with.
+"""
+
+from __future__ import annotations
+
+#: Functions refused in every policy, by bare name (pg_catalog or unqualified).
+DENIED_FUNCTIONS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "pg_read_file",
+            "pg_read_binary_file",
+            "pg_stat_file",
+            "pg_ls_dir",
+            "pg_ls_logdir",
+            "pg_ls_waldir",
+            "pg_ls_tmpdir",
+            "pg_ls_archive_statusdir",
+            "pg_ls_logicalmapdir",
+            "pg_ls_logicalsnapdir",
+            "pg_ls_replslotdir",
+            "pg_file_write",
+            "pg_file_rename",
+            "pg_file_unlink",
+            "pg_file_sync",
+            "pg_logdir_ls",
+            "pg_current_logfile",
+        ),
+        "server-files",
+    ),
+    **dict.fromkeys(
+        (
+            "lo_import",
+            "lo_export",
+            "lo_open",
+            "lo_close",
+            "lo_creat",
+            "lo_create",
+            "lo_unlink",
+            "lo_get",
+            "lo_put",
+            "lo_from_bytea",
+            "lo_truncate",
+            "lo_truncate64",
+            "lo_lseek",
+            "lo_lseek64",
+            "lo_tell",
+            "lo_tell64",
+            "loread",
+            "lowrite",
+        ),
+        "large-objects",
+    ),
+    **dict.fromkeys(
+        (
+            "pg_terminate_backend",
+            "pg_cancel_backend",
+            "pg_signal_backend",
+            "pg_reload_conf",
+            "pg_rotate_logfile",
+            "pg_promote",
+            "pg_log_backend_memory_contexts",
+            "pg_wal_replay_pause",
+            "pg_wal_replay_resume",
+            "pg_switch_wal",
+            "pg_backup_start",
+            "pg_backup_stop",
+            "pg_create_restore_point",
+        ),
+        "backend-control",
+    ),
+    **dict.fromkeys(
+        (
+            "pg_create_physical_replication_slot",
+            "pg_create_logical_replication_slot",
+            "pg_drop_replication_slot",
+            "pg_copy_physical_replication_slot",
+            "pg_copy_logical_replication_slot",
+            "pg_replication_slot_advance",
+            "pg_logical_slot_get_changes",
+            "pg_logical_slot_peek_changes",
+            "pg_logical_slot_get_binary_changes",
+            "pg_logical_slot_peek_binary_changes",
+            "pg_logical_emit_message",
+            "pg_replication_origin_create",
+            "pg_replication_origin_drop",
+            "pg_replication_origin_advance",
+            "pg_replication_origin_session_setup",
+            "pg_replication_origin_xact_setup",
+            "pg_sync_replication_slots",
+        ),
+        "replication",
+    ),
+    **dict.fromkeys(
+        (
+            "query_to_xml",
+            "query_to_xmlschema",
+            "query_to_xml_and_xmlschema",
+            "cursor_to_xml",
+            "cursor_to_xmlschema",
+            "table_to_xml",
+            "table_to_xmlschema",
+            "table_to_xml_and_xmlschema",
+            "schema_to_xml",
+            "schema_to_xmlschema",
+            "schema_to_xml_and_xmlschema",
+            "database_to_xml",
+            "database_to_xmlschema",
+            "database_to_xml_and_xmlschema",
+        ),
+        "dynamic-sql",
+    ),
+    **dict.fromkeys(
+        (
+            "pg_stat_get_activity",
+            "pg_stat_get_backend_activity",
+            "pg_get_backend_memory_contexts",
+            "pg_stat_statements",
+            "pg_stat_statements_info",
+            "pg_stat_statements_reset",
+            "pg_hba_file_rules",
+            "pg_ident_file_mappings",
+            "pg_show_all_file_settings",
+        ),
+        "leaky-catalog",
+    ),
+}
+
+#: Name prefixes refused whatever follows (extension families that reach other servers).
+DENIED_FUNCTION_PREFIXES: dict[str, str] = {
+    "dblink": "remote-connection",
+    "binary_upgrade_": "backend-control",
+    "pg_replication_origin_": "replication",
+    "pg_logical_slot_": "replication",
+}
+
+#: Catalog relations that leak data, secrets or other sessions' statements.
+LEAKY_RELATIONS: frozenset[str] = frozenset(
+    {
+        "pg_authid",
+        "pg_shadow",
+        "pg_user_mapping",
+        "pg_user_mappings",
+        "pg_statistic",
+        "pg_statistic_ext_data",
+        "pg_stats",
+        "pg_stats_ext",
+        "pg_stats_ext_exprs",
+        "pg_largeobject",
+        "pg_stat_activity",
+        "pg_stat_statements",
+        "pg_stat_statements_info",
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_file_settings",
+        "pg_replication_slots",
+        "pg_stat_replication",
+        "pg_subscription",
+        "pg_stat_subscription",
+        "pg_replication_origin",
+        "pg_replication_origin_status",
+        "pg_backend_memory_contexts",
+        "pg_stat_wal_receiver",
+    }
+)
+
+#: Settings that change whose privileges later SQL runs with.
+IDENTITY_SETTINGS: frozenset[str] = frozenset({"role", "session_authorization"})
+
+#: Settings that change how later SQL is read or resolved, or switch off integrity checks.
+GUARDED_SETTINGS: frozenset[str] = frozenset(
+    {
+        "search_path",
+        "standard_conforming_strings",
+        "backslash_quote",
+        "escape_string_warning",
+        "session_replication_role",
+        "transform_null_equals",
+        "client_encoding",
+        "allow_system_table_mods",
+        "lo_compat_privileges",
+        "default_transaction_read_only",
+        "transaction_read_only",
+        "row_security",
+        "check_function_bodies",
+        "session_preload_libraries",
+        "local_preload_libraries",
+        "dynamic_library_path",
+        "default_table_access_method",
+        "array_nulls",
+        "quote_all_identifiers",
+        "plpgsql.variable_conflict",
+    }
+)
+
+#: Settings a session may change freely; drivers and ORMs set these routinely.
+BENIGN_SETTINGS: frozenset[str] = frozenset(
+    {
+        "application_name",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "idle_session_timeout",
+        "transaction_timeout",
+        "timezone",
+        "datestyle",
+        "intervalstyle",
+        "extra_float_digits",
+        "bytea_output",
+        "client_min_messages",
+        "default_transaction_isolation",
+        "transaction_isolation",
+        "default_transaction_deferrable",
+        "transaction_deferrable",
+        "work_mem",
+        "maintenance_work_mem",
+        "temp_buffers",
+        "synchronous_commit",
+        "jit",
+        "lc_monetary",
+        "lc_numeric",
+        "lc_time",
+        "geqo",
+        "random_page_cost",
+        "seq_page_cost",
+        "effective_cache_size",
+        "cpu_tuple_cost",
+        "cpu_index_tuple_cost",
+        "cpu_operator_cost",
+        "max_parallel_workers_per_gather",
+        "plan_cache_mode",
+        "xmlbinary",
+        "xmloption",
+        "default_text_search_config",
+        "gin_fuzzy_search_limit",
+        "vacuum_cost_delay",
+        "deadlock_timeout",
+        "log_statement",
+        "debug_parallel_query",
+    }
+)
+
+BENIGN_SETTING_PREFIXES: tuple[str, ...] = ("enable_",)
+
+
+def function_guard(bare_name: str) -> str | None:
+    """The guardrail a function name trips, or None."""
+    if bare_name in DENIED_FUNCTIONS:
+        return DENIED_FUNCTIONS[bare_name]
+    for prefix, guard in DENIED_FUNCTION_PREFIXES.items():
+        if bare_name.startswith(prefix):
+            return guard
+    return None
+
+
+def setting_kind(name: str) -> str:
+    """`identity`, `guarded`, `benign` or `other` for a setting name (lower case)."""
+    if name in IDENTITY_SETTINGS:
+        return "identity"
+    if name in GUARDED_SETTINGS:
+        return "guarded"
+    if name in BENIGN_SETTINGS or name.startswith(BENIGN_SETTING_PREFIXES):
+        return "benign"
+    return "other"

@@ -1,0 +1,166 @@
+"""Masking by source rewrite: every read of a masked table becomes a masking subquery.
+
+A reference such as `FROM customers c` is replaced in the query text by
+
+    (SELECT m.* FROM ONLY public.customers AS src
+       CROSS JOIN LATERAL jsonb_populate_record(src, jsonb_build_object('ssn', <mask>)) AS m) c
+
+so the masked value is the only value the rest of the query can see: aliases, expressions,
+casts, aggregates, whole-row references, set operations, sub-queries, CTEs, WHERE and ORDER
+BY oracles, `INSERT ... SELECT` and `COPY (query)` all operate on masked data, and a cast
+error can only echo a masked value. `jsonb_populate_record` keeps every other column and the
+table's row type exactly, without needing the catalog. Mask expressions keep the value's
+length (so varchar(n) and char(n) still fit) and yield NULL for non-text columns, which is
+valid for every type.
+
+Splicing works on UTF-8 bytes because libpg_query reports byte offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from pglast import parser as pg_parser
+
+from dbgov_policy import analyze, model
+
+TEXT_TYPES = "('text','character varying','character','name','citext')"
+SRC = "__dbgov_src"
+OUT = "__dbgov_m"
+
+
+class RewriteError(ValueError):
+    """The query text could not be rewritten safely (→ block)."""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _hmac_pads(key: str) -> tuple[str, str]:
+    raw = key.encode()
+    if len(raw) > 64:
+        raw = hashlib.sha256(raw).digest()
+    raw = raw.ljust(64, b"\0")
+    ipad = bytes(b ^ 0x36 for b in raw).hex()
+    opad = bytes(b ^ 0x5C for b in raw).hex()
+    return ipad, opad
+
+
+def mask_expression(mask: model.Mask, column_sql: str, *, key: str) -> str:
+    """SQL for the masked value of `column_sql`, as text or NULL."""
+    c = f"{column_sql}::text"
+    n = f"char_length({c})"
+    if mask.strategy == "null":
+        return "NULL"
+    if mask.strategy == "redact":
+        body = f"repeat('*', {n})"
+    elif mask.strategy == "email":
+        at = f"strpos({c}, '@')"
+        body = f"CASE WHEN {at} > 0 THEN repeat('*', {at} - 1) || substr({c}, {at}) ELSE repeat('*', {n}) END"
+    elif mask.strategy == "partial":
+        k = mask.keep_last
+        body = f"CASE WHEN {n} > {k} THEN repeat('*', {n} - {k}) || right({c}, {k}) ELSE repeat('*', {n}) END"
+    else:  # hash: HMAC-SHA256 with the deployment's key, hex, cut to the value's length
+        ipad, opad = _hmac_pads(key)
+        inner = f"sha256('\\x{ipad}'::bytea || convert_to({c}, 'UTF8'))"
+        digest = f"encode(sha256('\\x{opad}'::bytea || {inner}), 'hex')"
+        body = f"left({digest}, greatest({n}, 1))"
+    return f"CASE WHEN pg_typeof({column_sql})::text IN {TEXT_TYPES} THEN {body} END"
+
+
+def masking_subquery(rel: model.QualifiedName, masks: Sequence[model.Mask], *, only: bool, key: str) -> str:
+    pairs = ", ".join(
+        f"{quote_literal(m.column)}, {mask_expression(m, f'{SRC}.{quote_ident(m.column)}', key=key)}"
+        for m in masks
+    )
+    source = f"{'ONLY ' if only else ''}{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
+    return (
+        f"(SELECT {OUT}.* FROM {source} AS {SRC} CROSS JOIN LATERAL "
+        f"jsonb_populate_record({SRC}, jsonb_build_object({pairs})) AS {OUT})"
+    )
+
+
+def _code_tokens(sql: str) -> list[pg_parser.Token]:
+    """Scanner tokens without comments, with byte offsets (pglast's scan counts characters)."""
+    tokens = [t for t in pg_parser.scan(sql) if t.name not in {"C_COMMENT", "SQL_COMMENT"}]
+    if sql.isascii():
+        return tokens
+    offsets = [0]
+    for ch in sql:
+        offsets.append(offsets[-1] + len(ch.encode()))
+    return [t._replace(start=offsets[t.start], end=offsets[t.end + 1] - 1) for t in tokens]
+
+
+def _name_span(tokens: Sequence[pg_parser.Token], location: int, *, with_columns: bool) -> tuple[int, int]:
+    """Byte span [start, end) of the relation name at `location`, with ONLY and parentheses."""
+    idx = next((i for i, t in enumerate(tokens) if t.start == location), None)
+    if idx is None:
+        raise RewriteError(f"no token starts at byte {location}")
+    parens, j = 0, idx - 1
+    while j >= 0 and tokens[j].name == "ASCII_40":  # '('
+        parens += 1
+        j -= 1
+    if j >= 0 and tokens[j].name == "ONLY":
+        start = tokens[j].start
+    else:
+        start, parens = tokens[idx].start, 0
+    k = idx
+    while k + 2 < len(tokens) and tokens[k + 1].name == "ASCII_46":  # '.'
+        k += 2
+    end = tokens[k].end + 1
+    for _ in range(parens):
+        k += 1
+        if k >= len(tokens) or tokens[k].name != "ASCII_41":  # ')'
+            raise RewriteError("unbalanced parentheses around a relation name")
+        end = tokens[k].end + 1
+    if parens == 0 and k + 1 < len(tokens) and tokens[k + 1].name == "ASCII_42":  # `name *`
+        k += 1
+        end = tokens[k].end + 1
+    if with_columns and k + 1 < len(tokens) and tokens[k + 1].name == "ASCII_40":
+        depth = 0
+        for m in range(k + 1, len(tokens)):
+            if tokens[m].name == "ASCII_40":
+                depth += 1
+            elif tokens[m].name == "ASCII_41":
+                depth -= 1
+                if depth == 0:
+                    end = tokens[m].end + 1
+                    break
+    return start, end
+
+
+def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy) -> str:
+    """`sql` with every masked-table reference in `refs` replaced by its masking subquery."""
+    data = sql.encode()
+    tokens = _code_tokens(sql)
+    splices: list[tuple[int, int, bytes]] = []
+    for ref in refs:
+        masks = policy.masks_for(ref.rel)
+        if not masks:
+            continue
+        if ref.location < 0:
+            raise RewriteError(f"a read of {ref.rel} has no position in the query text")
+        sub = masking_subquery(ref.rel, masks, only=ref.only, key=policy.mask_key)
+        if ref.copy_columns is not None:
+            cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
+            text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
+            start, end = _name_span(tokens, ref.location, with_columns=True)
+        else:
+            text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
+            start, end = _name_span(tokens, ref.location, with_columns=False)
+        splices.append((start, end, text.encode()))
+    for start, end, replacement in sorted(splices, reverse=True):
+        data = data[:start] + replacement + data[end:]
+    out_text = data.decode()
+    try:
+        if len(pg_parser.split(out_text)) != len(pg_parser.split(sql)):
+            raise RewriteError("the rewrite changed the number of statements")
+    except pg_parser.ParseError as err:
+        raise RewriteError(f"the rewritten query does not parse: {err}") from err
+    return out_text

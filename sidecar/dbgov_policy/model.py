@@ -1,0 +1,109 @@
+"""The compiled policy: what a policy document means once it has been checked.
+
+`compile.compile_policy` is the only producer of these values; everything downstream (the
+analyzer, the decision function, the proxy, the operator) reads them and never re-validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+Verdict = Literal["allow", "mask", "approve", "block"]
+RuleVerdict = Literal["allow", "approve", "block"]
+Mode = Literal["enforce", "dry-run"]
+Strategy = Literal["email", "partial", "redact", "hash", "null"]
+
+VERDICTS: tuple[RuleVerdict, ...] = ("allow", "approve", "block")
+MODES: tuple[Mode, ...] = ("enforce", "dry-run")
+STRATEGIES: tuple[Strategy, ...] = ("email", "partial", "redact", "hash", "null")
+
+#: How strict each verdict is; a query string's verdict is the strictest of its statements.
+STRICTNESS: dict[Verdict, int] = {"allow": 0, "mask": 1, "approve": 2, "block": 3}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class QualifiedName:
+    """A relation name as PostgreSQL resolves it: schema and relation, both case-folded."""
+
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TablePattern:
+    """One entry of a rule's `tables`: `schema.name`, where either part may use `*` and `?`."""
+
+    schema: str
+    name: str
+    text: str
+
+    def matches(self, rel: QualifiedName) -> bool:
+        return fnmatch.fnmatchcase(rel.schema, self.schema) and fnmatch.fnmatchcase(rel.name, self.name)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """One statement rule; the first rule that covers a statement decides it."""
+
+    name: str
+    verdict: RuleVerdict
+    statements: frozenset[str] | None
+    """Statement classes (coarse or fine) the rule covers; None covers every class."""
+    tables: tuple[TablePattern, ...] | None
+    """Relations the rule covers; None covers every relation."""
+
+    def covers_relation(self, rel: QualifiedName) -> bool:
+        return self.tables is None or any(p.matches(rel) for p in self.tables)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Guardrails:
+    """Checks applied on top of whatever rule allowed a statement."""
+
+    require_where: frozenset[str] = frozenset()
+    """Statement classes (update, delete) whose WHERE must constrain a column of the target."""
+    max_rows_affected: int | None = None
+    """Enforced by the proxy: a write reporting more rows is rolled back."""
+    max_rows_returned: int | None = None
+    """Enforced by the proxy: a result with more rows fails instead of being truncated."""
+    denied_functions: frozenset[str] = frozenset()
+    """Qualified or bare function names refused in addition to the built-in list."""
+    allowed_functions: frozenset[str] = frozenset()
+    """User functions trusted not to write; others count as a `call` (a possible write)."""
+    allowed_settings: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    """Guarded settings (search_path, ...) a session may SET, with the values allowed."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Mask:
+    """One masked column and the strategy that replaces its values."""
+
+    table: QualifiedName
+    column: str
+    strategy: Strategy
+    keep_last: int = 4
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CompiledPolicy:
+    """A checked policy, ready for the engine."""
+
+    mode: Mode
+    default: RuleVerdict
+    rules: tuple[Rule, ...]
+    guardrails: Guardrails
+    masks: tuple[Mask, ...]
+    mask_key: str = ""
+    """Secret for the keyed `hash` strategy; given by the deployment, never by the document."""
+
+    def masks_for(self, rel: QualifiedName) -> tuple[Mask, ...]:
+        return tuple(m for m in self.masks if m.table == rel)
+
+    @property
+    def masked_tables(self) -> frozenset[QualifiedName]:
+        return frozenset(m.table for m in self.masks)
