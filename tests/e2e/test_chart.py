@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -268,35 +265,3 @@ def test_operator_rbac_grants_what_it_needs_and_no_more(
             except ApiException as err:
                 if err.status != 404:
                     raise
-
-
-# --- the harness itself -----------------------------------------------------------------------
-
-
-def test_missing_binaries_fail_the_session_never_skip(tmp_path: Path) -> None:
-    env = {**os.environ, "DBGOV_TOOLS_DIR": str(tmp_path / "empty")}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "0",
-         f"{Path(__file__).parent / 'test_crds.py'}::test_crds_are_established_and_discoverable"],
-        cwd=kube.REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stdout
-    assert "run `make tools`" in result.stdout.lower()
-    assert "1 error" in result.stdout and "skipped" not in result.stdout
-
-
-def test_cluster_stops_exactly_its_own_processes(kube_tools: kube.Tools, tmp_path: Path) -> None:
-    bystander = subprocess.Popen(["sleep", "60"])  # must survive the cluster's shutdown
-    try:
-        with pytest.raises(RuntimeError, match="boom"), kube.running_cluster(tmp_path) as cluster:
-            pids = [p.popen.pid for p in cluster.processes]
-            assert len(pids) == 2
-            raise RuntimeError("boom")  # a failing session still stops them
-        for pid in pids:
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
-        assert bystander.poll() is None
-        assert not (tmp_path / "etcd-data").exists()
-    finally:
-        bystander.kill()
-        bystander.wait()
