@@ -1,0 +1,144 @@
+"""Masking rewrites executed against a real PostgreSQL seeded with canary values.
+
+Every masking case in tests/unit/policy/cases/masking.yaml that the engine rewrites is run
+for real (with a follow-up that reads what it produced: FETCH, EXECUTE, reading the table it
+filled), and no canary may survive in any result row, COPY byte, error text or notice.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+import pg
+from dbgov_policy import compile as policy_compile
+from dbgov_policy import engine
+
+pytestmark = pytest.mark.integration
+
+POLICY_DIR = pathlib.Path(__file__).resolve().parents[1] / "unit" / "policy"
+POLICY = policy_compile.load_policy_text((POLICY_DIR / "policy.yaml").read_text(), mask_key="canary-key")
+CANARIES = ("canarylocal", "SSNCANARY", "CARDCANARY", "PHONECANARY")
+SCHEMA = """
+CREATE TABLE public.customers (
+    id integer PRIMARY KEY, name text, email varchar(60), ssn char(20), card_number text, phone text
+);
+CREATE TABLE public.products (id integer PRIMARY KEY, name text);
+CREATE TABLE public.orders (id integer PRIMARY KEY, customer_id integer, product_id integer, qty integer);
+CREATE SCHEMA scratch;
+CREATE TABLE scratch.stash (v text);
+INSERT INTO public.customers
+SELECT i, 'Name ' || i, 'canarylocal' || i || '@example.com', 'SSNCANARY-12-' || (1000 + i),
+       'CARDCANARY' || i, 'PHONECANARY' || i
+FROM generate_series(1, 20) AS i;
+INSERT INTO public.products VALUES (1, 'Widget'), (2, 'Gadget');
+INSERT INTO public.orders SELECT i, 1 + i % 20, 1 + i % 2, i FROM generate_series(1, 30) AS i;
+"""
+
+FOLLOW_UPS = {
+    "DECLARE": "FETCH ALL FROM c",
+    "PREPARE": "EXECUTE p(1)",
+    "scratch.loot": "SELECT * FROM scratch.loot",
+    "scratch.stash": "SELECT * FROM scratch.stash",
+}
+EXTRA_ATTACKS = (
+    "SELECT ssn::int FROM customers",
+    "SELECT card_number::numeric FROM customers",
+    "SELECT email::inet FROM customers",
+    "SELECT to_date(ssn, 'YYYY') FROM customers",
+    "SELECT 1 / (CASE WHEN ssn LIKE 'SSNCANARY%' THEN 0 ELSE 1 END) FROM customers",
+    "SELECT count(*) FROM customers WHERE email LIKE 'canarylocal%'",
+    "SELECT * FROM customers c1 JOIN customers c2 ON c1.ssn = c2.ssn",
+    "SELECT jsonb_agg(c) FROM customers c",
+    "SELECT array_agg(phone ORDER BY phone) FROM customers",
+    "SELECT min(c::text) FROM customers c",
+    "SELECT x.* FROM (SELECT * FROM customers) x",
+    "SELECT (c).ssn FROM customers c",
+    "SELECT * FROM customers WHERE id = 1 FOR SHARE",
+)
+
+
+@pytest.fixture(scope="module")
+def canary_db(pg_server: pg.PgServer) -> Iterator[str]:
+    name = f"canary_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = pg_server.dsn(user="postgres", dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    yield dsn
+    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _masking_statements() -> list[str]:
+    cases = yaml.safe_load((POLICY_DIR / "cases" / "masking.yaml").read_text())
+    return [c["sql"] for c in cases if c["d"] == "mask"] + list(EXTRA_ATTACKS)
+
+
+def _run(dsn: str, statements: list[str], errors: list[str] | None = None) -> str:
+    """Run statements in one rolled-back transaction; return everything the client saw."""
+    seen: list[str] = []
+    errors = errors if errors is not None else []
+    with psycopg.connect(dsn) as conn:
+        conn.add_notice_handler(lambda diag: seen.append(str(diag.message_primary)))
+        with conn.cursor() as cur:
+            for sql in statements:
+                try:
+                    if sql.lstrip().upper().startswith("COPY") and "STDOUT" in sql.upper():
+                        with cur.copy(sql) as copy:
+                            seen.extend(bytes(block).decode() for block in copy)
+                        continue
+                    cur.execute(sql)
+                    if cur.description is not None:
+                        seen.extend(repr(row) for row in cur.fetchall())
+                    seen.append(str(cur.statusmessage))
+                except psycopg.Error as err:
+                    seen.append(f"{err.sqlstate} {err}")
+                    errors.append(f"{err.sqlstate} {err}")
+                    diag: Any = err.diag
+                    seen.extend(str(getattr(diag, f, "")) for f in ("message_detail", "message_hint", "context"))
+                    conn.rollback()
+        conn.rollback()
+    return "\n".join(seen)
+
+
+def test_canaries_are_really_there(canary_db: str) -> None:
+    """The seeded canaries come back when the unrewritten SQL runs (so the test can fail)."""
+    out = _run(canary_db, ["SELECT * FROM customers"])
+    assert all(c in out for c in CANARIES)
+
+
+@pytest.mark.parametrize("sql", _masking_statements())
+def test_no_canary_survives_the_rewrite(canary_db: str, sql: str) -> None:
+    decision = engine.Engine(POLICY).decide(sql)
+    if decision.verdict == "block":
+        pytest.fail(f"expected a rewrite, got a block: {decision.reason}")
+    assert decision.verdict == "mask", decision.reason
+    assert decision.rewritten is not None
+    follow = [f for key, f in FOLLOW_UPS.items() if key in sql]
+    errors: list[str] = []
+    out = _run(canary_db, [decision.rewritten, *follow], errors)
+    expects_error = sql in EXTRA_ATTACKS or "::int" in sql or "AS bigint" in sql  # cast errors echo masked values
+    if not expects_error:  # the rewrite must still run, or this proves nothing
+        assert not errors, errors
+    leaked = [c for c in CANARIES if c in out]
+    assert not leaked, f"{leaked} leaked through {decision.rewritten[:200]}...\n{out[:2000]}"
+
+
+def test_masked_values_keep_the_column_types(canary_db: str) -> None:
+    """Masks fit varchar(n)/char(n) and keep the partial strategy's tail."""
+    sql = engine.Engine(POLICY).decide("SELECT email, ssn, card_number, phone FROM customers WHERE id = 3").rewritten
+    assert sql is not None
+    with psycopg.connect(canary_db) as conn:
+        email, ssn, card, phone = conn.execute(sql).fetchone() or ()
+    assert email == "************@example.com"
+    assert ssn.rstrip().endswith("1003") and ssn.startswith("*") and len(ssn) == 20
+    assert card == "*" * len("CARDCANARY3")
+    assert phone and "PHONECANARY" not in phone and phone == phone.lower()
