@@ -235,27 +235,30 @@ def _rules(value: Any, path: str, out: _Collector) -> tuple[model.Rule, ...]:
     return tuple(rules)
 
 
-def _fine_to_coarse() -> dict[str, str]:
-    mapping = {c.fine: c.coarse for c in classes.NODE_CLASSES.values()}
-    mapping.update(
-        {
-            "revoke": "dcl",
-            "commit": "tcl",
-            "rollback": "tcl",
-            "savepoint": "tcl",
-            "release": "tcl",
-            "prepare-transaction": "tcl",
-            "commit-prepared": "tcl",
-            "rollback-prepared": "tcl",
-            "reset": "session",
-            "analyze": "utility",
-            "move": "utility",
-            "select-into": "ddl",
-        }
-    )
-    return mapping
+def _fine_to_coarse() -> dict[str, frozenset[str]]:
+    mapping: dict[str, set[str]] = {}
+    for c in classes.NODE_CLASSES.values():
+        mapping.setdefault(c.fine, set()).add(c.coarse)
+    extra = {
+        "revoke": "dcl",
+        "commit": "tcl",
+        "rollback": "tcl",
+        "savepoint": "tcl",
+        "release": "tcl",
+        "prepare-transaction": "tcl",
+        "commit-prepared": "tcl",
+        "rollback-prepared": "tcl",
+        "reset": "session",
+        "analyze": "utility",
+        "move": "utility",
+        "select-into": "ddl",
+    }
+    for fine, coarse in extra.items():
+        mapping.setdefault(fine, set()).add(coarse)
+    return {fine: frozenset(coarse) for fine, coarse in mapping.items()}
 
 
+#: Fine class → the coarse classes it belongs to (create/alter/drop are both ddl and dcl).
 FINE_TO_COARSE = _fine_to_coarse()
 
 
@@ -265,7 +268,8 @@ def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
         if later.statements is None:
             return False
         for cls in later.statements:
-            if cls not in earlier.statements and FINE_TO_COARSE.get(cls) not in earlier.statements:
+            parents = FINE_TO_COARSE.get(cls, frozenset())
+            if cls not in earlier.statements and not (parents and parents <= earlier.statements):
                 return False
     if earlier.tables is not None:
         if later.tables is None:

@@ -83,6 +83,8 @@ def check(statement_texts: list[str], units: tuple[analyze.Unit, ...]) -> str | 
             return f"sqlglot cannot parse a {unit.cls.fine} statement that PostgreSQL accepts ({first[:160]})"
         except RecursionError:
             return "sqlglot cannot parse the statement (nesting too deep)"
+        except Exception as err:  # a crash inside the second parser is a refusal, never a pass
+            return f"sqlglot fails on a {unit.cls.fine} statement ({type(err).__name__})"
         if len(parsed) != 1:
             return f"sqlglot sees {len(parsed)} statements where PostgreSQL sees one"
         node = parsed[0]

@@ -151,7 +151,8 @@ def _covers_class(statements: frozenset[str] | None, unit: analyze.Unit) -> bool
     if unit.cls.coarse not in statements and unit.cls.fine not in statements:
         return False
     return all(
-        extra in statements or compile.FINE_TO_COARSE.get(extra) in statements for extra in unit.extra_classes
+        extra in statements or bool(compile.FINE_TO_COARSE.get(extra, frozenset()) & statements)
+        for extra in unit.extra_classes
     )
 
 

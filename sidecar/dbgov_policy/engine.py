@@ -69,7 +69,11 @@ class Engine:
                     return entry.decision
                 return self._with_rewrite(sql, ctx, entry.decision)
         self.stats.misses += 1
-        decision, cacheable = self._first_sight(sql, ctx)
+        try:
+            decision, cacheable = self._first_sight(sql, ctx)
+        except Exception as err:  # fail closed: an analyzer bug refuses the statement, never passes it
+            reason = f"dbgov could not analyze the statement ({type(err).__name__}: {err})"
+            return verdicts.blocked_unparseable(reason)
         if key is not None and cacheable:
             self._cache[key] = _Entry(
                 decision=dataclasses.replace(decision, rewritten=None),
