@@ -103,7 +103,9 @@ def _run(dsn: str, statements: list[str], errors: list[str] | None = None) -> st
                     seen.append(f"{err.sqlstate} {err}")
                     errors.append(f"{err.sqlstate} {err}")
                     diag: Any = err.diag
-                    seen.extend(str(getattr(diag, f, "")) for f in ("message_detail", "message_hint", "context"))
+                    seen.extend(
+                        str(getattr(diag, f, "")) for f in ("message_detail", "message_hint", "context")
+                    )
                     conn.rollback()
         conn.rollback()
     return "\n".join(seen)
@@ -125,7 +127,9 @@ def test_no_canary_survives_the_rewrite(canary_db: str, sql: str) -> None:
     follow = [f for key, f in FOLLOW_UPS.items() if key in sql]
     errors: list[str] = []
     out = _run(canary_db, [decision.rewritten, *follow], errors)
-    expects_error = sql in EXTRA_ATTACKS or "::int" in sql or "AS bigint" in sql  # cast errors echo masked values
+    expects_error = (
+        sql in EXTRA_ATTACKS or "::int" in sql or "AS bigint" in sql
+    )  # cast errors echo masked values
     if not expects_error:  # the rewrite must still run, or this proves nothing
         assert not errors, errors
     leaked = [c for c in CANARIES if c in out]
@@ -134,7 +138,11 @@ def test_no_canary_survives_the_rewrite(canary_db: str, sql: str) -> None:
 
 def test_masked_values_keep_the_column_types(canary_db: str) -> None:
     """Masks fit varchar(n)/char(n) and keep the partial strategy's tail."""
-    sql = engine.Engine(POLICY).decide("SELECT email, ssn, card_number, phone FROM customers WHERE id = 3").rewritten
+    sql = (
+        engine.Engine(POLICY)
+        .decide("SELECT email, ssn, card_number, phone FROM customers WHERE id = 3")
+        .rewritten
+    )
     assert sql is not None
     with psycopg.connect(canary_db) as conn:
         email, ssn, card, phone = conn.execute(sql).fetchone() or ()
