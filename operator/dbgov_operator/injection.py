@@ -82,7 +82,9 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
     overrides = _overrides(meta.get("annotations") or {}, sidecar)
-    service_account = spec.get("serviceAccountName") or "default"
+    # The ServiceAccount admission plugin normally defaults this before webhooks run; a token
+    # projection is invalid without it, so say it explicitly where nothing did.
+    service_account = spec.setdefault("serviceAccountName", "default") or "default"
 
     upstream, warnings = _repoint_apps(spec, overrides)
     container = _sidecar_container(overrides=overrides, upstream=upstream, sidecar=sidecar)
@@ -142,9 +144,7 @@ def _parse_resources(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise InjectionRefused(
-            annotation=annotations.SIDECAR_RESOURCES, reason=f"not JSON: {err}"
-        ) from err
+        raise InjectionRefused(annotation=annotations.SIDECAR_RESOURCES, reason=f"not JSON: {err}") from err
     if not isinstance(value, dict) or not set(value) <= {"requests", "limits"}:
         raise InjectionRefused(
             annotation=annotations.SIDECAR_RESOURCES,
@@ -153,9 +153,7 @@ def _parse_resources(raw: str) -> dict[str, Any]:
     return value
 
 
-def _repoint_apps(
-    spec: dict[str, Any], overrides: _Overrides
-) -> tuple[list[EnvVar], tuple[str, ...]]:
+def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> tuple[list[EnvVar], tuple[str, ...]]:
     """Point every app container at the proxy; return the sidecar's upstream env and warnings."""
     upstream: list[EnvVar] = []
     found_url = False
@@ -163,9 +161,7 @@ def _repoint_apps(
         env: list[dict[str, Any]] = container.setdefault("env", [])
         for name, value in (("PGHOST", LOOPBACK), ("PGPORT", str(overrides.proxy_port))):
             original = _set_env(env, name, value)
-            if original is not None and not any(
-                u["name"] == f"DBGOV_UPSTREAM_{name}" for u in upstream
-            ):
+            if original is not None and not any(u["name"] == f"DBGOV_UPSTREAM_{name}" for u in upstream):
                 upstream.append(_renamed(original, f"DBGOV_UPSTREAM_{name}"))
         if overrides.url_env is None:
             continue

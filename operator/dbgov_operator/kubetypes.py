@@ -102,12 +102,14 @@ class Condition(TypedDict):
 
 
 class BoundWorkload(TypedDict):
+    kind: Literal["ServiceAccount"]
+    name: str
     serviceAccount: str
-    configMap: str
 
 
 class PolicyStatus(TypedDict):
     observedGeneration: int
     conditions: list[Condition]
-    boundWorkloads: list[BoundWorkload]
-    workloads: int
+    boundWorkloads: int
+    """How many workloads the policy is in effect for (the Workloads printer column)."""
+    workloads: list[BoundWorkload]

@@ -30,9 +30,7 @@ def test_new_material_covers_every_hostname_and_chains_to_the_ca() -> None:
 
 
 def test_ssl_accepts_the_chain_for_each_name() -> None:
-    made = certs.ensure(
-        None, hostnames=HOSTS, now=datetime.datetime.now(datetime.UTC), lifetimes=LIFE
-    )
+    made = certs.ensure(None, hostnames=HOSTS, now=datetime.datetime.now(datetime.UTC), lifetimes=LIFE)
     with tempfile.NamedTemporaryFile() as cert, tempfile.NamedTemporaryFile() as key:
         cert.write(made.serving.cert_pem)
         key.write(made.serving.key_pem)
@@ -71,9 +69,7 @@ def test_serving_cert_from_another_ca_is_replaced() -> None:
     ours = certs.ensure(None, hostnames=HOSTS, now=NOW, lifetimes=LIFE)
     theirs = certs.ensure(None, hostnames=HOSTS, now=NOW, lifetimes=LIFE)
     mixed = certs.WebhookCerts(ca=ours.ca, serving=theirs.serving)
-    assert certs.needs_renewal(
-        theirs.serving.cert_pem, ca=ours.ca, hostnames=HOSTS, now=NOW, lifetimes=LIFE
-    )
+    assert certs.needs_renewal(theirs.serving.cert_pem, ca=ours.ca, hostnames=HOSTS, now=NOW, lifetimes=LIFE)
     fixed = certs.ensure(mixed, hostnames=HOSTS, now=NOW, lifetimes=LIFE)
     assert not certs.needs_renewal(
         fixed.serving.cert_pem, ca=ours.ca, hostnames=HOSTS, now=NOW, lifetimes=LIFE

@@ -1,0 +1,65 @@
+"""A DatabaseAccessPolicy's status: conditions keyed by type, with observedGeneration.
+
+Pure: the previous conditions and the clock come in, so an unchanged condition keeps its
+``lastTransitionTime`` and an unchanged status is recognisably equal (no write, no event).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from dbgov_operator.kubetypes import BoundWorkload, Condition, PolicyStatus
+from dbgov_policy import compile as policy_compile
+
+POLICY_VALID = "PolicyValid"
+READY = "Ready"
+
+
+def policy_status(
+    *,
+    generation: int,
+    problems: Sequence[policy_compile.Problem],
+    bound: Sequence[BoundWorkload],
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> PolicyStatus:
+    """The status for a policy at ``generation`` given its problems and where it is bound."""
+    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    if problems:
+        listing = "; ".join(str(p) for p in problems)
+        valid = _condition(POLICY_VALID, "False", "Invalid", listing, generation)
+        ready = _condition(READY, "False", "PolicyInvalid", "the policy binds nothing", generation)
+    else:
+        valid = _condition(POLICY_VALID, "True", "Compiled", "the policy compiles", generation)
+        accounts = ", ".join(b["name"] for b in bound)
+        message = f"in the bundles of: {accounts}" if bound else "no workloads are bound yet"
+        ready = _condition(READY, "True", "BundlesCurrent", message, generation)
+    return {
+        "observedGeneration": generation,
+        "conditions": [_keep_time(c, old.get(c["type"]), now) for c in (valid, ready)],
+        "boundWorkloads": len(bound),
+        "workloads": list(bound),
+    }
+
+
+def same(status: Mapping[str, Any] | None, desired: PolicyStatus) -> bool:
+    """Whether ``status`` already says everything ``desired`` says."""
+    return status is not None and all(status.get(k) == v for k, v in desired.items())
+
+
+def _condition(
+    kind: str, status: Literal["True", "False"], reason: str, message: str, generation: int
+) -> Condition:
+    return {
+        "type": kind,
+        "status": status,
+        "observedGeneration": generation,
+        "lastTransitionTime": "",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def _keep_time(new: Condition, old: Mapping[str, Any] | None, now: str) -> Condition:
+    changed = old is None or old.get("status") != new["status"]
+    since = now if changed else str((old or {}).get("lastTransitionTime"))
+    return {**new, "lastTransitionTime": since}
