@@ -1,32 +1,89 @@
 """kopf handlers: each reads top to bottom as parse -> decide -> build -> respond.
 
-The decisions live in pure modules (injection, bundle, conditions); this module only moves data
-between kopf, the Kubernetes API and those functions.
+The decisions live in pure modules (injection, bundle, conditions) and the namespace
+reconciler; this module only moves data between kopf, the Kubernetes API and those functions.
 """
 
+import asyncio
+import contextlib
 import copy
+import datetime
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
-from dbgov_operator import injection, runtime
+from dbgov_operator import annotations, injection, kubeapi, reconcile, runtime, webhook
 
+POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.POLICIES)
 POD_INJECTION_ID = "inject.pods.dbgov.io"
+POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
+ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
+RETRY_SECONDS = 3.0
+
+_rotation: asyncio.Task[None] | None = None
 
 
-def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
-    """Make kopf's admission patch the diff from the reviewed object to ``new_body``."""
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    """Certificates first, then the webhook server that serves them; state under dbgov.io."""
+    global _rotation  # noqa: PLW0603 -- the one rotation task of this process
+    config = runtime.current()
+    await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
+    settings.admission.server = webhook.server(config)
+    settings.admission.managed = config.webhook.managed_name
+    settings.persistence.finalizer = f"{annotations.PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=annotations.PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=annotations.PREFIX, key="last-handled-configuration"
+    )
+    # Our own events say what changed; kopf's per-handler "succeeded" events would repeat on
+    # every restart, so only its warnings and errors are posted.
+    settings.posting.level = logging.WARNING
+    _rotation = asyncio.create_task(_rotate_certificates(), name="dbgov certificate rotation")
+    logger.info("dbgov operator started (webhook configurations: %s)", config.webhook.managed_name)
 
-    def _replace(body: kopf.RawBody) -> None:
-        raw = cast(dict[str, Any], body)  # a plain dict at run time; RawBody is its type
-        raw.clear()
-        raw.update(copy.deepcopy(dict(new_body)))
 
-    patch.fns.append(_replace)
+@kopf.on.cleanup()
+async def stop(**_: Any) -> None:
+    """Stop the rotation task this process started."""
+    if _rotation is not None:
+        _rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _rotation
 
 
-@kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"])
+@kopf.on.resume(*POLICY, backoff=RETRY_SECONDS)
+@kopf.on.create(*POLICY, backoff=RETRY_SECONDS)
+@kopf.on.update(*POLICY, backoff=RETRY_SECONDS)
+@kopf.on.delete(*POLICY, backoff=RETRY_SECONDS)
+def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """Any policy change: recompile the namespace's policies, bundles and statuses."""
+    _reconcile(namespace, logger)
+
+
+@kopf.on.event("v1", "pods", labels=ENROLLED)
+def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """A new or gone enrolled pod may change which ServiceAccounts a podSelector binds."""
+    if type in ("ADDED", "DELETED"):
+        _reconcile(namespace, logger)
+
+
+# persistent: the configurations keep these webhooks while the operator restarts, so requests
+# fail (closed) instead of slipping through un-injected or unvalidated.
+@kopf.on.validate(*POLICY, id=POLICY_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True)
+def validate_policy(spec: kopf.Spec, **_: Any) -> None:
+    """Refuse a policy that cannot take effect, listing every problem with its field path."""
+    problems = reconcile.problems(dict(spec))
+    if problems:
+        listing = "\n".join(f"  - spec.{p}" if p.path else f"  - {p}" for p in problems)
+        raise kopf.AdmissionError(
+            f"DatabaseAccessPolicy is invalid ({len(problems)} problem(s)):\n{listing}", code=422
+        )
+
+
+@kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"], labels=ENROLLED, persistent=True)
 def inject_pod(
     body: kopf.Body,
     namespace: str | None,
@@ -49,3 +106,56 @@ def inject_pod(
     replace_body(patch, result.pod)
     warnings.extend(result.warnings)
     logger.info("Injected the dbgov sidecar")
+
+
+def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
+    """Make kopf's admission patch the diff from the reviewed object to ``new_body``."""
+
+    def _replace(body: kopf.RawBody) -> None:
+        raw = cast(dict[str, Any], body)  # a plain dict at run time; RawBody is its type
+        raw.clear()
+        raw.update(copy.deepcopy(dict(new_body)))
+
+    patch.fns.append(_replace)
+
+
+def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
+    if not namespace:
+        return
+    try:
+        outcome = reconcile.reconcile_namespace(
+            kubeapi.KubeApi(runtime.client()),
+            namespace=namespace,
+            config=runtime.current(),
+            now=_now(),
+            emit=_emit,
+        )
+    except kubeapi.Conflict as err:
+        raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err
+    except kubeapi.NamespaceTerminating:
+        logger.info("Namespace %s is being deleted; its bundles need no update", namespace)
+        return
+    logger.info(
+        "Reconciled %s: bundles %s, statuses %s",
+        namespace,
+        list(outcome.bundles_written),
+        list(outcome.statuses_written),
+    )
+
+
+def _emit(body: Mapping[str, Any], kind: reconcile.EventType, reason: str, message: str) -> None:
+    kopf.event(kopf.Body(cast(kopf.RawBody, dict(body))), type=kind, reason=reason, message=message)
+
+
+async def _rotate_certificates() -> None:
+    config = runtime.current()
+    while True:
+        await asyncio.sleep(config.webhook.rotation_check_seconds)
+        try:
+            await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
+        except Exception:
+            logging.getLogger(__name__).exception("Webhook certificate check failed; will retry")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

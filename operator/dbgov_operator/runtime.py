@@ -1,22 +1,30 @@
-"""The settings the running operator was started with, for kopf handlers to read.
+"""What the running operator was started with, for kopf handlers to read.
 
-kopf calls handlers by name with framework arguments only, so the settings parsed once at
-startup (see ``__main__``) are kept here rather than re-read from the environment per call.
+kopf calls handlers with framework arguments only, so the settings parsed once at startup and
+the API client made once (see ``__main__``) are kept here rather than rebuilt per call.
 """
 
-from __future__ import annotations
+from typing import Any
 
 from dbgov_operator import settings
 
 _current: settings.Settings | None = None
+_client: Any = None
 
 
-def configure(config: settings.Settings) -> None:
-    """Install the settings for this process (called once at startup, or by tests)."""
-    global _current  # noqa: PLW0603 -- one process-wide value, set once
-    _current = config
+def configure(config: settings.Settings, *, client: Any = None) -> None:
+    """Install the settings and API client for this process (once at startup, or by tests)."""
+    global _current, _client
+    _current, _client = config, client
 
 
 def current() -> settings.Settings:
     """The settings installed by :func:`configure`; defaults if none were."""
     return _current if _current is not None else settings.Settings()
+
+
+def client() -> Any:
+    """The ``kubernetes.client.ApiClient`` installed by :func:`configure`."""
+    if _client is None:
+        raise RuntimeError("the operator's API client is not configured")
+    return _client

@@ -61,6 +61,8 @@ class WebhookSettings:
     """Renew the serving certificate when it expires within this many days."""
     managed_name: str = "dbgov.io"
     """Name of the Validating/MutatingWebhookConfiguration objects the operator keeps current."""
+    rotation_check_seconds: float = 3600.0
+    """How often the operator checks whether the serving certificate is due for renewal."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +75,8 @@ class Settings:
     """Namespaces the webhook never touches."""
     peering: str = ""
     """kopf peering name for several replicas; empty runs standalone (one replica)."""
+    log_level: str = "INFO"
+    """Python logging level of the operator process."""
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
     """Injection settings."""
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
@@ -101,11 +105,12 @@ def from_env(env: Mapping[str, str]) -> Settings:
         url_host=env.get("DBGOV_WEBHOOK_URL_HOST", hook.url_host),
         cert_dir=env.get("DBGOV_WEBHOOK_CERT_DIR", hook.cert_dir),
         cert_secret=env.get("DBGOV_WEBHOOK_CERT_SECRET", hook.cert_secret),
-        cert_validity_days=int(
-            env.get("DBGOV_WEBHOOK_CERT_VALIDITY_DAYS", hook.cert_validity_days)
-        ),
+        cert_validity_days=int(env.get("DBGOV_WEBHOOK_CERT_VALIDITY_DAYS", hook.cert_validity_days)),
         renew_before_days=int(env.get("DBGOV_WEBHOOK_RENEW_BEFORE_DAYS", hook.renew_before_days)),
         managed_name=env.get("DBGOV_WEBHOOK_CONFIGURATION", hook.managed_name),
+        rotation_check_seconds=float(
+            env.get("DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS", hook.rotation_check_seconds)
+        ),
     )
     system = env.get("DBGOV_SYSTEM_NAMESPACES")
     return Settings(
@@ -116,6 +121,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
             else DEFAULT_SYSTEM_NAMESPACES
         ),
         peering=env.get("DBGOV_PEERING", ""),
+        log_level=env.get("DBGOV_LOG_LEVEL", Settings().log_level),
         sidecar=sidecar,
         webhook=webhook,
     )

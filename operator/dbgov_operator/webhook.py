@@ -1,0 +1,208 @@
+"""The admission webhook's server and the I/O around its certificates.
+
+All replicas share one CA and serving certificate through a Secret in the operator's namespace,
+so the ``caBundle`` kopf writes into the webhook configurations is the same whichever replica
+wrote it last. Certificates are written to files that kopf's server re-reads: when rotation
+changes them, kopf restarts the listener and re-publishes the configurations' ``caBundle``.
+"""
+
+import base64
+import datetime
+import logging
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from dbgov_operator import certs, settings
+
+logger = logging.getLogger(__name__)
+
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+CA_FILE = "ca.crt"
+_SECRET_KEYS = {
+    "ca.crt": "ca_cert",
+    "ca.key": "ca_key",
+    "tls.crt": "cert",
+    "tls.key": "key",
+    "ca-previous.crt": "previous",
+}
+
+
+class ServiceWebhookServer(kopf.WebhookServer):
+    """kopf's HTTPS server, advertised to the apiserver as a ``service:`` reference.
+
+    kopf advertises ``url:`` client configs; inside a cluster the apiserver reaches webhooks
+    through the Service instead (it usually cannot resolve cluster DNS names)."""
+
+    def __init__(self, *, service: str, namespace: str, service_port: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = (service, namespace, service_port)
+
+    async def __call__(self, fn: Any) -> AsyncIterator[kopf.WebhookClientConfig]:
+        name, namespace, port = self._service
+        async for client_config in super().__call__(fn):
+            yield {
+                "caBundle": client_config.get("caBundle"),
+                "service": {"name": name, "namespace": namespace, "port": port, "path": self.path},
+            }
+
+
+def hostnames(config: settings.Settings) -> tuple[str, ...]:
+    """Names the serving certificate must cover."""
+    hook = config.webhook
+    names: tuple[str, ...] = (hook.url_host,)
+    if hook.service_name:
+        names = certs.service_hostnames(service=hook.service_name, namespace=config.namespace)
+    return names
+
+
+def lifetimes(config: settings.Settings) -> certs.Lifetimes:
+    """Certificate lifetimes from settings."""
+    return certs.Lifetimes(
+        serving=datetime.timedelta(days=config.webhook.cert_validity_days),
+        renew_before=datetime.timedelta(days=config.webhook.renew_before_days),
+    )
+
+
+def server(config: settings.Settings) -> kopf.WebhookServer:
+    """The webhook server, reading the certificate files :func:`sync_certificates` writes."""
+    hook = config.webhook
+    directory = pathlib.Path(hook.cert_dir)
+    common: dict[str, Any] = {
+        "addr": hook.listen_addr,
+        "port": hook.port,
+        "certfile": str(directory / CERT_FILE),
+        "pkeyfile": str(directory / KEY_FILE),
+        "cafile": str(directory / CA_FILE),
+        "file_check_interval": 10.0,
+    }
+    if hook.service_name:
+        return ServiceWebhookServer(
+            service=hook.service_name,
+            namespace=config.namespace,
+            service_port=hook.service_port,
+            **common,
+        )
+    return kopf.WebhookServer(host=hook.url_host, **common)
+
+
+def sync_certificates(
+    config: settings.Settings, *, client: Any, now: datetime.datetime
+) -> certs.WebhookCerts:
+    """Load, renew if due, store and write the webhook certificates; return them."""
+    names = hostnames(config)
+    life = lifetimes(config)
+    if config.webhook.cert_secret:
+        material = _sync_secret(config, client=client, names=names, life=life, now=now)
+    else:
+        material = certs.ensure(_read_files(config), hostnames=names, now=now, lifetimes=life)
+    _write_files(config, material)
+    return material
+
+
+def _sync_secret(
+    config: settings.Settings,
+    *,
+    client: Any,
+    names: tuple[str, ...],
+    life: certs.Lifetimes,
+    now: datetime.datetime,
+) -> certs.WebhookCerts:
+    core: Any = kubernetes.client.CoreV1Api(client)  # dict bodies in, models out
+    name, namespace = config.webhook.cert_secret, config.namespace
+    for _ in range(5):
+        try:
+            secret = core.read_namespaced_secret(name, namespace)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            secret = None
+        current = _from_secret(secret.data or {}) if secret is not None else None
+        material = certs.ensure(current, hostnames=names, now=now, lifetimes=life)
+        if material is current:
+            return material
+        body = _to_secret(material, name=name, namespace=namespace)
+        try:
+            if secret is None:
+                core.create_namespaced_secret(namespace, body)
+            else:
+                body["metadata"]["resourceVersion"] = secret.metadata.resource_version
+                core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            logger.info("Another replica wrote the webhook certificate first; re-reading it")
+            continue
+        logger.info("Webhook certificate written to Secret %s/%s", namespace, name)
+        return material
+    raise RuntimeError(f"could not settle the webhook certificate in Secret {namespace}/{name}")
+
+
+def _from_secret(data: dict[str, str]) -> certs.WebhookCerts | None:
+    raw = {field: base64.b64decode(data[key]) for key, field in _SECRET_KEYS.items() if key in data}
+    if not {"ca_cert", "ca_key", "cert", "key"} <= set(raw):
+        return None
+    return certs.WebhookCerts(
+        ca=certs.KeyPair(cert_pem=raw["ca_cert"], key_pem=raw["ca_key"]),
+        serving=certs.KeyPair(cert_pem=raw["cert"], key_pem=raw["key"]),
+        previous_ca_pem=raw.get("previous", b""),
+    )
+
+
+def _to_secret(material: certs.WebhookCerts, *, name: str, namespace: str) -> dict[str, Any]:
+    values = {
+        "ca.crt": material.ca.cert_pem,
+        "ca.key": material.ca.key_pem,
+        "tls.crt": material.serving.cert_pem,
+        "tls.key": material.serving.key_pem,
+        "ca-previous.crt": material.previous_ca_pem,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "dbgov"},
+        },
+        "data": {key: base64.b64encode(value).decode() for key, value in values.items()},
+    }
+
+
+def _read_files(config: settings.Settings) -> certs.WebhookCerts | None:
+    """Certificates a previous run left in the directory (no Secret configured)."""
+    directory = pathlib.Path(config.webhook.cert_dir)
+    paths = [directory / n for n in (CERT_FILE, KEY_FILE, "ca-cert.pem", "ca-key.pem")]
+    if not all(p.is_file() for p in paths):
+        return None
+    cert, key, ca_cert, ca_key = (p.read_bytes() for p in paths)
+    return certs.WebhookCerts(
+        ca=certs.KeyPair(cert_pem=ca_cert, key_pem=ca_key),
+        serving=certs.KeyPair(cert_pem=cert, key_pem=key),
+    )
+
+
+def _write_files(config: settings.Settings, material: certs.WebhookCerts) -> None:
+    directory = pathlib.Path(config.webhook.cert_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {
+        CERT_FILE: material.serving.cert_pem,
+        KEY_FILE: material.serving.key_pem,
+        CA_FILE: material.ca_bundle,
+        "ca-cert.pem": material.ca.cert_pem,
+        "ca-key.pem": material.ca.key_pem,
+    }
+    for name, content in files.items():
+        path = directory / name
+        if path.is_file() and path.read_bytes() == content:
+            continue  # unchanged files keep kopf's server from restarting needlessly
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(content)
+        tmp.chmod(0o600)
+        tmp.replace(path)

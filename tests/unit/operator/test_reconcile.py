@@ -1,0 +1,149 @@
+"""The namespace reconciler against an in-memory API (the real one is in tests/e2e)."""
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import yaml
+
+from dbgov_operator import bundle, kubeapi, reconcile, settings
+from dbgov_operator.kubetypes import ConfigMap, PolicyStatus
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+CONFIG = settings.Settings()
+GOOD: dict[str, Any] = {
+    "subjects": {"serviceAccounts": ["orders"]},
+    "databaseRef": {"name": "db"},
+    "default": "block",
+    "rules": [{"name": "read", "verdict": "allow", "statements": ["select"]}],
+}
+BAD: dict[str, Any] = {
+    "subjects": {"serviceAccounts": ["orders"]},
+    "databaseRef": {"name": "db"},
+    "rules": [{"name": "r", "verdict": "allow", "statements": ["selekt"]}],
+}
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.policies: dict[str, dict[str, Any]] = {}
+        self.pods: list[bundle.Workload] = []
+        self.config_maps: dict[str, dict[str, Any]] = {}
+        self.writes: list[str] = []
+
+    def add_policy(self, name: str, spec: dict[str, Any], generation: int = 1) -> None:
+        meta = {"name": name, "namespace": "apps", "generation": generation, "uid": name}
+        self.policies[name] = {"metadata": meta, "spec": spec, "status": {}}
+
+    def list_policies(self, namespace: str) -> list[kubeapi.PolicyObject]:
+        return [
+            kubeapi.PolicyObject(
+                name=name,
+                generation=body["metadata"]["generation"],
+                spec=body["spec"],
+                status=body["status"],
+                deleting="deletionTimestamp" in body["metadata"],
+                body=body,
+            )
+            for name, body in self.policies.items()
+        ]
+
+    def list_workloads(self, namespace: str) -> list[bundle.Workload]:
+        return list(self.pods)
+
+    def list_bundles(self, namespace: str) -> dict[str, Mapping[str, Any]]:
+        return dict(self.config_maps)
+
+    def write_bundle(self, desired: ConfigMap, *, existing: Mapping[str, Any] | None) -> None:
+        self.config_maps[desired["metadata"]["name"]] = dict(desired)
+        self.writes.append(f"configmap/{desired['metadata']['name']}")
+
+    def patch_policy_status(self, *, namespace: str, name: str, status: PolicyStatus) -> None:
+        self.policies[name]["status"] = dict(status)
+        self.writes.append(f"status/{name}")
+
+
+@pytest.fixture
+def api() -> FakeApi:
+    return FakeApi()
+
+
+def _run(api: FakeApi, events: list[tuple[str, str, str]] | None = None) -> reconcile.Outcome:
+    def emit(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        if events is not None:
+            events.append((body["metadata"]["name"], kind, reason))
+
+    return reconcile.reconcile_namespace(api, namespace="apps", config=CONFIG, now=NOW, emit=emit)
+
+
+def test_valid_policy_gets_a_bundle_and_ready_status(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    events: list[tuple[str, str, str]] = []
+    outcome = _run(api, events)
+    assert outcome.bundles_written == ("orders",)
+    text = api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]
+    assert yaml.safe_load(text)["rules"][0]["name"] == "read/read"
+    status = api.policies["read"]["status"]
+    assert status["boundWorkloads"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "PolicyValid": "True",
+        "Ready": "True",
+    }
+    assert ("read", "Normal", "PolicyReady") in events
+    assert ("read", "Normal", "BundleUpdated") in events
+
+
+def test_second_run_writes_nothing_and_says_nothing(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    _run(api)
+    api.writes.clear()
+    events: list[tuple[str, str, str]] = []
+    assert _run(api, events) == reconcile.Outcome(bundles_written=(), statuses_written=())
+    assert api.writes == []
+    assert events == []
+
+
+def test_invalid_policy_is_reported_and_excluded(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    api.add_policy("broken", BAD)
+    events: list[tuple[str, str, str]] = []
+    _run(api, events)
+    valid = {c["type"]: c for c in api.policies["broken"]["status"]["conditions"]}["PolicyValid"]
+    assert valid["status"] == "False"
+    assert "rules[0].statements[0]" in valid["message"]
+    annotations = api.config_maps["dbgov-policy-orders"]["metadata"]["annotations"]
+    assert annotations["dbgov.io/policies"] == "read"
+    assert ("broken", "Warning", "PolicyInvalid") in events
+
+
+def test_policy_change_rewrites_the_bundle(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    _run(api)
+    changed = {**GOOD, "rules": [*GOOD["rules"], {"name": "w", "verdict": "approve"}]}
+    api.add_policy("read", changed, generation=2)
+    api.policies["read"]["status"] = {}
+    outcome = _run(api)
+    assert outcome.bundles_written == ("orders",)
+    text = api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]
+    assert [r["name"] for r in yaml.safe_load(text)["rules"]] == ["read/read", "read/w"]
+
+
+def test_deleted_policy_leaves_a_blocking_bundle(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    _run(api)
+    api.policies["read"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    outcome = _run(api)
+    assert outcome.bundles_written == ("orders",)
+    merged = yaml.safe_load(api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"])
+    assert (merged["default"], merged["rules"]) == ("block", [])
+
+
+def test_pod_selector_follows_pods(api: FakeApi) -> None:
+    api.add_policy("agents", {**GOOD, "subjects": {"podSelector": {"matchLabels": {"team": "ai"}}}})
+    assert _run(api).bundles_written == ()
+    api.pods.append(bundle.Workload(service_account="agent", labels={"team": "ai"}))
+    assert _run(api).bundles_written == ("agent",)
+    assert api.policies["agents"]["status"]["workloads"] == [
+        {"kind": "ServiceAccount", "name": "agent", "serviceAccount": "agent"}
+    ]
