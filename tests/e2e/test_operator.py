@@ -1,0 +1,590 @@
+"""The operator as a subprocess against a real kube-apiserver, as the chart's ServiceAccount.
+
+The operator authenticates with a TokenRequest token for the ServiceAccount the chart renders,
+bound by the chart's own RBAC, so every test here also proves that RBAC is enough. The
+apiserver calls its webhooks over TLS at 127.0.0.1 (url form: no Service routing here).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from . import kube
+
+CHART = kube.REPO_ROOT / "charts" / "dbgov"
+GROUP, VERSION, PLURAL = "dbgov.io", "v1alpha1", "databaseaccesspolicies"
+CERT_SECRET = "dbgov-webhook-cert"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 45.0) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass(slots=True, kw_only=True)
+class Operator:
+    """``python -m dbgov_operator`` in a subprocess; restartable; stopped by PID."""
+
+    env: dict[str, str]
+    workdir: Path
+    process: kube.Process | None = None
+    starts: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.workdir / f"operator-{self.starts}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "dbgov_operator"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.process = kube.Process(name="dbgov-operator", popen=popen, log=log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=30)
+            self.process = None
+
+    def log_text(self) -> str:
+        return self.logs[-1].read_text(errors="replace") if self.logs else ""
+
+    def all_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Installed:
+    """The running operator and what the tests need to reach it."""
+
+    operator: Operator
+    namespace: str
+    service_account: str
+    configuration: str
+    token: str
+    core: client.CoreV1Api
+    custom: client.CustomObjectsApi
+    admission: client.AdmissionregistrationV1Api
+
+
+@pytest.fixture(scope="module")
+def installed(
+    kube_cluster: kube.KubeCluster,
+    kube_tools: kube.Tools,
+    dbgov_crds: list[str],
+    helm_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Installed]:
+    """The chart's ServiceAccount and RBAC applied, and the operator running with its token."""
+    workdir = tmp_path_factory.mktemp("operator")
+    release_ns = kube_cluster.create_namespace("dbgov")
+    release = f"op-{uuid.uuid4().hex[:6]}"
+    rendered = kube.helm(
+        kube_tools,
+        "template",
+        release,
+        CHART,
+        "--namespace",
+        release_ns,
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+        home=helm_home,
+    )
+    docs = kube.yaml_documents(rendered.stdout)
+    for doc in docs:
+        kube_cluster.apply_manifest(doc, namespace=release_ns)
+    (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+    token = kube_cluster.service_account_token(
+        namespace=release_ns, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
+    )
+    kubeconfig = _token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
+    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
+    (port,) = kube.free_ports(1)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "DBGOV_NAMESPACE": release_ns,
+        "DBGOV_WEBHOOK_LISTEN_ADDR": "127.0.0.1",
+        "DBGOV_WEBHOOK_URL_HOST": "127.0.0.1",
+        "DBGOV_WEBHOOK_PORT": str(port),
+        "DBGOV_WEBHOOK_CERT_DIR": str(workdir / "certs"),
+        "DBGOV_WEBHOOK_CERT_SECRET": CERT_SECRET,
+        "DBGOV_WEBHOOK_CONFIGURATION": configuration,
+        "DBGOV_LOG_LEVEL": "INFO",
+    }
+    operator = Operator(env=env, workdir=workdir)
+    api = kube_cluster.api_client()
+    found = Installed(
+        operator=operator,
+        namespace=release_ns,
+        service_account=account,
+        configuration=configuration,
+        token=token,
+        core=client.CoreV1Api(api),
+        custom=client.CustomObjectsApi(api),
+        admission=client.AdmissionregistrationV1Api(api),
+    )
+    try:
+        _start(found)
+        yield found
+    finally:
+        operator.stop()
+        # The webhooks are persistent (they fail closed while the operator is away); the test
+        # session must not keep them once this module's operator is gone.
+        for delete in (
+            found.admission.delete_mutating_webhook_configuration,
+            found.admission.delete_validating_webhook_configuration,
+        ):
+            try:
+                delete(configuration)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        kube_cluster.delete_namespace(release_ns)
+
+
+def _start(found: Installed) -> None:
+    """Start the operator and wait until the apiserver can call both webhooks."""
+    found.operator.start()
+
+    def served() -> bool:
+        assert found.operator.process is not None
+        found.operator.process.check_alive()
+        try:
+            mutating = found.admission.read_mutating_webhook_configuration(found.configuration)
+            validating = found.admission.read_validating_webhook_configuration(found.configuration)
+        except ApiException:
+            return False
+        hooks = [*(mutating.webhooks or []), *(validating.webhooks or [])]
+        return len(hooks) == 2 and all(h.client_config.ca_bundle for h in hooks)
+
+    wait_for("the operator's webhook configurations", served)
+    url = found.admission.read_mutating_webhook_configuration(found.configuration)
+    address = url.webhooks[0].client_config.url.removeprefix("https://").split("/")[0]
+    host, _, port = address.rpartition(":")
+    wait_for("the webhook server to accept TLS", lambda: _tls_ok(host, int(port)))
+
+
+def _tls_ok(host: str, port: int) -> bool:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=2) as sock,
+            context.wrap_socket(sock) as tls,
+        ):
+            return tls.version() is not None
+    except OSError:
+        return False
+
+
+def _token_kubeconfig(cluster: kube.KubeCluster, *, token: str, path: Path) -> Path:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "e2e",
+                "cluster": {
+                    "server": cluster.server,
+                    "certificate-authority": str(cluster.pki.serving_ca.path),
+                },
+            }
+        ],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "operator"}}],
+        "current-context": "e2e",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def policy(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "subjects": {"serviceAccounts": ["orders"]},
+        "databaseRef": {"name": "orders-db"},
+        "default": "block",
+        "rules": [{"name": "read", "verdict": "allow", "statements": ["select"]}],
+    }
+    body.update(spec)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DatabaseAccessPolicy",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def create_policy(env: Installed, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = env.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+    return created
+
+
+def get_policy(env: Installed, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = env.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return found
+
+
+def wait_ready(env: Installed, namespace: str, name: str) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        body = get_policy(env, namespace, name)
+        status = body.get("status") or {}
+        conditions = {c["type"]: c for c in status.get("conditions") or []}
+        generation = body["metadata"]["generation"]
+        current = status.get("observedGeneration") == generation
+        if current and conditions.get("Ready", {}).get("status") == "True":
+            return body
+        return None
+
+    return wait_for(f"policy {namespace}/{name} Ready", ready)
+
+
+def bundle(env: Installed, namespace: str, account: str) -> client.V1ConfigMap | None:
+    try:
+        return env.core.read_namespaced_config_map(f"dbgov-policy-{account}", namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def events_for(env: Installed, namespace: str, name: str) -> list[tuple[str, str]]:
+    listed = env.core.list_namespaced_event(namespace)
+    return sorted(
+        (e.reason, e.message)
+        for e in listed.items
+        if e.involved_object.name == name and e.involved_object.kind == "DatabaseAccessPolicy"
+    )
+
+
+def pod(name: str, *, labels: dict[str, str] | None = None, **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}, **meta},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+    }
+
+
+ENROLLED = {"dbgov.io/inject": "true"}
+
+
+def rejection(call: Callable[[], object]) -> ApiException:
+    with pytest.raises(ApiException) as caught:
+        call()
+    return caught.value
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_operator_runs_as_the_charts_service_account(installed: Installed) -> None:
+    user = client.ApiClient(_token_configuration(installed))
+    review = client.AuthenticationV1Api(user).create_self_subject_review(client.V1SelfSubjectReview())
+    expected = f"system:serviceaccount:{installed.namespace}:{installed.service_account}"
+    assert review.status.user_info.username == expected
+    # Least privilege, not admin: it cannot read Secrets outside its own namespace.
+    access = client.AuthorizationV1Api(user).create_self_subject_access_review(
+        client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    verb="list", resource="secrets", namespace="default"
+                )
+            )
+        )
+    )
+    assert access.status.allowed is False
+
+
+def _token_configuration(env: Installed) -> client.Configuration:
+    kubeconfig = yaml.safe_load(Path(env.operator.env["KUBECONFIG"]).read_text())
+    cluster = kubeconfig["clusters"][0]["cluster"]
+    configuration = client.Configuration()
+    configuration.host = cluster["server"]
+    configuration.ssl_ca_cert = cluster["certificate-authority"]
+    configuration.api_key = {"authorization": f"Bearer {env.token}"}
+    return configuration
+
+
+def test_webhook_ca_bundle_is_the_shared_secrets_ca(installed: Installed) -> None:
+    secret = installed.core.read_namespaced_secret(CERT_SECRET, installed.namespace)
+    ca = base64.b64decode(secret.data["ca.crt"])
+    for config in (
+        installed.admission.read_mutating_webhook_configuration(installed.configuration),
+        installed.admission.read_validating_webhook_configuration(installed.configuration),
+    ):
+        (hook,) = config.webhooks
+        assert base64.b64decode(hook.client_config.ca_bundle) == ca
+        assert hook.failure_policy == "Fail"
+        assert hook.client_config.url.startswith("https://127.0.0.1:")
+
+
+def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, namespace: str) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    body = wait_ready(installed, namespace, "orders-read")
+    status = body["status"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "PolicyValid": "True",
+        "Ready": "True",
+    }
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    assert status["boundWorkloads"] == 1
+    assert status["workloads"] == [{"kind": "ServiceAccount", "name": "orders", "serviceAccount": "orders"}]
+    config_map = wait_for("the orders bundle", lambda: bundle(installed, namespace, "orders"))
+    merged = yaml.safe_load(config_map.data["policy.yaml"])
+    assert merged["rules"] == [{"name": "orders-read/read", "verdict": "allow", "statements": ["select"]}]
+    assert config_map.metadata.annotations["dbgov.io/policies"] == "orders-read"
+    reasons = wait_for(
+        "PolicyReady and BundleUpdated events",
+        lambda: (
+            {r for r, _ in events_for(installed, namespace, "orders-read")}
+            >= {"PolicyReady", "BundleUpdated"}
+        ),
+    )
+    assert reasons
+
+
+def test_invalid_policy_is_rejected_at_apply_time_with_field_paths(
+    installed: Installed, namespace: str
+) -> None:
+    bad = policy(
+        "broken",
+        rules=[{"name": "r", "verdict": "allow", "statements": ["selekt"]}],
+        guardrails={"requireWhere": ["select"]},
+    )
+    error = rejection(lambda: create_policy(installed, namespace, bad))
+    assert error.status == 422
+    message = str(error.body)
+    assert "spec.rules[0].statements[0]" in message
+    assert "spec.guardrails.requireWhere[0]" in message
+    assert "2 problem(s)" in message
+    assert rejection(lambda: get_policy(installed, namespace, "broken")).status == 404
+
+
+def test_invalid_update_is_rejected_and_the_old_spec_stays(installed: Installed, namespace: str) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    wait_ready(installed, namespace, "orders-read")
+    patch = {"spec": {"rules": [{"name": "r", "verdict": "allow", "tables": ["a.b.c.d"]}]}}
+    error = rejection(
+        lambda: installed.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "orders-read", patch
+        )
+    )
+    assert error.status in (400, 422)
+    assert "spec.rules[0].tables[0]" in str(error.body)
+    assert get_policy(installed, namespace, "orders-read")["metadata"]["generation"] == 1
+
+
+def test_policy_change_updates_the_bundle(installed: Installed, namespace: str) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    wait_ready(installed, namespace, "orders-read")
+    before = wait_for("the bundle", lambda: bundle(installed, namespace, "orders"))
+    rules = [
+        {"name": "read", "verdict": "allow", "statements": ["select"]},
+        {"name": "writes", "verdict": "approve", "statements": ["insert", "update"]},
+    ]
+    installed.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "orders-read", {"spec": {"rules": rules}}
+    )
+    body = wait_ready(installed, namespace, "orders-read")
+    assert body["status"]["observedGeneration"] == 2
+
+    def updated() -> client.V1ConfigMap | None:
+        found = bundle(installed, namespace, "orders")
+        changed = found is not None and "orders-read/writes" in found.data["policy.yaml"]
+        return found if changed else None
+
+    after = wait_for("the bundle to carry the new rule", updated)
+    assert after.metadata.resource_version != before.metadata.resource_version
+    assert [r["name"] for r in yaml.safe_load(after.data["policy.yaml"])["rules"]] == [
+        "orders-read/read",
+        "orders-read/writes",
+    ]
+
+
+def test_deleting_a_policy_leaves_a_blocking_bundle(installed: Installed, namespace: str) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    wait_ready(installed, namespace, "orders-read")
+    installed.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "orders-read")
+
+    def gone() -> bool:
+        try:
+            get_policy(installed, namespace, "orders-read")
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for("the policy to be gone (finalizer released)", gone)
+    found = bundle(installed, namespace, "orders")
+    assert found is not None
+    merged = yaml.safe_load(found.data["policy.yaml"])
+    assert (merged["default"], merged["rules"]) == ("block", [])
+
+
+def test_pod_selector_binds_the_service_account_of_a_new_pod(installed: Installed, namespace: str) -> None:
+    selector = {"podSelector": {"matchLabels": {"team": "ai"}}}
+    create_policy(installed, namespace, policy("agents", subjects=selector))
+    wait_ready(installed, namespace, "agents")
+    agent = pod("agent-1", labels={**ENROLLED, "team": "ai"})
+    agent["spec"]["serviceAccountName"] = "agent"
+    installed.core.create_namespaced_pod(namespace, agent)
+    found = wait_for("the agent bundle", lambda: bundle(installed, namespace, "agent"))
+    assert found.metadata.annotations["dbgov.io/policies"] == "agents"
+
+    def bound() -> list[dict[str, Any]] | None:
+        workloads = get_policy(installed, namespace, "agents").get("status", {}).get("workloads")
+        return workloads or None
+
+    assert wait_for("the agents status to list the agent", bound) == [
+        {"kind": "ServiceAccount", "name": "agent", "serviceAccount": "agent"}
+    ]
+
+
+def test_restart_resumes_without_duplicate_work(installed: Installed, namespace: str) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    wait_ready(installed, namespace, "orders-read")
+    wait_for(
+        "events",
+        lambda: (
+            {r for r, _ in events_for(installed, namespace, "orders-read")}
+            >= {"PolicyReady", "BundleUpdated"}
+        ),
+    )
+    before_bundle = bundle(installed, namespace, "orders")
+    before_policy = get_policy(installed, namespace, "orders-read")
+    before_events = events_for(installed, namespace, "orders-read")
+
+    installed.operator.stop()
+    _start(installed)
+    marker = f"Reconciled {namespace}"
+    line = wait_for(
+        "the restarted operator to resume the namespace",
+        lambda: next((ln for ln in installed.operator.log_text().splitlines() if marker in ln), None),
+    )
+    assert "bundles [], statuses []" in line
+    after_bundle = bundle(installed, namespace, "orders")
+    assert after_bundle is not None and before_bundle is not None
+    assert after_bundle.metadata.resource_version == before_bundle.metadata.resource_version
+    after_policy = get_policy(installed, namespace, "orders-read")
+    assert after_policy["status"] == before_policy["status"]
+    # Not even kopf's own bookkeeping wrote to the policy.
+    assert after_policy["metadata"]["resourceVersion"] == before_policy["metadata"]["resourceVersion"]
+    assert events_for(installed, namespace, "orders-read") == before_events
+
+
+def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace: str) -> None:
+    app = pod(
+        "orders-web",
+        labels=ENROLLED,
+        annotations={"dbgov.io/database-url-env": "DATABASE_URL"},
+    )
+    app["spec"]["serviceAccountName"] = "orders"
+    app["spec"]["containers"][0]["env"] = [
+        {"name": "DATABASE_URL", "value": "postgresql://orders@db.prod:5432/orders"}
+    ]
+    created = installed.core.create_namespaced_pod(namespace, app)
+    stored = installed.core.read_namespaced_pod("orders-web", namespace)
+    for seen in (created, stored):
+        (sidecar,) = seen.spec.init_containers
+        assert (sidecar.name, sidecar.restart_policy) == ("dbgov-proxy", "Always")
+        assert seen.metadata.annotations["dbgov.io/status"] == "injected"
+        volumes = {v.name: v for v in seen.spec.volumes}
+        assert volumes["dbgov-policy"].config_map.name == "dbgov-policy-orders"
+        projected = volumes["dbgov-token"].projected.sources[0].service_account_token
+        assert projected.audience == "dbgov"
+        env = {e.name: e.value for e in seen.spec.containers[0].env}
+        assert env["PGHOST"] == "127.0.0.1"
+        assert env["DATABASE_URL"] == "postgresql://orders@127.0.0.1:5432/orders"
+        upstream = {e.name: e.value for e in sidecar.env}
+        assert upstream["DBGOV_UPSTREAM_URL"] == "postgresql://orders@db.prod:5432/orders"
+
+
+def test_second_admission_does_not_inject_twice(installed: Installed, namespace: str) -> None:
+    first = installed.core.create_namespaced_pod(namespace, pod("once", labels=ENROLLED))
+    again = installed.core.api_client.sanitize_for_serialization(first)
+    again["metadata"] = {
+        "name": "once-again",
+        "labels": again["metadata"]["labels"],
+        "annotations": again["metadata"]["annotations"],
+    }
+    again.pop("status", None)
+    second = installed.core.create_namespaced_pod(namespace, copy.deepcopy(again))
+    assert [c.name for c in second.spec.init_containers] == ["dbgov-proxy"]
+    assert [v.name for v in second.spec.volumes] == [v.name for v in first.spec.volumes]
+    assert [e.name for e in second.spec.containers[0].env] == ["PGHOST", "PGPORT"]
+
+
+def test_unlabeled_pod_is_untouched(installed: Installed, namespace: str) -> None:
+    created = installed.core.create_namespaced_pod(namespace, pod("plain"))
+    assert not created.spec.init_containers
+    assert "dbgov.io/status" not in (created.metadata.annotations or {})
+    assert created.spec.containers[0].env is None
+
+
+def test_labeled_pod_in_kube_system_is_untouched(installed: Installed) -> None:
+    name = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
+    created = installed.core.create_namespaced_pod("kube-system", pod(name, labels=ENROLLED))
+    try:
+        assert not created.spec.init_containers
+        assert "dbgov.io/status" not in (created.metadata.annotations or {})
+    finally:
+        installed.core.delete_namespaced_pod(name, "kube-system", grace_period_seconds=0)
+
+
+def test_bad_override_annotation_refuses_the_pod(installed: Installed, namespace: str) -> None:
+    bad = pod("bad", labels=ENROLLED, annotations={"dbgov.io/sidecar-resources": "{nope"})
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, bad))
+    assert error.status == 400
+    assert "dbgov.io/sidecar-resources" in str(error.body)
+
+
+def test_operator_log_shows_no_permission_errors(installed: Installed) -> None:
+    logs = installed.operator.all_logs()
+    account = f"system:serviceaccount:{installed.namespace}:{installed.service_account}"
+    assert f'User \\"{account}\\" cannot' not in logs
+    assert f'User "{account}" cannot' not in logs
+    assert "Forbidden" not in logs
+    assert " 403" not in logs
+    assert "Traceback" not in logs
