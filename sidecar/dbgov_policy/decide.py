@@ -361,6 +361,10 @@ def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict
     return base
 
 
+def _changes_resolution(unit: analyze.Unit) -> bool:
+    return any(s.name in {"search_path", "*"} and s.value is not None for s in unit.settings)
+
+
 def _user_function_extra(policy: model.CompiledPolicy, unit: analyze.Unit) -> None:
     allowed = policy.guardrails.allowed_functions
     for fn in unit.user_functions:
@@ -387,9 +391,17 @@ def decide(
     worst: _Verdict | None = None
     refs: list[analyze.ReadRef] = []
     masked_columns: list[str] = []
+    top_level = [u for u in analysis.units if not u.nested]
     for unit in analysis.units:
         _user_function_extra(policy, unit)
         v = judge_unit(policy, unit, known)
+        if v.verdict != "block" and _changes_resolution(unit) and unit is not top_level[-1]:
+            v = _block(
+                "guardrail:guarded-setting",
+                "search_path changes in the middle of a query string, so later statements in it "
+                "would resolve names differently from how they are checked",
+                "Send SET search_path on its own, then the statements that rely on it.",
+            )
         known.apply(unit)
         infos.append(_info(unit, v))
         if worst is None or model.STRICTNESS[v.verdict] > model.STRICTNESS[worst.verdict]:

@@ -154,6 +154,10 @@ def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPol
         else:
             text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
             start, end = _name_span(tokens, ref.location, with_columns=False)
+            before = [t for t in tokens if t.end < start]
+            if before and before[-1].name == "TABLE":  # `TABLE customers` takes a name, not a subquery
+                start = before[-1].start
+                text = f"SELECT * FROM {sub} AS {quote_ident(ref.rel.name)}"
         splices.append((start, end, text.encode()))
     for start, end, replacement in sorted(splices, reverse=True):
         data = data[:start] + replacement + data[end:]
