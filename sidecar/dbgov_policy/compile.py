@@ -131,7 +131,13 @@ def _unknown_fields(obj: Mapping[str, Any], known: frozenset[str], path: str, ou
 
 
 def _choice(
-    obj: Mapping[str, Any], key: str, *, allowed: Sequence[str], default: str, prefix: str, out: _Collector
+    obj: Mapping[str, Any],
+    key: str,
+    *,
+    allowed: Sequence[str],
+    default: str,
+    prefix: str,
+    out: _Collector,
 ) -> str:
     value = obj.get(key, default)
     if value not in allowed:

@@ -51,4 +51,8 @@ def test_cached_decision_matches_first_sight(case: dict[str, str]) -> None:
     eng = engine.Engine(POLICY)
     first = eng.decide(case["sql"])
     second = eng.decide(case["sql"])
-    assert (second.verdict, second.rule, second.rewritten) == (first.verdict, first.rule, first.rewritten)
+    assert (second.verdict, second.rule, second.rewritten) == (
+        first.verdict,
+        first.rule,
+        first.rewritten,
+    )

@@ -71,7 +71,10 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
             "allowedSettings": {"role": ["x"]},
             "x": 1,
         },
-        "masks": [{"table": "customers", "column": "ssn", "strategy": "shuffle", "keepLast": -1}, "nope"],
+        "masks": [
+            {"table": "customers", "column": "ssn", "strategy": "shuffle", "keepLast": -1},
+            "nope",
+        ],
         "extra": True,
     }
     got = problems(doc)
@@ -104,7 +107,12 @@ def test_a_rule_that_can_never_match_is_an_error() -> None:
         {
             "rules": [
                 {"name": "reads", "verdict": "allow", "statements": ["select"]},
-                {"name": "shadowed", "verdict": "block", "statements": ["select"], "tables": ["secrets"]},
+                {
+                    "name": "shadowed",
+                    "verdict": "block",
+                    "statements": ["select"],
+                    "tables": ["secrets"],
+                },
                 {"name": "ddl", "verdict": "block", "statements": ["ddl"], "tables": ["public.*"]},
                 {
                     "name": "truncate-shadowed",
@@ -130,7 +138,12 @@ def test_a_narrower_earlier_rule_does_not_shadow() -> None:
     policy = policy_compile.compile_policy(
         {
             "rules": [
-                {"name": "one", "verdict": "block", "statements": ["select"], "tables": ["secrets"]},
+                {
+                    "name": "one",
+                    "verdict": "block",
+                    "statements": ["select"],
+                    "tables": ["secrets"],
+                },
                 {"name": "all", "verdict": "allow", "statements": ["select"]},
             ]
         }

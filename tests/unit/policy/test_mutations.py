@@ -18,7 +18,12 @@ from dbgov_policy import engine, model
 
 from .test_cases import CASES, POLICY
 
-KEYWORD_KINDS = {"RESERVED_KEYWORD", "UNRESERVED_KEYWORD", "COL_NAME_KEYWORD", "TYPE_FUNC_NAME_KEYWORD"}
+KEYWORD_KINDS = {
+    "RESERVED_KEYWORD",
+    "UNRESERVED_KEYWORD",
+    "COL_NAME_KEYWORD",
+    "TYPE_FUNC_NAME_KEYWORD",
+}
 Mutation = Callable[[str, random.Random], str]
 
 
