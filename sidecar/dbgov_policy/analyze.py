@@ -368,45 +368,50 @@ class _Walker:
 
     # ---- leaves ------------------------------------------------------------------------
 
-    def resolve(self, schema: str | None, name: str) -> tuple[model.QualifiedName, bool]:
-        """A relation name as PostgreSQL would resolve it, and whether that is ambiguous."""
+    def candidates(self, schema: str | None, name: str) -> tuple[model.QualifiedName, ...]:
+        """Every relation an (unqualified) name may resolve to under the session's search_path.
+
+        Without the catalog dbgov cannot know which schema holds the name, so a statement must
+        be allowed under every candidate, and a masked candidate cannot be rewritten safely.
+        """
         if schema:
-            return model.QualifiedName(schema=schema, name=name), False
+            return (model.QualifiedName(schema=schema, name=name),)
         if name in _pgcatalog.PG_CATALOG_RELATIONS:
-            return model.QualifiedName(schema="pg_catalog", name=name), False
-        first = self.search_path[0] if self.search_path else "public"
-        return model.QualifiedName(schema=first, name=name), len(self.search_path) > 1
+            return (model.QualifiedName(schema="pg_catalog", name=name),)
+        path = self.search_path or ("public",)
+        return tuple(model.QualifiedName(schema=s, name=name) for s in path)
 
     def range_var(self, rv: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
         schema = rv.get("schemaname")
         name = str(rv.get("relname", ""))
         if not schema and name in scope:
             return  # a CTE reference, not a relation
-        rel, ambiguous = self.resolve(schema, name)
+        rels = self.candidates(schema, name)
         alias_node = rv.get("alias")
         alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
-        if rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog":
-            unit.findings.append(
-                Finding(
-                    guard="leaky-catalog",
-                    reason=f"{rel} exposes passwords, other sessions' statements or sampled column values",
-                    hint="Query the application's own tables, or ask a DBA for the specific information.",
+        for rel in rels:
+            if rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog":
+                unit.findings.append(
+                    Finding(
+                        guard="leaky-catalog",
+                        reason=f"{rel} exposes passwords, other sessions' statements or sampled column values",
+                        hint="Query the application's own tables, or ask a DBA for the specific information.",
+                    )
                 )
-            )
-        if role == "read":
-            unit.reads.append(rel)
-            unit.read_refs.append(
-                ReadRef(
-                    rel=rel,
-                    location=-1 if self.in_body else int(rv.get("location", -1)),
-                    alias=alias,
-                    only=not rv.get("inh", False),
-                    ambiguous=ambiguous,
+            if role == "read":
+                unit.reads.append(rel)
+                unit.read_refs.append(
+                    ReadRef(
+                        rel=rel,
+                        location=-1 if self.in_body else int(rv.get("location", -1)),
+                        alias=alias,
+                        only=not rv.get("inh", False),
+                        ambiguous=len(rels) > 1,
+                    )
                 )
-            )
-        else:
-            unit.writes.append(rel)
-            unit.targets.append(TargetRef(rel=rel, alias=alias))
+            else:
+                unit.writes.append(rel)
+                unit.targets.append(TargetRef(rel=rel, alias=alias))
 
     def column_ref(self, fields: dict[str, Any], unit: Unit) -> None:
         for item in fields.get("fields", []):
@@ -534,18 +539,19 @@ class _Walker:
             if f.get("is_from"):
                 self.range_var(rv, unit, scope, "target")
             else:
-                rel, ambiguous = self.resolve(rv.get("schemaname"), str(rv.get("relname", "")))
-                unit.reads.append(rel)
-                unit.read_refs.append(
-                    ReadRef(
-                        rel=rel,
-                        location=int(rv.get("location", -1)),
-                        alias=None,
-                        only=not rv.get("inh", False),
-                        copy_columns=tuple(_strings(f.get("attlist"))),
-                        ambiguous=ambiguous,
+                rels = self.candidates(rv.get("schemaname"), str(rv.get("relname", "")))
+                for rel in rels:
+                    unit.reads.append(rel)
+                    unit.read_refs.append(
+                        ReadRef(
+                            rel=rel,
+                            location=-1 if self.in_body else int(rv.get("location", -1)),
+                            alias=None,
+                            only=not rv.get("inh", False),
+                            copy_columns=tuple(_strings(f.get("attlist"))),
+                            ambiguous=len(rels) > 1,
+                        )
                     )
-                )
         if f.get("query"):
             self.visit(f.get("query"), unit, scope, "target")
         if f.get("whereClause"):
@@ -681,9 +687,9 @@ class _Walker:
             parts = _strings(n[1].get("items")) if n and n[0] == "List" else []
             if not parts:
                 continue
-            rel, _ = self.resolve(parts[-2] if len(parts) > 1 else None, parts[-1])
-            unit.writes.append(rel)
-            unit.targets.append(TargetRef(rel=rel, alias=None))
+            for rel in self.candidates(parts[-2] if len(parts) > 1 else None, parts[-1]):
+                unit.writes.append(rel)
+                unit.targets.append(TargetRef(rel=rel, alias=None))
 
     def _on_RuleStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         rv = f.get("relation")
