@@ -1,12 +1,16 @@
 """``python -m dbgov_operator``: run the operator with settings from the environment.
 
-Several replicas: set ``DBGOV_PEERING`` to a kopf peering name (the kopfpeerings.kopf.dev CRDs
-must be installed); kopf then lets exactly one replica handle resources while every replica
-serves admission requests with the shared certificate. Empty runs standalone, one replica.
+Several replicas use kopf peering, not a separate leader election: set ``DBGOV_PEERING`` to the
+name of a ClusterKopfPeering object (its CRD, clusterkopfpeerings.kopf.dev, must be installed).
+Each replica takes a random peering priority unless ``DBGOV_PEERING_PRIORITY`` is set, so the
+highest one handles resources and the others pause; when it goes, the next one resumes. Every
+replica serves admission requests (they are stateless) with the certificate they share through
+the Secret. An empty ``DBGOV_PEERING`` runs standalone: exactly one replica.
 """
 
 import logging
 import os
+import random
 import sys
 
 import kopf
@@ -34,10 +38,12 @@ def main() -> int:
     runtime.configure(config, client=api_client())
     from dbgov_operator import handlers  # noqa: F401, PLC0415 -- registers the handlers
 
+    priority = config.peering_priority or random.SystemRandom().randint(1, 2**31 - 1)
     kopf.run(
         clusterwide=True,
         standalone=not config.peering,
         peering_name=config.peering or None,
+        priority=priority,
     )
     return 0
 

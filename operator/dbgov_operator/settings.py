@@ -75,6 +75,9 @@ class Settings:
     """Namespaces the webhook never touches."""
     peering: str = ""
     """kopf peering name for several replicas; empty runs standalone (one replica)."""
+    peering_priority: int = 0
+    """kopf peering priority; 0 picks a random one at startup, so that of several replicas
+    exactly one is active (equal priorities would pause them all)."""
     log_level: str = "INFO"
     """Python logging level of the operator process."""
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
@@ -121,6 +124,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
             else DEFAULT_SYSTEM_NAMESPACES
         ),
         peering=env.get("DBGOV_PEERING", ""),
+        peering_priority=int(env.get("DBGOV_PEERING_PRIORITY", "0")),
         log_level=env.get("DBGOV_LOG_LEVEL", Settings().log_level),
         sidecar=sidecar,
         webhook=webhook,
