@@ -79,7 +79,8 @@ def server(config: settings.Settings) -> kopf.WebhookServer:
         "certfile": str(directory / CERT_FILE),
         "pkeyfile": str(directory / KEY_FILE),
         "cafile": str(directory / CA_FILE),
-        "file_check_interval": 10.0,
+        # kopf re-reads the files this often and restarts the listener when they changed.
+        "file_check_interval": min(10.0, hook.rotation_check_seconds),
     }
     if hook.service_name:
         return ServiceWebhookServer(

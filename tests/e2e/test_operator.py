@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime
 import os
 import socket
 import ssl
@@ -25,6 +26,8 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from dbgov_operator import certs
 
 from . import kube
 
@@ -141,6 +144,7 @@ def installed(
         "DBGOV_WEBHOOK_CERT_DIR": str(workdir / "certs"),
         "DBGOV_WEBHOOK_CERT_SECRET": CERT_SECRET,
         "DBGOV_WEBHOOK_CONFIGURATION": configuration,
+        "DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS": "2",
         "DBGOV_LOG_LEVEL": "INFO",
     }
     operator = Operator(env=env, workdir=workdir)
@@ -359,6 +363,51 @@ def test_webhook_ca_bundle_is_the_shared_secrets_ca(installed: Installed) -> Non
         assert base64.b64decode(hook.client_config.ca_bundle) == ca
         assert hook.failure_policy == "Fail"
         assert hook.client_config.url.startswith("https://127.0.0.1:")
+
+
+def _served_certificate(env: Installed) -> bytes:
+    """The DER certificate the webhook server presents right now."""
+    url = env.admission.read_mutating_webhook_configuration(env.configuration).webhooks[0]
+    host, _, port = url.client_config.url.removeprefix("https://").split("/")[0].rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_serving_certificate_due_for_renewal_is_replaced_while_serving(
+    installed: Installed, namespace: str
+) -> None:
+    secret = installed.core.read_namespaced_secret(CERT_SECRET, installed.namespace)
+    data = dict(secret.data)
+    ca = certs.KeyPair(cert_pem=base64.b64decode(data["ca.crt"]), key_pem=base64.b64decode(data["ca.key"]))
+    now = datetime.datetime.now(datetime.UTC)
+    # A serving certificate from the same CA that expires within the renewal window.
+    short = certs.make_serving(ca=ca, hostnames=("127.0.0.1",), now=now, validity=datetime.timedelta(hours=1))
+    data["tls.crt"] = base64.b64encode(short.cert_pem).decode()
+    data["tls.key"] = base64.b64encode(short.key_pem).decode()
+    secret.data = data
+    installed.core.replace_namespaced_secret(CERT_SECRET, installed.namespace, secret)
+
+    def renewed() -> bytes | None:
+        current = installed.core.read_namespaced_secret(CERT_SECRET, installed.namespace)
+        pem = base64.b64decode(current.data["tls.crt"])
+        fresh = pem != short.cert_pem and certs.not_after(pem) > now + datetime.timedelta(days=60)
+        return pem if fresh else None
+
+    pem = wait_for("the operator to renew the serving certificate", renewed)
+    der = ssl.PEM_cert_to_DER_cert(pem.decode())
+    wait_for("the server to present the renewed certificate", lambda: _served_certificate(installed) == der)
+    config = installed.admission.read_mutating_webhook_configuration(installed.configuration)
+    assert base64.b64decode(config.webhooks[0].client_config.ca_bundle) == ca.cert_pem
+    created = installed.core.create_namespaced_pod(namespace, pod("after-renewal", labels=ENROLLED))
+    assert [c.name for c in created.spec.init_containers] == ["dbgov-proxy"]
 
 
 def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, namespace: str) -> None:
