@@ -67,6 +67,26 @@ class Finding:
     hint: str
 
 
+#: Statements refused by kind alone, whatever they name.
+FIXED_FINDINGS: dict[str, Finding] = {
+    "AlterSystemStmt": Finding(
+        guard="alter-system",
+        reason="ALTER SYSTEM rewrites the server's configuration",
+        hint="Server configuration changes go through your database platform team.",
+    ),
+    "LoadStmt": Finding(
+        guard="load-library",
+        reason="LOAD loads a shared library into the database server",
+        hint="Libraries are installed by your database platform team.",
+    ),
+    "CreateSubscriptionStmt": Finding(
+        guard="replication",
+        reason="CREATE SUBSCRIPTION connects the database to another server",
+        hint="Replication is set up by your database platform team.",
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ReadRef:
     """A relation read in a position a masking subquery can take its place."""
@@ -267,6 +287,8 @@ class _Walker:
             return unit
         unit = Unit(cls=self._refine(kind, fields, cls), nested=nested)
         self.units.append(unit)
+        if kind in FIXED_FINDINGS:
+            unit.findings.append(FIXED_FINDINGS[kind])
         handler = getattr(self, f"_on_{kind}", None)
         if handler is not None:
             handler(fields, unit, scope)
@@ -633,33 +655,6 @@ class _Walker:
             values = [_const_text(a) for a in f.get("args", [])]
             value = "?" if any(v is None for v in values) else ",".join(str(v) for v in values)
             unit.settings.append(Setting(name=name, value=value, local=local))
-
-    def _on_AlterSystemStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
-        unit.findings.append(
-            Finding(
-                guard="alter-system",
-                reason="ALTER SYSTEM rewrites the server's configuration",
-                hint="Server configuration changes go through your database platform team.",
-            )
-        )
-
-    def _on_LoadStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
-        unit.findings.append(
-            Finding(
-                guard="load-library",
-                reason="LOAD loads a shared library into the database server",
-                hint="Libraries are installed by your database platform team.",
-            )
-        )
-
-    def _on_CreateSubscriptionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
-        unit.findings.append(
-            Finding(
-                guard="replication",
-                reason="CREATE SUBSCRIPTION connects the database to another server",
-                hint="Replication is set up by your database platform team.",
-            )
-        )
 
     def _on_AlterRoleSetStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._persisted_setting(f, unit)

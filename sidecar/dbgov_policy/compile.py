@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import yaml
@@ -198,18 +198,25 @@ def _table_patterns(value: Any, path: str, out: _Collector) -> tuple[model.Table
     return tuple(patterns)
 
 
-def _rules(value: Any, path: str, out: _Collector) -> tuple[model.Rule, ...]:
+def _entries(
+    value: Any, path: str, *, what: str, fields: frozenset[str], out: _Collector
+) -> Iterator[tuple[int, str, Mapping[str, Any]]]:
+    """The mappings of a list field (index, path, entry), reporting what is not one."""
     if not isinstance(value, list):
-        out.add(path, f"must be a list of rules, got {_kind(value)}")
-        return ()
+        out.add(path, f"must be a list of {what}s, got {_kind(value)}")
+        return
+    for i, raw in enumerate(value):
+        if not isinstance(raw, Mapping):
+            out.add(f"{path}[{i}]", f"a {what} must be a mapping, got {_kind(raw)}")
+            continue
+        _unknown_fields(raw, fields, f"{path}[{i}]", out)
+        yield i, f"{path}[{i}]", raw
+
+
+def _rules(value: Any, path: str, out: _Collector) -> tuple[model.Rule, ...]:
     rules: list[model.Rule] = []
     seen: dict[str, int] = {}
-    for i, raw in enumerate(value):
-        rpath = f"{path}[{i}]"
-        if not isinstance(raw, Mapping):
-            out.add(rpath, f"a rule must be a mapping, got {_kind(raw)}")
-            continue
-        _unknown_fields(raw, RULE_FIELDS, rpath, out)
+    for i, rpath, raw in _entries(value, path, what="rule", fields=RULE_FIELDS, out=out):
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             out.add(f"{rpath}.name", "every rule needs a name (it is what audit events and errors cite)")
@@ -351,17 +358,9 @@ def _guardrails(value: Any, path: str, out: _Collector) -> model.Guardrails:
 
 
 def _masks(value: Any, path: str, out: _Collector) -> tuple[model.Mask, ...]:
-    if not isinstance(value, list):
-        out.add(path, f"must be a list of masks, got {_kind(value)}")
-        return ()
     masks: list[model.Mask] = []
     seen: dict[tuple[model.QualifiedName, str], int] = {}
-    for i, raw in enumerate(value):
-        mpath = f"{path}[{i}]"
-        if not isinstance(raw, Mapping):
-            out.add(mpath, f"a mask must be a mapping, got {_kind(raw)}")
-            continue
-        _unknown_fields(raw, MASK_FIELDS, mpath, out)
+    for i, mpath, raw in _entries(value, path, what="mask", fields=MASK_FIELDS, out=out):
         table = raw.get("table")
         column = raw.get("column")
         qname: model.QualifiedName | None = None
