@@ -30,7 +30,10 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
     """Certificates first, then the webhook server that serves them; state under dbgov.io."""
     global _rotation  # noqa: PLW0603 -- the one rotation task of this process
     config = runtime.current()
-    await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
+    try:
+        await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
+    except webhook.CertificatePending as err:
+        raise kopf.TemporaryError(f"waiting for the webhook certificate: {err}", delay=5) from err
     settings.admission.server = webhook.server(config)
     settings.admission.managed = config.webhook.managed_name
     settings.persistence.finalizer = f"{annotations.PREFIX}/finalizer"

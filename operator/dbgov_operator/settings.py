@@ -55,6 +55,10 @@ class WebhookSettings:
     """Directory the serving certificate, key and CA bundle are written to."""
     cert_secret: str = ""
     """Secret (operator namespace) holding the CA and serving cert, shared by all replicas."""
+    cert_source: str = "operator"
+    """``operator``: the operator makes and renews the certificate (in :attr:`cert_secret` if
+    set); ``cert-manager``: cert-manager issues it into :attr:`cert_secret`, the operator only
+    reads it (and re-reads it at :attr:`rotation_check_seconds`)."""
     cert_validity_days: int = 90
     """Lifetime of a new serving certificate."""
     renew_before_days: int = 30
@@ -108,6 +112,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         url_host=env.get("DBGOV_WEBHOOK_URL_HOST", hook.url_host),
         cert_dir=env.get("DBGOV_WEBHOOK_CERT_DIR", hook.cert_dir),
         cert_secret=env.get("DBGOV_WEBHOOK_CERT_SECRET", hook.cert_secret),
+        cert_source=_choice(env, "DBGOV_WEBHOOK_CERT_SOURCE", ("operator", "cert-manager")),
         cert_validity_days=int(env.get("DBGOV_WEBHOOK_CERT_VALIDITY_DAYS", hook.cert_validity_days)),
         renew_before_days=int(env.get("DBGOV_WEBHOOK_RENEW_BEFORE_DAYS", hook.renew_before_days)),
         managed_name=env.get("DBGOV_WEBHOOK_CONFIGURATION", hook.managed_name),
@@ -138,4 +143,11 @@ def _json(env: Mapping[str, str], key: str, default: Mapping[str, Any]) -> Mappi
     value = json.loads(raw)
     if not isinstance(value, dict):
         raise ValueError(f"{key} must be a JSON object")
+    return value
+
+
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
+    value = env.get(key, choices[0])
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return value

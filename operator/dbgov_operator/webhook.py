@@ -92,10 +92,18 @@ def server(config: settings.Settings) -> kopf.WebhookServer:
     return kopf.WebhookServer(host=hook.url_host, **common)
 
 
+class CertificatePending(Exception):
+    """cert-manager has not issued the webhook certificate yet."""
+
+
 def sync_certificates(
     config: settings.Settings, *, client: Any, now: datetime.datetime
-) -> certs.WebhookCerts:
-    """Load, renew if due, store and write the webhook certificates; return them."""
+) -> certs.WebhookCerts | None:
+    """Load, renew if due, store and write the webhook certificates; return what the operator
+    made (``None`` when cert-manager issues them and the operator only copies them)."""
+    if config.webhook.cert_source == "cert-manager":
+        _copy_issued(config, client=client)
+        return None
     names = hostnames(config)
     life = lifetimes(config)
     if config.webhook.cert_secret:
@@ -117,12 +125,7 @@ def _sync_secret(
     core: Any = kubernetes.client.CoreV1Api(client)  # dict bodies in, models out
     name, namespace = config.webhook.cert_secret, config.namespace
     for _ in range(5):
-        try:
-            secret = core.read_namespaced_secret(name, namespace)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-            secret = None
+        secret = read_secret(client, name=name, namespace=namespace)
         current = _from_secret(secret.data or {}) if secret is not None else None
         material = certs.ensure(current, hostnames=names, now=now, lifetimes=life)
         if material is current:
@@ -142,6 +145,28 @@ def _sync_secret(
         logger.info("Webhook certificate written to Secret %s/%s", namespace, name)
         return material
     raise RuntimeError(f"could not settle the webhook certificate in Secret {namespace}/{name}")
+
+
+def read_secret(client: Any, *, name: str, namespace: str) -> Any:
+    """The Secret, or ``None`` if it does not exist."""
+    try:
+        return kubernetes.client.CoreV1Api(client).read_namespaced_secret(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def _copy_issued(config: settings.Settings, *, client: Any) -> None:
+    """Copy cert-manager's certificate, key and CA from its Secret into the server's files."""
+    name, namespace = config.webhook.cert_secret, config.namespace
+    secret = read_secret(client, name=name, namespace=namespace)
+    data = (secret.data or {}) if secret is not None else {}
+    missing = [key for key in ("tls.crt", "tls.key", "ca.crt") if not data.get(key)]
+    if missing:
+        raise CertificatePending(f"Secret {namespace}/{name} lacks {', '.join(missing)} (yet)")
+    files = {CERT_FILE: "tls.crt", KEY_FILE: "tls.key", CA_FILE: "ca.crt"}
+    _write_bytes(config, {file: base64.b64decode(data[key]) for file, key in files.items()})
 
 
 def _from_secret(data: dict[str, str]) -> certs.WebhookCerts | None:
@@ -190,8 +215,6 @@ def _read_files(config: settings.Settings) -> certs.WebhookCerts | None:
 
 
 def _write_files(config: settings.Settings, material: certs.WebhookCerts) -> None:
-    directory = pathlib.Path(config.webhook.cert_dir)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = {
         CERT_FILE: material.serving.cert_pem,
         KEY_FILE: material.serving.key_pem,
@@ -199,6 +222,12 @@ def _write_files(config: settings.Settings, material: certs.WebhookCerts) -> Non
         "ca-cert.pem": material.ca.cert_pem,
         "ca-key.pem": material.ca.key_pem,
     }
+    _write_bytes(config, files)
+
+
+def _write_bytes(config: settings.Settings, files: dict[str, bytes]) -> None:
+    directory = pathlib.Path(config.webhook.cert_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name, content in files.items():
         path = directory / name
         if path.is_file() and path.read_bytes() == content:

@@ -8,6 +8,7 @@ apiserver calls its webhooks over TLS at 127.0.0.1 (url form: no Service routing
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime
 import os
@@ -99,22 +100,23 @@ class Installed:
     admission: client.AdmissionregistrationV1Api
 
 
-@pytest.fixture(scope="module")
-def installed(
-    kube_cluster: kube.KubeCluster,
-    kube_tools: kube.Tools,
-    dbgov_crds: list[str],
+@contextlib.contextmanager
+def deployed(
+    cluster: kube.KubeCluster,
+    tools: kube.Tools,
+    *,
     helm_home: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    start: bool = True,
 ) -> Iterator[Installed]:
-    """The chart's ServiceAccount and RBAC applied, and the operator running with its token."""
-    workdir = tmp_path_factory.mktemp("operator")
-    release_ns = kube_cluster.create_namespace("dbgov")
-    release = f"op-{uuid.uuid4().hex[:6]}"
+    """Apply the chart's ServiceAccount and RBAC in a fresh release namespace and run the
+    operator with a TokenRequest token for it; stop it and remove its webhooks afterwards."""
+    release_ns = cluster.create_namespace("dbgov")
     rendered = kube.helm(
-        kube_tools,
+        tools,
         "template",
-        release,
+        f"op-{uuid.uuid4().hex[:6]}",
         CHART,
         "--namespace",
         release_ns,
@@ -126,15 +128,15 @@ def installed(
     )
     docs = kube.yaml_documents(rendered.stdout)
     for doc in docs:
-        kube_cluster.apply_manifest(doc, namespace=release_ns)
+        cluster.apply_manifest(doc, namespace=release_ns)
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
-    token = kube_cluster.service_account_token(
-        namespace=release_ns, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
+    token = cluster.service_account_token(
+        namespace=release_ns, name=account, audiences=(cluster.server,), expiration_seconds=3600
     )
-    kubeconfig = _token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
+    kubeconfig = _token_kubeconfig(cluster, token=token, path=workdir / "kubeconfig")
     configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     (port,) = kube.free_ports(1)
-    env = {
+    operator_env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "DBGOV_NAMESPACE": release_ns,
@@ -146,11 +148,11 @@ def installed(
         "DBGOV_WEBHOOK_CONFIGURATION": configuration,
         "DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS": "2",
         "DBGOV_LOG_LEVEL": "INFO",
+        **(env or {}),
     }
-    operator = Operator(env=env, workdir=workdir)
-    api = kube_cluster.api_client()
+    api = cluster.api_client()
     found = Installed(
-        operator=operator,
+        operator=Operator(env=operator_env, workdir=workdir),
         namespace=release_ns,
         service_account=account,
         configuration=configuration,
@@ -160,12 +162,13 @@ def installed(
         admission=client.AdmissionregistrationV1Api(api),
     )
     try:
-        _start(found)
+        if start:
+            _start(found)
         yield found
     finally:
-        operator.stop()
+        found.operator.stop()
         # The webhooks are persistent (they fail closed while the operator is away); the test
-        # session must not keep them once this module's operator is gone.
+        # session must not keep them once this operator is gone.
         for delete in (
             found.admission.delete_mutating_webhook_configuration,
             found.admission.delete_validating_webhook_configuration,
@@ -175,12 +178,31 @@ def installed(
             except ApiException as err:
                 if err.status != 404:
                     raise
-        kube_cluster.delete_namespace(release_ns)
+        cluster.delete_namespace(release_ns)
+
+
+@pytest.fixture(scope="module")
+def installed(
+    kube_cluster: kube.KubeCluster,
+    kube_tools: kube.Tools,
+    dbgov_crds: list[str],
+    helm_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Installed]:
+    """The chart's ServiceAccount and RBAC applied, and the operator running with its token."""
+    workdir = tmp_path_factory.mktemp("operator")
+    with deployed(kube_cluster, kube_tools, helm_home=helm_home, workdir=workdir) as found:
+        yield found
 
 
 def _start(found: Installed) -> None:
     """Start the operator and wait until the apiserver can call both webhooks."""
     found.operator.start()
+    wait_served(found)
+
+
+def wait_served(found: Installed) -> None:
+    """Wait until the webhook configurations name the running operator with a caBundle."""
 
     def served() -> bool:
         assert found.operator.process is not None
@@ -365,7 +387,7 @@ def test_webhook_ca_bundle_is_the_shared_secrets_ca(installed: Installed) -> Non
         assert hook.client_config.url.startswith("https://127.0.0.1:")
 
 
-def _served_certificate(env: Installed) -> bytes:
+def served_certificate(env: Installed) -> bytes:
     """The DER certificate the webhook server presents right now."""
     url = env.admission.read_mutating_webhook_configuration(env.configuration).webhooks[0]
     host, _, port = url.client_config.url.removeprefix("https://").split("/")[0].rpartition(":")
@@ -403,7 +425,7 @@ def test_serving_certificate_due_for_renewal_is_replaced_while_serving(
 
     pem = wait_for("the operator to renew the serving certificate", renewed)
     der = ssl.PEM_cert_to_DER_cert(pem.decode())
-    wait_for("the server to present the renewed certificate", lambda: _served_certificate(installed) == der)
+    wait_for("the server to present the renewed certificate", lambda: served_certificate(installed) == der)
     config = installed.admission.read_mutating_webhook_configuration(installed.configuration)
     assert base64.b64decode(config.webhooks[0].client_config.ca_bundle) == ca.cert_pem
     created = installed.core.create_namespaced_pod(namespace, pod("after-renewal", labels=ENROLLED))

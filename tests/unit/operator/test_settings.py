@@ -39,3 +39,11 @@ def test_chart_environment_is_read() -> None:
 def test_resources_must_be_an_object() -> None:
     with pytest.raises(ValueError, match="DBGOV_SIDECAR_RESOURCES"):
         settings.from_env({"DBGOV_SIDECAR_RESOURCES": "[1]"})
+
+
+def test_cert_source_is_checked() -> None:
+    assert settings.from_env({"DBGOV_WEBHOOK_CERT_SOURCE": "cert-manager"}).webhook.cert_source == (
+        "cert-manager"
+    )
+    with pytest.raises(ValueError, match="DBGOV_WEBHOOK_CERT_SOURCE"):
+        settings.from_env({"DBGOV_WEBHOOK_CERT_SOURCE": "vault"})

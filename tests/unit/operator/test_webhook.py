@@ -25,6 +25,7 @@ def _config(tmp_path: pathlib.Path, **hook: Any) -> settings.Settings:
 def test_files_are_written_and_reused(tmp_path: pathlib.Path) -> None:
     config = _config(tmp_path)
     first = webhook.sync_certificates(config, client=None, now=NOW)
+    assert first is not None
     directory = tmp_path / "certs"
     assert (directory / "tls.crt").read_bytes() == first.serving.cert_pem
     assert (directory / "ca.crt").read_bytes() == first.ca_bundle
@@ -52,6 +53,7 @@ def test_hostnames_follow_the_service(tmp_path: pathlib.Path) -> None:
 def test_server_advertises_url_or_service(tmp_path: pathlib.Path, service: str) -> None:
     config = _config(tmp_path, service_name=service, service_port=443)
     material = webhook.sync_certificates(config, client=None, now=NOW)
+    assert material is not None
     server = webhook.server(config)
 
     async def first_client_config() -> dict[str, Any]:
@@ -76,3 +78,35 @@ def test_server_advertises_url_or_service(tmp_path: pathlib.Path, service: str) 
         assert "url" not in advertised
     else:
         assert advertised["url"].startswith("https://127.0.0.1:")
+
+
+class _Secret:
+    def __init__(self, data: dict[str, str]) -> None:
+        self.data = data
+
+
+def test_cert_manager_source_copies_the_issued_secret(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, cert_source="cert-manager", cert_secret="issued")
+    issued = certs.ensure(None, hostnames=("127.0.0.1",), now=NOW, lifetimes=certs.Lifetimes())
+    data = {
+        "tls.crt": base64.b64encode(issued.serving.cert_pem).decode(),
+        "tls.key": base64.b64encode(issued.serving.key_pem).decode(),
+        "ca.crt": base64.b64encode(issued.ca.cert_pem).decode(),
+    }
+    monkeypatch.setattr(webhook, "read_secret", lambda *_, **__: _Secret(data))
+    assert webhook.sync_certificates(config, client=None, now=NOW) is None
+    directory = tmp_path / "certs"
+    assert (directory / "tls.crt").read_bytes() == issued.serving.cert_pem
+    assert (directory / "ca.crt").read_bytes() == issued.ca.cert_pem
+    assert not (directory / "ca-key.pem").exists()
+
+
+def test_cert_manager_source_waits_for_the_secret(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, cert_source="cert-manager", cert_secret="issued")
+    monkeypatch.setattr(webhook, "read_secret", lambda *_, **__: None)
+    with pytest.raises(webhook.CertificatePending, match=r"lacks tls\.crt, tls\.key, ca\.crt"):
+        webhook.sync_certificates(config, client=None, now=NOW)
