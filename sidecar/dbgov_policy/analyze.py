@@ -476,6 +476,8 @@ class _Walker:
                 )
             if bare == "set_config":
                 self.set_config(fields.get("args", []), unit)
+            if bare in guards.BUILTIN_EFFECTS:
+                unit.extra_classes.add(guards.BUILTIN_EFFECTS[bare])
             if bare not in _pgcatalog.FUNCTIONS:
                 unit.user_functions.append(qualified)
         else:

@@ -130,6 +130,22 @@ DENIED_FUNCTIONS: dict[str, str] = {
     ),
 }
 
+#: Built-in functions that change state: a statement calling one also counts as this class,
+#: so a rule that allows only reads does not cover it.
+BUILTIN_EFFECTS: dict[str, str] = {
+    "setval": "call",
+    "pg_notify": "notify",
+    "pg_stat_reset": "call",
+    "pg_stat_reset_shared": "call",
+    "pg_stat_reset_single_table_counters": "call",
+    "pg_stat_reset_single_function_counters": "call",
+    "pg_stat_reset_slru": "call",
+    "pg_stat_reset_replication_slot": "call",
+    "pg_stat_reset_subscription_stats": "call",
+    "txid_current": "call",
+    "pg_current_xact_id": "call",
+}
+
 #: Name prefixes refused whatever follows (extension families that reach other servers).
 DENIED_FUNCTION_PREFIXES: dict[str, str] = {
     "dblink": "remote-connection",
