@@ -1,7 +1,8 @@
 """Fixtures for e2e tests against a real kube-apiserver (see kube.py).
 
-Every test collected under tests/e2e gets the `e2e` marker and the xdist group "kube", so with
-`--dist loadgroup` they all run on one worker and share one control plane per session.
+Every test collected under tests/e2e gets the `e2e` marker. Each pytest process (each xdist
+worker) starts its own control plane on the first test that needs one: it is ready in seconds,
+and separate ports and data directories keep workers from seeing each other's objects.
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ from . import kube
 E2E_DIR = Path(__file__).parent
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if E2E_DIR in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.e2e)
-            item.add_marker(pytest.mark.xdist_group("kube"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if E2E_DIR in item.path.parents:
+        item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

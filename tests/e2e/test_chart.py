@@ -265,3 +265,41 @@ def test_operator_rbac_grants_what_it_needs_and_no_more(
             except ApiException as err:
                 if err.status != 404:
                     raise
+
+
+def test_helm_install_and_uninstall_keep_the_crds(
+    kube_cluster: kube.KubeCluster,
+    kube_tools: kube.Tools,
+    helm_home: Path,
+    namespace: str,
+    dbgov_crds: list[str],
+) -> None:
+    """helm itself against the apiserver: install, NOTES, status, uninstall with crds.keep."""
+    release = f"r{namespace}"
+    common = ("--namespace", namespace, "--kubeconfig", kube_cluster.kubeconfig)
+    # --take-ownership: the session's CRDs already exist (installed by the dbgov_crds fixture).
+    installed = kube.helm(kube_tools, "install", release, CHART, *common, "--take-ownership", home=helm_home)
+    assert "STATUS: deployed" in installed.stdout
+    assert 'dbgov.io/inject: "true"' in installed.stdout  # NOTES.txt rendered
+    status = json.loads(
+        kube.helm(kube_tools, "status", release, *common, "-o", "json", home=helm_home).stdout
+    )
+    assert status["info"]["status"] == "deployed"
+    apps = client.AppsV1Api(kube_cluster.api_client())
+    rbac = client.RbacAuthorizationV1Api(kube_cluster.api_client())
+    assert apps.read_namespaced_deployment(f"{release}-dbgov", namespace).spec.replicas == 1
+    assert rbac.read_cluster_role(f"{release}-dbgov").rules
+
+    removed = kube.helm(kube_tools, "uninstall", release, *common, home=helm_home)
+    assert "kept due to the resource policy" in removed.stdout
+    for read in (
+        lambda: apps.read_namespaced_deployment(f"{release}-dbgov", namespace),
+        lambda: rbac.read_cluster_role(f"{release}-dbgov"),
+    ):
+        with pytest.raises(ApiException) as info:
+            read()
+        assert info.value.status == 404
+    ext = client.ApiextensionsV1Api(kube_cluster.api_client())
+    for name in dbgov_crds:  # policies survive an uninstall
+        conditions = ext.read_custom_resource_definition(name).status.conditions
+        assert {c.type: c.status for c in conditions}["Established"] == "True"
