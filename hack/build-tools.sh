@@ -49,10 +49,11 @@ build() {
     mkdir -p "$(dirname "${dest}")"
     local start=${SECONDS} ldflags
     ldflags="$("${ldflags_fn}" "${go_bin}")"
-    # Build to a temporary name and rename, so an interrupted build never looks finished.
+    # Build to a temporary name and rename, so an interrupted (or concurrent) build never
+    # leaves a half-written binary under the final name.
     (cd "${moddir}" && "${go_bin}" build -mod=readonly -trimpath -ldflags "-s -w ${ldflags}" \
-      -o "${dest}.tmp" "${pkg}")
-    mv -f "${dest}.tmp" "${dest}"
+      -o "${dest}.tmp.$$" "${pkg}")
+    mv -f "${dest}.tmp.$$" "${dest}"
     log "${name} ${version}: built in $((SECONDS - start))s"
   fi
   printf '%s=%s\n' "${name}" "${dest}"

@@ -181,3 +181,34 @@ def test_policy_spec_covers_the_policy_engine_fields() -> None:
     assert set(props["rules"]["items"]["properties"]) == set(compile_mod.RULE_FIELDS)
     assert set(props["guardrails"]["properties"]) == set(compile_mod.GUARDRAIL_FIELDS)
     assert set(props["masks"]["items"]["properties"]) == set(compile_mod.MASK_FIELDS)
+
+
+def test_pinned_tool_versions_match_the_tool_modules() -> None:
+    """hack/tools/versions.env names the cache directory; go.mod decides what gets built."""
+    tools = REPO / "hack" / "tools"
+    versions = dict(
+        line.split("=", 1)
+        for line in (tools / "versions.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+    def required(module_dir: str, module: str) -> str:
+        match = re.search(
+            rf"^require {re.escape(module)} (\S+)$", (tools / module_dir / "go.mod").read_text(), re.M
+        )
+        assert match, f"{module_dir}/go.mod must require {module} on one line"
+        return match.group(1)
+
+    assert required("kube-apiserver", "k8s.io/kubernetes") == versions["KUBE_VERSION"]
+    assert required("etcd", "go.etcd.io/etcd/server/v3") == versions["ETCD_VERSION"]
+    assert required("helm", "helm.sh/helm/v3") == versions["HELM_VERSION"]
+    # Every staging module points at the tag that matches the release (v1.34.4 -> v0.34.4).
+    staging = "v0." + versions["KUBE_VERSION"].split(".", 1)[1]
+    replaces = re.findall(
+        r"^\t(k8s\.io/\S+) => (k8s\.io/\S+) (\S+)$", (tools / "kube-apiserver" / "go.mod").read_text(), re.M
+    )
+    assert len(replaces) >= 29
+    assert [r for r in replaces if r[0] != r[1] or r[2] != staging] == []
+    # go.sum is committed so a fresh machine builds with -mod=readonly.
+    for module_dir in ("kube-apiserver", "etcd", "helm"):
+        assert (tools / module_dir / "go.sum").stat().st_size > 0
