@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,9 @@ class Process:
             self.popen.wait(timeout=timeout)
 
 
-def _wait_until(*, what: str, process: Process, probe: Any, timeout: float = READY_TIMEOUT_S) -> None:
+def _wait_until(
+    *, what: str, process: Process, probe: Callable[[], bool], timeout: float = READY_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout
     last_error = ""
     while time.monotonic() < deadline:
@@ -532,7 +534,9 @@ class KubeCluster:
         if self._api_client is None:
             from kubernetes import config
 
-            self._api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+            self._api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=str(self.kubeconfig)
+            )
         return self._api_client
 
     def dynamic(self) -> Any:
@@ -540,7 +544,7 @@ class KubeCluster:
         if self._dynamic is None:
             from kubernetes import dynamic
 
-            self._dynamic = dynamic.DynamicClient(self.api_client())
+            self._dynamic = dynamic.DynamicClient(self.api_client())  # type: ignore[no-untyped-call]
         return self._dynamic
 
     def version(self) -> dict[str, Any]:
@@ -593,8 +597,9 @@ class KubeCluster:
         response = client.CoreV1Api(self.api_client()).create_namespaced_service_account_token(
             name, namespace, request
         )
-        token: str = response.status.token
-        return token
+        if response.status is None or not response.status.token:
+            raise RuntimeError(f"TokenRequest for {namespace}/{name} returned no token")
+        return str(response.status.token)
 
     def apply_manifest(
         self,
@@ -625,7 +630,8 @@ class KubeCluster:
         while pending and time.monotonic() < deadline:
             for name in sorted(pending):
                 status = api.read_custom_resource_definition(name).status
-                if any(c.type == "Established" and c.status == "True" for c in status.conditions or []):
+                conditions = (status.conditions if status else None) or []
+                if any(c.type == "Established" and c.status == "True" for c in conditions):
                     pending.discard(name)
             if pending:
                 time.sleep(0.2)
