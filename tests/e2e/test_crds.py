@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from dbgov_policy import compile as policy_compile
 
 from . import kube
 
@@ -182,6 +186,39 @@ def test_invalid_policy_is_rejected_by_the_schema(
     message = rejected(lambda: create(api, namespace, policy(**change)))
     assert field in message
     assert expect in message
+    if "subjects" not in change:  # cluster-only field; everything else the compiler judges too
+        with pytest.raises(policy_compile.PolicyInvalid) as problems:
+            policy_compile.compile_policy(policy(**change))
+        assert any(str(p).startswith(field) for p in problems.value.problems), problems.value
+
+
+@pytest.mark.parametrize(
+    "local_file",
+    [
+        kube.REPO_ROOT / "examples" / "policy.yaml",
+        kube.REPO_ROOT / "tests" / "unit" / "policy" / "policy.yaml",
+    ],
+    ids=lambda p: str(p.relative_to(kube.REPO_ROOT)),
+)
+def test_a_local_policy_file_works_unchanged_in_the_cluster(
+    api: client.CustomObjectsApi, namespace: str, local_file: Path
+) -> None:
+    """The laptop policy is the spec: stored as-is (nothing pruned) and compiled identically."""
+    local = yaml.safe_load(local_file.read_text())
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DatabaseAccessPolicy",
+        "metadata": {"name": "from-file"},
+        "spec": {
+            **copy.deepcopy(local),
+            "subjects": {"serviceAccounts": ["app"]},
+            "databaseRef": {"name": "shop"},
+        },
+    }
+    stored = create(api, namespace, body)
+    spec = {k: v for k, v in stored["spec"].items() if k not in {"subjects", "databaseRef"}}
+    assert spec == {"mode": "enforce", **local}  # only the schema default may be added
+    assert policy_compile.compile_policy(stored) == policy_compile.compile_policy(local)
 
 
 def test_unknown_fields_are_refused_not_pruned(api: client.CustomObjectsApi, namespace: str) -> None:
