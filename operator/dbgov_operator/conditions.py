@@ -25,7 +25,7 @@ def policy_status(
     """The status for a policy at ``generation`` given its problems and where it is bound."""
     old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
     if problems:
-        listing = "; ".join(str(p) for p in problems)
+        listing = "; ".join(describe(p) for p in problems)
         valid = _condition(POLICY_VALID, "False", "Invalid", listing, generation)
         ready = _condition(READY, "False", "PolicyInvalid", "the policy binds nothing", generation)
     else:
@@ -39,6 +39,12 @@ def policy_status(
         "boundWorkloads": len(bound),
         "workloads": list(bound),
     }
+
+
+def describe(problem: policy_compile.Problem) -> str:
+    """A problem with its path from the object's root (``spec.rules[0]...``), as users see it
+    in kubectl and in the admission error alike."""
+    return f"spec.{problem}" if problem.path else str(problem)
 
 
 def same(status: Mapping[str, Any] | None, desired: PolicyStatus) -> bool:

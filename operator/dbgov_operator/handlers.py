@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import kopf
 
-from dbgov_operator import annotations, injection, kubeapi, reconcile, runtime, webhook
+from dbgov_operator import annotations, conditions, injection, kubeapi, reconcile, runtime, webhook
 
 POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.POLICIES)
 POD_INJECTION_ID = "inject.pods.dbgov.io"
@@ -76,11 +76,17 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
 # persistent: the configurations keep these webhooks while the operator restarts, so requests
 # fail (closed) instead of slipping through un-injected or unvalidated.
 @kopf.on.validate(*POLICY, id=POLICY_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True)
-def validate_policy(spec: kopf.Spec, **_: Any) -> None:
+def validate_policy(spec: kopf.Spec, **kwargs: Any) -> None:
     """Refuse a policy that cannot take effect, listing every problem with its field path."""
+    old: kopf.Body | None = kwargs.get("old")  # None on CREATE
+    if old is not None and old.get("spec") == dict(spec):
+        # Metadata-only updates (finalizers, annotations) of a policy stored before it became
+        # invalid -- e.g. under an older, laxer compiler -- must still go through, or it could
+        # not even be deleted; its status already says what is wrong with it.
+        return
     problems = reconcile.problems(dict(spec))
     if problems:
-        listing = "\n".join(f"  - spec.{p}" if p.path else f"  - {p}" for p in problems)
+        listing = "\n".join(f"  - {conditions.describe(p)}" for p in problems)
         raise kopf.AdmissionError(
             f"DatabaseAccessPolicy is invalid ({len(problems)} problem(s)):\n{listing}", code=422
         )

@@ -134,7 +134,7 @@ def _write_status(
     before = {c.get("type"): c for c in policy.status.get("conditions") or []}
     if (before.get(conditions.READY) or {}).get("status") != ready["status"]:
         if problems:
-            message = "; ".join(f"spec.{p}" if p.path else str(p) for p in problems)
+            message = "; ".join(map(conditions.describe, problems))
             emit(policy.body, "Warning", "PolicyInvalid", message)
         else:
             emit(policy.body, "Normal", "PolicyReady", ready["message"])
