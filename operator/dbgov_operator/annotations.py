@@ -37,7 +37,8 @@ sidecar's default resource requirements."""
 
 DATABASE: Final = f"{PREFIX}/database"
 """Pod annotation, set by users: the name of the ``Database`` resource (same namespace) the
-sidecar connects to, when the upstream is not given by :data:`DATABASE_URL_ENV`."""
+pod uses. The sidecar loads only the policies whose ``databaseRef`` names it, and connects to it
+when the upstream is not given by :data:`DATABASE_URL_ENV`."""
 
 PROXY_PORT: Final = f"{PREFIX}/proxy-port"
 """Pod annotation, set by users: the loopback port the proxy listens on (default 5432)."""

@@ -213,7 +213,7 @@ def _sidecar_container(
 ) -> Container:
     env: list[EnvVar] = [
         {"name": "DBGOV_LISTEN", "value": f"{LOOPBACK}:{overrides.proxy_port}"},
-        {"name": "DBGOV_POLICY_FILE", "value": f"{POLICY_DIR}/{POLICY_KEY}"},
+        {"name": "DBGOV_POLICY_FILE", "value": f"{POLICY_DIR}/{_policy_file(overrides.database)}"},
         {"name": "DBGOV_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "DBGOV_TOKEN_AUDIENCE", "value": sidecar.token_audience},
         _field_env("DBGOV_POD_NAME", "metadata.name"),
@@ -240,6 +240,11 @@ def _sidecar_container(
             {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
         ],
     }
+
+
+def _policy_file(database: str | None) -> str:
+    # Same names as bundle.database_key; kept here so injection stays free of the compiler.
+    return f"policy.{database}.yaml" if database else POLICY_KEY
 
 
 def _field_env(name: str, path: str) -> EnvVar:

@@ -451,6 +451,9 @@ def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, 
     assert status["boundWorkloads"] == 1
     assert status["workloads"] == [{"kind": "ServiceAccount", "name": "orders", "serviceAccount": "orders"}]
     config_map = wait_for("the orders bundle", lambda: bundle(installed, namespace, "orders"))
+    # One database: the per-database file and the default file carry the same policy.
+    assert set(config_map.data) == {"policy.yaml", "policy.orders-db.yaml"}
+    assert config_map.data["policy.yaml"] == config_map.data["policy.orders-db.yaml"]
     merged = yaml.safe_load(config_map.data["policy.yaml"])
     assert merged["rules"] == [{"name": "orders-read/read", "verdict": "allow", "statements": ["select"]}]
     assert config_map.metadata.annotations["dbgov.io/policies"] == "orders-read"

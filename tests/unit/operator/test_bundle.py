@@ -31,7 +31,7 @@ def test_service_account_subject_binds_even_before_pods_exist() -> None:
     assert (only.service_account, only.config_map) == ("orders", "dbgov-policy-orders")
     assert only.policies == ("read-orders",)
     assert plan.bound == {"read-orders": ("orders",)}
-    merged = yaml.safe_load(only.text)
+    merged = yaml.safe_load(only.files["policy.yaml"])
     assert merged["rules"][0]["name"] == "read-orders/read"
 
 
@@ -52,7 +52,7 @@ def test_several_policies_merge_in_name_order() -> None:
     plan = bundle.plan([_policy("zz-agents", agents), _policy("read-orders", READ_ORDERS)], [], prefix="p-")
     (only,) = plan.bundles
     assert only.policies == ("read-orders", "zz-agents")
-    merged = yaml.safe_load(only.text)
+    merged = yaml.safe_load(only.files["policy.yaml"])
     assert [r["name"] for r in merged["rules"]] == ["read-orders/read", "zz-agents/read"]
     assert merged["masks"] == AGENTS["masks"]
 
@@ -66,8 +66,8 @@ def test_invalid_policy_binds_nothing_and_known_accounts_fall_back_to_block() ->
     )
     (only,) = plan.bundles
     assert only.policies == ()
-    assert yaml.safe_load(only.text)["default"] == "block"
-    assert "no policy binds" in only.text
+    assert yaml.safe_load(only.files["policy.yaml"])["default"] == "block"
+    assert "no policy binds" in only.files["policy.yaml"]
     assert plan.bound == {"read-orders": ()}
 
 
@@ -135,3 +135,56 @@ def test_subject_problems_have_field_paths(raw: Any, paths: list[str]) -> None:
     spec = {} if raw is None else {"subjects": raw}
     _, problems = bundle.subjects(spec)
     assert [p.path for p in problems] == paths
+
+
+def _on(database: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {**spec, "databaseRef": {"name": database}}
+
+
+def test_one_database_fills_both_files() -> None:
+    plan = bundle.plan([_policy("read-orders", _on("orders-db", READ_ORDERS))], [], prefix="p-")
+    (only,) = plan.bundles
+    assert set(only.files) == {"policy.yaml", "policy.orders-db.yaml"}
+    assert only.files["policy.yaml"] == only.files["policy.orders-db.yaml"]
+
+
+def test_several_databases_get_a_file_each_and_policy_yaml_blocks() -> None:
+    analytics = _on("analytics", {**AGENTS, "subjects": {"serviceAccounts": ["orders"]}})
+    plan = bundle.plan(
+        [_policy("read-orders", _on("orders-db", READ_ORDERS)), _policy("analytics", analytics)],
+        [],
+        prefix="p-",
+    )
+    (only,) = plan.bundles
+    assert set(only.files) == {"policy.yaml", "policy.orders-db.yaml", "policy.analytics.yaml"}
+    orders = yaml.safe_load(only.files["policy.orders-db.yaml"])
+    assert [r["name"] for r in orders["rules"]] == ["read-orders/read"]
+    assert orders["masks"] == []
+    analytics_file = yaml.safe_load(only.files["policy.analytics.yaml"])
+    assert [r["name"] for r in analytics_file["rules"]] == ["analytics/read"]
+    fallback = only.files["policy.yaml"]
+    assert "several databases (analytics, orders-db)" in fallback
+    assert (yaml.safe_load(fallback)["default"], yaml.safe_load(fallback)["rules"]) == ("block", [])
+
+
+def test_a_policy_without_database_applies_to_every_database_file() -> None:
+    generic = {**AGENTS, "subjects": {"serviceAccounts": ["orders"]}}
+    plan = bundle.plan(
+        [
+            _policy("read-orders", _on("orders-db", READ_ORDERS)),
+            _policy("analytics", _on("analytics", READ_ORDERS)),
+            _policy("everywhere", generic),
+        ],
+        [],
+        prefix="p-",
+    )
+    (only,) = plan.bundles
+    for key in ("policy.orders-db.yaml", "policy.analytics.yaml", "policy.yaml"):
+        assert "everywhere/read" in only.files[key], key
+
+
+def test_injection_names_the_same_database_file() -> None:
+    from dbgov_operator import injection
+
+    assert injection._policy_file("orders-db") == bundle.database_key("orders-db")
+    assert injection._policy_file(None) == bundle.BUNDLE_KEY
