@@ -51,6 +51,8 @@ class Workload:
 
     service_account: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    database: str = ""
+    """The ``dbgov.io/database`` annotation ("" if none): its bundle file must exist."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,7 +164,7 @@ def plan(
                 service_account=account,
                 config_map=prefix + account,
                 policies=names,
-                files=_files(binding),
+                files=_files(binding, wanted={w.database for w in workloads if w.service_account == account}),
             )
         )
     return Plan(bundles=tuple(bundles), bound={k: tuple(v) for k, v in bound.items()})
@@ -179,13 +181,16 @@ def database(spec: Mapping[str, Any]) -> str:
     return str(ref.get("name") or "") if isinstance(ref, Mapping) else ""
 
 
-def _files(binding: Sequence[Policy]) -> dict[str, str]:
-    """Bundle files for the policies (sorted by name) that bind one ServiceAccount."""
+def _files(binding: Sequence[Policy], *, wanted: Iterable[str] = ()) -> dict[str, str]:
+    """Bundle files for the policies (sorted by name) that bind one ServiceAccount, with a file
+    for every database in ``wanted`` (what its pods name) even if no policy is about it."""
     generic = [p for p in binding if not database(p.spec)]
-    databases = sorted({database(p.spec) for p in binding} - {""})
+    governed = {database(p.spec) for p in binding} - {""}
     files = {
-        database_key(db): _render([p for p in binding if database(p.spec) in ("", db)]) for db in databases
+        database_key(db): _render([p for p in binding if database(p.spec) in ("", db)])
+        for db in sorted(governed | (set(wanted) - {""}))
     }
+    databases = sorted(governed)
     if len(databases) <= 1:
         files[BUNDLE_KEY] = _render(binding)
     else:

@@ -91,7 +91,11 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
     spec["initContainers"] = [container, *spec.get("initContainers", [])]
     spec["volumes"] = [
         *spec.get("volumes", []),
-        *_volumes(sidecar=sidecar, bundle=sidecar.bundle_prefix + service_account),
+        *_volumes(
+            sidecar=sidecar,
+            bundle=sidecar.bundle_prefix + service_account,
+            key=_policy_file(overrides.database),
+        ),
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
     return Injection(pod=out, warnings=warnings)
@@ -155,30 +159,43 @@ def _parse_resources(raw: str) -> dict[str, Any]:
 
 def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> tuple[list[EnvVar], tuple[str, ...]]:
     """Point every app container at the proxy; return the sidecar's upstream env and warnings."""
-    upstream: list[EnvVar] = []
-    found_url = False
+    url: Mapping[str, Any] | None = None
+    pg: dict[str, Mapping[str, Any]] = {}
     for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
         env: list[dict[str, Any]] = container.setdefault("env", [])
         for name, value in (("PGHOST", LOOPBACK), ("PGPORT", str(overrides.proxy_port))):
             original = _set_env(env, name, value)
-            if original is not None and not any(u["name"] == f"DBGOV_UPSTREAM_{name}" for u in upstream):
-                upstream.append(_renamed(original, f"DBGOV_UPSTREAM_{name}"))
-        if overrides.url_env is None:
-            continue
+            if original is not None:
+                pg.setdefault(name, original)
         for var in env:
-            if var.get("name") != overrides.url_env:
-                continue
-            if not found_url:
-                upstream.append(_renamed(var, "DBGOV_UPSTREAM_URL"))
-                found_url = True
-            _repoint_url(var, port=overrides.proxy_port)
+            if overrides.url_env is not None and var.get("name") == overrides.url_env:
+                url = url or dict(var)
+                _repoint_url(var, port=overrides.proxy_port)
     warnings: tuple[str, ...] = ()
-    if overrides.url_env is not None and not found_url:
+    if overrides.url_env is not None and url is None:
         warnings = (
             f"{annotations.DATABASE_URL_ENV}: no container sets {overrides.url_env} in env; "
             "it was left unchanged (variables from envFrom cannot be rewritten)",
         )
-    return upstream, warnings
+    return _upstream(url=url, pg=pg), warnings
+
+
+def _upstream(*, url: Mapping[str, Any] | None, pg: Mapping[str, Mapping[str, Any]]) -> list[EnvVar]:
+    """The sidecar's DBGOV_UPSTREAM: the app's own URL, or one built from its PGHOST/PGPORT."""
+    if url is not None:
+        return [_renamed(url, "DBGOV_UPSTREAM")]
+    if "PGHOST" not in pg:
+        return []  # the sidecar finds its database from dbgov.io/database instead
+    port: EnvVar = {"name": "DBGOV_UPSTREAM_PGPORT", "value": "5432"}
+    if "PGPORT" in pg:
+        port = _renamed(pg["PGPORT"], "DBGOV_UPSTREAM_PGPORT")
+    # $(VAR) expands variables defined earlier in the same container, even from Secrets.
+    composed = "postgresql://$(DBGOV_UPSTREAM_PGHOST):$(DBGOV_UPSTREAM_PGPORT)"
+    return [
+        _renamed(pg["PGHOST"], "DBGOV_UPSTREAM_PGHOST"),
+        port,
+        {"name": "DBGOV_UPSTREAM", "value": composed},
+    ]
 
 
 def _set_env(env: list[dict[str, Any]], name: str, value: str) -> dict[str, Any] | None:
@@ -213,7 +230,7 @@ def _sidecar_container(
 ) -> Container:
     env: list[EnvVar] = [
         {"name": "DBGOV_LISTEN", "value": f"{LOOPBACK}:{overrides.proxy_port}"},
-        {"name": "DBGOV_POLICY_FILE", "value": f"{POLICY_DIR}/{_policy_file(overrides.database)}"},
+        {"name": "DBGOV_POLICY", "value": f"{POLICY_DIR}/{_policy_file(overrides.database)}"},
         {"name": "DBGOV_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "DBGOV_TOKEN_AUDIENCE", "value": sidecar.token_audience},
         _field_env("DBGOV_POD_NAME", "metadata.name"),
@@ -251,7 +268,7 @@ def _field_env(name: str, path: str) -> EnvVar:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _volumes(*, sidecar: settings.SidecarSettings, bundle: str) -> list[Volume]:
+def _volumes(*, sidecar: settings.SidecarSettings, bundle: str, key: str) -> list[Volume]:
     token: Volume = {
         "name": TOKEN_VOLUME,
         "projected": {
@@ -266,9 +283,14 @@ def _volumes(*, sidecar: settings.SidecarSettings, bundle: str) -> list[Volume]:
             ]
         },
     }
-    # optional: the pod may start before any policy binds its ServiceAccount; the sidecar
-    # refuses every statement until the bundle appears (fail closed), then reloads it.
-    policy: Volume = {"name": POLICY_VOLUME, "configMap": {"name": bundle, "optional": True}}
+    # Fail closed without trusting the sidecar to: the kubelet will not start the pod until
+    # the operator has written this ConfigMap *with this key* (it does so for every enrolled
+    # pod's ServiceAccount and database as soon as the pod exists), so the proxy never runs
+    # without its policy. Later bundle changes still reach the mounted file.
+    policy: Volume = {
+        "name": POLICY_VOLUME,
+        "configMap": {"name": bundle, "optional": False, "items": [{"key": key, "path": key}]},
+    }
     return [token, policy]
 
 

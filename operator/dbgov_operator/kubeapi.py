@@ -80,6 +80,7 @@ class KubeApi:
             bundle.Workload(
                 service_account=pod.spec.service_account_name or "default",
                 labels=dict(pod.metadata.labels or {}),
+                database=(pod.metadata.annotations or {}).get(annotations.DATABASE, ""),
             )
             for pod in pods.items
         ]

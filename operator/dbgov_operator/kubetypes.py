@@ -67,9 +67,15 @@ class ProjectedVolumeSource(TypedDict):
     sources: list[VolumeProjection]
 
 
+class KeyToPath(TypedDict):
+    key: str
+    path: str
+
+
 class ConfigMapVolumeSource(TypedDict):
     name: str
     optional: bool
+    items: list[KeyToPath]
 
 
 class Volume(TypedDict):

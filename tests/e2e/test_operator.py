@@ -651,13 +651,30 @@ def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace
         assert seen.metadata.annotations["dbgov.io/status"] == "injected"
         volumes = {v.name: v for v in seen.spec.volumes}
         assert volumes["dbgov-policy"].config_map.name == "dbgov-policy-orders"
+        assert volumes["dbgov-policy"].config_map.optional is False
+        assert [i.key for i in volumes["dbgov-policy"].config_map.items] == ["policy.yaml"]
         projected = volumes["dbgov-token"].projected.sources[0].service_account_token
         assert projected.audience == "dbgov"
         env = {e.name: e.value for e in seen.spec.containers[0].env}
         assert env["PGHOST"] == "127.0.0.1"
         assert env["DATABASE_URL"] == "postgresql://orders@127.0.0.1:5432/orders"
         upstream = {e.name: e.value for e in sidecar.env}
-        assert upstream["DBGOV_UPSTREAM_URL"] == "postgresql://orders@db.prod:5432/orders"
+        assert upstream["DBGOV_UPSTREAM"] == "postgresql://orders@db.prod:5432/orders"
+
+
+def test_a_new_pod_gets_the_bundle_file_it_mounts(installed: Installed, namespace: str) -> None:
+    # No policy binds this ServiceAccount or is about this database, yet the pod's volume
+    # needs the file: the operator writes one that refuses everything, so the pod can start
+    # (fail closed) instead of waiting forever or running without a policy.
+    app = pod("reports", labels=ENROLLED, annotations={"dbgov.io/database": "reports-db"})
+    app["spec"]["serviceAccountName"] = "reporting"
+    created = installed.core.create_namespaced_pod(namespace, app)
+    volume = next(v for v in created.spec.volumes if v.name == "dbgov-policy")
+    assert [i.key for i in volume.config_map.items] == ["policy.reports-db.yaml"]
+    found = wait_for("the reporting bundle", lambda: bundle(installed, namespace, "reporting"))
+    assert set(found.data) == {"policy.yaml", "policy.reports-db.yaml"}
+    merged = yaml.safe_load(found.data["policy.reports-db.yaml"])
+    assert (merged["default"], merged["rules"]) == ("block", [])
 
 
 def test_second_admission_does_not_inject_twice(installed: Installed, namespace: str) -> None:

@@ -188,3 +188,13 @@ def test_injection_names_the_same_database_file() -> None:
 
     assert injection._policy_file("orders-db") == bundle.database_key("orders-db")
     assert injection._policy_file(None) == bundle.BUNDLE_KEY
+
+
+def test_pods_get_a_file_for_the_database_they_name() -> None:
+    pods = [bundle.Workload(service_account="orders", database="reports")]
+    plan = bundle.plan([_policy("read-orders", _on("orders-db", READ_ORDERS))], pods, prefix="p-")
+    (only,) = plan.bundles
+    assert set(only.files) == {"policy.yaml", "policy.orders-db.yaml", "policy.reports.yaml"}
+    reports = yaml.safe_load(only.files["policy.reports.yaml"])
+    assert (reports["default"], reports["rules"]) == ("block", [])
+    assert yaml.safe_load(only.files["policy.yaml"])["rules"] != []
