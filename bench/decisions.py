@@ -12,31 +12,35 @@ import pathlib
 import statistics
 import time
 
+import yaml
+
 from dbgov_policy import compile as policy_compile
 from dbgov_policy import engine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 OLTP = (
-    "SELECT id, customer_id, product_id, qty FROM orders WHERE id = {n}",
-    "SELECT o.id, p.name FROM orders o JOIN products p ON p.id = o.product_id WHERE o.customer_id = {n} ORDER BY o.id DESC LIMIT 20",
-    "INSERT INTO orders (customer_id, product_id, qty) VALUES ({n}, 2, 3)",
-    "UPDATE orders SET qty = qty + 1 WHERE id = {n}",
-    "DELETE FROM orders WHERE id = {n}",
-    "SELECT name, email FROM customers WHERE id = {n}",
-    "SELECT count(*) FROM orders WHERE customer_id = {n} AND qty > 1",
+    "SELECT id, customer_id, product_id, quantity FROM shop.orders WHERE id = {n}",
+    "SELECT o.id, p.name FROM shop.orders o JOIN shop.products p ON p.id = o.product_id WHERE o.customer_id = {n} ORDER BY o.id DESC LIMIT 20",
+    "INSERT INTO shop.orders (customer_id, product_id, quantity) VALUES ({n}, 2, 3)",
+    "UPDATE shop.orders SET quantity = quantity + 1 WHERE id = {n}",
+    "DELETE FROM shop.orders WHERE id = {n}",
+    "SELECT name, email FROM shop.customers WHERE id = {n}",
+    "SELECT count(*) FROM shop.orders WHERE customer_id = {n} AND quantity > 1",
     "BEGIN",
     "COMMIT",
     "SELECT abalance FROM pgbench_accounts WHERE aid = {n}",
     "UPDATE pgbench_accounts SET abalance = abalance + {n} WHERE aid = 7",
-    "SELECT p.id, p.name, sum(o.qty) FROM products p LEFT JOIN orders o ON o.product_id = p.id WHERE p.id IN ({n}, 2, 3) GROUP BY p.id, p.name",
+    "SELECT p.id, p.name, sum(o.quantity) FROM shop.products p LEFT JOIN shop.orders o ON o.product_id = p.id WHERE p.id IN ({n}, 2, 3) GROUP BY p.id, p.name",
 )
 
 
 def main() -> dict[str, float]:
-    policy = policy_compile.load_policy_text(
-        (ROOT / "examples" / "policy.yaml").read_text(), mask_key="bench"
+    spec = yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())
+    spec["rules"].append(
+        {"name": "pgbench", "verdict": "allow", "statements": ["select", "update"], "tables": ["pgbench_*"]}
     )
+    policy = policy_compile.compile_policy(spec, mask_key="bench")
     first: list[float] = []
     for template in OLTP:
         sql = template.format(n=1)

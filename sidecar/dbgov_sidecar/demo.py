@@ -17,28 +17,28 @@ from dbgov_sidecar import check_cli, policyfile
 EXAMPLE_POLICY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
 
 AGENT_SESSION: tuple[tuple[str, str], ...] = (
-    ("an allowed read", "SELECT id, product_id, qty FROM orders WHERE customer_id = 42"),
-    ("PII comes back masked", "SELECT name, email, ssn FROM customers WHERE id = 42"),
+    ("an allowed read", "SELECT id, product_id, quantity FROM shop.orders WHERE customer_id = 42"),
+    ("PII comes back masked", "SELECT name, email, ssn FROM shop.customers WHERE id = 42"),
     (
         "masking survives aliases and whole-row references",
-        "SELECT row_to_json(c) FROM customers AS c",
+        "SELECT row_to_json(c) FROM shop.customers AS c",
     ),
     (
         "a predicate oracle on a masked column only sees masked values",
-        "SELECT count(*) FROM customers WHERE ssn LIKE '123%'",
+        "SELECT count(*) FROM shop.customers WHERE ssn LIKE '123%'",
     ),
-    ("a DROP is refused", "DROP TABLE orders"),
-    ("an unbounded DELETE is refused", "DELETE FROM orders WHERE 1 = 1"),
-    ("a bounded DELETE is fine", "DELETE FROM orders WHERE id = 17"),
+    ("a DROP is refused", "DROP TABLE shop.orders"),
+    ("an unbounded DELETE is refused", "DELETE FROM shop.orders WHERE 1 = 1"),
+    ("a bounded DELETE is fine", "DELETE FROM shop.orders WHERE id = 17"),
     (
         "changing customer data needs a human",
-        "UPDATE customers SET email = 'new@example.com' WHERE id = 42",
+        "UPDATE shop.customers SET email = 'new@example.com' WHERE id = 42",
     ),
     ("no privilege games", "SET ROLE postgres"),
     ("no reading server files", "SELECT pg_read_file('/etc/passwd')"),
     (
         "a statement hidden in a CTE is judged as itself",
-        "WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone",
+        "WITH gone AS (DELETE FROM shop.orders RETURNING *) SELECT count(*) FROM gone",
     ),
 )
 

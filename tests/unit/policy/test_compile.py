@@ -24,10 +24,10 @@ def test_example_policy_compiles() -> None:
     assert policy.mode == "enforce" and policy.default == "block"
     assert [r.name for r in policy.rules][:2] == ["no-ddl", "read-shop"]
     assert policy.guardrails.require_where == {"update", "delete"}
-    assert policy.guardrails.max_rows_affected == 1000
+    assert policy.guardrails.max_rows_affected == 100
     ssn = next(m for m in policy.masks if m.column == "ssn")
     assert (ssn.table, ssn.strategy, ssn.keep_last) == (
-        model.QualifiedName(schema="public", name="customers"),
+        model.QualifiedName(schema="shop", name="customers"),
         "partial",
         4,
     )
