@@ -68,8 +68,9 @@ def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> No
 
 @kopf.on.event("v1", "pods", labels=ENROLLED)
 def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """A new or gone enrolled pod may change which ServiceAccounts a podSelector binds."""
-    if type in ("ADDED", "DELETED"):
+    """A new or gone enrolled pod may need a bundle, or change what a podSelector binds."""
+    excluded = injection.excluded(namespace or "", config=runtime.current())
+    if type in ("ADDED", "DELETED") and excluded is None:
         _reconcile(namespace, logger)
 
 

@@ -59,14 +59,22 @@ class _Overrides:
     url_env: str | None
 
 
+def excluded(namespace: str, *, config: settings.Settings) -> str | None:
+    """Why dbgov never touches pods in ``namespace`` (``None`` if it may)."""
+    if namespace in config.system_namespaces:
+        return f"system namespace {namespace}"
+    if namespace == config.namespace:
+        return "the operator's own namespace"
+    return None
+
+
 def decide(pod: Mapping[str, Any], *, namespace: str, config: settings.Settings) -> Decision:
     """Decide whether ``pod`` (being created in ``namespace``) gets the sidecar."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
-    if namespace in config.system_namespaces:
-        return Decision(inject=False, reason=f"system namespace {namespace}")
-    if namespace == config.namespace:
-        return Decision(inject=False, reason="the operator's own namespace")
+    reason = excluded(namespace, config=config)
+    if reason is not None:
+        return Decision(inject=False, reason=reason)
     if labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
         return Decision(inject=False, reason=f"not labeled {annotations.INJECT}=true")
     if (meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED:

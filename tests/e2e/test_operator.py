@@ -699,12 +699,22 @@ def test_unlabeled_pod_is_untouched(installed: Installed, namespace: str) -> Non
     assert created.spec.containers[0].env is None
 
 
-def test_labeled_pod_in_kube_system_is_untouched(installed: Installed) -> None:
+def test_labeled_pod_in_kube_system_is_untouched(installed: Installed, namespace: str) -> None:
     name = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     created = installed.core.create_namespaced_pod("kube-system", pod(name, labels=ENROLLED))
     try:
         assert not created.spec.init_containers
         assert "dbgov.io/status" not in (created.metadata.annotations or {})
+        # Nor does a pod there make the operator write anything into kube-system: by the time
+        # a later pod elsewhere has its bundle, the kube-system pod's event was handled too.
+        later = pod("later", labels=ENROLLED)
+        later["spec"]["serviceAccountName"] = "later"
+        installed.core.create_namespaced_pod(namespace, later)
+        wait_for("the later pod's bundle", lambda: bundle(installed, namespace, "later"))
+        managed = installed.core.list_namespaced_config_map(
+            "kube-system", label_selector="app.kubernetes.io/managed-by=dbgov"
+        )
+        assert managed.items == []
     finally:
         installed.core.delete_namespaced_pod(name, "kube-system", grace_period_seconds=0)
 
