@@ -33,7 +33,8 @@ class SessionContext:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Entry:
     decision: verdicts.Decision
-    rewrite: bool
+    template: mask.Template | None
+    """Where to splice masking subqueries into texts of this shape; None when nothing is masked."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,19 +66,21 @@ class Engine:
             if entry is not None:
                 self.stats.hits += 1
                 self._cache.move_to_end(key)
-                if not entry.rewrite:
+                if entry.template is None:
                     return entry.decision
+                rewritten = mask.rewrite_like(sql, entry.template, self.policy)
+                if rewritten is not None:
+                    return dataclasses.replace(entry.decision, rewritten=rewritten)
                 return self._with_rewrite(sql, ctx, entry.decision)
         self.stats.misses += 1
         try:
-            decision, cacheable = self._first_sight(sql, ctx)
+            decision, template, cacheable = self._first_sight(sql, ctx)
         except Exception as err:  # fail closed: an analyzer bug refuses the statement, never passes it
             reason = f"dbgov could not analyze the statement ({type(err).__name__}: {err})"
             return verdicts.blocked_unparseable(reason)
         if key is not None and cacheable:
             self._cache[key] = _Entry(
-                decision=dataclasses.replace(decision, rewritten=None),
-                rewrite=decision.rewritten is not None,
+                decision=dataclasses.replace(decision, rewritten=None), template=template
             )
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -85,7 +88,9 @@ class Engine:
             self.stats.uncacheable += 1
         return decision
 
-    def _first_sight(self, sql: str, ctx: SessionContext) -> tuple[verdicts.Decision, bool]:
+    def _first_sight(
+        self, sql: str, ctx: SessionContext
+    ) -> tuple[verdicts.Decision, mask.Template | None, bool]:
         analysis = analyze.analyze(sql, search_path=ctx.search_path)
         try:
             fingerprint = pg_parser.fingerprint(sql) if analysis.error is None else ""
@@ -100,29 +105,29 @@ class Engine:
             else:
                 problem = crosscheck.check(texts, analysis.units)
             if problem is not None:
-                return verdicts.blocked_unparseable(problem, fingerprint), False
+                return verdicts.blocked_unparseable(problem, fingerprint), None, False
         known = dataclasses.replace(
             ctx.names, prepared=set(ctx.names.prepared), cursors=set(ctx.names.cursors)
         )
         decision, refs = verdicts.decide(self.policy, analysis, known=known, fingerprint=fingerprint)
-        decision = self._rewrite(sql, decision, refs)
+        decision, template = self._rewrite(sql, decision, refs)
         if decision.verdict in {"allow", "mask"} or self.policy.mode == "dry-run":
             self._apply_effects(analysis, ctx)
         stateful = any(
             u.names_used or u.names_defined or u.names_dropped or u.settings for u in analysis.units
         )
         cacheable = analysis.error is None and not analysis.literal_sensitive and not stateful
-        return decision, cacheable
+        return decision, template, cacheable
 
     def _rewrite(
         self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef]
-    ) -> verdicts.Decision:
+    ) -> tuple[verdicts.Decision, mask.Template | None]:
         if not refs or decision.verdict not in {"mask", "approve"}:
-            return decision
+            return decision, None
         try:
-            rewritten = mask.rewrite(sql, refs, self.policy)
+            rewritten, template = mask.rewrite(sql, refs, self.policy)
         except mask.RewriteError as err:
-            return dataclasses.replace(
+            blocked = dataclasses.replace(
                 decision,
                 verdict="block",
                 rule="guardrail:mask-unprovable",
@@ -131,14 +136,15 @@ class Engine:
                 sqlstate=verdicts.POLICY_SQLSTATE,
                 rewritten=None,
             )
-        return dataclasses.replace(decision, rewritten=rewritten)
+            return blocked, None
+        return dataclasses.replace(decision, rewritten=rewritten), template
 
     def _with_rewrite(self, sql: str, ctx: SessionContext, cached: verdicts.Decision) -> verdicts.Decision:
         analysis = analyze.analyze(sql, search_path=ctx.search_path)
         refs = [
             ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
         ]
-        return self._rewrite(sql, cached, refs)
+        return self._rewrite(sql, cached, refs)[0]
 
     def _apply_effects(self, analysis: analyze.Analysis, ctx: SessionContext) -> None:
         for unit in analysis.units:

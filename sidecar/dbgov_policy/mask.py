@@ -18,6 +18,8 @@ Splicing works on UTF-8 bytes because libpg_query reports byte offsets.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -97,11 +99,8 @@ def _code_tokens(sql: str) -> list[pg_parser.Token]:
     return [t._replace(start=offsets[t.start], end=offsets[t.end + 1] - 1) for t in tokens]
 
 
-def _name_span(tokens: Sequence[pg_parser.Token], location: int, *, with_columns: bool) -> tuple[int, int]:
-    """Byte span [start, end) of the relation name at `location`, with ONLY and parentheses."""
-    idx = next((i for i, t in enumerate(tokens) if t.start == location), None)
-    if idx is None:
-        raise RewriteError(f"no token starts at byte {location}")
+def _name_span(tokens: Sequence[pg_parser.Token], idx: int, *, with_columns: bool) -> tuple[int, int]:
+    """Byte span [start, end) of the relation name at token `idx`, with ONLY and parentheses."""
     parens, j = 0, idx - 1
     while j >= 0 and tokens[j].name == "ASCII_40":  # '('
         parens += 1
@@ -135,36 +134,78 @@ def _name_span(tokens: Sequence[pg_parser.Token], location: int, *, with_columns
     return start, end
 
 
-def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy) -> str:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Template:
+    """Where one statement shape's masked references sit, by position in its token stream.
+
+    Two texts with the same normalized form and the same sequence of token kinds differ only in
+    the spelling of their constants, so the references sit at the same token positions and the
+    rewrite can be spliced without analyzing the text again.
+    """
+
+    token_names: tuple[str, ...]
+    slots: tuple[tuple[int, analyze.ReadRef], ...]
+
+
+def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy) -> tuple[str, Template]:
     """`sql` with every masked-table reference in `refs` replaced by its masking subquery."""
-    data = sql.encode()
     tokens = _code_tokens(sql)
-    splices: list[tuple[int, int, bytes]] = []
+    starts = {t.start: i for i, t in enumerate(tokens)}
+    slots: list[tuple[int, analyze.ReadRef]] = []
     for ref in refs:
-        masks = policy.masks_for(ref.rel)
-        if not masks:
+        if not policy.masks_for(ref.rel):
             continue
         if ref.location < 0:
             raise RewriteError(f"a read of {ref.rel} has no position in the query text")
-        sub = masking_subquery(ref.rel, masks, only=ref.only, key=policy.mask_key)
-        if ref.copy_columns is not None:
-            cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
-            text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
-            start, end = _name_span(tokens, ref.location, with_columns=True)
-        else:
-            text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
-            start, end = _name_span(tokens, ref.location, with_columns=False)
-            before = [t for t in tokens if t.end < start]
-            if before and before[-1].name == "TABLE":  # `TABLE customers` takes a name, not a subquery
-                start = before[-1].start
-                text = f"SELECT * FROM {sub} AS {quote_ident(ref.rel.name)}"
-        splices.append((start, end, text.encode()))
-    for start, end, replacement in sorted(splices, reverse=True):
-        data = data[:start] + replacement + data[end:]
-    out_text = data.decode()
+        if ref.location not in starts:
+            raise RewriteError(f"no token starts at byte {ref.location}")
+        slots.append((starts[ref.location], ref))
+    out_text = _splice(sql, tokens, slots, policy)
     try:
         if len(pg_parser.split(out_text)) != len(pg_parser.split(sql)):
             raise RewriteError("the rewrite changed the number of statements")
     except pg_parser.ParseError as err:
         raise RewriteError(f"the rewritten query does not parse: {err}") from err
-    return out_text
+    return out_text, Template(token_names=tuple(t.name for t in tokens), slots=tuple(slots))
+
+
+def rewrite_like(sql: str, template: Template, policy: model.CompiledPolicy) -> str | None:
+    """Rewrite `sql` at the template's positions; None when its tokens are not the same shape."""
+    tokens = _code_tokens(sql)
+    if tuple(t.name for t in tokens) != template.token_names:
+        return None
+    return _splice(sql, tokens, template.slots, policy)
+
+
+def _splice(
+    sql: str,
+    tokens: Sequence[pg_parser.Token],
+    slots: Sequence[tuple[int, analyze.ReadRef]],
+    policy: model.CompiledPolicy,
+) -> str:
+    data = sql.encode()
+    splices: list[tuple[int, int, bytes]] = []
+    for idx, ref in slots:
+        sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key)
+        if ref.copy_columns is not None:
+            cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
+            text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
+            start, end = _name_span(tokens, idx, with_columns=True)
+        else:
+            text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
+            start, end = _name_span(tokens, idx, with_columns=False)
+            first = idx - 1
+            while first >= 0 and tokens[first].start >= start:
+                first -= 1
+            if first >= 0 and tokens[first].name == "TABLE":  # `TABLE x` takes a name, not a subquery
+                start = tokens[first].start
+                text = f"SELECT * FROM {sub} AS {quote_ident(ref.rel.name)}"
+        splices.append((start, end, text.encode()))
+    for start, end, replacement in sorted(splices, reverse=True):
+        data = data[:start] + replacement + data[end:]
+    return data.decode()
+
+
+@functools.lru_cache(maxsize=256)
+def _subquery_for(rel: model.QualifiedName, masks: tuple[model.Mask, ...], only: bool, key: str) -> str:
+    return masking_subquery(rel, masks, only=only, key=key)
