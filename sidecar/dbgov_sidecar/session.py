@@ -573,21 +573,12 @@ class Session:
         tags: list[str] | None,
         sqlstate: str | None,
     ) -> dict[str, Any]:
-        decision = statement.decision
-        infos = decision.statements
-        event: dict[str, Any] = {
+        event = {
             "type": "statement",
             "time": now,
             "statement": statement.sql,
-            "fingerprint": decision.fingerprint,
-            "classes": sorted({str(getattr(s, "cls", "")) for s in infos} - {""}),
-            "tables_read": sorted({str(t) for s in infos for t in getattr(s, "reads", ())}),
-            "tables_written": sorted({str(t) for s in infos for t in getattr(s, "writes", ())}),
-            "decision": decision.verdict,
+            **_decision_fields(statement.decision),
             "enforced": statement.verdict,
-            "rule": decision.rule,
-            "reason": decision.reason,
-            "masked_columns": list(decision.masked_columns),
             "rows_returned": rows,
             "rows_affected": _rows_affected(tags),
             "duration_ms": round(duration * 1000, 3),
@@ -633,6 +624,31 @@ def refusal_error(decision: policy_port.Decision) -> bytes:
         message = f"dbgov: statement refused by {rule}: {decision.reason}"
         hint = decision.hint or "Change the statement or ask the policy owner for access."
     return messages.error_response(code=decision.sqlstate or SQLSTATE_POLICY, message=message, hint=hint)
+
+
+_DECISION_FIELDS: dict[int, tuple[policy_port.Decision, dict[str, Any]]] = {}
+
+
+def _decision_fields(decision: policy_port.Decision) -> dict[str, Any]:
+    """The audit fields a decision contributes; memoized because the engine reuses decisions."""
+    cached = _DECISION_FIELDS.get(id(decision))
+    if cached is not None and cached[0] is decision:
+        return cached[1]
+    infos = decision.statements
+    fields = {
+        "fingerprint": decision.fingerprint,
+        "classes": sorted({str(getattr(s, "cls", "")) for s in infos} - {""}),
+        "tables_read": sorted({str(t) for s in infos for t in getattr(s, "reads", ())}),
+        "tables_written": sorted({str(t) for s in infos for t in getattr(s, "writes", ())}),
+        "decision": decision.verdict,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "masked_columns": list(decision.masked_columns),
+    }
+    if len(_DECISION_FIELDS) >= 4096:
+        _DECISION_FIELDS.clear()
+    _DECISION_FIELDS[id(decision)] = (decision, fields)
+    return fields
 
 
 def _forbidden_parameter(params: Mapping[str, str]) -> str | None:

@@ -1,0 +1,118 @@
+"""Proxy settings: one root dataclass, read from the environment here and nowhere else.
+
+Every field has a ``DBGOV_*`` variable (the sidecar is configured by the injected pod spec) and
+a ``dbgov proxy`` flag of the same name that overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dbgov_sidecar import proxy, session
+from dbgov_sidecar.pgwire import auth, framing
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything `dbgov proxy` can be told."""
+
+    listen: str = "127.0.0.1:6432"
+    """host:port clients connect to (DBGOV_LISTEN)."""
+    upstream: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """The real database as a URL; sslmode and sslrootcert as query parameters (DBGOV_UPSTREAM)."""
+    upstream_password: str | None = None
+    """Password for the upstream role when not in the URL (DBGOV_UPSTREAM_PASSWORD)."""
+    policy: str | None = None
+    """Policy file: the spec of a DatabaseAccessPolicy; none allows everything (DBGOV_POLICY)."""
+    tls_cert: str | None = None
+    """PEM certificate for client TLS (DBGOV_TLS_CERT)."""
+    tls_key: str | None = None
+    """PEM key for client TLS (DBGOV_TLS_KEY)."""
+    client_password: str | None = None
+    """Password clients must give (SCRAM-SHA-256); none means trust (DBGOV_CLIENT_PASSWORD)."""
+    audit: str = "stdout"
+    """Where audit events go: stdout, off, or a file path (DBGOV_AUDIT)."""
+    audit_failure: str = "best-effort"
+    """best-effort (count drops) or fail-closed (refuse while the sink fails) (DBGOV_AUDIT_FAILURE)."""
+    metrics: str = "127.0.0.1:9187"
+    """host:port for /metrics, /healthz, /readyz; empty disables (DBGOV_METRICS)."""
+    max_message_size: int = framing.DEFAULT_MAX_MESSAGE
+    """Largest client message in bytes (DBGOV_MAX_MESSAGE_SIZE)."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight statements get on SIGTERM (DBGOV_DRAIN_TIMEOUT)."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable for a settings field."""
+    return "DBGOV_" + field.upper()
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings with every DBGOV_* variable applied over the defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        if f.name == "max_message_size":
+            values[f.name] = int(raw)
+        elif f.name == "drain_timeout":
+            values[f.name] = float(raw)
+        else:
+            values[f.name] = raw
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def split_host_port(text: str, *, default_port: int) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') into its parts."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
+    """Parse the upstream URL."""
+    url = urllib.parse.urlsplit(settings.upstream)
+    if url.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"upstream must be a postgresql:// URL, not {settings.upstream!r}")
+    query = dict(urllib.parse.parse_qsl(url.query))
+    password = urllib.parse.unquote(url.password) if url.password else settings.upstream_password
+    database = urllib.parse.unquote(url.path.lstrip("/")) or None
+    return proxy.UpstreamConfig(
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 5432,
+        user=urllib.parse.unquote(url.username or "postgres"),
+        password=password,
+        database=database,
+        sslmode=query.get("sslmode", "prefer"),
+        sslrootcert=query.get("sslrootcert"),
+    )
+
+
+def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
+    """The proxy's configuration (``salt`` seeds the client SCRAM verifier)."""
+    host, port = split_host_port(settings.listen, default_port=6432)
+    scram = None
+    if settings.client_password:
+        scram = auth.scram_keys(settings.client_password, salt=salt)
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("listening beyond loopback requires DBGOV_CLIENT_PASSWORD (trust is loopback-only)")
+    return proxy.ProxyConfig(
+        listen_host=host,
+        listen_port=port,
+        upstream=upstream_config(settings),
+        session=session.SessionConfig(
+            client_scram=scram,
+            max_message_size=settings.max_message_size,
+            audit=True,
+        ),
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        drain_timeout=settings.drain_timeout,
+    )

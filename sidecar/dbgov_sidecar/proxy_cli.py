@@ -1,0 +1,131 @@
+"""`dbgov proxy`: run the sidecar proxy until SIGTERM, reloading the policy on SIGHUP or change."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from typing import Any, TextIO
+
+from dbgov_sidecar import audit, config, metrics, policies, proxy
+
+log = logging.getLogger("dbgov.proxy")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `proxy` on the `dbgov` command line."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "proxy", help="run the PostgreSQL policy proxy", description=__doc__
+    )
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per settings field, defaulting to its DBGOV_* variable."""
+    env = config.from_env()
+    for f in dataclasses.fields(config.Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=type(getattr(env, f.name)) if f.name in ("max_message_size", "drain_timeout") else str,
+            default=getattr(env, f.name),
+            help=f"(env {config.env_name(f.name)})",
+        )
+
+
+def settings_from(args: argparse.Namespace) -> config.Settings:
+    """Settings from parsed flags (which already default to the environment)."""
+    return config.Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config.Settings)})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the proxy; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    settings = settings_from(args)
+    try:
+        holder = policies.PolicyHolder(settings.policy)
+    except Exception as err:
+        for problem in policies.problems_of(err):
+            print(f"dbgov proxy: invalid policy {settings.policy}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        cfg = config.proxy_config(settings, salt=os.urandom(16))
+    except ValueError as err:
+        print(f"dbgov proxy: {err}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415 - optional speedup
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(_serve(settings, cfg, holder))
+
+
+def _audit_stream(target: str) -> TextIO | None:
+    if target == "off":
+        return None
+    if target == "stdout":
+        return sys.stdout
+    return open(target, "a", encoding="utf-8")
+
+
+async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: policies.PolicyHolder) -> int:
+    stream = _audit_stream(settings.audit)
+    audit_log = None if stream is None else audit.AuditLog(stream, failure_policy=settings.audit_failure)
+    counters = metrics.Metrics()
+
+    def record(event: dict[str, Any]) -> None:
+        counters.observe(event)
+        if audit_log is not None:
+            audit_log.write(event)
+
+    server = proxy.Proxy(cfg, policy=holder, audit=record)
+    await server.start()
+    counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]
+    counters.gauges["dbgov_policy_reloads_total"] = lambda: holder.reloads
+    counters.gauges["dbgov_policy_reload_failures_total"] = lambda: holder.reload_failures
+    if audit_log is not None:
+        counters.gauges["dbgov_audit_dropped_total"] = lambda: audit_log.dropped
+    stopping = asyncio.Event()
+    metrics_server = None
+    if settings.metrics:
+        host, port = config.split_host_port(settings.metrics, default_port=9187)
+        metrics_server = await metrics.serve(
+            counters, host=host, port=port, ready=lambda: not stopping.is_set()
+        )
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    log.info("dbgov proxy listening on %s:%s", cfg.listen_host, server.port)
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 2.0)
+        if audit_log is not None:
+            audit_log.flush()
+        if holder.changed():
+            holder.reload()
+    log.info("dbgov proxy draining (up to %ss)", cfg.drain_timeout)
+    await server.stop()
+    if metrics_server is not None:
+        metrics_server.close()
+        await metrics_server.wait_closed()
+    if audit_log is not None:
+        audit_log.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: python -m dbgov_sidecar.proxy_cli."""
+    parser = argparse.ArgumentParser(prog="dbgov proxy", description=__doc__)
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Startup, authentication, TLS, cancel, limits and refusal paths through the real proxy."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pg
+from conftest import RulesPolicy, RunningProxy
+from dbgov_sidecar import session
+from dbgov_sidecar.pgwire import auth, framing, messages
+
+pytestmark = pytest.mark.integration
+
+
+class RawClient:
+    """A hand-driven client speaking through the codec over a socket."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.framer = framing.Framer(side="backend")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_until(self, mtype: bytes) -> list[framing.Message]:
+        """Messages up to and including the first of type ``mtype`` (or until EOF)."""
+        out: list[framing.Message] = []
+        while True:
+            msg = self.framer.next_message()
+            if msg is not None:
+                out.append(msg)
+                if msg.type == mtype[0]:
+                    return out
+                continue
+            data = self.sock.recv(65536)
+            if not data:
+                return out
+            self.framer.feed(data)
+
+    def login(self, user: str = "app") -> list[framing.Message]:
+        self.send(messages.startup_message({"user": user, "database": "shop"}))
+        return self.read_until(b"Z")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _fields(msgs: list[framing.Message]) -> dict[str, str]:
+    errors = [m for m in msgs if m.type == messages.ERROR_RESPONSE]
+    assert errors, [chr(m.type) for m in msgs]
+    return messages.decode_fields(errors[0].data)
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [("app", pg.APP_PASSWORD), ("md5user", pg.MD5_PASSWORD), ("trustuser", None)],
+    ids=["scram", "md5", "trust"],
+)
+def test_upstream_auth_methods(make_proxy: object, user: str, password: str | None) -> None:
+    running = make_proxy(upstream={"user": user, "password": password})  # type: ignore[operator]
+    with psycopg.connect(running.dsn(user="whoever")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+        # The client sees the proxy's BackendKeyData, not the server's.
+        assert conn.info.backend_pid != conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def test_upstream_wrong_password_passes_the_fatal_on(make_proxy: object) -> None:
+    running = make_proxy(upstream={"password": "wrong"})  # type: ignore[operator]
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(running.dsn())
+    running_ok = make_proxy()  # type: ignore[operator]
+    with psycopg.connect(running_ok.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_upstream_tls_verify_full_through_a_tls_proxy(make_proxy: object, tmp_path: Path) -> None:
+    # The pgserver build has no SSL, so the TLS upstream is a second dbgov with a certificate.
+    cert, key = pg.make_certificate(tmp_path)
+    terminator = make_proxy(tls_cert=str(cert), tls_key=str(key))  # type: ignore[operator]
+    front = make_proxy(  # type: ignore[operator]
+        upstream={
+            "host": "127.0.0.1",
+            "port": terminator.port,
+            "sslmode": "verify-full",
+            "sslrootcert": str(cert),
+        }
+    )
+    with psycopg.connect(front.dsn()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    other, _ = pg.make_certificate(tmp_path, name="other")
+    untrusting = make_proxy(  # type: ignore[operator]
+        upstream={"port": terminator.port, "sslmode": "verify-full", "sslrootcert": str(other)}
+    )
+    with pytest.raises(psycopg.OperationalError, match="could not connect to the upstream"):
+        psycopg.connect(untrusting.dsn())
+
+
+def test_upstream_require_refuses_a_server_without_tls(make_proxy: object) -> None:
+    running = make_proxy(upstream={"sslmode": "require"})  # type: ignore[operator]
+    with pytest.raises(psycopg.OperationalError, match="does not support TLS"):
+        psycopg.connect(running.dsn())
+    preferring = make_proxy(upstream={"sslmode": "prefer"})  # type: ignore[operator]
+    with psycopg.connect(preferring.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_client_tls_and_password(make_proxy: object, tmp_path: Path) -> None:
+    cert, key = pg.make_certificate(tmp_path)
+    keys = auth.scram_keys("letmein", salt=b"0123456789abcdef")
+    running = make_proxy(  # type: ignore[operator]
+        tls_cert=str(cert), tls_key=str(key), session_config=session.SessionConfig(client_scram=keys)
+    )
+    dsn = f"host=127.0.0.1 port={running.port} user=agent dbname=shop"
+    with psycopg.connect(f"{dsn} sslmode=verify-full sslrootcert={cert} password=letmein") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"{dsn} sslmode=require password=nope")
+
+
+def test_no_tls_configured_answers_n(dbgov: RunningProxy) -> None:
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        psycopg.connect(dbgov.dsn().replace("sslmode=disable", "sslmode=require"))
+    raw = RawClient(dbgov.port)
+    raw.send(messages.gssenc_request())
+    assert raw.sock.recv(1) == b"N"
+    assert any(m.type == messages.READY_FOR_QUERY for m in raw.login())
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "complaint"),
+    [
+        ("options='-c search_path=evil'", "options"),
+        ("options='--search_path=evil'", "options"),
+        ("replication=database", "replication"),
+    ],
+)
+def test_startup_parameters_that_bypass_policy_get_fatal(
+    dbgov: RunningProxy, extra: str, complaint: str
+) -> None:
+    with pytest.raises(psycopg.OperationalError, match=f'startup parameter "{complaint}"'):
+        psycopg.connect(dbgov.dsn(extra=extra))
+
+
+def test_ssl_request_followed_by_data_is_a_violation(dbgov: RunningProxy) -> None:
+    raw = RawClient(dbgov.port)
+    raw.send(messages.ssl_request() + messages.startup_message({"user": "app"}))
+    reply = raw.sock.recv(100)
+    assert b"08P01" in reply and b"after SSLRequest" in reply
+    raw.close()
+
+
+def test_cancel_request_reaches_the_right_backend(dbgov: RunningProxy) -> None:
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        # cancel_safe waits without holding the GIL (the proxy runs in this process).
+        timer = threading.Timer(0.5, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        timer.join()
+        assert time.monotonic() - started < 10
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_function_call_message_is_refused(dbgov: RunningProxy) -> None:
+    raw = RawClient(dbgov.port)
+    raw.login()
+    # FunctionCall: oid of pg_backend_pid(), no arguments, text result.
+    body = struct.pack("!ihhh", 2026, 0, 0, 0)
+    raw.send(b"F" + struct.pack("!i", len(body) + 4) + body)
+    reply = raw.read_until(b"Z")
+    fields = _fields(reply)
+    assert fields["C"] == "42501" and "FunctionCall" in fields["M"]
+    assert messages.decode_ready_for_query(reply[-1].data) == "I"
+    raw.send(messages.query("SELECT 42"))
+    rows = [m for m in raw.read_until(b"Z") if m.type == messages.DATA_ROW]
+    assert messages.decode_data_row(rows[0].data) == [b"42"]
+    raw.send(messages.TERMINATE_MESSAGE)
+    raw.close()
+
+
+def test_extended_refusal_skips_until_sync(dbgov: RunningProxy) -> None:
+    raw = RawClient(dbgov.port)
+    raw.login()
+    raw.send(
+        messages.parse("ok", "SELECT 1")
+        + messages.parse("bad", "DROP TABLE shop.orders")
+        + messages.bind("", "bad")
+        + messages.execute()
+        + messages.SYNC_MESSAGE
+        + messages.bind("", "ok")
+        + messages.execute()
+        + messages.SYNC_MESSAGE
+    )
+    first = raw.read_until(b"Z")
+    assert [chr(m.type) for m in first] == ["1", "E", "Z"]
+    assert _fields(first)["C"] == "42501"
+    second = raw.read_until(b"Z")
+    assert [chr(m.type) for m in second] == ["2", "D", "C", "Z"]
+    raw.send(messages.TERMINATE_MESSAGE)
+    raw.close()
+
+
+def test_max_rows_returned_is_an_error_not_a_truncation(dbgov: RunningProxy) -> None:
+    dbgov.policy = RulesPolicy(max_rows_returned=10)
+    with psycopg.connect(dbgov.dsn()) as conn:
+        assert len(conn.execute("SELECT id FROM shop.customers LIMIT 10").fetchall()) == 10
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="more than 10 rows"):
+            conn.execute("SELECT id FROM shop.customers")
+        # Inside a transaction block the limit aborts the block, as an error would.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM shop.customers").fetchone() == (50,)
+        conn.rollback()
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute("SELECT id FROM shop.customers WHERE id > %s", [0], prepare=True)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_dry_run_forwards_and_records_what_would_have_happened(dbgov: RunningProxy) -> None:
+    dbgov.policy = RulesPolicy(mode="dry-run")
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn, pytest.raises(psycopg.errors.UndefinedTable):
+        conn.execute("DROP TABLE shop.no_such_table")  # the server's own answer
+    event = next(e for e in dbgov.events if e.get("rule") == "no-drop")
+    assert event["decision"] == "block" and event["enforced"] == "allow"
+    assert event["sqlstate"] == "42P01"
+
+
+def test_audit_event_written_before_the_refusal(dbgov: RunningProxy) -> None:
+    raw = RawClient(dbgov.port)
+    raw.login()
+    original = dbgov.proxy.audit
+    client_had_bytes: list[bool] = []
+
+    def record(event: dict[str, object]) -> None:
+        if event.get("rule") == "no-drop":
+            readable, _, _ = select.select([raw.sock], [], [], 0)  # anything sent yet?
+            client_had_bytes.append(bool(readable))
+        assert original is not None
+        original(event)
+
+    dbgov.proxy.audit = record
+    try:
+        raw.send(messages.query("DROP TABLE shop.orders"))
+        reply = raw.read_until(b"Z")
+    finally:
+        dbgov.proxy.audit = original
+    assert _fields(reply)["C"] == "42501"
+    assert client_had_bytes == [False]
+    event = next(e for e in dbgov.events if e.get("rule") == "no-drop")
+    assert event["statement"] == "DROP TABLE shop.orders"
+    assert event["user"] == "app" and event["database"] == "shop"
+    raw.send(messages.TERMINATE_MESSAGE)
+    raw.close()
+
+
+def test_client_tls_handshake_garbage_does_not_hurt_the_proxy(make_proxy: object, tmp_path: Path) -> None:
+    cert, key = pg.make_certificate(tmp_path)
+    running = make_proxy(tls_cert=str(cert), tls_key=str(key))  # type: ignore[operator]
+    raw = RawClient(running.port)
+    raw.send(messages.ssl_request())
+    assert raw.sock.recv(1) == b"S"
+    raw.send(b"\x16\x03\x01 definitely not a TLS hello" * 4)
+    try:
+        leftover = raw.sock.recv(100)
+    except OSError:
+        leftover = b""
+    assert b"ReadyForQuery" not in leftover
+    raw.close()
+    with psycopg.connect(f"host=127.0.0.1 port={running.port} user=a dbname=shop sslmode=require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
