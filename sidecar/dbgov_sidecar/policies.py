@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from dbgov_sidecar import policy_port
@@ -32,9 +33,10 @@ def problems_of(err: Exception) -> list[str]:
 class PolicyHolder:
     """The policy in force; sessions read ``current`` for every decision."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, *, loader: Callable[[str], policy_port.Policy] = load) -> None:
         self.path = path
-        self.current: policy_port.Policy = policy_port.AllowAll() if path is None else load(path)
+        self._load = loader
+        self.current: policy_port.Policy = policy_port.AllowAll() if path is None else loader(path)
         self.reloads = 0
         self.reload_failures = 0
         self._mtime = self._stat()
@@ -60,7 +62,7 @@ class PolicyHolder:
             return []
         self._mtime = self._stat()
         try:
-            policy = load(self.path)
+            policy = self._load(self.path)
         except Exception as err:  # any failure keeps the policy in force
             self.reload_failures += 1
             problems = problems_of(err)

@@ -1,0 +1,85 @@
+"""`dbgov proxy` as a process: environment configuration, audit file, metrics, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pg
+from dbgov_sidecar import audit
+
+pytestmark = pytest.mark.integration
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_proxy_process_end_to_end(pg_server: pg.PgServer, tmp_path: Path) -> None:
+    port, metrics_port = pg.free_port(), pg.free_port()
+    audit_file = tmp_path / "audit.jsonl"
+    env = {
+        **os.environ,
+        "DBGOV_LISTEN": f"127.0.0.1:{port}",
+        "DBGOV_UPSTREAM": f"postgresql://app@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+        "DBGOV_UPSTREAM_PASSWORD": pg.APP_PASSWORD,
+        "DBGOV_AUDIT": str(audit_file),
+        "DBGOV_METRICS": f"127.0.0.1:{metrics_port}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = psycopg.connect(f"host=127.0.0.1 port={port} user=cli dbname=shop sslmode=disable")
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        conn.autocommit = True
+        try:
+            assert conn.execute("SELECT count(*) FROM shop.products").fetchone() == (4,)
+            status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+            assert status == 200 and "dbgov_sessions_active 1" in body
+            assert 'decision="allow"' in body
+            assert _get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200
+            assert _get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+            result: list[object] = []
+            worker = threading.Thread(
+                target=lambda: result.append(conn.execute("SELECT pg_sleep(1), 7").fetchone())
+            )
+            worker.start()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)  # drain: the statement in flight finishes
+            worker.join(10)
+            assert result == [("", 7)]
+            with pytest.raises(psycopg.OperationalError):  # not accepting any more
+                psycopg.connect(f"host=127.0.0.1 port={port} user=cli dbname=shop sslmode=disable")
+        finally:
+            conn.close()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert events[0]["type"] == "session_start"
+    statements = [e for e in events if e["type"] == "statement"]
+    assert any(e["statement"].startswith("SELECT count(*)") for e in statements)
+    assert audit.verify(events)

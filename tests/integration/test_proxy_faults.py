@@ -1,0 +1,145 @@
+"""Faults: dead upstreams, vanished or slow clients, garbage on the wire, many connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pg
+from conftest import RunningProxy
+from dbgov_sidecar.pgwire import framing, messages
+
+pytestmark = pytest.mark.integration
+
+
+def _app_backends(server: pg.PgServer) -> int:
+    out = server.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app';")
+    return int(out.strip())
+
+
+def _login(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(messages.startup_message({"user": "app", "database": "shop"}))
+    framer = framing.Framer(side="backend")
+    while True:
+        framer.feed(sock.recv(65536))
+        _, msgs = framer.drain()
+        if any(m.type == messages.READY_FOR_QUERY for m in msgs):
+            return sock
+
+
+def _wait_for(predicate: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_upstream_killed_mid_query(dbgov: RunningProxy, pg_server: pg.PgServer) -> None:
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        killer = threading.Timer(0.5, lambda: pg_server.psql(f"SELECT pg_terminate_backend({backend})"))
+        killer.start()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT pg_sleep(20)")
+        killer.join()
+    with psycopg.connect(dbgov.dsn()) as conn:  # the proxy is still serving
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_client_gone_mid_result_frees_the_upstream(dbgov: RunningProxy, pg_server: pg.PgServer) -> None:
+    before = _app_backends(pg_server)
+    sock = _login(dbgov.port)
+    assert _app_backends(pg_server) == before + 1
+    sock.sendall(messages.query("SELECT g, repeat('x', 500) FROM generate_series(1, 500000) g"))
+    assert sock.recv(4096)  # the result has started streaming
+    sock.close()
+    _wait_for(lambda: _app_backends(pg_server) == before)
+
+
+def test_slow_client_keeps_proxy_memory_bounded(dbgov: RunningProxy) -> None:
+    sock = _login(dbgov.port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(messages.query("SELECT repeat('y', 1000) FROM generate_series(1, 200000)"))
+    time.sleep(1.5)  # ~200 MB on offer; the client reads nothing
+
+    async def buffered() -> int:
+        return max(c.transport.get_write_buffer_size() for c in dbgov.proxy.connections if c.transport)
+
+    assert dbgov.call(buffered()) < 4 * 1024 * 1024
+    sock.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(min_size=1, max_size=200), after_login=st.booleans())
+def test_malformed_messages_close_the_connection_with_an_error(
+    shared_proxy: RunningProxy, garbage: bytes, after_login: bool
+) -> None:
+    sock = (
+        _login(shared_proxy.port)
+        if after_login
+        else socket.create_connection(("127.0.0.1", shared_proxy.port))
+    )
+    sock.settimeout(10)
+    try:
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        reply = b""
+    finally:
+        sock.close()
+    if b"08P01" in reply:
+        assert b"protocol violation" in reply
+    shared_proxy.assert_clean()
+
+
+def test_proxy_survives_garbage_and_serves_the_next_client(dbgov: RunningProxy) -> None:
+    sock = _login(dbgov.port)
+    sock.sendall(b"Q" + struct.pack("!i", 2))  # length below 4
+    reply = sock.recv(4096)
+    assert b"08P01" in reply and b"below the minimum of 4" in reply
+    assert sock.recv(10) == b""  # closed
+    sock.close()
+    with psycopg.connect(dbgov.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_oversized_message_is_refused(make_proxy: object) -> None:
+    from dbgov_sidecar import session
+
+    running = make_proxy(session_config=session.SessionConfig(max_message_size=1024))  # type: ignore[operator]
+    sock = _login(running.port)
+    sock.sendall(messages.query("SELECT '" + "z" * 2000 + "'"))
+    reply = sock.recv(4096)
+    assert b"exceeds the limit of 1024" in reply
+    sock.close()
+
+
+def test_many_concurrent_connections(dbgov: RunningProxy) -> None:
+    count = 200
+
+    async def one(i: int) -> int:
+        conn = await asyncpg.connect(dbgov.url(), ssl=False)
+        try:
+            value: int = await conn.fetchval("SELECT $1::int * 2", i)
+            await asyncio.sleep(0.2)  # hold all connections open at once
+            return value
+        finally:
+            await conn.close()
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    assert asyncio.run(run()) == [i * 2 for i in range(count)]

@@ -1,0 +1,85 @@
+"""Audit hash chains, metrics text and settings parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from dbgov_sidecar import audit, config, metrics
+
+
+def _events(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_chain_per_session_detects_edits_and_gaps() -> None:
+    stream = io.StringIO()
+    log = audit.AuditLog(stream)
+    for i in range(3):
+        log.write({"type": "statement", "session_id": "a", "statement": f"SELECT {i}"})
+        log.write({"type": "statement", "session_id": "b", "statement": f"SELECT {i}"})
+    events = _events(stream)
+    a = [e for e in events if e["session_id"] == "a"]
+    assert a[0]["prev_hash"] == audit.GENESIS
+    assert audit.verify(a)
+    assert not audit.verify([a[0], a[2]])
+    edited = [dict(a[0]), *a[1:]]
+    edited[0]["statement"] = "SELECT 42"
+    assert not audit.verify(edited)
+
+
+class _Broken(io.StringIO):
+    def write(self, s: str) -> int:
+        raise OSError("disk full")
+
+
+@pytest.mark.parametrize(("policy", "healthy"), [("best-effort", True), ("fail-closed", False)])
+def test_sink_failure_policy(policy: str, healthy: bool) -> None:
+    log = audit.AuditLog(_Broken(), failure_policy=policy)
+    log.write({"type": "statement", "session_id": "a"})
+    assert log.dropped == 1 and log.healthy is healthy
+
+
+def test_metrics_from_events() -> None:
+    m = metrics.Metrics()
+    m.observe({"type": "session_start"})
+    m.observe({"type": "statement", "classes": ["select"], "enforced": "allow", "duration_ms": 2.0})
+    m.observe(
+        {"type": "statement", "classes": ["ddl"], "enforced": "block", "rule": "no-drop", "duration_ms": 0}
+    )
+    text = m.render()
+    assert 'dbgov_statements_total{class="select",decision="allow"} 1' in text
+    assert 'dbgov_refusals_total{rule="no-drop"} 1' in text
+    assert "dbgov_sessions_active 1" in text
+    assert 'dbgov_statement_duration_seconds_bucket{le="0.0025"} 2' in text
+    assert "dbgov_statement_duration_seconds_count 2" in text
+
+
+def test_settings_from_env_and_upstream_url() -> None:
+    settings = config.from_env(
+        {
+            "DBGOV_LISTEN": "127.0.0.1:7000",
+            "DBGOV_UPSTREAM": "postgresql://agent:s%40cret@db.example:6543/shop?sslmode=verify-full&sslrootcert=/ca.pem",
+            "DBGOV_DRAIN_TIMEOUT": "5",
+        }
+    )
+    cfg = config.proxy_config(settings, salt=b"x" * 16)
+    assert (cfg.listen_host, cfg.listen_port, cfg.drain_timeout) == ("127.0.0.1", 7000, 5.0)
+    up = cfg.upstream
+    assert (up.host, up.port, up.user, up.password, up.database) == (
+        "db.example",
+        6543,
+        "agent",
+        "s@cret",
+        "shop",
+    )
+    assert (up.sslmode, up.sslrootcert) == ("verify-full", "/ca.pem")
+
+
+def test_trust_is_loopback_only() -> None:
+    with pytest.raises(ValueError, match="requires DBGOV_CLIENT_PASSWORD"):
+        config.proxy_config(config.Settings(listen="0.0.0.0:5432"), salt=b"x" * 16)
+    cfg = config.proxy_config(config.Settings(listen="0.0.0.0:5432", client_password="pw"), salt=b"x" * 16)
+    assert cfg.session.client_scram is not None

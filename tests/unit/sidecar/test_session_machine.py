@@ -1,0 +1,210 @@
+"""The session state machine, driven with bytes alone (no sockets, no event loop)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from dbgov_sidecar import policy_port, session
+from dbgov_sidecar.pgwire import auth, framing, messages
+
+SIDECAR = Path(__file__).resolve().parents[3] / "sidecar" / "dbgov_sidecar"
+PURE = [
+    *sorted((SIDECAR / "pgwire").glob("*.py")),
+    SIDECAR / "session.py",
+    SIDECAR / "login.py",
+    SIDECAR / "policy_port.py",
+]
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: p.name)
+def test_pure_modules_import_no_io(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"asyncio", "socket", "ssl", "selectors", "kopf", "time", "uvloop"}
+
+
+class Blocker:
+    """Blocks DROP, allows the rest."""
+
+    mode = "enforce"
+    max_rows_returned: int | None = None
+
+    def new_context(self) -> object:
+        return None
+
+    def decide(self, sql: str, context: object) -> policy_port.Decision:
+        if sql.lower().startswith("drop"):
+            return policy_port.SimpleDecision(
+                verdict="block", rule="no-drop", reason="no DROP", sqlstate="42501"
+            )
+        return policy_port.SimpleDecision(verdict="allow", rule="ok", reason="fine")
+
+
+def _session(**config: object) -> session.Session:
+    return session.Session(
+        policy=Blocker,
+        config=session.SessionConfig(**config),  # type: ignore[arg-type]
+        client=session.ClientInfo(address="127.0.0.1:1", session_id="s1"),
+        backend_key=(11, 22),
+        nonce="NONCE",
+    )
+
+
+def _ready(**config: object) -> session.Session:
+    s = _session(**config)
+    s.client_data(
+        messages.startup_message({"user": "agent", "database": "shop", "application_name": "t"}), 0.0
+    )
+    assert [type(a) for a in s.actions] == [session.ConnectUpstream]
+    s.actions.clear()
+    s.upstream_ready(
+        parameter_status=[messages.parameter_status("server_version", "16")], notices=[], now=0.0
+    )
+    s.to_client.clear()
+    return s
+
+
+def _types(data: bytes | bytearray) -> str:
+    framer = framing.Framer(side="backend")
+    framer.feed(bytes(data))
+    return "".join(chr(m.type) for m in framer.drain()[1])
+
+
+def test_startup_forwards_parameters_and_issues_own_key() -> None:
+    s = _session()
+    s.client_data(
+        messages.startup_message({"user": "agent", "database": "shop", "application_name": "t"}), 0.0
+    )
+    (action,) = s.actions
+    assert isinstance(action, session.ConnectUpstream)
+    assert dict(action.params) == {"database": "shop", "application_name": "t"}
+    s.upstream_ready(parameter_status=[messages.parameter_status("a", "b")], notices=[], now=0.0)
+    assert _types(s.to_client) == "RSKZ"
+    assert bytes(s.to_client).find(messages.backend_key_data(11, 22)) > 0
+    assert s.events[0]["type"] == "session_start" and s.events[0]["application_name"] == "t"
+
+
+def test_ssl_request_answered_n_or_s() -> None:
+    s = _session()
+    s.client_data(messages.ssl_request(), 0.0)
+    assert bytes(s.to_client) == b"N" and s.state == "startup"
+    tls = _session(tls_available=True)
+    tls.client_data(messages.ssl_request(), 0.0)
+    assert bytes(tls.to_client) == b"S" and isinstance(tls.actions[0], session.StartClientTLS)
+
+
+def test_cancel_request_is_forwarded_and_closes() -> None:
+    s = _session()
+    s.client_data(messages.cancel_request(5, 6), 0.0)
+    assert s.actions == [session.ForwardCancel(pid=5, secret=6), session.Close(reason="cancel request")]
+
+
+def test_forbidden_options_get_fatal() -> None:
+    s = _session()
+    s.client_data(messages.startup_message({"user": "a", "options": "-c search_path=x"}), 0.0)
+    fields = messages.decode_fields(bytes(s.to_client))
+    assert fields["S"] == "FATAL" and "options" in fields["M"]
+    assert isinstance(s.actions[-1], session.Close)
+
+
+def test_client_scram_login() -> None:
+    keys = auth.scram_keys("pw", salt=b"s" * 16)
+    s = _session(client_scram=keys)
+    s.client_data(messages.startup_message({"user": "agent"}), 0.0)
+    assert _types(s.to_client) == "R"
+    s.to_client.clear()
+    client = auth.ScramClient(password="pw", nonce="C")
+    s.client_data(messages.sasl_initial_response(auth.SCRAM_SHA_256, client.client_first()), 0.0)
+    code, server_first = messages.decode_authentication(bytes(s.to_client))
+    assert code == messages.AUTH_SASL_CONTINUE
+    s.to_client.clear()
+    s.client_data(messages.password_message(client.client_final(server_first)), 0.0)
+    code, final = messages.decode_authentication(bytes(s.to_client))
+    client.verify_server_final(final)
+    assert isinstance(s.actions[-1], session.ConnectUpstream)
+
+
+def test_refused_query_sends_a_marker_and_swaps_its_error() -> None:
+    s = _ready()
+    s.client_data(messages.query("DROP TABLE t"), 1.0)
+    marker = messages.decode_query(bytes(s.to_server))
+    assert marker.startswith("dbgov_refused_")
+    assert s.events[-1]["rule"] == "no-drop" and s.events[-1]["enforced"] == "block"
+    server_error = messages.error_response(code="42601", message=f'syntax error at or near "{marker}"')
+    s.server_data(server_error + messages.ready_for_query("E"), 1.0)
+    fields = messages.decode_fields(bytes(s.to_client)[: len(bytes(s.to_client)) - 6])
+    assert fields["C"] == "42501" and 'rule "no-drop"' in fields["M"]
+    assert s.txn_status == "E"
+
+
+def test_refused_parse_skips_until_sync() -> None:
+    s = _ready()
+    s.client_data(
+        messages.parse("", "DROP TABLE t")
+        + messages.bind("", "")
+        + messages.execute()
+        + messages.SYNC_MESSAGE,
+        1.0,
+    )
+    assert _types_frontend(bytes(s.to_server)) == "PS"
+    assert messages.decode_parse(bytes(s.to_server)[:-5]).query.startswith("dbgov_refused_")
+
+
+def test_an_earlier_server_error_is_not_replaced() -> None:
+    s = _ready()
+    s.client_data(messages.query("SELECT nope"), 1.0)
+    s.client_data(messages.query("DROP TABLE t"), 1.0)
+    real = messages.error_response(code="42703", message='column "nope" does not exist')
+    s.server_data(real + messages.ready_for_query("I"), 1.0)
+    assert messages.decode_fields(bytes(s.to_client)[:-6])["C"] == "42703"
+
+
+def test_statement_event_counts_rows_and_affected() -> None:
+    s = _ready()
+    s.client_data(messages.query("UPDATE t SET a = 1"), 1.0)
+    s.server_data(messages.command_complete("UPDATE 7") + messages.ready_for_query("I"), 1.5)
+    event = s.events[-1]
+    assert event["rows_affected"] == 7 and event["duration_ms"] == 500.0
+    assert event["user"] == "agent" and event["client_addr"] == "127.0.0.1:1"
+
+
+def test_passthrough_bytes_are_forwarded_unchanged() -> None:
+    s = _ready()
+    batch = (
+        messages.parse("", "SELECT 1") + messages.bind("", "") + messages.execute() + messages.SYNC_MESSAGE
+    )
+    s.client_data(batch, 1.0)
+    assert bytes(s.to_server) == batch
+    reply = (
+        messages.PARSE_COMPLETE_MESSAGE
+        + messages.BIND_COMPLETE_MESSAGE
+        + messages.data_row([b"1"])
+        + messages.notice_response(code="01000", message="hi")
+        + messages.command_complete("SELECT 1")
+        + messages.ready_for_query("I")
+    )
+    s.server_data(reply[:7], 1.0)
+    s.server_data(reply[7:], 1.0)
+    assert bytes(s.to_client) == reply
+
+
+def test_terminate_closes() -> None:
+    s = _ready()
+    s.client_data(messages.TERMINATE_MESSAGE, 1.0)
+    assert bytes(s.to_server) == messages.TERMINATE_MESSAGE
+    assert s.events[-1]["type"] == "session_end"
+    assert isinstance(s.actions[-1], session.Close)
+
+
+def _types_frontend(data: bytes) -> str:
+    framer = framing.Framer(side="frontend")
+    framer.feed(data)
+    return "".join(chr(m.type) for m in framer.drain()[1])
