@@ -28,8 +28,11 @@ def seal(event: dict[str, Any], prev_hash: str) -> tuple[str, str]:
     return f'{body[:-1]},"prev_hash":"{prev_hash}","hash":"{digest}"}}', digest
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _encode(event: dict[str, Any]) -> str:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(event)
 
 
 def verify(events: list[dict[str, Any]]) -> bool:

@@ -92,16 +92,18 @@ class EnginePolicy:
         # Imported late so the proxy runs (allow-all) where the engine is not installed.
         engine_module = importlib.import_module("dbgov_policy.engine")
         self._context_type = engine_module.SessionContext
+        # A compiled policy never changes: read what the hot path needs once.
+        self._mode = str(engine.policy.mode)
+        limit = getattr(getattr(engine.policy, "guardrails", None), "max_rows_returned", None)
+        self._max_rows_returned = None if limit is None else int(limit)
 
     @property
     def mode(self) -> str:
-        return str(self._engine.policy.mode)
+        return self._mode
 
     @property
     def max_rows_returned(self) -> int | None:
-        guardrails = getattr(self._engine.policy, "guardrails", None)
-        value = getattr(guardrails, "max_rows_returned", None)
-        return None if value is None else int(value)
+        return self._max_rows_returned
 
     def new_context(self) -> object:
         return self._context_type()

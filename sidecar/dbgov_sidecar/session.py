@@ -151,6 +151,7 @@ class Session:
         self.params: dict[str, str] = {}
         self.txn_status = "I"
         self._context: object = None
+        self._identity_fields: dict[str, Any] | None = None
         self._scram: auth.ScramServer | None = None
         self._skipping = False  # drop client messages until Sync (after a refused Parse)
         self._syncs_sent = 0
@@ -160,6 +161,7 @@ class Session:
         self._units: deque[_Unit] = deque()
         self._pending: _Unit | None = None
         self._rows = 0  # DataRows of the statement now streaming
+        self._unit_rows = 0  # DataRows since the last ReadyForQuery
         self._over_limit = False
         self._row_limit: int | None = None
         self._abort_marker: str | None = None
@@ -470,9 +472,7 @@ class Session:
 
     def _on_data_row(self) -> bytes | None:
         self._rows += 1
-        unit = self._current_unit()
-        if unit is not None:
-            unit.rows += 1
+        self._unit_rows += 1
         limit = self._row_limit
         if self._over_limit or (limit is not None and self._rows > limit):
             self._over_limit = True
@@ -533,7 +533,10 @@ class Session:
             self.txn_status = status
             return None
         if self._units:
-            self._finish_unit(self._units.popleft(), now)
+            unit = self._units.popleft()
+            unit.rows = self._unit_rows
+            self._finish_unit(unit, now)
+        self._unit_rows = 0
         if self._over_limit:
             self._over_limit = False
             if status == "T" and self._syncs_done == self._syncs_sent:
@@ -588,13 +591,18 @@ class Session:
         return event
 
     def _identity(self) -> dict[str, Any]:
-        return {
+        if self._identity_fields is not None:
+            return self._identity_fields
+        identity = {
             "session_id": self._client_info.session_id,
             "user": self.params.get("user"),
             "application_name": self.params.get("application_name"),
             "client_addr": self._client_info.address,
             "database": self._config.upstream_database or self.params.get("database"),
         }
+        if self.state == "ready":
+            self._identity_fields = identity
+        return identity
 
     def _event(self, now: float, fields: dict[str, Any]) -> None:
         if self._config.audit:

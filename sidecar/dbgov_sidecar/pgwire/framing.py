@@ -43,6 +43,7 @@ BACKEND_TYPES = frozenset(b"RKSZTDCENAI123nstGHWcdVv")
 
 # Frontend messages whose body is empty by definition: Sync, Flush, Terminate, CopyDone.
 _EMPTY_FRONTEND = frozenset(b"SHXc")
+_FIXED_FRONTEND = dict.fromkeys(_EMPTY_FRONTEND, 4)
 # Backend messages that are always exactly this long (body length + 4).
 _FIXED_BACKEND = {
     ord("Z"): 5,
@@ -72,7 +73,7 @@ class Message(NamedTuple):
 class Framer:
     """Accumulate bytes and cut them into messages (one direction of one connection)."""
 
-    __slots__ = ("_buf", "_max", "_startup", "_types", "side")
+    __slots__ = ("_buf", "_fixed", "_max", "_startup", "_types", "side")
 
     def __init__(
         self, *, side: str, max_message_size: int = DEFAULT_MAX_MESSAGE, startup: bool = False
@@ -84,6 +85,7 @@ class Framer:
         self._max = max_message_size
         self._startup = startup and side == "frontend"
         self._types = FRONTEND_TYPES if side == "frontend" else BACKEND_TYPES
+        self._fixed = _FIXED_FRONTEND if side == "frontend" else _FIXED_BACKEND
 
     @property
     def in_startup(self) -> bool:
@@ -128,25 +130,42 @@ class Framer:
         return Message(STARTUP, data)
 
     def drain(self) -> tuple[bytes, list[Message]]:
-        """Return every complete message, plus their bytes joined (to forward in one write)."""
+        """Return every complete message, plus their bytes joined (to forward in one write).
+
+        This is the proxy's hot path, so the loop is written out here rather than calling
+        ``_next_end`` per message; ``_check_length`` still produces the precise complaint.
+        """
         if self._startup:
             msg = self.next_message()
             return (b"", []) if msg is None else (msg.data, [msg])
+        buf = self._buf
+        size = len(buf)
+        types, limit, fixed = self._types, self._max, self._fixed
+        unpack = _LEN.unpack_from
+        spans: list[tuple[int, int, int]] = []
         pos = 0
-        ends: list[int] = []
-        while end := self._next_end(pos):
-            ends.append(end)
+        while size - pos >= 5:
+            mtype = buf[pos]
+            if mtype not in types:
+                raise self._bad_type(mtype)
+            (length,) = unpack(buf, pos + 1)
+            if length < 4 or length > limit or fixed.get(mtype, length) != length:
+                self._check_length(mtype, length)
+            end = pos + 1 + length
+            if end > size:
+                break
+            spans.append((mtype, pos, end))
             pos = end
-        if not ends:
+        if pos < size and size - pos < 5 and buf[pos] not in types:
+            raise self._bad_type(buf[pos])
+        if not spans:
             return b"", []
-        chunk = bytes(self._buf[:pos])
-        del self._buf[:pos]
-        msgs = []
-        start = 0
-        for end in ends:
-            msgs.append(Message(chunk[start], chunk[start:end]))
-            start = end
-        return chunk, msgs
+        chunk = bytes(buf[:pos])
+        del buf[:pos]
+        new = tuple.__new__
+        if len(spans) == 1:
+            return chunk, [new(Message, (spans[0][0], chunk))]
+        return chunk, [new(Message, (t, chunk[a:b])) for t, a, b in spans]
 
     def _next_end(self, pos: int) -> int:
         """End offset of the complete message starting at ``pos``, or 0 if incomplete."""

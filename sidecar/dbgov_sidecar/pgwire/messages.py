@@ -191,10 +191,20 @@ class Execute:
 
 def decode_query(data: bytes) -> str:
     """The SQL text of a Query message."""
-    reader = _Reader(data, 5, "Query")
-    sql = reader.cstring()
+    return _single_string(data, "Query")
+
+
+def _single_string(data: bytes, what: str) -> str:
+    """The one NUL-terminated string a message body holds (fast path, precise errors)."""
+    if data.find(b"\0", 5) == len(data) - 1:
+        try:
+            return data[5:-1].decode()
+        except UnicodeDecodeError as err:
+            raise ProtocolViolation(f"{what} has a string that is not UTF-8") from err
+    reader = _Reader(data, 5, what)
+    text = reader.cstring()
     reader.end()
-    return sql
+    return text
 
 
 def decode_parse(data: bytes) -> Parse:
@@ -445,10 +455,7 @@ def decode_data_row(data: bytes) -> list[bytes | None]:
 
 def decode_command_complete(data: bytes) -> str:
     """The command tag of a CommandComplete, e.g. 'SELECT 3' or 'INSERT 0 1'."""
-    reader = _Reader(data, 5, "CommandComplete")
-    tag = reader.cstring()
-    reader.end()
-    return tag
+    return _single_string(data, "CommandComplete")
 
 
 def decode_fields(data: bytes) -> dict[str, str]:
