@@ -1,0 +1,173 @@
+"""The proxy with the real policy engine and examples/policy.yaml, checked at the byte level.
+
+A canary customer holds unique values in every masked column. A tap between client and proxy
+records every byte the client receives; no canary may appear in any of them (DataRow,
+CopyData, ErrorResponse, NoticeResponse), whatever the query does to reach the column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pg
+from conftest import RunningProxy
+from dbgov_sidecar import policies, policy_port
+
+pytestmark = pytest.mark.integration
+
+POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+CANARIES = {
+    "email": "canary.e7f3@canary-domain.example",
+    "ssn": "987-65-4329",
+    "card_number": "4000123498761111",
+}
+CANARY_BYTES = [b"canary.e7f3", b"987-65-43", b"65-4329", b"4000123498761111", b"98761111", b"12349876"]
+
+
+class Tap:
+    """TCP relay in front of the proxy that records every byte sent to the client."""
+
+    def __init__(self, target_port: int) -> None:
+        self.received = bytearray()
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            for src, dst, record in ((client, upstream, False), (upstream, client, True)):
+                t = threading.Thread(target=self._pump, args=(src, dst, record), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    self.received += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for t in self._threads:
+            t.join(10)
+
+    def leaks(self) -> list[bytes]:
+        return [c for c in CANARY_BYTES if c in self.received]
+
+
+@pytest.fixture
+def governed(make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer) -> Iterator[RunningProxy]:
+    pg_server.psql(
+        "INSERT INTO shop.customers (id, name, email, ssn, card_number) VALUES "
+        f"(9001, 'Canary', '{CANARIES['email']}', '{CANARIES['ssn']}', '{CANARIES['card_number']}') "
+        "ON CONFLICT (id) DO NOTHING;"
+    )
+    yield make_proxy(policy=policies.load(str(POLICY)))
+
+
+ATTACKS = [
+    "SELECT * FROM shop.customers WHERE id = 9001",
+    "SELECT email AS e, ssn AS s, card_number AS c FROM shop.customers WHERE id = 9001",
+    "SELECT upper(email), ssn || '', card_number::text FROM shop.customers WHERE id = 9001",
+    "SELECT string_agg(email, ','), max(ssn), min(card_number) FROM shop.customers",
+    "SELECT c FROM shop.customers c WHERE id = 9001",
+    "SELECT row_to_json(c) FROM shop.customers c WHERE id = 9001",
+    "WITH x AS (SELECT * FROM shop.customers) SELECT email, ssn FROM x WHERE id = 9001",
+    "SELECT (SELECT card_number FROM shop.customers WHERE id = 9001)",
+    "SELECT email::int FROM shop.customers WHERE id = 9001",
+    "SELECT ssn::date FROM shop.customers WHERE id = 9001",
+    "COPY (SELECT * FROM shop.customers WHERE id = 9001) TO STDOUT",
+    "COPY shop.customers TO STDOUT",
+    "SELECT * FROM shop.customers WHERE email = 'canary.e7f3@canary-domain.example'",
+    "UPDATE shop.customers SET name = name WHERE id = 9001 RETURNING email",
+]
+
+
+def test_policy_verdicts_through_the_wire(governed: RunningProxy) -> None:
+    with psycopg.connect(governed.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='rule "no-ddl"'):
+            conn.execute("DROP TABLE shop.orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="require-where"):
+            conn.execute("DELETE FROM shop.orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="requires approval"):
+            conn.execute("UPDATE shop.customers SET name = 'x' WHERE id = 1")
+        with pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute("SELEC 1")
+        row = conn.execute("SELECT email, ssn, card_number FROM shop.customers WHERE id = 9001").fetchone()
+        assert row is not None
+        assert row[0] != CANARIES["email"] and row[0].endswith("@canary-domain.example")
+        assert row[1].endswith("4329") and row[1] != CANARIES["ssn"]
+        assert row[2] != CANARIES["card_number"]
+        assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() == (200,)
+    assert any(e.get("masked_columns") for e in governed.events)
+
+
+def test_no_canary_reaches_the_client(governed: RunningProxy) -> None:
+    tap = Tap(governed.port)
+    try:
+        dsn = f"host=127.0.0.1 port={tap.port} user=app dbname=shop sslmode=disable"
+        for binary in (False, True):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for sql in ATTACKS:
+                    if sql.startswith("COPY"):
+                        with conn.cursor() as cur, cur.copy(sql) as copy:
+                            for _ in copy:
+                                pass
+                        continue
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute(sql, binary=binary).fetchall()
+                with conn.transaction():
+                    conn.execute(
+                        "DECLARE cur CURSOR FOR SELECT email, ssn FROM shop.customers WHERE id = 9001"
+                    )
+                    conn.execute("FETCH ALL FROM cur").fetchall()
+        script = ";\n".join(ATTACKS) + ";\n"
+        subprocess.run(
+            [str(pg.BIN / "psql"), "-X", "-At", dsn],
+            input=script,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    finally:
+        tap.close()
+    assert len(tap.received) > 1000
+    assert tap.leaks() == []
+
+
+def test_the_tap_would_see_an_unmasked_canary(
+    governed: RunningProxy, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    ungoverned = make_proxy(policy=policy_port.AllowAll())
+    tap = Tap(ungoverned.port)
+    try:
+        dsn = f"host=127.0.0.1 port={tap.port} user=app dbname=shop sslmode=disable"
+        with psycopg.connect(dsn) as conn:
+            conn.execute("SELECT * FROM shop.customers WHERE id = 9001").fetchall()
+    finally:
+        tap.close()
+    assert set(tap.leaks()) == set(CANARY_BYTES)
