@@ -79,10 +79,12 @@ class Proxy:
         *,
         policy: Callable[[], policy_port.Policy],
         audit: AuditWrite | None = None,
+        audit_ok: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
         self.audit = audit
+        self.audit_ok = audit_ok
         self.connections: set[ClientConnection] = set()
         self.keys: dict[tuple[int, int], ClientConnection] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -200,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
             client=session.ClientInfo(address=address, session_id=secrets.token_hex(8)),
             backend_key=self._key,
             nonce=secrets.token_urlsafe(18),
+            audit_ok=self.proxy.audit_ok,
         )
 
     def data_received(self, data: bytes) -> None:

@@ -84,7 +84,10 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         if audit_log is not None:
             audit_log.write(event)
 
-    server = proxy.Proxy(cfg, policy=holder, audit=record)
+    audit_ok = None
+    if audit_log is not None and audit_log.failure_policy == "fail-closed":
+        audit_ok = lambda: audit_log.healthy  # noqa: E731
+    server = proxy.Proxy(cfg, policy=holder, audit=record, audit_ok=audit_ok)
     await server.start()
     counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]
     counters.gauges["dbgov_policy_reloads_total"] = lambda: holder.reloads

@@ -135,8 +135,10 @@ class Session:
         client: ClientInfo,
         backend_key: tuple[int, int],
         nonce: str,
+        audit_ok: Callable[[], bool] | None = None,
     ) -> None:
         self._policy = policy
+        self._audit_ok = audit_ok
         self._config = config
         self._client_info = client
         self._backend_key = backend_key
@@ -398,6 +400,8 @@ class Session:
         return messages.query(self._refuse(statement, now))
 
     def _decide(self, sql: str) -> tuple[policy_port.Decision, str]:
+        if self._audit_ok is not None and not self._audit_ok():
+            return _AUDIT_DOWN, "block"
         policy = self._policy()
         self._row_limit = policy.max_rows_returned
         try:
@@ -618,6 +622,15 @@ class Session:
         if self.state != "closed":
             self.state = "closed"
             self.actions.append(Close(reason=reason))
+
+
+_AUDIT_DOWN = policy_port.SimpleDecision(
+    verdict="block",
+    rule="audit:fail-closed",
+    reason="the audit log cannot be written and the policy is fail-closed",
+    hint="Retry when the audit sink recovers; nothing was run.",
+    sqlstate=SQLSTATE_POLICY,
+)
 
 
 def refusal_error(decision: policy_port.Decision) -> bytes:

@@ -83,3 +83,98 @@ def test_proxy_process_end_to_end(pg_server: pg.PgServer, tmp_path: Path) -> Non
     statements = [e for e in events if e["type"] == "statement"]
     assert any(e["statement"].startswith("SELECT count(*)") for e in statements)
     assert audit.verify(events)
+
+
+ALLOW_ALL = "mode: enforce\ndefault: allow\n"
+BLOCK_PRODUCTS = """\
+mode: enforce
+default: allow
+rules:
+  - {name: no-products, verdict: block, statements: [select], tables: [shop.products]}
+"""
+
+
+def _start(pg_server: pg.PgServer, tmp_path: Path, policy: Path) -> tuple[subprocess.Popen[str], int]:
+    port = pg.free_port()
+    env = {
+        **os.environ,
+        "DBGOV_LISTEN": f"127.0.0.1:{port}",
+        "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+        "DBGOV_POLICY": str(policy),
+        "DBGOV_AUDIT": "off",
+        "DBGOV_METRICS": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    return proc, port
+
+
+def _connect(proc: subprocess.Popen[str], port: int) -> psycopg.Connection[tuple[object, ...]]:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return psycopg.connect(
+                f"host=127.0.0.1 port={port} user=cli dbname=shop sslmode=disable", autocommit=True
+            )
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+
+
+def _eventually(check: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()  # type: ignore[operator]
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_policy_hot_reload_keeps_sessions(pg_server: pg.PgServer, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ALLOW_ALL)
+    proc, port = _start(pg_server, tmp_path, policy)
+    try:
+        conn = _connect(proc, port)
+        try:
+            assert conn.execute("SELECT count(*) FROM shop.products").fetchone() == (4,)
+            policy.write_text(BLOCK_PRODUCTS)
+            proc.send_signal(signal.SIGHUP)
+
+            def blocked() -> None:
+                try:
+                    conn.execute("SELECT count(*) FROM shop.products")
+                except psycopg.errors.InsufficientPrivilege as err:
+                    assert "no-products" in str(err)
+                    return
+                raise AssertionError("still allowed")
+
+            _eventually(blocked)  # same session, new policy
+            policy.write_text("mode: enforce\ndefault: maybe\nrules: 7\n")  # invalid: kept out
+            os.utime(policy, (time.time() + 5, time.time() + 5))
+            time.sleep(3)  # the file watcher polls every 2 s
+            blocked()
+            assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() == (200,)
+        finally:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "not reloaded" in stderr and "default" in stderr
+    assert "reloaded" in stderr
+
+
+def test_invalid_policy_at_start_exits_with_every_problem(pg_server: pg.PgServer, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("mode: sometimes\ndefault: maybe\n")
+    proc, _ = _start(pg_server, tmp_path, policy)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "mode" in stderr and "default" in stderr

@@ -208,3 +208,24 @@ def _types_frontend(data: bytes) -> str:
     framer = framing.Framer(side="frontend")
     framer.feed(data)
     return "".join(chr(m.type) for m in framer.drain()[1])
+
+
+def test_fail_closed_audit_refuses_statements() -> None:
+    healthy = [False]
+    s = session.Session(
+        policy=Blocker,
+        config=session.SessionConfig(),
+        client=session.ClientInfo(address="a", session_id="s"),
+        backend_key=(1, 2),
+        nonce="n",
+        audit_ok=lambda: healthy[0],
+    )
+    s.client_data(messages.startup_message({"user": "u"}), 0.0)
+    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.client_data(messages.query("SELECT 1"), 1.0)
+    assert messages.decode_query(bytes(s.to_server)).startswith("dbgov_refused_")
+    assert s.events[-1]["rule"] == "audit:fail-closed"
+    s.to_server.clear()
+    healthy[0] = True
+    s.client_data(messages.query("SELECT 1"), 1.0)
+    assert messages.decode_query(bytes(s.to_server)) == "SELECT 1"
