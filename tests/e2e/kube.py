@@ -11,6 +11,7 @@ The binaries come from hack/build-tools.sh (`make tools`), pinned in hack/tools/
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import os
@@ -19,6 +20,8 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -312,6 +315,27 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn: SIGTERM the child when the thread that started it dies (Linux).
+
+    The normal path is `Process.stop()` from a fixture finalizer; this covers the abnormal one,
+    an xdist worker killed or crashing before finalizers run, which would otherwise leave an
+    apiserver and etcd running with no owner.
+    """
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 @dataclass(slots=True, kw_only=True)
 class Process:
     """A child process we started, its log file, and a way to stop exactly it."""
@@ -322,6 +346,12 @@ class Process:
 
     @classmethod
     def start(cls, *, name: str, argv: Sequence[str | Path], log: Path) -> Process:
+        """Start `argv` with output to `log`.
+
+        Started from the main thread, the child also gets SIGTERM if this process dies (from
+        another thread that would fire when that thread ends, so it is not armed there).
+        """
+        on_main = threading.current_thread() is threading.main_thread()
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 [str(a) for a in argv],
@@ -329,6 +359,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the terminal must not race our shutdown
+                preexec_fn=_die_with(os.getpid()) if on_main else None,  # noqa: PLW1509
             )
         return cls(name=name, popen=popen, log=log)
 

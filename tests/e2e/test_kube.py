@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jwt
@@ -84,3 +85,28 @@ def test_service_account_tokens_verify_against_the_apiserver_jwks(
     assert ok.authenticated is True
     assert ok.user.username == f"system:serviceaccount:{namespace}:orders-api"
     assert not review(kube_cluster.server + "/other").authenticated
+
+
+def test_processes_die_with_a_killed_test_process(tmp_path: Path) -> None:
+    """An xdist worker killed before its finalizers run must not leave its servers behind."""
+    script = (
+        "import os, sys, pathlib\n"
+        "from tests.e2e import kube\n"
+        "p = kube.Process.start(name='s', argv=['sleep', '60'], log=pathlib.Path(sys.argv[1]))\n"
+        "print(p.popen.pid, flush=True)\n"
+        "os._exit(1)  # no finalizers, no Process.stop()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "sleep.log")],
+        cwd=kube.REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    child = int(result.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    raise AssertionError(f"child {child} outlived its parent")
