@@ -36,6 +36,8 @@ class Settings:
     """Password clients must give (SCRAM-SHA-256); none means trust (DBGOV_CLIENT_PASSWORD)."""
     audit: str = "stdout"
     """Where audit events go: stdout, off, or a file path (DBGOV_AUDIT)."""
+    audit_redact_literals: bool = False
+    """Replace literals in audited statement text with $n placeholders (DBGOV_AUDIT_REDACT_LITERALS)."""
     audit_failure: str = "best-effort"
     """best-effort (count drops) or fail-closed (refuse while the sink fails) (DBGOV_AUDIT_FAILURE)."""
     metrics: str = "127.0.0.1:9187"
@@ -63,9 +65,21 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
             values[f.name] = int(raw)
         elif f.name == "drain_timeout":
             values[f.name] = float(raw)
+        elif f.name == "audit_redact_literals":
+            values[f.name] = parse_bool(raw)
         else:
             values[f.name] = raw
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'1'/'yes'/'on' and their opposites."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
 
 
 def split_host_port(text: str, *, default_port: int) -> tuple[str, int]:
@@ -111,6 +125,7 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
             client_scram=scram,
             max_message_size=settings.max_message_size,
             audit=True,
+            redact_literals=settings.audit_redact_literals,
         ),
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,

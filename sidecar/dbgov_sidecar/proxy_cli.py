@@ -17,6 +17,13 @@ from dbgov_sidecar import audit, config, metrics, policies, proxy
 log = logging.getLogger("dbgov.proxy")
 
 
+_FLAG_TYPES: dict[str, Any] = {
+    "max_message_size": int,
+    "drain_timeout": float,
+    "audit_redact_literals": config.parse_bool,
+}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `proxy` on the `dbgov` command line."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -33,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=type(getattr(env, f.name)) if f.name in ("max_message_size", "drain_timeout") else str,
+            type=_FLAG_TYPES.get(f.name, str),
             default=getattr(env, f.name),
             help=f"(env {config.env_name(f.name)})",
         )

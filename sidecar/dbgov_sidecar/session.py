@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dbgov_sidecar import policy_port
+from dbgov_sidecar import policy_port, redact
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 SQLSTATE_POLICY = "42501"
@@ -56,6 +56,8 @@ class SessionConfig:
     """Largest client message accepted."""
     audit: bool = True
     """Produce audit events."""
+    redact_literals: bool = False
+    """Audit statement text with literals replaced by placeholders."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -583,7 +585,9 @@ class Session:
         event = {
             "type": "statement",
             "time": now,
-            "statement": statement.sql,
+            "statement": redact.redact_literals(statement.sql)
+            if self._config.redact_literals
+            else statement.sql,
             **_decision_fields(statement.decision),
             "enforced": statement.verdict,
             "rows_returned": rows,

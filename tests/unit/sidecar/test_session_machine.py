@@ -229,3 +229,13 @@ def test_fail_closed_audit_refuses_statements() -> None:
     healthy[0] = True
     s.client_data(messages.query("SELECT 1"), 1.0)
     assert messages.decode_query(bytes(s.to_server)) == "SELECT 1"
+
+
+def test_audit_can_redact_literals() -> None:
+    s = _ready(redact_literals=True)
+    s.client_data(messages.query("SELECT * FROM t WHERE ssn = '123-45-6789'"), 1.0)
+    s.server_data(messages.command_complete("SELECT 0") + messages.ready_for_query("I"), 1.0)
+    assert s.events[-1]["statement"] == "SELECT * FROM t WHERE ssn = $1"
+    s.client_data(messages.query("SELEC 'secret'"), 1.0)
+    s.server_data(messages.command_complete("SELECT 0") + messages.ready_for_query("I"), 1.0)
+    assert "secret" not in s.events[-1]["statement"]
