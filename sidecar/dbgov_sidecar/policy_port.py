@@ -46,6 +46,10 @@ class Policy(Protocol):
     def max_rows_returned(self) -> int | None:
         """Refuse results with more rows than this (None: no limit)."""
 
+    @property
+    def max_rows_affected(self) -> int | None:
+        """Roll back and refuse writes that change more rows than this (None: no limit)."""
+
     def new_context(self) -> object:
         """Per-session state the engine keeps (prepared statement and cursor names)."""
 
@@ -76,6 +80,7 @@ class AllowAll:
 
     mode = "enforce"
     max_rows_returned: int | None = None
+    max_rows_affected: int | None = None
 
     def new_context(self) -> object:
         return None
@@ -96,6 +101,8 @@ class EnginePolicy:
         self._mode = str(engine.policy.mode)
         limit = getattr(getattr(engine.policy, "guardrails", None), "max_rows_returned", None)
         self._max_rows_returned = None if limit is None else int(limit)
+        affected = getattr(getattr(engine.policy, "guardrails", None), "max_rows_affected", None)
+        self._max_rows_affected = None if affected is None else int(affected)
 
     @property
     def mode(self) -> str:
@@ -104,6 +111,10 @@ class EnginePolicy:
     @property
     def max_rows_returned(self) -> int | None:
         return self._max_rows_returned
+
+    @property
+    def max_rows_affected(self) -> int | None:
+        return self._max_rows_affected
 
     def new_context(self) -> object:
         return self._context_type()

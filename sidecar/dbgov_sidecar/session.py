@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dbgov_sidecar import policy_port, redact
@@ -120,6 +120,21 @@ class _Unit:
 
 
 @dataclass(slots=True, kw_only=True)
+class _Guard:
+    """A write running under maxRowsAffected."""
+
+    limit: int
+    savepoint: bool  # inside the client's transaction block (else our own BEGIN)
+    stage: str = "open"  # open → statement → close
+    count: int = 0
+    over: bool = False
+    failed: bool = False
+    close_failed: bool = False
+    pending: int = 1  # ReadyForQuery messages the closing commands still owe
+    held: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
 class _Refusal:
     token: str
     error: bytes
@@ -169,11 +184,16 @@ class Session:
         self._over_limit = False
         self._row_limit: int | None = None
         self._abort_marker: str | None = None
+        self._affected_limit: int | None = None
+        self._guard: _Guard | None = None
+        self._defer = False  # the Query being handled must wait until the session is idle
+        self._paused = False  # client input waits (a guarded write is in progress)
+        self._resume = False
 
     @property
     def idle(self) -> bool:
         """Nothing sent upstream is still waiting for its ReadyForQuery."""
-        return self._syncs_done == self._syncs_sent and self._pending is None
+        return self._syncs_done == self._syncs_sent and self._pending is None and self._guard is None
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -244,6 +264,8 @@ class Session:
     def _drain_client(self, now: float) -> None:
         while self.state in ("startup", "auth", "ready"):
             if self.state == "ready":
+                if self._paused:
+                    return
                 chunk, msgs = self._client.drain()
                 if msgs:
                     self._on_ready(chunk, msgs, now)
@@ -329,6 +351,18 @@ class Session:
                 replacement: bytes | None = b""
             elif mtype == messages.QUERY:
                 replacement = self._on_query(msg, now)
+                if self._defer or self._guard is not None:
+                    # A guarded write runs alone: hold back what the client sent after it.
+                    self._paused = True
+                    rest = msgs[index:] if self._defer else msgs[index + 1 :]
+                    self._client.unread(b"".join(m.data for m in rest))
+                    self._defer = False
+                    if out is None:
+                        out = [m.data for m in msgs[:index]]
+                    if replacement is not None:
+                        out.append(replacement)
+                    self.to_server += b"".join(out)
+                    return
             elif mtype == messages.PARSE:
                 replacement = self._on_parse(msg, now)
             elif mtype == messages.SYNC:
@@ -361,14 +395,20 @@ class Session:
 
     def _on_query(self, msg: framing.Message, now: float) -> bytes | None:
         sql = messages.decode_query(msg.data)
-        self._syncs_sent += 1
         decision, verdict = self._decide(sql)
         statement = _Statement(sql=sql, decision=decision, verdict=verdict)
         if verdict in ("allow", "mask"):
+            limit = self._guard_limit(decision)
+            if limit is not None and not self.idle:
+                self._defer = True
+                return None
+            self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
-            if verdict == "mask" and decision.rewritten is not None:
-                return messages.query(decision.rewritten)
-            return None
+            text = decision.rewritten if verdict == "mask" and decision.rewritten is not None else None
+            if limit is not None:
+                return self._start_guard(limit, messages.query(text) if text is not None else msg.data)
+            return None if text is None else messages.query(text)
+        self._syncs_sent += 1
         self._units.append(_Unit(started=now, statements=[]))
         token = self._refuse(statement, now)
         return messages.query(token)
@@ -406,6 +446,7 @@ class Session:
             return _AUDIT_DOWN, "block"
         policy = self._policy()
         self._row_limit = policy.max_rows_returned
+        self._affected_limit = getattr(policy, "max_rows_affected", None)
         try:
             decision = policy.decide(sql, self._context)
         except Exception as err:  # fail closed: an engine failure refuses the statement
@@ -455,7 +496,9 @@ class Session:
         for index, msg in enumerate(msgs):
             mtype = msg.type
             replacement: bytes | None = None
-            if mtype == messages.DATA_ROW:
+            if self._guard is not None:
+                replacement = self._on_guarded(msg, now)
+            elif mtype == messages.DATA_ROW:
                 replacement = self._on_data_row()
             elif mtype == messages.READY_FOR_QUERY:
                 replacement = self._on_ready_for_query(msg, now)
@@ -472,6 +515,10 @@ class Session:
             if out is not None:
                 out.append(msg.data if replacement is None else replacement)
         self.to_client += chunk if out is None else b"".join(out)
+        if self._resume or (self._paused and self.idle):
+            self._resume = False
+            self._paused = False
+            self._drain_client(now)
 
     def _current_unit(self) -> _Unit | None:
         return self._units[0] if self._units else self._pending
@@ -555,6 +602,102 @@ class Session:
         self.txn_status = status
         return None
 
+    # --- maxRowsAffected: run a write inside BEGIN or a savepoint, keep it only if small ---
+
+    def _guard_limit(self, decision: policy_port.Decision) -> int | None:
+        limit = self._affected_limit
+        if limit is None or self.txn_status == "E":
+            return None
+        if not any(getattr(info, "writes", ()) for info in decision.statements):
+            return None
+        return limit
+
+    def _start_guard(self, limit: int, statement: bytes) -> bytes:
+        savepoint = self.txn_status == "T"
+        self._guard = _Guard(limit=limit, savepoint=savepoint)
+        self._syncs_sent += 1  # the opener's ReadyForQuery comes first
+        opener = "SAVEPOINT dbgov_guard" if savepoint else "BEGIN"
+        return messages.query(opener) + statement
+
+    def _guard_send(self, *sql: str) -> None:
+        for text in sql:
+            self._syncs_sent += 1
+            self.to_server += messages.query(text)
+
+    def _on_guarded(self, msg: framing.Message, now: float) -> bytes | None:
+        guard = self._guard
+        assert guard is not None
+        mtype = msg.type
+        if mtype in _ASYNC_SERVER:
+            return None
+        if mtype == messages.READY_FOR_QUERY:
+            self._syncs_done += 1
+        if guard.stage == "open":
+            if mtype == messages.READY_FOR_QUERY:
+                guard.stage = "statement"
+            return b""
+        if guard.stage == "statement":
+            return self._guarded_statement(guard, msg, now)
+        if mtype != messages.READY_FOR_QUERY:
+            if mtype == messages.ERROR_RESPONSE and guard.stage == "close" and not guard.over:
+                guard.close_failed = True  # COMMIT / RELEASE failed: the client must see why
+                return None
+            return b""
+        guard.pending -= 1
+        if guard.pending:
+            return b""
+        self._guard = None
+        self._resume = True
+        self.txn_status = messages.decode_ready_for_query(msg.data)
+        if guard.over:
+            return _affected_error(guard) + msg.data
+        return (b"" if guard.close_failed else b"".join(guard.held)) + msg.data
+
+    def _guarded_statement(self, guard: _Guard, msg: framing.Message, now: float) -> bytes | None:
+        mtype = msg.type
+        unit = self._current_unit()
+        if mtype == messages.DATA_ROW:
+            self._unit_rows += 1
+            return None
+        if mtype == messages.COMMAND_COMPLETE:
+            tag = messages.decode_command_complete(msg.data)
+            guard.count += int(tag.rpartition(" ")[2]) if tag.rpartition(" ")[2].isdigit() else 0
+            guard.over = guard.count > guard.limit
+            if unit is not None:
+                unit.tags = [*(unit.tags or []), tag]
+            guard.held.append(msg.data)
+            return b""
+        if mtype == messages.ERROR_RESPONSE:
+            guard.failed = True
+            if unit is not None and unit.sqlstate is None:
+                unit.sqlstate = messages.decode_fields(msg.data).get("C")
+            return None
+        if mtype != messages.READY_FOR_QUERY:
+            return b"" if guard.held else None  # nothing may follow a held CommandComplete
+        status = messages.decode_ready_for_query(msg.data)
+        if self._units:
+            unit = self._units.popleft()
+            unit.rows = self._unit_rows
+            if guard.over:
+                unit.sqlstate = SQLSTATE_LIMIT
+            self._finish_unit(unit, now)
+        self._unit_rows = 0
+        guard.stage = "close"
+        if guard.failed and guard.savepoint:
+            self._guard = None  # the block is aborted, as PostgreSQL leaves it
+            self._resume = True
+            self.txn_status = status
+            return None
+        if guard.over and guard.savepoint:
+            self._marker_count += 1
+            self._guard_send("ROLLBACK TO SAVEPOINT dbgov_guard", f"dbgov_abort_{self._marker_count}")
+            guard.pending = 2
+        elif guard.failed or guard.over:
+            self._guard_send("ROLLBACK")
+        else:
+            self._guard_send("RELEASE SAVEPOINT dbgov_guard" if guard.savepoint else "COMMIT")
+        return b""
+
     def _finish_unit(self, unit: _Unit, now: float) -> None:
         if not self._config.audit:
             return
@@ -626,6 +769,17 @@ class Session:
         if self.state != "closed":
             self.state = "closed"
             self.actions.append(Close(reason=reason))
+
+
+def _affected_error(guard: _Guard) -> bytes:
+    return messages.error_response(
+        code=SQLSTATE_LIMIT,
+        message=(
+            f"dbgov: the statement changed {guard.count} rows, more than maxRowsAffected "
+            f"({guard.limit}); it was rolled back"
+        ),
+        hint="Narrow the WHERE clause or change fewer rows at a time.",
+    )
 
 
 _AUDIT_DOWN = policy_port.SimpleDecision(

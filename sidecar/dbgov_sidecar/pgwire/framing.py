@@ -101,6 +101,10 @@ class Framer:
         """Add bytes received from the peer."""
         self._buf += data
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes already drained back in front of the buffer, to be read again later."""
+        self._buf[:0] = data
+
     def take_buffer(self) -> bytes:
         """Remove and return whatever is buffered (e.g. bytes after an SSLRequest)."""
         out = bytes(self._buf)

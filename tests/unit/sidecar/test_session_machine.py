@@ -239,3 +239,59 @@ def test_audit_can_redact_literals() -> None:
     s.client_data(messages.query("SELEC 'secret'"), 1.0)
     s.server_data(messages.command_complete("SELECT 0") + messages.ready_for_query("I"), 1.0)
     assert "secret" not in s.events[-1]["statement"]
+
+
+class _Info:
+    cls = "update"
+    reads = ()
+    writes = ("t",)
+
+
+class Limited(Blocker):
+    max_rows_affected = 3
+
+    def decide(self, sql: str, context: object) -> policy_port.Decision:
+        if sql.upper().startswith("UPDATE"):
+            return policy_port.SimpleDecision(verdict="allow", rule="w", reason="ok", statements=(_Info(),))
+        return super().decide(sql, context)
+
+
+def _limited() -> session.Session:
+    s = session.Session(
+        policy=Limited,
+        config=session.SessionConfig(),
+        client=session.ClientInfo(address="a", session_id="s"),
+        backend_key=(1, 2),
+        nonce="n",
+    )
+    s.client_data(messages.startup_message({"user": "u"}), 0.0)
+    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.to_client.clear()
+    return s
+
+
+def _queries(data: bytearray) -> list[str]:
+    framer = framing.Framer(side="frontend")
+    framer.feed(bytes(data))
+    out = [messages.decode_query(m.data) for m in framer.drain()[1]]
+    data.clear()
+    return out
+
+
+OK = messages.command_complete
+Z = messages.ready_for_query
+
+
+@pytest.mark.parametrize(("count", "closer", "client_sees"), [(2, "COMMIT", "CZ"), (5, "ROLLBACK", "EZ")])
+def test_guarded_write_holds_pipelined_queries(count: int, closer: str, client_sees: str) -> None:
+    s = _limited()
+    s.client_data(messages.query("UPDATE t SET a = 1") + messages.query("SELECT 1"), 1.0)
+    assert _queries(s.to_server) == ["BEGIN", "UPDATE t SET a = 1"]  # SELECT 1 waits
+    s.server_data(OK("BEGIN") + Z("T") + OK(f"UPDATE {count}") + Z("T"), 1.0)
+    assert _queries(s.to_server) == [closer] and not s.to_client
+    s.server_data(OK(closer) + Z("I"), 1.0)
+    assert _types(s.to_client) == client_sees
+    if client_sees[0] == "E":
+        assert "more than maxRowsAffected (3)" in messages.decode_fields(bytes(s.to_client)[:-6])["M"]
+    assert _queries(s.to_server) == ["SELECT 1"]  # released after the write settled
+    assert s.txn_status == "I"

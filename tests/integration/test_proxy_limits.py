@@ -1,0 +1,60 @@
+"""maxRowsAffected with the real engine: big writes are rolled back and refused, small ones kept."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import pg
+from conftest import RunningProxy
+from dbgov_sidecar import policies
+
+pytestmark = pytest.mark.integration
+
+POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"  # maxRowsAffected: 100
+
+
+def _psql(dsn: str, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(pg.BIN / "psql"), "-X", "-At", dsn], input=script, capture_output=True, text=True, check=False
+    )
+
+
+def _total(server: pg.PgServer) -> int:
+    return int(server.psql("SELECT sum(quantity) FROM shop.orders;").strip())
+
+
+def test_max_rows_affected(make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer) -> None:
+    running = make_proxy(policy=policies.load(str(POLICY)))
+    dsn = running.dsn()
+    before = _total(pg_server)
+
+    big = _psql(dsn, "UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= 150;\nSELECT 'after';\n")
+    assert "changed 150 rows, more than maxRowsAffected (100)" in big.stderr
+    assert "after" in big.stdout  # the session goes on
+    assert _total(pg_server) == before  # rolled back
+
+    small = _psql(dsn, "UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= 10;\n")
+    assert small.returncode == 0 and "UPDATE 10" not in small.stderr
+    assert _total(pg_server) == before + 10
+
+    # Inside a transaction block: the small write stays, the big one aborts the block.
+    block = _psql(
+        dsn,
+        "BEGIN;\nUPDATE shop.orders SET quantity = quantity + 1 WHERE id <= 5;\n"
+        "UPDATE shop.orders SET quantity = quantity + 1 WHERE id > 20;\n"
+        "SELECT 'inside';\nCOMMIT;\n",
+    )
+    assert "more than maxRowsAffected" in block.stderr
+    assert "current transaction is aborted" in block.stderr
+    assert "ROLLBACK" in block.stdout
+    assert _total(pg_server) == before + 10
+
+    kept = _psql(dsn, "BEGIN;\nUPDATE shop.orders SET quantity = quantity - 1 WHERE id <= 10;\nCOMMIT;\n")
+    assert kept.returncode == 0, kept.stderr
+    assert _total(pg_server) == before
+    events = [e for e in running.events if e.get("sqlstate") == "54000"]
+    assert len(events) == 2 and events[0]["rows_affected"] == 150
