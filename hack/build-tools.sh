@@ -72,7 +72,7 @@ kube_ldflags() {
     -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)"
   printf '%s ' "-X ${kv}.gitMajor=${kube_major}" "-X ${kv}.gitMinor=${kube_minor}" \
     "-X ${kv}.gitVersion=${KUBE_VERSION}" "-X ${kv}.gitTreeState=clean" \
-    "-X ${kv}.buildDate=${date}"
+    "-X ${kv}.gitCommit=" "-X ${kv}.buildDate=${date}"
 }
 
 etcd_ldflags() {

@@ -49,6 +49,7 @@ def test_server_reports_the_pinned_version(kube_cluster: kube.KubeCluster) -> No
     assert version["git_version"] == kube_cluster.tools.kube_version
     major, minor = kube_cluster.tools.kube_version.lstrip("v").split(".")[:2]
     assert (version["major"], version["minor"]) == (major, minor)
+    assert "$Format" not in version["git_commit"] + version["git_version"]  # stamped at link time
 
 
 def test_service_account_tokens_verify_against_the_apiserver_jwks(
