@@ -81,6 +81,7 @@ class AllowAll:
     mode = "enforce"
     max_rows_returned: int | None = None
     max_rows_affected: int | None = None
+    mask_targets: tuple[tuple[str, str, str], ...] = ()
 
     def new_context(self) -> object:
         return None
@@ -103,6 +104,11 @@ class EnginePolicy:
         self._max_rows_returned = None if limit is None else int(limit)
         affected = getattr(getattr(engine.policy, "guardrails", None), "max_rows_affected", None)
         self._max_rows_affected = None if affected is None else int(affected)
+        self.mask_targets: tuple[tuple[str, str, str], ...] = tuple(
+            (str(m.table.schema), str(m.table.name), str(m.column))
+            for m in getattr(engine.policy, "masks", ())
+        )
+        """(schema, table, column) of every masked column, for checking result origins."""
 
     @property
     def mode(self) -> str:

@@ -310,6 +310,7 @@ class ClientConnection(asyncio.Protocol):
                 parameter_status=up.login_state.parameter_status,
                 notices=up.login_state.notices,
                 now=time.time(),
+                masked_attrs=up.masked_attrs,
             )
             self.upstream_key = up.login_state.backend_key
             up.start_relay()
@@ -340,10 +341,29 @@ class ClientConnection(asyncio.Protocol):
                 reply = state.on_message(await up.read_message())
                 if reply:
                     up.write(reply)
+            up.masked_attrs = await self._masked_attributes(up)
         except BaseException:
             up.close()
             raise
         return up
+
+    async def _masked_attributes(self, up: UpstreamConnection) -> dict[tuple[int, int], str]:
+        """(table OID, attnum) → name of every masked column, looked up on the new connection."""
+        targets = getattr(self.proxy.policy(), "mask_targets", ())
+        if not targets:
+            return {}
+        up.write(messages.query(masked_columns_query(targets)))
+        found: dict[tuple[int, int], str] = {}
+        while True:
+            msg = await up.read_message()
+            if msg.type == messages.DATA_ROW:
+                oid, attnum, name = messages.decode_data_row(msg.data)
+                if oid is not None and attnum is not None and name is not None:
+                    found[(int(oid), int(attnum))] = name.decode()
+            elif msg.type == messages.ERROR_RESPONSE:
+                log.warning("masked column lookup failed: %s", messages.decode_fields(msg.data).get("M"))
+            elif msg.type == messages.READY_FOR_QUERY:
+                return found
 
     def close(self, reason: str) -> None:
         """Close both sides (idempotent)."""
@@ -393,6 +413,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._ssl_answer: bytes | None = None
         self._expect_ssl_answer = False
         self._lost: Exception | None = None
+        self.masked_attrs: dict[tuple[int, int], str] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -470,6 +491,23 @@ class UpstreamConnection(asyncio.Protocol):
         leftover = self._framer.take_buffer()
         if leftover:
             self.owner.server_data(leftover)
+
+
+def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
+    """Catalog query: OID, attribute number and name of each (schema, table, column)."""
+    rows = ", ".join(f"({_literal(a)}, {_literal(b)}, {_literal(c)})" for a, b, c in targets)
+    return (
+        "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname "
+        "FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE NOT a.attisdropped AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
+    )
+
+
+def _literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("'", "''")
+    return f"E'{escaped}'"
 
 
 def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -134,6 +134,101 @@ class _Guard:
     held: list[bytes] = field(default_factory=list)
 
 
+_TRACKED_CLIENT = frozenset((messages.DESCRIBE, messages.BIND, messages.EXECUTE, messages.CLOSE))
+_TRACKED_SERVER = frozenset(
+    (
+        messages.ROW_DESCRIPTION,
+        messages.NO_DATA,
+        messages.DATA_ROW,
+        messages.COMMAND_COMPLETE,
+        messages.PORTAL_SUSPENDED,
+        messages.EMPTY_QUERY,
+        messages.ERROR_RESPONSE,
+        messages.READY_FOR_QUERY,
+    )
+)
+
+
+class _Shape:
+    """Masked result positions of a statement or portal, known once its description arrives."""
+
+    __slots__ = ("hits", "source")
+
+    def __init__(self, source: _Shape | None = None) -> None:
+        self.hits: tuple[int, ...] | None = None
+        self.source = source
+
+    def resolve(self) -> tuple[int, ...]:
+        if self.hits is not None:
+            return self.hits
+        return self.source.resolve() if self.source is not None else ()
+
+
+class _Origins:
+    """Which result columns come straight from masked columns, per statement and portal.
+
+    A RowDescription answers the oldest pending Describe (extended protocol) or starts a simple
+    query's result; DataRows belong to the oldest pending Execute, or to that simple result.
+    Shapes are objects captured when the client sends the message, so pipelined rebinding of
+    the unnamed portal cannot confuse them. Entries carry the Sync they belong to, so an error
+    (after which the server skips to Sync) drops them.
+    """
+
+    def __init__(self) -> None:
+        self.statements: dict[str, _Shape] = {}
+        self.portals: dict[str, _Shape] = {}
+        self.describes: deque[tuple[_Shape, int]] = deque()
+        self.executes: deque[tuple[_Shape, int]] = deque()
+        self.simple: tuple[int, ...] = ()
+
+    def parsed(self, name: str) -> None:
+        self.statements[name] = _Shape()
+
+    def client(self, msg: framing.Message, sync: int) -> None:
+        if msg.type == messages.DESCRIBE:
+            target = messages.decode_target(msg.data)
+            table = self.statements if target.kind == "S" else self.portals
+            self.describes.append((table.setdefault(target.name, _Shape()), sync))
+        elif msg.type == messages.BIND:
+            bind = messages.decode_bind(msg.data)
+            self.portals[bind.portal] = _Shape(self.statements.get(bind.statement))
+        elif msg.type == messages.EXECUTE:
+            portal = messages.decode_execute(msg.data).portal
+            self.executes.append((self.portals.setdefault(portal, _Shape()), sync))
+        else:
+            target = messages.decode_target(msg.data)
+            (self.statements if target.kind == "S" else self.portals).pop(target.name, None)
+
+    def described(self, hits: tuple[int, ...], sync: int) -> None:
+        if self.describes and self.describes[0][1] == sync:
+            self.describes.popleft()[0].hits = hits
+        else:
+            self.simple = hits
+
+    def row_mask(self, sync: int) -> tuple[int, ...]:
+        if self.executes and self.executes[0][1] == sync:
+            return self.executes[0][0].resolve()
+        return self.simple
+
+    def finished(self, sync: int) -> None:
+        if self.executes and self.executes[0][1] == sync:
+            self.executes.popleft()
+        else:
+            self.simple = ()
+
+    def failed(self, sync: int) -> None:
+        self.simple = ()
+        self.describes = deque(d for d in self.describes if d[1] != sync)
+        self.executes = deque(e for e in self.executes if e[1] != sync)
+
+    def synced(self, sync: int) -> None:
+        self.simple = ()
+        while self.describes and self.describes[0][1] <= sync:
+            self.describes.popleft()
+        while self.executes and self.executes[0][1] <= sync:
+            self.executes.popleft()
+
+
 @dataclass(slots=True, kw_only=True)
 class _Refusal:
     token: str
@@ -185,6 +280,8 @@ class Session:
         self._row_limit: int | None = None
         self._abort_marker: str | None = None
         self._affected_limit: int | None = None
+        self._masked_attrs: dict[tuple[int, int], str] = {}
+        self._origins = _Origins()
         self._guard: _Guard | None = None
         self._defer = False  # the Query being handled must wait until the session is idle
         self._paused = False  # client input waits (a guarded write is in progress)
@@ -229,8 +326,20 @@ class Session:
         self.state = "startup"
         self._drain_client(now)
 
-    def upstream_ready(self, *, parameter_status: list[bytes], notices: list[bytes], now: float) -> None:
-        """Upstream login succeeded: finish the client's startup and start relaying."""
+    def upstream_ready(
+        self,
+        *,
+        parameter_status: list[bytes],
+        notices: list[bytes],
+        now: float,
+        masked_attrs: Mapping[tuple[int, int], str] | None = None,
+    ) -> None:
+        """Upstream login succeeded: finish the client's startup and start relaying.
+
+        ``masked_attrs`` maps (table OID, attribute number) of every masked column to its name:
+        a result column with that origin must never reach the client unmasked.
+        """
+        self._masked_attrs = dict(masked_attrs or {})
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
         for raw in parameter_status:
@@ -380,6 +489,8 @@ class Session:
                 raise ProtocolViolation("unexpected password message after authentication")
             else:
                 replacement = None
+                if self._masked_attrs and mtype in _TRACKED_CLIENT:
+                    self._origins.client(msg, self._syncs_sent + 1)
             if replacement is not None and out is None:
                 out = [m.data for m in msgs[:index]]
             if out is not None:
@@ -415,6 +526,8 @@ class Session:
 
     def _on_parse(self, msg: framing.Message, now: float) -> bytes | None:
         parse = messages.decode_parse(msg.data)
+        if self._masked_attrs:
+            self._origins.parsed(parse.name)
         decision, verdict = self._decide(parse.query)
         statement = _Statement(sql=parse.query, decision=decision, verdict=verdict)
         if verdict in ("allow", "mask"):
@@ -496,10 +609,13 @@ class Session:
         for index, msg in enumerate(msgs):
             mtype = msg.type
             replacement: bytes | None = None
+            if self._masked_attrs and mtype in _TRACKED_SERVER:
+                replacement = self._check_origins(msg, now)
             if self._guard is not None:
-                replacement = self._on_guarded(msg, now)
+                replacement = self._on_guarded(msg, now) if replacement is None else replacement
             elif mtype == messages.DATA_ROW:
-                replacement = self._on_data_row()
+                dropped = self._on_data_row()
+                replacement = dropped if dropped is not None else replacement
             elif mtype == messages.READY_FOR_QUERY:
                 replacement = self._on_ready_for_query(msg, now)
             elif mtype == messages.COMMAND_COMPLETE:
@@ -600,6 +716,42 @@ class Session:
                 self.to_server += messages.query(self._abort_marker)
                 return b""
         self.txn_status = status
+        return None
+
+    # --- defense in depth: result columns that come straight from a masked column ----------
+
+    def _check_origins(self, msg: framing.Message, now: float) -> bytes | None:
+        origins = self._origins
+        mtype = msg.type
+        current = self._syncs_done + 1
+        if mtype == messages.ROW_DESCRIPTION:
+            fields = messages.decode_row_description(msg.data)
+            hits = tuple(i for i, f in enumerate(fields) if (f.table_oid, f.attnum) in self._masked_attrs)
+            if hits and self._policy().mode == "dry-run":
+                hits = ()
+            origins.described(hits, current)
+            if hits:
+                names = sorted({self._masked_attrs[(fields[i].table_oid, fields[i].attnum)] for i in hits})
+                self._event(
+                    now, {"type": "warning", "warning": "masked column arrived unmasked", "columns": names}
+                )
+            return None
+        if mtype == messages.NO_DATA:
+            origins.described((), current)
+        elif mtype == messages.DATA_ROW:
+            hits = origins.row_mask(current)
+            if hits:
+                values = messages.decode_data_row(msg.data)
+                for i in hits:
+                    if i < len(values):
+                        values[i] = None
+                return messages.data_row(values)
+        elif mtype in (messages.COMMAND_COMPLETE, messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY):
+            origins.finished(current)
+        elif mtype == messages.ERROR_RESPONSE:
+            origins.failed(current)
+        elif mtype == messages.READY_FOR_QUERY:
+            origins.synced(current)
         return None
 
     # --- maxRowsAffected: run a write inside BEGIN or a savepoint, keep it only if small ---

@@ -171,3 +171,66 @@ def test_the_tap_would_see_an_unmasked_canary(
     finally:
         tap.close()
     assert set(tap.leaks()) == set(CANARY_BYTES)
+
+
+class MissesMasks:
+    """The real policy's mask list with an engine that forgot to mask: the proxy must catch it."""
+
+    def __init__(self) -> None:
+        self._real = policies.load(str(POLICY))
+        self.mask_targets = self._real.mask_targets  # type: ignore[attr-defined]
+        self.mode = "enforce"
+        self.max_rows_returned = None
+
+    def new_context(self) -> object:
+        return None
+
+    def decide(self, sql: str, context: object) -> policy_port.Decision:
+        return policy_port.SimpleDecision(verdict="allow", rule="oops", reason="engine missed a mask")
+
+
+def test_unmasked_origin_is_masked_by_the_proxy(
+    governed: RunningProxy, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    leaky = make_proxy(policy=MissesMasks())
+    tap = Tap(leaky.port)
+    sql = "SELECT name, email, ssn, card_number, id FROM shop.customers WHERE id = %s"
+    try:
+        dsn = f"host=127.0.0.1 port={tap.port} user=app dbname=shop sslmode=disable"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for binary in (False, True):
+                for prepare in (False, True):
+                    row = conn.execute(sql, [9001], binary=binary, prepare=prepare).fetchone()
+                    assert row == ("Canary", None, None, None, 9001)
+            with conn.pipeline():
+                first = conn.execute(sql, [9001])
+                second = conn.execute("SELECT name, id FROM shop.customers WHERE id = %s", [9001])
+            assert first.fetchone() == ("Canary", None, None, None, 9001)
+            assert second.fetchone() == ("Canary", 9001)
+            assert conn.execute("SELECT email FROM shop.customers WHERE id = 9001").fetchone() == (None,)
+            assert conn.execute("SELECT upper(email) FROM shop.customers WHERE id = 9001").fetchone() != (
+                None,
+            )
+
+        async def with_asyncpg() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(f"postgresql://app@127.0.0.1:{tap.port}/shop", ssl=False)
+            try:
+                stmt = await conn.prepare("SELECT email, name FROM shop.customers WHERE id = $1")
+                for _ in range(2):
+                    record = await stmt.fetchrow(9001)
+                    assert record is not None and tuple(record) == (None, "Canary")
+            finally:
+                await conn.close()
+
+        import asyncio
+
+        asyncio.run(with_asyncpg())
+    finally:
+        tap.close()
+    # Only plain column references carry an origin; derived columns are the engine's to mask.
+    assert tap.leaks() == []
+    warnings = [e for e in leaky.events if e.get("type") == "warning"]
+    assert warnings and "shop.customers.email" in warnings[0]["columns"]
+    assert all("canary" not in str(e) for e in leaky.events)
