@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_psql_simple_and_multi_statement(dbgov: RunningProxy) -> None:
     out = pg.run_psql(
         dbgov.dsn(),
-        "SELECT count(*) FROM shop.customers; SELECT name FROM shop.products ORDER BY id LIMIT 2;",
+        "SELECT count(*) FROM shop.customers WHERE id <= 50; SELECT name FROM shop.products ORDER BY id LIMIT 2;",
     )
     assert out.split() == ["50", "Widget", "Gadget"]
     # psql -c sends one Query message holding both statements.
