@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import asyncpg
 import psycopg
@@ -15,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pg
-from conftest import RunningProxy
+from conftest import RulesPolicy, RunningProxy, upstream_config
+from dbgov_sidecar import proxy
 from dbgov_sidecar.pgwire import framing, messages
 
 pytestmark = pytest.mark.integration
@@ -127,19 +129,42 @@ def test_oversized_message_is_refused(make_proxy: object) -> None:
     sock.close()
 
 
-def test_many_concurrent_connections(dbgov: RunningProxy) -> None:
-    count = 200
+@pytest.fixture(scope="module")
+def big_server() -> Iterator[pg.PgServer]:
+    """A PostgreSQL that accepts a thousand sessions (the shared one is sized for the suite)."""
+    with pg.running_server(max_connections=1100) as server:
+        yield server
 
-    async def one(i: int) -> int:
-        conn = await asyncpg.connect(dbgov.url(), ssl=False)
-        try:
-            value: int = await conn.fetchval("SELECT $1::int * 2", i)
-            await asyncio.sleep(0.2)  # hold all connections open at once
-            return value
-        finally:
-            await conn.close()
 
-    async def run() -> list[int]:
-        return await asyncio.gather(*(one(i) for i in range(count)))
+def test_a_thousand_concurrent_connections(big_server: pg.PgServer) -> None:
+    count = 1000
+    running = RunningProxy(
+        proxy.ProxyConfig(listen_port=0, upstream=upstream_config(big_server)), RulesPolicy()
+    )
+    try:
 
-    assert asyncio.run(run()) == [i * 2 for i in range(count)]
+        async def one(i: int, opened: asyncio.Event, ready: list[int]) -> int:
+            conn = await asyncpg.connect(running.url(), ssl=False, timeout=120)
+            try:
+                ready.append(i)
+                if len(ready) == count:
+                    opened.set()
+                await asyncio.wait_for(opened.wait(), 120)  # all open at once
+                value: int = await conn.fetchval("SELECT $1::int * 2", i)
+                return value
+            finally:
+                await conn.close()
+
+        async def run() -> tuple[list[int], int]:
+            opened, ready = asyncio.Event(), []
+            tasks = [asyncio.create_task(one(i, opened, ready)) for i in range(count)]
+            await opened.wait()
+            peak = len(running.proxy.connections)
+            return list(await asyncio.gather(*tasks)), peak
+
+        values, peak = asyncio.run(run())
+        assert values == [i * 2 for i in range(count)]
+        assert peak == count
+        running.assert_clean(timeout=60)
+    finally:
+        running.close()

@@ -9,6 +9,7 @@ exchange is reproducible in a test.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import stringprep
@@ -110,7 +111,7 @@ class ScramClient:
             raise ProtocolViolation("SCRAM server-first-message has a bad salt or count") from err
         if iterations < 1:
             raise ProtocolViolation(f"SCRAM iteration count {iterations} is not positive")
-        salted = hashlib.pbkdf2_hmac("sha256", saslprep(self._password), salt, iterations)
+        salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
         without_proof = b"c=" + base64.b64encode(_GS2_HEADER) + b",r=" + nonce.encode()
         auth_message = self._first_bare + b"," + server_first + b"," + without_proof
@@ -177,6 +178,13 @@ class ScramServer:
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._keys.stored_key):
             raise AuthenticationFailed("password authentication failed")
         return b"v=" + base64.b64encode(_hmac(self._keys.server_key, auth_message))
+
+
+@functools.lru_cache(maxsize=64)
+def salted_password(password: str, salt: bytes, iterations: int) -> bytes:
+    """SCRAM's SaltedPassword (PBKDF2), memoized: a server reuses a role's salt for every login,
+    and thousands of iterations per connection would stall a proxy under a connection storm."""
+    return hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
