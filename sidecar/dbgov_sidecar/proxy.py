@@ -207,8 +207,26 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
-        self.session.client_data(data, time.time())
+        try:
+            self.session.client_data(data, time.time())
+        except Exception:  # a bug must cost one session, never the proxy or a policy check
+            self._internal_error()
+            return
         self.pump()
+
+    def _internal_error(self) -> None:
+        log.exception("internal error; closing the session")
+        if self.session is not None:  # whatever was half-built is not sent
+            self.session.to_client.clear()
+            self.session.to_server.clear()
+            self.session.actions.clear()
+        if self.transport is not None:
+            self.transport.write(
+                messages.error_response(
+                    code="XX000", message="dbgov: internal error in the proxy", severity="FATAL"
+                )
+            )
+        self.close("internal error")
 
     def eof_received(self) -> bool | None:
         return None
@@ -388,7 +406,11 @@ class ClientConnection(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         """Bytes from upstream, once relaying."""
         assert self.session is not None
-        self.session.server_data(data, time.time())
+        try:
+            self.session.server_data(data, time.time())
+        except Exception:
+            self._internal_error()
+            return
         self.pump()
 
     def upstream_lost(self) -> None:

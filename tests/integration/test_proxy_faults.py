@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import pg
 from conftest import RulesPolicy, RunningProxy, upstream_config
-from dbgov_sidecar import proxy
+from dbgov_sidecar import policy_port, proxy
 from dbgov_sidecar.pgwire import framing, messages
 
 pytestmark = pytest.mark.integration
@@ -168,3 +168,23 @@ def test_a_thousand_concurrent_connections(big_server: pg.PgServer) -> None:
         running.assert_clean(timeout=60)
     finally:
         running.close()
+
+
+class _BrokenRewrite(RulesPolicy):
+    def decide(self, sql: str, context: object) -> policy_port.Decision:
+        if "explode" in sql:
+            return policy_port.SimpleDecision(
+                verdict="mask", rule="bad", reason="bug", rewritten="SELECT '\0'"
+            )
+        return super().decide(sql, context)
+
+
+def test_a_proxy_bug_costs_one_session_not_the_proxy(make_proxy: object) -> None:
+    running = make_proxy(policy=_BrokenRewrite())  # type: ignore[operator]
+    conn = psycopg.connect(running.dsn(), autocommit=True)
+    with pytest.raises(psycopg.errors.InternalError_, match="internal error in the proxy"):
+        conn.execute("SELECT 'explode'")
+    assert conn.closed or conn.info.status == psycopg.pq.ConnStatus.BAD
+    conn.close()
+    with psycopg.connect(running.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
