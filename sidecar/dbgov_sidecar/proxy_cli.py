@@ -116,8 +116,6 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     while not stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), 2.0)
-        if audit_log is not None:
-            audit_log.flush()
         if holder.changed():
             holder.reload()
     log.info("dbgov proxy draining (up to %ss)", cfg.drain_timeout)
@@ -126,7 +124,7 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         metrics_server.close()
         await metrics_server.wait_closed()
     if audit_log is not None:
-        audit_log.flush()
+        audit_log.close()
     return 0
 
 

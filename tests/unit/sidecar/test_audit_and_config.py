@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 
 import pytest
 
@@ -40,6 +42,42 @@ def test_sink_failure_policy(policy: str, healthy: bool) -> None:
     log = audit.AuditLog(_Broken(), failure_policy=policy)
     log.write({"type": "statement", "session_id": "a"})
     assert log.dropped == 1 and log.healthy is healthy
+
+
+class _Stuck(io.StringIO):
+    """A sink that blocks until released, like a stdout nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.release.wait(10)
+        return super().write(s)
+
+
+@pytest.mark.parametrize(("policy", "healthy"), [("best-effort", True), ("fail-closed", False)])
+def test_a_stuck_sink_never_blocks_or_grows_past_the_queue(policy: str, healthy: bool) -> None:
+    sink = _Stuck()
+    log = audit.AuditLog(sink, failure_policy=policy, max_queue=5)
+    started = time.monotonic()
+    for i in range(20):  # ordinary statements do not wait for the writer
+        log.write({"type": "statement", "session_id": "a", "enforced": "allow", "n": i})
+    assert time.monotonic() - started < 1
+    assert log.dropped >= 14 and log.healthy is healthy
+    sink.release.set()
+    log.close()
+    assert 1 <= len(sink.getvalue().splitlines()) <= 6
+    if policy == "fail-closed":
+        assert log.healthy  # recovers once a write succeeds
+
+
+def test_refusal_is_on_the_sink_when_write_returns() -> None:
+    stream = io.StringIO()
+    log = audit.AuditLog(stream)
+    log.write({"type": "statement", "session_id": "a", "enforced": "block", "rule": "no-drop"})
+    assert '"rule":"no-drop"' in stream.getvalue()
+    log.close()
 
 
 def test_metrics_from_events() -> None:
