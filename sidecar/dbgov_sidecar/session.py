@@ -134,6 +134,9 @@ class _Guard:
     held: list[bytes] = field(default_factory=list)
 
 
+_EXECUTE_DONE = frozenset(
+    (messages.COMMAND_COMPLETE, messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY, messages.ERROR_RESPONSE)
+)
 _TRACKED_CLIENT = frozenset((messages.DESCRIBE, messages.BIND, messages.EXECUTE, messages.CLOSE))
 _TRACKED_SERVER = frozenset(
     (
@@ -283,6 +286,9 @@ class Session:
         self._masked_attrs: dict[tuple[int, int], str] = {}
         self._origins = _Origins()
         self._guard: _Guard | None = None
+        self._write_statements: set[str] = set()  # prepared statements that write (extended guard)
+        self._write_portals: set[str] = set()
+        self._executes: deque[tuple[bool, int]] = deque()  # (guarded, sync) per Execute in flight
         self._defer = False  # the Query being handled must wait until the session is idle
         self._paused = False  # client input waits (a guarded write is in progress)
         self._resume = False
@@ -290,7 +296,12 @@ class Session:
     @property
     def idle(self) -> bool:
         """Nothing sent upstream is still waiting for its ReadyForQuery."""
-        return self._syncs_done == self._syncs_sent and self._pending is None and self._guard is None
+        return (
+            self._syncs_done == self._syncs_sent
+            and self._pending is None
+            and self._guard is None
+            and not self._executes
+        )
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -480,6 +491,23 @@ class Session:
                 self._units.append(self._pending or _Unit(started=now, statements=[]))
                 self._pending = None
                 replacement = None
+            elif mtype == messages.EXECUTE and self._affected_limit is not None:
+                replacement = self._on_execute(msg)
+                if replacement is not None:  # a guarded write: the rest waits for its count
+                    self._paused = True
+                    self._client.unread(b"".join(m.data for m in msgs[index + 1 :]))
+                    if out is None:
+                        out = [m.data for m in msgs[:index]]
+                    out.append(replacement)
+                    self.to_server += b"".join(out)
+                    return
+            elif mtype == messages.BIND and self._write_statements:
+                bind = messages.decode_bind(msg.data)
+                if bind.statement in self._write_statements:
+                    self._write_portals.add(bind.portal)
+                else:
+                    self._write_portals.discard(bind.portal)
+                replacement = None
             elif mtype == messages.FUNCTION_CALL:
                 replacement = self._refuse_function_call(now)
             elif mtype == messages.TERMINATE:
@@ -534,6 +562,10 @@ class Session:
             if self._pending is None:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
+            if self._guard_limit(decision) is not None:
+                self._write_statements.add(parse.name)
+            else:
+                self._write_statements.discard(parse.name)
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
             return None
@@ -611,6 +643,13 @@ class Session:
             replacement: bytes | None = None
             if self._masked_attrs and mtype in _TRACKED_SERVER:
                 replacement = self._check_origins(msg, now)
+            if self._executes and mtype in _EXECUTE_DONE and self._guard is None:
+                replacement = self._on_execute_done(msg)
+                if replacement is not None:
+                    if out is None:
+                        out = [m.data for m in msgs[:index]]
+                    out.append(replacement)
+                    continue
             if self._guard is not None:
                 replacement = self._on_guarded(msg, now) if replacement is None else replacement
             elif mtype == messages.DATA_ROW:
@@ -684,7 +723,7 @@ class Session:
             fields = messages.decode_fields(msg.data)
             if self._refusals[0].token in fields.get("M", ""):
                 refusal = self._refusals.popleft()
-                if unit is not None:
+                if unit is not None and refusal.error:
                     unit.sqlstate = messages.decode_fields(refusal.error).get("C")
                 return refusal.error
         if unit is not None and unit.sqlstate is None:
@@ -694,6 +733,8 @@ class Session:
     def _on_ready_for_query(self, msg: framing.Message, now: float) -> bytes | None:
         status = messages.decode_ready_for_query(msg.data)
         self._syncs_done += 1
+        while self._executes and self._executes[0][1] <= self._syncs_done:
+            self._executes.popleft()
         while self._refusals and self._refusals[0].sync_id <= self._syncs_done:
             self._refusals.popleft()  # the server failed earlier; its error went through
         self._rows = 0
@@ -770,6 +811,42 @@ class Session:
         self._syncs_sent += 1  # the opener's ReadyForQuery comes first
         opener = "SAVEPOINT dbgov_guard" if savepoint else "BEGIN"
         return messages.query(opener) + statement
+
+    def _on_execute(self, msg: framing.Message) -> bytes | None:
+        """Track an Execute; a write's Execute gets a Flush and holds back what follows it."""
+        portal = messages.decode_execute(msg.data).portal
+        guarded = portal in self._write_portals and self.txn_status != "E"
+        self._executes.append((guarded, self._syncs_sent + 1))
+        return msg.data + messages.FLUSH_MESSAGE if guarded else None
+
+    def _on_execute_done(self, msg: framing.Message) -> bytes | None:
+        """An Execute finished (or failed). For a guarded write over the limit, refuse it and make
+        the server fail the transaction before the client's Sync reaches it."""
+        guarded, sync = self._executes.popleft()
+        if msg.type == messages.ERROR_RESPONSE:
+            # The server skips the rest of this batch: those Executes will never finish.
+            self._executes = deque(e for e in self._executes if e[1] != sync)
+        if not guarded:
+            return None
+        self._paused = False
+        self._resume = True
+        limit = self._affected_limit
+        if msg.type != messages.COMMAND_COMPLETE or limit is None:
+            return None
+        tag = messages.decode_command_complete(msg.data)
+        count = int(tag.rpartition(" ")[2]) if tag.rpartition(" ")[2].isdigit() else 0
+        if count <= limit:
+            return None
+        self._marker_count += 1
+        token = f"dbgov_refused_{self._marker_count}"
+        self._refusals.append(_Refusal(token=token, error=b"", sync_id=sync))
+        self.to_server += messages.parse("dbgov_guard", token, ())
+        self._skipping = True  # like the server, drop the client's messages until Sync
+        unit = self._current_unit()
+        if unit is not None:
+            unit.sqlstate = SQLSTATE_LIMIT
+            unit.tags = [*(unit.tags or []), tag]
+        return _affected_error(_Guard(limit=limit, savepoint=False, count=count))
 
     def _guard_send(self, *sql: str) -> None:
         for text in sql:

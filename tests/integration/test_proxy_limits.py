@@ -6,6 +6,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import pg
@@ -58,3 +59,35 @@ def test_max_rows_affected(make_proxy: Callable[..., RunningProxy], pg_server: p
     assert _total(pg_server) == before
     events = [e for e in running.events if e.get("sqlstate") == "54000"]
     assert len(events) == 2 and events[0]["rows_affected"] == 150
+
+
+def test_max_rows_affected_extended_protocol(
+    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer
+) -> None:
+    running = make_proxy(policy=policies.load(str(POLICY)))
+    before = _total(pg_server)
+    update = "UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= %s"
+    with psycopg.connect(running.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="changed 150 rows"):
+            conn.execute(update, [150])
+        assert _total(pg_server) == before
+        assert conn.execute(update, [10]).rowcount == 10
+        assert _total(pg_server) == before + 10
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded), conn.pipeline():
+            conn.execute(update, [5])
+            conn.execute(update, [120])  # same implicit transaction: both roll back
+            conn.execute("SELECT 1")
+        assert _total(pg_server) == before + 10
+        for _ in range(3):  # prepared server-side, executed by name
+            assert conn.execute(update, [1], prepare=True).rowcount == 1
+        assert _total(pg_server) == before + 13
+    with psycopg.connect(running.dsn()) as conn:  # inside a transaction block
+        conn.execute(update, [5])
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute(update, [200])
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+        assert _total(pg_server) == before + 13
+        conn.execute(update, [5])
+        conn.commit()
+    assert _total(pg_server) == before + 18

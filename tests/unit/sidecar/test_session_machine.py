@@ -295,3 +295,41 @@ def test_guarded_write_holds_pipelined_queries(count: int, closer: str, client_s
         assert "more than maxRowsAffected (3)" in messages.decode_fields(bytes(s.to_client)[:-6])["M"]
     assert _queries(s.to_server) == ["SELECT 1"]  # released after the write settled
     assert s.txn_status == "I"
+
+
+def test_extended_guard_fails_the_batch_before_sync_reaches_the_server() -> None:
+    s = _limited()
+    batch = (
+        messages.parse("", "UPDATE t SET a = 1")
+        + messages.bind("", "")
+        + messages.execute()
+        + messages.SYNC_MESSAGE
+    )
+    s.client_data(batch, 1.0)
+    assert _types_frontend(bytes(s.to_server)) == "PBEH"  # Sync held until the count is known
+    s.to_server.clear()
+    s.server_data(messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + OK("UPDATE 5"), 1.0)
+    assert _types(s.to_client) == "12E"
+    assert "changed 5 rows" in messages.decode_fields(bytes(s.to_client)[10:])["M"]
+    sent = bytes(s.to_server)
+    assert _types_frontend(sent) == "PS"  # a failing marker, then the client's Sync
+    marker = messages.decode_parse(sent[:-5]).query
+    s.to_client.clear()
+    s.server_data(messages.error_response(code="42601", message=f'syntax error at "{marker}"') + Z("I"), 1.0)
+    assert _types(s.to_client) == "Z"
+    assert s.idle
+
+
+def test_extended_guard_lets_small_writes_through() -> None:
+    s = _limited()
+    batch = (
+        messages.parse("", "UPDATE t SET a = 1")
+        + messages.bind("", "")
+        + messages.execute()
+        + messages.SYNC_MESSAGE
+    )
+    s.client_data(batch, 1.0)
+    s.to_server.clear()
+    s.server_data(messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + OK("UPDATE 2"), 1.0)
+    assert _types(s.to_client) == "12C"
+    assert bytes(s.to_server) == messages.SYNC_MESSAGE
