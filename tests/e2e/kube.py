@@ -131,6 +131,30 @@ def yaml_documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+def helm_template(
+    tools: Tools,
+    chart: Path,
+    *,
+    home: Path,
+    release: str,
+    namespace: str,
+    sets: Sequence[str] = (),
+    show_only: Sequence[str] = (),
+    include_crds: bool = False,
+) -> list[dict[str, Any]]:
+    """The objects `helm template` renders, with `--set` values, optionally only some templates
+    (`--show-only templates/rbac.yaml`) or with the chart's crds/ directory too (helm installs
+    those before the templates; `--show-only` leaves them out)."""
+    args: list[str | Path] = ["template", release, chart, "--namespace", namespace]
+    if include_crds:
+        args.append("--include-crds")
+    for value in sets:
+        args += ["--set", value]
+    for template in show_only:
+        args += ["--show-only", template]
+    return yaml_documents(helm(tools, *args, home=home).stdout)
+
+
 # --------------------------------------------------------------------------------------------
 # PKI
 # --------------------------------------------------------------------------------------------
@@ -648,6 +672,15 @@ class KubeCluster:
         if resource.namespaced:
             kwargs["namespace"] = manifest.get("metadata", {}).get("namespace") or namespace
         return resource.server_side_apply(body=manifest, **kwargs)
+
+    def apply_documents(self, docs: Sequence[dict[str, Any]], *, namespace: str) -> list[Any]:
+        """Server-side apply rendered objects as helm would order them: CRDs first (waiting
+        until they are Established), then the rest, which may be of the kinds they define."""
+        crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+        if crds:
+            self.install_crds(crds)
+        rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+        return [self.apply_manifest(doc, namespace=namespace) for doc in rest]
 
     def install_crds(self, crds: Sequence[dict[str, Any]], *, timeout: float = 60.0) -> None:
         """Server-side apply CRDs and wait until each is Established and its API is served."""

@@ -23,10 +23,7 @@ def render(
     release: str = "dbgov",
     sets: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    args: list[str] = ["template", release, str(CHART), "--namespace", namespace]
-    for value in sets:
-        args += ["--set", value]
-    return kube.yaml_documents(kube.helm(tools, *args, home=home).stdout)
+    return kube.helm_template(tools, CHART, home=home, release=release, namespace=namespace, sets=sets)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

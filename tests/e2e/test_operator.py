@@ -14,14 +14,10 @@ import datetime
 import os
 import socket
 import ssl
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -31,73 +27,23 @@ from kubernetes.client.exceptions import ApiException
 from dbgov_operator import certs
 
 from . import kube
-
-CHART = kube.REPO_ROOT / "charts" / "dbgov"
-GROUP, VERSION, PLURAL = "dbgov.io", "v1alpha1", "databaseaccesspolicies"
-CERT_SECRET = "dbgov-webhook-cert"
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 45.0) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@dataclass(slots=True, kw_only=True)
-class Operator:
-    """``python -m dbgov_operator`` in a subprocess; restartable; stopped by PID."""
-
-    env: dict[str, str]
-    workdir: Path
-    process: kube.Process | None = None
-    starts: int = 0
-    logs: list[Path] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.workdir / f"operator-{self.starts}.log"
-        self.logs.append(log)
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "dbgov_operator"],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.process = kube.Process(name="dbgov-operator", popen=popen, log=log)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(timeout=30)
-            self.process = None
-
-    def log_text(self) -> str:
-        return self.logs[-1].read_text(errors="replace") if self.logs else ""
-
-    def all_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.logs)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Installed:
-    """The running operator and what the tests need to reach it."""
-
-    operator: Operator
-    namespace: str
-    service_account: str
-    configuration: str
-    token: str
-    core: client.CoreV1Api
-    custom: client.CustomObjectsApi
-    admission: client.AdmissionregistrationV1Api
+from .operator_proc import (
+    CERT_SECRET,
+    CHART,
+    GROUP,
+    PLURAL,
+    VERSION,
+    Installed,
+    Operator,
+    create_policy,
+    delete_webhook_configurations,
+    get_policy,
+    loopback_webhook_env,
+    policy,
+    token_kubeconfig,
+    wait_for,
+    wait_ready,
+)
 
 
 @contextlib.contextmanager
@@ -113,39 +59,27 @@ def deployed(
     """Apply the chart's ServiceAccount and RBAC in a fresh release namespace and run the
     operator with a TokenRequest token for it; stop it and remove its webhooks afterwards."""
     release_ns = cluster.create_namespace("dbgov")
-    rendered = kube.helm(
+    docs = kube.helm_template(
         tools,
-        "template",
-        f"op-{uuid.uuid4().hex[:6]}",
         CHART,
-        "--namespace",
-        release_ns,
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
         home=helm_home,
+        release=f"op-{uuid.uuid4().hex[:6]}",
+        namespace=release_ns,
+        show_only=("templates/serviceaccount.yaml", "templates/rbac.yaml"),
     )
-    docs = kube.yaml_documents(rendered.stdout)
-    for doc in docs:
-        cluster.apply_manifest(doc, namespace=release_ns)
+    cluster.apply_documents(docs, namespace=release_ns)
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
     token = cluster.service_account_token(
         namespace=release_ns, name=account, audiences=(cluster.server,), expiration_seconds=3600
     )
-    kubeconfig = _token_kubeconfig(cluster, token=token, path=workdir / "kubeconfig")
+    kubeconfig = token_kubeconfig(cluster, token=token, path=workdir / "kubeconfig")
     configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     (port,) = kube.free_ports(1)
     operator_env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "DBGOV_NAMESPACE": release_ns,
-        "DBGOV_WEBHOOK_LISTEN_ADDR": "127.0.0.1",
-        "DBGOV_WEBHOOK_URL_HOST": "127.0.0.1",
-        "DBGOV_WEBHOOK_PORT": str(port),
-        "DBGOV_WEBHOOK_CERT_DIR": str(workdir / "certs"),
-        "DBGOV_WEBHOOK_CERT_SECRET": CERT_SECRET,
-        "DBGOV_WEBHOOK_CONFIGURATION": configuration,
+        **loopback_webhook_env(port=port, cert_dir=workdir / "certs", configuration=configuration),
         "DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS": "2",
         "DBGOV_LOG_LEVEL": "INFO",
         **(env or {}),
@@ -167,17 +101,7 @@ def deployed(
         yield found
     finally:
         found.operator.stop()
-        # The webhooks are persistent (they fail closed while the operator is away); the test
-        # session must not keep them once this operator is gone.
-        for delete in (
-            found.admission.delete_mutating_webhook_configuration,
-            found.admission.delete_validating_webhook_configuration,
-        ):
-            try:
-                delete(configuration)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
+        delete_webhook_configurations(found.admission, configuration)
         cluster.delete_namespace(release_ns)
 
 
@@ -202,7 +126,17 @@ def _start(found: Installed) -> None:
 
 
 def wait_served(found: Installed) -> None:
-    """Wait until the webhook configurations name the running operator with a caBundle."""
+    """Wait until the webhook configurations name the running operator with a caBundle.
+
+    They are persistent, so after a restart the previous process's configurations are still
+    there: wait for this process to have published its own (kopf creates a missing one first),
+    or a test that deletes them next would race with that.
+    """
+
+    def published() -> bool:
+        log = found.operator.log_text()
+        kinds = ("validating", "mutating")
+        return all(f"Reconfiguring the {kind} webhook {found.configuration}." in log for kind in kinds)
 
     def served() -> bool:
         assert found.operator.process is not None
@@ -215,6 +149,7 @@ def wait_served(found: Installed) -> None:
         hooks = [*(mutating.webhooks or []), *(validating.webhooks or [])]
         return len(hooks) == 2 and all(h.client_config.ca_bundle for h in hooks)
 
+    wait_for("this operator process to publish its webhook configurations", published)
     wait_for("the operator's webhook configurations", served)
     url = found.admission.read_mutating_webhook_configuration(found.configuration)
     address = url.webhooks[0].client_config.url.removeprefix("https://").split("/")[0]
@@ -236,73 +171,9 @@ def _tls_ok(host: str, port: int) -> bool:
         return False
 
 
-def _token_kubeconfig(cluster: kube.KubeCluster, *, token: str, path: Path) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "e2e",
-                "cluster": {
-                    "server": cluster.server,
-                    "certificate-authority": str(cluster.pki.serving_ca.path),
-                },
-            }
-        ],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "operator"}}],
-        "current-context": "e2e",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def policy(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "subjects": {"serviceAccounts": ["orders"]},
-        "databaseRef": {"name": "orders-db"},
-        "default": "block",
-        "rules": [{"name": "read", "verdict": "allow", "statements": ["select"]}],
-    }
-    body.update(spec)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DatabaseAccessPolicy",
-        "metadata": {"name": name},
-        "spec": body,
-    }
-
-
-def create_policy(env: Installed, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-    created: dict[str, Any] = env.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, body
-    )
-    return created
-
-
-def get_policy(env: Installed, namespace: str, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = env.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    return found
-
-
-def wait_ready(env: Installed, namespace: str, name: str) -> dict[str, Any]:
-    def ready() -> dict[str, Any] | None:
-        body = get_policy(env, namespace, name)
-        status = body.get("status") or {}
-        conditions = {c["type"]: c for c in status.get("conditions") or []}
-        generation = body["metadata"]["generation"]
-        current = status.get("observedGeneration") == generation
-        if current and conditions.get("Ready", {}).get("status") == "True":
-            return body
-        return None
-
-    return wait_for(f"policy {namespace}/{name} Ready", ready)
 
 
 def bundle(env: Installed, namespace: str, account: str) -> client.V1ConfigMap | None:

@@ -18,13 +18,13 @@ from kubernetes import client
 
 from dbgov_operator import certs
 
-from . import kube
+from . import kube, operator_proc
 from . import test_operator as base
 
 
 def _secret(issued: certs.KeyPair, ca: certs.KeyPair) -> client.V1Secret:
     return client.V1Secret(
-        metadata=client.V1ObjectMeta(name=base.CERT_SECRET),
+        metadata=client.V1ObjectMeta(name=operator_proc.CERT_SECRET),
         type="kubernetes.io/tls",
         data={
             "tls.crt": base64.b64encode(issued.cert_pem).decode(),
@@ -45,7 +45,7 @@ def installed(
     dbgov_crds: list[str],
     helm_home: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[base.Installed]:
+) -> Iterator[operator_proc.Installed]:
     workdir = tmp_path_factory.mktemp("certmanager")
     with base.deployed(
         kube_cluster,
@@ -57,7 +57,7 @@ def installed(
     ) as found:
         # The operator starts before the certificate exists, as it may in a cluster, and waits.
         found.operator.start()
-        base.wait_for(
+        operator_proc.wait_for(
             "the operator to wait for the certificate",
             lambda: "waiting for the webhook certificate" in found.operator.log_text(),
         )
@@ -69,8 +69,10 @@ def installed(
         yield found
 
 
-def test_issued_certificate_is_served_and_its_ca_published(installed: base.Installed, namespace: str) -> None:
-    secret = installed.core.read_namespaced_secret(base.CERT_SECRET, installed.namespace)
+def test_issued_certificate_is_served_and_its_ca_published(
+    installed: operator_proc.Installed, namespace: str
+) -> None:
+    secret = installed.core.read_namespaced_secret(operator_proc.CERT_SECRET, installed.namespace)
     config = installed.admission.read_validating_webhook_configuration(installed.configuration)
     (hook,) = config.webhooks
     assert base64.b64decode(hook.client_config.ca_bundle) == ISSUER.cert_pem
@@ -81,17 +83,19 @@ def test_issued_certificate_is_served_and_its_ca_published(installed: base.Insta
 
 
 def test_renewal_by_the_issuer_is_followed_and_the_secret_never_written(
-    installed: base.Installed, namespace: str
+    installed: operator_proc.Installed, namespace: str
 ) -> None:
     renewed = certs.make_serving(ca=ISSUER, hostnames=("127.0.0.1",), now=datetime.datetime.now(datetime.UTC))
     written = installed.core.replace_namespaced_secret(
-        base.CERT_SECRET, installed.namespace, _secret(renewed, ISSUER)
+        operator_proc.CERT_SECRET, installed.namespace, _secret(renewed, ISSUER)
     )
     der = ssl.PEM_cert_to_DER_cert(renewed.cert_pem.decode())
-    base.wait_for("the renewed certificate to be served", lambda: base.served_or_empty(installed) == der)
+    operator_proc.wait_for(
+        "the renewed certificate to be served", lambda: base.served_or_empty(installed) == der
+    )
     created = installed.core.create_namespaced_pod(namespace, base.pod("renewed", labels=base.ENROLLED))
     assert [c.name for c in created.spec.init_containers] == ["dbgov-proxy"]
     time.sleep(3)  # more than one rotation check (2 s): an operator-made certificate would be
     # written back here, since this Secret has no CA key the operator could sign with.
-    secret = installed.core.read_namespaced_secret(base.CERT_SECRET, installed.namespace)
+    secret = installed.core.read_namespaced_secret(operator_proc.CERT_SECRET, installed.namespace)
     assert secret.metadata.resource_version == written.metadata.resource_version

@@ -54,6 +54,7 @@ def test_default_values_configure_an_in_cluster_operator(kube_tools: kube.Tools,
     assert config.webhook.listen_addr == "0.0.0.0"
     assert config.peering == ""
     assert config.sidecar.token_audience == "dbgov"
+    assert config.webhook.rotation_check_seconds == 300
 
 
 @pytest.mark.parametrize(

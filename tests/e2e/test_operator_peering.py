@@ -12,54 +12,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from . import kube
-from . import test_operator as base
-
-PEERING_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "clusterkopfpeerings.kopf.dev"},
-    "spec": {
-        "scope": "Cluster",
-        "group": "kopf.dev",
-        "names": {
-            "kind": "ClusterKopfPeering",
-            "plural": "clusterkopfpeerings",
-            "singular": "clusterkopfpeering",
-        },
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "status": {
-                                "type": "object",
-                                "x-kubernetes-preserve-unknown-fields": True,
-                            }
-                        },
-                    }
-                },
-            }
-        ],
-    },
-}
+from . import kube, operator_proc
+from .operator_proc import Installed, Operator, active, reconciled
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Replicas:
-    first: base.Operator
-    second: base.Operator
-    env: base.Installed
+    first: Operator
+    second: Operator
+    env: Installed
     """Shared API handles (the ``operator`` field is the first replica)."""
 
 
@@ -74,38 +39,25 @@ def replicas(
     workdir = tmp_path_factory.mktemp("peering")
     release_ns = kube_cluster.create_namespace("dbgov")
     peering = f"dbgov-{uuid.uuid4().hex[:6]}"
-    rendered = kube.helm(
+    # The peering CRD and object come from the chart, as helm would install them, nowhere else.
+    docs = kube.helm_template(
         kube_tools,
-        "template",
-        f"peer-{uuid.uuid4().hex[:6]}",
-        base.CHART,
-        "--namespace",
-        release_ns,
-        "--set",
-        f"operator.peering={peering}",
-        "--set",
-        "operator.replicas=2",
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
+        operator_proc.CHART,
         home=helm_home,
+        release=f"peer-{uuid.uuid4().hex[:6]}",
+        namespace=release_ns,
+        sets=(f"operator.peering={peering}", "operator.replicas=2"),
+        include_crds=True,
     )
-    docs = kube.yaml_documents(rendered.stdout)
-    for doc in docs:
-        kube_cluster.apply_manifest(doc, namespace=release_ns)
-    kube_cluster.install_crds([PEERING_CRD])
-    kube_cluster.apply_manifest(
-        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}
-    )
+    kube_cluster.apply_documents(docs, namespace=release_ns)
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
     token = kube_cluster.service_account_token(
         namespace=release_ns, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
     )
-    kubeconfig = base._token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
+    kubeconfig = operator_proc.token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
     configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
 
-    def operator(replica: str) -> base.Operator:
+    def operator(replica: str) -> Operator:
         (port,) = kube.free_ports(1)
         env = {
             **os.environ,
@@ -113,18 +65,16 @@ def replicas(
             "POD_ID": replica,
             "DBGOV_NAMESPACE": release_ns,
             "DBGOV_PEERING": peering,
-            "DBGOV_WEBHOOK_LISTEN_ADDR": "127.0.0.1",
-            "DBGOV_WEBHOOK_PORT": str(port),
-            "DBGOV_WEBHOOK_CERT_DIR": str(workdir / replica / "certs"),
-            "DBGOV_WEBHOOK_CERT_SECRET": base.CERT_SECRET,
-            "DBGOV_WEBHOOK_CONFIGURATION": configuration,
+            **operator_proc.loopback_webhook_env(
+                port=port, cert_dir=workdir / replica / "certs", configuration=configuration
+            ),
         }
         (workdir / replica).mkdir()
-        return base.Operator(env=env, workdir=workdir / replica)
+        return Operator(env=env, workdir=workdir / replica)
 
     first, second = operator("replica-a"), operator("replica-b")
     api = kube_cluster.api_client()
-    shared = base.Installed(
+    shared = Installed(
         operator=first,
         namespace=release_ns,
         service_account=account,
@@ -137,42 +87,19 @@ def replicas(
     try:
         first.start()
         second.start()
-        base.wait_for("both replicas up", lambda: _peers(kube_cluster, peering) >= {"replica-a", "replica-b"})
+        operator_proc.wait_for(
+            "both replicas up",
+            lambda: set(operator_proc.peers(kube_cluster, peering)) >= {"replica-a", "replica-b"},
+        )
         yield Replicas(first=first, second=second, env=shared)
     finally:
         first.stop()
         second.stop()
-        for delete in (
-            shared.admission.delete_mutating_webhook_configuration,
-            shared.admission.delete_validating_webhook_configuration,
-        ):
-            try:
-                delete(configuration)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
+        operator_proc.delete_webhook_configurations(shared.admission, configuration)
+        client.CustomObjectsApi(api).delete_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", peering
+        )
         kube_cluster.delete_namespace(release_ns)
-
-
-def _peers(cluster: kube.KubeCluster, peering: str) -> set[str]:
-    body = client.CustomObjectsApi(cluster.api_client()).get_cluster_custom_object(
-        "kopf.dev", "v1", "clusterkopfpeerings", peering
-    )
-    return set((body.get("status") or {}).keys())
-
-
-def _active(operator: base.Operator) -> bool:
-    """Whether kopf peering last let this replica handle resources (it starts paused)."""
-    states = [
-        "Resuming" in line
-        for line in operator.log_text().splitlines()
-        if "kopf._core.engines.peering" in line and ("Resuming" in line or "Pausing" in line)
-    ]
-    return bool(states) and states[-1]
-
-
-def _reconciled(operator: base.Operator, namespace: str) -> bool:
-    return f"Reconciled {namespace}" in operator.log_text()
 
 
 def test_one_replica_reconciles_and_the_other_takes_over(replicas: Replicas) -> None:
@@ -182,21 +109,18 @@ def test_one_replica_reconciles_and_the_other_takes_over(replicas: Replicas) -> 
         .create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=f"t-{uuid.uuid4().hex[:8]}")))
         .metadata.name
     )
-    base.wait_for(
-        "the validating webhook",
-        lambda: _served(env),
-    )
+    operator_proc.wait_for("the validating webhook", lambda: operator_proc.validating_served(env))
     both = (replicas.first, replicas.second)
     # Each starts paused; one may run alone for a moment before it sees the other's priority.
-    base.wait_for("one active replica", lambda: sorted(map(_active, both)) == [False, True])
-    base.create_policy(env, first_ns, base.policy("orders-read"))
-    base.wait_ready(env, first_ns, "orders-read")
-    active = [op for op in both if _reconciled(op, first_ns)]
-    assert len(active) == 1, "exactly one replica may reconcile"
-    (leader,) = active
+    operator_proc.wait_for("one active replica", lambda: sorted(map(active, both)) == [False, True])
+    operator_proc.create_policy(env, first_ns, operator_proc.policy("orders-read"))
+    operator_proc.wait_ready(env, first_ns, "orders-read")
+    workers = [op for op in both if reconciled(op, first_ns)]
+    assert len(workers) == 1, "exactly one replica may reconcile"
+    (leader,) = workers
     standby = replicas.second if leader is replicas.first else replicas.first
-    assert _active(leader)
-    assert not _active(standby)
+    assert active(leader)
+    assert not active(standby)
 
     leader.stop()
     second_ns = (
@@ -207,15 +131,15 @@ def test_one_replica_reconciles_and_the_other_takes_over(replicas: Replicas) -> 
     # The webhook configuration may still name the stopped replica's URL (url form in tests;
     # a Service in a cluster): create the policy with the webhook out of the way.
     _point_validation_at(env, standby)
-    base.create_policy(env, second_ns, base.policy("orders-read"))
-    base.wait_ready(env, second_ns, "orders-read")
-    assert _reconciled(standby, second_ns)
-    assert _active(standby)
+    operator_proc.create_policy(env, second_ns, operator_proc.policy("orders-read"))
+    operator_proc.wait_ready(env, second_ns, "orders-read")
+    assert reconciled(standby, second_ns)
+    assert active(standby)
 
 
 def test_replicas_share_one_webhook_certificate(replicas: Replicas) -> None:
     env = replicas.env
-    secret = env.core.read_namespaced_secret(base.CERT_SECRET, env.namespace)
+    secret = env.core.read_namespaced_secret(operator_proc.CERT_SECRET, env.namespace)
     served = {
         Path(op.env["DBGOV_WEBHOOK_CERT_DIR"], "tls.crt").read_bytes()
         for op in (replicas.first, replicas.second)
@@ -223,15 +147,7 @@ def test_replicas_share_one_webhook_certificate(replicas: Replicas) -> None:
     assert served == {base64.b64decode(secret.data["tls.crt"])}
 
 
-def _served(env: base.Installed) -> bool:
-    try:
-        hooks = env.admission.read_validating_webhook_configuration(env.configuration).webhooks
-    except ApiException:
-        return False
-    return bool(hooks) and all(h.client_config.ca_bundle for h in hooks)
-
-
-def _point_validation_at(env: base.Installed, operator: base.Operator) -> None:
+def _point_validation_at(env: Installed, operator: Operator) -> None:
     port = operator.env["DBGOV_WEBHOOK_PORT"]
     config = env.admission.read_validating_webhook_configuration(env.configuration)
     for hook in config.webhooks:

@@ -45,6 +45,7 @@ def test_values_yaml_validates_against_the_schema() -> None:
         (("sidecar", "tokenExpirationSeconds"), 60),
         (("webhook", "certManager", "duration"), "90 days"),
         (("operator", "replicas"), 2),  # without operator.peering
+        (("webhook", "rotationCheckSeconds"), 0),
     ],
 )
 def test_schema_rejects_unknown_keys_and_bad_values(path: tuple[str, ...], value: Any) -> None:
