@@ -1,22 +1,21 @@
-"""Audit events as JSON lines, hash-chained per session, written through a bounded queue.
+"""Audit events as JSON lines, hash-chained per session, buffered with a bounded size.
 
 Each event gets ``prev_hash`` (the previous event's hash in the same session, 64 zeros for the
 first) and ``hash`` = SHA-256 over ``prev_hash`` and the event's compact JSON, so a gap or an
-edit anywhere in a session's trail is detectable. Events are sealed on the caller's thread (so
-the chain follows statement order) and written by one writer thread, so a slow stdout never
-stalls the proxy. The queue is bounded: when it is full or the sink fails, ``best-effort``
-counts the dropped event and ``fail-closed`` turns ``healthy`` false (the proxy then refuses
-statements). Refusals and session boundaries wait until their line is written and flushed, so
-the event exists before the client sees the refusal.
+edit anywhere in a session's trail is detectable. Lines collect in a buffer that the proxy
+flushes to a sink in batches (on a short timer, when the batch is large, and at once for
+refusals and session boundaries, so those exist before the client sees the answer). A sink
+never blocks the proxy: when it cannot take more (a full pipe) or fails, ``best-effort``
+counts the dropped events and ``fail-closed`` turns ``healthy`` false, which makes the proxy
+refuse statements until a write succeeds again.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
-import threading
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any
 
 GENESIS = "0" * 64
 _BATCH = 256  # lines that make the writer wake up at once
@@ -60,105 +59,64 @@ def verify(events: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _urgent(event: dict[str, Any]) -> bool:
-    """Events that must be on disk before the proxy answers (refusals, session boundaries)."""
+def urgent(event: dict[str, Any]) -> bool:
+    """Events that must reach the sink before the proxy answers (refusals, session boundaries)."""
     return event.get("type") != "statement" or event.get("enforced") not in ("allow", "mask")
 
 
-class AuditLog:
-    """Seals events and hands them to a writer thread through a bounded queue."""
+Sink = Callable[[str], bool]
+"""Takes a batch of lines; returns False when it could not accept them (they are dropped)."""
 
-    def __init__(
-        self,
-        stream: TextIO,
-        *,
-        failure_policy: str = "best-effort",
-        max_queue: int = 10_000,
-        urgent_timeout: float = 5.0,
-    ) -> None:
+BATCH = 256
+"""Buffered lines that trigger a flush without waiting for the timer."""
+
+
+class AuditLog:
+    """Seals events into a bounded buffer and flushes it to a sink."""
+
+    def __init__(self, sink: Sink, *, failure_policy: str = "best-effort", max_buffer: int = 10_000) -> None:
         if failure_policy not in ("best-effort", "fail-closed"):
             raise ValueError(f"unknown audit failure policy {failure_policy!r}")
         self.failure_policy = failure_policy
         self.written = 0
         self.dropped = 0
         self.healthy = True
-        self._stream = stream
+        self._sink = sink
         self._prev: dict[str, str] = {}
-        self._max_queue = max_queue
-        self._urgent_timeout = urgent_timeout
-        self._queue: collections.deque[str] = collections.deque()
-        self._queued = 0  # lines ever queued
-        self._done = 0  # lines ever handled by the writer (written or failed)
-        self._cond = threading.Condition()
-        self._closed = False
-        self._writer = threading.Thread(target=self._run, name="dbgov-audit", daemon=True)
-        self._writer.start()
+        self._buffer: list[str] = []
+        self._max_buffer = max_buffer
 
     def write(self, event: dict[str, Any]) -> None:
-        """Seal and queue one event; wait for refusals and session boundaries to be written."""
+        """Seal one event and buffer it; refusals and session boundaries are flushed at once."""
         session_id = str(event.get("session_id", ""))
         line, digest = seal(event, self._prev.get(session_id, GENESIS))
-        with self._cond:
-            if len(self._queue) >= self._max_queue or self._closed:
-                self._fail()
-                return
-            self._queue.append(line + "\n")
-            self._queued += 1
-            ticket = self._queued
-            urgent = _urgent(event)
-            # Waking the writer per line would cost a thread handoff per statement: it wakes
-            # for urgent events, for a full batch, or on its own every _LINGER seconds.
-            if urgent or len(self._queue) >= _BATCH:
-                self._cond.notify_all()
-            if urgent:
-                self._cond.wait_for(lambda: self._done >= ticket, timeout=self._urgent_timeout)
         if event.get("type") == "session_end":
             self._prev.pop(session_id, None)
         else:
             self._prev[session_id] = digest
+        if len(self._buffer) >= self._max_buffer:
+            self._fail(1)
+            return
+        self._buffer.append(line)
+        if urgent(event) or len(self._buffer) >= BATCH:
+            self.flush()
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything queued so far is written."""
-        with self._cond:
-            ticket = self._queued
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._done >= ticket, timeout=timeout)
+    def flush(self) -> None:
+        """Hand everything buffered to the sink."""
+        if not self._buffer:
+            return
+        lines, self._buffer = self._buffer, []
+        try:
+            accepted = self._sink("\n".join(lines) + "\n")
+        except (OSError, ValueError):
+            accepted = False
+        if accepted:
+            self.written += len(lines)
+            self.healthy = True
+        else:
+            self._fail(len(lines))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued and stop the writer."""
-        self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._writer.join(timeout)
-
-    def _fail(self) -> None:
-        self.dropped += 1
+    def _fail(self, count: int) -> None:
+        self.dropped += count
         if self.failure_policy == "fail-closed":
             self.healthy = False
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: len(self._queue) >= _BATCH or self._closed, timeout=_LINGER)
-                if not self._queue:
-                    if self._closed:
-                        return
-                    continue
-                batch = list(self._queue)
-                self._queue.clear()
-            ok = True
-            try:
-                self._stream.write("".join(batch))
-                self._stream.flush()
-            except (OSError, ValueError):
-                ok = False
-            with self._cond:
-                if ok:
-                    self.written += len(batch)
-                    self.healthy = True
-                else:
-                    for _ in batch:
-                        self._fail()
-                self._done += len(batch)
-                self._cond.notify_all()

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from dbgov_sidecar import audit, config, metrics, policies, proxy
@@ -73,17 +74,51 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(settings, cfg, holder))
 
 
-def _audit_stream(target: str) -> TextIO | None:
+MAX_PIPE_BACKLOG = 8 * 1024 * 1024
+"""Bytes of audit lines a slow stdout reader may fall behind before events are dropped."""
+
+
+async def _audit_sink(target: str) -> tuple[audit.Sink, Callable[[], None]] | None:
+    """A non-blocking sink for ``target`` (stdout, off, or a file path) and how to close it."""
     if target == "off":
         return None
-    if target == "stdout":
-        return sys.stdout
-    return open(target, "a", encoding="utf-8")
+    if target != "stdout":
+        handle = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the proxy
+        return _stream_sink(handle), handle.close
+    loop = asyncio.get_running_loop()
+    try:  # a pipe (kubelet log capture) gets an asyncio transport: writes never block
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
+    except (ValueError, OSError):  # a regular file or similar: plain writes are fine
+        return _stream_sink(sys.stdout), sys.stdout.flush
+
+    def pipe_sink(text: str) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() > MAX_PIPE_BACKLOG:
+            return False
+        transport.write(text.encode())
+        return True
+
+    return pipe_sink, transport.close
+
+
+def _stream_sink(stream: TextIO) -> audit.Sink:
+    def sink(text: str) -> bool:
+        stream.write(text)
+        stream.flush()
+        return True
+
+    return sink
+
+
+async def _flush_audit(audit_log: audit.AuditLog) -> None:
+    while True:
+        await asyncio.sleep(0.05)
+        audit_log.flush()
 
 
 async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: policies.PolicyHolder) -> int:
-    stream = _audit_stream(settings.audit)
-    audit_log = None if stream is None else audit.AuditLog(stream, failure_policy=settings.audit_failure)
+    sink = await _audit_sink(settings.audit)
+    audit_log = None if sink is None else audit.AuditLog(sink[0], failure_policy=settings.audit_failure)
+    flusher = None if audit_log is None else asyncio.create_task(_flush_audit(audit_log))
     counters = metrics.Metrics()
 
     def record(event: dict[str, Any]) -> None:
@@ -123,8 +158,13 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     if metrics_server is not None:
         metrics_server.close()
         await metrics_server.wait_closed()
-    if audit_log is not None:
-        audit_log.close()
+    if flusher is not None:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+    if audit_log is not None and sink is not None:
+        audit_log.flush()
+        sink[1]()
     return 0
 
 
