@@ -178,3 +178,41 @@ def test_invalid_policy_at_start_exits_with_every_problem(pg_server: pg.PgServer
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "mode" in stderr and "default" in stderr
+
+
+def test_audit_to_stdout_pipe(pg_server: pg.PgServer, tmp_path: Path) -> None:
+    port = pg.free_port()
+    env = {
+        **os.environ,
+        "DBGOV_LISTEN": f"127.0.0.1:{port}",
+        "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+        "DBGOV_AUDIT": "stdout",
+        "DBGOV_METRICS": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbgov_sidecar.proxy_cli"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        conn = _connect(proc, port)  # type: ignore[arg-type]
+        with conn:
+            for i in range(3):
+                conn.execute("SELECT %s::int", [i])
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert [e["type"] for e in events] == [
+        "session_start",
+        "statement",
+        "statement",
+        "statement",
+        "session_end",
+    ]
+    assert audit.verify(events)
