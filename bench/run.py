@@ -62,10 +62,10 @@ def main() -> int:
             if pgbouncer is not None:
                 mode = "session" if "prepared" in args else "transaction"
                 with pgbouncer_running(pgbouncer, server, mode=mode) as (port, pid):
-                    tps, us = measured(pid, port, args)
+                    tps, us = measured(pid, port, args, label=f"pgbouncer/{name}")
                     results[name]["pgbouncer"], cpu[name]["pgbouncer"] = tps, us
             with dbgov_running(server) as (port, pid):
-                tps, us = measured(pid, port, args)
+                tps, us = measured(pid, port, args, label=f"dbgov/{name}")
                 results[name]["dbgov"], cpu[name]["dbgov"] = tps, us
             print(f"  {name}: " + ", ".join(f"{k} {v:.0f} tps" for k, v in results[name].items()), flush=True)
     report(results, cpu)
@@ -91,17 +91,26 @@ def target(port: int) -> list[str]:
     return ["-h", "127.0.0.1", "-p", str(port), "-U", "app", "shop"]
 
 
-def measured(pid: int, port: int, args: list[str]) -> tuple[float, float]:
+SYSTEM_SHARE: dict[str, float] = {}
+"""Per target, the share of its CPU time spent in the kernel (socket I/O), for the report."""
+
+
+def measured(pid: int, port: int, args: list[str], *, label: str = "") -> tuple[float, float]:
     """TPS, and the proxy's CPU microseconds per transaction."""
-    before = cpu_seconds(pid)
+    user0, sys0 = cpu_seconds(pid)
     tps = pgbench(port, args)
-    spent = cpu_seconds(pid) - before
+    user1, sys1 = cpu_seconds(pid)
+    spent = (user1 - user0) + (sys1 - sys0)
+    if label and spent > 0:
+        SYSTEM_SHARE[label] = (sys1 - sys0) / spent
     return tps, spent * 1e6 / max(tps * SECONDS, 1)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def ensure_pgbouncer() -> str | None:
@@ -257,6 +266,8 @@ def report(results: dict[str, dict[str, float]], cpu: dict[str, dict[str, float]
             f"{_fmt(vs_direct, 2):>11}{_fmt(cpu[name].get('pgbouncer'), 1):>11}"
             f"{_fmt(cpu[name].get('dbgov'), 1):>13}"
         )
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(SYSTEM_SHARE.items()))
+    print(f"\nkernel share of proxy CPU: {shares}")
     print()
     print(json.dumps({"seconds": SECONDS, "scale": SCALE, "policy": policy_engine_available(), **summary}))
 
