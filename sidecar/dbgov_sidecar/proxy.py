@@ -517,7 +517,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
     """Catalog query: OID, attribute number and name of each (schema, table, column)."""
-    rows = ", ".join(f"({_literal(a)}, {_literal(b)}, {_literal(c)})" for a, b, c in targets)
+    lit = session.sql_literal
+    rows = ", ".join(f"({lit(a)}, {lit(b)}, {lit(c)})" for a, b, c in targets)
     return (
         "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname "
         "FROM pg_catalog.pg_attribute a "
@@ -525,11 +526,6 @@ def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE NOT a.attisdropped AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
     )
-
-
-def _literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("'", "''")
-    return f"E'{escaped}'"
 
 
 def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -14,6 +14,7 @@ around it. The marker's syntax error is then replaced by the policy's ErrorRespo
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,18 +28,11 @@ SQLSTATE_UNPARSEABLE = "42601"
 SQLSTATE_LIMIT = "54000"
 
 # Startup parameters that would change how SQL is read or bypass the proxy.
-_FORBIDDEN_PARAMS = frozenset(
-    {
-        "replication",
-        "standard_conforming_strings",
-        "backslash_quote",
-        "search_path",
-        "role",
-        "session_authorization",
-        "session_replication_role",
-        "default_transaction_read_only",
-    }
-)
+# Startup parameters that bypass the proxy or change who is acting: refused outright.
+_FORBIDDEN_PARAMS = frozenset({"replication", "role", "session_authorization"})
+# Parameters that are not settings to judge (identity, encoding the codec enforces anyway).
+_PLAIN_PARAMS = frozenset({"user", "database", "application_name", "client_encoding", "options"})
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _ASYNC_SERVER = frozenset((messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION))
 
 
@@ -360,7 +354,8 @@ class Session:
         self.to_client += messages.backend_key_data(pid, secret)
         self.to_client += messages.ready_for_query("I")
         self.state = "ready"
-        self._context = self._policy().new_context()
+        if self._context is None:
+            self._context = self._policy().new_context()
         self._event(now, {"type": "session_start"})
         self._drain_client(now)
 
@@ -454,7 +449,31 @@ class Session:
         self.to_client += messages.authentication(messages.AUTH_SASL_FINAL, final)
         self._connect()
 
+    def _settings_refused(self) -> bool:
+        """Every other startup parameter is a setting: the policy judges it as a SET would be."""
+        policy = self._policy()
+        if self._context is None:
+            self._context = policy.new_context()
+        for key, value in self.params.items():
+            if key in _PLAIN_PARAMS:
+                continue
+            if not _SETTING_NAME.fullmatch(key):
+                self._fatal("08004", f'invalid startup parameter name "{key}"')
+                return True
+            sql = f"SET {key} = {sql_literal(value)}"
+            decision, verdict = self._decide(sql)
+            if verdict not in ("allow", "mask"):
+                rule = f'rule "{decision.rule}"' if decision.rule else "dbgov"
+                self._fatal(
+                    decision.sqlstate or SQLSTATE_POLICY,
+                    f'dbgov: startup parameter "{key}" refused by {rule}: {decision.reason}',
+                )
+                return True
+        return False
+
     def _connect(self) -> None:
+        if self._settings_refused():
+            return
         upstream = {k: v for k, v in self.params.items() if k not in ("user", "database", "options")}
         database = self._config.upstream_database or self.params.get("database")
         if database:
@@ -1057,6 +1076,11 @@ def _decision_fields(decision: policy_port.Decision) -> dict[str, Any]:
         _DECISION_FIELDS.clear()
     _DECISION_FIELDS[id(decision)] = (decision, fields)
     return fields
+
+
+def sql_literal(text: str) -> str:
+    """``text`` as an E'' string literal, read the same whatever standard_conforming_strings is."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _forbidden_parameter(params: Mapping[str, str]) -> str | None:

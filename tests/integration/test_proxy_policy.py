@@ -234,3 +234,25 @@ def test_unmasked_origin_is_masked_by_the_proxy(
     warnings = [e for e in leaky.events if e.get("type") == "warning"]
     assert warnings and "shop.customers.email" in warnings[0]["columns"]
     assert all("canary" not in str(e) for e in leaky.events)
+
+
+def test_startup_settings_follow_the_policy(governed: RunningProxy) -> None:
+    async def connect(settings: dict[str, str]) -> str:
+        import asyncpg
+
+        conn = await asyncpg.connect(governed.url(), ssl=False, server_settings=settings)
+        try:
+            return str(await conn.fetchval("SHOW search_path"))
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    import asyncpg
+
+    # allowedSettings.search_path lists "shop, public"; DateStyle is a session basic.
+    assert asyncio.run(connect({"search_path": "shop, public", "DateStyle": "ISO, MDY"})) == "shop, public"
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match='startup parameter "search_path" refused'):
+        asyncio.run(connect({"search_path": "evil"}))
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="standard_conforming_strings"):
+        asyncio.run(connect({"standard_conforming_strings": "off"}))

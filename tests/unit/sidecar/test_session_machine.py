@@ -333,3 +333,35 @@ def test_extended_guard_lets_small_writes_through() -> None:
     s.server_data(messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + OK("UPDATE 2"), 1.0)
     assert _types(s.to_client) == "12C"
     assert bytes(s.to_server) == messages.SYNC_MESSAGE
+
+
+class NoSearchPath(Blocker):
+    def decide(self, sql: str, context: object) -> policy_port.Decision:
+        if sql.startswith("SET search_path"):
+            return policy_port.SimpleDecision(
+                verdict="block", rule="guarded-setting", reason="search_path is guarded", sqlstate="42501"
+            )
+        return super().decide(sql, context)
+
+
+def test_startup_settings_are_judged_like_set_statements() -> None:
+    seen: list[str] = []
+
+    class Recording(NoSearchPath):
+        def decide(self, sql: str, context: object) -> policy_port.Decision:
+            seen.append(sql)
+            return super().decide(sql, context)
+
+    s = session.Session(
+        policy=Recording,
+        config=session.SessionConfig(),
+        client=session.ClientInfo(address="a", session_id="s"),
+        backend_key=(1, 2),
+        nonce="n",
+    )
+    s.client_data(messages.startup_message({"user": "u", "DateStyle": "ISO", "search_path": "it's"}), 0.0)
+    assert seen == ["SET DateStyle = E'ISO'", "SET search_path = E'it''s'"]
+    fields = messages.decode_fields(bytes(s.to_client))
+    assert fields["S"] == "FATAL" and fields["C"] == "42501"
+    assert 'startup parameter "search_path" refused by rule "guarded-setting"' in fields["M"]
+    assert not any(isinstance(a, session.ConnectUpstream) for a in s.actions)
