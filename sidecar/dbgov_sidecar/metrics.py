@@ -22,6 +22,7 @@ class Metrics:
         self.statements: collections.Counter[tuple[str, str]] = collections.Counter()
         self.refusals: collections.Counter[str] = collections.Counter()
         self.masked_columns = 0
+        self.proxy_masked = 0
         self.sessions_active = 0
         self.sessions_total = 0
         self.latency = [0] * (len(BUCKETS) + 1)
@@ -37,6 +38,8 @@ class Metrics:
             self.sessions_total += 1
         elif kind == "session_end":
             self.sessions_active -= 1
+        elif kind == "warning":
+            self.proxy_masked += len(event.get("columns") or ())
         elif kind == "statement":
             classes = event.get("classes") or ["unknown"]
             enforced = str(event.get("enforced"))
@@ -61,6 +64,8 @@ class Metrics:
             *(f'dbgov_refusals_total{{rule="{r}"}} {n}' for r, n in sorted(self.refusals.items())),
             "# TYPE dbgov_masked_columns_total counter",
             f"dbgov_masked_columns_total {self.masked_columns}",
+            "# TYPE dbgov_proxy_masked_columns_total counter",
+            f"dbgov_proxy_masked_columns_total {self.proxy_masked}",
             "# TYPE dbgov_sessions_active gauge",
             f"dbgov_sessions_active {self.sessions_active}",
             "# TYPE dbgov_sessions_total counter",

@@ -83,10 +83,12 @@ def test_metrics_from_events() -> None:
     m.observe(
         {"type": "statement", "classes": ["ddl"], "enforced": "block", "rule": "no-drop", "duration_ms": 0}
     )
+    m.observe({"type": "warning", "columns": ["shop.customers.email"]})
     text = m.render()
     assert 'dbgov_statements_total{class="select",decision="allow"} 1' in text
     assert 'dbgov_refusals_total{rule="no-drop"} 1' in text
     assert "dbgov_sessions_active 1" in text
+    assert "dbgov_proxy_masked_columns_total 1" in text
     assert 'dbgov_statement_duration_seconds_bucket{le="0.0025"} 2' in text
     assert "dbgov_statement_duration_seconds_count 2" in text
 
