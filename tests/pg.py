@@ -1,186 +1,41 @@
-"""Start a real PostgreSQL 16 for tests, from the binaries in the pgserver wheel.
-
-One server per test session (per xdist worker), on 127.0.0.1 and a free port, in a fresh
-temporary directory; stopped by its PID at the end. initdb and postgres refuse to run as root,
-so as root (CI, containers) they run as an unprivileged system user created on demand, the way
-the pgserver package itself does.
-
-Roles: ``postgres`` (superuser, scram), ``app`` (scram, owns database ``shop`` with the demo
-schema), ``md5user`` (md5 password) and ``trustuser`` (trust), so every upstream auth method
-the proxy supports is exercised against the real server.
+"""The embedded PostgreSQL for tests (it lives in dbgov_sidecar.embedded_pg, which the demo uses too),
+plus helpers only tests need.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pwd
-import shutil
-import signal
-import socket
-import stat
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pgserver._commands
+from dbgov_sidecar.embedded_pg import (
+    APP_PASSWORD,
+    BIN,
+    DEMO_SCHEMA,
+    HBA,
+    MD5_PASSWORD,
+    SUPERUSER_PASSWORD,
+    SYSTEM_USER,
+    PgServer,
+    free_port,
+    init_pgbench,
+    run_psql,
+    running_server,
+)
 
-BIN = Path(pgserver._commands.POSTGRES_BIN_PATH)
-DEMO_SCHEMA = Path(__file__).resolve().parents[1] / "sidecar/dbgov_sidecar/demo_schema.sql"
-SYSTEM_USER = "dbgovpg"
-SUPERUSER_PASSWORD = "postgres-pw"
-APP_PASSWORD = "app-pw"
-MD5_PASSWORD = "md5-pw"
-
-HBA = """\
-local all all trust
-host all trustuser 127.0.0.1/32 trust
-host all md5user 127.0.0.1/32 md5
-host all all 127.0.0.1/32 scram-sha-256
-"""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PgServer:
-    """A running PostgreSQL and how to reach it."""
-
-    host: str
-    port: int
-    datadir: Path
-    pid: int
-
-    def dsn(self, *, user: str = "app", password: str | None = None, dbname: str = "shop") -> str:
-        """A libpq connection string (password defaults to the role's test password)."""
-        if password is None:
-            password = {
-                "postgres": SUPERUSER_PASSWORD,
-                "app": APP_PASSWORD,
-                "md5user": MD5_PASSWORD,
-            }.get(user, "")
-        return (
-            f"host={self.host} port={self.port} user={user} dbname={dbname} "
-            f"password={password} sslmode=disable"
-        )
-
-    def psql(self, sql: str, *, user: str = "postgres", dbname: str = "shop") -> str:
-        """Run ``sql`` with psql (ON_ERROR_STOP) and return its unaligned output."""
-        return run_psql(self.dsn(user=user, dbname=dbname), sql)
-
-
-def run_psql(dsn: str, sql: str, *, check: bool = True) -> str:
-    """Run psql against ``dsn`` with ``sql`` on stdin; unaligned, tuples only."""
-    proc = subprocess.run(
-        [str(BIN / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn],
-        input=sql,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"psql failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout if check else proc.stdout + proc.stderr
-
-
-_pgbench_ready: set[int] = set()
-
-
-def init_pgbench(server: PgServer, *, scale: int = 1) -> None:
-    """Create the pgbench tables in ``shop`` (once per server), owned by ``app``."""
-    if server.port in _pgbench_ready:
-        return
-    args = [str(BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-h", server.host, "-p"]
-    subprocess.run(
-        [*args, str(server.port), "-U", "app", "shop"],
-        env={**os.environ, "PGPASSWORD": APP_PASSWORD},
-        capture_output=True,
-        check=True,
-        timeout=300,
-    )
-    _pgbench_ready.add(server.port)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(*, max_connections: int = 300) -> Iterator[PgServer]:
-    """Init, start, yield, then stop (by PID) and delete a PostgreSQL cluster."""
-    user = _run_as_user()
-    base = Path(tempfile.mkdtemp(prefix="dbgov-pg-"))
-    try:
-        datadir = _initdb(base, user)
-        server = _start(datadir, user, max_connections=max_connections)
-        try:
-            _provision(server)
-            yield server
-        finally:
-            _stop(server.pid)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _run_as_user() -> pwd.struct_passwd | None:
-    """The unprivileged account to run PostgreSQL as when we are root, else None."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        entry = pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", SYSTEM_USER],
-            check=True,
-            capture_output=True,
-        )
-        entry = pwd.getpwnam(SYSTEM_USER)
-    # The account must be able to reach the binaries and libraries inside the venv.
-    for path in (BIN, BIN.parent / "lib", BIN.parent / "share"):
-        for parent in [path, *path.parents]:
-            mode = parent.stat().st_mode
-            wanted = mode | stat.S_IXOTH | stat.S_IROTH
-            if mode != wanted:
-                parent.chmod(wanted)
-    return entry
-
-
-def _as_user(user: pwd.struct_passwd | None) -> dict[str, int]:
-    return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid}
-
-
-def _initdb(base: Path, user: pwd.struct_passwd | None) -> Path:
-    datadir = base / "data"
-    pwfile = base / "pwfile"
-    pwfile.write_text(SUPERUSER_PASSWORD + "\n")
-    if user is not None:
-        os.chown(base, user.pw_uid, user.pw_gid)
-        os.chown(pwfile, user.pw_uid, user.pw_gid)
-    subprocess.run(
-        [
-            str(BIN / "initdb"),
-            "-D",
-            str(datadir),
-            "-U",
-            "postgres",
-            f"--pwfile={pwfile}",
-            "--auth=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        **_as_user(user),  # type: ignore[arg-type]
-    )
-    (datadir / "pg_hba.conf").write_text(HBA)
-    return datadir
+__all__ = [
+    "APP_PASSWORD",
+    "BIN",
+    "DEMO_SCHEMA",
+    "HBA",
+    "MD5_PASSWORD",
+    "SUPERUSER_PASSWORD",
+    "SYSTEM_USER",
+    "PgServer",
+    "free_port",
+    "init_pgbench",
+    "make_certificate",
+    "run_psql",
+    "running_server",
+]
 
 
 def make_certificate(directory: Path, *, name: str = "localhost") -> tuple[Path, Path]:
@@ -224,93 +79,3 @@ def make_certificate(directory: Path, *, name: str = "localhost") -> tuple[Path,
     )
     key_path.chmod(0o600)
     return cert_path, key_path
-
-
-def _start(datadir: Path, user: pwd.struct_passwd | None, *, max_connections: int) -> PgServer:
-    port = free_port()
-    log = open(datadir / "server.log", "wb")  # noqa: SIM115 - owned by the server process
-    proc = subprocess.Popen(
-        [
-            str(BIN / "postgres"),
-            "-D",
-            str(datadir),
-            "-p",
-            str(port),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            f"unix_socket_directories={datadir}",
-            "-c",
-            f"max_connections={max_connections}",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "shared_buffers=64MB",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **_as_user(user),  # type: ignore[arg-type]
-    )
-    log.close()
-    server = PgServer(host="127.0.0.1", port=port, datadir=datadir, pid=proc.pid)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"postgres exited with {proc.returncode}: {(datadir / 'server.log').read_text()}"
-            )
-        ready = subprocess.run(
-            [str(BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-t", "1"],
-            capture_output=True,
-            check=False,
-        )
-        if ready.returncode == 0:
-            return server
-        time.sleep(0.1)
-    _stop(proc.pid)
-    raise RuntimeError("postgres did not become ready within 60 s")
-
-
-def _provision(server: PgServer) -> None:
-    server.psql(
-        f"""
-        CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';
-        CREATE ROLE trustuser LOGIN;
-        SET password_encryption = 'md5';
-        CREATE ROLE md5user LOGIN PASSWORD '{MD5_PASSWORD}';
-        RESET password_encryption;
-        CREATE DATABASE shop OWNER app;
-        """,
-        dbname="postgres",
-    )
-    server.psql(
-        DEMO_SCHEMA.read_text()
-        + "GRANT USAGE ON SCHEMA shop TO app, md5user, trustuser;"
-        + "GRANT ALL ON ALL TABLES IN SCHEMA shop TO app, md5user, trustuser;"
-        + "ALTER SCHEMA shop OWNER TO app;",
-        user="postgres",
-    )
-
-
-def _stop(pid: int) -> None:
-    """Fast shutdown by PID; escalate to SIGKILL of the process group if it hangs."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGINT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
