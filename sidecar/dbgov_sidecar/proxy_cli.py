@@ -31,6 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "proxy", help="run the PostgreSQL policy proxy", description=__doc__
     )
     configure(parser)
+    parser.set_defaults(func=run)
     return parser
 
 
