@@ -745,20 +745,25 @@ class _Walker:
 
     def _body_units(self, language: str, text: str, unit: Unit, scope: frozenset[str]) -> None:
         if language == "sql":
-            try:
-                stmts = parse_tree(text)
-            except pg_parser.ParseError as err:
-                self._unanalyzable(unit, f"its SQL body does not parse: {err}")
-                return
-            for raw in stmts:
-                n = _node(raw.get("stmt"))
-                if n:
-                    self.statement(n[0], n[1], nested=True, scope=scope)
+            self._embedded(text, unit, scope, what="its SQL body")
             return
         if language == "plpgsql":
             self._plpgsql(text, unit, scope)
             return
         self._unanalyzable(unit, f"its body is in {language}, which dbgov cannot analyze")
+
+    def _embedded(self, sql: str, unit: Unit, scope: frozenset[str], *, what: str) -> bool:
+        """Judge the statements of code embedded in `unit` as nested units; False if unparseable."""
+        try:
+            stmts = parse_tree(sql)
+        except pg_parser.ParseError as err:
+            self._unanalyzable(unit, f"{what} does not parse: {err}")
+            return False
+        for raw in stmts:
+            n = _node(raw.get("stmt"))
+            if n:
+                self.statement(n[0], n[1], nested=True, scope=scope)
+        return True
 
     def _unanalyzable(self, unit: Unit, why: str) -> None:
         unit.findings.append(
@@ -792,15 +797,8 @@ class _Walker:
             if mode >= 3 and ":=" in query:
                 query = query.split(":=", 1)[1]
             sql = query if mode == 0 else f"SELECT {query}"
-            try:
-                stmts = parse_tree(sql)
-            except pg_parser.ParseError as err:
-                self._unanalyzable(unit, f"an embedded statement does not parse: {err}")
+            if not self._embedded(sql, unit, scope, what="an embedded statement"):
                 return
-            for raw in stmts:
-                n = _node(raw.get("stmt"))
-                if n:
-                    self.statement(n[0], n[1], nested=True, scope=scope)
 
 
 def _walk_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
