@@ -609,8 +609,11 @@ class Session:
         if self._audit_ok is not None and not self._audit_ok():
             return _AUDIT_DOWN, "block"
         policy = self._policy()
-        self._row_limit = policy.max_rows_returned
-        self._affected_limit = getattr(policy, "max_rows_affected", None)
+        if policy.mode == "dry-run":  # forward everything; limits are the policy's to report
+            self._row_limit = self._affected_limit = None
+        else:
+            self._row_limit = policy.max_rows_returned
+            self._affected_limit = getattr(policy, "max_rows_affected", None)
         try:
             decision = policy.decide(sql, self._context)
         except Exception as err:  # fail closed: an engine failure refuses the statement

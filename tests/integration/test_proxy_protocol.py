@@ -229,7 +229,9 @@ def test_max_rows_returned_is_an_error_not_a_truncation(dbgov: RunningProxy) -> 
 
 
 def test_dry_run_forwards_and_records_what_would_have_happened(dbgov: RunningProxy) -> None:
-    dbgov.policy = RulesPolicy(mode="dry-run")
+    dbgov.policy = RulesPolicy(mode="dry-run", max_rows_returned=10)
+    with psycopg.connect(dbgov.dsn()) as conn:  # limits are not enforced either
+        assert len(conn.execute("SELECT id FROM shop.customers WHERE id <= 50").fetchall()) == 50
     with psycopg.connect(dbgov.dsn(), autocommit=True) as conn, pytest.raises(psycopg.errors.UndefinedTable):
         conn.execute("DROP TABLE shop.no_such_table")  # the server's own answer
     event = next(e for e in dbgov.events if e.get("rule") == "no-drop")
