@@ -213,3 +213,25 @@ def test_pgbench_through_the_proxy(dbgov: RunningProxy, pg_server: pg.PgServer, 
     )
     assert proc.returncode == 0, proc.stderr
     assert "number of transactions actually processed: 200/200" in proc.stdout
+
+
+def test_notices_parameter_status_and_binary_copy(dbgov: RunningProxy) -> None:
+    notices: list[str] = []
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        conn.execute("SET client_min_messages = notice")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS n (a int)")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS n (a int)")  # NOTICE: already exists
+        assert any("already exists" in n for n in notices)
+        conn.execute("SET application_name = 'renamed'")
+        assert conn.info.parameter_status("application_name") == "renamed"  # ParameterStatus
+        with conn.cursor() as cur:
+            with cur.copy("COPY n (a) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int4"])
+                for i in range(100):
+                    copy.write_row((i,))
+            rows = []
+            with cur.copy("COPY (SELECT a FROM n ORDER BY a) TO STDOUT (FORMAT BINARY)") as copy:
+                copy.set_types(["int4"])
+                rows = [r[0] for r in copy.rows()]
+        assert rows == list(range(100))
