@@ -99,6 +99,13 @@ def _code_tokens(sql: str) -> list[pg_parser.Token]:
     return [t._replace(start=offsets[t.start], end=offsets[t.end + 1] - 1) for t in tokens]
 
 
+def _skip_uescape(tokens: Sequence[pg_parser.Token], k: int) -> int:
+    """The last token of the identifier at `k`: a U&"..." name may carry `UESCAPE 'c'`."""
+    if k + 2 < len(tokens) and tokens[k + 1].name == "UESCAPE":
+        return k + 2
+    return k
+
+
 def _name_span(tokens: Sequence[pg_parser.Token], idx: int, *, with_columns: bool) -> tuple[int, int]:
     """Byte span [start, end) of the relation name at token `idx`, with ONLY and parentheses."""
     parens, j = 0, idx - 1
@@ -109,9 +116,9 @@ def _name_span(tokens: Sequence[pg_parser.Token], idx: int, *, with_columns: boo
         start = tokens[j].start
     else:
         start, parens = tokens[idx].start, 0
-    k = idx
+    k = _skip_uescape(tokens, idx)
     while k + 2 < len(tokens) and tokens[k + 1].name == "ASCII_46":  # '.'
-        k += 2
+        k = _skip_uescape(tokens, k + 2)
     end = tokens[k].end + 1
     for _ in range(parens):
         k += 1
