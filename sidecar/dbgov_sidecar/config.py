@@ -35,7 +35,7 @@ class Settings:
     client_password: str | None = None
     """Password clients must give (SCRAM-SHA-256); none means trust (DBGOV_CLIENT_PASSWORD)."""
     audit: str = "stdout"
-    """Where audit events go: stdout, off, or a file path (DBGOV_AUDIT)."""
+    """Where audit events go: stdout and/or file paths, comma-separated, or off (DBGOV_AUDIT)."""
     audit_redact_literals: bool = False
     """Replace literals in audited statement text with $n placeholders (DBGOV_AUDIT_REDACT_LITERALS)."""
     audit_failure: str = "best-effort"

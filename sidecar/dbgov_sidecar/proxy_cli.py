@@ -79,10 +79,27 @@ MAX_PIPE_BACKLOG = 8 * 1024 * 1024
 """Bytes of audit lines a slow stdout reader may fall behind before events are dropped."""
 
 
-async def _audit_sink(target: str) -> tuple[audit.Sink, Callable[[], None]] | None:
-    """A non-blocking sink for ``target`` (stdout, off, or a file path) and how to close it."""
-    if target == "off":
+async def _audit_sink(targets: str) -> tuple[audit.Sink, Callable[[], None]] | None:
+    """One sink for comma-separated ``targets`` (stdout and/or file paths; off) and its closer."""
+    sinks = [await _one_sink(t.strip()) for t in targets.split(",") if t.strip() not in ("", "off")]
+    if not sinks:
         return None
+    if len(sinks) == 1:
+        return sinks[0]
+
+    def every_sink(text: str) -> bool:
+        accepted = [sink(text) for sink, _ in sinks]  # every sink gets the batch, no short-circuit
+        return all(accepted)
+
+    def close_all() -> None:
+        for _, close in sinks:
+            close()
+
+    return every_sink, close_all
+
+
+async def _one_sink(target: str) -> tuple[audit.Sink, Callable[[], None]]:
+    """A non-blocking sink for stdout or a file path, and how to close it."""
     if target != "stdout":
         handle = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the proxy
         return _stream_sink(handle), handle.close

@@ -180,13 +180,13 @@ def test_invalid_policy_at_start_exits_with_every_problem(pg_server: pg.PgServer
     assert "mode" in stderr and "default" in stderr
 
 
-def test_audit_to_stdout_pipe(pg_server: pg.PgServer, tmp_path: Path) -> None:
+def test_audit_to_stdout_pipe_and_a_file(pg_server: pg.PgServer, tmp_path: Path) -> None:
     port = pg.free_port()
     env = {
         **os.environ,
         "DBGOV_LISTEN": f"127.0.0.1:{port}",
         "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
-        "DBGOV_AUDIT": "stdout",
+        "DBGOV_AUDIT": f"stdout,{tmp_path / 'audit.jsonl'}",
         "DBGOV_METRICS": "",
     }
     proc = subprocess.Popen(
