@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dbgov_sidecar import proxy, session
+from dbgov_sidecar import proxy, session, tokens
 from dbgov_sidecar.pgwire import auth, framing
 
 
@@ -34,6 +34,10 @@ class Settings:
     """PEM key for client TLS (DBGOV_TLS_KEY)."""
     client_password: str | None = None
     """Password clients must give (SCRAM-SHA-256); none means trust (DBGOV_CLIENT_PASSWORD)."""
+    client_jwt_key: str | None = None
+    """Accept a signed JWT as the client password: HMAC secret or PEM public key/path (DBGOV_CLIENT_JWT_KEY)."""
+    client_jwt_audience: str | None = None
+    """Required `aud` of client tokens (DBGOV_CLIENT_JWT_AUDIENCE)."""
     audit: str = "stdout"
     """Where audit events go: stdout and/or file paths, comma-separated, or off (DBGOV_AUDIT)."""
     audit_redact_literals: bool = False
@@ -113,16 +117,27 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
     """The proxy's configuration (``salt`` seeds the client SCRAM verifier)."""
     host, port = split_host_port(settings.listen, default_port=6432)
     scram = None
-    if settings.client_password:
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    token = None
+    if settings.client_jwt_key:
+        if not loopback and not settings.tls_cert:
+            raise ValueError(
+                "JWT client auth beyond loopback requires DBGOV_TLS_CERT (tokens travel as passwords)"
+            )
+        token = tokens.verifier(settings.client_jwt_key, audience=settings.client_jwt_audience)
+    elif settings.client_password:
         scram = auth.scram_keys(settings.client_password, salt=salt)
-    elif host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError("listening beyond loopback requires DBGOV_CLIENT_PASSWORD (trust is loopback-only)")
+    elif not loopback:
+        raise ValueError(
+            "listening beyond loopback requires DBGOV_CLIENT_PASSWORD or DBGOV_CLIENT_JWT_KEY (trust is loopback-only)"
+        )
     return proxy.ProxyConfig(
         listen_host=host,
         listen_port=port,
         upstream=upstream_config(settings),
         session=session.SessionConfig(
             client_scram=scram,
+            client_token=token,
             max_message_size=settings.max_message_size,
             audit=True,
             redact_literals=settings.audit_redact_literals,

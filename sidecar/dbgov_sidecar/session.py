@@ -44,6 +44,8 @@ class SessionConfig:
     """A certificate is configured: answer SSLRequest with 'S'."""
     client_scram: auth.ScramKeys | None = None
     """Ask clients for this password with SCRAM-SHA-256 (None: trust)."""
+    client_token: Callable[[str], str] | None = None
+    """Verify a token (a signed JWT) the client gives as its password; returns the identity."""
     upstream_database: str | None = None
     """Database to connect to upstream (None: the one the client asks for)."""
     max_message_size: int = framing.DEFAULT_MAX_MESSAGE
@@ -260,6 +262,7 @@ class Session:
         self.actions: list[Action] = []
         self.events: list[dict[str, Any]] = []
         self.params: dict[str, str] = {}
+        self.identity: str | None = None  # who a verified token says the client is
         self.txn_status = "I"
         self._context: object = None
         self._identity_fields: dict[str, Any] | None = None
@@ -422,6 +425,10 @@ class Session:
             self._fatal("08004", problem)
             return
         self.params = params
+        if self._config.client_token is not None:
+            self.state = "auth"
+            self.to_client += messages.authentication(messages.AUTH_CLEARTEXT)
+            return
         if self._config.client_scram is not None:
             self.state = "auth"
             self.to_client += messages.authentication_sasl([auth.SCRAM_SHA_256])
@@ -429,6 +436,9 @@ class Session:
         self._connect()
 
     def _on_auth(self, msg: framing.Message) -> None:
+        if self._config.client_token is not None:
+            self._on_token(msg, self._config.client_token)
+            return
         keys = self._config.client_scram
         if msg.type != messages.PASSWORD or keys is None:
             raise ProtocolViolation(f"expected a password message, got {chr(msg.type)!r}")
@@ -447,6 +457,17 @@ class Session:
             self._fatal("28P01", f'password authentication failed for user "{user}"')
             return
         self.to_client += messages.authentication(messages.AUTH_SASL_FINAL, final)
+        self._connect()
+
+    def _on_token(self, msg: framing.Message, verify: Callable[[str], str]) -> None:
+        if msg.type != messages.PASSWORD:
+            raise ProtocolViolation(f"expected a password message, got {chr(msg.type)!r}")
+        try:
+            self.identity = verify(messages.decode_cleartext_password(msg.data))
+        except AuthenticationFailed as err:
+            user = self.params.get("user", "")
+            self._fatal("28P01", f'token authentication failed for user "{user}": {err.reason}')
+            return
         self._connect()
 
     def _settings_refused(self) -> bool:
@@ -997,6 +1018,7 @@ class Session:
             return self._identity_fields
         identity = {
             "session_id": self._client_info.session_id,
+            "identity": self.identity,
             "user": self.params.get("user"),
             "application_name": self.params.get("application_name"),
             "client_addr": self._client_info.address,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dbgov_sidecar import policy_port, session
-from dbgov_sidecar.pgwire import auth, framing, messages
+from dbgov_sidecar.pgwire import AuthenticationFailed, auth, framing, messages
 
 SIDECAR = Path(__file__).resolve().parents[3] / "sidecar" / "dbgov_sidecar"
 PURE = [
@@ -365,3 +365,26 @@ def test_startup_settings_are_judged_like_set_statements() -> None:
     assert fields["S"] == "FATAL" and fields["C"] == "42501"
     assert 'startup parameter "search_path" refused by rule "guarded-setting"' in fields["M"]
     assert not any(isinstance(a, session.ConnectUpstream) for a in s.actions)
+
+
+def test_client_token_login_records_the_identity() -> None:
+    def verify(token: str) -> str:
+        if token != "good-token":
+            raise AuthenticationFailed("Signature verification failed")
+        return "agent-7"
+
+    s = _session(client_token=verify)
+    s.client_data(messages.startup_message({"user": "agent", "database": "shop"}), 0.0)
+    code, _ = messages.decode_authentication(bytes(s.to_client))
+    assert code == messages.AUTH_CLEARTEXT
+    s.client_data(messages.password_message(b"good-token\0"), 0.0)
+    assert isinstance(s.actions[-1], session.ConnectUpstream)
+    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    assert s.events[-1]["identity"] == "agent-7"
+
+    bad = _session(client_token=verify)
+    bad.client_data(messages.startup_message({"user": "agent"}), 0.0)
+    bad.to_client.clear()
+    bad.client_data(messages.password_message(b"forged\0"), 0.0)
+    fields = messages.decode_fields(bytes(bad.to_client))
+    assert fields["C"] == "28P01" and "Signature verification failed" in fields["M"]
