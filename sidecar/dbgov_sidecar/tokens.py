@@ -20,7 +20,10 @@ ASYMMETRIC = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
 
 def verifier(key: str, *, audience: str | None = None, leeway: float = 5.0) -> Callable[[str], str]:
     """A function that returns a token's subject, or raises AuthenticationFailed."""
-    jwt: Any = importlib.import_module("jwt")
+    try:
+        jwt: Any = importlib.import_module("jwt")
+    except ImportError as err:
+        raise ValueError("JWT client auth needs PyJWT (pip install 'dbgov[operator]')") from err
     material = key
     if not key.startswith("-----BEGIN") and os.path.isfile(key):
         with open(key, encoding="utf-8") as handle:
