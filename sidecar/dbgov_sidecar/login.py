@@ -3,6 +3,11 @@
 The proxy authenticates upstream with its own configured credentials (cleartext, md5 or
 SCRAM-SHA-256), then collects the ParameterStatus messages and BackendKeyData the client must
 see. Fed one server message at a time; returns what to send back.
+
+Once logged in it asks the server for the session's effective search_path (only schemas that
+exist, as PostgreSQL resolves names), because the policy engine must resolve unqualified
+names exactly as the server will: a guess would let `orders` be judged as public.orders while
+the server reads another schema's table.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
+
+SEARCH_PATH_QUERY = "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s"
 
 
 class UpstreamRefused(Exception):
@@ -36,6 +43,9 @@ class UpstreamLogin:
         """Raw ParameterStatus messages, forwarded to the client as they are."""
         self.notices: list[bytes] = []
         self.backend_key: tuple[int, int] | None = None
+        self.search_path: tuple[str, ...] | None = None
+        """The schemas unqualified names resolve in, once ``done``."""
+        self._schemas: list[str] | None = None
 
     def startup(self) -> bytes:
         """The StartupMessage to send first."""
@@ -45,6 +55,8 @@ class UpstreamLogin:
         """Handle one server message; return the bytes to answer with (often none)."""
         if self.done:
             raise ProtocolViolation(f"server sent {chr(msg.type)!r} after ReadyForQuery")
+        if self._schemas is not None:
+            return self._on_probe(msg)
         if msg.type == messages.AUTHENTICATION:
             return self._on_auth(msg.data)
         if msg.type == messages.ERROR_RESPONSE:
@@ -58,9 +70,25 @@ class UpstreamLogin:
             self.notices.append(msg.data)
         elif msg.type == messages.READY_FOR_QUERY:
             messages.decode_ready_for_query(msg.data)
-            self.done = True
+            self._schemas = []
+            return messages.query(SEARCH_PATH_QUERY)
         elif msg.type != messages.NEGOTIATE_PROTOCOL_VERSION:
             raise ProtocolViolation(f"unexpected server message {chr(msg.type)!r} during login")
+        return b""
+
+    def _on_probe(self, msg: framing.Message) -> bytes:
+        assert self._schemas is not None
+        if msg.type == messages.DATA_ROW:
+            (name,) = messages.decode_data_row(msg.data)
+            if name is not None:
+                self._schemas.append(name.decode())
+        elif msg.type == messages.ERROR_RESPONSE:
+            raise UpstreamRefused(msg.data)
+        elif msg.type == messages.READY_FOR_QUERY:
+            self.search_path = tuple(self._schemas)
+            self.done = True
+        elif msg.type not in (messages.ROW_DESCRIPTION, messages.COMMAND_COMPLETE, messages.NOTICE_RESPONSE):
+            raise ProtocolViolation(f"unexpected server message {chr(msg.type)!r} reading search_path")
         return b""
 
     def _on_auth(self, data: bytes) -> bytes:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
-from dbgov_sidecar import policy_port
+from dbgov_policy import engine
+from dbgov_sidecar import policy_port, policyfile
 
 log = logging.getLogger("dbgov.policy")
 
 
 def load(path: str) -> policy_port.Policy:
     """Compile ``path`` with ``dbgov_policy`` and wrap its engine (raises on invalid policy)."""
-    compile_module: Any = importlib.import_module("dbgov_policy.compile")
-    engine_module: Any = importlib.import_module("dbgov_policy.engine")
-    with open(path, encoding="utf-8") as handle:
-        compiled = compile_module.load_policy_text(handle.read(), source=path)
-    return policy_port.EnginePolicy(engine_module.Engine(compiled))
+    compiled = policyfile.load_policy_file(path, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
+    return policy_port.EnginePolicy(engine.Engine(compiled))
 
 
 def problems_of(err: Exception) -> list[str]:

@@ -7,9 +7,10 @@ used where no policy is configured (tests, benchmarks of the bare proxy). Both a
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from dbgov_policy import engine
 
 
 class Decision(Protocol):
@@ -50,8 +51,8 @@ class Policy(Protocol):
     def max_rows_affected(self) -> int | None:
         """Roll back and refuse writes that change more rows than this (None: no limit)."""
 
-    def new_context(self) -> object:
-        """Per-session state the engine keeps (prepared statement and cursor names)."""
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+        """Per-session state the engine keeps (prepared statement and cursor names, search_path)."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -83,7 +84,7 @@ class AllowAll:
     max_rows_affected: int | None = None
     mask_targets: tuple[tuple[str, str, str], ...] = ()
 
-    def new_context(self) -> object:
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> Decision:
@@ -93,20 +94,15 @@ class AllowAll:
 class EnginePolicy:
     """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
 
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        # Imported late so the proxy runs (allow-all) where the engine is not installed.
-        engine_module = importlib.import_module("dbgov_policy.engine")
-        self._context_type = engine_module.SessionContext
+    def __init__(self, eng: engine.Engine) -> None:
+        self._engine = eng
         # A compiled policy never changes: read what the hot path needs once.
-        self._mode = str(engine.policy.mode)
-        limit = getattr(getattr(engine.policy, "guardrails", None), "max_rows_returned", None)
-        self._max_rows_returned = None if limit is None else int(limit)
-        affected = getattr(getattr(engine.policy, "guardrails", None), "max_rows_affected", None)
-        self._max_rows_affected = None if affected is None else int(affected)
+        policy = eng.policy
+        self._mode: str = policy.mode
+        self._max_rows_returned = policy.guardrails.max_rows_returned
+        self._max_rows_affected = policy.guardrails.max_rows_affected
         self.mask_targets: tuple[tuple[str, str, str], ...] = tuple(
-            (str(m.table.schema), str(m.table.name), str(m.column))
-            for m in getattr(engine.policy, "masks", ())
+            (m.table.schema, m.table.name, m.column) for m in policy.masks
         )
         """(schema, table, column) of every masked column, for checking result origins."""
 
@@ -122,9 +118,11 @@ class EnginePolicy:
     def max_rows_affected(self) -> int | None:
         return self._max_rows_affected
 
-    def new_context(self) -> object:
-        return self._context_type()
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+        if search_path is None:
+            return engine.SessionContext()
+        return engine.SessionContext(search_path=search_path)
 
     def decide(self, sql: str, context: object) -> Decision:
-        decision: Decision = self._engine.decide(sql, session=context)
-        return decision
+        assert isinstance(context, engine.SessionContext)
+        return self._engine.decide(sql, session=context)

@@ -329,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
                 notices=up.login_state.notices,
                 now=time.time(),
                 masked_attrs=up.masked_attrs,
+                search_path=up.login_state.search_path,
             )
             self.upstream_key = up.login_state.backend_key
             up.start_relay()

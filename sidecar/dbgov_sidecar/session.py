@@ -341,11 +341,13 @@ class Session:
         notices: list[bytes],
         now: float,
         masked_attrs: Mapping[tuple[int, int], str] | None = None,
+        search_path: tuple[str, ...] | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
         ``masked_attrs`` maps (table OID, attribute number) of every masked column to its name:
-        a result column with that origin must never reach the client unmasked.
+        a result column with that origin must never reach the client unmasked. ``search_path``
+        is the session's effective search_path, which the policy resolves unqualified names with.
         """
         self._masked_attrs = dict(masked_attrs or {})
         pid, secret = self._backend_key
@@ -357,8 +359,8 @@ class Session:
         self.to_client += messages.backend_key_data(pid, secret)
         self.to_client += messages.ready_for_query("I")
         self.state = "ready"
-        if self._context is None:
-            self._context = self._policy().new_context()
+        # A fresh context: startup settings are already in effect in the probed search_path.
+        self._context = self._policy().new_context(search_path=search_path)
         self._event(now, {"type": "session_start"})
         self._drain_client(now)
 

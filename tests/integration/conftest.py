@@ -31,7 +31,7 @@ class RulesPolicy:
         self.mode = mode
         self.decided: list[str] = []
 
-    def new_context(self) -> object:
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:

@@ -182,7 +182,7 @@ class MissesMasks:
         self.mode = "enforce"
         self.max_rows_returned = None
 
-    def new_context(self) -> object:
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:
