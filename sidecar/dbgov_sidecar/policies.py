@@ -32,13 +32,34 @@ class PolicyHolder:
     def __init__(self, path: str | None, *, loader: Callable[[str], policy_port.Policy] = load) -> None:
         self.path = path
         self._load = loader
-        self.current: policy_port.Policy = policy_port.AllowAll() if path is None else loader(path)
+        self.current: policy_port.Policy = self._initial(path)
         self.reloads = 0
         self.reload_failures = 0
         self._mtime = self._stat()
 
     def __call__(self) -> policy_port.Policy:
         return self.current
+
+    def _initial(self, path: str | None) -> policy_port.Policy:
+        """The policy to start with. Fail closed: no policy, or a file not there yet, refuses all.
+
+        A missing file is waited for (the operator writes the pod's bundle; `changed` sees it
+        appear); a file that is there but invalid raises, so `dbgov proxy` stops and says why.
+        """
+        if path is None:
+            log.error("no policy configured: every statement is refused until DBGOV_POLICY is set")
+            return policy_port.RefuseAll(
+                "dbgov has no policy configured, so it refuses every statement",
+                "Start dbgov proxy with --policy FILE (or DBGOV_POLICY).",
+            )
+        if not os.path.exists(path):
+            log.error("policy file %s does not exist yet: refusing every statement until it does", path)
+            return policy_port.RefuseAll(
+                f"dbgov's policy file {path} does not exist yet, so it refuses every statement",
+                "The policy bundle is written by the dbgov operator; check that a DatabaseAccessPolicy "
+                "binds this workload.",
+            )
+        return self._load(path)
 
     def _stat(self) -> float | None:
         if self.path is None:

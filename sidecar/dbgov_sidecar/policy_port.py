@@ -91,6 +91,26 @@ class AllowAll:
         return _ALLOW
 
 
+class RefuseAll:
+    """Refuses every statement: the proxy while its policy is missing (fail closed)."""
+
+    mode = "enforce"
+    max_rows_returned: int | None = None
+    max_rows_affected: int | None = None
+    mask_targets: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, reason: str, hint: str) -> None:
+        self._decision = SimpleDecision(
+            verdict="block", rule="no-policy", reason=reason, hint=hint, sqlstate="42501"
+        )
+
+    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+        return None
+
+    def decide(self, sql: str, context: object) -> Decision:
+        return self._decision
+
+
 class EnginePolicy:
     """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
 

@@ -29,6 +29,12 @@ def _get(url: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
+def _allow_all(tmp_path: Path) -> Path:
+    path = tmp_path / "allow-all.yaml"
+    path.write_text("mode: enforce\ndefault: allow\n")
+    return path
+
+
 def test_proxy_process_end_to_end(pg_server: pg.PgServer, tmp_path: Path) -> None:
     port, metrics_port = pg.free_port(), pg.free_port()
     audit_file = tmp_path / "audit.jsonl"
@@ -39,6 +45,7 @@ def test_proxy_process_end_to_end(pg_server: pg.PgServer, tmp_path: Path) -> Non
         "DBGOV_UPSTREAM_PASSWORD": pg.APP_PASSWORD,
         "DBGOV_AUDIT": str(audit_file),
         "DBGOV_METRICS": f"127.0.0.1:{metrics_port}",
+        "DBGOV_POLICY": str(_allow_all(tmp_path)),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stderr=subprocess.PIPE, text=True
@@ -188,6 +195,7 @@ def test_audit_to_stdout_pipe_and_a_file(pg_server: pg.PgServer, tmp_path: Path)
         "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
         "DBGOV_AUDIT": f"stdout,{tmp_path / 'audit.jsonl'}",
         "DBGOV_METRICS": "",
+        "DBGOV_POLICY": str(_allow_all(tmp_path)),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "dbgov_sidecar.proxy_cli"],

@@ -38,7 +38,20 @@ def test_reload_swaps_valid_and_keeps_old_on_invalid(tmp_path: Path) -> None:
     assert holder().mode == "v2" and holder.reloads == 1
 
 
-def test_no_policy_allows_everything() -> None:
+def test_no_policy_refuses_everything() -> None:
     holder = policies.PolicyHolder(None)
-    assert holder().decide("DROP TABLE x", None).verdict == "allow"
+    d = holder().decide("SELECT 1", None)
+    assert (d.verdict, d.rule, d.sqlstate) == ("block", "no-policy", "42501")
+    assert "DBGOV_POLICY" in (d.hint or "")
     assert holder.reload() == [] and not holder.changed()
+
+
+def test_a_policy_file_that_appears_later_is_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    holder = policies.PolicyHolder(str(path))
+    assert holder().decide("SELECT 1", None).verdict == "block"
+    assert not holder.changed()
+    path.write_text("rules: [{name: all, verdict: allow}]\n")
+    assert holder.changed()
+    assert holder.reload() == []
+    assert holder().decide("SELECT 1", holder().new_context()).verdict == "allow"
