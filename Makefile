@@ -49,7 +49,9 @@ kind-e2e: tools
 demo: setup
 	$(PY) -m dbgov_sidecar.demo
 
+# Policy decisions (µs, first sight vs cached), then pgbench through direct / pgbouncer / dbgov.
 bench: setup
+	$(PY) bench/decisions.py
 	$(PY) bench/run.py
 
 clean:
