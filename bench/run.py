@@ -178,7 +178,9 @@ pidfile = {workdir}/pgbouncer.pid
 
 
 @contextmanager
-def dbgov_running(server: pg.PgServer, **extra_env: str) -> Iterator[tuple[int, int]]:
+def dbgov_running(
+    server: pg.PgServer, *, command: list[str] | None = None, **extra_env: str
+) -> Iterator[tuple[int, int]]:
     port = pg.free_port()
     workdir = Path(tempfile.mkdtemp(prefix="dbgov-bench-"))
     policy = workdir / "policy.yaml"
@@ -196,7 +198,10 @@ def dbgov_running(server: pg.PgServer, **extra_env: str) -> Iterator[tuple[int, 
         env["DBGOV_POLICY"] = str(policy)
     log = open(workdir / "proxy.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, *(command or ["-m", "dbgov_sidecar.proxy_cli"])],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_port(port, proc)
