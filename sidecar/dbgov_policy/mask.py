@@ -27,7 +27,7 @@ from pglast import parser as pg_parser
 
 from dbgov_policy import analyze, model
 
-TEXT_TYPES = "('text','character varying','character','name','citext')"
+TEXT_TYPES = "ARRAY['text','character varying','character','name','citext']::pg_catalog.text[]"
 SRC = "__dbgov_src"
 OUT = "__dbgov_m"
 
@@ -54,26 +54,41 @@ def _hmac_pads(key: str) -> tuple[str, str]:
     return ipad, opad
 
 
+def _op(left: str, op: str, right: str) -> str:
+    return f"{left} OPERATOR(pg_catalog.{op}) {right}"
+
+
 def mask_expression(mask: model.Mask, column_sql: str, *, key: str) -> str:
-    """SQL for the masked value of `column_sql`, as text or NULL."""
-    c = f"{column_sql}::text"
-    n = f"char_length({c})"
+    """SQL for the masked value of `column_sql`, as text or NULL.
+
+    Every function, operator and type is schema-qualified: a session whose search_path puts a
+    schema before pg_catalog must not be able to swap in its own `repeat` or `||`.
+    """
+    c = f"{column_sql}::pg_catalog.text"
+    n = f"pg_catalog.char_length({c})"
+    stars = "pg_catalog.repeat('*', {})".format
     if mask.strategy == "null":
         return "NULL"
     if mask.strategy == "redact":
-        body = f"repeat('*', {n})"
+        body = stars(n)
     elif mask.strategy == "email":
-        at = f"strpos({c}, '@')"
-        body = f"CASE WHEN {at} > 0 THEN repeat('*', {at} - 1) || substr({c}, {at}) ELSE repeat('*', {n}) END"
+        at = f"pg_catalog.strpos({c}, '@')"
+        kept = _op(stars(_op(at, "-", "1")), "||", f"pg_catalog.substr({c}, {at})")
+        body = f"CASE WHEN {_op(at, '>', '0')} THEN {kept} ELSE {stars(n)} END"
     elif mask.strategy == "partial":
         k = mask.keep_last
-        body = f"CASE WHEN {n} > {k} THEN repeat('*', {n} - {k}) || right({c}, {k}) ELSE repeat('*', {n}) END"
+        kept = _op(stars(_op(n, "-", str(k))), "||", f"pg_catalog.right({c}, {k})")
+        body = f"CASE WHEN {_op(n, '>', str(k))} THEN {kept} ELSE {stars(n)} END"
     else:  # hash: HMAC-SHA256 with the deployment's key, hex, cut to the value's length
         ipad, opad = _hmac_pads(key)
-        inner = f"sha256('\\x{ipad}'::bytea || convert_to({c}, 'UTF8'))"
-        digest = f"encode(sha256('\\x{opad}'::bytea || {inner}), 'hex')"
-        body = f"left({digest}, greatest({n}, 1))"
-    return f"CASE WHEN pg_typeof({column_sql})::text IN {TEXT_TYPES} THEN {body} END"
+        data = f"pg_catalog.convert_to({c}, 'UTF8')"
+        ipad_sql = "E'\\\\x" + ipad + "'::pg_catalog.bytea"
+        opad_sql = "E'\\\\x" + opad + "'::pg_catalog.bytea"
+        inner = f"pg_catalog.sha256({_op(ipad_sql, '||', data)})"
+        outer = f"pg_catalog.sha256({_op(opad_sql, '||', inner)})"
+        body = f"pg_catalog.left(pg_catalog.encode({outer}, 'hex'), GREATEST({n}, 1))"
+    is_text = _op(f"pg_catalog.pg_typeof({column_sql})::pg_catalog.text", "=", f"ANY ({TEXT_TYPES})")
+    return f"CASE WHEN {is_text} THEN {body} END"
 
 
 def masking_subquery(rel: model.QualifiedName, masks: Sequence[model.Mask], *, only: bool, key: str) -> str:
@@ -84,7 +99,7 @@ def masking_subquery(rel: model.QualifiedName, masks: Sequence[model.Mask], *, o
     source = f"{'ONLY ' if only else ''}{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
     return (
         f"(SELECT {OUT}.* FROM {source} AS {SRC} CROSS JOIN LATERAL "
-        f"jsonb_populate_record({SRC}, jsonb_build_object({pairs})) AS {OUT})"
+        f"pg_catalog.jsonb_populate_record({SRC}, pg_catalog.jsonb_build_object({pairs})) AS {OUT})"
     )
 
 

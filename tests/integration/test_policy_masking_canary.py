@@ -150,3 +150,22 @@ def test_masked_values_keep_the_column_types(canary_db: str) -> None:
     assert ssn.rstrip().endswith("1003") and ssn.startswith("*") and len(ssn) == 20
     assert card == "*" * len("CARDCANARY3")
     assert phone and "PHONECANARY" not in phone and phone == phone.lower()
+
+
+def test_functions_shadowing_pg_catalog_cannot_unmask(canary_db: str) -> None:
+    """A schema searched before pg_catalog cannot swap in its own right(), substr() or ||."""
+    rewritten = engine.Engine(POLICY).decide("SELECT email, ssn, card_number FROM customers").rewritten
+    assert rewritten is not None
+    with psycopg.connect(canary_db) as conn:
+        conn.execute(
+            "CREATE SCHEMA evil;"
+            "CREATE FUNCTION evil.right(text, integer) RETURNS text LANGUAGE sql AS 'SELECT $1';"
+            "CREATE FUNCTION evil.substr(text, integer) RETURNS text LANGUAGE sql AS 'SELECT $1';"
+            "CREATE FUNCTION evil.repeat(text, integer) RETURNS text LANGUAGE sql AS 'SELECT $1';"
+            "SET search_path = evil, pg_catalog, public"
+        )
+        shadowed = conn.execute("SELECT right('secret', 1)").fetchone()
+        assert shadowed == ("secret",)  # the shadowing really is in effect for unqualified calls
+        out = repr(conn.execute(rewritten).fetchall())
+        conn.rollback()
+    assert not [c for c in CANARIES if c in out], out[:500]
