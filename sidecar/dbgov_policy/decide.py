@@ -238,6 +238,11 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
     for target in unit.targets:
         if target.rel not in masked:
             continue
+        if unit.cls.coarse in {"ddl", "dcl"} and unit.cls.fine in {"alter", "grant", "revoke", "create"}:
+            return (
+                f"{target.rel} has masked columns, and changing its definition (renaming it, granting "
+                "on it, adding rules, triggers or policies) could expose them under another name"
+            )
         cols = {m.column for m in policy.masks_for(target.rel)}
         whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
         used = unit.column_names & (cols | whole_row)
