@@ -118,6 +118,12 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
     host, port = split_host_port(settings.listen, default_port=6432)
     scram = None
     loopback = host in ("127.0.0.1", "localhost", "::1")
+    upstream = upstream_config(settings)
+    if upstream.port == port and upstream.host in ("127.0.0.1", "localhost", "::1", host):
+        raise ValueError(
+            f"the upstream {upstream.host}:{upstream.port} is this proxy's own listen address; "
+            "set DBGOV_UPSTREAM to the real database (or the pod's dbgov.io/database annotation)"
+        )
     token = None
     if settings.client_jwt_key:
         if not loopback and not settings.tls_cert:
@@ -134,7 +140,7 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
     return proxy.ProxyConfig(
         listen_host=host,
         listen_port=port,
-        upstream=upstream_config(settings),
+        upstream=upstream,
         session=session.SessionConfig(
             client_scram=scram,
             client_token=token,

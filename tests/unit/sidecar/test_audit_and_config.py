@@ -115,7 +115,23 @@ def test_settings_from_env_and_upstream_url() -> None:
 
 
 def test_trust_is_loopback_only() -> None:
+    db = "postgresql://app@db.example:5432/shop"
     with pytest.raises(ValueError, match="requires DBGOV_CLIENT_PASSWORD"):
-        config.proxy_config(config.Settings(listen="0.0.0.0:5432"), salt=b"x" * 16)
-    cfg = config.proxy_config(config.Settings(listen="0.0.0.0:5432", client_password="pw"), salt=b"x" * 16)
+        config.proxy_config(config.Settings(listen="0.0.0.0:5432", upstream=db), salt=b"x" * 16)
+    cfg = config.proxy_config(
+        config.Settings(listen="0.0.0.0:5432", upstream=db, client_password="pw"), salt=b"x" * 16
+    )
     assert cfg.session.client_scram is not None
+
+
+@pytest.mark.parametrize(
+    ("listen", "upstream"),
+    [
+        ("127.0.0.1:5432", "postgresql://app@127.0.0.1:5432/shop"),
+        ("127.0.0.1:6432", "postgresql://app@localhost:6432/shop"),
+        ("127.0.0.1:5432", "postgresql://app@/shop"),  # the defaults of a pod that named no database
+    ],
+)
+def test_an_upstream_that_is_the_proxy_itself_is_refused(listen: str, upstream: str) -> None:
+    with pytest.raises(ValueError, match="own listen address"):
+        config.proxy_config(config.Settings(listen=listen, upstream=upstream), salt=b"x" * 16)
