@@ -73,7 +73,7 @@ class Message(NamedTuple):
 class Framer:
     """Accumulate bytes and cut them into messages (one direction of one connection)."""
 
-    __slots__ = ("_buf", "_fixed", "_max", "_startup", "_types", "side")
+    __slots__ = ("_buf", "_fixed", "_head", "_max", "_startup", "_types", "side")
 
     def __init__(
         self, *, side: str, max_message_size: int = DEFAULT_MAX_MESSAGE, startup: bool = False
@@ -82,6 +82,8 @@ class Framer:
             raise ValueError(f"side must be 'frontend' or 'backend', not {side!r}")
         self.side = side
         self._buf = bytearray()
+        # Bytes fed while ``_buf`` was empty, kept as they came (not copied) until drained.
+        self._head = b""
         self._max = max_message_size
         self._startup = startup and side == "frontend"
         self._types = FRONTEND_TYPES if side == "frontend" else BACKEND_TYPES
@@ -95,24 +97,37 @@ class Framer:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._buf)
+        return len(self._buf) + len(self._head)
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer."""
-        self._buf += data
+        if self._buf or self._head or type(data) is not bytes:
+            self._spill()
+            self._buf += data
+        else:  # the usual case: whole messages in one read, drained without copying
+            self._head = data
+
+    def _spill(self) -> None:
+        """Move ``_head`` into ``_buf``, where every path but ``drain``'s fast one reads."""
+        if self._head:
+            self._buf += self._head
+            self._head = b""
 
     def unread(self, data: bytes) -> None:
         """Put bytes already drained back in front of the buffer, to be read again later."""
+        self._spill()
         self._buf[:0] = data
 
     def take_buffer(self) -> bytes:
         """Remove and return whatever is buffered (e.g. bytes after an SSLRequest)."""
+        self._spill()
         out = bytes(self._buf)
         self._buf.clear()
         return out
 
     def check_eof(self) -> None:
         """Call when the peer closed: leftover bytes mean it stopped inside a message."""
+        self._spill()
         if self._buf:
             what = "startup packet" if self._startup else "message"
             raise ProtocolViolation(
@@ -121,6 +136,7 @@ class Framer:
 
     def next_message(self) -> Message | None:
         """Return the next complete message, or None when more bytes are needed."""
+        self._spill()
         end = self._next_end(0)
         if end == 0:
             return None
@@ -142,6 +158,9 @@ class Framer:
         if self._startup:
             msg = self.next_message()
             return (b"", []) if msg is None else (msg.data, [msg])
+        if self._head and not self._buf:
+            return self._drain_head()
+        self._spill()
         buf = self._buf
         size = len(buf)
         types, limit, fixed = self._types, self._max, self._fixed
@@ -170,6 +189,36 @@ class Framer:
         if len(spans) == 1:
             return chunk, [new(Message, (spans[0][0], chunk))]
         return chunk, [new(Message, (t, chunk[a:b])) for t, a, b in spans]
+
+    def _drain_head(self) -> tuple[bytes, list[Message]]:
+        """``drain`` over bytes fed into an empty buffer: messages are slices of them, no copies."""
+        data = self._head
+        size = len(data)
+        types, limit, fixed = self._types, self._max, self._fixed
+        unpack = _LEN.unpack_from
+        new = tuple.__new__
+        msgs: list[Message] = []
+        pos = 0
+        while size - pos >= 5:
+            mtype = data[pos]
+            if mtype not in types:
+                raise self._bad_type(mtype)
+            (length,) = unpack(data, pos + 1)
+            if length < 4 or length > limit or fixed.get(mtype, length) != length:
+                self._check_length(mtype, length)
+            end = pos + 1 + length
+            if end > size:
+                break
+            msgs.append(new(Message, (mtype, data if end == size and pos == 0 else data[pos:end])))
+            pos = end
+        if pos < size and size - pos < 5 and data[pos] not in types:
+            raise self._bad_type(data[pos])
+        if pos == size:
+            self._head = b""
+            return data, msgs
+        self._head = b""
+        self._buf += data[pos:] if pos else data
+        return (data[:pos], msgs) if msgs else (b"", msgs)
 
     def _next_end(self, pos: int) -> int:
         """End offset of the complete message starting at ``pos``, or 0 if incomplete."""

@@ -43,6 +43,46 @@ def test_any_chunking_yields_the_same_messages(cuts: list[int]) -> None:
     assert b"".join(m.data for m in msgs) == FRONTEND_STREAM
 
 
+@given(
+    st.lists(st.integers(min_value=0, max_value=len(FRONTEND_STREAM)), max_size=8),
+    st.lists(st.booleans(), min_size=9, max_size=9),
+)
+def test_drain_under_any_chunking_and_any_buffer_type(cuts: list[int], mutable: list[bool]) -> None:
+    # drain() reads bytes fed into an empty buffer in place; a bytearray is always copied
+    points = [0, *sorted(cuts), len(FRONTEND_STREAM)]
+    framer = framing.Framer(side="frontend")
+    chunks: list[bytes] = []
+    msgs: list[framing.Message] = []
+    for (a, b), copy in zip(itertools.pairwise(points), mutable, strict=False):
+        piece = bytearray(FRONTEND_STREAM[a:b]) if copy else FRONTEND_STREAM[a:b]
+        framer.feed(piece)
+        if isinstance(piece, bytearray):
+            piece[:] = b"\xff" * len(piece)  # the caller reusing its buffer changes nothing
+        chunk, got = framer.drain()
+        assert chunk == b"".join(m.data for m in got)
+        chunks.append(chunk)
+        msgs.extend(got)
+    assert [chr(m.type) for m in msgs] == list("QPBDESX")
+    assert b"".join(chunks) == FRONTEND_STREAM
+    assert framer.buffered == 0
+
+
+def test_unread_after_a_drain_in_place_puts_bytes_in_front() -> None:
+    framer = framing.Framer(side="frontend")
+    framer.feed(messages.query("SELECT 1") + messages.SYNC_MESSAGE[:2])
+    _, msgs = framer.drain()
+    framer.unread(msgs[0].data)
+    assert framer.buffered == len(msgs[0].data) + 2
+    framer.feed(messages.SYNC_MESSAGE[2:])
+    assert [chr(m.type) for m in framer.drain()[1]] == ["Q", "S"]
+    framer.feed(messages.SYNC_MESSAGE)
+    framer.unread(messages.query("SELECT 2"))
+    assert [chr(m.type) for m in framer.drain()[1]] == ["Q", "S"]
+    framer.feed(messages.SYNC_MESSAGE[:3])
+    with pytest.raises(ProtocolViolation, match="truncated"):
+        framer.check_eof()
+
+
 def test_drain_returns_joined_bytes_and_keeps_the_partial_tail() -> None:
     framer = framing.Framer(side="frontend")
     framer.feed(FRONTEND_STREAM[:-3])
