@@ -209,6 +209,19 @@ def _single_string(data: bytes, what: str) -> str:
 
 def decode_parse(data: bytes) -> Parse:
     """Decode a Parse message."""
+    # Fast path (one per extended-protocol statement): a well-formed message in a few slices.
+    name_end = data.find(b"\0", 5)
+    query_end = data.find(b"\0", name_end + 1) if name_end > 0 else -1
+    if query_end > 0 and len(data) >= query_end + 3:
+        (count,) = _I16.unpack_from(data, query_end + 1)
+        if count >= 0 and len(data) == query_end + 3 + 4 * count:
+            try:
+                name, query = data[5:name_end].decode(), data[name_end + 1 : query_end].decode()
+            except UnicodeDecodeError:
+                pass  # the reader below names the problem
+            else:
+                types = struct.unpack_from(f"!{count}i", data, query_end + 3) if count else ()
+                return Parse(name=name, query=query, param_types=types)
     reader = _Reader(data, 5, "Parse")
     name = reader.cstring()
     query = reader.cstring()
