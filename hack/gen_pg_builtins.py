@@ -37,11 +37,6 @@ def main() -> None:
             "WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('r','v','m','p','f')",
         )
         operators = _names(srv, "SELECT oprname FROM pg_operator")
-        info = _names(
-            srv,
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = 'information_schema' AND c.relkind IN ('r','v','m','p','f')",
-        )
         srv.cleanup()
 
     def block(name: str, doc: str, items: list[str]) -> str:
@@ -54,13 +49,10 @@ def main() -> None:
         '"""\n\n'
         + block("FUNCTIONS", '"""Every function name in pg_catalog."""', functions)
         + block("OPERATORS", '"""Every operator name in pg_catalog."""', operators)
-        + block("PG_CATALOG_RELATIONS", '"""Tables and views in pg_catalog."""', catalog)
-        + block("INFORMATION_SCHEMA_RELATIONS", '"""Tables and views in information_schema."""', info).rstrip(
-            "\n"
-        )
+        + block("PG_CATALOG_RELATIONS", '"""Tables and views in pg_catalog."""', catalog).rstrip("\n")
         + "\n"
     )
-    print(f"wrote {OUT}: {len(functions)} functions, {len(catalog)} + {len(info)} relations")
+    print(f"wrote {OUT}: {len(functions)} functions, {len(operators)} operators, {len(catalog)} relations")
 
 
 if __name__ == "__main__":

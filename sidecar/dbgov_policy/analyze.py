@@ -144,17 +144,12 @@ class Unit:
     names_defined: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     names_dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-    @property
-    def class_names(self) -> frozenset[str]:
-        return self.cls.names | self.extra_classes
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Analysis:
     """Everything the policy needs to know about one query string."""
 
     units: tuple[Unit, ...]
-    statement_count: int
     error: str | None = None
     """Why the text could not be analyzed (→ block, SQLSTATE 42601)."""
     literal_sensitive: bool = False
@@ -178,13 +173,13 @@ def parse_tree(sql: str) -> list[dict[str, Any]]:
 def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis:
     """Analyze a query string as one simple-query message would carry it."""
     if "\x00" in sql:
-        return Analysis(units=(), statement_count=0, error="the query text contains a NUL character")
+        return Analysis(units=(), error="the query text contains a NUL character")
     try:
         stmts = parse_tree(sql)
     except pg_parser.ParseError as err:
-        return Analysis(units=(), statement_count=0, error=f"PostgreSQL's parser rejects it: {err}")
+        return Analysis(units=(), error=f"PostgreSQL's parser rejects it: {err}")
     except (ValueError, RecursionError) as err:
-        return Analysis(units=(), statement_count=0, error=f"cannot parse: {err}")
+        return Analysis(units=(), error=f"cannot parse: {err}")
     walker = _Walker(search_path=search_path)
     try:
         for raw in stmts:
@@ -193,10 +188,9 @@ def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis
                 continue
             walker.top_level(node)
     except RecursionError:
-        return Analysis(units=(), statement_count=len(stmts), error="statement nests too deeply to analyze")
+        return Analysis(units=(), error="statement nests too deeply to analyze")
     return Analysis(
         units=tuple(walker.units),
-        statement_count=len([s for s in stmts if s.get("stmt")]),
         error=None,
         literal_sensitive=walker.sensitive.flag,
     )

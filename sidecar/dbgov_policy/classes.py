@@ -35,10 +35,6 @@ class StatementClass:
     coarse: str
     fine: str
 
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset({self.coarse, self.fine})
-
 
 _C = StatementClass
 
