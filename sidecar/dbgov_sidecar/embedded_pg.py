@@ -13,6 +13,7 @@ the proxy supports is exercised against the real server.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import shutil
@@ -20,9 +21,11 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +104,27 @@ def init_pgbench(server: PgServer, *, scale: int = 1) -> None:
         timeout=300,
     )
     _pgbench_ready.add(server.port)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: send the child `sig` when the thread that started it dies (Linux).
+
+    The normal path stops servers by PID; this covers the abnormal one (a test worker killed,
+    a demo interrupted), which would otherwise leave a server running with no owner.
+    """
+    parent_pid = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+    def preexec() -> None:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -216,6 +240,8 @@ def _start(datadir: Path, user: pwd.struct_passwd | None, *, max_connections: in
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # fast shutdown if we die without stopping it (preexec_fn is only safe with no other threads)
+        preexec_fn=die_with_parent(signal.SIGINT) if threading.active_count() == 1 else None,  # noqa: PLW1509
         user=_uid(user),
         group=_gid(user),
     )

@@ -11,7 +11,6 @@ The binaries come from hack/build-tools.sh (`make tools`), pinned in hack/tools/
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import ipaddress
 import os
@@ -20,7 +19,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,6 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dbgov_sidecar import embedded_pg
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "tools" / "versions.env"
@@ -339,27 +339,6 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn: SIGTERM the child when the thread that started it dies (Linux).
-
-    The normal path is `Process.stop()` from a fixture finalizer; this covers the abnormal one,
-    an xdist worker killed or crashing before finalizers run, which would otherwise leave an
-    apiserver and etcd running with no owner.
-    """
-
-    def preexec() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
 @dataclass(slots=True, kw_only=True)
 class Process:
     """A child process we started, its log file, and a way to stop exactly it."""
@@ -383,7 +362,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the terminal must not race our shutdown
-                preexec_fn=_die_with(os.getpid()) if on_main else None,  # noqa: PLW1509
+                preexec_fn=embedded_pg.die_with_parent(signal.SIGTERM) if on_main else None,  # noqa: PLW1509
             )
         return cls(name=name, popen=popen, log=log)
 
