@@ -52,26 +52,31 @@ class Engine:
         self.cache_size = cache_size
         self.stats = CacheStats()
         self._cache: collections.OrderedDict[tuple[tuple[str, ...], str], _Entry] = collections.OrderedDict()
+        self._exact: dict[tuple[tuple[str, ...], str], _Entry] = {}
 
     def decide(self, sql: str, *, session: SessionContext | None = None) -> verdicts.Decision:
         ctx = session if session is not None else SessionContext()
-        try:
-            key = (ctx.search_path, pg_parser.normalize(sql))
-        except pg_parser.ParseError:
-            key = None
-        except (ValueError, RecursionError):
-            key = None
-        if key is not None:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self.stats.hits += 1
-                self._cache.move_to_end(key)
-                if entry.template is None:
-                    return entry.decision
-                rewritten = mask.rewrite_like(sql, entry.template, self.policy)
-                if rewritten is not None:
-                    return dataclasses.replace(entry.decision, rewritten=rewritten)
-                return self._with_rewrite(sql, ctx, entry.decision)
+        exact = (ctx.search_path, sql)
+        entry = self._exact.get(exact)
+        key: tuple[tuple[str, ...], str] | None = None
+        if entry is None:
+            try:
+                key = (ctx.search_path, pg_parser.normalize(sql))
+            except (pg_parser.ParseError, ValueError, RecursionError):
+                key = None
+            if key is not None:
+                entry = self._cache.get(key)
+                if entry is not None:
+                    self._cache.move_to_end(key)
+                    self._remember_exact(exact, entry)
+        if entry is not None:
+            self.stats.hits += 1
+            if entry.template is None:
+                return entry.decision
+            rewritten = mask.rewrite_like(sql, entry.template, self.policy)
+            if rewritten is not None:
+                return dataclasses.replace(entry.decision, rewritten=rewritten)
+            return self._with_rewrite(sql, ctx, entry.decision)
         self.stats.misses += 1
         try:
             decision, template, cacheable = self._first_sight(sql, ctx)
@@ -79,14 +84,20 @@ class Engine:
             reason = f"dbgov could not analyze the statement ({type(err).__name__}: {err})"
             return verdicts.blocked_unparseable(reason)
         if key is not None and cacheable:
-            self._cache[key] = _Entry(
-                decision=dataclasses.replace(decision, rewritten=None), template=template
-            )
+            entry = _Entry(decision=dataclasses.replace(decision, rewritten=None), template=template)
+            self._cache[key] = entry
+            self._remember_exact(exact, entry)
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         else:
             self.stats.uncacheable += 1
         return decision
+
+    def _remember_exact(self, exact: tuple[tuple[str, ...], str], entry: _Entry) -> None:
+        """Texts seen verbatim before (prepared and extended-protocol traffic) skip normalizing."""
+        if len(self._exact) >= self.cache_size:
+            self._exact.clear()
+        self._exact[exact] = entry
 
     def _first_sight(
         self, sql: str, ctx: SessionContext
