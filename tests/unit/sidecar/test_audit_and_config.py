@@ -6,8 +6,11 @@ import io
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from dbgov_sidecar import audit, config, metrics
+from dbgov_sidecar import audit, config, metrics, policy_port, session
+from dbgov_sidecar.pgwire import messages
 
 
 def _events(stream: io.StringIO) -> list[dict[str, object]]:
@@ -135,3 +138,40 @@ def test_trust_is_loopback_only() -> None:
 def test_an_upstream_that_is_the_proxy_itself_is_refused(listen: str, upstream: str) -> None:
     with pytest.raises(ValueError, match="own listen address"):
         config.proxy_config(config.Settings(listen=listen, upstream=upstream), salt=b"x" * 16)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(st.lists(_json_values, min_size=22, max_size=22), st.text(max_size=8), st.text(max_size=8))
+def test_statement_shortcut_writes_what_the_encoder_writes(values: list[object], fp: str, sid: str) -> None:
+    values[3], values[16] = fp, sid
+    event = dict(zip(audit.STATEMENT_KEYS, values, strict=True))
+    assert audit._encode_statement(event) == audit._encode(event)
+    again = dict(event, time=1.5)  # the same decision and session objects: cached fragments
+    assert audit._encode_statement(again) == audit._encode(again)
+    changed = dict(event, classes=["other"], user="someone else")  # same keys, other objects
+    assert audit._encode_statement(changed) == audit._encode(changed)
+    assert audit._encode_statement({"type": "session_start", **event}) == audit._encode(
+        {"type": "session_start", **event}
+    )
+
+
+def test_the_session_writes_statement_events_in_the_shortcut_shape() -> None:
+    s = session.Session(
+        policy=policy_port.AllowAll,
+        config=session.SessionConfig(),
+        client=session.ClientInfo(address="127.0.0.1:1", session_id="s1"),
+        backend_key=(1, 2),
+        nonce="NONCE",
+    )
+    s.client_data(messages.startup_message({"user": "u", "database": "d"}), 0.0)
+    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.client_data(messages.query("SELECT 1"), 0.0)
+    s.server_data(messages.command_complete("SELECT 1") + messages.ready_for_query("I"), 0.0)
+    statements = [e for e in s.events if e["type"] == "statement"]
+    assert [tuple(e) for e in statements] == [audit.STATEMENT_KEYS]  # else update STATEMENT_KEYS
