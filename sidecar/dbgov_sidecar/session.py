@@ -274,6 +274,12 @@ class Session:
         self._marker_count = 0
         self._units: deque[_Unit] = deque()
         self._pending: _Unit | None = None
+        self._prepared: dict[str, _Statement] = {}
+        """Allowed named (and the unnamed) prepared statements, for auditing each execution."""
+        self._portal_statements: dict[str, str] = {}
+        """Portal → the prepared statement bound to it."""
+        self._parsed_in_unit: set[str] = set()
+        """Statements parsed since the last Sync (already in the pending unit's statements)."""
         self._rows = 0  # DataRows of the statement now streaming
         self._unit_rows = 0  # DataRows since the last ReadyForQuery
         self._over_limit = False
@@ -532,8 +538,10 @@ class Session:
                 self._syncs_sent += 1
                 self._units.append(self._pending or _Unit(started=now, statements=[]))
                 self._pending = None
+                self._parsed_in_unit.clear()
                 replacement = None
             elif mtype == messages.EXECUTE and self._affected_limit is not None:
+                self._note_execution(msg, now)
                 replacement = self._on_execute(msg)
                 if replacement is not None:  # a guarded write: the rest waits for its count
                     self._paused = True
@@ -543,12 +551,21 @@ class Session:
                     out.append(replacement)
                     self.to_server += b"".join(out)
                     return
-            elif mtype == messages.BIND and self._write_statements:
+            elif mtype == messages.BIND:
                 bind = messages.decode_bind(msg.data)
-                if bind.statement in self._write_statements:
-                    self._write_portals.add(bind.portal)
-                else:
-                    self._write_portals.discard(bind.portal)
+                self._portal_statements[bind.portal] = bind.statement
+                if self._write_statements:
+                    if bind.statement in self._write_statements:
+                        self._write_portals.add(bind.portal)
+                    else:
+                        self._write_portals.discard(bind.portal)
+                if self._masked_attrs:
+                    self._origins.client(msg, self._syncs_sent + 1)
+                replacement = None
+            elif mtype in (messages.EXECUTE, messages.CLOSE):
+                self._track_portals(msg, now)
+                if self._masked_attrs:
+                    self._origins.client(msg, self._syncs_sent + 1)
                 replacement = None
             elif mtype == messages.FUNCTION_CALL:
                 replacement = self._refuse_function_call(now)
@@ -604,6 +621,8 @@ class Session:
             if self._pending is None:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
+            self._prepared[parse.name] = statement
+            self._parsed_in_unit.add(parse.name)
             if self._guard_limit(decision) is not None:
                 self._write_statements.add(parse.name)
             else:
@@ -611,9 +630,33 @@ class Session:
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
             return None
+        self._prepared.pop(parse.name, None)
         token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
         self._skipping = True
         return messages.parse(parse.name, token, ())
+
+    def _track_portals(self, msg: framing.Message, now: float) -> None:
+        if msg.type == messages.EXECUTE:
+            self._note_execution(msg, now)
+            return
+        target = messages.decode_target(msg.data)
+        if target.kind == "S":
+            self._prepared.pop(target.name, None)
+        else:
+            self._portal_statements.pop(target.name, None)
+
+    def _note_execution(self, msg: framing.Message, now: float) -> None:
+        """An Execute of a statement prepared in an earlier batch is audited as a statement too."""
+        portal = messages.decode_execute(msg.data).portal
+        name = self._portal_statements.get(portal)
+        if name is None or name in self._parsed_in_unit:
+            return  # parsed in this batch: its Parse already put it in the unit
+        statement = self._prepared.get(name)
+        if statement is None:
+            return
+        if self._pending is None:
+            self._pending = _Unit(started=now, statements=[])
+        self._pending.statements.append(statement)
 
     def _refuse_function_call(self, now: float) -> bytes:
         decision = policy_port.SimpleDecision(
