@@ -90,6 +90,29 @@ class Installed:
     admission: client.AdmissionregistrationV1Api
 
 
+def installed(
+    cluster: kube.KubeCluster,
+    *,
+    operator: Operator,
+    namespace: str,
+    service_account: str,
+    configuration: str,
+    token: str,
+) -> Installed:
+    """An `Installed` with admin API clients for `cluster`."""
+    api = cluster.api_client()
+    return Installed(
+        operator=operator,
+        namespace=namespace,
+        service_account=service_account,
+        configuration=configuration,
+        token=token,
+        core=client.CoreV1Api(api),
+        custom=client.CustomObjectsApi(api),
+        admission=client.AdmissionregistrationV1Api(api),
+    )
+
+
 def token_kubeconfig(cluster: kube.KubeCluster, *, token: str, path: Path) -> Path:
     """A kubeconfig that authenticates with ``token`` (a ServiceAccount's, from TokenRequest)."""
     config = {

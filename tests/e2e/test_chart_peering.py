@@ -177,16 +177,13 @@ def peered(
         return Operator(env=env, workdir=workdir / pod)
 
     first, second = replica("x2kq8"), replica("m7w4n")
-    api = kube_cluster.api_client()
-    env = Installed(
+    env = operator_proc.installed(
+        kube_cluster,
         operator=first,
         namespace=namespace,
         service_account=account,
         configuration=configuration,
         token=token,
-        core=client.CoreV1Api(api),
-        custom=client.CustomObjectsApi(api),
-        admission=client.AdmissionregistrationV1Api(api),
     )
     try:
         first.start()
@@ -197,7 +194,7 @@ def peered(
         second.stop()
         operator_proc.delete_webhook_configurations(env.admission, configuration)
         env.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
-        rbac = client.RbacAuthorizationV1Api(api)
+        rbac = client.RbacAuthorizationV1Api(kube_cluster.api_client())
         rbac.delete_cluster_role_binding(f"{release}-dbgov")
         rbac.delete_cluster_role(f"{release}-dbgov")
         kube_cluster.delete_namespace(namespace)

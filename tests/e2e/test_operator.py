@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dbgov_operator import certs
 
-from . import kube
+from . import kube, operator_proc
 from .operator_proc import (
     CERT_SECRET,
     CHART,
@@ -84,16 +84,13 @@ def deployed(
         "DBGOV_LOG_LEVEL": "INFO",
         **(env or {}),
     }
-    api = cluster.api_client()
-    found = Installed(
+    found = operator_proc.installed(
+        cluster,
         operator=Operator(env=operator_env, workdir=workdir),
         namespace=release_ns,
         service_account=account,
         configuration=configuration,
         token=token,
-        core=client.CoreV1Api(api),
-        custom=client.CustomObjectsApi(api),
-        admission=client.AdmissionregistrationV1Api(api),
     )
     try:
         if start:

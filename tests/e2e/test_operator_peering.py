@@ -73,16 +73,13 @@ def replicas(
         return Operator(env=env, workdir=workdir / replica)
 
     first, second = operator("replica-a"), operator("replica-b")
-    api = kube_cluster.api_client()
-    shared = Installed(
+    shared = operator_proc.installed(
+        kube_cluster,
         operator=first,
         namespace=release_ns,
         service_account=account,
         configuration=configuration,
         token=token,
-        core=client.CoreV1Api(api),
-        custom=client.CustomObjectsApi(api),
-        admission=client.AdmissionregistrationV1Api(api),
     )
     try:
         first.start()
@@ -96,9 +93,7 @@ def replicas(
         first.stop()
         second.stop()
         operator_proc.delete_webhook_configurations(shared.admission, configuration)
-        client.CustomObjectsApi(api).delete_cluster_custom_object(
-            "kopf.dev", "v1", "clusterkopfpeerings", peering
-        )
+        shared.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
         kube_cluster.delete_namespace(release_ns)
 
 
