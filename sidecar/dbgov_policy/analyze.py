@@ -397,7 +397,15 @@ class _Walker:
         path = self.search_path or ("public",)
         return tuple(model.QualifiedName(schema=s, name=name) for s in path)
 
-    def range_var(self, rv: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
+    def range_var(
+        self,
+        rv: dict[str, Any],
+        unit: Unit,
+        scope: frozenset[str],
+        role: Role,
+        *,
+        copy_columns: tuple[str, ...] | None = None,
+    ) -> None:
         schema = rv.get("schemaname")
         name = str(rv.get("relname", ""))
         if not schema and name in scope:
@@ -422,6 +430,7 @@ class _Walker:
                         location=-1 if self.in_body else int(rv.get("location", -1)),
                         alias=alias,
                         only=not rv.get("inh", False),
+                        copy_columns=copy_columns,
                         ambiguous=len(rels) > 1,
                     )
                 )
@@ -557,19 +566,7 @@ class _Walker:
             if f.get("is_from"):
                 self.range_var(rv, unit, scope, "target")
             else:
-                rels = self.candidates(rv.get("schemaname"), str(rv.get("relname", "")))
-                for rel in rels:
-                    unit.reads.append(rel)
-                    unit.read_refs.append(
-                        ReadRef(
-                            rel=rel,
-                            location=-1 if self.in_body else int(rv.get("location", -1)),
-                            alias=None,
-                            only=not rv.get("inh", False),
-                            copy_columns=tuple(_strings(f.get("attlist"))),
-                            ambiguous=len(rels) > 1,
-                        )
-                    )
+                self.range_var(rv, unit, scope, "read", copy_columns=tuple(_strings(f.get("attlist"))))
         if f.get("query"):
             self.visit(f.get("query"), unit, scope, "target")
         if f.get("whereClause"):
