@@ -114,7 +114,7 @@ def needs_renewal(
         return True
     if _expires_within(cert_pem, now=now, period=lifetimes.renew_before):
         return True
-    return not set(_sans(hostnames)) <= set(_cert_sans(cert))
+    return not set(subject_alt_names(hostnames)) <= set(_cert_sans(cert))
 
 
 def make_ca(*, now: datetime.datetime, validity: datetime.timedelta = CA_VALIDITY) -> KeyPair:
@@ -163,7 +163,7 @@ def make_serving(
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
     cert = (
         _builder(subject=subject, issuer=ca_cert.subject, key=key, now=now, validity=validity)
-        .add_extension(x509.SubjectAlternativeName(_sans(hostnames)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(subject_alt_names(hostnames)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
@@ -204,7 +204,8 @@ def _builder(
     )
 
 
-def _sans(hostnames: Sequence[str]) -> list[x509.GeneralName]:
+def subject_alt_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
+    """IP addresses as IP SANs, everything else as DNS names."""
     names: list[x509.GeneralName] = []
     for host in hostnames:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dbgov_operator import certs
 from dbgov_sidecar import embedded_pg
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -259,22 +259,14 @@ class Authority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False)
         )
         if hosts:
-            builder = builder.add_extension(x509.SubjectAlternativeName(_sans(hosts)), False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(certs.subject_alt_names(hosts)), False
+            )
         cert = builder.sign(self.key, hashes.SHA256())
         pair = CertKey(cert=directory / f"{name}.crt", key=directory / f"{name}.key")
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(pair.key, key)
         return pair
-
-
-def _sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
