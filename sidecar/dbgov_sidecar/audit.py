@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 GENESIS = "0" * 64
@@ -54,6 +53,7 @@ def _value(value: Any) -> str:
 
 
 _ESCAPE: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_isfinite = math.isfinite
 
 STATEMENT_KEYS = (
     *("type", "time", "statement"),
@@ -61,58 +61,131 @@ STATEMENT_KEYS = (
     *("masked_columns", "enforced", "rows_returned", "rows_affected", "duration_ms", "sqlstate"),
     *("session_id", "identity", "user", "application_name", "client_addr", "database"),
 )
-"""The fields of a statement event in the order the session writes them: the shape that
-``_encode_statement`` takes a shortcut for (any other shape is encoded whole)."""
-
-_KEYS = [_ESCAPE(key) + ":" for key in STATEMENT_KEYS]
-_DECISION = (3, 11)  # the decision's fields: the same objects for every statement it decides
-_IDENTITY = (16, 22)  # the session's fields: the same objects for every statement of a session
-_SEGMENTS: dict[tuple[int, str], tuple[tuple[Any, ...], str]] = {}
-_is = operator.is_
+"""The fields of a statement event, in the order they are written."""
 
 
-def _segment(values: tuple[Any, ...], span: tuple[int, int]) -> str:
-    """``"key":value,...`` for ``values[start:end]``, reused while they are the very same objects.
+class Segment:
+    """Fields many events share (one decision's, one session's) with their JSON encoded once.
 
-    Sound because an event is never changed once written (the session already shares these
-    values between the events of a decision and of a session), and because the cache holds the
-    objects, so their identities cannot be reused by others.
+    ``text`` is ``,"key":value...`` with a leading comma, ready to splice into an event. The
+    fields must not change after the segment is made (events are immutable once written).
     """
-    start, end = span
-    part = values[start:end]
-    key = (start, values[start])
-    cached = _SEGMENTS.get(key)
-    if cached is not None and all(map(_is, part, cached[0])):
-        return cached[1]
-    text = ",".join(k + _value(v) for k, v in zip(_KEYS[start:end], part, strict=True))
-    if len(_SEGMENTS) >= 4096:
-        _SEGMENTS.clear()
-    _SEGMENTS[key] = (part, text)  # holding the objects keeps their identity meaningful
-    return text
+
+    __slots__ = ("fields", "text")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.text = "".join(f",{_ESCAPE(k)}:{_value(v)}" for k, v in fields.items())
 
 
-def _encode_statement(event: dict[str, Any]) -> str:
-    """``_encode(event)``, with the decision's and the session's fields encoded once, not per event."""
-    if tuple(event) != STATEMENT_KEYS:
-        return _encode(event)
-    v = tuple(event.values())
-    if type(v[3]) is not str or type(v[16]) is not str:  # the segments are cached by these
-        return _encode(event)
-    k = _KEYS
-    return (
-        f"{{{k[0]}{_value(v[0])},{k[1]}{_value(v[1])},{k[2]}{_value(v[2])},{_segment(v, _DECISION)},"
-        f"{k[11]}{_value(v[11])},{k[12]}{_value(v[12])},{k[13]}{_value(v[13])},{k[14]}{_value(v[14])},"
-        f"{k[15]}{_value(v[15])},{_segment(v, _IDENTITY)}}}"
+class StatementEvent(Mapping[str, Any]):
+    """A statement's audit event, as the session produces one per statement.
+
+    It reads like the dict ``as_dict()`` returns (keys in ``STATEMENT_KEYS`` order) but holds the
+    decision's and the session's fields as shared, pre-encoded segments, so sealing it encodes
+    only the handful of values that differ per statement. ``encode()`` writes exactly what the
+    JSON encoder writes for ``as_dict()``: an audit trail reads and verifies the same either way.
+    """
+
+    __slots__ = (
+        "decision",
+        "duration_ms",
+        "enforced",
+        "rows_affected",
+        "rows_returned",
+        "session",
+        "sqlstate",
+        "statement",
+        "time",
     )
 
+    def __init__(
+        self,
+        *,
+        time: float,
+        statement: str,
+        decision: Segment,
+        enforced: str,
+        rows_returned: int,
+        rows_affected: int | None,
+        duration_ms: float,
+        sqlstate: str | None,
+        session: Segment,
+    ) -> None:
+        self.time = time
+        self.statement = statement
+        self.decision = decision
+        self.enforced = enforced
+        self.rows_returned = rows_returned
+        self.rows_affected = rows_affected
+        self.duration_ms = duration_ms
+        self.sqlstate = sqlstate
+        self.session = session
 
-def seal(event: dict[str, Any], prev_hash: str) -> tuple[str, str]:
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": "statement",
+            "time": self.time,
+            "statement": self.statement,
+            **self.decision.fields,
+            "enforced": self.enforced,
+            "rows_returned": self.rows_returned,
+            "rows_affected": self.rows_affected,
+            "duration_ms": self.duration_ms,
+            "sqlstate": self.sqlstate,
+            **self.session.fields,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+    def __repr__(self) -> str:
+        return f"StatementEvent({self.as_dict()!r})"
+
+    def encode(self) -> str:
+        """Compact JSON, identical to ``_encode(self.as_dict())``."""
+        t, d, n, a, q = self.time, self.duration_ms, self.rows_returned, self.rows_affected, self.sqlstate
+        if (
+            type(t) is float
+            and type(d) is float
+            and type(n) is int
+            and _isfinite(t)
+            and _isfinite(d)
+            and (a is None or type(a) is int)
+            and (q is None or type(q) is str)
+        ):  # what every statement has: formatted inline (this runs once per statement)
+            return (
+                f'{{"type":"statement","time":{t!r},"statement":{_ESCAPE(self.statement)}{self.decision.text},'
+                f'"enforced":{_ESCAPE(self.enforced)},"rows_returned":{n},'
+                f'"rows_affected":{"null" if a is None else a},"duration_ms":{d!r},'
+                f'"sqlstate":{"null" if q is None else _ESCAPE(q)}{self.session.text}}}'
+            )
+        v = _value
+        return (
+            f'{{"type":"statement","time":{v(self.time)},"statement":{v(self.statement)}{self.decision.text},'
+            f'"enforced":{v(self.enforced)},"rows_returned":{v(self.rows_returned)},'
+            f'"rows_affected":{v(self.rows_affected)},"duration_ms":{v(self.duration_ms)},'
+            f'"sqlstate":{v(self.sqlstate)}{self.session.text}}}'
+        )
+
+
+Event = Mapping[str, Any]
+"""An audit event: a dict, or a ``StatementEvent`` that reads like one."""
+
+
+def seal(event: Event, prev_hash: str) -> tuple[str, str]:
     """The event as one JSON line with ``prev_hash`` and ``hash`` appended, and that hash.
 
     The hash covers ``prev_hash`` and the compact JSON of the event (keys in the order written)
     without the chain fields, so the line is produced with a single encoding.
     """
-    body = _encode_statement(event)
+    body = event.encode() if type(event) is StatementEvent else _encode(dict(event))
     digest = _sha256((prev_hash + body).encode()).hexdigest()
     return f'{body[:-1]},"prev_hash":"{prev_hash}","hash":"{digest}"}}', digest
 
@@ -135,7 +208,7 @@ _ROUTINE = ("allow", "mask")
 """Statement outcomes that may wait in the buffer; anything else is flushed before the answer."""
 
 
-def urgent(event: dict[str, Any]) -> bool:
+def urgent(event: Event) -> bool:
     """Events that must reach the sink before the proxy answers (refusals, session boundaries)."""
     return event.get("type") != "statement" or event.get("enforced") not in _ROUTINE
 
@@ -162,13 +235,19 @@ class AuditLog:
         self._buffer: list[str] = []
         self._max_buffer = max_buffer
 
-    def write(self, event: dict[str, Any]) -> None:
+    def write(self, event: Event) -> None:
         """Seal one event and buffer it; refusals and session boundaries are flushed at once."""
-        session_id = event.get("session_id", "")
+        if type(event) is StatementEvent:
+            session_id = event.session.fields.get("session_id", "")
+            kind: Any = "statement"
+            routine = event.enforced in _ROUTINE
+        else:
+            session_id = event.get("session_id", "")
+            kind = event.get("type")
+            routine = kind == "statement" and event.get("enforced") in _ROUTINE
         if type(session_id) is not str:
             session_id = str(session_id)
         line, digest = seal(event, self._prev.get(session_id, GENESIS))
-        kind = event.get("type")
         if kind == "session_end":
             self._prev.pop(session_id, None)
         else:
@@ -178,8 +257,7 @@ class AuditLog:
             self._fail(1)
             return
         buffer.append(line)
-        # urgent(event), spelled out: this runs once per statement
-        if kind != "statement" or event.get("enforced") not in _ROUTINE or len(buffer) >= BATCH:
+        if not routine or len(buffer) >= BATCH:  # urgent(event), without a second look
             self.flush()
 
     def flush(self) -> None:

@@ -10,7 +10,8 @@ import asyncio
 import bisect
 import collections
 from collections.abc import Callable
-from typing import Any
+
+from dbgov_sidecar import audit
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -30,8 +31,21 @@ class Metrics:
         self.latency_count = 0
         self.gauges: dict[str, Callable[[], float]] = {}
 
-    def observe(self, event: dict[str, Any]) -> None:
+    def observe(self, event: audit.Event) -> None:
         """Count one audit event."""
+        if type(event) is audit.StatementEvent:  # the one kind per statement: read its fields directly
+            fields = event.decision.fields
+            classes = fields.get("classes") or ("unknown",)
+            enforced = event.enforced
+            self.statements[(str(classes[0]), enforced)] += 1
+            if enforced not in ("allow", "mask"):
+                self.refusals[str(fields.get("rule"))] += 1
+            self.masked_columns += len(fields.get("masked_columns") or ())
+            seconds = event.duration_ms / 1000
+            self.latency[bisect.bisect_left(BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+            self.latency_count += 1
+            return
         kind = event.get("type")
         if kind == "session_start":
             self.sessions_active += 1

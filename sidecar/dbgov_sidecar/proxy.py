@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbgov_sidecar import login, policy_port, session
+from dbgov_sidecar import audit, login, policy_port, session
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, framing, messages
 
 log = logging.getLogger("dbgov.proxy")
 
-AuditWrite = Callable[[dict[str, Any]], None]
+AuditWrite = Callable[[audit.Event], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

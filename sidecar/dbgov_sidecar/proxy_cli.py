@@ -139,7 +139,7 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     flusher = None if audit_log is None else asyncio.create_task(_flush_audit(audit_log))
     counters = metrics.Metrics()
 
-    def record(event: dict[str, Any]) -> None:
+    def record(event: audit.Event) -> None:
         counters.observe(event)
         if audit_log is not None:
             audit_log.write(event)

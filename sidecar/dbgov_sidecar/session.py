@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbgov_sidecar import policy_port, redact
+from dbgov_sidecar import audit, policy_port, redact
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 SQLSTATE_POLICY = "42501"
@@ -260,12 +260,12 @@ class Session:
         self.to_client = bytearray()
         self.to_server = bytearray()
         self.actions: list[Action] = []
-        self.events: list[dict[str, Any]] = []
+        self.events: list[audit.Event] = []
         self.params: dict[str, str] = {}
         self.identity: str | None = None  # who a verified token says the client is
         self.txn_status = "I"
         self._context: object = None
-        self._identity_fields: dict[str, Any] | None = None
+        self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._skipping = False  # drop client messages until Sync (after a refused Parse)
         self._syncs_sent = 0
@@ -1041,27 +1041,23 @@ class Session:
         rows: int,
         tags: list[str] | None,
         sqlstate: str | None,
-    ) -> dict[str, Any]:
-        event = {
-            "type": "statement",
-            "time": now,
-            "statement": redact.redact_literals(statement.sql)
+    ) -> audit.StatementEvent:
+        return audit.StatementEvent(
+            time=now,
+            statement=redact.redact_literals(statement.sql)
             if self._config.redact_literals
             else statement.sql,
-            **_decision_fields(statement.decision),
-            "enforced": statement.verdict,
-            "rows_returned": rows,
-            "rows_affected": _rows_affected(tags),
-            "duration_ms": round(duration * 1000, 3),
-            "sqlstate": sqlstate,
-        }
-        event.update(self._identity())
-        return event
+            decision=_decision_segment(statement.decision),
+            enforced=statement.verdict,
+            rows_returned=rows,
+            rows_affected=_rows_affected(tags),
+            duration_ms=round(duration * 1000, 3),
+            sqlstate=sqlstate,
+            session=self._identity_segment(),
+        )
 
     def _identity(self) -> dict[str, Any]:
-        if self._identity_fields is not None:
-            return self._identity_fields
-        identity = {
+        return {
             "session_id": self._client_info.session_id,
             "identity": self.identity,
             "user": self.params.get("user"),
@@ -1069,13 +1065,19 @@ class Session:
             "client_addr": self._client_info.address,
             "database": self._config.upstream_database or self.params.get("database"),
         }
+
+    def _identity_segment(self) -> audit.Segment:
+        """The session's audit fields, encoded once it is established (they no longer change)."""
+        if self._identity_fields is not None:
+            return self._identity_fields
+        segment = audit.Segment(self._identity())
         if self.state == "ready":
-            self._identity_fields = identity
-        return identity
+            self._identity_fields = segment
+        return segment
 
     def _event(self, now: float, fields: dict[str, Any]) -> None:
         if self._config.audit:
-            self.events.append({**fields, "time": now, **self._identity()})
+            self.events.append({**fields, "time": now, **self._identity_segment().fields})
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         if self.state == "closed":
@@ -1123,29 +1125,32 @@ def refusal_error(decision: policy_port.Decision) -> bytes:
     return messages.error_response(code=decision.sqlstate or SQLSTATE_POLICY, message=message, hint=hint)
 
 
-_DECISION_FIELDS: dict[int, tuple[policy_port.Decision, dict[str, Any]]] = {}
+_DECISION_SEGMENTS: dict[int, tuple[policy_port.Decision, audit.Segment]] = {}
 
 
-def _decision_fields(decision: policy_port.Decision) -> dict[str, Any]:
-    """The audit fields a decision contributes; memoized because the engine reuses decisions."""
-    cached = _DECISION_FIELDS.get(id(decision))
+def _decision_segment(decision: policy_port.Decision) -> audit.Segment:
+    """The audit fields a decision contributes; memoized because the engine reuses decisions
+    (the entry holds the decision, so its id cannot be reused while cached)."""
+    cached = _DECISION_SEGMENTS.get(id(decision))
     if cached is not None and cached[0] is decision:
         return cached[1]
     infos = decision.statements
-    fields = {
-        "fingerprint": decision.fingerprint,
-        "classes": sorted({str(getattr(s, "cls", "")) for s in infos} - {""}),
-        "tables_read": sorted({str(t) for s in infos for t in getattr(s, "reads", ())}),
-        "tables_written": sorted({str(t) for s in infos for t in getattr(s, "writes", ())}),
-        "decision": decision.verdict,
-        "rule": decision.rule,
-        "reason": decision.reason,
-        "masked_columns": list(decision.masked_columns),
-    }
-    if len(_DECISION_FIELDS) >= 4096:
-        _DECISION_FIELDS.clear()
-    _DECISION_FIELDS[id(decision)] = (decision, fields)
-    return fields
+    segment = audit.Segment(
+        {
+            "fingerprint": decision.fingerprint,
+            "classes": sorted({str(getattr(s, "cls", "")) for s in infos} - {""}),
+            "tables_read": sorted({str(t) for s in infos for t in getattr(s, "reads", ())}),
+            "tables_written": sorted({str(t) for s in infos for t in getattr(s, "writes", ())}),
+            "decision": decision.verdict,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "masked_columns": list(decision.masked_columns),
+        }
+    )
+    if len(_DECISION_SEGMENTS) >= 4096:
+        _DECISION_SEGMENTS.clear()
+    _DECISION_SEGMENTS[id(decision)] = (decision, segment)
+    return segment
 
 
 def sql_literal(text: str) -> str:
