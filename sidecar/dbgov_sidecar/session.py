@@ -130,6 +130,11 @@ class _Guard:
     held: list[bytes] = field(default_factory=list)
 
 
+# Server messages ``_plain_response`` passes through untouched → their fixed length (0: any):
+# RowDescription, notices, ParameterStatus, notifications, Parse/Bind/CloseComplete, NoData.
+_PLAIN_SERVER = {ord("T"): 0, ord("N"): 0, ord("S"): 0, ord("A"): 0}
+_PLAIN_SERVER |= {ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4}
+
 _EXECUTE_DONE = frozenset(
     (messages.COMMAND_COMPLETE, messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY, messages.ERROR_RESPONSE)
 )
@@ -252,6 +257,9 @@ class Session:
         self._audit_ok = audit_ok
         self._config = config
         self._client_info = client
+        self.lean = True
+        """Take the shortcuts for the steady state (whole Query messages, plain responses);
+        False runs every byte through the framers (the tests compare both)."""
         self._backend_key = backend_key
         self._nonce = nonce
         self._client = framing.Framer(side="frontend", startup=True, max_message_size=config.max_message_size)
@@ -310,6 +318,20 @@ class Session:
 
     def client_data(self, data: bytes, now: float) -> None:
         """Bytes arrived from the client."""
+        if (
+            self.lean
+            and self.state == "ready"
+            and data[:1] == b"Q"
+            and not self._paused
+            and not self._client.buffered
+            and 5 <= len(data) <= self._config.max_message_size
+            and int.from_bytes(data[1:5], signed=True) == len(data) - 1
+        ):  # the common case, one whole Query: exactly what draining the framer would hand over
+            try:
+                self._on_ready(data, [framing.Message(data[0], data)], now)
+            except ProtocolViolation as err:
+                self._fatal(err.sqlstate, f"protocol violation: {err.what}")
+            return
         self._client.feed(data)
         try:
             self._drain_client(now)
@@ -327,6 +349,20 @@ class Session:
 
     def server_data(self, data: bytes, now: float) -> None:
         """Bytes arrived from the upstream server (after login)."""
+        if (
+            self.lean
+            and not self._masked_attrs
+            and self._guard is None
+            and not self._executes
+            and not self._refusals
+            and not self._over_limit
+            and self._abort_marker is None
+            and not self._paused
+            and not self._resume
+            and not self._server.buffered
+            and self._plain_response(data, now)
+        ):
+            return
         self._server.feed(data)
         try:
             chunk, msgs = self._server.drain()
@@ -762,6 +798,73 @@ class Session:
             self._resume = False
             self._paused = False
             self._drain_client(now)
+
+    def _plain_response(self, data: bytes, now: float) -> bool:
+        """Handle whole messages that need nothing but counting (the steady state); False, having
+        changed nothing, when ``data`` holds anything else (the general path then reads it).
+
+        The same as ``_on_server`` for these messages, read in one pass: rows, command tags and
+        ReadyForQuery, with the framer's checks on lengths and types.
+        """
+        size = len(data)
+        pos = 0
+        rows = self._rows
+        limit = self._row_limit
+        marks: list[tuple[int, int, str]] = []  # (type, DataRows before it, tag or status)
+        count = 0
+        while pos < size:
+            if size - pos < 5:
+                return False
+            mtype = data[pos]
+            length = int.from_bytes(data[pos + 1 : pos + 5], signed=True)
+            end = pos + 1 + length
+            if length < 4 or end > size:
+                return False
+            if mtype == 68:  # DataRow
+                rows += 1
+                count += 1
+                if limit is not None and rows > limit:
+                    return False
+            elif mtype == 67:  # CommandComplete
+                if data.find(b"\0", pos + 5) != end - 1:
+                    return False
+                try:
+                    tag = data[pos + 5 : end - 1].decode()
+                except UnicodeDecodeError:
+                    return False
+                marks.append((67, count, tag))
+                rows = 0
+            elif mtype == 90:  # ReadyForQuery
+                if length != 5 or data[pos + 5] not in b"ITE":
+                    return False
+                marks.append((90, count, chr(data[pos + 5])))
+                rows = 0
+            elif mtype not in _PLAIN_SERVER or _PLAIN_SERVER[mtype] not in (0, length):
+                return False
+            pos = end
+        done = 0
+        for mtype, before, text in marks:
+            self._unit_rows += before - done
+            done = before
+            self._rows = 0
+            if mtype == 67:
+                unit = self._current_unit()
+                if unit is not None and self._config.audit:
+                    if unit.tags is None:
+                        unit.tags = []
+                    unit.tags.append(text)
+                continue
+            self._syncs_done += 1
+            if self._units:
+                unit = self._units.popleft()
+                unit.rows = self._unit_rows
+                self._finish_unit(unit, now)
+            self._unit_rows = 0
+            self.txn_status = text
+        self._unit_rows += count - done
+        self._rows = rows
+        self.to_client += data
+        return True
 
     def _current_unit(self) -> _Unit | None:
         return self._units[0] if self._units else self._pending

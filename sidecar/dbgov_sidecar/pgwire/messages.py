@@ -235,6 +235,11 @@ def decode_parse(data: bytes) -> Parse:
 
 def decode_bind(data: bytes) -> Bind:
     """Decode a Bind message."""
+    fast = _decode_bind_fast(data)
+    return fast if fast is not None else _decode_bind_careful(data)
+
+
+def _decode_bind_careful(data: bytes) -> Bind:
     reader = _Reader(data, 5, "Bind")
     portal = reader.cstring()
     statement = reader.cstring()
@@ -261,6 +266,61 @@ def decode_bind(data: bytes) -> Bind:
     )
 
 
+def _decode_bind_fast(data: bytes) -> Bind | None:
+    """``decode_bind`` for a well-formed message in one pass (one per extended-protocol statement);
+    None for anything the careful reader must look at, which then names the problem."""
+    portal_end = data.find(b"\0", 5)
+    statement_end = data.find(b"\0", portal_end + 1) if portal_end > 0 else -1
+    if statement_end < 0:
+        return None
+    size = len(data)
+    unpack16, unpack32 = _I16.unpack_from, _I32.unpack_from
+    pos = statement_end + 1
+    try:
+        (nformats,) = unpack16(data, pos)
+        param_formats = struct.unpack_from(f"!{nformats}h", data, pos + 2) if nformats > 0 else ()
+        pos += 2 + 2 * nformats
+        (count,) = unpack16(data, pos)
+        pos += 2
+        params: list[bytes | None] = []
+        for _ in range(count):
+            (length,) = unpack32(data, pos)
+            pos += 4
+            if length == -1:
+                params.append(None)
+                continue
+            if length < 0 or pos + length > size:
+                return None
+            params.append(data[pos : pos + length])
+            pos += length
+        (nresults,) = unpack16(data, pos)
+        result_formats = struct.unpack_from(f"!{nresults}h", data, pos + 2) if nresults > 0 else ()
+        pos += 2 + 2 * nresults
+    except struct.error:
+        return None
+    if (
+        pos != size
+        or nformats < 0
+        or count < 0
+        or nresults < 0
+        or len(param_formats) not in (0, 1, count)
+        or any(f not in (0, 1) for f in param_formats)
+        or any(f not in (0, 1) for f in result_formats)
+    ):
+        return None
+    try:
+        portal, statement = data[5:portal_end].decode(), data[portal_end + 1 : statement_end].decode()
+    except UnicodeDecodeError:
+        return None
+    return Bind(
+        portal=portal,
+        statement=statement,
+        param_formats=param_formats,
+        params=tuple(params),
+        result_formats=result_formats,
+    )
+
+
 def decode_target(data: bytes) -> Target:
     """Decode a Describe or Close message."""
     what = "Describe" if data[0] == DESCRIBE else "Close"
@@ -275,6 +335,14 @@ def decode_target(data: bytes) -> Target:
 
 def decode_execute(data: bytes) -> Execute:
     """Decode an Execute message."""
+    end = data.find(b"\0", 5)
+    if end == len(data) - 5:
+        try:
+            portal = data[5:end].decode()
+        except UnicodeDecodeError:
+            pass  # the reader below names the problem
+        else:
+            return Execute(portal=portal, max_rows=_I32.unpack_from(data, end + 1)[0])
     reader = _Reader(data, 5, "Execute")
     portal = reader.cstring()
     max_rows = reader.int32()

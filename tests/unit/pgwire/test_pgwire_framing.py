@@ -195,3 +195,48 @@ def _decode_everything(msg: framing.Message) -> None:
     for decode in decoders.get(msg.type, []):
         with contextlib.suppress(ProtocolViolation):
             decode(msg.data)  # type: ignore[operator]
+
+
+def _careful_or_error(decode: object, data: bytes) -> object:
+    try:
+        return decode(data)  # type: ignore[operator]
+    except ProtocolViolation:
+        return ProtocolViolation
+
+
+_binds = st.builds(
+    messages.bind,
+    st.text(max_size=4),
+    st.text(max_size=4),
+    st.lists(st.none() | st.binary(max_size=6), max_size=4),
+    param_formats=st.lists(st.sampled_from([0, 1]), max_size=1),
+    result_formats=st.lists(st.sampled_from([0, 1]), max_size=3),
+)
+
+
+@given(_binds, st.binary(max_size=6), st.integers(min_value=0, max_value=40))
+def test_the_fast_bind_and_execute_decoders_agree_with_the_careful_reader(
+    bind: bytes, noise: bytes, cut: int
+) -> None:
+    # well-formed, and damaged by overwriting or truncating the body
+    body = bind[5:]
+    damaged = body[:cut] + noise + body[cut + len(noise) :]
+    for candidate in (body, damaged, body[:cut]):
+        data = b"B" + struct.pack("!i", len(candidate) + 4) + candidate
+        fast = messages._decode_bind_fast(data)
+        careful = _careful_or_error(messages._decode_bind_careful, data)
+        if fast is not None:
+            assert fast == careful
+        assert _careful_or_error(messages.decode_bind, data) == careful
+        execute = b"E" + struct.pack("!i", len(candidate) + 4) + candidate
+        assert _careful_or_error(messages.decode_execute, execute) == _careful_or_error(
+            _decode_execute_with_reader, execute
+        )
+
+
+def _decode_execute_with_reader(data: bytes) -> messages.Execute:
+    reader = messages._Reader(data, 5, "Execute")
+    portal = reader.cstring()
+    max_rows = reader.int32()
+    reader.end()
+    return messages.Execute(portal=portal, max_rows=max_rows)
