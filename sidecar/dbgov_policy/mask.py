@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import hmac
 from collections.abc import Sequence
 
 from pglast import parser as pg_parser
@@ -89,6 +90,24 @@ def mask_expression(mask: model.Mask, column_sql: str, *, key: str) -> str:
         body = f"pg_catalog.left(pg_catalog.encode({outer}, 'hex'), GREATEST({n}, 1))"
     is_text = _op(f"pg_catalog.pg_typeof({column_sql})::pg_catalog.text", "=", f"ANY ({TEXT_TYPES})")
     return f"CASE WHEN {is_text} THEN {body} END"
+
+
+def mask_text(mask: model.Mask, text: str, *, key: str) -> str | None:
+    """What ``mask_expression`` makes of a text value, computed here: for masking a value the
+    proxy finds unmasked in a result (defense in depth), identical to the database's output."""
+    n = len(text)  # char_length: characters, as PostgreSQL counts them
+    if mask.strategy == "null":
+        return None
+    if mask.strategy == "email":
+        at = text.find("@")
+        return "*" * at + text[at:] if at >= 0 else "*" * n
+    if mask.strategy == "partial":
+        k = mask.keep_last
+        return "*" * (n - k) + (text[n - k :] if k > 0 else "") if n > k else "*" * n
+    if mask.strategy == "hash":
+        digest = hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
+        return digest[: max(n, 1)]
+    return "*" * n  # redact
 
 
 def masking_subquery(rel: model.QualifiedName, masks: Sequence[model.Mask], *, only: bool, key: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbgov_policy import engine
+from dbgov_policy import engine, mask
 
 
 class Decision(Protocol):
@@ -125,6 +125,14 @@ class EnginePolicy:
             (m.table.schema, m.table.name, m.column) for m in policy.masks
         )
         """(schema, table, column) of every masked column, for checking result origins."""
+        self._masks = {f"{m.table.schema}.{m.table.name}.{m.column}": m for m in policy.masks}
+        self._mask_key = policy.mask_key
+
+    def mask_value(self, column: str, text: str) -> str | None:
+        """``text`` masked by the strategy of ``column`` ("schema.table.column"), exactly as the
+        rewrite masks it in the database; None (NULL) for a column the policy does not mask."""
+        rule = self._masks.get(column)
+        return None if rule is None else mask.mask_text(rule, text, key=self._mask_key)
 
     @property
     def mode(self) -> str:

@@ -153,16 +153,30 @@ _TRACKED_SERVER = frozenset(
 )
 
 
+_Hit = tuple[int, Callable[[bytes], bytes | None]]
+"""A result column that arrived unmasked: its position, and what makes its value masked."""
+
+# Types whose values (text and binary format alike) are the string itself: text, varchar,
+# char(n) (space-padded), name. Masks apply to these; any other type's value becomes NULL,
+# as in the rewrite.
+_TEXT_OIDS = frozenset((25, 1043, 1042, 19))
+_BPCHAR_OID = 1042
+
+
+def _to_null(raw: bytes) -> bytes | None:
+    return None
+
+
 class _Shape:
     """Masked result positions of a statement or portal, known once its description arrives."""
 
     __slots__ = ("hits", "source")
 
     def __init__(self, source: _Shape | None = None) -> None:
-        self.hits: tuple[int, ...] | None = None
+        self.hits: tuple[_Hit, ...] | None = None
         self.source = source
 
-    def resolve(self) -> tuple[int, ...]:
+    def resolve(self) -> tuple[_Hit, ...]:
         if self.hits is not None:
             return self.hits
         return self.source.resolve() if self.source is not None else ()
@@ -183,7 +197,7 @@ class _Origins:
         self.portals: dict[str, _Shape] = {}
         self.describes: deque[tuple[_Shape, int]] = deque()
         self.executes: deque[tuple[_Shape, int]] = deque()
-        self.simple: tuple[int, ...] = ()
+        self.simple: tuple[_Hit, ...] = ()
 
     def parsed(self, name: str) -> None:
         self.statements[name] = _Shape()
@@ -203,13 +217,13 @@ class _Origins:
             target = messages.decode_target(msg.data)
             (self.statements if target.kind == "S" else self.portals).pop(target.name, None)
 
-    def described(self, hits: tuple[int, ...], sync: int) -> None:
+    def described(self, hits: tuple[_Hit, ...], sync: int) -> None:
         if self.describes and self.describes[0][1] == sync:
             self.describes.popleft()[0].hits = hits
         else:
             self.simple = hits
 
-    def row_mask(self, sync: int) -> tuple[int, ...]:
+    def row_mask(self, sync: int) -> tuple[_Hit, ...]:
         if self.executes and self.executes[0][1] == sync:
             return self.executes[0][0].resolve()
         return self.simple
@@ -958,12 +972,12 @@ class Session:
         current = self._syncs_done + 1
         if mtype == messages.ROW_DESCRIPTION:
             fields = messages.decode_row_description(msg.data)
-            hits = tuple(i for i, f in enumerate(fields) if (f.table_oid, f.attnum) in self._masked_attrs)
-            if hits and self._policy().mode == "dry-run":
-                hits = ()
-            origins.described(hits, current)
-            if hits:
-                names = sorted({self._masked_attrs[(fields[i].table_oid, fields[i].attnum)] for i in hits})
+            found = [i for i, f in enumerate(fields) if (f.table_oid, f.attnum) in self._masked_attrs]
+            if found and self._policy().mode == "dry-run":
+                found = []
+            origins.described(tuple((i, self._masker(fields[i])) for i in found), current)
+            if found:
+                names = sorted({self._masked_attrs[(fields[i].table_oid, fields[i].attnum)] for i in found})
                 self._event(
                     now, {"type": "warning", "warning": "masked column arrived unmasked", "columns": names}
                 )
@@ -974,9 +988,10 @@ class Session:
             hits = origins.row_mask(current)
             if hits:
                 values = messages.decode_data_row(msg.data)
-                for i in hits:
+                for i, masked in hits:
                     if i < len(values):
-                        values[i] = None
+                        value = values[i]
+                        values[i] = None if value is None else masked(value)
                 return messages.data_row(values)
         elif mtype in (messages.COMMAND_COMPLETE, messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY):
             origins.finished(current)
@@ -985,6 +1000,25 @@ class Session:
         elif mtype == messages.READY_FOR_QUERY:
             origins.synced(current)
         return None
+
+    def _masker(self, field: messages.Field) -> Callable[[bytes], bytes | None]:
+        """How a value of this result column gets masked: the policy's strategy for the column it
+        comes from (computed as the rewrite would have), or NULL when that cannot be done."""
+        column = self._masked_attrs[(field.table_oid, field.attnum)]
+        mask_value = getattr(self._policy(), "mask_value", None)
+        if mask_value is None or field.type_oid not in _TEXT_OIDS:
+            return _to_null
+        strip = field.type_oid == _BPCHAR_OID  # read as text, char(n) loses its padding
+
+        def masked(raw: bytes) -> bytes | None:
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                return None
+            out = mask_value(column, text.rstrip(" ") if strip else text)
+            return None if out is None else str(out).encode()
+
+        return masked
 
     # --- maxRowsAffected: run a write inside BEGIN or a savepoint, keep it only if small ---
 
