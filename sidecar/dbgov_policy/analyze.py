@@ -125,6 +125,9 @@ class Unit:
 
     cls: classes.StatementClass
     nested: bool = False
+    runs_later: bool = False
+    """Defined now, run later (a PREPARE's or DECLARE's query, a rule action, a function body),
+    as opposed to running as part of this statement (a WITH write, EXPLAIN ANALYZE, a DO body)."""
     extra_classes: set[str] = dataclasses.field(default_factory=set)
     reads: list[model.QualifiedName] = dataclasses.field(default_factory=list)
     writes: list[model.QualifiedName] = dataclasses.field(default_factory=list)
@@ -251,6 +254,10 @@ class _Walker:
         self.sensitive = _Sensitive()
         self.in_body = 0
         """Depth inside function/DO bodies, whose offsets are not the query string's."""
+        self.later = 0
+        """Depth inside definitions whose statements run later (see ``Unit.runs_later``)."""
+        self.later_once = False
+        """The next unit runs later, but what it nests runs with it (a prepared statement)."""
 
     # ---- units -------------------------------------------------------------------------
 
@@ -273,13 +280,14 @@ class _Walker:
         return unit
 
     def statement(self, kind: str, fields: dict[str, Any], *, nested: bool, scope: frozenset[str]) -> Unit:
+        runs_later, self.later_once = self.later > 0 or self.later_once, False
         cls = classes.NODE_CLASSES.get(kind)
         if cls is None:
             unit = self._unknown(f"the statement kind {kind}")
-            unit.nested = nested
+            unit.nested, unit.runs_later = nested, runs_later
             self.units.append(unit)
             return unit
-        unit = Unit(cls=self._refine(kind, fields, cls), nested=nested)
+        unit = Unit(cls=self._refine(kind, fields, cls), nested=nested, runs_later=runs_later)
         self.units.append(unit)
         if kind in FIXED_FINDINGS:
             unit.findings.append(FIXED_FINDINGS[kind])
@@ -603,13 +611,15 @@ class _Walker:
     def _on_PrepareStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         unit.names_defined.append(("prepared", str(f.get("name", ""))))
         query = _node(f.get("query"))
-        if query:
+        if query:  # EXECUTE runs it later, and what it nests (a WITH write) along with it
+            self.later_once = True
             self.statement(query[0], query[1], nested=True, scope=scope)
 
     def _on_DeclareCursorStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         unit.names_defined.append(("cursor", str(f.get("portalname", ""))))
         query = _node(f.get("query"))
         if query:
+            self.later_once = True
             self.statement(query[0], query[1], nested=True, scope=scope)
 
     def _on_ExecuteStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
@@ -687,11 +697,25 @@ class _Walker:
         for action in f.get("actions", []) or []:
             n = _node(action)
             if n:
-                self.statement(n[0], n[1], nested=True, scope=scope | {"new", "old"})
+                self._later(n, scope | {"new", "old"})
         if f.get("whereClause"):
             self.visit(f.get("whereClause"), unit, scope | {"new", "old"}, "target")
 
+    def _later(self, node: tuple[str, dict[str, Any]], scope: frozenset[str]) -> None:
+        self.later += 1
+        try:
+            self.statement(node[0], node[1], nested=True, scope=scope)
+        finally:
+            self.later -= 1
+
     def _on_CreateFunctionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.later += 1
+        try:
+            self._create_function(f, unit, scope)
+        finally:
+            self.later -= 1
+
+    def _create_function(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self.sensitive.flag = True
         opts = _defelems(f.get("options"))
         language = (_const_text(opts.get("language")) or "").lower() or "sql"

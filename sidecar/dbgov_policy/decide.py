@@ -20,6 +20,7 @@ from dbgov_policy import analyze, compile, guards, model, names
 
 POLICY_SQLSTATE = "42501"
 SYNTAX_SQLSTATE = "42601"
+LIMIT_SQLSTATE = "54000"
 
 #: Fine classes the built-in `session-basics` rule allows when no policy rule matched.
 SESSION_BASICS = frozenset(
@@ -358,11 +359,30 @@ def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict
             )
         masked = sorted({str(r.rel) for r in unit.read_refs if r.rel in policy.masked_tables})
         if base.verdict == "allow" and masked:
-            return dataclasses.replace(
+            base = dataclasses.replace(
                 base,
                 verdict="mask",
                 reason=f"{base.reason}; masked columns of {', '.join(masked)} are rewritten",
             )
+    if (
+        base.verdict != "block"
+        and g.max_rows_affected is not None
+        and unit.writes
+        and not unit.runs_later
+        and (unit.nested or unit.cls.fine == "truncate")
+    ):
+        what = (
+            "TRUNCATE" if unit.cls.fine == "truncate" else f"a {unit.cls.fine.upper()} inside this statement"
+        )
+        return _block(
+            "guardrail:max-rows-affected",
+            f"maxRowsAffected is {g.max_rows_affected}, and the rows changed by {what} cannot be "
+            "counted before they are committed (only a top-level INSERT, UPDATE, DELETE, MERGE or COPY "
+            "reports its row count)",
+            "Run the change as its own INSERT, UPDATE, DELETE or MERGE statement, "
+            "or ask the policy owner for an exception.",
+            sqlstate=LIMIT_SQLSTATE,
+        )
     return base
 
 

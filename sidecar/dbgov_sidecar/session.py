@@ -1026,7 +1026,10 @@ class Session:
         limit = self._affected_limit
         if limit is None or self.txn_status == "E":
             return None
-        if not any(getattr(info, "writes", ()) for info in decision.statements):
+        if not any(
+            getattr(info, "writes", ()) or getattr(info, "fine", "") == "execute"
+            for info in decision.statements
+        ):  # EXECUTE runs a prepared statement that may write: its tag tells
             return None
         return limit
 
@@ -1059,7 +1062,7 @@ class Session:
         if msg.type != messages.COMMAND_COMPLETE or limit is None:
             return None
         tag = messages.decode_command_complete(msg.data)
-        count = int(tag.rpartition(" ")[2]) if tag.rpartition(" ")[2].isdigit() else 0
+        count = _affected(tag)
         if count <= limit:
             return None
         self._marker_count += 1
@@ -1115,7 +1118,7 @@ class Session:
             return None
         if mtype == messages.COMMAND_COMPLETE:
             tag = messages.decode_command_complete(msg.data)
-            guard.count += int(tag.rpartition(" ")[2]) if tag.rpartition(" ")[2].isdigit() else 0
+            guard.count += _affected(tag)
             guard.over = guard.count > guard.limit
             if unit is not None:
                 unit.tags = [*(unit.tags or []), tag]
@@ -1309,9 +1312,13 @@ def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
 def _rows_affected(tags: list[str] | None) -> int | None:
     if not tags:
         return None
-    total = 0
-    for tag in tags:
-        head, _, count = tag.rpartition(" ")
-        if head.split(" ")[0] in ("INSERT", "UPDATE", "DELETE", "MERGE", "COPY") and count.isdigit():
-            total += int(count)
-    return total
+    return sum(_affected(tag) for tag in tags)
+
+
+_WRITE_TAGS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY"))
+
+
+def _affected(tag: str) -> int:
+    """Rows a command tag says were changed ("UPDATE 3" → 3); 0 for tags of reads ("SELECT 5")."""
+    head, _, count = tag.rpartition(" ")
+    return int(count) if count.isdigit() and head.split(" ", 1)[0] in _WRITE_TAGS else 0

@@ -91,3 +91,33 @@ def test_max_rows_affected_extended_protocol(
         conn.execute(update, [5])
         conn.commit()
     assert _total(pg_server) == before + 18
+
+
+def test_max_rows_affected_sees_writes_that_no_tag_counts(
+    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer
+) -> None:
+    running = make_proxy(policy=policies.load(str(POLICY)))
+    before = _total(pg_server)
+    with psycopg.connect(running.dsn(), autocommit=True) as conn:
+        # "SELECT 1" would be all the server reports for 150 changed rows: refused before it runs.
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="cannot be counted"):
+            conn.execute(
+                "WITH d AS (UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= 150 RETURNING id) "
+                "SELECT count(*) FROM d"
+            )
+        assert _total(pg_server) == before
+        # EXECUTE reports the prepared statement's own tag: held to the limit like the statement.
+        conn.execute("PREPARE bump(int) AS UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= $1")
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="changed 150 rows"):
+            conn.execute("EXECUTE bump(150)")
+        assert _total(pg_server) == before
+        conn.execute("EXECUTE bump(3)")
+        assert _total(pg_server) == before + 3
+        # Rows a read returns are not rows changed: a guarded string may read more than the limit.
+        reads = conn.execute(
+            "SELECT id FROM shop.orders WHERE id <= 150; UPDATE shop.orders SET quantity = quantity - 1 "
+            "WHERE id <= 3"
+        )
+        assert len(reads.fetchall()) == 150
+        assert reads.nextset() and reads.rowcount == 3
+    assert _total(pg_server) == before

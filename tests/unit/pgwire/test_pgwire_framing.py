@@ -204,10 +204,11 @@ def _careful_or_error(decode: object, data: bytes) -> object:
         return ProtocolViolation
 
 
+_names = st.text(st.characters(blacklist_characters="\0"), max_size=4)
 _binds = st.builds(
     messages.bind,
-    st.text(max_size=4),
-    st.text(max_size=4),
+    _names,
+    _names,
     st.lists(st.none() | st.binary(max_size=6), max_size=4),
     param_formats=st.lists(st.sampled_from([0, 1]), max_size=1),
     result_formats=st.lists(st.sampled_from([0, 1]), max_size=3),
