@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dbgov_sidecar import proxy, session, tokens
+from dbgov_sidecar import login, proxy, session, tokens
 from dbgov_sidecar.pgwire import auth, framing
 
 
@@ -102,15 +102,27 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
     query = dict(urllib.parse.parse_qsl(url.query))
     password = urllib.parse.unquote(url.password) if url.password else settings.upstream_password
     database = urllib.parse.unquote(url.path.lstrip("/")) or None
+    sslmode = query.get("sslmode", "prefer")
+    if query.get("channel_binding") == "require" and sslmode == "disable":
+        raise ValueError("upstream channel_binding=require needs TLS, but sslmode is disable")
     return proxy.UpstreamConfig(
         host=url.hostname or "127.0.0.1",
         port=url.port or 5432,
         user=urllib.parse.unquote(url.username or "postgres"),
         password=password,
         database=database,
-        sslmode=query.get("sslmode", "prefer"),
+        sslmode=sslmode,
         sslrootcert=query.get("sslrootcert"),
+        channel_binding=_channel_binding(query.get("channel_binding", "prefer")),
     )
+
+
+def _channel_binding(value: str) -> str:
+    if value not in login.CHANNEL_BINDING:
+        raise ValueError(
+            f"upstream channel_binding must be one of {', '.join(login.CHANNEL_BINDING)}, not {value!r}"
+        )
+    return value
 
 
 def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:

@@ -1,7 +1,8 @@
 """Log in to the upstream database: the client half of PostgreSQL's startup exchange, pure.
 
 The proxy authenticates upstream with its own configured credentials (cleartext, md5 or
-SCRAM-SHA-256), then collects the ParameterStatus messages and BackendKeyData the client must
+SCRAM-SHA-256; over TLS SCRAM-SHA-256-PLUS with channel binding, as libpq's
+``channel_binding`` setting: ``disable``, ``prefer`` or ``require``), then collects the ParameterStatus messages and BackendKeyData the client must
 see. Fed one server message at a time; returns what to send back.
 
 Once logged in it asks the server for the session's effective search_path (only schemas that
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 SEARCH_PATH_QUERY = "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s"
+CHANNEL_BINDING = ("disable", "prefer", "require")
 
 
 class UpstreamRefused(Exception):
@@ -32,11 +34,25 @@ class UpstreamRefused(Exception):
 class UpstreamLogin:
     """One login attempt: ``startup()`` first, then ``on_message()`` until ``done``."""
 
-    def __init__(self, *, user: str, password: str | None, params: Mapping[str, str], nonce: str):
+    def __init__(
+        self,
+        *,
+        user: str,
+        password: str | None,
+        params: Mapping[str, str],
+        nonce: str,
+        channel_binding: str = "prefer",
+    ):
+        if channel_binding not in CHANNEL_BINDING:
+            raise ValueError(f"channel_binding must be one of {', '.join(CHANNEL_BINDING)}")
         self._user = user
         self._password = password
+        self._channel_binding = channel_binding
+        self.server_certificate: bytes | None = None
+        """The upstream's TLS certificate (DER) once TLS is up; None without TLS."""
         self._params = {**params, "user": user}
         self._scram: auth.ScramClient | None = None
+        self._scram_plus = False
         self._nonce = nonce
         self.done = False
         self.parameter_status: list[bytes] = []
@@ -49,6 +65,8 @@ class UpstreamLogin:
 
     def startup(self) -> bytes:
         """The StartupMessage to send first."""
+        if self._channel_binding == "require" and self.server_certificate is None:
+            raise AuthenticationFailed("channel_binding=require, but the upstream connection is not TLS")
         return messages.startup_message(self._params)
 
     def on_message(self, msg: framing.Message) -> bytes:
@@ -94,7 +112,16 @@ class UpstreamLogin:
     def _on_auth(self, data: bytes) -> bytes:
         code, payload = messages.decode_authentication(data)
         if code == messages.AUTH_OK:
+            if self._channel_binding == "require" and (self._scram is None or not self._scram_plus):
+                raise AuthenticationFailed(
+                    "channel_binding=require, but the server logged us in without SCRAM-SHA-256-PLUS"
+                )
             return b""
+        if self._channel_binding == "require" and code != messages.AUTH_SASL and self._scram is None:
+            raise AuthenticationFailed(
+                f"channel_binding=require, but the server asks for authentication method {code}, "
+                "not SCRAM-SHA-256-PLUS"
+            )
         if code == messages.AUTH_CLEARTEXT:
             return messages.password_message(self._need_password().encode() + b"\0")
         if code == messages.AUTH_MD5:
@@ -103,17 +130,29 @@ class UpstreamLogin:
             hashed = auth.md5_password(user=self._user, password=self._need_password(), salt=payload)
             return messages.password_message(hashed)
         if code == messages.AUTH_SASL:
-            mechanisms = messages.decode_sasl_mechanisms(payload)
-            if auth.SCRAM_SHA_256 not in mechanisms:
-                raise AuthenticationFailed(f"server offers no supported SASL mechanism: {mechanisms}")
-            self._scram = auth.ScramClient(password=self._need_password(), nonce=self._nonce)
-            return messages.sasl_initial_response(auth.SCRAM_SHA_256, self._scram.client_first())
+            self._scram = self._scram_client(messages.decode_sasl_mechanisms(payload))
+            return messages.sasl_initial_response(self._scram.mechanism, self._scram.client_first())
         if code == messages.AUTH_SASL_CONTINUE and self._scram is not None:
             return messages.password_message(self._scram.client_final(payload))
         if code == messages.AUTH_SASL_FINAL and self._scram is not None:
             self._scram.verify_server_final(payload)
             return b""
         raise AuthenticationFailed(f"unsupported authentication request {code}")
+
+    def _scram_client(self, mechanisms: list[str]) -> auth.ScramClient:
+        tls = self.server_certificate is not None and self._channel_binding != "disable"
+        if tls and auth.SCRAM_SHA_256_PLUS in mechanisms:
+            assert self.server_certificate is not None
+            binding = auth.tls_server_end_point(self.server_certificate)
+            self._scram_plus = True
+            return auth.ScramClient(password=self._need_password(), nonce=self._nonce, binding=binding)
+        if self._channel_binding == "require":
+            raise AuthenticationFailed(
+                f"channel_binding=require, but the server offers only {', '.join(mechanisms) or 'nothing'}"
+            )
+        if auth.SCRAM_SHA_256 not in mechanisms:
+            raise AuthenticationFailed(f"server offers no supported SASL mechanism: {mechanisms}")
+        return auth.ScramClient(password=self._need_password(), nonce=self._nonce, could_bind=tls)
 
     def _need_password(self) -> str:
         if self._password is None:

@@ -46,6 +46,8 @@ class UpstreamConfig:
     """disable | prefer | require | verify-full."""
     sslrootcert: str | None = None
     """CA bundle for verify-full (None: the system store)."""
+    channel_binding: str = "prefer"
+    """SCRAM channel binding over TLS, as libpq's setting: disable | prefer | require."""
     connect_timeout: float = 10.0
     """Seconds allowed for connecting and logging in."""
 
@@ -339,7 +341,11 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.proxy.config.upstream
         loop = asyncio.get_running_loop()
         state = login.UpstreamLogin(
-            user=cfg.user, password=cfg.password, params=params, nonce=secrets.token_urlsafe(18)
+            user=cfg.user,
+            password=cfg.password,
+            params=params,
+            nonce=secrets.token_urlsafe(18),
+            channel_binding=cfg.channel_binding,
         )
         _, up = await loop.create_connection(lambda: UpstreamConnection(self, state), cfg.host, cfg.port)
         try:
@@ -353,6 +359,9 @@ class ClientConnection(asyncio.Protocol):
                     if new is None:
                         raise ConnectionError("upstream TLS handshake failed")
                     up.transport = new
+                    tls_object = new.get_extra_info("ssl_object")
+                    if tls_object is not None:
+                        state.server_certificate = tls_object.getpeercert(binary_form=True)
                 elif cfg.sslmode in ("require", "verify-full"):
                     raise ConnectionError(f"upstream does not support TLS (sslmode={cfg.sslmode})")
             up.write(state.startup())

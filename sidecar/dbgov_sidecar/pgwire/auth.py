@@ -1,8 +1,10 @@
 """Password authentication exchanges as pure functions and small state objects.
 
 The proxy authenticates to the upstream database with md5 or SCRAM-SHA-256 (RFC 5802 / 7677,
-as PostgreSQL implements it: no channel binding, empty username in the SCRAM messages) and may
-ask its own clients for a password. Nonces and salts are parameters, never drawn here, so every
+as PostgreSQL implements it: empty username in the SCRAM messages), over TLS with
+SCRAM-SHA-256-PLUS and ``tls-server-end-point`` channel binding (RFC 5929) so that a man in the
+middle holding another certificate cannot relay the login, and may ask its own clients for a
+password. Nonces and salts are parameters, never drawn here, so every
 exchange is reproducible in a test.
 """
 
@@ -19,7 +21,10 @@ from dataclasses import dataclass
 from dbgov_sidecar.pgwire.errors import AuthenticationFailed, ProtocolViolation
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
 _GS2_HEADER = b"n,,"
+_GS2_PLUS = b"p=tls-server-end-point,,"
+_GS2_SUPPORTED = b"y,,"  # the client could bind, the server did not offer it (downgrade check)
 
 
 def md5_password(*, user: str, password: str, salt: bytes) -> bytes:
@@ -82,19 +87,61 @@ def scram_keys(password: str, *, salt: bytes, iterations: int = 4096) -> ScramKe
     )
 
 
-class ScramClient:
-    """Client side of SCRAM-SHA-256: first message, final message, server proof check."""
+def tls_server_end_point(certificate: bytes) -> bytes:
+    """Channel-binding data of type ``tls-server-end-point`` for a server certificate (DER):
+    its hash with the certificate's own signature hash, SHA-256 in place of MD5 and SHA-1."""
+    from cryptography import x509  # noqa: PLC0415 - only logins over TLS need it
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
 
-    def __init__(self, *, password: str, nonce: str, username: str = "") -> None:
+    try:
+        algorithm = x509.load_der_x509_certificate(certificate).signature_hash_algorithm
+    except (ValueError, x509.UnsupportedGeneralNameType) as err:
+        raise AuthenticationFailed(f"cannot read the server certificate for channel binding: {err}") from err
+    if algorithm is None:
+        raise AuthenticationFailed(
+            "the server certificate's signature algorithm has no hash, so SCRAM channel binding "
+            "(tls-server-end-point) is impossible with it"
+        )
+    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate)
+    return digest.finalize()
+
+
+class ScramClient:
+    """Client side of SCRAM-SHA-256 (-PLUS): first message, final message, server proof check.
+
+    ``binding`` is the channel-binding data when the exchange is SCRAM-SHA-256-PLUS;
+    ``could_bind`` marks a plain exchange over TLS (the server did not offer -PLUS), which a
+    server that does support it must refuse as a downgrade.
+    """
+
+    def __init__(
+        self,
+        *,
+        password: str,
+        nonce: str,
+        username: str = "",
+        binding: bytes | None = None,
+        could_bind: bool = False,
+    ) -> None:
         # PostgreSQL ignores the SCRAM username (the startup packet names the role).
         self._password = password
         self._nonce = nonce
         self._first_bare = f"n={username},r={nonce}".encode()
         self._server_signature: bytes | None = None
+        self._header = _GS2_PLUS if binding is not None else _GS2_SUPPORTED if could_bind else _GS2_HEADER
+        self._binding = binding or b""
+
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism this exchange speaks."""
+        return SCRAM_SHA_256_PLUS if self._header == _GS2_PLUS else SCRAM_SHA_256
 
     def client_first(self) -> bytes:
         """The client-first-message for SASLInitialResponse."""
-        return _GS2_HEADER + self._first_bare
+        return self._header + self._first_bare
 
     def client_final(self, server_first: bytes) -> bytes:
         """The client-final-message answering the server-first-message."""
@@ -113,7 +160,7 @@ class ScramClient:
             raise ProtocolViolation(f"SCRAM iteration count {iterations} is not positive")
         salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
-        without_proof = b"c=" + base64.b64encode(_GS2_HEADER) + b",r=" + nonce.encode()
+        without_proof = b"c=" + base64.b64encode(self._header + self._binding) + b",r=" + nonce.encode()
         auth_message = self._first_bare + b"," + server_first + b"," + without_proof
         signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
