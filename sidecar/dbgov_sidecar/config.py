@@ -50,6 +50,10 @@ class Settings:
     """Largest client message in bytes (DBGOV_MAX_MESSAGE_SIZE)."""
     drain_timeout: float = 30.0
     """Seconds in-flight statements get on SIGTERM (DBGOV_DRAIN_TIMEOUT)."""
+    max_connections: int = 1000
+    """Client connections served at once; more get "too many clients" (53300) (DBGOV_MAX_CONNECTIONS)."""
+    auth_timeout: float = 60.0
+    """Seconds a client has to finish its startup and authentication (DBGOV_AUTH_TIMEOUT)."""
 
 
 def env_name(field: str) -> str:
@@ -65,9 +69,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         raw = environ.get(env_name(f.name))
         if raw is None:
             continue
-        if f.name == "max_message_size":
+        if f.name in ("max_message_size", "max_connections"):
             values[f.name] = int(raw)
-        elif f.name == "drain_timeout":
+        elif f.name in ("drain_timeout", "auth_timeout"):
             values[f.name] = float(raw)
         elif f.name == "audit_redact_literals":
             values[f.name] = parse_bool(raw)
@@ -163,4 +167,6 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
         drain_timeout=settings.drain_timeout,
+        max_connections=settings.max_connections,
+        auth_timeout=settings.auth_timeout,
     )

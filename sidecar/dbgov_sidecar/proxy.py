@@ -70,6 +70,10 @@ class ProxyConfig:
     """PEM private key for ``tls_cert``."""
     drain_timeout: float = 30.0
     """Seconds in-flight sessions get to finish on shutdown."""
+    max_connections: int = 1000
+    """Client connections served at once; the next gets FATAL 53300 after its startup packet."""
+    auth_timeout: float = 60.0
+    """Seconds a client has to finish startup and authentication (PostgreSQL's authentication_timeout)."""
 
 
 class Proxy:
@@ -184,6 +188,7 @@ class ClientConnection(asyncio.Protocol):
         self._key: tuple[int, int] | None = None
         self._closed = False
         self._audit_prev = "0" * 64
+        self._auth_timer: asyncio.TimerHandle | None = None
 
     @property
     def idle(self) -> bool:
@@ -196,8 +201,12 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._key = self.proxy.new_key(self)
+        over_capacity = len(self.proxy.connections) >= self.proxy.config.max_connections
         self.proxy.connections.add(self)
         self.proxy.stats["sessions_total"] += 1
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            self.proxy.config.auth_timeout, self._auth_timed_out
+        )
         self.session = session.Session(
             policy=self.proxy.policy,
             config=self.proxy.config.session,
@@ -205,7 +214,17 @@ class ClientConnection(asyncio.Protocol):
             backend_key=self._key,
             nonce=secrets.token_urlsafe(18),
             audit_ok=self.proxy.audit_ok,
+            over_capacity=over_capacity,
         )
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        s = self.session
+        if s is None or s.state in ("ready", "closed"):
+            return
+        log.info("client %s did not finish authenticating in time", s.client_address)
+        s.auth_timed_out(self.proxy.config.auth_timeout)
+        self.pump()
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
@@ -398,6 +417,9 @@ class ClientConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
         self.proxy.connections.discard(self)
         if self._key is not None:
             self.proxy.keys.pop(self._key, None)

@@ -20,7 +20,9 @@ log = logging.getLogger("dbgov.proxy")
 
 _FLAG_TYPES: dict[str, Any] = {
     "max_message_size": int,
+    "max_connections": int,
     "drain_timeout": float,
+    "auth_timeout": float,
     "audit_redact_literals": config.parse_bool,
 }
 

@@ -266,8 +266,10 @@ class Session:
         backend_key: tuple[int, int],
         nonce: str,
         audit_ok: Callable[[], bool] | None = None,
+        over_capacity: bool = False,
     ) -> None:
         self._policy = policy
+        self._over_capacity = over_capacity
         self._audit_ok = audit_ok
         self._config = config
         self._client_info = client
@@ -473,7 +475,22 @@ class Session:
         else:
             self._on_startup_message(packet)
 
+    @property
+    def client_address(self) -> str:
+        """Where the client connects from."""
+        return self._client_info.address
+
+    def auth_timed_out(self, seconds: float) -> None:
+        """The client did not finish startup and authentication in time (the shell's timer)."""
+        if self.state in ("auth", "connecting"):
+            self._fatal("08006", f"dbgov: authentication timed out after {seconds:g} s")
+        elif self.state != "closed":
+            self._close("startup timed out")  # no startup packet yet: nothing it could read
+
     def _on_startup_message(self, packet: messages.StartupMessage) -> None:
+        if self._over_capacity:
+            self._fatal("53300", "sorry, too many clients already (dbgov max_connections)")
+            return
         params = dict(packet.params)
         if packet.protocol != framing.PROTOCOL_3:
             # We speak 3.0; protocol extensions (_pq_.*) are not forwarded.

@@ -188,3 +188,48 @@ def test_a_proxy_bug_costs_one_session_not_the_proxy(make_proxy: object) -> None
     conn.close()
     with psycopg.connect(running.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_connections_over_max_connections_are_refused_like_postgresql(make_proxy: object) -> None:
+    running = make_proxy(max_connections=2)  # type: ignore[operator]
+    first = psycopg.connect(running.dsn())
+    second = psycopg.connect(running.dsn())
+    try:
+        with pytest.raises(psycopg.OperationalError, match="too many clients"):
+            psycopg.connect(running.dsn())
+        with pytest.raises(asyncpg.TooManyConnectionsError):  # SQLSTATE 53300, as PostgreSQL's
+            asyncio.run(asyncpg.connect(running.url(), ssl=False))
+        assert first.execute("SELECT 1").fetchone() == (1,)  # the ones in are untouched
+    finally:
+        first.close()
+    try:
+        with psycopg.connect(running.dsn()) as third:  # a freed slot is usable again
+            assert third.execute("SELECT 2").fetchone() == (2,)
+    finally:
+        second.close()
+
+
+def test_a_client_that_never_finishes_starting_up_is_disconnected(make_proxy: object) -> None:
+    from dbgov_sidecar import session
+    from dbgov_sidecar.pgwire import auth
+
+    keys = auth.scram_keys("letmein", salt=b"s" * 16)
+    running = make_proxy(auth_timeout=0.3, session_config=session.SessionConfig(client_scram=keys))  # type: ignore[operator]
+    silent = socket.create_connection(("127.0.0.1", running.port))  # no startup packet at all
+    half = socket.create_connection(("127.0.0.1", running.port))
+    try:
+        # SCRAM demanded and never answered: a FATAL the client can read, then the close
+        half.sendall(messages.startup_message({"user": "app", "database": "shop"}))
+        silent.settimeout(5)
+        assert silent.recv(100) == b""  # closed by the proxy, nothing to read
+        half.settimeout(5)
+        data = b""
+        while chunk := half.recv(4096):
+            data += chunk
+        assert b"authentication timed out" in data and b"08006" in data
+    finally:
+        silent.close()
+        half.close()
+    with psycopg.connect(running.dsn(extra="password=letmein")) as conn:  # finishing in time: unaffected
+        time.sleep(0.5)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
