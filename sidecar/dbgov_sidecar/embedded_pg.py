@@ -5,6 +5,10 @@ temporary directory; stopped by its PID at the end. initdb and postgres refuse t
 so as root (CI, containers) they run as an unprivileged system user created on demand, the way
 the pgserver package itself does.
 
+The pgserver build has no OpenSSL, so tests that need a server speaking TLS start one from
+Debian's binaries instead (``debian_bin_dir``), with their own settings, pg_hba.conf and key
+files (``running_server``'s keywords).
+
 Roles: ``postgres`` (superuser, scram), ``app`` (scram, owns database ``shop`` with the demo
 schema), ``md5user`` (md5 password) and ``trustuser`` (trust), so every upstream auth method
 the proxy supports is exercised against the real server.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import os
 import pwd
 import shutil
@@ -25,13 +30,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pgserver._commands
 
 BIN = Path(pgserver._commands.POSTGRES_BIN_PATH)
+"""The pgserver wheel's binaries: the default server, and the client tools (psql, pg_isready,
+pgbench) used against any server."""
+DEBIAN_BIN_GLOB = "/usr/lib/postgresql/*/bin/postgres"
+"""Where Debian's ``postgresql`` package puts each major version's server binary."""
 DEMO_SCHEMA = Path(__file__).resolve().parent / "demo_schema.sql"
 SYSTEM_USER = "dbgovpg"
 SUPERUSER_PASSWORD = "postgres-pw"
@@ -55,22 +64,34 @@ class PgServer:
     datadir: Path
     pid: int
 
-    def dsn(self, *, user: str = "app", password: str | None = None, dbname: str = "shop") -> str:
-        """A libpq connection string (password defaults to the role's test password)."""
+    def dsn(
+        self,
+        *,
+        user: str = "app",
+        password: str | None = None,
+        dbname: str = "shop",
+        via_socket: bool = False,
+    ) -> str:
+        """A libpq connection string (password defaults to the role's test password).
+
+        TCP to ``host`` without TLS, or with ``via_socket`` the Unix socket in the data
+        directory: the way in when pg_hba.conf admits TCP only with TLS, which the pgserver
+        client tools cannot speak.
+        """
         if password is None:
             password = {
                 "postgres": SUPERUSER_PASSWORD,
                 "app": APP_PASSWORD,
                 "md5user": MD5_PASSWORD,
             }.get(user, "")
-        return (
-            f"host={self.host} port={self.port} user={user} dbname={dbname} "
-            f"password={password} sslmode=disable"
-        )
+        host = self.datadir if via_socket else self.host
+        return f"host={host} port={self.port} user={user} dbname={dbname} password={password} sslmode=disable"
 
-    def psql(self, sql: str, *, user: str = "postgres", dbname: str = "shop") -> str:
+    def psql(
+        self, sql: str, *, user: str = "postgres", dbname: str = "shop", via_socket: bool = False
+    ) -> str:
         """Run ``sql`` with psql (ON_ERROR_STOP) and return its unaligned output."""
-        return run_psql(self.dsn(user=user, dbname=dbname), sql)
+        return run_psql(self.dsn(user=user, dbname=dbname, via_socket=via_socket), sql)
 
 
 def run_psql(dsn: str, sql: str, *, check: bool = True) -> str:
@@ -134,14 +155,50 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def debian_bin_dir() -> Path:
+    """The bin directory of the newest PostgreSQL from Debian's packages (built with OpenSSL)."""
+    found = [Path(path).parent for path in glob.glob(DEBIAN_BIN_GLOB)]
+    if not found:
+        raise RuntimeError(
+            f"no PostgreSQL server matches {DEBIAN_BIN_GLOB}: install Debian's `postgresql` "
+            "package (apt-get install postgresql), whose server is built with OpenSSL"
+        )
+    return max(found, key=lambda bin_dir: _version_key(bin_dir.parent.name))
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    """``"15"`` → (15,), ``"9.6"`` → (9, 6); names that are not versions sort first."""
+    parts = name.split(".")
+    return tuple(int(part) for part in parts) if all(p.isdigit() for p in parts) else (-1,)
+
+
 @contextlib.contextmanager
-def running_server(*, max_connections: int = 300) -> Iterator[PgServer]:
-    """Init, start, yield, then stop (by PID) and delete a PostgreSQL cluster."""
+def running_server(
+    *,
+    max_connections: int = 300,
+    bin_dir: Path = BIN,
+    settings: Mapping[str, str] | None = None,
+    hba: str | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> Iterator[PgServer]:
+    """Init, start, yield, then stop (by PID) and delete a PostgreSQL cluster.
+
+    ``bin_dir`` holds initdb and postgres (the client tools always come from ``BIN``).
+    ``settings`` are passed as ``-c name=value`` after the defaults, so they may override
+    them; ``hba`` replaces ``HBA`` (provisioning connects through the Unix socket as
+    ``postgres`` with its password, so a ``local`` line must admit that); ``files`` are
+    written into the data directory before the start, owned by the server's account with mode
+    0600 (the server refuses a private key others can read); names are plain file names, for
+    settings such as ``ssl_key_file`` that resolve relative to the data directory.
+    """
     user = _run_as_user()
     base = Path(tempfile.mkdtemp(prefix="dbgov-pg-"))
     try:
-        datadir = _initdb(base, user)
-        server = _start(datadir, user, max_connections=max_connections)
+        datadir = _initdb(base, user, bin_dir=bin_dir, hba=HBA if hba is None else hba)
+        _write_private_files(datadir, user, files or {})
+        server = _start(
+            datadir, user, bin_dir=bin_dir, max_connections=max_connections, settings=settings or {}
+        )
         try:
             _provision(server)
             yield server
@@ -182,7 +239,7 @@ def _gid(user: pwd.struct_passwd | None) -> int | None:
     return None if user is None else user.pw_gid
 
 
-def _initdb(base: Path, user: pwd.struct_passwd | None) -> Path:
+def _initdb(base: Path, user: pwd.struct_passwd | None, *, bin_dir: Path, hba: str) -> Path:
     datadir = base / "data"
     pwfile = base / "pwfile"
     pwfile.write_text(SUPERUSER_PASSWORD + "\n")
@@ -191,7 +248,7 @@ def _initdb(base: Path, user: pwd.struct_passwd | None) -> Path:
         os.chown(pwfile, user.pw_uid, user.pw_gid)
     subprocess.run(
         [
-            str(BIN / "initdb"),
+            str(bin_dir / "initdb"),
             "-D",
             str(datadir),
             "-U",
@@ -208,16 +265,38 @@ def _initdb(base: Path, user: pwd.struct_passwd | None) -> Path:
         user=_uid(user),
         group=_gid(user),
     )
-    (datadir / "pg_hba.conf").write_text(HBA)
+    # initdb created the file as the server's account; rewriting it in place keeps that owner.
+    (datadir / "pg_hba.conf").write_text(hba)
     return datadir
 
 
-def _start(datadir: Path, user: pwd.struct_passwd | None, *, max_connections: int) -> PgServer:
+def _write_private_files(datadir: Path, user: pwd.struct_passwd | None, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` into ``datadir``: mode 0600 from creation, owned by the server's account."""
+    for name, content in files.items():
+        if name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(f"not a plain file name: {name!r}")
+        fd = os.open(datadir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as out:
+            os.fchmod(fd, 0o600)  # a file that already existed keeps its mode through O_CREAT
+            if user is not None:
+                os.fchown(fd, user.pw_uid, user.pw_gid)
+            out.write(content)
+
+
+def _start(
+    datadir: Path,
+    user: pwd.struct_passwd | None,
+    *,
+    bin_dir: Path,
+    max_connections: int,
+    settings: Mapping[str, str],
+) -> PgServer:
     port = free_port()
+    extra = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
     log = open(datadir / "server.log", "wb")  # noqa: SIM115 - owned by the server process
     proc = subprocess.Popen(
         [
-            str(BIN / "postgres"),
+            str(bin_dir / "postgres"),
             "-D",
             str(datadir),
             "-p",
@@ -236,6 +315,7 @@ def _start(datadir: Path, user: pwd.struct_passwd | None, *, max_connections: in
             "full_page_writes=off",
             "-c",
             "shared_buffers=64MB",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -266,6 +346,7 @@ def _start(datadir: Path, user: pwd.struct_passwd | None, *, max_connections: in
 
 
 def _provision(server: PgServer) -> None:
+    # Through the Unix socket: TCP may admit only TLS, which the pgserver psql lacks.
     server.psql(
         f"""
         CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';
@@ -276,6 +357,7 @@ def _provision(server: PgServer) -> None:
         CREATE DATABASE shop OWNER app;
         """,
         dbname="postgres",
+        via_socket=True,
     )
     server.psql(
         DEMO_SCHEMA.read_text()
@@ -283,6 +365,7 @@ def _provision(server: PgServer) -> None:
         + "GRANT ALL ON ALL TABLES IN SCHEMA shop TO app, md5user, trustuser;"
         + "ALTER SCHEMA shop OWNER TO app;",
         user="postgres",
+        via_socket=True,
     )
 
 
