@@ -9,6 +9,7 @@ cProfile of that run.
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import os
 import pstats
@@ -75,7 +76,13 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
 
     owner = proxy.Proxy(proxy.ProxyConfig(), policy=policy, audit=record)
     conn = proxy.ClientConnection(owner)
-    conn.connection_made(Sink())  # type: ignore[arg-type]
+
+    async def connect() -> None:  # the shell starts its timers on the running loop
+        conn.connection_made(Sink())  # type: ignore[arg-type]
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(connect())
+    loop.close()
     assert conn.session is not None
     params = {"user": "app", "database": "shop", "application_name": "pgbench"}
     conn.session.client_data(messages.startup_message(params), time.time())
