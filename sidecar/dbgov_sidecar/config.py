@@ -109,6 +109,8 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
     sslmode = query.get("sslmode", "prefer")
     if query.get("channel_binding") == "require" and sslmode == "disable":
         raise ValueError("upstream channel_binding=require needs TLS, but sslmode is disable")
+    if query.get("sslkey") and not query.get("sslcert"):
+        raise ValueError("upstream sslkey is set without sslcert")
     return proxy.UpstreamConfig(
         host=url.hostname or "127.0.0.1",
         port=url.port or 5432,
@@ -118,6 +120,8 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
         sslmode=sslmode,
         sslrootcert=query.get("sslrootcert"),
         channel_binding=_channel_binding(query.get("channel_binding", "prefer")),
+        sslcert=query.get("sslcert"),
+        sslkey=query.get("sslkey"),
     )
 
 

@@ -48,6 +48,10 @@ class UpstreamConfig:
     """CA bundle for verify-full (None: the system store)."""
     channel_binding: str = "prefer"
     """SCRAM channel binding over TLS, as libpq's setting: disable | prefer | require."""
+    sslcert: str | None = None
+    """PEM client certificate offered to the server (its ``clientcert`` and ``cert`` auth)."""
+    sslkey: str | None = None
+    """PEM key for ``sslcert`` (None: the key is in the same file)."""
     connect_timeout: float = 10.0
     """Seconds allowed for connecting and logging in."""
 
@@ -572,10 +576,13 @@ def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:
     if cfg.sslmode == "disable":
         return None
     if cfg.sslmode == "verify-full":
-        return ssl.create_default_context(cafile=cfg.sslrootcert)
-    if cfg.sslmode not in ("prefer", "require"):
+        ctx = ssl.create_default_context(cafile=cfg.sslrootcert)
+    elif cfg.sslmode in ("prefer", "require"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
         raise ValueError(f"unsupported sslmode {cfg.sslmode!r}")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    if cfg.sslcert:
+        ctx.load_cert_chain(cfg.sslcert, cfg.sslkey)
     return ctx

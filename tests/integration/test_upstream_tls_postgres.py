@@ -36,6 +36,7 @@ pytestmark = pytest.mark.integration
 
 TLS_HBA = """\
 local all postgres scram-sha-256
+hostssl all certuser 127.0.0.1/32 cert
 hostssl all all 127.0.0.1/32 scram-sha-256
 host all all 127.0.0.1/32 reject
 """
@@ -65,6 +66,10 @@ class TlsPostgres:
     other_ca_pem: Path
     server_cert: bytes
     localhost_only_cert: bytes
+    client_cert: Path
+    """Certificate and key (one PEM file) of the role ``certuser``, from the server's CA."""
+    stranger_cert: Path
+    """The same name's certificate from another CA."""
 
 
 def _authority(name: str) -> Authority:
@@ -101,6 +106,23 @@ def _server_certificate(
         .sign(ca.key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _client_certificate(ca: Authority, user: str) -> bytes:
+    """PEM certificate and key for ``user`` (PostgreSQL maps the CN to the role), signed by ``ca``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _validity(x509.CertificateBuilder())
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
@@ -147,16 +169,26 @@ def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgr
         bin_dir=pg.debian_bin_dir(),
         # ssl_cert_file and ssl_key_file keep their defaults, server.crt and server.key in the
         # data directory: set on the command line, ALTER SYSTEM could not switch them.
-        settings={"ssl": "on"},
+        settings={"ssl": "on", "ssl_ca_file": "ca.crt"},
         hba=TLS_HBA,
-        files={"server.crt": server_cert, "server.key": key_pem, LOCALHOST_ONLY_CERT: localhost_only},
+        files={
+            "server.crt": server_cert,
+            "server.key": key_pem,
+            "ca.crt": ca.pem(),
+            LOCALHOST_ONLY_CERT: localhost_only,
+        },
     ) as server:
+        server.psql("CREATE ROLE certuser LOGIN;", dbname="postgres", via_socket=True)
+        (tmp / "certuser.pem").write_bytes(_client_certificate(ca, "certuser"))
+        (tmp / "stranger.pem").write_bytes(_client_certificate(other_ca, "certuser"))
         yield TlsPostgres(
             server=server,
             ca_pem=tmp / "ca.pem",
             other_ca_pem=tmp / "other-ca.pem",
             server_cert=server_cert,
             localhost_only_cert=localhost_only,
+            client_cert=tmp / "certuser.pem",
+            stranger_cert=tmp / "stranger.pem",
         )
 
 
@@ -310,3 +342,19 @@ def test_scram_over_tls_with_and_without_channel_binding(
     with psycopg.connect(running.dsn()) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("app",)
         assert _encrypted(conn)
+
+
+def test_a_client_certificate_logs_the_proxy_in_with_cert_authentication(
+    make_proxy: MakeProxy, tls_postgres: TlsPostgres
+) -> None:
+    """pg_hba says `cert` for certuser: no password, the certificate's CN is the role."""
+    base = {"sslmode": "verify-full", "sslrootcert": str(tls_postgres.ca_pem), "user": "certuser"}
+    good = _proxy(make_proxy, tls_postgres, **base, password=None, sslcert=str(tls_postgres.client_cert))
+    with psycopg.connect(good.dsn(user="certuser")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("certuser",)
+        assert _encrypted(conn)
+    for cert in (None, tls_postgres.stranger_cert):  # none at all, or one the server's CA did not sign
+        refused = _proxy(make_proxy, tls_postgres, **base, password=None, sslcert=str(cert) if cert else None)
+        # the server's "requires a valid client certificate", or the TLS alert "unknown ca"
+        with pytest.raises(psycopg.OperationalError, match=r"valid client certificate|unknown ca"):
+            psycopg.connect(refused.dsn(user="certuser"))
