@@ -98,6 +98,10 @@ def split_host_port(text: str, *, default_port: int) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""libpq's sslmode values (``allow`` is taken as ``prefer``: TLS first)."""
+
+
 def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
     """Parse the upstream URL."""
     url = urllib.parse.urlsplit(settings.upstream)
@@ -107,6 +111,8 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
     password = urllib.parse.unquote(url.password) if url.password else settings.upstream_password
     database = urllib.parse.unquote(url.path.lstrip("/")) or None
     sslmode = query.get("sslmode", "prefer")
+    if sslmode not in SSLMODES:
+        raise ValueError(f"upstream sslmode must be one of {', '.join(SSLMODES)}, not {sslmode!r}")
     if query.get("channel_binding") == "require" and sslmode == "disable":
         raise ValueError("upstream channel_binding=require needs TLS, but sslmode is disable")
     if query.get("sslkey") and not query.get("sslcert"):

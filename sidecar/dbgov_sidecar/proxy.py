@@ -43,7 +43,8 @@ class UpstreamConfig:
     database: str | None = None
     """Database to use (None: the one each client asks for)."""
     sslmode: str = "prefer"
-    """disable | prefer | require | verify-full."""
+    """As libpq: disable | allow | prefer | require | verify-ca | verify-full (allow is taken as
+    prefer: TLS is tried first, never after a plaintext attempt)."""
     sslrootcert: str | None = None
     """CA bundle for verify-full (None: the system store)."""
     channel_binding: str = "prefer"
@@ -385,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
                     tls_object = new.get_extra_info("ssl_object")
                     if tls_object is not None:
                         state.server_certificate = tls_object.getpeercert(binary_form=True)
-                elif cfg.sslmode in ("require", "verify-full"):
+                elif cfg.sslmode in ("require", "verify-ca", "verify-full"):
                     raise ConnectionError(f"upstream does not support TLS (sslmode={cfg.sslmode})")
             up.write(state.startup())
             while not state.done:
@@ -575,9 +576,10 @@ def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:
     if cfg.sslmode == "disable":
         return None
-    if cfg.sslmode == "verify-full":
+    if cfg.sslmode in ("verify-ca", "verify-full"):
         ctx = ssl.create_default_context(cafile=cfg.sslrootcert)
-    elif cfg.sslmode in ("prefer", "require"):
+        ctx.check_hostname = cfg.sslmode == "verify-full"  # verify-ca: the chain, not the name
+    elif cfg.sslmode in ("allow", "prefer", "require"):
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -306,6 +306,17 @@ def test_verify_full_refuses_a_certificate_for_another_name(
         )
         with psycopg.connect(by_name.dsn()) as conn:
             assert _encrypted(conn)
+        # verify-ca checks the chain only: the name does not matter, the CA does.
+        chain_only = _proxy(
+            make_proxy, tls_postgres, sslmode="verify-ca", sslrootcert=str(tls_postgres.ca_pem)
+        )
+        with psycopg.connect(chain_only.dsn()) as conn:
+            assert _encrypted(conn)
+        stranger = _proxy(
+            make_proxy, tls_postgres, sslmode="verify-ca", sslrootcert=str(tls_postgres.other_ca_pem)
+        )
+        with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+            psycopg.connect(stranger.dsn())
     with psycopg.connect(running.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 

@@ -193,3 +193,29 @@ def test_the_session_writes_statement_events_with_the_documented_keys() -> None:
     s.server_data(messages.command_complete("SELECT 1") + messages.ready_for_query("I"), 0.0)
     statements = [e for e in s.events if e["type"] == "statement"]
     assert [tuple(e) for e in statements] == [audit.STATEMENT_KEYS]
+
+
+@pytest.mark.parametrize(
+    ("query", "complaint"),
+    [
+        ("sslmode=verify", "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("channel_binding=always", "channel_binding must be one of disable, prefer, require"),
+        ("sslmode=disable&channel_binding=require", "channel_binding=require needs TLS"),
+        ("sslkey=/k.pem", "sslkey is set without sslcert"),
+    ],
+)
+def test_upstream_tls_settings_are_checked_when_read(query: str, complaint: str) -> None:
+    settings = config.Settings(upstream=f"postgresql://app@db.example/shop?{query}")
+    with pytest.raises(ValueError, match=complaint):
+        config.upstream_config(settings)
+
+
+def test_upstream_tls_settings_read_like_libpq() -> None:
+    url = "postgresql://app@db.example/shop?sslmode=verify-ca&channel_binding=require&sslcert=/c.pem&sslkey=/k.pem"
+    up = config.upstream_config(config.Settings(upstream=url))
+    assert (up.sslmode, up.channel_binding, up.sslcert, up.sslkey) == (
+        "verify-ca",
+        "require",
+        "/c.pem",
+        "/k.pem",
+    )
