@@ -98,8 +98,14 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-async def serve(metrics: Metrics, *, host: str, port: int, ready: Callable[[], bool]) -> asyncio.Server:
-    """Serve GET /metrics, /healthz and /readyz over plain HTTP/1.0."""
+async def serve(
+    metrics: Metrics, *, host: str, port: int, unready: Callable[[], str | None]
+) -> asyncio.Server:
+    """Serve GET /metrics, /healthz and /readyz over plain HTTP/1.0.
+
+    ``unready`` says why the proxy should not get traffic (503 with that reason), or None (200):
+    the kubelet's startup and readiness probes read it.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -110,8 +116,11 @@ async def serve(metrics: Metrics, *, host: str, port: int, ready: Callable[[], b
             elif path == "/healthz":
                 status, body = "200 OK", "ok\n"
             elif path == "/readyz":
+                reason = unready()
                 status, body = (
-                    ("200 OK", "ready\n") if ready() else ("503 Service Unavailable", "not ready\n")
+                    ("200 OK", "ready\n")
+                    if reason is None
+                    else ("503 Service Unavailable", f"not ready: {reason}\n")
                 )
             else:
                 status, body = "404 Not Found", "not found\n"

@@ -100,6 +100,7 @@ class RefuseAll:
     mask_targets: tuple[tuple[str, str, str], ...] = ()
 
     def __init__(self, reason: str, hint: str) -> None:
+        self.reason = reason
         self._decision = SimpleDecision(
             verdict="block", rule="no-policy", reason=reason, hint=hint, sqlstate="42501"
         )

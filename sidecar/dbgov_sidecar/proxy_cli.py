@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from dbgov_sidecar import audit, config, metrics, policies, proxy
+from dbgov_sidecar import audit, config, metrics, policies, policy_port, proxy
 
 log = logging.getLogger("dbgov.proxy")
 
@@ -161,7 +161,7 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     if settings.metrics:
         host, port = config.split_host_port(settings.metrics, default_port=9187)
         metrics_server = await metrics.serve(
-            counters, host=host, port=port, ready=lambda: not stopping.is_set()
+            counters, host=host, port=port, unready=lambda: _unready(stopping, holder, audit_log)
         )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -186,6 +186,19 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         audit_log.flush()
         sink[1]()
     return 0
+
+
+def _unready(
+    stopping: asyncio.Event, holder: policies.PolicyHolder, audit_log: audit.AuditLog | None
+) -> str | None:
+    """Why the proxy should get no traffic now (it would refuse it), or None when it is ready."""
+    if stopping.is_set():
+        return "shutting down"
+    if isinstance(holder.current, policy_port.RefuseAll):
+        return f"no policy loaded ({holder.current.reason}); every statement would be refused"
+    if audit_log is not None and audit_log.failure_policy == "fail-closed" and not audit_log.healthy:
+        return "the audit sink is failing and the audit policy is fail-closed; statements are refused"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,6 +289,10 @@ class Session:
         self.identity: str | None = None  # who a verified token says the client is
         self.txn_status = "I"
         self._context: object = None
+        self._context_kind: type | None = None
+        """The kind of policy ``_context`` was made by: another kind (the policy file arrived
+        while every statement was refused) needs a context of its own."""
+        self._search_path: tuple[str, ...] | None = None
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._skipping = False  # drop client messages until Sync (after a refused Parse)
@@ -418,7 +422,8 @@ class Session:
         self.to_client += messages.ready_for_query("I")
         self.state = "ready"
         # A fresh context: startup settings are already in effect in the probed search_path.
-        self._context = self._policy().new_context(search_path=search_path)
+        self._search_path = search_path
+        self._new_context(self._policy())
         self._event(now, {"type": "session_start"})
         self._drain_client(now)
 
@@ -548,8 +553,8 @@ class Session:
     def _settings_refused(self) -> bool:
         """Every other startup parameter is a setting: the policy judges it as a SET would be."""
         policy = self._policy()
-        if self._context is None:
-            self._context = policy.new_context()
+        if self._context_kind is not type(policy):
+            self._new_context(policy)
         for key, value in self.params.items():
             if key in _PLAIN_PARAMS:
                 continue
@@ -742,6 +747,8 @@ class Session:
         if self._audit_ok is not None and not self._audit_ok():
             return _AUDIT_DOWN, "block"
         policy = self._policy()
+        if type(policy) is not self._context_kind:
+            self._new_context(policy)
         if policy.mode == "dry-run":  # forward everything; limits are the policy's to report
             self._row_limit = self._affected_limit = None
         else:
@@ -762,6 +769,12 @@ class Session:
         if policy.mode == "dry-run" and verdict != "allow":
             return decision, "allow"
         return decision, verdict
+
+    def _new_context(self, policy: policy_port.Policy) -> None:
+        """A fresh context for ``policy``: at login, or when a policy of another kind takes over
+        (a reload of the same kind keeps the context, and with it the session's names)."""
+        self._context = policy.new_context(search_path=self._search_path)
+        self._context_kind = type(policy)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:
         """Audit the refusal, queue its error, and return the marker to send upstream.

@@ -101,7 +101,9 @@ rules:
 """
 
 
-def _start(pg_server: pg.PgServer, tmp_path: Path, policy: Path) -> tuple[subprocess.Popen[str], int]:
+def _start(
+    pg_server: pg.PgServer, tmp_path: Path, policy: Path, *, metrics: str = ""
+) -> tuple[subprocess.Popen[str], int]:
     port = pg.free_port()
     env = {
         **os.environ,
@@ -109,7 +111,7 @@ def _start(pg_server: pg.PgServer, tmp_path: Path, policy: Path) -> tuple[subpro
         "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
         "DBGOV_POLICY": str(policy),
         "DBGOV_AUDIT": "off",
-        "DBGOV_METRICS": "",
+        "DBGOV_METRICS": metrics,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stderr=subprocess.PIPE, text=True
@@ -224,3 +226,39 @@ def test_audit_to_stdout_pipe_and_a_file(pg_server: pg.PgServer, tmp_path: Path)
         "session_end",
     ]
     assert audit.verify(events)
+
+
+def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_path: Path) -> None:
+    """The kubelet's startup/readiness probes must not pass while every statement would be refused."""
+    policy = tmp_path / "bundle" / "policy.yaml"  # the operator has not written it yet
+    metrics_port = pg.free_port()
+    proc, port = _start(pg_server, tmp_path, policy, metrics=f"127.0.0.1:{metrics_port}")
+    readyz = f"http://127.0.0.1:{metrics_port}/readyz"
+    try:
+        conn = _connect(proc, port)  # listening, and refusing (fail closed)
+        try:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="does not exist yet"):
+                conn.execute("SELECT 1")
+
+            def unready() -> None:
+                status, body = _get(readyz)
+                assert status == 503 and "no policy loaded" in body and str(policy) in body, body
+
+            _eventually(unready)
+            assert _get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200  # alive all the same
+            policy.parent.mkdir()
+            policy.write_text(ALLOW_ALL)
+            _eventually(lambda: _assert_ready(readyz))  # the watcher picks the file up
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_ready(url: str) -> None:
+    assert _get(url) == (200, "ready\n")
