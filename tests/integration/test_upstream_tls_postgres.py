@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import pg
 from conftest import RunningProxy
+from dbgov_operator import certs
 from dbgov_sidecar import policy_port
 from dbgov_sidecar.pgwire import framing, messages
 
@@ -46,12 +47,15 @@ LOCALHOST_ONLY_CERT = "localhost-only.crt"
 MakeProxy = Callable[..., RunningProxy]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Authority:
-    """A throwaway certificate authority."""
+    """A throwaway certificate authority (the operator's own CA maker)."""
 
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
+    def __init__(self) -> None:
+        pair = certs.make_ca(now=datetime.datetime.now(datetime.UTC))
+        self.cert = x509.load_pem_x509_certificate(pair.cert_pem)
+        key = serialization.load_pem_private_key(pair.key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        self.key = key
 
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -70,22 +74,6 @@ class TlsPostgres:
     """Certificate and key (one PEM file) of the role ``certuser``, from the server's CA."""
     stranger_cert: Path
     """The same name's certificate from another CA."""
-
-
-def _authority(name: str) -> Authority:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        _validity(x509.CertificateBuilder())
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Authority(key=key, cert=cert)
 
 
 def _server_certificate(
@@ -134,25 +122,11 @@ def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     )
 
 
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgres]:
     """Debian's PostgreSQL with ssl=on and TLS-only TCP, stopped by PID after the module."""
     tmp = tmp_path_factory.mktemp("tls-postgres")
-    ca, other_ca = _authority("dbgov test CA"), _authority("some other CA")
+    ca, other_ca = Authority(), Authority()  # the same name, another key: a stranger
     key = ec.generate_private_key(ec.SECP256R1())
     server_cert = _server_certificate(
         ca, key, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -366,6 +340,9 @@ def test_a_client_certificate_logs_the_proxy_in_with_cert_authentication(
         assert _encrypted(conn)
     for cert in (None, tls_postgres.stranger_cert):  # none at all, or one the server's CA did not sign
         refused = _proxy(make_proxy, tls_postgres, **base, password=None, sslcert=str(cert) if cert else None)
-        # the server's "requires a valid client certificate", or the TLS alert "unknown ca"
-        with pytest.raises(psycopg.OperationalError, match=r"valid client certificate|unknown ca"):
+        # the server's "requires a valid client certificate", or a TLS alert: the stranger's CA
+        # has the same name as the server's, so its signature is what fails ("decrypt error")
+        with pytest.raises(
+            psycopg.OperationalError, match=r"valid client certificate|unknown ca|decrypt error"
+        ):
             psycopg.connect(refused.dsn(user="certuser"))
