@@ -43,6 +43,12 @@ when the upstream is not given by :data:`DATABASE_URL_ENV`."""
 PROXY_PORT: Final = f"{PREFIX}/proxy-port"
 """Pod annotation, set by users: the loopback port the proxy listens on (default 5432)."""
 
+SIDECAR_METRICS_PORT: Final = f"{PREFIX}/sidecar-metrics-port"
+"""Pod annotation, set by users: the port of the sidecar's ``/metrics``, ``/healthz`` and
+``/readyz`` server (default 9187), for a pod whose own containers already use that port. It
+listens on every interface of the pod (the kubelet probes it there) and is named
+``dbgov-metrics`` in the sidecar's ``ports``."""
+
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 """Standard label on objects the operator creates (policy bundle ConfigMaps)."""
 

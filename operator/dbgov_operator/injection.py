@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbgov_operator import annotations, settings
-from dbgov_operator.kubetypes import Container, EnvVar, Volume
+from dbgov_operator.kubetypes import Container, EnvVar, Probe, Volume
 
 SIDECAR_NAME = "dbgov-proxy"
 TOKEN_VOLUME = "dbgov-token"
@@ -22,6 +22,9 @@ TOKEN_DIR = "/var/run/secrets/dbgov.io/serviceaccount"
 POLICY_DIR = "/etc/dbgov/policy"
 POLICY_KEY = "policy.yaml"
 LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = "0.0.0.0"
+METRICS_PORT_NAME = "dbgov-metrics"
+"""Name of the sidecar's metrics/health port: its probes use it, and so can a PodMonitor."""
 
 
 class InjectionRefused(Exception):
@@ -55,6 +58,7 @@ class _Overrides:
     image: str
     resources: Mapping[str, Any]
     proxy_port: int
+    metrics_port: int
     database: str | None
     url_env: str | None
 
@@ -94,6 +98,7 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
     # projection is invalid without it, so say it explicitly where nothing did.
     service_account = spec.setdefault("serviceAccountName", "default") or "default"
 
+    _check_ports(spec, overrides)
     upstream, warnings = _repoint_apps(spec, overrides)
     container = _sidecar_container(overrides=overrides, upstream=upstream, sidecar=sidecar)
     spec["initContainers"] = [container, *spec.get("initContainers", [])]
@@ -135,21 +140,49 @@ def _overrides(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSett
     raw = pod_annotations.get(annotations.SIDECAR_RESOURCES)
     if raw is not None:
         resources = _parse_resources(raw)
-    port = sidecar.proxy_port
-    raw_port = pod_annotations.get(annotations.PROXY_PORT)
-    if raw_port is not None:
-        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
-            raise InjectionRefused(
-                annotation=annotations.PROXY_PORT, reason=f"not a port number: {raw_port!r}"
-            )
-        port = int(raw_port)
     return _Overrides(
         image=pod_annotations.get(annotations.SIDECAR_IMAGE) or sidecar.image,
         resources=resources,
-        proxy_port=port,
+        proxy_port=_port(pod_annotations, annotations.PROXY_PORT, default=sidecar.proxy_port),
+        metrics_port=_port(pod_annotations, annotations.SIDECAR_METRICS_PORT, default=sidecar.metrics_port),
         database=pod_annotations.get(annotations.DATABASE) or None,
         url_env=pod_annotations.get(annotations.DATABASE_URL_ENV) or None,
     )
+
+
+def _port(pod_annotations: Mapping[str, str], key: str, *, default: int) -> int:
+    raw = pod_annotations.get(key)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
+        raise InjectionRefused(annotation=key, reason=f"not a port number: {raw!r}")
+    return int(raw)
+
+
+def _check_ports(spec: Mapping[str, Any], overrides: _Overrides) -> None:
+    """Refuse a pod in which the sidecar's metrics server could not bind its port.
+
+    It listens on every interface, so a port the pod's own containers declare, or the proxy's
+    own port, would leave the sidecar or the app failing to start after admission; refusing
+    now says which annotation to change instead."""
+    port = overrides.metrics_port
+    fix = f"set {annotations.SIDECAR_METRICS_PORT} on the pod to a free port"
+    if port == overrides.proxy_port:
+        raise InjectionRefused(
+            annotation=annotations.SIDECAR_METRICS_PORT,
+            reason=f"port {port} is also the proxy's port ({annotations.PROXY_PORT}); {fix}",
+        )
+    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        for declared in container.get("ports") or []:
+            if declared.get("containerPort") == port and declared.get("protocol", "TCP") == "TCP":
+                raise InjectionRefused(
+                    annotation=annotations.SIDECAR_METRICS_PORT,
+                    reason=(
+                        f"port {port} is declared by container {container.get('name')!r}, and "
+                        f"the dbgov sidecar serves its metrics and health checks there; {fix} "
+                        "(the default is the chart value sidecar.metricsPort)"
+                    ),
+                )
 
 
 def _parse_resources(raw: str) -> dict[str, Any]:
@@ -238,6 +271,9 @@ def _sidecar_container(
 ) -> Container:
     env: list[EnvVar] = [
         {"name": "DBGOV_LISTEN", "value": f"{LOOPBACK}:{overrides.proxy_port}"},
+        # Every interface, not loopback: the kubelet probes the pod IP. It serves only counters
+        # and health, never data; the proxy itself stays on loopback.
+        {"name": "DBGOV_METRICS", "value": f"{ALL_INTERFACES}:{overrides.metrics_port}"},
         {"name": "DBGOV_POLICY", "value": f"{POLICY_DIR}/{_policy_file(overrides.database)}"},
         {"name": "DBGOV_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "DBGOV_TOKEN_AUDIENCE", "value": sidecar.token_audience},
@@ -253,6 +289,14 @@ def _sidecar_container(
         "args": ["proxy"],
         "restartPolicy": "Always",
         "env": [*env, *upstream],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": overrides.metrics_port, "protocol": "TCP"}],
+        # A native sidecar counts as started when its startup probe passes: only then does the
+        # kubelet start the app, so its first connection finds the proxy listening and ready.
+        "startupProbe": _probe("/readyz", period=1, failures=120),
+        # Out of the Service's endpoints while the proxy cannot serve (no policy loaded yet, audit
+        # sink failing under fail-closed, shutting down): the sidecar's /readyz says why.
+        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        "livenessProbe": _probe("/healthz", period=10, failures=3),
         "resources": copy.deepcopy(dict(overrides.resources)),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -270,6 +314,14 @@ def _sidecar_container(
 def _policy_file(database: str | None) -> str:
     # Same names as bundle.database_key; kept here so injection stays free of the compiler.
     return f"policy.{database}.yaml" if database else POLICY_KEY
+
+
+def _probe(path: str, *, period: int, failures: int) -> Probe:
+    return {
+        "httpGet": {"path": path, "port": METRICS_PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+    }
 
 
 def _field_env(name: str, path: str) -> EnvVar:

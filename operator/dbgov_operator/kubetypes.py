@@ -42,12 +42,34 @@ class SecurityContext(TypedDict):
     capabilities: Capabilities
 
 
+class ContainerPort(TypedDict):
+    name: str
+    containerPort: int
+    protocol: Literal["TCP"]
+
+
+class HTTPGetAction(TypedDict):
+    path: str
+    port: str
+    """A port number or, as here, the name of one of the container's ports."""
+
+
+class Probe(TypedDict):
+    httpGet: HTTPGetAction
+    periodSeconds: int
+    failureThreshold: int
+
+
 class Container(TypedDict):
     name: str
     image: str
     args: list[str]
     restartPolicy: Literal["Always"]
     env: list[EnvVar]
+    ports: list[ContainerPort]
+    startupProbe: Probe
+    readinessProbe: Probe
+    livenessProbe: Probe
     resources: dict[str, Any]
     securityContext: SecurityContext
     volumeMounts: list[VolumeMount]

@@ -28,7 +28,11 @@ class SidecarSettings:
     )
     """Default sidecar resource requirements (override: ``dbgov.io/sidecar-resources``)."""
     proxy_port: int = 5432
-    """Loopback port the proxy listens on inside the pod."""
+    """Loopback port the proxy listens on inside the pod (override: ``dbgov.io/proxy-port``)."""
+    metrics_port: int = 9187
+    """Port of the sidecar's ``/metrics``, ``/healthz`` and ``/readyz`` server, on every interface
+    of the pod so the kubelet's probes and Prometheus reach it (override:
+    ``dbgov.io/sidecar-metrics-port``)."""
     token_audience: str = "dbgov"
     """Audience of the projected ServiceAccount token the sidecar presents."""
     token_expiration_seconds: int = 3600
@@ -98,12 +102,17 @@ def from_env(env: Mapping[str, str]) -> Settings:
         image=env.get("DBGOV_SIDECAR_IMAGE", side.image),
         resources=_json(env, "DBGOV_SIDECAR_RESOURCES", side.resources),
         proxy_port=int(env.get("DBGOV_PROXY_PORT", side.proxy_port)),
+        metrics_port=int(env.get("DBGOV_SIDECAR_METRICS_PORT", side.metrics_port)),
         token_audience=env.get("DBGOV_TOKEN_AUDIENCE", side.token_audience),
         token_expiration_seconds=int(
             env.get("DBGOV_TOKEN_EXPIRATION_SECONDS", side.token_expiration_seconds)
         ),
         bundle_prefix=env.get("DBGOV_BUNDLE_PREFIX", side.bundle_prefix),
     )
+    if sidecar.metrics_port == sidecar.proxy_port:
+        raise ValueError(
+            f"DBGOV_SIDECAR_METRICS_PORT and DBGOV_PROXY_PORT must differ, both are {sidecar.proxy_port}"
+        )
     webhook = WebhookSettings(
         listen_addr=env.get("DBGOV_WEBHOOK_LISTEN_ADDR", hook.listen_addr),
         port=int(env.get("DBGOV_WEBHOOK_PORT", hook.port)),

@@ -41,10 +41,12 @@ def test_helm_lint_strict_is_clean(kube_tools: kube.Tools, helm_home: Path) -> N
     [
         ("operator.replicaCount=2", "additional properties 'replicaCount' not allowed", True),
         ("sidecar.proxyPort=0", "minimum", True),
+        ("sidecar.metricsPort=70000", "maximum", True),
         ("operator.replicas=2", "/operator/peering", True),  # schema if/then (template fails too)
         # Cross-field: only the template can check it, and helm lint reports a template `fail`
         # as [INFO], so only install/template refuse it.
         ("webhook.selfSigned.renewBeforeDays=90", "must be less than validityDays", False),
+        ("sidecar.metricsPort=5432", "sidecar.metricsPort must differ from sidecar.proxyPort", False),
     ],
 )
 def test_bad_values_fail_lint_and_template(

@@ -530,6 +530,52 @@ def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace
         assert upstream["DBGOV_UPSTREAM"] == "postgresql://orders@db.prod:5432/orders"
 
 
+def test_apiserver_accepts_the_native_sidecars_probes(installed: Installed, namespace: str) -> None:
+    installed.core.create_namespaced_pod(namespace, pod("probed", labels=ENROLLED))
+    stored = installed.core.api_client.sanitize_for_serialization(
+        installed.core.read_namespaced_pod("probed", namespace)
+    )
+    sidecar = stored["spec"]["initContainers"][0]
+    assert sidecar["ports"] == [{"name": "dbgov-metrics", "containerPort": 9187, "protocol": "TCP"}]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["DBGOV_METRICS"] == "0.0.0.0:9187"
+    probes = {
+        kind: (p["httpGet"]["path"], p["httpGet"]["port"], p["periodSeconds"], p["failureThreshold"])
+        for kind, p in sidecar.items()
+        if kind.endswith("Probe")
+    }
+    assert probes == {
+        "startupProbe": ("/readyz", "dbgov-metrics", 1, 120),
+        "readinessProbe": ("/readyz", "dbgov-metrics", 5, 2),
+        "livenessProbe": ("/healthz", "dbgov-metrics", 10, 3),
+    }
+    # Stored with the apiserver's defaults filled in: it parsed them, not just kept the JSON.
+    assert sidecar["livenessProbe"]["httpGet"]["scheme"] == "HTTP"
+    assert sidecar["livenessProbe"]["timeoutSeconds"] == 1
+    # It does check probes on init containers: the same container without restartPolicy: Always
+    # (not a sidecar) is refused, so the acceptance above is the validation passing.
+    plain = pod("probed-plain")
+    plain["spec"]["initContainers"] = [{k: v for k, v in sidecar.items() if k != "restartPolicy"}]
+    plain["spec"]["volumes"] = stored["spec"]["volumes"]
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, plain))
+    assert error.status == 422
+    assert "livenessProbe" in str(error.body) and "restartPolicy" in str(error.body)
+
+
+def test_pod_declaring_the_metrics_port_is_refused_with_the_override_to_use(
+    installed: Installed, namespace: str
+) -> None:
+    clash = pod("clash", labels=ENROLLED)
+    clash["spec"]["containers"][0]["ports"] = [{"name": "metrics", "containerPort": 9187}]
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, clash))
+    assert error.status == 400
+    assert "dbgov.io/sidecar-metrics-port" in str(error.body)
+    assert "container 'app'" in str(error.body)
+    clash["metadata"]["annotations"] = {"dbgov.io/sidecar-metrics-port": "9188"}
+    created = installed.core.create_namespaced_pod(namespace, clash)
+    assert [p.container_port for p in created.spec.init_containers[0].ports] == [9188]
+
+
 def test_a_new_pod_gets_the_bundle_file_it_mounts(installed: Installed, namespace: str) -> None:
     # No policy binds this ServiceAccount or is about this database, yet the pod's volume
     # needs the file: the operator writes one that refuses everything, so the pod can start

@@ -63,6 +63,7 @@ def test_default_values_configure_an_in_cluster_operator(kube_tools: kube.Tools,
         (("webhook.certManager.enabled=true",), lambda c: c.webhook.cert_source == "cert-manager"),
         (("operator.peering=dbgov", "operator.replicas=2"), lambda c: c.peering == "dbgov"),
         (("sidecar.proxyPort=6432",), lambda c: c.sidecar.proxy_port == 6432),
+        (("sidecar.metricsPort=9300",), lambda c: c.sidecar.metrics_port == 9300),
     ],
 )
 def test_values_reach_the_operator(

@@ -42,6 +42,8 @@ def test_values_yaml_validates_against_the_schema() -> None:
         (("webhook", "certManager", "issuerRef", "nmae"), "x"),
         (("image", "operator", "pullPolicy"), "Sometimes"),
         (("sidecar", "proxyPort"), 70000),
+        (("sidecar", "metricsPort"), 0),
+        (("sidecar", "metricsPort"), "9187"),
         (("sidecar", "tokenExpirationSeconds"), 60),
         (("webhook", "certManager", "duration"), "90 days"),
         (("operator", "replicas"), 2),  # without operator.peering

@@ -124,6 +124,9 @@ def test_missing_url_variable_warns() -> None:
         (annotations.SIDECAR_RESOURCES, '{"cpu": "1"}', "only"),
         (annotations.PROXY_PORT, "70000", "not a port number"),
         (annotations.PROXY_PORT, "http", "not a port number"),
+        (annotations.SIDECAR_METRICS_PORT, "0", "not a port number"),
+        (annotations.SIDECAR_METRICS_PORT, "9187/TCP", "not a port number"),
+        (annotations.SIDECAR_METRICS_PORT, "\u0661\u0662", "not a port number"),  # Arabic-Indic digits
     ],
 )
 def test_invalid_override_refuses_the_pod(key: str, value: str, reason: str) -> None:
@@ -133,6 +136,77 @@ def test_invalid_override_refuses_the_pod(key: str, value: str, reason: str) -> 
         injection.inject(pod, sidecar=CONFIG.sidecar)
     assert caught.value.annotation == key
     assert reason in caught.value.reason
+
+
+def _sidecar(pod: dict[str, Any]) -> dict[str, Any]:
+    first: dict[str, Any] = pod["spec"]["initContainers"][0]
+    assert first["name"] == "dbgov-proxy"
+    return first
+
+
+def test_sidecar_serves_metrics_and_probes_on_every_interface() -> None:
+    sidecar = _sidecar(injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=CONFIG.sidecar).pod)
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["DBGOV_METRICS"] == "0.0.0.0:9187"
+    assert env["DBGOV_LISTEN"] == "127.0.0.1:5432"  # the proxy itself stays on loopback
+    assert sidecar["ports"] == [{"name": "dbgov-metrics", "containerPort": 9187, "protocol": "TCP"}]
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": "dbgov-metrics"},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+        }
+
+    assert sidecar["startupProbe"] == probe("/readyz", 1, 120)
+    assert sidecar["readinessProbe"] == probe("/readyz", 5, 2)
+    assert sidecar["livenessProbe"] == probe("/healthz", 10, 3)
+
+
+def test_metrics_port_comes_from_the_settings() -> None:
+    config = settings.SidecarSettings(metrics_port=9300)
+    sidecar = _sidecar(injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=config).pod)
+    assert {"name": "DBGOV_METRICS", "value": "0.0.0.0:9300"} in sidecar["env"]
+    assert [p["containerPort"] for p in sidecar["ports"]] == [9300]
+
+
+@pytest.mark.parametrize("kind", ["containers", "initContainers"])
+def test_a_container_declaring_the_metrics_port_refuses_the_pod(kind: str) -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    exporter = {"name": "exporter", "image": "example/exporter:1", "ports": [{"containerPort": 9187}]}
+    pod["spec"].setdefault(kind, []).append(exporter)
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert caught.value.annotation == annotations.SIDECAR_METRICS_PORT
+    assert "port 9187 is declared by container 'exporter'" in caught.value.reason
+    assert "sidecar.metricsPort" in caught.value.reason
+    # The annotation the message names is the way out.
+    pod["metadata"]["annotations"] = {annotations.SIDECAR_METRICS_PORT: "9188"}
+    sidecar = _sidecar(injection.inject(pod, sidecar=CONFIG.sidecar).pod)
+    assert [p["containerPort"] for p in sidecar["ports"]] == [9188]
+
+
+def test_a_udp_port_with_the_same_number_does_not_clash() -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 9187, "protocol": "UDP"}]
+    assert injection.inject(pod, sidecar=CONFIG.sidecar).warnings == ()
+
+
+@pytest.mark.parametrize(
+    "pod_annotations",
+    [
+        {annotations.PROXY_PORT: "9187"},
+        {annotations.SIDECAR_METRICS_PORT: "5432"},
+        {annotations.PROXY_PORT: "7000", annotations.SIDECAR_METRICS_PORT: "7000"},
+    ],
+)
+def test_metrics_port_equal_to_the_proxy_port_refuses_the_pod(pod_annotations: dict[str, str]) -> None:
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["metadata"]["annotations"] = pod_annotations
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert caught.value.annotation == annotations.SIDECAR_METRICS_PORT
+    assert "also the proxy's port (dbgov.io/proxy-port)" in caught.value.reason
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ def test_chart_environment_is_read() -> None:
             "DBGOV_SIDECAR_IMAGE": "registry/sidecar:1",
             "DBGOV_SIDECAR_RESOURCES": '{"requests": {"cpu": "10m"}}',
             "DBGOV_PROXY_PORT": "6432",
+            "DBGOV_SIDECAR_METRICS_PORT": "9300",
             "DBGOV_WEBHOOK_SERVICE": "dbgov-webhook",
             "DBGOV_WEBHOOK_SERVICE_PORT": "8443",
             "DBGOV_WEBHOOK_CERT_SECRET": "dbgov-webhook-cert",
@@ -32,8 +33,15 @@ def test_chart_environment_is_read() -> None:
     assert config.sidecar.image == "registry/sidecar:1"
     assert config.sidecar.resources == {"requests": {"cpu": "10m"}}
     assert config.sidecar.proxy_port == 6432
+    assert config.sidecar.metrics_port == 9300
     assert (config.webhook.service_name, config.webhook.service_port) == ("dbgov-webhook", 8443)
     assert config.webhook.cert_secret == "dbgov-webhook-cert"
+
+
+def test_metrics_port_defaults_to_9187_and_must_differ_from_the_proxy_port() -> None:
+    assert settings.from_env({}).sidecar.metrics_port == 9187
+    with pytest.raises(ValueError, match="DBGOV_SIDECAR_METRICS_PORT and DBGOV_PROXY_PORT"):
+        settings.from_env({"DBGOV_PROXY_PORT": "9187"})
 
 
 def test_resources_must_be_an_object() -> None:
