@@ -22,7 +22,7 @@ TOKEN_DIR = "/var/run/secrets/dbgov.io/serviceaccount"
 POLICY_DIR = "/etc/dbgov/policy"
 POLICY_KEY = "policy.yaml"
 LOOPBACK = "127.0.0.1"
-ALL_INTERFACES = "0.0.0.0"
+ALL_INTERFACES = "*"  # the sidecar binds every interface, IPv4 and IPv6 (kubelet probes use the pod IP)
 METRICS_PORT_NAME = "dbgov-metrics"
 """Name of the sidecar's metrics/health port: its probes use it, and so can a PodMonitor."""
 

@@ -99,7 +99,7 @@ class Metrics:
 
 
 async def serve(
-    metrics: Metrics, *, host: str, port: int, unready: Callable[[], str | None]
+    metrics: Metrics, *, host: str | None, port: int, unready: Callable[[], str | None]
 ) -> asyncio.Server:
     """Serve GET /metrics, /healthz and /readyz over plain HTTP/1.0.
 

@@ -160,8 +160,9 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     metrics_server = None
     if settings.metrics:
         host, port = config.split_host_port(settings.metrics, default_port=9187)
+        bind: str | None = None if host == "*" else host  # "*": every interface, IPv4 and IPv6
         metrics_server = await metrics.serve(
-            counters, host=host, port=port, unready=lambda: _unready(stopping, holder, audit_log)
+            counters, host=bind, port=port, unready=lambda: _unready(stopping, holder, audit_log)
         )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

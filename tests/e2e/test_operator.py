@@ -538,7 +538,7 @@ def test_apiserver_accepts_the_native_sidecars_probes(installed: Installed, name
     sidecar = stored["spec"]["initContainers"][0]
     assert sidecar["ports"] == [{"name": "dbgov-metrics", "containerPort": 9187, "protocol": "TCP"}]
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    assert env["DBGOV_METRICS"] == "0.0.0.0:9187"
+    assert env["DBGOV_METRICS"] == "*:9187"
     probes = {
         kind: (p["httpGet"]["path"], p["httpGet"]["port"], p["periodSeconds"], p["failureThreshold"])
         for kind, p in sidecar.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -232,7 +233,8 @@ def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_pat
     """The kubelet's startup/readiness probes must not pass while every statement would be refused."""
     policy = tmp_path / "bundle" / "policy.yaml"  # the operator has not written it yet
     metrics_port = pg.free_port()
-    proc, port = _start(pg_server, tmp_path, policy, metrics=f"127.0.0.1:{metrics_port}")
+    # "*": every interface, as the injected sidecar is told, so the kubelet reaches it on the pod IP
+    proc, port = _start(pg_server, tmp_path, policy, metrics=f"*:{metrics_port}")
     readyz = f"http://127.0.0.1:{metrics_port}/readyz"
     try:
         conn = _connect(proc, port)  # listening, and refusing (fail closed)
@@ -246,6 +248,8 @@ def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_pat
 
             _eventually(unready)
             assert _get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200  # alive all the same
+            if socket.has_ipv6 and _ipv6_loopback():
+                assert _get(f"http://[::1]:{metrics_port}/healthz")[0] == 200  # both families
             policy.parent.mkdir()
             policy.write_text(ALLOW_ALL)
             _eventually(lambda: _assert_ready(readyz))  # the watcher picks the file up
@@ -262,3 +266,12 @@ def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_pat
 
 def _assert_ready(url: str) -> None:
     assert _get(url) == (200, "ready\n")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -147,7 +147,7 @@ def _sidecar(pod: dict[str, Any]) -> dict[str, Any]:
 def test_sidecar_serves_metrics_and_probes_on_every_interface() -> None:
     sidecar = _sidecar(injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=CONFIG.sidecar).pod)
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    assert env["DBGOV_METRICS"] == "0.0.0.0:9187"
+    assert env["DBGOV_METRICS"] == "*:9187"
     assert env["DBGOV_LISTEN"] == "127.0.0.1:5432"  # the proxy itself stays on loopback
     assert sidecar["ports"] == [{"name": "dbgov-metrics", "containerPort": 9187, "protocol": "TCP"}]
 
@@ -166,7 +166,7 @@ def test_sidecar_serves_metrics_and_probes_on_every_interface() -> None:
 def test_metrics_port_comes_from_the_settings() -> None:
     config = settings.SidecarSettings(metrics_port=9300)
     sidecar = _sidecar(injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=config).pod)
-    assert {"name": "DBGOV_METRICS", "value": "0.0.0.0:9300"} in sidecar["env"]
+    assert {"name": "DBGOV_METRICS", "value": "*:9300"} in sidecar["env"]
     assert [p["containerPort"] for p in sidecar["ports"]] == [9300]
 
 
