@@ -26,7 +26,9 @@ from typing import Any
 from dbgov_policy import engine
 from dbgov_sidecar import audit, check_cli, embedded_pg, policyfile
 
-EXAMPLE_POLICY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+EXAMPLE_POLICY = pathlib.Path(__file__).with_name("demo_policy.yaml")
+"""The example policy (examples/policy.yaml in the repository links to it), shipped in the package
+so `dbgov demo` works wherever dbgov is installed."""
 
 AGENT_SESSION: tuple[tuple[str, str], ...] = (
     ("an allowed read", "SELECT id, name, price_cents FROM shop.products ORDER BY id"),
@@ -108,7 +110,7 @@ def _live(policy_path: str) -> int:
             with _proxy(
                 pg, policy_path=policy_path, audit_path=audit_path, log_path=work / "proxy.log"
             ) as dsn:
-                print(f"dbgov demo: dbgov proxy on {dsn.split()[0:2]} enforcing {policy_path}\n")
+                print(f"dbgov demo: dbgov proxy on {' '.join(dsn.split()[:2])} enforcing {policy_path}\n")
                 with psycopg.connect(dsn, autocommit=True, application_name="demo-agent") as conn:
                     for title, sql in AGENT_SESSION:
                         _step(conn, title, sql)
