@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 GENESIS = "0" * 64
@@ -24,18 +24,17 @@ _LINGER = 0.05  # seconds an ordinary line may wait before the writer picks it u
 
 # Keys stay in the order the event was built (deterministic, and what verify() re-reads);
 # the C encoder is made once because json.dumps builds a new one per call.
-_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
-if _C_ENCODER is not None:
-    _ITER = _C_ENCODER(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ITER: Callable[[Any, int], Iterable[str]] | None = (
+    None
+    if _C_ENCODER is None
+    else _C_ENCODER(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # interpreters without the C one
 
-    def _encode(event: dict[str, Any]) -> str:
-        return "".join(_ITER(event, 0))
 
-else:  # pragma: no cover - interpreters without the C accelerator
-    _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
-
-    def _encode(event: dict[str, Any]) -> str:
-        return _ENCODER.encode(event)
+def _encode(event: Any) -> str:
+    return "".join(_ITER(event, 0)) if _ITER is not None else _ENCODER.encode(event)
 
 
 def _value(value: Any) -> str:

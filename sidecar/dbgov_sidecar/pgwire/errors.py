@@ -6,11 +6,13 @@ wrong, so the proxy can answer with one FATAL and close instead of guessing.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ProtocolViolation(Exception):
     """Bytes from a peer that no correct PostgreSQL v3 implementation sends."""
 
-    sqlstate = "08P01"  # protocol_violation
+    sqlstate: ClassVar[str] = "08P01"  # protocol_violation
 
     def __init__(self, what: str) -> None:
         super().__init__(what)

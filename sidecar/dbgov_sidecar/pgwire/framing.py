@@ -99,7 +99,7 @@ class Framer:
         """Bytes received but not yet returned as messages."""
         return len(self._buf) + len(self._head)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Add bytes received from the peer."""
         if self._buf or self._head or type(data) is not bytes:
             self._spill()
