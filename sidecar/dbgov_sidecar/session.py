@@ -820,7 +820,8 @@ class Session:
                     continue
             if self._guard is not None:
                 replacement = self._on_guarded(msg, now) if replacement is None else replacement
-            elif mtype == messages.DATA_ROW:
+            elif mtype in (messages.DATA_ROW, messages.COPY_DATA):
+                # A server's CopyData is a row of COPY ... TO STDOUT: held to the same limit.
                 dropped = self._on_data_row()
                 replacement = dropped if dropped is not None else replacement
             elif mtype == messages.READY_FOR_QUERY:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -226,6 +227,32 @@ def test_max_rows_returned_is_an_error_not_a_truncation(dbgov: RunningProxy) -> 
         with pytest.raises(psycopg.errors.ProgramLimitExceeded):
             conn.execute("SELECT id FROM shop.customers WHERE id > %s", [0], prepare=True)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_max_rows_returned_holds_for_copy_to_stdout(dbgov: RunningProxy, pg_server: pg.PgServer) -> None:
+    """COPY ... TO STDOUT streams rows as CopyData: the limit cannot be stepped around with it."""
+    dbgov.policy = RulesPolicy(max_rows_returned=10)
+    received: list[bytes] = []
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        with (
+            pytest.raises(psycopg.errors.ProgramLimitExceeded, match="more than 10 rows"),
+            conn.cursor().copy("COPY shop.customers TO STDOUT") as copy,
+        ):
+            received.extend(bytes(row) for row in copy)
+        assert len(received) <= 10  # never a row past the limit
+        with conn.cursor().copy("COPY (SELECT id FROM shop.customers LIMIT 10) TO STDOUT") as copy:
+            assert len([bytes(row) for row in copy]) == 10  # at the limit: whole
+        with conn.transaction():  # the session goes on, in and out of blocks
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    proc = subprocess.run(  # psql's \copy uses the same protocol
+        [str(pg.BIN / "psql"), "-X", "-At", dbgov.dsn(), "-c", r"\copy shop.customers to stdout"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "more than 10 rows" in proc.stderr and len(proc.stdout.splitlines()) <= 10
+    counted = [e for e in dbgov.events if e.get("type") == "statement" and "COPY" in str(e.get("statement"))]
+    assert counted and counted[0]["sqlstate"] == "54000"
 
 
 def test_dry_run_forwards_and_records_what_would_have_happened(dbgov: RunningProxy) -> None:
