@@ -316,6 +316,8 @@ class _Walker:
             return C("session", "reset")
         if kind == "SelectStmt" and f.get("intoClause"):
             return C("ddl", "select-into")
+        if kind == "CopyStmt" and f.get("is_from"):
+            return C("copy", "copy-from")  # a write: a rule allowing copy-to (reads) does not cover it
         return cls
 
     # ---- generic walk ------------------------------------------------------------------

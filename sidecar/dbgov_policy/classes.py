@@ -46,7 +46,7 @@ NODE_CLASSES: dict[str, StatementClass] = {
     "UpdateStmt": _C("update", "update"),
     "DeleteStmt": _C("delete", "delete"),
     "MergeStmt": _C("merge", "merge"),
-    "CopyStmt": _C("copy", "copy"),
+    "CopyStmt": _C("copy", "copy-to"),  # COPY ... FROM is refined to copy-from in analyze
     # DDL
     "CreateStmt": _C("ddl", "create"),
     "CreateTableAsStmt": _C("ddl", "create"),
@@ -176,6 +176,7 @@ EXTRA_FINE: frozenset[str] = frozenset(
         "analyze",
         "move",
         "select-into",
+        "copy-from",
     }
 )
 

@@ -265,6 +265,7 @@ def _fine_to_coarse() -> dict[str, frozenset[str]]:
         "analyze": "utility",
         "move": "utility",
         "select-into": "ddl",
+        "copy-from": "copy",
     }
     for fine, coarse in extra.items():
         mapping.setdefault(fine, set()).add(coarse)
