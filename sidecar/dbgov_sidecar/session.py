@@ -135,6 +135,8 @@ class _Guard:
 _PLAIN_SERVER = {ord("T"): 0, ord("N"): 0, ord("S"): 0, ord("A"): 0}
 _PLAIN_SERVER |= {ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4}
 
+_COPY_CLIENT = frozenset((messages.COPY_DATA, messages.COPY_DONE, messages.COPY_FAIL))
+
 _EXECUTE_DONE = frozenset(
     (messages.COMMAND_COMPLETE, messages.PORTAL_SUSPENDED, messages.EMPTY_QUERY, messages.ERROR_RESPONSE)
 )
@@ -587,6 +589,13 @@ class Session:
         terminate = False
         for index, msg in enumerate(msgs):
             mtype = msg.type
+            if self._guard is not None and mtype not in _COPY_CLIENT:
+                # Client input flows during a guarded write only as the rows of its COPY FROM
+                # STDIN; anything after them waits for the write's count, as before the copy.
+                self._paused = True
+                self._client.unread(b"".join(m.data for m in msgs[index:]))
+                self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
+                return
             if self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
                 replacement: bytes | None = b""
             elif mtype == messages.QUERY:
@@ -809,6 +818,13 @@ class Session:
         for index, msg in enumerate(msgs):
             mtype = msg.type
             replacement: bytes | None = None
+            if mtype == messages.COPY_IN_RESPONSE and self._paused:
+                replacement = self._on_held_copy_in()
+                if replacement is not None:
+                    if out is None:
+                        out = [m.data for m in msgs[:index]]
+                    out.append(replacement)
+                    continue
             if self._masked_attrs and mtype in _TRACKED_SERVER:
                 replacement = self._check_origins(msg, now)
             if self._executes and mtype in _EXECUTE_DONE and self._guard is None:
@@ -910,6 +926,25 @@ class Session:
         self._rows = rows
         self.to_client += data
         return True
+
+    def _on_held_copy_in(self) -> bytes | None:
+        """The server waits for COPY FROM STDIN rows while client input is held for maxRowsAffected.
+
+        A simple-protocol write (BEGIN or a savepoint around it) lets the rows flow and counts the
+        COPY's tag as usual. In the extended protocol the client's Sync would flow with them, and
+        its implicit transaction commit before the count is known: the copy is failed instead,
+        with a reason, and the client sees the server's error (fail closed, never a hang).
+        """
+        if self._guard is not None:
+            self._resume = True
+            return None
+        if self._executes and self._executes[0][0]:
+            self.to_server += messages.copy_fail(
+                "dbgov: COPY FROM STDIN through the extended protocol cannot be held to "
+                "maxRowsAffected; send it as a simple query"
+            )
+            return b""  # the client never enters copy mode; the server's error answers it
+        return None
 
     def _current_unit(self) -> _Unit | None:
         return self._units[0] if self._units else self._pending

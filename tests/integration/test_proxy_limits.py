@@ -8,10 +8,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from test_proxy_protocol import RawClient, _fields
 
 import pg
 from conftest import RunningProxy
 from dbgov_sidecar import policies
+from dbgov_sidecar.pgwire import messages
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +123,65 @@ def test_max_rows_affected_sees_writes_that_no_tag_counts(
         assert len(reads.fetchall()) == 150
         assert reads.nextset() and reads.rowcount == 3
     assert _total(pg_server) == before
+
+
+COPY_POLICY = """\
+mode: enforce
+default: block
+rules:
+  - {name: load-orders, verdict: allow, statements: [select, copy], tables: [shop.orders]}
+guardrails:
+  maxRowsAffected: 100
+"""
+
+
+def test_max_rows_affected_holds_copy_from_stdin(
+    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer, tmp_path: Path
+) -> None:
+    """COPY FROM STDIN needs the client's data while the write is held: it must flow, then count."""
+    policy = tmp_path / "copy.yaml"
+    policy.write_text(COPY_POLICY)
+    running = make_proxy(policy=policies.load(str(policy)))
+    columns = "id, customer_id, product_id, quantity"
+    before = int(pg_server.psql("SELECT count(*) FROM shop.orders;").strip())
+    rows = [(100_000 + i, 1, 1, 1) for i in range(150)]
+    with psycopg.connect(running.dsn(), autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '20s'")  # a hang fails the test, not the suite
+        with conn.cursor().copy(f"COPY shop.orders ({columns}) FROM STDIN") as copy:
+            for row in rows[:10]:
+                copy.write_row(row)
+        assert int(pg_server.psql("SELECT count(*) FROM shop.orders;").strip()) == before + 10
+        with (
+            pytest.raises(psycopg.errors.ProgramLimitExceeded, match="changed 140 rows"),
+            conn.cursor().copy(f"COPY shop.orders ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows[10:]:
+                copy.write_row(row)
+        assert int(pg_server.psql("SELECT count(*) FROM shop.orders;").strip()) == before + 10
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    pg_server.psql("DELETE FROM shop.orders WHERE id >= 100000;")
+
+
+def test_copy_from_stdin_in_the_extended_protocol_fails_cleanly_under_the_limit(
+    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer, tmp_path: Path
+) -> None:
+    """Its Sync would commit before the count is known: refused with a reason, never a hang."""
+    policy = tmp_path / "copy.yaml"
+    policy.write_text(COPY_POLICY)
+    running = make_proxy(policy=policies.load(str(policy)))
+    raw = RawClient(running.port)
+    try:
+        raw.login()
+        raw.send(
+            messages.parse("", "COPY shop.orders (id, customer_id, product_id, quantity) FROM STDIN")
+            + messages.bind("", "")
+            + messages.execute("", 0)
+            + messages.SYNC_MESSAGE
+        )
+        answer = raw.read_until(b"Z")
+        assert messages.COPY_IN_RESPONSE not in [m.type for m in answer]  # never put in copy mode
+        assert "extended protocol cannot be held to maxRowsAffected" in _fields(answer)["M"]
+        raw.send(messages.query("SELECT 1"))  # the session goes on
+        assert [m.type for m in raw.read_until(b"Z")][-3:] == [ord("D"), ord("C"), ord("Z")]
+    finally:
+        raw.close()
