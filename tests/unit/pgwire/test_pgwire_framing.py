@@ -204,7 +204,7 @@ def _careful_or_error(decode: object, data: bytes) -> object:
         return ProtocolViolation
 
 
-_names = st.text(st.characters(blacklist_characters="\0"), max_size=4)
+_names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=4)
 _binds = st.builds(
     messages.bind,
     _names,
