@@ -322,6 +322,11 @@ class Session:
         self._write_statements: set[str] = set()  # prepared statements that write (extended guard)
         self._write_portals: set[str] = set()
         self._executes: deque[tuple[bool, int]] = deque()  # (guarded, sync) per Execute in flight
+        self._fetches: deque[tuple[str, int]] = deque()
+        """(portal, sync) per Execute in flight while maxRowsReturned applies."""
+        self._portal_rows: dict[str, int] = {}
+        """Rows a suspended portal already returned: an Execute with a row count (a driver's fetch
+        size) continues one statement, held to the limit as a whole."""
         self._defer = False  # the Query being handled must wait until the session is idle
         self._paused = False  # client input waits (a guarded write is in progress)
         self._resume = False
@@ -376,6 +381,7 @@ class Session:
             and not self._masked_attrs
             and self._guard is None
             and not self._executes
+            and not self._fetches
             and not self._refusals
             and not self._over_limit
             and self._abort_marker is None
@@ -635,6 +641,7 @@ class Session:
             elif mtype == messages.BIND:
                 bind = messages.decode_bind(msg.data)
                 self._portal_statements[bind.portal] = bind.statement
+                self._portal_rows.pop(bind.portal, None)
                 if self._write_statements:
                     if bind.statement in self._write_statements:
                         self._write_portals.add(bind.portal)
@@ -673,6 +680,8 @@ class Session:
             self._close("client terminated")
 
     def _on_query(self, msg: framing.Message, now: float) -> bytes | None:
+        if self._portal_rows:
+            self._portal_rows.pop("", None)  # a simple query replaces the unnamed portal
         sql = messages.decode_query(msg.data)
         decision, verdict = self._decide(sql)
         statement = _Statement(sql=sql, decision=decision, verdict=verdict)
@@ -725,10 +734,13 @@ class Session:
             self._prepared.pop(target.name, None)
         else:
             self._portal_statements.pop(target.name, None)
+            self._portal_rows.pop(target.name, None)
 
     def _note_execution(self, msg: framing.Message, now: float) -> None:
         """An Execute of a statement prepared in an earlier batch is audited as a statement too."""
         portal = messages.decode_execute(msg.data).portal
+        if self._row_limit is not None:
+            self._fetches.append((portal, self._syncs_sent + 1))
         name = self._portal_statements.get(portal)
         if name is None or name in self._parsed_in_unit:
             return  # parsed in this batch: its Parse already put it in the unit
@@ -827,6 +839,8 @@ class Session:
                     continue
             if self._masked_attrs and mtype in _TRACKED_SERVER:
                 replacement = self._check_origins(msg, now)
+            if self._fetches and mtype in _EXECUTE_DONE and self._fetches[0][1] == self._syncs_done + 1:
+                self._fetch_done(mtype)
             if self._executes and mtype in _EXECUTE_DONE and self._guard is None:
                 replacement = self._on_execute_done(msg)
                 if replacement is not None:
@@ -953,29 +967,48 @@ class Session:
         self._rows += 1
         self._unit_rows += 1
         limit = self._row_limit
-        if self._over_limit or (limit is not None and self._rows > limit):
+        if self._over_limit or (limit is not None and self._rows + self._fetched_before() > limit):
             self._over_limit = True
             return b""
         return None
 
+    def _fetched_before(self) -> int:
+        """Rows the portal now streaming returned in earlier Executes (0 for a fresh one)."""
+        if self._fetches and self._portal_rows and self._fetches[0][1] == self._syncs_done + 1:
+            return self._portal_rows.get(self._fetches[0][0], 0)
+        return 0
+
+    def _fetch_done(self, mtype: int) -> None:
+        """The front Execute ended: remember a suspended portal's rows, forget a finished one."""
+        portal, sync = self._fetches.popleft()
+        if mtype == messages.PORTAL_SUSPENDED:
+            self._portal_rows[portal] = self._portal_rows.get(portal, 0) + self._rows
+            return
+        self._portal_rows.pop(portal, None)
+        if mtype == messages.ERROR_RESPONSE:  # the server skips the rest of this batch
+            self._fetches = deque(f for f in self._fetches if f[1] != sync)
+
     def _on_statement_end(self, msg: framing.Message) -> bytes | None:
         self._rows = 0
         if self._over_limit:
-            return b""
+            # A suspended portal over the limit: the client gets the error, not more rows later.
+            return self._limit_error() if msg.type == messages.PORTAL_SUSPENDED else b""
         return None
+
+    def _limit_error(self) -> bytes:
+        unit = self._current_unit()
+        if unit is not None:
+            unit.sqlstate = SQLSTATE_LIMIT
+        return messages.error_response(
+            code=SQLSTATE_LIMIT,
+            message=f"dbgov: the result has more than {self._row_limit} rows (maxRowsReturned)",
+            hint="Add a WHERE clause or LIMIT, or ask for a higher maxRowsReturned.",
+        )
 
     def _on_command_complete(self, msg: framing.Message) -> bytes | None:
         self._rows = 0
         if self._over_limit:
-            limit = self._row_limit
-            unit = self._current_unit()
-            if unit is not None:
-                unit.sqlstate = SQLSTATE_LIMIT
-            return messages.error_response(
-                code=SQLSTATE_LIMIT,
-                message=f"dbgov: the result has more than {limit} rows (maxRowsReturned)",
-                hint="Add a WHERE clause or LIMIT, or ask for a higher maxRowsReturned.",
-            )
+            return self._limit_error()
         unit = self._current_unit()
         if unit is not None and self._config.audit:
             if unit.tags is None:
@@ -1006,6 +1039,8 @@ class Session:
         self._syncs_done += 1
         while self._executes and self._executes[0][1] <= self._syncs_done:
             self._executes.popleft()
+        while self._fetches and self._fetches[0][1] <= self._syncs_done:
+            self._fetches.popleft()
         while self._refusals and self._refusals[0].sync_id <= self._syncs_done:
             self._refusals.popleft()  # the server failed earlier; its error went through
         self._rows = 0

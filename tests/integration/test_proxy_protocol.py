@@ -229,6 +229,30 @@ def test_max_rows_returned_is_an_error_not_a_truncation(dbgov: RunningProxy) -> 
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_max_rows_returned_holds_across_partial_executes(dbgov: RunningProxy) -> None:
+    """A driver's fetch size (Execute with a row count, PortalSuspended, Execute again) continues
+    one statement: the limit is on all its rows, not on each chunk."""
+    import asyncio
+
+    import asyncpg
+
+    dbgov.policy = RulesPolicy(max_rows_returned=10)
+
+    async def fetch(sql: str, prefetch: int) -> list[int]:
+        conn = await asyncpg.connect(dbgov.url(), ssl=False)
+        try:
+            async with conn.transaction():
+                return [r[0] async for r in conn.cursor(sql, prefetch=prefetch)]
+        finally:
+            await conn.close()
+
+    ids = "SELECT id FROM shop.customers ORDER BY id"
+    with pytest.raises(asyncpg.ProgramLimitExceededError, match="more than 10 rows"):
+        asyncio.run(fetch(ids, prefetch=4))  # chunks of 4: 4, 8, then over 10
+    assert asyncio.run(fetch(f"{ids} LIMIT 10", prefetch=4)) == list(range(1, 11))  # at the limit: whole
+    assert asyncio.run(fetch(f"{ids} LIMIT 10", prefetch=100)) == list(range(1, 11))
+
+
 def test_max_rows_returned_holds_for_copy_to_stdout(dbgov: RunningProxy, pg_server: pg.PgServer) -> None:
     """COPY ... TO STDOUT streams rows as CopyData: the limit cannot be stepped around with it."""
     dbgov.policy = RulesPolicy(max_rows_returned=10)

@@ -42,6 +42,7 @@ SERVER = {
     "1": messages.PARSE_COMPLETE_MESSAGE,
     "2": messages.BIND_COMPLETE_MESSAGE,
     "I": b"I\0\0\0\4",
+    "s": b"s\0\0\0\4",  # PortalSuspended
     "bad-Z": b"Z\0\0\0\5X",
     "bad-C": b"C\0\0\0\6\xff\0",
 }
@@ -53,6 +54,10 @@ CLIENT = {
     + messages.bind("", "", [b"1"])
     + messages.describe("P", "")
     + messages.execute("", 0)
+    + messages.SYNC_MESSAGE,
+    "partial": messages.bind("", "", [b"1"])
+    + messages.execute("", 2)
+    + messages.execute("", 2)
     + messages.SYNC_MESSAGE,
     "bad": b"Q\0\0\0\7ab",  # claims more than it holds
     "nul": messages.query("SELECT 1") + b"",
