@@ -12,6 +12,7 @@ refuse statements until a write succeeds again.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -63,6 +64,21 @@ STATEMENT_KEYS = (
 """The fields of a statement event, in the order they are written."""
 
 
+_second = -1
+_prefix = ""
+
+
+def timestamp(t: float) -> str:
+    """``t`` (seconds since the epoch) as RFC 3339 in UTC with microseconds, as auditors and log
+    pipelines read time: 2026-11-26T15:24:27.123456Z (the date part is made once per second)."""
+    global _second, _prefix  # noqa: PLW0603 - a one-entry cache on the per-statement path
+    second = math.floor(t)
+    if second != _second:
+        _prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = second
+    return f"{_prefix}.{min(int((t - second) * 1_000_000), 999_999):06d}Z"
+
+
 class Segment:
     """Fields many events share (one decision's, one session's) with their JSON encoded once.
 
@@ -101,7 +117,7 @@ class StatementEvent(Mapping[str, Any]):
     def __init__(
         self,
         *,
-        time: float,
+        time: str,
         statement: str,
         decision: Segment,
         enforced: str,
@@ -151,16 +167,15 @@ class StatementEvent(Mapping[str, Any]):
         """Compact JSON, identical to ``_encode(self.as_dict())``."""
         t, d, n, a, q = self.time, self.duration_ms, self.rows_returned, self.rows_affected, self.sqlstate
         if (
-            type(t) is float
+            type(t) is str
             and type(d) is float
             and type(n) is int
-            and _isfinite(t)
             and _isfinite(d)
             and (a is None or type(a) is int)
             and (q is None or type(q) is str)
         ):  # what every statement has: formatted inline (this runs once per statement)
             return (
-                f'{{"type":"statement","time":{t!r},"statement":{_ESCAPE(self.statement)}{self.decision.text},'
+                f'{{"type":"statement","time":{_ESCAPE(t)},"statement":{_ESCAPE(self.statement)}{self.decision.text},'
                 f'"enforced":{_ESCAPE(self.enforced)},"rows_returned":{n},'
                 f'"rows_affected":{"null" if a is None else a},"duration_ms":{d!r},'
                 f'"sqlstate":{"null" if q is None else _ESCAPE(q)}{self.session.text}}}'

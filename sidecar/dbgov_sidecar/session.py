@@ -1284,7 +1284,7 @@ class Session:
         sqlstate: str | None,
     ) -> audit.StatementEvent:
         return audit.StatementEvent(
-            time=now,
+            time=audit.timestamp(now),
             statement=redact.redact_literals(statement.sql)
             if self._config.redact_literals
             else statement.sql,
@@ -1318,7 +1318,7 @@ class Session:
 
     def _event(self, now: float, fields: dict[str, Any]) -> None:
         if self._config.audit:
-            self.events.append({**fields, "time": now, **self._identity_segment().fields})
+            self.events.append({**fields, "time": audit.timestamp(now), **self._identity_segment().fields})
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         if self.state == "closed":

@@ -155,7 +155,7 @@ _maybe_text = st.none() | _text
 @given(
     st.fixed_dictionaries(
         {
-            "time": st.floats(),
+            "time": _text,
             "statement": _text,
             "enforced": _text,
             "rows_returned": st.integers(),
@@ -219,3 +219,13 @@ def test_upstream_tls_settings_read_like_libpq() -> None:
         "/c.pem",
         "/k.pem",
     )
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800))  # up to 2100
+def test_timestamps_are_rfc3339_utc_with_microseconds(t: float) -> None:
+    import datetime
+
+    text = audit.timestamp(t)
+    parsed = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
+    assert abs(parsed.timestamp() - t) < 2e-6  # truncated to the microsecond
+    assert audit.timestamp(t) == text  # the cached date part gives the same answer
