@@ -26,7 +26,8 @@ STATUS_INJECTED: Final = "injected"
 DATABASE_URL_ENV: Final = f"{PREFIX}/database-url-env"
 """Pod annotation, set by users: the name of the app's environment variable that holds the
 database URL (e.g. ``DATABASE_URL``). The webhook points it at the in-pod proxy and hands the
-original value to the sidecar as its upstream."""
+original value to the sidecar as its upstream, with read-only mounts of the app's volumes that hold
+the TLS files a literal URL names (``sslrootcert``, ``sslcert``, ``sslkey``)."""
 
 SIDECAR_IMAGE: Final = f"{PREFIX}/sidecar-image"
 """Pod annotation, set by users: overrides the sidecar image for this pod."""

@@ -7,13 +7,14 @@ No I/O here: the pod, its namespace and the settings are all the input there is.
 
 import copy
 import json
+import posixpath
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dbgov_operator import annotations, settings
-from dbgov_operator.kubetypes import Container, EnvVar, Probe, Volume
+from dbgov_operator.kubetypes import Container, EnvVar, Probe, Volume, VolumeMount
 
 SIDECAR_NAME = "dbgov-proxy"
 TOKEN_VOLUME = "dbgov-token"
@@ -25,6 +26,7 @@ LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "*"  # the sidecar binds every interface, IPv4 and IPv6 (kubelet probes use the pod IP)
 METRICS_PORT_NAME = "dbgov-metrics"
 """Name of the sidecar's metrics/health port: its probes use it, and so can a PodMonitor."""
+URL_SCHEMES = ("postgres", "postgresql")
 
 
 class InjectionRefused(Exception):
@@ -50,6 +52,17 @@ class Injection:
     """The injected copy of a pod, plus warnings for the user who created it."""
 
     pod: dict[str, Any]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Repointed:
+    upstream: list[EnvVar]
+    """The sidecar's DBGOV_UPSTREAM, and the variables it is built from."""
+    literal_url: str | None
+    """The upstream URL when it is a literal value (the webhook cannot read a Secret's)."""
+    source: Mapping[str, Any]
+    """The app container the upstream URL was taken from (empty without one)."""
     warnings: tuple[str, ...]
 
 
@@ -99,8 +112,10 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
     service_account = spec.setdefault("serviceAccountName", "default") or "default"
 
     _check_ports(spec, overrides)
-    upstream, warnings = _repoint_apps(spec, overrides)
-    container = _sidecar_container(overrides=overrides, upstream=upstream, sidecar=sidecar)
+    apps = _repoint_apps(spec, overrides)
+    mounts = _upstream_file_mounts(apps, variable=overrides.url_env or "", volumes=spec.get("volumes") or [])
+    container = _sidecar_container(overrides=overrides, upstream=apps.upstream, sidecar=sidecar)
+    container["volumeMounts"].extend(mounts)
     spec["initContainers"] = [container, *spec.get("initContainers", [])]
     spec["volumes"] = [
         *spec.get("volumes", []),
@@ -111,7 +126,7 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
         ),
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
-    return Injection(pod=out, warnings=warnings)
+    return Injection(pod=out, warnings=apps.warnings)
 
 
 def rewrite_database_url(url: str, *, port: int) -> str | None:
@@ -121,7 +136,7 @@ def rewrite_database_url(url: str, *, port: int) -> str | None:
     ``sslmode`` becomes ``disable`` because the hop to the proxy never leaves the pod (the proxy
     speaks TLS to the real database)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
+    if parts.scheme not in URL_SCHEMES:
         return None
     userinfo, _, _hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo}@{LOOPBACK}:{port}" if userinfo else f"{LOOPBACK}:{port}"
@@ -133,6 +148,25 @@ def rewrite_database_url(url: str, *, port: int) -> str | None:
     return urllib.parse.urlunsplit(
         (parts.scheme, netloc, parts.path, urllib.parse.urlencode(query), parts.fragment)
     )
+
+
+def upstream_files(url: str) -> list[tuple[str, str]]:
+    """The TLS files, as ``(parameter, path)``, that the sidecar opens for upstream ``url``.
+
+    As ``dbgov proxy`` reads its URL: nothing under ``sslmode=disable``; ``sslrootcert`` only when
+    it verifies the server (``verify-ca``, ``verify-full``); ``sslcert`` and ``sslkey`` under every
+    other mode, including its default, ``prefer``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        return []
+    query = dict(urllib.parse.parse_qsl(parts.query))  # the sidecar's parse: the last value wins
+    sslmode = query.get("sslmode", "prefer")
+    if sslmode == "disable":
+        return []
+    keys = ["sslcert", "sslkey"]
+    if sslmode in ("verify-ca", "verify-full"):
+        keys.insert(0, "sslrootcert")
+    return [(key, query[key]) for key in keys if query.get(key)]
 
 
 def _overrides(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSettings) -> _Overrides:
@@ -198,9 +232,10 @@ def _parse_resources(raw: str) -> dict[str, Any]:
     return value
 
 
-def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> tuple[list[EnvVar], tuple[str, ...]]:
-    """Point every app container at the proxy; return the sidecar's upstream env and warnings."""
+def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> _Repointed:
+    """Point every app container at the proxy; say what the sidecar's upstream is."""
     url: Mapping[str, Any] | None = None
+    source: Mapping[str, Any] = {}
     pg: dict[str, Mapping[str, Any]] = {}
     for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
         env: list[dict[str, Any]] = container.setdefault("env", [])
@@ -210,7 +245,8 @@ def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> tuple[list[Env
                 pg.setdefault(name, original)
         for var in env:
             if overrides.url_env is not None and var.get("name") == overrides.url_env:
-                url = url or dict(var)
+                if url is None:
+                    url, source = dict(var), container
                 _repoint_url(var, port=overrides.proxy_port)
     warnings: tuple[str, ...] = ()
     if overrides.url_env is not None and url is None:
@@ -218,7 +254,85 @@ def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> tuple[list[Env
             f"{annotations.DATABASE_URL_ENV}: no container sets {overrides.url_env} in env; "
             "it was left unchanged (variables from envFrom cannot be rewritten)",
         )
-    return _upstream(url=url, pg=pg), warnings
+    return _Repointed(
+        upstream=_upstream(url=url, pg=pg),
+        literal_url=None if url is None or "valueFrom" in url else str(url.get("value", "")),
+        source=source,
+        warnings=warnings,
+    )
+
+
+def _upstream_file_mounts(
+    apps: _Repointed, *, variable: str, volumes: list[Mapping[str, Any]]
+) -> list[VolumeMount]:
+    """Give the sidecar, read-only, the app's volume mounts that hold the TLS files its URL names.
+
+    The sidecar opens them in its own container, at the same paths. A file no mount of the app
+    container holds (in its image, say) cannot be given: the sidecar would fail to start and the
+    pod never become ready, so the pod is refused with what to change instead."""
+    mounts: list[VolumeMount] = []
+    for key, path in upstream_files(apps.literal_url or ""):
+        found = _holding_mount(path, apps.source.get("volumeMounts") or [])
+        problem = _unmountable(path, found, volumes=volumes)
+        if problem is not None or found is None:  # _unmountable says why when found is None
+            where = f"{variable} in container {apps.source.get('name')!r} names {key}={path}"
+            raise InjectionRefused(annotation=annotations.DATABASE_URL_ENV, reason=f"{where}, {problem}")
+        mount: VolumeMount = {"name": found["name"], "mountPath": found["mountPath"], "readOnly": True}
+        if found.get("subPath"):
+            mount["subPath"] = found["subPath"]
+        if mount not in mounts:
+            mounts.append(mount)
+    return mounts
+
+
+def _holding_mount(path: str, mounts: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The mount whose mountPath holds ``path`` (the longest, as a nested mount hides its parent)."""
+    best: Mapping[str, Any] | None = None
+    best_length = -1
+    target = posixpath.normpath(path)
+    for mount in mounts:
+        root = posixpath.normpath(mount.get("mountPath") or "")
+        holds = target == root or target.startswith(root.rstrip("/") + "/")
+        if holds and root.startswith("/") and len(root) > best_length:
+            best, best_length = mount, len(root)
+    return best
+
+
+def _unmountable(
+    path: str, mount: Mapping[str, Any] | None, *, volumes: list[Mapping[str, Any]]
+) -> str | None:
+    """Why the sidecar cannot be given ``path`` through ``mount`` (``None``: it can)."""
+    if not path.startswith("/"):
+        hint = ""
+        if path == "system":
+            hint = " (sslrootcert=system is libpq's; without sslrootcert the sidecar uses its system trust store)"
+        return (
+            "not an absolute path: the dbgov sidecar reads it in its own container, from another "
+            f"working directory; name the absolute path of a file mounted from a volume{hint}"
+        )
+    if mount is None:
+        return (
+            "which no volumeMount of that container holds (is it in the image?): the dbgov sidecar "
+            "connects to the database from its own container and reads the file there; mount it "
+            "into that container from a volume (a Secret or ConfigMap) and the webhook mounts the "
+            "same volume, read-only, into the sidecar"
+        )
+    if mount.get("subPathExpr"):
+        return (
+            f"held by volumeMount {mount.get('name')!r}, whose subPathExpr expands that container's "
+            "own variables, which the sidecar does not have; use subPath, or mount the whole volume"
+        )
+    if posixpath.normpath(mount["mountPath"]) in (TOKEN_DIR, POLICY_DIR):
+        return f"held by a volumeMount at {mount['mountPath']}, where the sidecar mounts its own files; mount it elsewhere"
+    if any(v.get("name") == mount.get("name") and "emptyDir" in v for v in volumes):
+        # The sidecar opens its TLS files as it starts, and it starts first: the kubelet runs the
+        # pod's other containers only once its startup probe passes, so none can have written them.
+        return (
+            f"held by volumeMount {mount.get('name')!r} of an emptyDir volume, which is empty when the "
+            "sidecar reads it: it is the pod's first container and starts before any other could "
+            "write the file; mount it from a Secret, ConfigMap, projected or CSI volume"
+        )
+    return None
 
 
 def _upstream(*, url: Mapping[str, Any] | None, pg: Mapping[str, Mapping[str, Any]]) -> list[EnvVar]:

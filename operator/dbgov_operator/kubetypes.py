@@ -29,6 +29,7 @@ class VolumeMount(TypedDict):
     name: str
     mountPath: str
     readOnly: NotRequired[bool]
+    subPath: NotRequired[str]
 
 
 class Capabilities(TypedDict):

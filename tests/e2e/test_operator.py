@@ -530,6 +530,49 @@ def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace
         assert upstream["DBGOV_UPSTREAM"] == "postgresql://orders@db.prod:5432/orders"
 
 
+def test_sidecar_gets_the_apps_tls_file_mounts_read_only(installed: Installed, namespace: str) -> None:
+    url = (
+        "postgresql://orders@db.prod:5432/orders?sslmode=verify-full&sslrootcert=/etc/db-ca/ca.crt"
+        "&sslcert=/etc/db-client/tls.crt&sslkey=/etc/db-client/tls.key"
+    )
+    app = pod("tls-app", labels=ENROLLED, annotations={"dbgov.io/database-url-env": "DATABASE_URL"})
+    app["spec"]["containers"][0]["env"] = [{"name": "DATABASE_URL", "value": url}]
+    app["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "db-ca", "mountPath": "/etc/db-ca/ca.crt", "subPath": "ca.crt"},
+        {"name": "db-client", "mountPath": "/etc/db-client"},
+    ]
+    app["spec"]["volumes"] = [
+        {"name": "db-ca", "secret": {"secretName": "orders-db-ca"}},
+        {"name": "db-client", "secret": {"secretName": "orders-db-client"}},
+    ]
+    created = installed.core.create_namespaced_pod(namespace, app)
+    stored = installed.core.api_client.sanitize_for_serialization(
+        installed.core.read_namespaced_pod("tls-app", namespace)
+    )
+    expected = [
+        {"name": "db-ca", "mountPath": "/etc/db-ca/ca.crt", "subPath": "ca.crt", "readOnly": True},
+        {"name": "db-client", "mountPath": "/etc/db-client", "readOnly": True},
+    ]
+    assert stored["spec"]["initContainers"][0]["volumeMounts"][2:] == expected
+    assert [m.name for m in created.spec.init_containers[0].volume_mounts][2:] == ["db-ca", "db-client"]
+    # Admitted again as stored (a controller re-creating it): no second sidecar, no second mount.
+    again = copy.deepcopy(stored)
+    again["metadata"] = {k: stored["metadata"][k] for k in ("labels", "annotations")} | {"name": "tls-again"}
+    again.pop("status", None)
+    second = installed.core.create_namespaced_pod(namespace, again)
+    assert [c.name for c in second.spec.init_containers] == ["dbgov-proxy"]
+    assert [m.name for m in second.spec.init_containers[0].volume_mounts][2:] == ["db-ca", "db-client"]
+
+
+def test_tls_file_outside_every_mount_refuses_the_pod(installed: Installed, namespace: str) -> None:
+    url = "postgresql://db.prod/orders?sslmode=verify-full&sslrootcert=/app/ca.pem"  # in the image
+    app = pod("tls-baked", labels=ENROLLED, annotations={"dbgov.io/database-url-env": "DATABASE_URL"})
+    app["spec"]["containers"][0]["env"] = [{"name": "DATABASE_URL", "value": url}]
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, app))
+    assert error.status == 400
+    assert "sslrootcert=/app/ca.pem, which no volumeMount of that container holds" in str(error.body)
+
+
 def test_apiserver_accepts_the_native_sidecars_probes(installed: Installed, namespace: str) -> None:
     installed.core.create_namespaced_pod(namespace, pod("probed", labels=ENROLLED))
     stored = installed.core.api_client.sanitize_for_serialization(

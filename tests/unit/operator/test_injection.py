@@ -1,4 +1,5 @@
-"""Injection golden files: testdata/<case>.pod.yaml -> <case>.injected.yaml.
+"""Injection golden files: testdata/<case>.pod.yaml -> <case>.injected.yaml, or, for a pod the
+webhook refuses, -> <case>.refused.txt (the message; create it empty for a new case).
 
 Refresh the expected files with DBGOV_UPDATE_GOLDEN=1 after an intended change, and read the
 diff before committing it.
@@ -18,7 +19,8 @@ import yaml
 from dbgov_operator import annotations, handlers, injection, settings
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
-CASES = sorted(p.name.removesuffix(".pod.yaml") for p in TESTDATA.glob("*.pod.yaml"))
+REFUSED = sorted(p.name.removesuffix(".refused.txt") for p in TESTDATA.glob("*.refused.txt"))
+CASES = sorted({p.name.removesuffix(".pod.yaml") for p in TESTDATA.glob("*.pod.yaml")} - set(REFUSED))
 CONFIG = settings.Settings(namespace="dbgov-system")
 
 
@@ -41,6 +43,18 @@ def test_golden(case: str) -> None:
     assert result.pod == _load(golden)
 
 
+@pytest.mark.parametrize("case", REFUSED)
+def test_golden_refusal(case: str) -> None:
+    pod = _load(TESTDATA / f"{case}.pod.yaml")
+    assert injection.decide(pod, namespace="apps", config=CONFIG).inject
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    golden = TESTDATA / f"{case}.refused.txt"
+    if os.environ.get("DBGOV_UPDATE_GOLDEN") == "1":
+        golden.write_text(f"{caught.value}\n")
+    assert f"{caught.value}\n" == golden.read_text()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_patch_from_diff_reproduces_the_injected_pod(case: str) -> None:
     pod = _load(TESTDATA / f"{case}.pod.yaml")
@@ -60,6 +74,14 @@ def test_second_admission_is_a_no_op(case: str) -> None:
     decision = injection.decide(pod, namespace="apps", config=CONFIG)
     assert not decision.inject
     assert decision.reason == "already injected"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sidecar_mounts_each_path_once_read_only(case: str) -> None:
+    sidecar = _sidecar(injection.inject(_load(TESTDATA / f"{case}.pod.yaml"), sidecar=CONFIG.sidecar).pod)
+    paths = [m["mountPath"] for m in sidecar["volumeMounts"]]
+    assert len(paths) == len(set(paths))
+    assert all(m["readOnly"] is True for m in sidecar["volumeMounts"])
 
 
 def test_sidecar_without_status_annotation_is_not_injected_again() -> None:
@@ -222,3 +244,46 @@ def test_metrics_port_equal_to_the_proxy_port_refuses_the_pod(pod_annotations: d
 )
 def test_rewrite_database_url(url: str, expected: str | None) -> None:
     assert injection.rewrite_database_url(url, port=5432) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("sslmode=verify-full&sslrootcert=/ca.pem", [("sslrootcert", "/ca.pem")]),
+        (
+            "sslkey=/k&sslmode=verify-ca&sslcert=/c&sslrootcert=/ca.pem",
+            [("sslrootcert", "/ca.pem"), ("sslcert", "/c"), ("sslkey", "/k")],
+        ),
+        ("sslrootcert=/ca.pem&sslcert=/c", [("sslcert", "/c")]),  # the sidecar's default: prefer
+        ("sslmode=require&sslrootcert=/ca.pem", []),  # encrypts, verifies nothing
+        ("sslmode=disable&sslrootcert=/ca.pem&sslcert=/c&sslkey=/k", []),
+        ("sslmode=verify-full&sslrootcert=", []),  # empty: the system trust store
+        ("sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem", [("sslrootcert", "/etc/ca.pem")]),
+        ("sslrootcert=/old.pem&sslmode=verify-full&sslrootcert=/new.pem", [("sslrootcert", "/new.pem")]),
+    ],
+)
+def test_upstream_files_are_those_the_sidecar_opens(query: str, expected: list[tuple[str, str]]) -> None:
+    assert injection.upstream_files(f"postgresql://u@db:5432/app?{query}") == expected
+
+
+def test_upstream_files_of_a_non_postgres_url_are_none() -> None:
+    assert injection.upstream_files("mysql://db/app?sslmode=verify-full&sslrootcert=/ca.pem") == []
+
+
+def test_a_tls_file_mount_where_the_sidecar_mounts_its_policy_refuses_the_pod() -> None:
+    pod = _load(TESTDATA / "tls-secret-ca.pod.yaml")
+    web = pod["spec"]["containers"][0]
+    web["env"][0]["value"] = "postgresql://db/app?sslmode=verify-full&sslrootcert=/etc/dbgov/policy/ca.pem"
+    web["volumeMounts"] = [{"name": "db-certs", "mountPath": "/etc/dbgov/policy/"}]
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert caught.value.annotation == annotations.DATABASE_URL_ENV
+    assert "where the sidecar mounts its own files" in caught.value.reason
+
+
+def test_a_mount_of_another_container_does_not_count() -> None:
+    pod = _load(TESTDATA / "tls-client-key-unmounted.pod.yaml")
+    pod["spec"]["containers"].reverse()  # the URL still comes from web, the mount is sidekick's
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert "sslkey=/etc/db/key/tls.key, which no volumeMount" in caught.value.reason
