@@ -135,13 +135,17 @@ guardrails:
 """
 
 
-def test_max_rows_affected_holds_copy_from_stdin(
-    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer, tmp_path: Path
-) -> None:
-    """COPY FROM STDIN needs the client's data while the write is held: it must flow, then count."""
+@pytest.fixture
+def copying(make_proxy: Callable[..., RunningProxy], tmp_path: Path) -> RunningProxy:
+    """A proxy whose policy allows COPY into shop.orders under maxRowsAffected 100."""
     policy = tmp_path / "copy.yaml"
     policy.write_text(COPY_POLICY)
-    running = make_proxy(policy=policies.load(str(policy)))
+    return make_proxy(policy=policies.load(str(policy)))
+
+
+def test_max_rows_affected_holds_copy_from_stdin(copying: RunningProxy, pg_server: pg.PgServer) -> None:
+    """COPY FROM STDIN needs the client's data while the write is held: it must flow, then count."""
+    running = copying
     columns = "id, customer_id, product_id, quantity"
     before = int(pg_server.psql("SELECT count(*) FROM shop.orders;").strip())
     rows = [(100_000 + i, 1, 1, 1) for i in range(150)]
@@ -163,13 +167,10 @@ def test_max_rows_affected_holds_copy_from_stdin(
 
 
 def test_copy_from_stdin_in_the_extended_protocol_fails_cleanly_under_the_limit(
-    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer, tmp_path: Path
+    copying: RunningProxy,
 ) -> None:
     """Its Sync would commit before the count is known: refused with a reason, never a hang."""
-    policy = tmp_path / "copy.yaml"
-    policy.write_text(COPY_POLICY)
-    running = make_proxy(policy=policies.load(str(policy)))
-    raw = RawClient(running.port)
+    raw = RawClient(copying.port)
     try:
         raw.login()
         raw.send(
