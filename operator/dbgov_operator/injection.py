@@ -27,15 +27,28 @@ ALL_INTERFACES = "*"  # the sidecar binds every interface, IPv4 and IPv6 (kubele
 METRICS_PORT_NAME = "dbgov-metrics"
 """Name of the sidecar's metrics/health port: its probes use it, and so can a PodMonitor."""
 URL_SCHEMES = ("postgres", "postgresql")
+PG_TLS_ENV = {
+    "PGSSLMODE": "sslmode",
+    "PGCHANNELBINDING": "channel_binding",
+    "PGSSLROOTCERT": "sslrootcert",
+    "PGSSLCERT": "sslcert",
+    "PGSSLKEY": "sslkey",
+}
+"""The app's libpq TLS variables, and the DBGOV_UPSTREAM query parameter each becomes (the modes
+first: a value from a Secret is put in the URL unescaped, and may cut off what follows it)."""
+LOOPBACK_TLS_ENV = {"PGSSLMODE": "disable", "PGCHANNELBINDING": "disable"}
+"""What the app's TLS variables become: the hop to the proxy never leaves the pod, and the proxy
+offers neither TLS nor channel binding there (libpq fails under ``require`` without them)."""
 
 
 class InjectionRefused(Exception):
     """An enrolled pod asks for something the webhook cannot do; the pod is refused, not
     silently admitted without its sidecar (fail closed)."""
 
-    def __init__(self, *, annotation: str, reason: str) -> None:
-        super().__init__(f"{annotation}: {reason}")
+    def __init__(self, *, annotation: str | None, reason: str) -> None:
+        super().__init__(f"{annotation}: {reason}" if annotation else reason)
         self.annotation = annotation
+        """The annotation to change (``None`` when the fix is in the pod's own spec)."""
         self.reason = reason
 
 
@@ -56,13 +69,23 @@ class Injection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _UpstreamFile:
+    """A TLS file the sidecar opens, and where the app named it (for a refusal's message)."""
+
+    path: str
+    container: Mapping[str, Any]
+    """The app container whose variable names it: the sidecar gets that container's mount."""
+    where: str
+    """Which variable of which container names it, and how."""
+    annotation: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Repointed:
     upstream: list[EnvVar]
     """The sidecar's DBGOV_UPSTREAM, and the variables it is built from."""
-    literal_url: str | None
-    """The upstream URL when it is a literal value (the webhook cannot read a Secret's)."""
-    source: Mapping[str, Any]
-    """The app container the upstream URL was taken from (empty without one)."""
+    files: tuple[_UpstreamFile, ...]
+    """The literal TLS file paths the sidecar opens (the webhook cannot read a Secret's)."""
     warnings: tuple[str, ...]
 
 
@@ -113,7 +136,7 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
 
     _check_ports(spec, overrides)
     apps = _repoint_apps(spec, overrides)
-    mounts = _upstream_file_mounts(apps, variable=overrides.url_env or "", volumes=spec.get("volumes") or [])
+    mounts = _upstream_file_mounts(apps.files, volumes=spec.get("volumes") or [])
     container = _sidecar_container(overrides=overrides, upstream=apps.upstream, sidecar=sidecar)
     container["volumeMounts"].extend(mounts)
     spec["initContainers"] = [container, *spec.get("initContainers", [])]
@@ -160,13 +183,17 @@ def upstream_files(url: str) -> list[tuple[str, str]]:
     if parts.scheme not in URL_SCHEMES:
         return []
     query = dict(urllib.parse.parse_qsl(parts.query))  # the sidecar's parse: the last value wins
-    sslmode = query.get("sslmode", "prefer")
+    return [(key, query[key]) for key in _opened_keys(query.get("sslmode", "prefer")) if query.get(key)]
+
+
+def _opened_keys(sslmode: str) -> list[str]:
+    """The file parameters the sidecar opens under ``sslmode``."""
     if sslmode == "disable":
         return []
     keys = ["sslcert", "sslkey"]
     if sslmode in ("verify-ca", "verify-full"):
         keys.insert(0, "sslrootcert")
-    return [(key, query[key]) for key in keys if query.get(key)]
+    return keys
 
 
 def _overrides(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSettings) -> _Overrides:
@@ -232,57 +259,156 @@ def _parse_resources(raw: str) -> dict[str, Any]:
     return value
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Found:
+    var: Mapping[str, Any]
+    """An app variable the sidecar's upstream is built from, as the pod had it."""
+    container: Mapping[str, Any]
+    """The first app container (init containers first) that sets it."""
+
+
 def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> _Repointed:
     """Point every app container at the proxy; say what the sidecar's upstream is."""
-    url: Mapping[str, Any] | None = None
-    source: Mapping[str, Any] = {}
-    pg: dict[str, Mapping[str, Any]] = {}
-    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+    url: _Found | None = None
+    pg: dict[str, _Found] = {}
+    differing: set[str] = set()
+    containers = [*spec.get("initContainers", []), *spec.get("containers", [])]
+    for container in containers:
         env: list[dict[str, Any]] = container.setdefault("env", [])
-        for name, value in (("PGHOST", LOOPBACK), ("PGPORT", str(overrides.proxy_port))):
-            original = _set_env(env, name, value)
-            if original is not None:
-                pg.setdefault(name, original)
+        for var in env:
+            name = var.get("name", "")
+            if name in ("PGHOST", "PGPORT", *PG_TLS_ENV) and name not in pg:
+                pg[name] = _Found(var=dict(var), container=container)
+            elif name in PG_TLS_ENV and pg[name].container is not container and pg[name].var != var:
+                differing.add(name)
+        _set_env(env, "PGHOST", LOOPBACK)
+        _set_env(env, "PGPORT", str(overrides.proxy_port))
         for var in env:
             if overrides.url_env is not None and var.get("name") == overrides.url_env:
                 if url is None:
-                    url, source = dict(var), container
+                    url = _Found(var=dict(var), container=container)
                 _repoint_url(var, port=overrides.proxy_port)
-    warnings: tuple[str, ...] = ()
+    warnings: list[str] = []
     if overrides.url_env is not None and url is None:
-        warnings = (
+        warnings.append(
             f"{annotations.DATABASE_URL_ENV}: no container sets {overrides.url_env} in env; "
-            "it was left unchanged (variables from envFrom cannot be rewritten)",
+            "it was left unchanged (variables from envFrom cannot be rewritten)"
         )
-    return _Repointed(
-        upstream=_upstream(url=url, pg=pg),
-        literal_url=None if url is None or "valueFrom" in url else str(url.get("value", "")),
-        source=source,
-        warnings=warnings,
+    if url is not None:
+        return _Repointed(
+            upstream=[_renamed(url.var, "DBGOV_UPSTREAM")],
+            files=_url_files(url, variable=overrides.url_env or ""),
+            warnings=tuple(warnings),
+        )
+    if "PGHOST" not in pg:
+        # The sidecar finds its database from dbgov.io/database instead.
+        return _Repointed(upstream=[], files=(), warnings=tuple(warnings))
+    for container in containers:
+        _disable_loopback_tls(container["env"])
+    warnings += [
+        f"{name}: app containers set it differently, and the dbgov sidecar has one upstream for the "
+        f"pod: it got the value of container {pg[name].container.get('name')!r}"
+        for name in PG_TLS_ENV
+        if name in differing
+    ]
+    files, unseen = _env_files(pg)
+    return _Repointed(upstream=_upstream(pg), files=files, warnings=(*warnings, *unseen))
+
+
+def _disable_loopback_tls(env: list[dict[str, Any]]) -> None:
+    """Turn off TLS for the app's hop to the proxy, once its settings are the sidecar's upstream.
+
+    Only then: with a URL upstream they are not carried, and an app that works again on
+    loopback would have the sidecar connect with less than it asked for."""
+    for name, value in LOOPBACK_TLS_ENV.items():
+        if any(var.get("name") == name for var in env):  # left unset, libpq's default works
+            _set_env(env, name, value)
+
+
+def _url_files(url: _Found, *, variable: str) -> tuple[_UpstreamFile, ...]:
+    """The TLS files a literal upstream URL has the sidecar open (none for a Secret's URL)."""
+    if "valueFrom" in url.var:
+        return ()
+    name = url.container.get("name")
+    return tuple(
+        _UpstreamFile(
+            path=path,
+            container=url.container,
+            where=f"{variable} in container {name!r} names {key}={path}",
+            annotation=annotations.DATABASE_URL_ENV,
+        )
+        for key, path in upstream_files(str(url.var.get("value", "")))
     )
 
 
+def _env_files(pg: Mapping[str, _Found]) -> tuple[tuple[_UpstreamFile, ...], tuple[str, ...]]:
+    """The TLS files the app's PGSSL* variables have the sidecar open, and warnings for those
+    whose paths come from a Secret or ConfigMap (the webhook cannot see them to mount them)."""
+    mode = pg.get("PGSSLMODE")
+    sslmode = "prefer"  # libpq's default, and the sidecar's
+    if mode is not None and "valueFrom" in mode.var:
+        sslmode = "verify-full"  # unknown here: as if it opened every file, so none goes unmounted
+    elif mode is not None and mode.var.get("value"):
+        sslmode = str(mode.var["value"])
+    files: list[_UpstreamFile] = []
+    warnings: list[str] = []
+    for name, key in PG_TLS_ENV.items():
+        found = pg.get(name)
+        if found is None or key not in _opened_keys(sslmode):
+            continue
+        where = f"{name} in container {found.container.get('name')!r}"
+        if "valueFrom" in found.var:
+            warnings.append(
+                f"{where} comes from valueFrom, so the webhook cannot see the path and gives the "
+                "dbgov sidecar no volume for it; the sidecar opens it in its own container (set it to "
+                "a literal path under a volumeMount and the webhook mounts that volume into the sidecar)"
+            )
+        elif found.var.get("value"):
+            path = str(found.var["value"])
+            files.append(
+                _UpstreamFile(
+                    path=path, container=found.container, where=f"{where} names {path}", annotation=None
+                )
+            )
+    return tuple(files), tuple(warnings)
+
+
 def _upstream_file_mounts(
-    apps: _Repointed, *, variable: str, volumes: list[Mapping[str, Any]]
+    files: tuple[_UpstreamFile, ...], *, volumes: list[Mapping[str, Any]]
 ) -> list[VolumeMount]:
-    """Give the sidecar, read-only, the app's volume mounts that hold the TLS files its URL names.
+    """Give the sidecar, read-only, the app's volume mounts that hold the TLS files it opens.
 
     The sidecar opens them in its own container, at the same paths. A file no mount of the app
     container holds (in its image, say) cannot be given: the sidecar would fail to start and the
     pod never become ready, so the pod is refused with what to change instead."""
     mounts: list[VolumeMount] = []
-    for key, path in upstream_files(apps.literal_url or ""):
-        found = _holding_mount(path, apps.source.get("volumeMounts") or [])
-        problem = _unmountable(path, found, volumes=volumes)
-        if problem is not None or found is None:  # _unmountable says why when found is None
-            where = f"{variable} in container {apps.source.get('name')!r} names {key}={path}"
-            raise InjectionRefused(annotation=annotations.DATABASE_URL_ENV, reason=f"{where}, {problem}")
-        mount: VolumeMount = {"name": found["name"], "mountPath": found["mountPath"], "readOnly": True}
-        if found.get("subPath"):
-            mount["subPath"] = found["subPath"]
+    for file in files:
+        mount = _sidecar_mount(file, volumes=volumes)
+        if any(m["mountPath"] == mount["mountPath"] and m != mount for m in mounts):
+            # Only with files named by different containers, each mounting its own volume there.
+            raise InjectionRefused(
+                annotation=file.annotation,
+                reason=(
+                    f"{file.where}, held by volumeMount {mount['name']!r} at {mount['mountPath']}, "
+                    "where the sidecar already gets another container's volumeMount for another TLS "
+                    "file; keep the files in one volume, mounted alike in the containers that name them"
+                ),
+            )
         if mount not in mounts:
             mounts.append(mount)
     return mounts
+
+
+def _sidecar_mount(file: _UpstreamFile, *, volumes: list[Mapping[str, Any]]) -> VolumeMount:
+    """The app's mount holding ``file``, as the sidecar gets it; refuse the pod without one."""
+    found = _holding_mount(file.path, file.container.get("volumeMounts") or [])
+    problem = _unmountable(file.path, found, volumes=volumes)
+    if problem is not None or found is None:  # _unmountable says why when found is None
+        raise InjectionRefused(annotation=file.annotation, reason=f"{file.where}, {problem}")
+    mount: VolumeMount = {"name": found["name"], "mountPath": found["mountPath"], "readOnly": True}
+    if found.get("subPath"):
+        mount["subPath"] = found["subPath"]
+    return mount
 
 
 def _holding_mount(path: str, mounts: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -335,32 +461,41 @@ def _unmountable(
     return None
 
 
-def _upstream(*, url: Mapping[str, Any] | None, pg: Mapping[str, Mapping[str, Any]]) -> list[EnvVar]:
-    """The sidecar's DBGOV_UPSTREAM: the app's own URL, or one built from its PGHOST/PGPORT."""
-    if url is not None:
-        return [_renamed(url, "DBGOV_UPSTREAM")]
-    if "PGHOST" not in pg:
-        return []  # the sidecar finds its database from dbgov.io/database instead
+def _upstream(pg: Mapping[str, _Found]) -> list[EnvVar]:
+    """The sidecar's DBGOV_UPSTREAM built from the app's PGHOST/PGPORT and TLS variables."""
     port: EnvVar = {"name": "DBGOV_UPSTREAM_PGPORT", "value": "5432"}
     if "PGPORT" in pg:
-        port = _renamed(pg["PGPORT"], "DBGOV_UPSTREAM_PGPORT")
+        port = _renamed(pg["PGPORT"].var, "DBGOV_UPSTREAM_PGPORT")
     # $(VAR) expands variables defined earlier in the same container, even from Secrets.
     composed = "postgresql://$(DBGOV_UPSTREAM_PGHOST):$(DBGOV_UPSTREAM_PGPORT)"
+    renamed: list[EnvVar] = []
+    query: list[str] = []
+    for name, key in PG_TLS_ENV.items():
+        var = pg[name].var if name in pg else {}
+        if "valueFrom" in var:
+            # The kubelet expands $(VAR) verbatim: a value with & # + or % would be misread.
+            renamed.append(_renamed(var, f"DBGOV_UPSTREAM_{name}"))
+            query.append(f"{key}=$(DBGOV_UPSTREAM_{name})")
+        elif var.get("value"):
+            # Percent-encoded, so no $ is left for the kubelet to expand either.
+            query.append(f"{key}={urllib.parse.quote(str(var['value']), safe='/')}")
+    if query:
+        composed += "?" + "&".join(query)
     return [
-        _renamed(pg["PGHOST"], "DBGOV_UPSTREAM_PGHOST"),
+        _renamed(pg["PGHOST"].var, "DBGOV_UPSTREAM_PGHOST"),
         port,
+        *renamed,
         {"name": "DBGOV_UPSTREAM", "value": composed},
     ]
 
 
-def _set_env(env: list[dict[str, Any]], name: str, value: str) -> dict[str, Any] | None:
-    """Set ``name`` to ``value``; return the previous entry if there was one."""
+def _set_env(env: list[dict[str, Any]], name: str, value: str) -> None:
+    """Set ``name`` to ``value`` (replacing its entry, or appended)."""
     for index, var in enumerate(env):
         if var.get("name") == name:
             env[index] = {"name": name, "value": value}
-            return var
+            return
     env.append({"name": name, "value": value})
-    return None
 
 
 def _repoint_url(var: dict[str, Any], *, port: int) -> None:

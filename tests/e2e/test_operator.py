@@ -573,6 +573,56 @@ def test_tls_file_outside_every_mount_refuses_the_pod(installed: Installed, name
     assert "sslrootcert=/app/ca.pem, which no volumeMount of that container holds" in str(error.body)
 
 
+def test_pg_tls_variables_reach_the_sidecar_and_the_app_gets_disable(
+    installed: Installed, namespace: str
+) -> None:
+    app = pod("pgenv-app", labels=ENROLLED)
+    app["spec"]["containers"][0]["env"] = [
+        {"name": "PGHOST", "value": "db.prod"},
+        {"name": "PGSSLMODE", "valueFrom": {"configMapKeyRef": {"name": "db-settings", "key": "sslmode"}}},
+        {"name": "PGCHANNELBINDING", "value": "require"},
+        {"name": "PGSSLROOTCERT", "value": "/etc/db-ca/ca.crt"},
+    ]
+    app["spec"]["containers"][0]["volumeMounts"] = [{"name": "db-ca", "mountPath": "/etc/db-ca"}]
+    app["spec"]["volumes"] = [{"name": "db-ca", "secret": {"secretName": "db-ca"}}]
+    installed.core.create_namespaced_pod(namespace, app)
+    stored = installed.core.api_client.sanitize_for_serialization(
+        installed.core.read_namespaced_pod("pgenv-app", namespace)
+    )
+    sidecar = stored["spec"]["initContainers"][0]
+    upstream = {e["name"]: e for e in sidecar["env"] if e["name"].startswith("DBGOV_UPSTREAM")}
+    assert list(upstream) == [
+        "DBGOV_UPSTREAM_PGHOST",
+        "DBGOV_UPSTREAM_PGPORT",
+        "DBGOV_UPSTREAM_PGSSLMODE",
+        "DBGOV_UPSTREAM",
+    ]
+    assert upstream["DBGOV_UPSTREAM_PGSSLMODE"]["valueFrom"] == {
+        "configMapKeyRef": {"name": "db-settings", "key": "sslmode"}
+    }
+    assert upstream["DBGOV_UPSTREAM"]["value"] == (
+        "postgresql://$(DBGOV_UPSTREAM_PGHOST):$(DBGOV_UPSTREAM_PGPORT)"
+        "?sslmode=$(DBGOV_UPSTREAM_PGSSLMODE)&channel_binding=require&sslrootcert=/etc/db-ca/ca.crt"
+    )
+    assert sidecar["volumeMounts"][2:] == [{"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True}]
+    env = {e["name"]: e for e in stored["spec"]["containers"][0]["env"]}
+    assert env["PGSSLMODE"] == {"name": "PGSSLMODE", "value": "disable"}
+    assert env["PGCHANNELBINDING"] == {"name": "PGCHANNELBINDING", "value": "disable"}
+    assert (env["PGHOST"]["value"], env["PGPORT"]["value"]) == ("127.0.0.1", "5432")
+
+
+def test_an_unmounted_pgsslrootcert_refuses_the_pod(installed: Installed, namespace: str) -> None:
+    app = pod("pgenv-baked", labels=ENROLLED)
+    app["spec"]["containers"][0]["env"] = [
+        {"name": "PGHOST", "value": "db.prod"},
+        {"name": "PGSSLMODE", "value": "verify-full"},
+        {"name": "PGSSLROOTCERT", "value": "/app/ca.pem"},  # in the image
+    ]
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, app))
+    assert error.status == 400
+    assert "PGSSLROOTCERT in container 'app' names /app/ca.pem, which no volumeMount" in str(error.body)
+
+
 def test_apiserver_accepts_the_native_sidecars_probes(installed: Installed, namespace: str) -> None:
     installed.core.create_namespaced_pod(namespace, pod("probed", labels=ENROLLED))
     stored = installed.core.api_client.sanitize_for_serialization(

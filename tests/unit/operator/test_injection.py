@@ -287,3 +287,209 @@ def test_a_mount_of_another_container_does_not_count() -> None:
     with pytest.raises(injection.InjectionRefused) as caught:
         injection.inject(pod, sidecar=CONFIG.sidecar)
     assert "sslkey=/etc/db/key/tls.key, which no volumeMount" in caught.value.reason
+
+
+def _pgenv_pod(env: list[dict[str, Any]], mounts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    web: dict[str, Any] = {"name": "web", "image": "example/app:1", "env": env}
+    if mounts is not None:
+        web["volumeMounts"] = mounts
+    return {
+        "metadata": {"name": "app", "labels": {annotations.INJECT: annotations.INJECT_ENABLED}},
+        "spec": {"containers": [web], "volumes": [{"name": "certs", "secret": {"secretName": "db-certs"}}]},
+    }
+
+
+def _expanded(env: list[dict[str, Any]], given: dict[str, str]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: ``given`` stands for the values
+    from Secrets and ConfigMaps, $(VAR) expands variables defined earlier, $$ is a $."""
+    values: dict[str, str] = {}
+    for var in env:
+        if "valueFrom" in var:
+            values[var["name"]] = given.get(var["name"], "")
+            continue
+        values[var["name"]] = re.sub(
+            r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+            lambda m: "$" if m[0] == "$$" else values.get(m[1], m[0]),
+            var["value"],
+        )
+    return values
+
+
+def _sidecar_upstream(pod: dict[str, Any], given: dict[str, str] | None = None) -> Any:
+    """The upstream the sidecar makes of its DBGOV_UPSTREAM, parsed by its own config module."""
+    from dbgov_sidecar import config as sidecar_config  # the contract: the sidecar's own parse
+
+    env = _expanded(_sidecar(pod)["env"], given or {})
+    return sidecar_config.upstream_config(sidecar_config.Settings(upstream=env["DBGOV_UPSTREAM"]))
+
+
+def test_pg_tls_variables_reach_the_sidecars_parse() -> None:
+    env = [
+        {"name": "PGHOST", "value": "db.prod"},
+        {"name": "PGSSLMODE", "value": "verify-full"},
+        {"name": "PGCHANNELBINDING", "value": "require"},
+        {"name": "PGSSLROOTCERT", "value": "/certs/ca.pem"},
+        {"name": "PGSSLCERT", "value": "/certs/tls.crt"},
+        {"name": "PGSSLKEY", "value": "/certs/tls.key"},
+    ]
+    pod = injection.inject(
+        _pgenv_pod(env, [{"name": "certs", "mountPath": "/certs"}]), sidecar=CONFIG.sidecar
+    ).pod
+    upstream = _sidecar_upstream(pod)
+    assert (upstream.host, upstream.port, upstream.sslmode, upstream.channel_binding) == (
+        "db.prod",
+        5432,
+        "verify-full",
+        "require",
+    )
+    assert (upstream.sslrootcert, upstream.sslcert, upstream.sslkey) == (
+        "/certs/ca.pem",
+        "/certs/tls.crt",
+        "/certs/tls.key",
+    )
+    assert _sidecar(pod)["volumeMounts"][2:] == [{"name": "certs", "mountPath": "/certs", "readOnly": True}]
+    app = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert app["PGSSLMODE"] == {"name": "PGSSLMODE", "value": "disable"}
+    assert app["PGCHANNELBINDING"] == {"name": "PGCHANNELBINDING", "value": "disable"}
+    assert app["PGSSLROOTCERT"]["value"] == "/certs/ca.pem"  # unused under disable, left alone
+
+
+def test_a_literal_tls_path_is_escaped_for_the_url_and_the_kubelet() -> None:
+    path = "/certs/a b&c#d+e%f$(HOME)/ca.pem"
+    env = [
+        {"name": "PGHOST", "value": "db.prod"},
+        {"name": "PGSSLMODE", "value": "verify-ca"},
+        {"name": "PGSSLROOTCERT", "value": path},
+    ]
+    pod = injection.inject(
+        _pgenv_pod(env, [{"name": "certs", "mountPath": "/certs"}]), sidecar=CONFIG.sidecar
+    ).pod
+    upstream = _sidecar_upstream(pod)
+    assert (upstream.sslmode, upstream.sslrootcert) == ("verify-ca", path)
+
+
+def test_pg_tls_variables_from_secrets_are_referenced_not_copied() -> None:
+    def ref(key: str) -> dict[str, Any]:
+        return {"secretKeyRef": {"name": "db", "key": key}}
+
+    env = [
+        {"name": name, "valueFrom": ref(name.lower())} for name in ("PGHOST", "PGPORT", *injection.PG_TLS_ENV)
+    ]
+    result = injection.inject(_pgenv_pod(env), sidecar=CONFIG.sidecar)
+    sidecar_env = {e["name"]: e for e in _sidecar(result.pod)["env"]}
+    for name in injection.PG_TLS_ENV:
+        assert sidecar_env[f"DBGOV_UPSTREAM_{name}"]["valueFrom"] == ref(name.lower())
+    given = {
+        "DBGOV_UPSTREAM_PGHOST": "db.prod",
+        "DBGOV_UPSTREAM_PGPORT": "6543",
+        "DBGOV_UPSTREAM_PGSSLMODE": "verify-full",
+        "DBGOV_UPSTREAM_PGCHANNELBINDING": "require",
+        "DBGOV_UPSTREAM_PGSSLROOTCERT": "/certs/ca.pem",
+        "DBGOV_UPSTREAM_PGSSLCERT": "/certs/tls.crt",
+        "DBGOV_UPSTREAM_PGSSLKEY": "/certs/tls.key",
+    }
+    upstream = _sidecar_upstream(result.pod, given)
+    assert (upstream.port, upstream.sslmode, upstream.channel_binding, upstream.sslkey) == (
+        6543,
+        "verify-full",
+        "require",
+        "/certs/tls.key",
+    )
+    # Paths the webhook cannot see get no mount, and a warning each.
+    assert _sidecar(result.pod)["volumeMounts"][2:] == []
+    assert [w.split(" comes from valueFrom")[0] for w in result.warnings] == [
+        "PGSSLROOTCERT in container 'web'",
+        "PGSSLCERT in container 'web'",
+        "PGSSLKEY in container 'web'",
+    ]
+    app = {e["name"]: e for e in result.pod["spec"]["containers"][0]["env"]}
+    assert app["PGSSLMODE"] == {"name": "PGSSLMODE", "value": "disable"}
+
+
+@pytest.mark.parametrize("sslmode", ["require", "prefer", "disable"])
+def test_an_unverified_mode_opens_no_ca_so_an_unmounted_one_is_admitted(sslmode: str) -> None:
+    env = [
+        {"name": "PGHOST", "value": "db.prod"},
+        {"name": "PGSSLMODE", "value": sslmode},
+        {"name": "PGSSLROOTCERT", "value": "/app/ca.pem"},  # in the image
+    ]
+    pod = injection.inject(_pgenv_pod(env), sidecar=CONFIG.sidecar).pod
+    assert _sidecar_upstream(pod).sslmode == sslmode
+    assert _sidecar(pod)["volumeMounts"][2:] == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "opened"),
+    [
+        ([], "sslcert"),  # no PGSSLMODE: prefer, which sends a client certificate
+        (
+            [{"name": "PGSSLMODE", "valueFrom": {"configMapKeyRef": {"name": "db", "key": "mode"}}}],
+            "sslrootcert",
+        ),
+    ],
+)
+def test_a_file_the_sidecar_may_open_refuses_the_pod_when_unmounted(
+    extra: list[dict[str, Any]], opened: str
+) -> None:
+    env = [
+        {"name": "PGHOST", "value": "db.prod"},
+        *extra,
+        {"name": "PGSSLROOTCERT" if opened == "sslrootcert" else "PGSSLCERT", "value": "/app/file.pem"},
+    ]
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(_pgenv_pod(env), sidecar=CONFIG.sidecar)
+    assert caught.value.annotation is None
+    assert "names /app/file.pem, which no volumeMount of that container holds" in str(caught.value)
+
+
+def test_pg_tls_variables_that_differ_between_containers_warn() -> None:
+    pod = _pgenv_pod([{"name": "PGHOST", "value": "db.prod"}, {"name": "PGSSLMODE", "value": "require"}])
+    worker = {
+        "name": "worker",
+        "image": "example/app:1",
+        "env": [{"name": "PGSSLMODE", "value": "verify-full"}],
+    }
+    pod["spec"]["containers"].append(worker)
+    result = injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert _sidecar_upstream(result.pod).sslmode == "require"
+    (warning,) = result.warnings
+    assert warning.startswith("PGSSLMODE: app containers set it differently")
+    assert warning.endswith("container 'web'")
+    assert {"name": "PGSSLMODE", "value": "disable"} in result.pod["spec"]["containers"][1]["env"]
+
+
+def test_tls_files_at_one_path_from_two_volumes_refuse_the_pod() -> None:
+    pod = _pgenv_pod(
+        [{"name": "PGHOST", "value": "db.prod"}, {"name": "PGSSLCERT", "value": "/certs/tls.crt"}],
+        [{"name": "certs", "mountPath": "/certs"}],
+    )
+    worker = {
+        "name": "worker",
+        "image": "example/app:1",
+        "env": [{"name": "PGSSLKEY", "value": "/certs/tls.key"}],
+        "volumeMounts": [{"name": "keys", "mountPath": "/certs"}],
+    }
+    pod["spec"]["containers"].append(worker)
+    pod["spec"]["volumes"].append({"name": "keys", "secret": {"secretName": "db-keys"}})
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert str(caught.value).startswith(
+        "PGSSLKEY in container 'worker' names /certs/tls.key, held by volumeMount 'keys'"
+    )
+
+
+@pytest.mark.parametrize("upstream", ["url", "none"])
+def test_pg_tls_variables_not_carried_to_the_sidecar_are_left_to_the_app(upstream: str) -> None:
+    # With a URL upstream, or no PGHOST to build one, the sidecar does not get them: turning them
+    # off on loopback would let the app connect through a sidecar that verifies less than it asked.
+    pod = _load(TESTDATA / ("url-literal.pod.yaml" if upstream == "url" else "basic.pod.yaml"))
+    env = pod["spec"]["containers"][0].setdefault("env", [])
+    env += [{"name": "PGSSLMODE", "value": "verify-full"}, {"name": "PGCHANNELBINDING", "value": "require"}]
+    if upstream == "url":
+        env.append({"name": "PGHOST", "value": "db.prod"})
+    result = injection.inject(pod, sidecar=CONFIG.sidecar)
+    names = [e["name"] for e in _sidecar(result.pod)["env"] if e["name"].startswith("DBGOV_UPSTREAM")]
+    assert names == (["DBGOV_UPSTREAM"] if upstream == "url" else [])
+    app = result.pod["spec"]["containers"][0]["env"]
+    assert {"name": "PGSSLMODE", "value": "verify-full"} in app
+    assert {"name": "PGCHANNELBINDING", "value": "require"} in app
