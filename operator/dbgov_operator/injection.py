@@ -156,15 +156,15 @@ def rewrite_database_url(url: str, *, port: int) -> str | None:
     """Point a ``postgres://`` URL at the loopback proxy; ``None`` if it is not such a URL.
 
     Credentials, database and options are kept; host/port move to the proxy, and a TLS
-    ``sslmode`` becomes ``disable`` because the hop to the proxy never leaves the pod (the proxy
-    speaks TLS to the real database)."""
+    ``sslmode`` (and ``channel_binding``, which would demand TLS) becomes ``disable`` because the
+    hop to the proxy never leaves the pod (the proxy speaks TLS to the real database)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
         return None
     userinfo, _, _hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo}@{LOOPBACK}:{port}" if userinfo else f"{LOOPBACK}:{port}"
     query = [
-        (key, "disable" if key == "sslmode" else value)
+        (key, "disable" if key in ("sslmode", "channel_binding") else value)
         for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         if key not in ("host", "hostaddr", "port")
     ]
