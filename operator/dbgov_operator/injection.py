@@ -177,8 +177,8 @@ def upstream_files(url: str) -> list[tuple[str, str]]:
     """The TLS files, as ``(parameter, path)``, that the sidecar opens for upstream ``url``.
 
     As ``dbgov proxy`` reads its URL: nothing under ``sslmode=disable``; ``sslrootcert`` only when
-    it verifies the server (``verify-ca``, ``verify-full``); ``sslcert`` and ``sslkey`` under every
-    other mode, including its default, ``prefer``."""
+    it verifies the server (``verify-ca``, ``verify-full``, and ``require`` given a root CA, as
+    libpq); ``sslcert`` and ``sslkey`` under every other mode, including its default, ``prefer``."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
         return []
@@ -191,7 +191,7 @@ def _opened_keys(sslmode: str) -> list[str]:
     if sslmode == "disable":
         return []
     keys = ["sslcert", "sslkey"]
-    if sslmode in ("verify-ca", "verify-full"):
+    if sslmode in ("verify-ca", "verify-full", "require"):  # require + a root CA = verify-ca
         keys.insert(0, "sslrootcert")
     return keys
 

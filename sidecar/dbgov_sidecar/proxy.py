@@ -576,7 +576,8 @@ def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:
     if cfg.sslmode == "disable":
         return None
-    if cfg.sslmode in ("verify-ca", "verify-full"):
+    # As libpq: `require` with a root CA given verifies the chain, exactly as verify-ca.
+    if cfg.sslmode in ("verify-ca", "verify-full") or (cfg.sslmode == "require" and cfg.sslrootcert):
         ctx = ssl.create_default_context(cafile=cfg.sslrootcert)
         ctx.check_hostname = cfg.sslmode == "verify-full"  # verify-ca: the chain, not the name
     elif cfg.sslmode in ("allow", "prefer", "require"):

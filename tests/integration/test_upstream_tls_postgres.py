@@ -310,6 +310,18 @@ def test_sslmode_require_encrypts_without_verifying(make_proxy: MakeProxy, tls_p
         assert _encrypted(conn)
 
 
+def test_sslmode_require_with_a_root_ca_verifies_like_libpq(
+    make_proxy: MakeProxy, tls_postgres: TlsPostgres
+) -> None:
+    """libpq: "if a root CA file exists, sslmode=require behaves as verify-ca"."""
+    trusted = _proxy(make_proxy, tls_postgres, sslmode="require", sslrootcert=str(tls_postgres.ca_pem))
+    with psycopg.connect(trusted.dsn()) as conn:
+        assert _encrypted(conn)
+    stranger = _proxy(make_proxy, tls_postgres, sslmode="require", sslrootcert=str(tls_postgres.other_ca_pem))
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(stranger.dsn())
+
+
 @pytest.mark.parametrize("channel_binding", ["require", "disable"])
 def test_scram_over_tls_with_and_without_channel_binding(
     make_proxy: MakeProxy, tls_postgres: TlsPostgres, channel_binding: str

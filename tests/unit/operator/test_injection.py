@@ -259,7 +259,8 @@ def test_rewrite_database_url(url: str, expected: str | None) -> None:
             [("sslrootcert", "/ca.pem"), ("sslcert", "/c"), ("sslkey", "/k")],
         ),
         ("sslrootcert=/ca.pem&sslcert=/c", [("sslcert", "/c")]),  # the sidecar's default: prefer
-        ("sslmode=require&sslrootcert=/ca.pem", []),  # encrypts, verifies nothing
+        ("sslmode=require&sslrootcert=/ca.pem", [("sslrootcert", "/ca.pem")]),  # libpq: = verify-ca
+        ("sslmode=require", []),  # encrypts, verifies nothing
         ("sslmode=disable&sslrootcert=/ca.pem&sslcert=/c&sslkey=/k", []),
         ("sslmode=verify-full&sslrootcert=", []),  # empty: the system trust store
         ("sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem", [("sslrootcert", "/etc/ca.pem")]),
@@ -410,7 +411,7 @@ def test_pg_tls_variables_from_secrets_are_referenced_not_copied() -> None:
     assert app["PGSSLMODE"] == {"name": "PGSSLMODE", "value": "disable"}
 
 
-@pytest.mark.parametrize("sslmode", ["require", "prefer", "disable"])
+@pytest.mark.parametrize("sslmode", ["prefer", "disable"])  # require + a CA verifies, as libpq
 def test_an_unverified_mode_opens_no_ca_so_an_unmounted_one_is_admitted(sslmode: str) -> None:
     env = [
         {"name": "PGHOST", "value": "db.prod"},
