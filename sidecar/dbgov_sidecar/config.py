@@ -115,8 +115,6 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
         raise ValueError(f"upstream sslmode must be one of {', '.join(SSLMODES)}, not {sslmode!r}")
     if query.get("channel_binding") == "require" and sslmode == "disable":
         raise ValueError("upstream channel_binding=require needs TLS, but sslmode is disable")
-    if query.get("sslkey") and not query.get("sslcert"):
-        raise ValueError("upstream sslkey is set without sslcert")
     return proxy.UpstreamConfig(
         host=url.hostname or "127.0.0.1",
         port=url.port or 5432,

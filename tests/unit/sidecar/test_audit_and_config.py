@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbgov_sidecar import audit, config, metrics, policy_port, session
+from dbgov_sidecar import audit, config, metrics, policy_port, proxy, session
 from dbgov_sidecar.pgwire import messages
 
 
@@ -201,7 +201,6 @@ def test_the_session_writes_statement_events_with_the_documented_keys() -> None:
         ("sslmode=verify", "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"),
         ("channel_binding=always", "channel_binding must be one of disable, prefer, require"),
         ("sslmode=disable&channel_binding=require", "channel_binding=require needs TLS"),
-        ("sslkey=/k.pem", "sslkey is set without sslcert"),
     ],
 )
 def test_upstream_tls_settings_are_checked_when_read(query: str, complaint: str) -> None:
@@ -229,3 +228,10 @@ def test_timestamps_are_rfc3339_utc_with_microseconds(t: float) -> None:
     parsed = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
     assert abs(parsed.timestamp() - t) < 2e-6  # truncated to the microsecond
     assert audit.timestamp(t) == text  # the cached date part gives the same answer
+
+
+def test_an_upstream_sslkey_without_sslcert_is_ignored_like_libpq() -> None:
+    # libpq uses sslkey only with a client certificate; an app's stray PGSSLKEY must not stop the sidecar
+    up = config.upstream_config(config.Settings(upstream="postgresql://app@db.example/shop?sslkey=/k.pem"))
+    assert (up.sslcert, up.sslkey) == (None, "/k.pem")
+    proxy.Proxy(proxy.ProxyConfig(upstream=up), policy=policy_port.AllowAll)  # builds its TLS context
