@@ -259,7 +259,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None and self.session.state != "closed":
-            self.session.client_eof()
+            self.session.client_eof(time.time())
             self._write_audit()
         self.close("client gone")
 
@@ -430,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.keys.pop(self._key, None)
         if self.session is not None:
             if self.session.state != "closed":
-                self.session.state = "closed"
+                self.session.close(reason, time.time())
             self.pump()
         if self.transport is not None:
             self.transport.close()

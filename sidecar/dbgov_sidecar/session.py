@@ -272,6 +272,9 @@ class Session:
     ) -> None:
         self._policy = policy
         self._over_capacity = over_capacity
+        self._clock = 0.0  # the latest time the shell passed in
+        self._started = False  # session_start was audited: session_end must follow, once
+        self._ended = False
         self._audit_ok = audit_ok
         self._config = config
         self._client_info = client
@@ -345,6 +348,7 @@ class Session:
 
     def client_data(self, data: bytes, now: float) -> None:
         """Bytes arrived from the client."""
+        self._clock = now
         if (
             self.lean
             and self.state == "ready"
@@ -365,8 +369,10 @@ class Session:
         except ProtocolViolation as err:
             self._fatal(err.sqlstate, f"protocol violation: {err.what}")
 
-    def client_eof(self) -> None:
+    def client_eof(self, now: float | None = None) -> None:
         """The client closed its side."""
+        if now is not None:
+            self._clock = now
         try:
             self._client.check_eof()
         except ProtocolViolation as err:
@@ -376,6 +382,7 @@ class Session:
 
     def server_data(self, data: bytes, now: float) -> None:
         """Bytes arrived from the upstream server (after login)."""
+        self._clock = now
         if (
             self.lean
             and not self._masked_attrs
@@ -429,6 +436,8 @@ class Session:
         self.to_client += messages.backend_key_data(pid, secret)
         self.to_client += messages.ready_for_query("I")
         self.state = "ready"
+        self._clock = now
+        self._started = True
         # A fresh context: startup settings are already in effect in the probed search_path.
         self._search_path = search_path
         self._new_context(self._policy())
@@ -447,8 +456,14 @@ class Session:
         """The upstream connection dropped while the session was relaying."""
         if self.state == "closed":
             return
+        self._clock = now
+        self._end("upstream lost")
         self._fatal("08006", "the upstream database closed the connection")
-        self._event(now, {"type": "session_end", "reason": "upstream lost"})
+
+    def close(self, reason: str, now: float) -> None:
+        """The shell closes the session (shutdown, internal error): audit how it ended."""
+        self._clock = now
+        self._close(reason)
 
     # --- client side ----------------------------------------------------------------------
 
@@ -676,7 +691,6 @@ class Session:
                 break
         self.to_server += chunk if out is None else b"".join(out)
         if terminate:
-            self._event(now, {"type": "session_end", "reason": "client terminated"})
             self._close("client terminated")
 
     def _on_query(self, msg: framing.Message, now: float) -> bytes | None:
@@ -1329,7 +1343,25 @@ class Session:
     def _close(self, reason: str) -> None:
         if self.state != "closed":
             self.state = "closed"
+            self._end(reason)
             self.actions.append(Close(reason=reason))
+
+    def _end(self, reason: str) -> None:
+        """Audit the end of an established session, once: statements sent upstream whose answer
+        never came get their event (08006: the outcome is unknown), then session_end."""
+        if not self._started or self._ended:
+            return
+        self._ended = True
+        unfinished = [*self._units, *([self._pending] if self._pending is not None else [])]
+        if self._units:
+            self._units[0].rows = self._unit_rows
+        for unit in unfinished:
+            if unit.sqlstate is None:
+                unit.sqlstate = "08006"
+            self._finish_unit(unit, self._clock)
+        self._units.clear()
+        self._pending = None
+        self._event(self._clock, {"type": "session_end", "reason": reason})
 
 
 def _affected_error(guard: _Guard) -> bytes:

@@ -56,6 +56,14 @@ def test_upstream_killed_mid_query(dbgov: RunningProxy, pg_server: pg.PgServer) 
         killer.join()
     with psycopg.connect(dbgov.dsn()) as conn:  # the proxy is still serving
         assert conn.execute("SELECT 1").fetchone() == (1,)
+    # The statement whose ReadyForQuery never came is still evidence, with the server's last word
+    # (57P01: terminated by an administrator), then the session's end.
+    (cut,) = [e for e in dbgov.events if e.get("statement") == "SELECT pg_sleep(20)"]
+    assert cut["sqlstate"] == "57P01"
+    ends = [
+        e for e in dbgov.events if e.get("type") == "session_end" and e["session_id"] == cut["session_id"]
+    ]
+    assert [e["reason"] for e in ends] == ["upstream lost"]
 
 
 def test_client_gone_mid_result_frees_the_upstream(dbgov: RunningProxy, pg_server: pg.PgServer) -> None:
@@ -66,6 +74,14 @@ def test_client_gone_mid_result_frees_the_upstream(dbgov: RunningProxy, pg_serve
     assert sock.recv(4096)  # the result has started streaming
     sock.close()
     _wait_for(lambda: _app_backends(pg_server) == before)
+    # No Terminate, the socket just closed: the session still ends in the audit trail.
+    statement = "SELECT g, repeat('x', 500) FROM generate_series(1, 500000) g"
+    _wait_for(lambda: any(e.get("reason") == "client disconnected" for e in dbgov.events))
+    (cut,) = [e for e in dbgov.events if e.get("statement") == statement]
+    assert cut["sqlstate"] == "08006" and cut["rows_returned"] > 0
+    starts = [e for e in dbgov.events if e.get("type") == "session_start"]
+    ends = [e for e in dbgov.events if e.get("type") == "session_end"]
+    assert {e["session_id"] for e in starts} == {e["session_id"] for e in ends}  # every session ends
 
 
 def test_slow_client_keeps_proxy_memory_bounded(dbgov: RunningProxy) -> None:

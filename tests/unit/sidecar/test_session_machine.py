@@ -388,3 +388,19 @@ def test_client_token_login_records_the_identity() -> None:
     bad.client_data(messages.password_message(b"forged\0"), 0.0)
     fields = messages.decode_fields(bytes(bad.to_client))
     assert fields["C"] == "28P01" and "Signature verification failed" in fields["M"]
+
+
+def test_every_established_session_ends_in_the_audit_trail_once() -> None:
+    s = _ready()
+    s.client_data(messages.query("DELETE FROM t WHERE id = 1"), 1.0)  # sent, never answered
+    s.client_eof(2.0)
+    s.client_eof(3.0)  # a second close changes nothing
+    statement, end = s.events[-2:]
+    assert statement["statement"] == "DELETE FROM t WHERE id = 1" and statement["sqlstate"] == "08006"
+    assert end["type"] == "session_end" and end["reason"] == "client disconnected"
+    assert sum(e["type"] == "session_end" for e in s.events) == 1
+
+    before_login = _session()
+    before_login.client_data(messages.startup_message({"user": "agent"}), 0.0)
+    before_login.client_eof(1.0)
+    assert not [e for e in before_login.events if e["type"] == "session_end"]  # it never started
