@@ -283,6 +283,9 @@ class Session:
         False runs every byte through the framers (the tests compare both)."""
         self._backend_key = backend_key
         self._nonce = nonce
+        # Markers carry a per-session secret suffix: an error message a client provokes on purpose
+        # can never be mistaken for a marker's, so no refusal is matched to the wrong error.
+        self._marker_tag = "".join(c for c in nonce if c.isalnum()).lower()[:16]
         self._client = framing.Framer(side="frontend", startup=True, max_message_size=config.max_message_size)
         self._server = framing.Framer(side="backend", max_message_size=1 << 30)
         self.state = "startup"
@@ -819,7 +822,7 @@ class Session:
         """
         decision = statement.decision
         self._marker_count += 1
-        token = f"dbgov_refused_{self._marker_count}"
+        token = f"dbgov_refused_{self._marker_count}_{self._marker_tag}"
         error = refusal_error(decision)
         if sync_id is None:
             sync_id = self._syncs_sent
@@ -1072,7 +1075,7 @@ class Session:
             if status == "T" and self._syncs_done == self._syncs_sent:
                 # PostgreSQL would have aborted the block: make the server's block fail too.
                 self._marker_count += 1
-                self._abort_marker = f"dbgov_abort_{self._marker_count}"
+                self._abort_marker = f"dbgov_abort_{self._marker_count}_{self._marker_tag}"
                 self._syncs_sent += 1
                 self.to_server += messages.query(self._abort_marker)
                 return b""
@@ -1181,7 +1184,7 @@ class Session:
         if count <= limit:
             return None
         self._marker_count += 1
-        token = f"dbgov_refused_{self._marker_count}"
+        token = f"dbgov_refused_{self._marker_count}_{self._marker_tag}"
         self._refusals.append(_Refusal(token=token, error=b"", sync_id=sync))
         self.to_server += messages.parse("dbgov_guard", token, ())
         self._skipping = True  # like the server, drop the client's messages until Sync
@@ -1262,7 +1265,9 @@ class Session:
             return None
         if guard.over and guard.savepoint:
             self._marker_count += 1
-            self._guard_send("ROLLBACK TO SAVEPOINT dbgov_guard", f"dbgov_abort_{self._marker_count}")
+            self._guard_send(
+                "ROLLBACK TO SAVEPOINT dbgov_guard", f"dbgov_abort_{self._marker_count}_{self._marker_tag}"
+            )
             guard.pending = 2
         elif guard.failed or guard.over:
             self._guard_send("ROLLBACK")

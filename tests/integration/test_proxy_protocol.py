@@ -333,3 +333,16 @@ def test_client_tls_handshake_garbage_does_not_hurt_the_proxy(make_proxy: object
     raw.close()
     with psycopg.connect(f"host=127.0.0.1 port={running.port} user=a dbname=shop sslmode=require") as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_an_error_quoting_a_marker_is_not_taken_for_a_refusal(dbgov: RunningProxy) -> None:
+    """Markers carry a per-session secret: a client echoing `dbgov_refused_1` in its own failing
+    statement, pipelined before a refused one, gets its own error back, not the policy's."""
+    with psycopg.connect(dbgov.dsn(), autocommit=True) as conn:
+        with (
+            pytest.raises(psycopg.errors.InvalidTextRepresentation, match="dbgov_refused_1"),
+            conn.pipeline(),
+        ):
+            conn.execute("SELECT %s::int", ["dbgov_refused_1"])
+            conn.execute("DROP TABLE shop.orders")
+        assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() is not None
