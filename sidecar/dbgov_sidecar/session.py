@@ -124,6 +124,7 @@ class _Guard:
     stage: str = "open"  # open → statement → close
     count: int = 0
     over: bool = False
+    rows_over: bool = False  # RETURNING rows past maxRowsReturned: rolled back like a big write
     failed: bool = False
     close_failed: bool = False
     pending: int = 1  # ReadyForQuery messages the closing commands still owe
@@ -134,6 +135,9 @@ class _Guard:
 # RowDescription, notices, ParameterStatus, notifications, Parse/Bind/CloseComplete, NoData.
 _PLAIN_SERVER = {ord("T"): 0, ord("N"): 0, ord("S"): 0, ord("A"): 0}
 _PLAIN_SERVER |= {ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4}
+
+_UNLIMITED = 1 << 62
+"""The guard's affected-rows limit when only maxRowsReturned applies to a write."""
 
 _COPY_CLIENT = frozenset((messages.COPY_DATA, messages.COPY_DONE, messages.COPY_FAIL))
 
@@ -645,7 +649,9 @@ class Session:
                 self._pending = None
                 self._parsed_in_unit.clear()
                 replacement = None
-            elif mtype == messages.EXECUTE and self._affected_limit is not None:
+            elif mtype == messages.EXECUTE and (
+                self._affected_limit is not None or self._row_limit is not None
+            ):
                 self._note_execution(msg, now)
                 replacement = self._on_execute(msg)
                 if replacement is not None:  # a guarded write: the rest waits for its count
@@ -1012,8 +1018,8 @@ class Session:
             return self._limit_error() if msg.type == messages.PORTAL_SUSPENDED else b""
         return None
 
-    def _limit_error(self) -> bytes:
-        unit = self._current_unit()
+    def _limit_error(self, *, mark_unit: bool = True) -> bytes:
+        unit = self._current_unit() if mark_unit else None
         if unit is not None:
             unit.sqlstate = SQLSTATE_LIMIT
         return messages.error_response(
@@ -1141,15 +1147,18 @@ class Session:
     # --- maxRowsAffected: run a write inside BEGIN or a savepoint, keep it only if small ---
 
     def _guard_limit(self, decision: policy_port.Decision) -> int | None:
+        """maxRowsAffected for a statement that writes, or no limit at all when only
+        maxRowsReturned applies: a write whose RETURNING rows run over that must be undone too,
+        or the client would see an error for a change that stayed."""
         limit = self._affected_limit
-        if limit is None or self.txn_status == "E":
+        if (limit is None and self._row_limit is None) or self.txn_status == "E":
             return None
         if not any(
             getattr(info, "writes", ()) or getattr(info, "fine", "") == "execute"
             for info in decision.statements
         ):  # EXECUTE runs a prepared statement that may write: its tag tells
             return None
-        return limit
+        return _UNLIMITED if limit is None else limit
 
     def _start_guard(self, limit: int, statement: bytes) -> bytes:
         savepoint = self.txn_status == "T"
@@ -1176,13 +1185,22 @@ class Session:
             return None
         self._paused = False
         self._resume = True
-        limit = self._affected_limit
-        if msg.type != messages.COMMAND_COMPLETE or limit is None:
+        if msg.type != messages.COMMAND_COMPLETE:
             return None
         tag = messages.decode_command_complete(msg.data)
+        if self._over_limit:  # its RETURNING ran past maxRowsReturned: undo the write as well
+            self._fail_before_sync(sync, tag)
+            self._rows = 0
+            return self._limit_error()
+        limit = self._affected_limit
         count = _affected(tag)
-        if count <= limit:
+        if limit is None or count <= limit:
             return None
+        self._fail_before_sync(sync, tag)
+        return _affected_error(_Guard(limit=limit, savepoint=False, count=count))
+
+    def _fail_before_sync(self, sync: int, tag: str) -> None:
+        """Make the server fail the transaction before the client's held Sync reaches it."""
         self._marker_count += 1
         token = f"dbgov_refused_{self._marker_count}_{self._marker_tag}"
         self._refusals.append(_Refusal(token=token, error=b"", sync_id=sync))
@@ -1192,7 +1210,6 @@ class Session:
         if unit is not None:
             unit.sqlstate = SQLSTATE_LIMIT
             unit.tags = [*(unit.tags or []), tag]
-        return _affected_error(_Guard(limit=limit, savepoint=False, count=count))
 
     def _guard_send(self, *sql: str) -> None:
         for text in sql:
@@ -1225,7 +1242,9 @@ class Session:
         self._resume = True
         self.txn_status = messages.decode_ready_for_query(msg.data)
         if guard.over:
-            return _affected_error(guard) + msg.data
+            # (the guarded statement's unit is already audited with 54000)
+            error = self._limit_error(mark_unit=False) if guard.rows_over else _affected_error(guard)
+            return error + msg.data
         return (b"" if guard.close_failed else b"".join(guard.held)) + msg.data
 
     def _guarded_statement(self, guard: _Guard, msg: framing.Message, now: float) -> bytes | None:
@@ -1233,11 +1252,17 @@ class Session:
         unit = self._current_unit()
         if mtype == messages.DATA_ROW:
             self._unit_rows += 1
+            self._rows += 1
+            limit = self._row_limit
+            if guard.rows_over or (limit is not None and self._rows > limit):
+                guard.rows_over = guard.over = True
+                return b""  # no row past the limit reaches the client
             return None
         if mtype == messages.COMMAND_COMPLETE:
+            self._rows = 0
             tag = messages.decode_command_complete(msg.data)
             guard.count += _affected(tag)
-            guard.over = guard.count > guard.limit
+            guard.over = guard.rows_over or guard.count > guard.limit
             if unit is not None:
                 unit.tags = [*(unit.tags or []), tag]
             guard.held.append(msg.data)

@@ -186,3 +186,43 @@ def test_copy_from_stdin_in_the_extended_protocol_fails_cleanly_under_the_limit(
         assert [m.type for m in raw.read_until(b"Z")][-3:] == [ord("D"), ord("C"), ord("Z")]
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("affected", ["  maxRowsAffected: 100\n", ""])
+def test_rows_a_guarded_write_returns_are_held_to_max_rows_returned(
+    make_proxy: Callable[..., RunningProxy], pg_server: pg.PgServer, tmp_path: Path, affected: str
+) -> None:
+    """UPDATE … RETURNING past maxRowsReturned is refused and rolled back, with or without
+    maxRowsAffected: the client must never get an error for a change that stayed."""
+    policy = tmp_path / "returning.yaml"
+    policy.write_text(
+        "mode: enforce\ndefault: block\nrules:\n"
+        "  - {name: orders, verdict: allow, statements: [select, update], tables: [shop.orders]}\n"
+        f"guardrails:\n{affected}  maxRowsReturned: 5\n"
+    )
+    running = make_proxy(policy=policies.load(str(policy)))
+    before = _total(pg_server)
+    returning = "UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= %s RETURNING id"
+    with psycopg.connect(running.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="more than 5 rows"):
+            conn.execute(returning, [20])
+        assert _total(pg_server) == before  # rolled back: the client never saw its whole result
+        assert len(conn.execute(returning, [5]).fetchall()) == 5  # at the limit: kept
+        assert _total(pg_server) == before + 5
+    with psycopg.connect(running.dsn()) as conn:  # inside a block: the block fails, as on an error
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute(returning, [20])
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+    raw = RawClient(running.port)  # simple protocol: not a single row past the limit on the wire
+    try:
+        raw.login()
+        raw.send(messages.query("UPDATE shop.orders SET quantity = quantity - 1 WHERE id <= 5 RETURNING id"))
+        assert [m.type for m in raw.read_until(b"Z")].count(ord("D")) == 5
+        raw.send(messages.query("UPDATE shop.orders SET quantity = quantity + 1 WHERE id <= 20 RETURNING id"))
+        answer = raw.read_until(b"Z")
+        assert [m.type for m in answer].count(ord("D")) <= 5
+        assert "more than 5 rows" in _fields(answer)["M"]
+    finally:
+        raw.close()
+    assert _total(pg_server) == before
