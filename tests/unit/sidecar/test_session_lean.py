@@ -60,7 +60,6 @@ CLIENT = {
     + messages.execute("", 2)
     + messages.SYNC_MESSAGE,
     "bad": b"Q\0\0\0\7ab",  # claims more than it holds
-    "nul": messages.query("SELECT 1") + b"",
 }
 
 

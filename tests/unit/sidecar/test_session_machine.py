@@ -297,15 +297,18 @@ def test_guarded_write_holds_pipelined_queries(count: int, closer: str, client_s
     assert s.txn_status == "I"
 
 
+UPDATE_BATCH = (
+    messages.parse("", "UPDATE t SET a = 1")
+    + messages.bind("", "")
+    + messages.execute()
+    + messages.SYNC_MESSAGE
+)
+"""An extended-protocol write, as drivers send it."""
+
+
 def test_extended_guard_fails_the_batch_before_sync_reaches_the_server() -> None:
     s = _limited()
-    batch = (
-        messages.parse("", "UPDATE t SET a = 1")
-        + messages.bind("", "")
-        + messages.execute()
-        + messages.SYNC_MESSAGE
-    )
-    s.client_data(batch, 1.0)
+    s.client_data(UPDATE_BATCH, 1.0)
     assert _types_frontend(bytes(s.to_server)) == "PBEH"  # Sync held until the count is known
     s.to_server.clear()
     s.server_data(messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + OK("UPDATE 5"), 1.0)
@@ -322,13 +325,7 @@ def test_extended_guard_fails_the_batch_before_sync_reaches_the_server() -> None
 
 def test_extended_guard_lets_small_writes_through() -> None:
     s = _limited()
-    batch = (
-        messages.parse("", "UPDATE t SET a = 1")
-        + messages.bind("", "")
-        + messages.execute()
-        + messages.SYNC_MESSAGE
-    )
-    s.client_data(batch, 1.0)
+    s.client_data(UPDATE_BATCH, 1.0)
     s.to_server.clear()
     s.server_data(messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + OK("UPDATE 2"), 1.0)
     assert _types(s.to_client) == "12C"
