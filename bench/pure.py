@@ -4,7 +4,7 @@ replaced by sinks. Prints µs per statement for each protocol; separates our cod
 and event-loop time, which ``bench/focus.py`` includes.
 
 Best of PURE_REPEAT (default 7) runs of PURE_STATEMENTS (default 30000), PURE_PROFILE=simple|extended prints a
-cProfile of that run.
+cProfile of that run, PURE_LANE=off measures without the compiled lane.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dbgov_sidecar.pgwire import messages
 
 STATEMENTS = int(os.environ.get("PURE_STATEMENTS", "30000"))
 REPEAT = int(os.environ.get("PURE_REPEAT", "7"))
+LANE = os.environ.get("PURE_LANE", "on") != "off"
 SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 FIELD = messages.Field(
     name="abalance", table_oid=16400, attnum=3, type_oid=23, type_size=4, type_modifier=-1, format=0
@@ -69,12 +70,7 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
         return True
 
     log = audit.AuditLog(sink)
-
-    def record(event: dict[str, Any]) -> None:
-        counters.observe(event)
-        log.write(event)
-
-    owner = proxy.Proxy(proxy.ProxyConfig(), policy=policy, audit=record)
+    owner = proxy.Proxy(proxy.ProxyConfig(lane=LANE), policy=policy, audit=proxy.Recorder(log, counters))
     conn = proxy.ClientConnection(owner)
 
     async def connect() -> None:  # the shell starts its timers on the running loop
@@ -93,6 +89,8 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
     conn.upstream = up
     conn.session.upstream_ready(parameter_status=[], notices=[], now=time.time())
     conn.pump()
+    if LANE:
+        conn.lane = conn.session.enable_lane(log, counters)
     return conn
 
 

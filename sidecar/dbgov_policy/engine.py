@@ -47,6 +47,9 @@ class CacheStats:
 class Engine:
     """Decides query strings for one compiled policy."""
 
+    shape_key = staticmethod(pg_parser.normalize)
+    """The text cache entries are keyed by (with the session's search_path)."""
+
     def __init__(self, policy: model.CompiledPolicy, *, cache_size: int = 8192) -> None:
         self.policy = policy
         self.cache_size = cache_size
@@ -92,6 +95,22 @@ class Engine:
         else:
             self.stats.uncacheable += 1
         return decision
+
+    def cached_shape(
+        self, sql: str, *, session: SessionContext | None = None
+    ) -> tuple[str, verdicts.Decision] | None:
+        """The shape key of ``sql`` and the decision the cache holds for it, when the cache
+        decides every text of that shape with the same decision (nothing to rewrite); None when
+        ``sql`` is not cached or not normalizable. Does not count as a use."""
+        ctx = session if session is not None else SessionContext()
+        try:
+            key = pg_parser.normalize(sql)
+        except (pg_parser.ParseError, ValueError, RecursionError):
+            return None
+        entry = self._cache.get((ctx.search_path, key))
+        if entry is None or entry.template is not None:
+            return None
+        return key, entry.decision
 
     def _remember_exact(self, exact: tuple[tuple[str, ...], str], entry: _Entry) -> None:
         """Texts seen verbatim before (prepared and extended-protocol traffic) skip normalizing."""

@@ -54,6 +54,8 @@ class Settings:
     """Client connections served at once; more get "too many clients" (53300) (DBGOV_MAX_CONNECTIONS)."""
     auth_timeout: float = 60.0
     """Seconds a client has to finish its startup and authentication (DBGOV_AUTH_TIMEOUT)."""
+    lane: bool = True
+    """Run steady-state statements through the compiled lane when it is built (DBGOV_LANE)."""
 
 
 def env_name(field: str) -> str:
@@ -73,7 +75,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
             values[f.name] = int(raw)
         elif f.name in ("drain_timeout", "auth_timeout"):
             values[f.name] = float(raw)
-        elif f.name == "audit_redact_literals":
+        elif f.name in ("audit_redact_literals", "lane"):
             values[f.name] = parse_bool(raw)
         else:
             values[f.name] = raw
@@ -177,4 +179,5 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
         drain_timeout=settings.drain_timeout,
         max_connections=settings.max_connections,
         auth_timeout=settings.auth_timeout,
+        lane=settings.lane,
     )

@@ -155,3 +155,14 @@ class EnginePolicy:
     def decide(self, sql: str, context: object) -> Decision:
         assert isinstance(context, engine.SessionContext)
         return self._engine.decide(sql, session=context)
+
+    @property
+    def shape_key(self) -> Any:
+        """``Engine.shape_key``: statement texts with the same key are decided alike when
+        ``cached_shape`` says so (the compiled lane keys what it learned by it)."""
+        return engine.Engine.shape_key
+
+    def cached_shape(self, sql: str, context: object) -> tuple[str, Decision] | None:
+        """``Engine.cached_shape``: the shape key and the one decision of every text of it."""
+        assert isinstance(context, engine.SessionContext)
+        return self._engine.cached_shape(sql, session=context)

@@ -20,12 +20,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbgov_sidecar import audit, login, policy_port, session
+from dbgov_sidecar import audit, login, metrics, policy_port, session
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, framing, messages
+
+if typing.TYPE_CHECKING:
+    from dbgov_sidecar import _lane
 
 log = logging.getLogger("dbgov.proxy")
 
 AuditWrite = Callable[[audit.Event], None]
+
+
+class Recorder:
+    """What happens to every audit event: counted in ``counters``, sealed into ``log``.
+
+    The proxy's usual ``audit`` callable; with it, sessions also get the compiled lane, which
+    counts and seals its statements into the same two objects directly."""
+
+    def __init__(self, log: audit.AuditLog | None, counters: metrics.Metrics | None) -> None:
+        self.log = log
+        self.counters = counters
+
+    def __call__(self, event: audit.Event) -> None:
+        if self.counters is not None:
+            self.counters.observe(event)
+        if self.log is not None:
+            self.log.write(event)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +99,8 @@ class ProxyConfig:
     """Client connections served at once; the next gets FATAL 53300 after its startup packet."""
     auth_timeout: float = 60.0
     """Seconds a client has to finish startup and authentication (PostgreSQL's authentication_timeout)."""
+    lane: bool = True
+    """Run steady-state statements through the compiled lane when it is built (``_lane.pyx``)."""
 
 
 class Proxy:
@@ -194,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed = False
         self._audit_prev = "0" * 64
         self._auth_timer: asyncio.TimerHandle | None = None
+        self.lane: _lane.Lane | None = None
 
     @property
     def idle(self) -> bool:
@@ -233,12 +256,22 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
+        lane = self.lane
+        now = time.time()
         try:
-            self.session.client_data(data, time.time())
+            if lane is not None:
+                if lane.client(data, now):
+                    assert self.upstream is not None
+                    self.upstream.write(data)
+                    return
+                self.session.adopt_lane()
+            self.session.client_data(data, now)
         except Exception:  # a bug must cost one session, never the proxy or a policy check
             self._internal_error()
             return
         self.pump()
+        if lane is not None:
+            self.session.arm_lane()
 
     def _internal_error(self) -> None:
         log.exception("internal error; closing the session")
@@ -259,6 +292,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None and self.session.state != "closed":
+            self.session.adopt_lane()
             self.session.client_eof(time.time())
             self._write_audit()
         self.close("client gone")
@@ -360,6 +394,14 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_key = up.login_state.backend_key
             up.start_relay()
         self.pump()
+        recorder = self.proxy.audit
+        if (
+            self.proxy.config.lane
+            and self.upstream is not None
+            and (recorder is None or type(recorder) is Recorder)
+        ):
+            log_, counters = (None, None) if recorder is None else (recorder.log, recorder.counters)
+            self.lane = self.session.enable_lane(log_, counters)
 
     async def _login(self, params: dict[str, str]) -> UpstreamConnection:
         cfg = self.proxy.config.upstream
@@ -429,6 +471,8 @@ class ClientConnection(asyncio.Protocol):
         if self._key is not None:
             self.proxy.keys.pop(self._key, None)
         if self.session is not None:
+            self.session.adopt_lane()
+            self.lane = None
             if self.session.state != "closed":
                 self.session.close(reason, time.time())
             self.pump()
@@ -443,17 +487,28 @@ class ClientConnection(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         """Bytes from upstream, once relaying."""
         assert self.session is not None
+        lane = self.lane
+        now = time.time()
         try:
-            self.session.server_data(data, time.time())
+            if lane is not None:
+                if lane.server(data, now):
+                    if self.transport is not None:
+                        self.transport.write(data)
+                    return
+                self.session.adopt_lane()
+            self.session.server_data(data, now)
         except Exception:
             self._internal_error()
             return
         self.pump()
+        if lane is not None:
+            self.session.arm_lane()
 
     def upstream_lost(self) -> None:
         """The upstream socket closed."""
         if self._closed or self.session is None:
             return
+        self.session.adopt_lane()
         self.session.upstream_lost(time.time())
         self.pump()
         self.close("upstream lost")

@@ -24,6 +24,7 @@ _FLAG_TYPES: dict[str, Any] = {
     "drain_timeout": float,
     "auth_timeout": float,
     "audit_redact_literals": config.parse_bool,
+    "lane": config.parse_bool,
 }
 
 
@@ -140,12 +141,7 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     audit_log = None if sink is None else audit.AuditLog(sink[0], failure_policy=settings.audit_failure)
     flusher = None if audit_log is None else asyncio.create_task(_flush_audit(audit_log))
     counters = metrics.Metrics()
-
-    def record(event: audit.Event) -> None:
-        counters.observe(event)
-        if audit_log is not None:
-            audit_log.write(event)
-
+    record = proxy.Recorder(audit_log, counters)
     audit_ok = None
     if audit_log is not None and audit_log.failure_policy == "fail-closed":
         audit_ok = lambda: audit_log.healthy  # noqa: E731

@@ -20,8 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbgov_sidecar import audit, policy_port, redact
+from dbgov_sidecar import audit, metrics, policy_port, redact
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
+
+try:  # the compiled steady-state lane (setup.py); without it every statement takes the Python path
+    from dbgov_sidecar import _lane
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _lane = None  # type: ignore[assignment]
 
 SQLSTATE_POLICY = "42501"
 SQLSTATE_UNPARSEABLE = "42601"
@@ -338,6 +343,8 @@ class Session:
         """Rows a suspended portal already returned: an Execute with a row count (a driver's fetch
         size) continues one statement, held to the limit as a whole."""
         self._defer = False  # the Query being handled must wait until the session is idle
+        self.lane: _lane.Lane | None = None
+        """The compiled lane for the steady state (``enable_lane``); None: every byte comes here."""
         self._paused = False  # client input waits (a guarded write is in progress)
         self._resume = False
 
@@ -349,7 +356,120 @@ class Session:
             and self._pending is None
             and self._guard is None
             and not self._executes
+            and (self.lane is None or not self.lane.kind)
         )
+
+    # --- the compiled lane (``_lane.pyx``) -------------------------------------------------
+
+    def enable_lane(self, log: audit.AuditLog | None, counters: metrics.Metrics | None) -> _lane.Lane | None:
+        """Give an established session the compiled lane, which audits into ``log`` and counts
+        into ``counters`` exactly as the shell's recorder would; None when
+        the lane is not built or the session takes no shortcuts (``lean`` off, redacted text)."""
+        if _lane is None or not self.lean or self.state != "ready" or self._config.redact_literals:
+            return None
+        audited = self._config.audit
+        self.lane = _lane.Lane(
+            self,
+            policy_call=self._policy,
+            audit_ok=self._audit_ok,
+            log=log if audited else None,
+            counters=counters if audited else None,
+            escape=audit.ESCAPE,
+            sha256=audit.SHA256,
+            timestamp=audit.timestamp,
+            session_id=str(self._client_info.session_id),
+            identity=self._identity_segment().text,
+            prepared=self._prepared,
+            portals=self._portal_statements,
+            max_message=self._config.max_message_size,
+            buckets=metrics.BUCKETS,
+        )
+        self.arm_lane()
+        return self.lane
+
+    def arm_lane(self) -> None:
+        """Arm the lane when the session is in the steady state it handles (the shell calls this
+        after every byte the session itself read); disarm it otherwise."""
+        lane = self.lane
+        if lane is None:
+            return
+        if not (
+            not self._masked_attrs
+            and self.state == "ready"
+            and self._row_limit is None
+            and self._affected_limit is None
+            and self.idle
+            and not self._units  # (a server that sent a ReadyForQuery too many leaves units behind)
+            and self._unit_rows == 0
+            and self._rows == 0
+            and not self._parsed_in_unit
+            and not self._paused
+            and not self._resume
+            and not self._skipping
+            and not self._refusals
+            and not self._over_limit
+            and self._abort_marker is None
+            and not self._portal_rows
+            and not self._write_statements
+            and not self._write_portals
+            and not self._fetches
+            and not self._client.buffered
+            and not self._server.buffered
+            and not self.to_client
+            and not self.to_server
+            and not self.actions
+            and not self.events
+        ):
+            lane.arm(False)
+            return
+        policy = self._policy()
+        shape_key = getattr(policy, "shape_key", None)
+        ready = (
+            shape_key is not None
+            and type(policy) is self._context_kind
+            and policy.mode == "enforce"
+            and policy.max_rows_returned is None
+            and policy.max_rows_affected is None
+        )
+        lane.arm(ready, policy, getattr(self._context, "search_path", None), shape_key)
+
+    def adopt_lane(self) -> None:
+        """Take over the lane's statement in flight (before reading any byte here): the session's
+        state becomes exactly what reading the client's messages itself would have made it."""
+        lane = self.lane
+        if lane is None or not lane.kind:
+            return
+        started, sql, decision, statement = lane.take()
+        if statement is None:
+            statement = _Statement(sql=sql, decision=decision, verdict="allow")
+        self._syncs_sent += 1
+        self._units.append(_Unit(started=started, statements=[statement]))
+
+    def _teach_lane(self, sql: str, statement: _Statement, *, exact: bool) -> None:
+        """An allowed statement the lane may take next time: its shape (``exact``: its text) when
+        the policy's cache decides it, and its decision's audit fields for later executions."""
+        lane = self.lane
+        assert lane is not None
+        decision = statement.decision
+        entry = lane.known(decision)
+        if entry is None:
+            segment = _decision_segment(decision)
+            classes = segment.fields.get("classes") or ("unknown",)
+            entry = _lane.Entry(
+                decision,
+                statement if exact else None,
+                segment.text,
+                (str(classes[0]), "allow"),
+                len(segment.fields.get("masked_columns") or ()),
+            )
+            lane.remember(entry)
+        policy = self._policy()
+        cached = getattr(policy, "cached_shape", None)
+        shape = None if cached is None else cached(sql, self._context)
+        if shape is not None and shape[1] is decision:
+            if exact and entry.statement is not statement:
+                entry = _lane.Entry(decision, statement, entry.segment, entry.metric, entry.masked)
+            lane.learn(sql if exact else shape[0], entry, exact)
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -715,6 +835,8 @@ class Session:
                 return None
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
+            if self.lane is not None and verdict == "allow" and limit is None and decision.rewritten is None:
+                self._teach_lane(sql, statement, exact=False)
             text = decision.rewritten if verdict == "mask" and decision.rewritten is not None else None
             if limit is not None:
                 return self._start_guard(limit, messages.query(text) if text is not None else msg.data)
@@ -740,6 +862,8 @@ class Session:
                 self._write_statements.add(parse.name)
             else:
                 self._write_statements.discard(parse.name)
+                if self.lane is not None and verdict == "allow" and decision.rewritten is None:
+                    self._teach_lane(parse.query, statement, exact=True)
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
             return None

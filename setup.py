@@ -1,0 +1,17 @@
+"""Builds the compiled steady-state lane (``dbgov_sidecar._lane``); everything else is in
+pyproject.toml. The lane is optional: without a C compiler the install still succeeds and the
+proxy runs every statement through the Python session (slower, the same behaviour)."""
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # building without Cython: the pure-Python proxy
+    extensions = []
+else:
+    extensions = cythonize(
+        [Extension("dbgov_sidecar._lane", ["sidecar/dbgov_sidecar/_lane.pyx"], optional=True)],
+        compiler_directives={"language_level": "3"},
+    )
+
+setup(ext_modules=extensions)

@@ -1,0 +1,48 @@
+"""Types of the compiled lane (``_lane.pyx``)."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+class Entry:
+    decision: Any
+    statement: Any
+    segment: str
+    metric: tuple[str, str]
+    masked: int
+    def __init__(
+        self, decision: Any, statement: Any, segment: str, metric: tuple[str, str], masked: int
+    ) -> None: ...
+
+class Lane:
+    armed: bool
+    kind: int
+    started: float
+    sql: str | None
+    decision: Any
+    statement: Any
+    def __init__(
+        self,
+        session: Any,
+        *,
+        policy_call: Callable[[], Any],
+        audit_ok: Callable[[], bool] | None,
+        log: Any,
+        counters: Any,
+        escape: Callable[[str], str],
+        sha256: Callable[[bytes], Any],
+        timestamp: Callable[[float], str],
+        session_id: str,
+        identity: str,
+        prepared: dict[str, Any],
+        portals: dict[str, str],
+        max_message: int,
+        buckets: Sequence[float],
+        cache_size: int = ...,
+    ) -> None: ...
+    def arm(self, ready: bool, policy: Any = ..., search_path: Any = ..., shape_key: Any = ...) -> None: ...
+    def learn(self, key: str, entry: Entry, exact: bool) -> None: ...
+    def remember(self, entry: Entry) -> None: ...
+    def known(self, decision: Any) -> Entry | None: ...
+    def take(self) -> tuple[float, str, Any, Any]: ...
+    def client(self, data: bytes, now: float) -> bool: ...
+    def server(self, data: bytes, now: float) -> bool: ...

@@ -1,0 +1,400 @@
+"""The compiled lane (``_lane.pyx``) behaves exactly like the Python session it shortcuts.
+
+Two proxy connections, one with the lane and one without, get the same random traffic (pgbench's
+statements, refusals, errors, notices, answers split across reads or run together, pipelining,
+prepared statements, search_path changes); both must send the same bytes each way, write the
+same audit lines (hash chain included) and count the same metrics. Then the properties the lane
+must never break: a policy reload or a failing fail-closed audit sink takes effect on the very
+next statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dbgov_sidecar import audit, metrics, policies, proxy, session
+from dbgov_sidecar.pgwire import messages
+
+
+def test_the_lane_is_built() -> None:
+    """`make setup` compiles it (setup.py); a build without it would quietly lose the speed."""
+    assert session._lane is not None
+
+
+POLICY = """\
+mode: enforce
+default: block
+rules:
+  - name: pgbench
+    verdict: allow
+    statements: [select, insert, update, begin, commit, rollback, set]
+    tables: [pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history]
+"""
+BLOCK_SELECTS = POLICY.replace("statements: [select, ", "statements: [")
+
+FIELD = messages.Field(
+    name="abalance", table_oid=16400, attnum=3, type_oid=23, type_size=4, type_modifier=-1, format=0
+)
+ROWS = (
+    messages.row_description([FIELD]) + messages.data_row([b"-4321"]) + messages.command_complete("SELECT 1")
+)
+Z = {s: messages.ready_for_query(s) for s in "ITE"}
+
+
+def select(aid: int) -> str:
+    return f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"
+
+
+def extended(sql: str, *params: bytes, name: str = "", parse: bool = True) -> bytes:
+    head = messages.parse(name, sql) if parse else b""
+    return (
+        head
+        + messages.bind("", name, list(params), param_formats=[0], result_formats=[0])
+        + messages.describe("P", "")
+        + messages.execute("", 0)
+        + messages.SYNC_MESSAGE
+    )
+
+
+# Client requests and the server's answers to them, by name; a step picks one of each.
+def _client(name: str, n: int) -> bytes:
+    if name == "select":
+        return messages.query(select(n))
+    if name == "update":
+        return messages.query(f"UPDATE pgbench_accounts SET abalance = abalance + {n} WHERE aid = {n % 97};")
+    if name == "begin":
+        return messages.query("BEGIN;")
+    if name == "end":
+        return messages.query("END;")
+    if name == "drop":
+        return messages.query("DROP TABLE pgbench_accounts")
+    if name == "new-shape":
+        return messages.query(f"SELECT bid FROM pgbench_branches WHERE bid = {n} AND bbalance > {n}")
+    if name == "set":
+        return messages.query("SET search_path TO public")
+    if name == "extended":
+        return extended("SELECT abalance FROM pgbench_accounts WHERE aid = $1", str(n).encode())
+    if name == "extended2":
+        return extended("SELECT bid FROM pgbench_branches WHERE bid = $1", str(n).encode())
+    if name == "rebind":  # the unnamed statement parsed last, bound again
+        return extended("", str(n).encode(), parse=False)
+    if name == "prepare":
+        return (
+            messages.parse("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+            + messages.SYNC_MESSAGE
+        )
+    if name == "prepared":
+        return extended("", str(n).encode(), name="P0_1", parse=False)
+    if name == "unprepared":
+        return extended("", b"1", name="nope", parse=False)
+    if name == "pipelined":
+        return messages.query(select(n)) + messages.query(select(n + 1))
+    if name == "bad":
+        return b"Q\0\0\0\7ab"
+    if name == "not-utf8":
+        return b"Q\0\0\0\x08\xff\xfe1\0"
+    raise AssertionError(name)
+
+
+def _server(name: str) -> bytes:
+    return {
+        "rows": ROWS + Z["I"],
+        "rows-in-block": ROWS + Z["T"],
+        "update": messages.command_complete("UPDATE 1") + Z["T"],
+        "begin": messages.command_complete("BEGIN") + Z["T"],
+        "commit": messages.command_complete("COMMIT") + Z["I"],
+        "extended": messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + ROWS + Z["I"],
+        "bound": messages.BIND_COMPLETE_MESSAGE + ROWS + Z["I"],
+        "parsed": messages.PARSE_COMPLETE_MESSAGE + Z["I"],
+        "error": messages.error_response(code="22012", message="division by zero") + Z["E"],
+        "notice": messages.notice_response(code="01000", message="hi") + ROWS + Z["I"],
+        "status": ROWS + messages.parameter_status("TimeZone", "UTC") + Z["I"],
+        "set": messages.command_complete("SET") + Z["I"],
+        "two": ROWS + Z["I"] + ROWS + Z["I"],
+        "partial": ROWS,
+        "suspended": messages.BIND_COMPLETE_MESSAGE + b"s\0\0\0\4" + Z["I"],
+        "empty": b"",
+        "bad-Z": b"Z\0\0\0\5X",
+    }[name]
+
+
+CLIENT_NAMES = [
+    *("select", "update", "begin", "end", "drop", "new-shape", "set", "extended", "prepare"),
+    *("prepared", "unprepared", "pipelined", "bad", "not-utf8", "extended2", "rebind"),
+]
+SERVER_NAMES = [
+    *("rows", "rows-in-block", "update", "begin", "commit", "extended", "bound", "parsed", "error"),
+    *("notice", "status", "set", "two", "partial", "suspended", "empty", "bad-Z"),
+]
+# The usual answer to each request (most steps), so the lane sees real steady states.
+USUAL = {
+    "select": "rows",
+    "update": "update",
+    "begin": "begin",
+    "end": "commit",
+    "drop": "error",
+    "new-shape": "rows",
+    "set": "set",
+    "extended": "extended",
+    "extended2": "extended",
+    "rebind": "bound",
+    "prepare": "parsed",
+    "prepared": "bound",
+    "unprepared": "error",
+    "pipelined": "two",
+    "bad": "empty",
+    "not-utf8": "empty",
+}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_790_000_000.0
+
+    def time(self) -> float:
+        self.t += 0.000137
+        return self.t
+
+
+class Harness:
+    """One proxy connection logged in, its transports and audit sinks captured."""
+
+    def __init__(self, holder: policies.PolicyHolder, *, lane: bool, audit_ok: Any = None) -> None:
+        self.lines: list[str] = []
+        self.healthy = True
+        self.log = audit.AuditLog(self._sink, failure_policy="fail-closed", max_buffer=10_000)
+        self.counters = metrics.Metrics()
+        owner = proxy.Proxy(
+            proxy.ProxyConfig(lane=lane),
+            policy=holder,
+            audit=proxy.Recorder(self.log, self.counters),
+            audit_ok=audit_ok,
+        )
+        self.conn = proxy.ClientConnection(owner)
+        self.client = Sink()
+        self.upstream_sink = Sink()
+
+        async def connect() -> None:  # the shell starts its timers on the running loop
+            self.conn.connection_made(self.client)  # type: ignore[arg-type]
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(connect())
+        loop.close()
+        assert self.conn.session is not None
+        self.session = self.conn.session
+        self.session.client_data(messages.startup_message({"user": "app", "database": "shop"}), 0.0)
+        self.session.actions.clear()
+        up = proxy.UpstreamConnection.__new__(proxy.UpstreamConnection)
+        up.transport = self.upstream_sink  # type: ignore[assignment]
+        up.relaying = True
+        self.conn.upstream = up
+        self.session.upstream_ready(parameter_status=[], notices=[], now=proxy.time.time())
+        self.conn.pump()
+        if lane:
+            self.conn.lane = self.session.enable_lane(self.log, self.counters)
+            assert self.conn.lane is not None
+        self.client.data.clear()
+        self.upstream_sink.data.clear()
+
+    def _sink(self, text: str) -> bool:
+        if not self.healthy:
+            return False
+        self.lines.extend(text.splitlines())
+        return True
+
+    def observe(self) -> dict[str, Any]:
+        s = self.session
+        s.adopt_lane()  # a statement the lane holds is the session's own once adopted
+        self.log.flush()
+        return {
+            "to_client": bytes(self.client.data),
+            "to_server": bytes(self.upstream_sink.data),
+            "lines": list(self.lines),
+            "metrics": self.counters.render(),
+            "state": s.state,
+            "closed": self.client.closed,
+            "in_flight": s._syncs_sent - s._syncs_done,
+            "units": [[st.sql for st in u.statements] for u in s._units],
+            "txn": s.txn_status,
+            "prepared": {name: (st.sql, st.verdict) for name, st in s._prepared.items()},
+            "portals": dict(s._portal_statements),
+            "idle": s.idle,
+        }
+
+
+@pytest.fixture
+def fixed_ids(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The same session id, nonce and clock for every connection, so two runs can be compared."""
+    monkeypatch.setattr(proxy.secrets, "token_hex", lambda n: "ab" * n)
+    monkeypatch.setattr(proxy.secrets, "token_urlsafe", lambda n: "N" * n)
+    yield
+
+
+def _holder(tmp: Path, text: str = POLICY) -> policies.PolicyHolder:
+    path = tmp / "policy.yaml"
+    path.write_text(text)
+    return policies.PolicyHolder(str(path))
+
+
+def _run(holder: policies.PolicyHolder, lane: bool, steps: list[tuple[str, int, str, int]]) -> dict[str, Any]:
+    clock = Clock()
+    saved = proxy.time
+    proxy.time = clock  # type: ignore[assignment]
+    try:
+        h = Harness(holder, lane=lane)
+        for client, n, server, cut in steps:
+            if h.session.state == "closed":
+                break
+            h.conn.data_received(_client(client, n))
+            answer = _server(server)
+            for chunk in (answer[:cut], answer[cut:]) if 0 < cut < len(answer) else (answer,):
+                if chunk and h.session.state != "closed":
+                    h.conn.server_data(chunk)
+        return h.observe()
+    finally:
+        proxy.time = saved  # type: ignore[assignment]
+
+
+_step = st.tuples(
+    st.sampled_from(CLIENT_NAMES),
+    st.integers(min_value=1, max_value=100_000),
+    st.one_of(st.none(), st.sampled_from(SERVER_NAMES)),
+    st.one_of(st.just(0), st.integers(min_value=1, max_value=80)),
+).map(lambda t: (t[0], t[1], USUAL[t[0]] if t[2] is None else t[2], t[3]))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_step, max_size=30))
+def test_the_lane_changes_nothing_but_speed(
+    fixed_ids: None, tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, str, int]]
+) -> None:
+    holder = _holder(tmp_path_factory.mktemp("policy"))
+    warm = [("select", 1, "rows", 0), ("extended", 1, "extended", 0), ("extended2", 1, "extended", 0)]
+    warm += [("prepare", 0, "parsed", 0)]
+    steps = warm + steps  # most runs then start in the steady state
+    assert _run(holder, True, steps) == _run(holder, False, steps)
+
+
+def _steady(fixed_ids: None, tmp: Path) -> tuple[Harness, policies.PolicyHolder]:
+    holder = _holder(tmp)
+    h = Harness(holder, lane=True)
+    for step in range(2):  # first sight decides in Python and teaches the lane
+        h.conn.data_received(_client("select", step))
+        h.conn.server_data(_server("rows"))
+    return h, holder
+
+
+def test_the_lane_takes_the_steady_state(
+    fixed_ids: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, _ = _steady(fixed_ids, tmp_path)
+    h.conn.data_received(_client("extended", 1))
+    h.conn.server_data(_server("extended"))
+    h.conn.data_received(_client("prepare", 0))
+    h.conn.server_data(_server("parsed"))
+    calls: list[str] = []
+    monkeypatch.setattr(h.session, "client_data", lambda *a: calls.append("client"))
+    monkeypatch.setattr(h.session, "server_data", lambda *a: calls.append("server"))
+    for aid, (client, server) in zip(
+        range(100), itertools.cycle([("select", "rows"), ("extended", "extended"), ("prepared", "bound")])
+    ):
+        h.conn.data_received(_client(client, aid))
+        h.conn.server_data(_server(server))
+    assert calls == []
+    h.log.flush()
+    events = [json.loads(line) for line in h.lines]
+    statements = [e for e in events if e["type"] == "statement"]
+    assert len(statements) == 2 + 1 + 1 + 100  # the Parse of P0_1 is audited too
+    assert statements[-1]["statement"] == select(99)
+    assert (
+        statements[-2]["statement"]
+        == statements[-3]["statement"]
+        == "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+    )
+    assert all(e["decision"] == "allow" for e in statements)
+    assert all(e["rows_returned"] == 1 for e in statements[-100:])
+    assert audit.verify([e for e in events if e.get("session_id") == h.session._client_info.session_id])
+
+
+def test_a_policy_reload_applies_to_the_next_statement(fixed_ids: None, tmp_path: Path) -> None:
+    h, holder = _steady(fixed_ids, tmp_path)
+    (tmp_path / "policy.yaml").write_text(BLOCK_SELECTS)
+    assert holder.reload() == []
+    h.upstream_sink.data.clear()
+    h.conn.data_received(_client("select", 42))
+    assert select(42).encode() not in h.upstream_sink.data  # refused: only a marker went upstream
+    assert h.session._refusals
+
+
+def test_a_failing_fail_closed_audit_sink_refuses_the_next_statement(fixed_ids: None, tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    healthy = [True]
+    h = Harness(holder, lane=True, audit_ok=lambda: healthy[0])
+    for step in range(2):
+        h.conn.data_received(_client("select", step))
+        h.conn.server_data(_server("rows"))
+    assert h.conn.lane is not None and h.conn.lane.armed
+    healthy[0] = False
+    h.upstream_sink.data.clear()
+    h.conn.data_received(_client("select", 7))
+    assert select(7).encode() not in h.upstream_sink.data
+    assert h.session._refusals
+
+
+def test_a_statement_in_flight_is_audited_when_the_client_goes(fixed_ids: None, tmp_path: Path) -> None:
+    h, _ = _steady(fixed_ids, tmp_path)
+    h.conn.data_received(_client("select", 5))
+    assert h.conn.lane is not None and h.conn.lane.kind  # the lane holds it
+    assert not h.conn.idle
+    h.conn.connection_lost(None)
+    h.log.flush()
+    events = [json.loads(line) for line in h.lines]
+    assert [e["type"] for e in events][-2:] == ["statement", "session_end"]
+    assert events[-2]["statement"] == select(5) and events[-2]["sqlstate"] == "08006"
+
+
+def test_random_pgbench_traffic_matches(fixed_ids: None, tmp_path: Path) -> None:
+    """A long steady-state run (beyond hypothesis' short lists): audit lines identical."""
+    rng = random.Random(7)
+    steps = [("select", 1, "rows", 0)]
+    for _ in range(600):
+        name = rng.choice(["select", "update", "begin", "end", "extended"])
+        steps.append((name, rng.randrange(1, 10**6), USUAL[name], 0))
+    holder = _holder(tmp_path)
+    with_lane, without = _run(holder, True, steps), _run(holder, False, steps)
+    assert with_lane == without
+    assert len(with_lane["lines"]) > 600
