@@ -90,7 +90,7 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
     conn.session.upstream_ready(parameter_status=[], notices=[], now=time.time())
     conn.pump()
     if LANE:
-        conn.lane = conn.session.enable_lane(log, counters)
+        conn.start_lane()
     return conn
 
 

@@ -24,8 +24,8 @@ CloseComplete, NoData, RowDescription, DataRow, CommandComplete, notices, notifi
 ParameterStatus, ending with ReadyForQuery.
 """
 
-from libc.string cimport memchr
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcpy
+from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
 cdef extern from "Python.h":
     const char* PyBytes_AS_STRING(object o)
@@ -84,6 +84,7 @@ cdef class Lane:
     cdef Entry _entry
     cdef object _session
     cdef object _policy_call
+    cdef object _holder
     cdef object _audit_ok
     cdef object _log
     cdef object _counters
@@ -105,7 +106,7 @@ cdef class Lane:
     cdef dict _by_decision
     cdef Py_ssize_t _cache_size
     cdef long long _second
-    cdef str _prefix
+    cdef char _stamp[27]
 
     def __init__(
         self,
@@ -128,6 +129,8 @@ cdef class Lane:
     ):
         self._session = session
         self._policy_call = policy_call
+        # A PolicyHolder is read directly (its ``current``), sparing a Python call per statement.
+        self._holder = policy_call if hasattr(policy_call, "current") else None
         self._audit_ok = audit_ok
         self._log = log
         self._counters = counters
@@ -152,7 +155,6 @@ cdef class Lane:
         self._by_decision = {}
         self._cache_size = cache_size
         self._second = -1
-        self._prefix = ""
         self.armed = False
         self.kind = IDLE
 
@@ -211,7 +213,8 @@ cdef class Lane:
             return False
         if self._audit_ok is not None and not self._audit_ok():
             return False
-        if self._policy_call() is not self._policy:
+        current = self._holder.current if self._holder is not None else self._policy_call()
+        if current is not self._policy:
             return False
         cdef int t = p[0]
         if t == 81:  # Query
@@ -432,18 +435,16 @@ cdef class Lane:
         cdef double seconds = duration_ms / 1000
         log = self._log
         if log is not None:
-            body = (
-                '{"type":"statement","time":"' + self._time(now)
-                + '","statement":' + self._escape(self.sql) + entry.segment
-                + ',"enforced":"allow","rows_returned":' + str(rows)
-                + ',"rows_affected":' + ("null" if affected is None else str(affected))
-                + ',"duration_ms":' + repr(duration_ms)
-                + ',"sqlstate":null' + self._identity + "}"
-            )
             chain = log._prev
             prev = chain.get(self._session_id, GENESIS)
-            digest = self._sha256((prev + body).encode()).hexdigest()
-            line = body[:-1] + ',"prev_hash":"' + prev + '","hash":"' + digest + '"}'
+            head = (
+                f'{{"type":"statement","time":"{self._time(now)}","statement":{self._escape(self.sql)}'
+                f'{entry.segment},"enforced":"allow","rows_returned":{rows},'
+                f'"rows_affected":{"null" if affected is None else affected},"duration_ms":{duration_ms!r},'
+                f'"sqlstate":null{self._identity}'
+            )
+            digest = self._sha256(f"{prev}{head}}}".encode()).hexdigest()
+            line = f'{head},"prev_hash":"{prev}","hash":"{digest}"}}'
             chain[self._session_id] = digest
             buffer = log._buffer
             if len(buffer) >= log._max_buffer:
@@ -476,18 +477,27 @@ cdef class Lane:
         return lo
 
     cdef str _time(self, double t):
-        """``audit.timestamp(t)`` without the quotes' escaping (it is ASCII digits)."""
+        """``audit.timestamp(t)``: the date part made by it once per second, the rest here."""
         cdef double whole = <double><long long>t
         if whole > t:
             whole -= 1
         cdef long long second = <long long>whole
+        cdef bytes prefix
         if second != self._second:
-            self._prefix = self._timestamp(t)[:19]
+            prefix = self._timestamp(t)[:20].encode("ascii")  # "2026-11-26T15:24:27."
+            if len(prefix) != 20:
+                raise ValueError("unexpected timestamp format")
+            memcpy(self._stamp, <const char*>prefix, 20)
+            self._stamp[26] = 90  # Z
             self._second = second
         cdef long long micros = <long long>((t - whole) * 1000000)
         if micros > 999999:
             micros = 999999
-        return self._prefix + "." + "%06d" % micros + "Z"
+        cdef int i
+        for i in range(25, 19, -1):
+            self._stamp[i] = 48 + <char>(micros % 10)
+            micros //= 10
+        return PyUnicode_DecodeASCII(self._stamp, 27, NULL)
 
 
 cdef object _rows_affected(list tags):

@@ -31,6 +31,10 @@ log = logging.getLogger("dbgov.proxy")
 AuditWrite = Callable[[audit.Event], None]
 
 
+def _nowhere(data: bytes) -> None:
+    raise AssertionError("the lane forwarded a statement before the upstream was ready")
+
+
 class Recorder:
     """What happens to every audit event: counted in ``counters``, sealed into ``log``.
 
@@ -217,6 +221,7 @@ class ClientConnection(asyncio.Protocol):
         self._audit_prev = "0" * 64
         self._auth_timer: asyncio.TimerHandle | None = None
         self.lane: _lane.Lane | None = None
+        self._upstream_write: Callable[[bytes], object] = _nowhere
 
     @property
     def idle(self) -> bool:
@@ -261,8 +266,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if lane is not None:
                 if lane.client(data, now):
-                    assert self.upstream is not None
-                    self.upstream.write(data)
+                    self._upstream_write(data)
                     return
                 self.session.adopt_lane()
             self.session.client_data(data, now)
@@ -394,14 +398,24 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_key = up.login_state.backend_key
             up.start_relay()
         self.pump()
+        self.start_lane()
+
+    def start_lane(self) -> None:
+        """Give the relaying session the compiled lane, when configured and the proxy's audit is
+        the usual ``Recorder`` (the lane writes into its log and counters itself)."""
         recorder = self.proxy.audit
+        up = self.upstream
         if (
-            self.proxy.config.lane
-            and self.upstream is not None
-            and (recorder is None or type(recorder) is Recorder)
+            not self.proxy.config.lane
+            or self.session is None
+            or up is None
+            or up.transport is None
+            or not (recorder is None or type(recorder) is Recorder)
         ):
-            log_, counters = (None, None) if recorder is None else (recorder.log, recorder.counters)
-            self.lane = self.session.enable_lane(log_, counters)
+            return
+        log_, counters = (None, None) if recorder is None else (recorder.log, recorder.counters)
+        self._upstream_write = up.transport.write
+        self.lane = self.session.enable_lane(log_, counters)
 
     async def _login(self, params: dict[str, str]) -> UpstreamConnection:
         cfg = self.proxy.config.upstream
@@ -542,7 +556,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
-            self.owner.server_data(data)
+            owner = self.owner
+            lane = owner.lane
+            if lane is not None and lane.kind:  # the steady state, without one more call
+                try:
+                    handled = lane.server(data, time.time())
+                except Exception:
+                    owner._internal_error()
+                    return
+                if handled:
+                    if owner.transport is not None:
+                        owner.transport.write(data)
+                    return
+            owner.server_data(data)
             return
         if self._expect_ssl_answer:
             self._expect_ssl_answer = False

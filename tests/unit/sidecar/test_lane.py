@@ -225,7 +225,7 @@ class Harness:
         self.session.upstream_ready(parameter_status=[], notices=[], now=proxy.time.time())
         self.conn.pump()
         if lane:
-            self.conn.lane = self.session.enable_lane(self.log, self.counters)
+            self.conn.start_lane()
             assert self.conn.lane is not None
         self.client.data.clear()
         self.upstream_sink.data.clear()
