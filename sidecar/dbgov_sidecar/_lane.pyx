@@ -24,7 +24,8 @@ CloseComplete, NoData, RowDescription, DataRow, CommandComplete, notices, notifi
 ParameterStatus, ending with ReadyForQuery.
 """
 
-from libc.string cimport memchr, memcpy
+from libc.stdlib cimport free, malloc
+from libc.string cimport memchr, memcmp, memcpy
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
 cdef extern from "Python.h":
@@ -38,6 +39,142 @@ cdef inline int _i32(const unsigned char* p) noexcept nogil:
 
 cdef inline int _i16(const unsigned char* p) noexcept nogil:
     return <short>((<unsigned int>p[0] << 8) | <unsigned int>p[1])
+
+
+cdef inline bint _word(unsigned char c) noexcept nogil:
+    """A byte PostgreSQL's lexer continues an identifier or number with (or a parameter's $)."""
+    return (97 <= c <= 122) or (65 <= c <= 90) or (48 <= c <= 57) or c == 95 or c == 36 or c >= 128
+
+
+cdef inline bint _space(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9 or c == 10 or c == 13 or c == 12 or c == 11
+
+
+cdef inline bint _digit(unsigned char c) noexcept nogil:
+    return 48 <= c <= 57
+
+
+cdef bint _binds_tighter(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The number at ``i`` is followed by ``::`` or ``[``, which bind tighter than a unary minus
+    before it: -5::int is -(5::int), and the minus is no part of the constant."""
+    while i < n and _digit(s[i]):
+        i += 1
+    while i < n and _space(s[i]):
+        i += 1
+    return i < n and (s[i] == 58 or s[i] == 91)
+
+
+cdef Py_ssize_t _template(
+    const unsigned char* s, Py_ssize_t n, unsigned char* key, Py_ssize_t* spans, Py_ssize_t* room
+) noexcept nogil:
+    """Write ``s`` with each plain constant replaced by one byte, 0x01 for a string and 0x02 for
+    a number, into ``key``; return the
+    key's length, or -1 when ``s`` holds anything the fast path does not read (then the engine's
+    normalizer decides). ``spans`` (when not NULL) gets each constant's start and end, ``room``
+    pairs at most (``room`` then holds how many were found).
+
+    Plain constants: a run of digits standing alone (not glued to a word, a dot or an exponent),
+    optionally with a minus after whitespace, ``(`` or ``,`` (unless a cast or subscript
+    follows, which binds tighter than the minus); a quoted string with no quote or
+    backslash inside, after whitespace or one of ``(,=<>``. The text may hold no ``$``, double
+    quotes, backslashes, comments, 0x01 or 0x02. Two texts with the same key differ only in such
+    constants; the lane takes a key only after checking, on a text the engine normalized, that
+    the constants it found are exactly the ones the normalizer replaced (``learn``), so the key
+    stands for that normalized shape. tests/unit/sidecar/test_lane.py fuzzes this against
+    libpg_query.
+    """
+    cdef Py_ssize_t i = 0, j, k = 0, count = 0
+    cdef unsigned char c, prev, kind
+    while i < n:
+        c = s[i]
+        if c == 36 or c == 34 or c == 92 or c == 1 or c == 2:  # $ " \ 0x01 0x02
+            return -1
+        if (c == 45 or c == 47) and i + 1 < n and (s[i + 1] == 45 or s[i + 1] == 42) and (c == 45) == (s[i + 1] == 45):
+            return -1  # -- or /* starts a comment
+        prev = s[i - 1] if i > 0 else 32
+        if c == 39:  # a quoted string
+            if not (_space(prev) or prev == 40 or prev == 44 or prev == 61 or prev == 60 or prev == 62):
+                return -1  # E'', B'', X'', N'', U&'' and friends
+            j = i + 1
+            while j < n and s[j] != 39:
+                if s[j] == 92:
+                    return -1
+                j += 1
+            if j >= n or (j + 1 < n and s[j + 1] == 39):
+                return -1  # unterminated, or a doubled quote inside
+            j += 1
+            kind = 1
+        elif _digit(c) or (
+            c == 45
+            and i + 1 < n
+            and _digit(s[i + 1])
+            and (_space(prev) or prev == 40 or prev == 44)
+            and not _binds_tighter(s, i + 1, n)
+        ):
+            j = i + 1
+            while j < n and _digit(s[j]):
+                j += 1
+            if (c != 45 and (_word(prev) or prev == 46)) or (j < n and (_word(s[j]) or s[j] == 46)):
+                memcpy(key + k, s + i, j - i)  # part of a word or of another kind of number
+                k += j - i
+                i = j
+                continue
+            kind = 2
+        else:
+            key[k] = c
+            k += 1
+            i += 1
+            continue
+        if spans != NULL:
+            if count >= room[0]:
+                return -1
+            spans[2 * count] = i
+            spans[2 * count + 1] = j
+        count += 1
+        key[k] = kind
+        k += 1
+        i = j
+    if spans != NULL:
+        room[0] = count
+    return k
+
+
+def template(sql):
+    """(key, spans) of ``sql`` as the lane reads it (``_template``), or None (tests)."""
+    cdef bytes raw = sql.encode()
+    cdef Py_ssize_t n = len(raw), k, i, room = n // 2 + 1
+    cdef unsigned char* key = <unsigned char*>malloc(n + 1)
+    cdef Py_ssize_t* spans = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (n + 2))
+    if key == NULL or spans == NULL:
+        free(key)
+        free(spans)
+        raise MemoryError()
+    try:
+        k = _template(<const unsigned char*>PyBytes_AS_STRING(raw), n, key, spans, &room)
+        if k < 0:
+            return None
+        found = [(spans[2 * i], spans[2 * i + 1]) for i in range(room)]
+        return key[:k], found
+    finally:
+        free(key)
+        free(spans)
+
+
+def same_shape(sql, normalized):
+    """True when the constants ``template`` finds in ``sql`` are exactly those ``normalized``
+    (libpg_query's normalization of ``sql``) replaced with $1, $2, ..."""
+    found = template(sql)
+    if found is None:
+        return False
+    raw = sql.encode()
+    parts = []
+    last = 0
+    for number, (start, end) in enumerate(found[1], 1):
+        parts.append(raw[last:start])
+        parts.append(b"$%d" % number)
+        last = end
+    parts.append(raw[last:])
+    return b"".join(parts) == normalized.encode()
 
 
 cdef str GENESIS = "0" * 64
@@ -102,6 +239,9 @@ cdef class Lane:
     cdef object _search_path
     cdef object _shape_key
     cdef dict _shapes
+    cdef dict _templates
+    cdef unsigned char* _key
+    cdef Py_ssize_t _key_room
     cdef dict _texts
     cdef dict _by_decision
     cdef Py_ssize_t _cache_size
@@ -151,12 +291,18 @@ cdef class Lane:
         self._search_path = None
         self._shape_key = None
         self._shapes = {}
+        self._templates = {}
+        self._key = NULL
+        self._key_room = 0
         self._texts = {}
         self._by_decision = {}
         self._cache_size = cache_size
         self._second = -1
         self.armed = False
         self.kind = IDLE
+
+    def __dealloc__(self):
+        free(self._key)
 
     # --- set up by the session ------------------------------------------------------------
 
@@ -167,18 +313,24 @@ cdef class Lane:
             return
         if policy is not self._policy or search_path != self._search_path:
             self._shapes.clear()
+            self._templates.clear()
             self._texts.clear()
             self._policy = policy
             self._search_path = search_path
             self._shape_key = shape_key
 
-    def learn(self, key, Entry entry, bint exact):
+    def learn(self, key, Entry entry, bint exact, sql=None):
         """``key`` (a normalized shape, or an exact Parse text when ``exact``) decides to ``entry``
-        under the policy and search_path the lane is armed with."""
+        under the policy and search_path the lane is armed with. ``sql``, a text of that shape,
+        also teaches its template when its plain constants are exactly the normalized ones."""
         cdef dict table = self._texts if exact else self._shapes
         if len(table) >= self._cache_size:
             table.clear()
         table[key] = entry
+        if sql is not None and not exact and same_shape(sql, key):
+            if len(self._templates) >= self._cache_size:
+                self._templates.clear()
+            self._templates[template(sql)[0]] = entry
         self.remember(entry)
 
     def remember(self, Entry entry):
@@ -234,13 +386,27 @@ cdef class Lane:
             sql = PyUnicode_DecodeUTF8(<const char*>p + 5, n - 6, "strict")
         except UnicodeDecodeError:
             return False
-        try:
-            key = self._shape_key(sql)
-        except Exception:  # the session's engine names the problem
-            return False
-        cdef Entry entry = self._shapes.get(key)
+        cdef Entry entry = None
+        cdef Py_ssize_t k
+        if self._templates:
+            if self._key_room < n:
+                free(self._key)
+                self._key = <unsigned char*>malloc(n)
+                if self._key == NULL:
+                    self._key_room = 0
+                    raise MemoryError()
+                self._key_room = n
+            k = _template(p + 5, n - 6, self._key, NULL, NULL)
+            if k >= 0:
+                entry = self._templates.get(<bytes>self._key[:k])
         if entry is None:
-            return False
+            try:
+                key = self._shape_key(sql)
+            except Exception:  # the session's engine names the problem
+                return False
+            entry = self._shapes.get(key)
+            if entry is None:
+                return False
         self.kind = QUERY
         self._entry = entry
         self.started = now

@@ -469,7 +469,7 @@ class Session:
         if shape is not None and shape[1] is decision:
             if exact and entry.statement is not statement:
                 entry = _lane.Entry(decision, statement, entry.segment, entry.metric, entry.masked)
-            lane.learn(sql if exact else shape[0], entry, exact)
+            lane.learn(sql if exact else shape[0], entry, exact, sql)
 
     # --- entry points ---------------------------------------------------------------------
 

@@ -398,3 +398,124 @@ def test_random_pgbench_traffic_matches(fixed_ids: None, tmp_path: Path) -> None
     with_lane, without = _run(holder, True, steps), _run(holder, False, steps)
     assert with_lane == without
     assert len(with_lane["lines"]) > 600
+
+
+# --- templates: texts of a learned shape recognised without the normalizer ------------------
+
+_CONSTANTS = [
+    *("5", "-5", "42", "007", "'abc'", "''", "'é'", "5.5", "TRUE", "NULL", "'a''b'", "E'x'"),
+    "B'1'",
+]
+_CONSTANTS += ["0x1F", "1_000", "-1.5", "5e3", ".5", "5.", "- 5", "+5", "'--'", "'/*'", "'$1'", "'a\\b'"]
+_IDENTS = ["a", "t1", "abalance", "interval", "int", "text", "x", "date", "pg_catalog.int4", "ARRAY", "NOT"]
+_OPS = [
+    "+",
+    "-",
+    "*",
+    "/",
+    "%",
+    "^",
+    "=",
+    "<>",
+    "<",
+    ">=",
+    "||",
+    "@-",
+    "AND",
+    "OR",
+    "LIKE",
+    "=-",
+    "+-",
+    "- -",
+]
+_OPS += ["IS DISTINCT FROM", "AT TIME ZONE", "COLLATE", "BETWEEN 1 AND", "IN", "::"]
+_SPACES = [" ", "", "  ", "\n", "\t", " --c\n", "/*c*/"]
+# What a constant of the learned text is swapped for: plain ones, and ones that must not pass.
+_SWAPS = [*_CONSTANTS, "7", "-7", "0", "123456789012345678901234567890", "'z'", "' OR 1=1 --'", "'x'' OR'"]
+_SWAPS += ["-", "'", "$1", "5::int", "'\x01'"]
+
+
+def _expression(rng: random.Random, depth: int = 0) -> str:
+    pick, space = rng.random(), rng.choice(_SPACES)
+    if depth > 3 or pick < 0.35:
+        return rng.choice(_CONSTANTS)
+    if pick < 0.5:
+        return rng.choice(_IDENTS)
+    if pick < 0.72:
+        return f"{_expression(rng, depth + 1)}{space}{rng.choice(_OPS)}{space}{_expression(rng, depth + 1)}"
+    if pick < 0.8:
+        return f"({space}{_expression(rng, depth + 1)}{space})"
+    if pick < 0.86:
+        return f"{rng.choice(_IDENTS)}{rng.choice([' ', ''])}{rng.choice(_CONSTANTS)}"
+    if pick < 0.91:
+        return f"{_expression(rng, depth + 1)}{rng.choice(['::', ' :: ', '['])}{rng.choice(_IDENTS)}"
+    if pick < 0.95:
+        return f"ARRAY[{_expression(rng, depth + 1)},{space}{_expression(rng, depth + 1)}]"
+    return f"f({_expression(rng, depth + 1)},{space}{_expression(rng, depth + 1)})"
+
+
+def _statement(rng: random.Random) -> str:
+    e, space = lambda: _expression(rng), rng.choice(_SPACES)
+    return rng.choice(
+        [
+            lambda: f"SELECT {e()}{space},{space}{e()} FROM t WHERE {e()}",
+            lambda: f"UPDATE t SET a = {e()} WHERE b = {e()};",
+            lambda: f"INSERT INTO t VALUES ({e()},{space}{e()})",
+            lambda: f"SELECT a FROM t ORDER BY {e()} LIMIT {e()} OFFSET {e()}",
+            lambda: f"SELECT CASE WHEN {e()} THEN {e()} ELSE {e()} END",
+        ]
+    )()
+
+
+def _replace_spans(sql: str, spans: list[tuple[int, int]], values: list[str]) -> str:
+    raw, out, last = sql.encode(), [], 0
+    for (start, end), value in zip(spans, values, strict=False):
+        out += [raw[last:start], value.encode()]
+        last = end
+    return b"".join([*out, raw[last:]]).decode()
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_a_template_match_means_the_same_normalized_shape(rng: random.Random) -> None:
+    """If the lane would take T' by the template it learned from T, libpg_query normalizes T'
+    to exactly what it normalized T to (what the engine's cache is keyed by). Random statements
+    mix constants of every kind, casts, subscripts, operators that absorb a minus, comments."""
+    from pglast import parser as pg_parser
+
+    assert session._lane is not None
+    text = _statement(rng)
+    try:
+        normalized = pg_parser.normalize(text)
+    except pg_parser.ParseError:
+        return
+    if not session._lane.same_shape(text, normalized):
+        return  # never learned as a template
+    found = session._lane.template(text)
+    assert found is not None
+    key, spans = found
+    other = _replace_spans(text, spans, [rng.choice(_SWAPS) for _ in spans])
+    other_found = session._lane.template(other)
+    if other_found is None or other_found[0] != key:
+        return  # the lane would not take it by this template
+    assert pg_parser.normalize(other) == normalized, (text, other)
+
+
+def test_templates_read_pgbench_statements() -> None:
+    """The statements of pgbench's TPC-B all have templates, negative deltas included."""
+    from pglast import parser as pg_parser
+
+    assert session._lane is not None
+    for sql in [
+        "UPDATE pgbench_accounts SET abalance = abalance + -4321 WHERE aid = 7654;",
+        "UPDATE pgbench_tellers SET tbalance = tbalance + 12 WHERE tid = 3;",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 7654, -4321, CURRENT_TIMESTAMP);",
+        select(42),
+        "BEGIN;",
+    ]:
+        assert session._lane.same_shape(sql, pg_parser.normalize(sql)), sql
+    positive = session._lane.template("UPDATE t SET a = a + 5 WHERE b = 1;")
+    negative = session._lane.template("UPDATE t SET a = a + -5 WHERE b = 1;")
+    assert positive is not None and negative is not None and positive[0] == negative[0]
+    assert session._lane.template("SELECT E'\\x'") is None
+    assert session._lane.template("SELECT 1 -- 2") is None
