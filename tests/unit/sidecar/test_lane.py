@@ -84,6 +84,10 @@ def _client(name: str, n: int) -> bytes:
         return messages.query("SET search_path TO public")
     if name == "extended":
         return extended("SELECT abalance FROM pgbench_accounts WHERE aid = $1", str(n).encode())
+    if name == "unicode":  # every kind of character the audit line escapes
+        return messages.query(
+            f'SELECT abalance FROM pgbench_accounts WHERE aid = {n} /* é 😀 \x7f \x01 \t " \\ */;'
+        )
     if name == "extended2":
         return extended("SELECT bid FROM pgbench_branches WHERE bid = $1", str(n).encode())
     if name == "rebind":  # the unnamed statement parsed last, bound again
@@ -130,7 +134,7 @@ def _server(name: str) -> bytes:
 
 CLIENT_NAMES = [
     *("select", "update", "begin", "end", "drop", "new-shape", "set", "extended", "prepare"),
-    *("prepared", "unprepared", "pipelined", "bad", "not-utf8", "extended2", "rebind"),
+    *("prepared", "unprepared", "pipelined", "bad", "not-utf8", "extended2", "rebind", "unicode"),
 ]
 SERVER_NAMES = [
     *("rows", "rows-in-block", "update", "begin", "commit", "extended", "bound", "parsed", "error"),
@@ -147,6 +151,7 @@ USUAL = {
     "set": "set",
     "extended": "extended",
     "extended2": "extended",
+    "unicode": "rows",
     "rebind": "bound",
     "prepare": "parsed",
     "prepared": "bound",
@@ -392,7 +397,7 @@ def test_random_pgbench_traffic_matches(fixed_ids: None, tmp_path: Path) -> None
     rng = random.Random(7)
     steps = [("select", 1, "rows", 0)]
     for _ in range(600):
-        name = rng.choice(["select", "update", "begin", "end", "extended"])
+        name = rng.choice(["select", "update", "begin", "end", "extended", "unicode"])
         steps.append((name, rng.randrange(1, 10**6), USUAL[name], 0))
     holder = _holder(tmp_path)
     with_lane, without = _run(holder, True, steps), _run(holder, False, steps)
