@@ -630,6 +630,7 @@ cdef class Lane:
             latency[i] += 1
             counters.latency_sum += seconds
             counters.latency_count += 1
+            counters.lane_statements += 1
         return 0
 
     cdef int _bucket(self, double seconds) noexcept:

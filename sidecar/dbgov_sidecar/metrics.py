@@ -29,6 +29,8 @@ class Metrics:
         self.latency = [0] * (len(BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
+        self.lane_statements = 0
+        """Statements the compiled lane handled (counted in the rest as any other)."""
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def observe(self, event: audit.Event) -> None:
@@ -80,6 +82,8 @@ class Metrics:
             f"dbgov_masked_columns_total {self.masked_columns}",
             "# TYPE dbgov_proxy_masked_columns_total counter",
             f"dbgov_proxy_masked_columns_total {self.proxy_masked}",
+            "# TYPE dbgov_lane_statements_total counter",
+            f"dbgov_lane_statements_total {self.lane_statements}",
             "# TYPE dbgov_sessions_active gauge",
             f"dbgov_sessions_active {self.sessions_active}",
             "# TYPE dbgov_sessions_total counter",

@@ -249,7 +249,7 @@ class Harness:
             "to_client": bytes(self.client.data),
             "to_server": bytes(self.upstream_sink.data),
             "lines": list(self.lines),
-            "metrics": self.counters.render(),
+            "metrics": [line for line in self.counters.render().splitlines() if "dbgov_lane_" not in line],
             "state": s.state,
             "closed": self.client.closed,
             "in_flight": s._syncs_sent - s._syncs_done,
@@ -340,6 +340,7 @@ def test_the_lane_takes_the_steady_state(
         h.conn.data_received(_client(client, aid))
         h.conn.server_data(_server(server))
     assert calls == []
+    assert h.counters.lane_statements == 100
     h.log.flush()
     events = [json.loads(line) for line in h.lines]
     statements = [e for e in events if e["type"] == "statement"]
