@@ -40,6 +40,7 @@ class Lane:
         portals: dict[str, str],
         max_message: int,
         buckets: Sequence[float],
+        masked: dict[tuple[int, int], str] | None = ...,
         cache_size: int = ...,
     ) -> None: ...
     def arm(self, ready: bool, policy: Any = ..., search_path: Any = ..., shape_key: Any = ...) -> None: ...

@@ -232,6 +232,7 @@ cdef class Lane:
     cdef str _identity
     cdef dict _prepared
     cdef dict _portals
+    cdef dict _masked
     cdef Py_ssize_t _max_message
     cdef double _buckets[64]
     cdef int _nbuckets
@@ -265,6 +266,7 @@ cdef class Lane:
         dict portals,
         Py_ssize_t max_message,
         buckets,
+        dict masked=None,
         Py_ssize_t cache_size=4096,
     ):
         self._session = session
@@ -282,6 +284,10 @@ cdef class Lane:
         self._prepared = prepared
         self._portals = portals
         self._max_message = max_message
+        # (table OID, attribute number) of masked columns: results showing one go to the session,
+        # which masks them; with any, only simple queries take the lane (the session tracks the
+        # extended protocol's statements and portals to know which rows a description covers).
+        self._masked = masked if masked else None
         if len(buckets) > 64:
             raise ValueError("at most 64 latency buckets")
         self._nbuckets = len(buckets)
@@ -369,6 +375,8 @@ cdef class Lane:
         if current is not self._policy:
             return False
         cdef int t = p[0]
+        if self._masked is not None and t != 81:
+            return False
         if t == 81:  # Query
             return self._query(data, p, n, now)
         if t == 80:  # Parse
@@ -571,7 +579,10 @@ cdef class Lane:
                 if length != 5 or p[pos + 5] not in (73, 84, 69):
                     return False
                 status = p[pos + 5]
-            elif t in (84, 78, 83, 65):  # RowDescription, notices, ParameterStatus, notifications
+            elif t == 84:  # RowDescription
+                if self._masked is not None and not self._plain_columns(p + pos + 5, length - 4):
+                    return False
+            elif t in (78, 83, 65):  # notices, ParameterStatus, notifications
                 pass
             elif t in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
                 if length != 4:
@@ -593,6 +604,35 @@ cdef class Lane:
         self.kind = IDLE
         self.sql = self.decision = self.statement = self._entry = None
         return True
+
+    cdef bint _plain_columns(self, const unsigned char* p, Py_ssize_t size) except -1:
+        """A well-formed RowDescription none of whose columns comes straight from a masked one."""
+        if size < 2:
+            return False
+        cdef int count = _i16(p), field
+        cdef Py_ssize_t pos = 2
+        cdef const unsigned char* nul
+        cdef unsigned int table
+        cdef int attnum
+        if count < 0:
+            return False
+        for field in range(count):
+            nul = <const unsigned char*>memchr(p + pos, 0, size - pos)
+            if nul == NULL:
+                return False
+            while pos < nul - p:
+                if p[pos] >= 128:  # the session decodes such names; let it
+                    return False
+                pos += 1
+            pos += 1
+            if pos + 18 > size:
+                return False
+            table = <unsigned int>_i32(p + pos)
+            attnum = _i16(p + pos + 4)
+            if (table, attnum) in self._masked:
+                return False
+            pos += 18
+        return pos == size
 
     cdef int _record(self, double now, Py_ssize_t rows, affected) except -1:
         cdef Entry entry = self._entry

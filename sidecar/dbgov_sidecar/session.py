@@ -383,6 +383,7 @@ class Session:
             portals=self._portal_statements,
             max_message=self._config.max_message_size,
             buckets=metrics.BUCKETS,
+            masked=self._masked_attrs,
         )
         self.arm_lane()
         return self.lane
@@ -393,8 +394,9 @@ class Session:
         lane = self.lane
         if lane is None:
             return
+        origins = self._origins
         if not (
-            not self._masked_attrs
+            (not self._masked_attrs or not (origins.describes or origins.executes or origins.simple))
             and self.state == "ready"
             and self._row_limit is None
             and self._affected_limit is None
