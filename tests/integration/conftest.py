@@ -8,6 +8,7 @@ a leaked session or task fails the test.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 import uvloop
 
 import pg
-from dbgov_sidecar import policy_port, proxy, session
+from dbgov_sidecar import audit, metrics, policy_port, proxy, session
 
 
 class RulesPolicy:
@@ -80,17 +81,38 @@ class RulesPolicy:
 
 
 class RunningProxy:
-    """A Proxy serving on its own event loop thread."""
+    """A Proxy serving on its own event loop thread, auditing as `dbgov proxy` does (a sealed,
+    hash-chained log and metrics, which the compiled lane writes into too); ``events`` reads the
+    lines back."""
 
     def __init__(self, config: proxy.ProxyConfig, policy: Any) -> None:
         self.policy = policy
-        self.events: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self.log = audit.AuditLog(self._sink)
+        self.counters = metrics.Metrics()
         self.loop = uvloop.new_event_loop()
-        self.proxy = proxy.Proxy(config, policy=lambda: self.policy, audit=self.events.append)
+        self.proxy = proxy.Proxy(
+            config, policy=lambda: self.policy, audit=proxy.Recorder(self.log, self.counters)
+        )
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.proxy.start())
         self.port = self.proxy.port
+
+    def _sink(self, text: str) -> bool:
+        self._events.extend(json.loads(line) for line in text.splitlines())
+        return True
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every audit event so far (what waits in the log's buffer is flushed first)."""
+        if self.loop.is_running():
+
+            async def flush() -> None:
+                self.log.flush()
+
+            self.call(flush())
+        return self._events
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
