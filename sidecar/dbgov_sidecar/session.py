@@ -118,6 +118,11 @@ class _Unit:
     rows: int = 0
     tags: list[str] | None = None
     sqlstate: str | None = None
+    executions: list[int | None] = field(default_factory=list)
+    """Per Execute sent, the index in ``statements`` of the statement it runs (None: unknown)."""
+    ends: list[tuple[int, str | None]] = field(default_factory=list)
+    """Per Execute answered (CommandComplete, PortalSuspended, EmptyQueryResponse, or the
+    error that ends the batch): the unit's rows so far and the command tag."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -323,8 +328,8 @@ class Session:
         """Allowed named (and the unnamed) prepared statements, for auditing each execution."""
         self._portal_statements: dict[str, str] = {}
         """Portal → the prepared statement bound to it."""
-        self._parsed_in_unit: set[str] = set()
-        """Statements parsed since the last Sync (already in the pending unit's statements)."""
+        self._parsed_in_unit: dict[str, int] = {}
+        """Statements parsed since the last Sync, and where the pending unit lists them."""
         self._rows = 0  # DataRows of the statement now streaming
         self._unit_rows = 0  # DataRows since the last ReadyForQuery
         self._over_limit = False
@@ -859,7 +864,7 @@ class Session:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
             self._prepared[parse.name] = statement
-            self._parsed_in_unit.add(parse.name)
+            self._parsed_in_unit[parse.name] = len(self._pending.statements) - 1
             if self._guard_limit(decision) is not None:
                 self._write_statements.add(parse.name)
             else:
@@ -891,14 +896,16 @@ class Session:
         if self._row_limit is not None:
             self._fetches.append((portal, self._syncs_sent + 1))
         name = self._portal_statements.get(portal)
-        if name is None or name in self._parsed_in_unit:
-            return  # parsed in this batch: its Parse already put it in the unit
-        statement = self._prepared.get(name)
-        if statement is None:
-            return
         if self._pending is None:
             self._pending = _Unit(started=now, statements=[])
-        self._pending.statements.append(statement)
+        pending = self._pending
+        index = None if name is None else self._parsed_in_unit.get(name)
+        if index is None and name is not None:  # prepared in an earlier batch
+            statement = self._prepared.get(name)
+            if statement is not None:
+                pending.statements.append(statement)
+                index = len(pending.statements) - 1
+        pending.executions.append(index)
 
     def _refuse_function_call(self, now: float) -> bytes:
         decision = policy_port.SimpleDecision(
@@ -1077,6 +1084,7 @@ class Session:
                     if unit.tags is None:
                         unit.tags = []
                     unit.tags.append(text)
+                    unit.ends.append((self._unit_rows, text))
                 continue
             self._syncs_done += 1
             if self._units:
@@ -1139,6 +1147,9 @@ class Session:
 
     def _on_statement_end(self, msg: framing.Message) -> bytes | None:
         self._rows = 0
+        unit = self._current_unit()
+        if unit is not None and self._config.audit:
+            unit.ends.append((self._unit_rows, None))
         if self._over_limit:
             # A suspended portal over the limit: the client gets the error, not more rows later.
             return self._limit_error() if msg.type == messages.PORTAL_SUSPENDED else b""
@@ -1162,7 +1173,9 @@ class Session:
         if unit is not None and self._config.audit:
             if unit.tags is None:
                 unit.tags = []
-            unit.tags.append(messages.decode_command_complete(msg.data))
+            tag = messages.decode_command_complete(msg.data)
+            unit.tags.append(tag)
+            unit.ends.append((self._unit_rows, tag))
         return None
 
     def _on_error(self, msg: framing.Message) -> bytes | None:
@@ -1172,6 +1185,8 @@ class Session:
         if self._over_limit:
             return b""
         unit = self._current_unit()
+        if unit is not None and self._config.audit:
+            unit.ends.append((self._unit_rows, None))  # nothing more runs until Sync
         if self._refusals and self._refusals[0].sync_id == self._syncs_done + 1:
             fields = messages.decode_fields(msg.data)
             if self._refusals[0].token in fields.get("M", ""):
@@ -1429,14 +1444,16 @@ class Session:
     def _finish_unit(self, unit: _Unit, now: float) -> None:
         if not self._config.audit:
             return
-        for statement in unit.statements:
+        shares = _shares(unit) if len(unit.statements) > 1 else None
+        for index, statement in enumerate(unit.statements):
+            rows, tags = (unit.rows, unit.tags) if shares is None else shares[index]
             self.events.append(
                 self._statement_event(
                     statement,
                     now=now,
                     duration=now - unit.started,
-                    rows=unit.rows,
-                    tags=unit.tags,
+                    rows=rows,
+                    tags=tags,
                     sqlstate=unit.sqlstate,
                 )
             )
@@ -1596,6 +1613,25 @@ def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
         if key == "options" and ("-c" in value or "--" in value):
             return 'dbgov does not allow settings in the startup parameter "options" (-c / --)'
     return None
+
+
+def _shares(unit: _Unit) -> list[tuple[int, list[str] | None]] | None:
+    """Rows and command tags of each statement of a batch of several (a pipeline): each Execute's
+    answer goes to the statement it ran. None (the batch's totals for each) when the answers
+    cannot be matched to the Executes: more answers than Executes, or fewer without an error."""
+    executions, ends = unit.executions, unit.ends
+    if not executions or len(ends) > len(executions):
+        return None
+    if len(ends) < len(executions) and unit.sqlstate is None:
+        return None
+    shares: list[tuple[int, list[str] | None]] = [(0, None)] * len(unit.statements)
+    before = 0
+    for index, (rows, tag) in zip(executions, ends, strict=False):
+        if index is not None:
+            count, tags = shares[index]
+            shares[index] = (count + rows - before, tags if tag is None else [*(tags or ()), tag])
+        before = rows
+    return shares
 
 
 def _rows_affected(tags: list[str] | None) -> int | None:

@@ -127,3 +127,70 @@ def test_pgbench_through_the_lane_is_audited_like_without_it(pg_server: pg.PgSer
         else:
             assert through_lane == 0
     assert shapes[True] == shapes[False]
+
+
+SHOP_READS = """\
+mode: enforce
+default: block
+rules:
+  - name: shop-reads
+    verdict: allow
+    statements: [select]
+    tables: [shop.customers, shop.products, shop.orders]
+"""
+
+
+def test_drivers_through_the_lane(make_proxy: Any, pg_server: pg.PgServer, tmp_path: Path) -> None:
+    """psycopg (simple, extended text and binary, server-side prepared, pipeline) and asyncpg
+    (prepared, binary) repeat statements until the lane takes them; every answer is what
+    PostgreSQL answers directly, and every statement is audited once."""
+    import asyncio
+
+    import asyncpg
+    import psycopg
+
+    from dbgov_sidecar import policies
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(SHOP_READS)
+    running = make_proxy(policy=policies.load(str(path)))
+    sql = "SELECT id, name, email, created_at FROM shop.customers WHERE id = %s"
+    with psycopg.connect(pg_server.dsn(user="app"), autocommit=True) as direct:
+        expected = {i: direct.execute(sql, (i,)).fetchone() for i in range(1, 11)}
+    issued = 0
+    with psycopg.connect(running.dsn(), autocommit=True) as conn:
+        for i in range(1, 11):
+            with psycopg.ClientCursor(conn) as simple:  # literals in the text: simple protocol
+                assert simple.execute(sql, (i,)).fetchone() == expected[i]
+            assert conn.execute(sql, (i,)).fetchone() == expected[i]
+            assert conn.execute(sql, (i,), binary=True).fetchone() == expected[i]
+            assert conn.execute(sql, (i,), prepare=True).fetchone() == expected[i]
+            issued += 4
+        with conn.pipeline():
+            cursors = [conn.execute(sql, (i,)) for i in range(1, 11)]
+        assert [c.fetchone() for c in cursors] == [expected[i] for i in range(1, 11)]
+        issued += 10
+
+    async def with_asyncpg() -> int:
+        conn = await asyncpg.connect(running.url(), password="x", ssl=False)
+        try:
+            statement = await conn.prepare(sql.replace("%s", "$1"))
+            for i in range(1, 11):
+                row = await statement.fetchrow(i)
+                assert row is not None and tuple(row) == expected[i]
+            return 10
+        finally:
+            await conn.close()
+
+    issued += asyncio.run(with_asyncpg())
+    statements = [
+        e for e in running.events if e["type"] == "statement" and "shop.customers" in e["statement"]
+    ]
+    executions = [e for e in statements if e["rows_returned"] == 1]
+    assert len(executions) == issued
+    assert all(e["decision"] == "allow" for e in statements)
+    sessions: dict[str, list[dict[str, Any]]] = {}
+    for event in running.events:
+        sessions.setdefault(event["session_id"], []).append(event)
+    assert all(audit.verify(trail) for trail in sessions.values())
+    assert running.counters.lane_statements >= issued // 2

@@ -401,3 +401,61 @@ def test_every_established_session_ends_in_the_audit_trail_once() -> None:
     before_login.client_data(messages.startup_message({"user": "agent"}), 0.0)
     before_login.client_eof(1.0)
     assert not [e for e in before_login.events if e["type"] == "session_end"]  # it never started
+
+
+def _pipeline(*sqls: str) -> bytes:
+    """What psycopg's pipeline mode sends: Parse/Bind/Describe/Execute per statement, one Sync."""
+    out = b""
+    for sql in sqls:
+        out += messages.parse("", sql) + messages.bind("", "", []) + messages.describe("P", "")
+        out += messages.execute("", 0)
+    return out + messages.SYNC_MESSAGE
+
+
+def _answer(rows: int, tag: str) -> bytes:
+    field = messages.Field(
+        name="a", table_oid=0, attnum=0, type_oid=23, type_size=4, type_modifier=-1, format=0
+    )
+    out = messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE
+    out += messages.row_description([field]) if tag.startswith("SELECT") else b"n\0\0\0\4"
+    return out + b"".join(messages.data_row([b"1"]) for _ in range(rows)) + messages.command_complete(tag)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_each_statement_of_a_pipeline_is_audited_with_its_own_rows(lean: bool) -> None:
+    s = _ready()
+    s.lean = lean
+    s.client_data(
+        _pipeline("SELECT a FROM t", "UPDATE t SET a = 1", "SELECT b FROM t", "INSERT INTO t VALUES (1)"), 1.0
+    )
+    answer = (
+        _answer(2, "SELECT 2") + _answer(0, "UPDATE 3") + _answer(5, "SELECT 5") + _answer(0, "INSERT 0 1")
+    )
+    s.server_data(answer + messages.ready_for_query("I"), 2.0)
+    got = [
+        (e["statement"], e["rows_returned"], e["rows_affected"]) for e in s.events if e["type"] == "statement"
+    ]
+    assert got == [
+        ("SELECT a FROM t", 2, 0),
+        ("UPDATE t SET a = 1", 0, 3),
+        ("SELECT b FROM t", 5, 0),
+        ("INSERT INTO t VALUES (1)", 0, 1),
+    ]
+
+
+def test_statements_after_a_pipeline_error_never_ran() -> None:
+    s = _ready()
+    s.client_data(_pipeline("SELECT a FROM t", "SELECT 1/0", "UPDATE t SET a = 1"), 1.0)
+    error = messages.error_response(code="22012", message="division by zero")
+    answer = _answer(2, "SELECT 2") + messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + error
+    s.server_data(answer + messages.ready_for_query("I"), 2.0)
+    got = [
+        (e["statement"], e["rows_returned"], e["rows_affected"], e["sqlstate"])
+        for e in s.events
+        if e["type"] == "statement"
+    ]
+    assert got == [
+        ("SELECT a FROM t", 2, 0, "22012"),
+        ("SELECT 1/0", 0, None, "22012"),
+        ("UPDATE t SET a = 1", 0, None, "22012"),
+    ]
