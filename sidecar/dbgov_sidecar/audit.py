@@ -251,6 +251,9 @@ class AuditLog:
         self._prev: dict[str, str] = {}
         self._buffer: list[str] = []
         self._max_buffer = max_buffer
+        self.producers: list[Callable[[], None]] = []
+        """Called first by every flush: whoever holds events back (the compiled lanes) hands
+        them over."""
 
     def write(self, event: Event) -> None:
         """Seal one event and buffer it; refusals and session boundaries are flushed at once."""
@@ -279,6 +282,8 @@ class AuditLog:
 
     def flush(self) -> None:
         """Hand everything buffered to the sink."""
+        for produce in self.producers:
+            produce()
         if not self._buffer:
             return
         lines, self._buffer = self._buffer, []

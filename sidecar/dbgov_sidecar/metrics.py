@@ -31,6 +31,8 @@ class Metrics:
         self.latency_count = 0
         self.lane_statements = 0
         """Statements the compiled lane handled (counted in the rest as any other)."""
+        self.producers: list[Callable[[], None]] = []
+        """Called first by ``render``: whoever counts in batches (the compiled lanes) catches up."""
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def observe(self, event: audit.Event) -> None:
@@ -70,6 +72,8 @@ class Metrics:
 
     def render(self) -> str:
         """The exposition text."""
+        for produce in self.producers:
+            produce()
         lines = [
             "# TYPE dbgov_statements_total counter",
             *(

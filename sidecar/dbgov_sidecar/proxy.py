@@ -122,6 +122,11 @@ class Proxy:
         self.policy = policy
         self.audit = audit
         self.audit_ok = audit_ok
+        if type(audit) is Recorder:  # the lanes audit and count in batches: flushes catch them up
+            if audit.log is not None:
+                audit.log.producers.append(self.drain_lanes)
+            if audit.counters is not None:
+                audit.counters.producers.append(self.drain_lanes)
         self.connections: set[ClientConnection] = set()
         self.keys: dict[tuple[int, int], ClientConnection] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -134,6 +139,12 @@ class Proxy:
                 config, session=dataclasses.replace(config.session, tls_available=True)
             )
             self.config = config
+
+    def drain_lanes(self) -> None:
+        """Audit and count what every session's lane finished."""
+        for conn in self.connections:
+            if conn.lane is not None:
+                conn.lane.drain()
 
     @property
     def port(self) -> int:

@@ -444,7 +444,10 @@ class Session:
         """Take over the lane's statement in flight (before reading any byte here): the session's
         state becomes exactly what reading the client's messages itself would have made it."""
         lane = self.lane
-        if lane is None or not lane.kind:
+        if lane is None:
+            return
+        if not lane.kind:
+            lane.drain()  # what it finished is audited before anything the session audits
             return
         started, sql, decision, statement = lane.take()
         if statement is None:
