@@ -60,6 +60,9 @@ class Sink:
     def is_closing(self) -> bool:
         return False
 
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
 
 def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
     counters = metrics.Metrics()
@@ -86,6 +89,7 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
     up = proxy.UpstreamConnection.__new__(proxy.UpstreamConnection)
     up.transport = Sink()  # type: ignore[assignment]
     up.relaying = True
+    up.owner = conn
     conn.upstream = up
     conn.session.upstream_ready(parameter_status=[], notices=[], now=time.time())
     conn.pump()
@@ -112,9 +116,11 @@ def extended(aid: int) -> tuple[bytes, bytes]:
 
 
 def drive(conn: proxy.ClientConnection, traffic: list[tuple[bytes, bytes]]) -> None:
+    up = conn.upstream
+    assert up is not None
     for request, answer in traffic:
         conn.data_received(request)
-        conn.server_data(answer)
+        up.data_received(answer)
 
 
 def main() -> int:

@@ -219,6 +219,12 @@ cdef class Lane:
     cdef readonly object statement
 
     cdef Entry _entry
+    cdef object _clock
+    cdef object _to_upstream
+    cdef object _to_client
+    cdef object _client_slow
+    cdef object _server_slow
+    cdef object _fail
     cdef list _done
     cdef Py_ssize_t _hold
     cdef object _session
@@ -366,10 +372,56 @@ cdef class Lane:
         self.sql = self.decision = self.statement = self._entry = None
         return result
 
+    # --- the shell's callbacks -----------------------------------------------------------
+
+    def bind(self, *, clock, to_upstream, to_client, client_slow, server_slow, fail):
+        """Let the event loop call the lane first (``client_received`` / ``server_received``, set
+        as the protocols' ``data_received``): what it takes is written with ``to_upstream`` /
+        ``to_client``, the rest goes to ``client_slow`` / ``server_slow`` (data, now), and an
+        exception to ``fail()``. Spares a Python call per read."""
+        self._clock = clock
+        self._to_upstream = to_upstream
+        self._to_client = to_client
+        self._client_slow = client_slow
+        self._server_slow = server_slow
+        self._fail = fail
+
+    def unbind(self):
+        self._clock = self._to_upstream = self._to_client = None
+        self._client_slow = self._server_slow = self._fail = None
+
+    def client_received(self, bytes data):
+        """The client protocol's data_received."""
+        cdef double now = self._clock()
+        try:
+            if self._client(data, now):
+                self._to_upstream(data)
+                return
+        except Exception:
+            self._fail()
+            return
+        self._client_slow(data, now)
+
+    def server_received(self, bytes data):
+        """The upstream protocol's data_received (once it relays)."""
+        cdef double now = self._clock()
+        if self.kind != IDLE:
+            try:
+                if self._server(data, now):
+                    self._to_client(data)
+                    return
+            except Exception:
+                self._fail()
+                return
+        self._server_slow(data, now)
+
     # --- client side ----------------------------------------------------------------------
 
     def client(self, bytes data, double now):
         """True when ``data`` goes upstream unchanged and the lane now owns its statement."""
+        return self._client(data, now)
+
+    cdef bint _client(self, bytes data, double now) except -1:
         if not self.armed or self.kind != IDLE:
             return False
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
@@ -554,6 +606,9 @@ cdef class Lane:
     def server(self, bytes data, double now):
         """True when ``data`` is the whole plain answer to the statement in flight: it goes to
         the client unchanged and the statement is audited and counted."""
+        return self._server(data, now)
+
+    cdef bint _server(self, bytes data, double now) except -1:
         if self.kind == IDLE:
             return False
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)

@@ -271,21 +271,30 @@ class ClientConnection(asyncio.Protocol):
         self.pump()
 
     def data_received(self, data: bytes) -> None:
-        assert self.session is not None
+        # Once the lane is bound (start_lane), the event loop calls lane.client_received instead.
         lane = self.lane
         now = time.time()
-        try:
-            if lane is not None:
+        if lane is not None:
+            try:
                 if lane.client(data, now):
                     self._upstream_write(data)
                     return
-                self.session.adopt_lane()
+            except Exception:
+                self._internal_error()
+                return
+        self._client_slow(data, now)
+
+    def _client_slow(self, data: bytes, now: float) -> None:
+        """Client bytes the lane did not take: the session reads them."""
+        assert self.session is not None
+        try:
+            self.session.adopt_lane()
             self.session.client_data(data, now)
         except Exception:  # a bug must cost one session, never the proxy or a policy check
             self._internal_error()
             return
         self.pump()
-        if lane is not None:
+        if self.lane is not None:
             self.session.arm_lane()
 
     def _internal_error(self) -> None:
@@ -426,7 +435,23 @@ class ClientConnection(asyncio.Protocol):
             return
         log_, counters = (None, None) if recorder is None else (recorder.log, recorder.counters)
         self._upstream_write = up.transport.write
-        self.lane = self.session.enable_lane(log_, counters)
+        self.lane = lane = self.session.enable_lane(log_, counters)
+        if lane is None or self.transport is None:
+            return
+        # The event loop calls the lane first from now on: no Python call per read in the steady
+        # state. (A loop that keeps calling the protocol's own methods is just slower.)
+        lane.bind(
+            clock=time.time,
+            to_upstream=up.transport.write,
+            to_client=self.transport.write,
+            client_slow=self._client_slow,
+            server_slow=self._server_slow,
+            fail=self._internal_error,
+        )
+        vars(self)["data_received"] = lane.client_received
+        vars(up)["data_received"] = lane.server_received
+        self.transport.set_protocol(self)
+        up.transport.set_protocol(up)
 
     async def _login(self, params: dict[str, str]) -> UpstreamConnection:
         cfg = self.proxy.config.upstream
@@ -497,7 +522,7 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.keys.pop(self._key, None)
         if self.session is not None:
             self.session.adopt_lane()
-            self.lane = None
+            self.lane = None  # (a read the loop already holds goes to the closed session)
             if self.session.state != "closed":
                 self.session.close(reason, time.time())
             self.pump()
@@ -510,23 +535,31 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.close()
 
     def server_data(self, data: bytes) -> None:
-        """Bytes from upstream, once relaying."""
-        assert self.session is not None
+        """Bytes from upstream, once relaying (the lane's server_received once it is bound)."""
         lane = self.lane
         now = time.time()
-        try:
-            if lane is not None:
+        if lane is not None and lane.kind:
+            try:
                 if lane.server(data, now):
                     if self.transport is not None:
                         self.transport.write(data)
                     return
-                self.session.adopt_lane()
+            except Exception:
+                self._internal_error()
+                return
+        self._server_slow(data, now)
+
+    def _server_slow(self, data: bytes, now: float) -> None:
+        """Server bytes the lane did not take: the session reads them."""
+        assert self.session is not None
+        try:
+            self.session.adopt_lane()
             self.session.server_data(data, now)
         except Exception:
             self._internal_error()
             return
         self.pump()
-        if lane is not None:
+        if self.lane is not None:
             self.session.arm_lane()
 
     def upstream_lost(self) -> None:
@@ -567,19 +600,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
-            owner = self.owner
-            lane = owner.lane
-            if lane is not None and lane.kind:  # the steady state, without one more call
-                try:
-                    handled = lane.server(data, time.time())
-                except Exception:
-                    owner._internal_error()
-                    return
-                if handled:
-                    if owner.transport is not None:
-                        owner.transport.write(data)
-                    return
-            owner.server_data(data)
+            self.owner.server_data(data)
             return
         if self._expect_ssl_answer:
             self._expect_ssl_answer = False

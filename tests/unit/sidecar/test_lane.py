@@ -193,6 +193,9 @@ class Sink:
     def pause_reading(self) -> None:
         pass
 
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
     def resume_reading(self) -> None:
         pass
 
@@ -239,6 +242,7 @@ class Harness:
         up = proxy.UpstreamConnection.__new__(proxy.UpstreamConnection)
         up.transport = self.upstream_sink  # type: ignore[assignment]
         up.relaying = True
+        up.owner = self.conn
         self.conn.upstream = up
         self.session.upstream_ready(
             parameter_status=[], notices=[], now=proxy.time.time(), masked_attrs=MASKED if masked else None
@@ -305,7 +309,7 @@ def _run(
             answer = _server(server)
             for chunk in (answer[:cut], answer[cut:]) if 0 < cut < len(answer) else (answer,):
                 if chunk and h.session.state != "closed":
-                    h.conn.server_data(chunk)
+                    h.conn.upstream.data_received(chunk)
         return h.observe()
     finally:
         proxy.time = saved  # type: ignore[assignment]
@@ -344,7 +348,7 @@ def _steady(fixed_ids: None, tmp: Path) -> tuple[Harness, policies.PolicyHolder]
     h = Harness(holder, lane=True)
     for step in range(2):  # first sight decides in Python and teaches the lane
         h.conn.data_received(_client("select", step))
-        h.conn.server_data(_server("rows"))
+        h.conn.upstream.data_received(_server("rows"))
     return h, holder
 
 
@@ -353,9 +357,9 @@ def test_the_lane_takes_the_steady_state(
 ) -> None:
     h, _ = _steady(fixed_ids, tmp_path)
     h.conn.data_received(_client("extended", 1))
-    h.conn.server_data(_server("extended"))
+    h.conn.upstream.data_received(_server("extended"))
     h.conn.data_received(_client("prepare", 0))
-    h.conn.server_data(_server("parsed"))
+    h.conn.upstream.data_received(_server("parsed"))
     calls: list[str] = []
     monkeypatch.setattr(h.session, "client_data", lambda *a: calls.append("client"))
     monkeypatch.setattr(h.session, "server_data", lambda *a: calls.append("server"))
@@ -363,7 +367,7 @@ def test_the_lane_takes_the_steady_state(
         range(100), itertools.cycle([("select", "rows"), ("extended", "extended"), ("prepared", "bound")])
     ):
         h.conn.data_received(_client(client, aid))
-        h.conn.server_data(_server(server))
+        h.conn.upstream.data_received(_server(server))
     assert calls == []
     h.log.flush()  # the lane audits and counts in batches; a flush catches it up
     assert h.counters.lane_statements == 100
@@ -397,7 +401,7 @@ def test_a_failing_fail_closed_audit_sink_refuses_the_next_statement(fixed_ids: 
     h = Harness(holder, lane=True, audit_ok=lambda: healthy[0])
     for step in range(2):
         h.conn.data_received(_client("select", step))
-        h.conn.server_data(_server("rows"))
+        h.conn.upstream.data_received(_server("rows"))
     assert h.conn.lane is not None and h.conn.lane.armed
     healthy[0] = False
     h.upstream_sink.data.clear()
@@ -559,23 +563,23 @@ def test_with_masked_columns_the_lane_takes_only_simple_queries_that_show_none(
     h = Harness(holder, lane=True, masked=True)
     for step in range(2):
         h.conn.data_received(_client("select", step))
-        h.conn.server_data(_server("rows"))
+        h.conn.upstream.data_received(_server("rows"))
     assert h.conn.lane is not None and h.conn.lane.armed
     h.conn.data_received(_client("select", 3))
-    h.conn.server_data(_server("rows"))
+    h.conn.upstream.data_received(_server("rows"))
     h.counters.render()
     assert h.counters.lane_statements == 1
     h.client.data.clear()
     h.conn.data_received(_client("select", 4))
-    h.conn.server_data(_server("secret"))  # a masked column's values arrive unmasked
+    h.conn.upstream.data_received(_server("secret"))  # a masked column's values arrive unmasked
     assert b"hunter2" not in h.client.data  # the session masked them
     h.counters.render()
     assert h.counters.lane_statements == 1
     h.log.flush()
     assert any('"warning":"masked column arrived unmasked"' in line for line in h.lines)
     h.conn.data_received(_client("extended", 5))  # extended batches stay with the session
-    h.conn.server_data(_server("extended"))
+    h.conn.upstream.data_received(_server("extended"))
     h.conn.data_received(_client("extended", 6))
-    h.conn.server_data(_server("extended"))
+    h.conn.upstream.data_received(_server("extended"))
     h.counters.render()
     assert h.counters.lane_statements == 1
