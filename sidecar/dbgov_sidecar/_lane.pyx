@@ -615,7 +615,8 @@ cdef class Lane:
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t pos = 0, end, rows = 0
         cdef int length, t, status = 0
-        cdef list tags = None
+        cdef bint tagged = False
+        cdef long long changed = 0, count
         cdef bint audit = self._log is not None or self._counters is not None
         while pos < n:
             if status or n - pos < 5:
@@ -630,13 +631,18 @@ cdef class Lane:
             elif t == 67:  # CommandComplete
                 if length < 5 or p[end - 1] != 0 or memchr(p + pos + 5, 0, length - 5) != NULL:
                     return False
-                try:
-                    tag = PyUnicode_DecodeUTF8(<const char*>p + pos + 5, length - 5, "strict")
-                except UnicodeDecodeError:
-                    return False
-                if tags is None:
-                    tags = []
-                tags.append(tag)
+                count = _tag_count(p + pos + 5, length - 5)
+                if count < 0:  # read as the session reads it
+                    try:
+                        tag = PyUnicode_DecodeUTF8(<const char*>p + pos + 5, length - 5, "strict")
+                        value = _rows_affected([tag])
+                    except (UnicodeDecodeError, ValueError):  # the session fails the same way
+                        return False
+                    if not 0 <= value < (1 << 62):
+                        return False
+                    count = value
+                tagged = True
+                changed += count
             elif t == 90:  # ReadyForQuery
                 if length != 5 or p[pos + 5] not in (73, 84, 69):
                     return False
@@ -654,12 +660,9 @@ cdef class Lane:
             pos = end
         if not status:
             return False
-        affected = None
-        if tags:
-            try:
-                affected = _rows_affected(tags)
-            except ValueError:  # the session fails the same way
-                return False
+        if changed >= (1 << 62):
+            return False  # a count no server sends: the session writes it
+        affected = changed if tagged else None
         if audit:
             # Audited in batches (``drain``): sealing many lines at once is far cheaper than one
             # at a time between socket reads. The batch is bounded; the session drains it before
@@ -779,6 +782,43 @@ cdef class Lane:
             self._stamp[i] = 48 + <char>(micros % 10)
             micros //= 10
         return PyUnicode_DecodeASCII(self._stamp, 27, NULL)
+
+
+cdef long long _tag_count(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Rows a command tag (``n`` bytes) says were changed, exactly as ``session._affected`` reads
+    it ("UPDATE 3" -> 3, "SELECT 5" -> 0); -1 when the session's reading must decide (non-ASCII
+    text, where str.isdigit differs, or a count of more than 18 digits)."""
+    cdef Py_ssize_t i, space = -1, word
+    cdef long long value = 0
+    for i in range(n):
+        if s[i] >= 128:
+            return -1
+        if s[i] == 32:
+            space = i
+    if space + 1 >= n:
+        return 0  # no count after the last space
+    for i in range(space + 1, n):
+        if not _digit(s[i]):
+            return 0
+    word = 0
+    while word < space and s[word] != 32:
+        word += 1
+    if not (
+        (word == 6 and (memcmp(s, b"INSERT", 6) == 0 or memcmp(s, b"UPDATE", 6) == 0 or memcmp(s, b"DELETE", 6) == 0))
+        or (word == 5 and memcmp(s, b"MERGE", 5) == 0)
+        or (word == 4 and memcmp(s, b"COPY", 4) == 0)
+    ):
+        return 0
+    if n - space - 1 > 18:
+        return -1
+    for i in range(space + 1, n):
+        value = value * 10 + (s[i] - 48)
+    return value
+
+
+def tag_count(bytes tag):
+    """``_tag_count`` of ``tag`` (tests)."""
+    return _tag_count(<const unsigned char*>PyBytes_AS_STRING(tag), PyBytes_GET_SIZE(tag))
 
 
 cdef object _rows_affected(list tags):

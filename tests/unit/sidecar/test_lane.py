@@ -583,3 +583,34 @@ def test_with_masked_columns_the_lane_takes_only_simple_queries_that_show_none(
     h.conn.upstream.data_received(_server("extended"))
     h.counters.render()
     assert h.counters.lane_statements == 1
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.builds(
+            lambda word, middle, count: f"{word}{middle}{count}",
+            st.sampled_from(["INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT", "FETCH", "insert", ""]),
+            st.sampled_from([" ", " 0 ", "  ", "", " x "]),
+            st.one_of(
+                st.integers(min_value=0, max_value=10**25).map(str),
+                st.sampled_from(["", "²", "1²", "-1", "٣"]),
+            ),
+        ),
+    )
+)
+def test_command_tags_are_read_as_the_session_reads_them(tag: str) -> None:
+    assert session._lane is not None
+    raw = tag.encode()
+    if b"\0" in raw:
+        return
+    count = session._lane.tag_count(raw)
+    if count < 0:  # the session's own reading decides
+        assert not tag.isascii() or len(tag.rpartition(" ")[2]) > 18
+        return
+    try:
+        expected = session._affected(tag)
+    except ValueError:
+        raise AssertionError(f"the lane read {tag!r} where the session fails") from None
+    assert count == expected
