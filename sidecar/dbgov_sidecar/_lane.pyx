@@ -705,50 +705,60 @@ cdef class Lane:
         return pos == size
 
     def drain(self):
-        """Audit and count the statements the lane finished, in order."""
+        """Audit and count the statements the lane finished, in order: exactly the lines and the
+        counts the session's recorder would make, one statement after the other."""
         if not self._done:
             return
         done, self._done = self._done, []  # a flush during this drain finds nothing left here
+        cdef double started, now, seconds, total
+        cdef Py_ssize_t rows, i, count, through
+        cdef Entry entry
+        cdef list durations = []
         for now, rows, affected, entry, started, sql in done:
-            self._record(now, rows, affected, entry, started, sql)
-
-    cdef int _record(self, double now, Py_ssize_t rows, affected, Entry entry, double started, sql) except -1:
-        cdef object elapsed = (now - started) * 1000  # a Python float: round() as the session's
-        duration_ms = round(elapsed, 3)
-        cdef double seconds = duration_ms / 1000
+            elapsed = (now - started) * 1000  # a Python float: round() as the session's
+            durations.append(round(elapsed, 3))
         log = self._log
         if log is not None:
             chain = log._prev
             prev = chain.get(self._session_id, GENESIS)
-            head = (
-                f'{{"type":"statement","time":"{self._time(now)}","statement":{self._escape(sql)}'
-                f'{entry.segment},"enforced":"allow","rows_returned":{rows},'
-                f'"rows_affected":{"null" if affected is None else affected},"duration_ms":{duration_ms!r},'
-                f'"sqlstate":null{self._identity}'
-            )
-            digest = self._sha256(f"{prev}{head}}}".encode()).hexdigest()
-            line = f'{head},"prev_hash":"{prev}","hash":"{digest}"}}'
-            chain[self._session_id] = digest
-            buffer = log._buffer
-            if len(buffer) >= log._max_buffer:
-                log._fail(1)
-            else:
-                buffer.append(line)
-                if len(buffer) >= BATCH:
-                    log.flush()
+            max_buffer = log._max_buffer
+            for (now, rows, affected, entry, started, sql), duration_ms in zip(done, durations):
+                head = (
+                    f'{{"type":"statement","time":"{self._time(now)}","statement":{self._escape(sql)}'
+                    f'{entry.segment},"enforced":"allow","rows_returned":{rows},'
+                    f'"rows_affected":{"null" if affected is None else affected},"duration_ms":{duration_ms!r},'
+                    f'"sqlstate":null{self._identity}'
+                )
+                digest = self._sha256(f"{prev}{head}}}".encode()).hexdigest()
+                line = f'{head},"prev_hash":"{prev}","hash":"{digest}"}}'
+                chain[self._session_id] = prev = digest
+                buffer = log._buffer  # (a flush replaces it)
+                if len(buffer) >= max_buffer:
+                    log._fail(1)
+                else:
+                    buffer.append(line)
+                    if len(buffer) >= BATCH:
+                        log.flush()
         counters = self._counters
         if counters is not None:
             statements = counters.statements
-            statements[entry.metric] = statements.get(entry.metric, 0) + 1
-            if entry.masked:
-                counters.masked_columns += entry.masked
             latency = counters.latency
-            i = self._bucket(seconds)
-            latency[i] += 1
-            counters.latency_sum += seconds
-            counters.latency_count += 1
-            counters.lane_statements += 1
-        return 0
+            total = counters.latency_sum
+            count = counters.latency_count
+            through = counters.lane_statements
+            for (now, rows, affected, entry, started, sql), duration_ms in zip(done, durations):
+                seconds = duration_ms / 1000
+                statements[entry.metric] = statements.get(entry.metric, 0) + 1
+                if entry.masked:
+                    counters.masked_columns += entry.masked
+                i = self._bucket(seconds)
+                latency[i] += 1
+                total += seconds  # one at a time, as the recorder adds them (same float sum)
+                count += 1
+                through += 1
+            counters.latency_sum = total
+            counters.latency_count = count
+            counters.lane_statements = through
 
     cdef int _bucket(self, double seconds) noexcept:
         cdef int lo = 0, hi = self._nbuckets, mid
