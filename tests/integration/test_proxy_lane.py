@@ -194,3 +194,39 @@ def test_drivers_through_the_lane(make_proxy: Any, pg_server: pg.PgServer, tmp_p
         sessions.setdefault(event["session_id"], []).append(event)
     assert all(audit.verify(trail) for trail in sessions.values())
     assert running.counters.lane_statements >= issued // 2
+
+
+def test_the_lane_over_tls_on_both_sides(make_proxy: Any, tmp_path: Path) -> None:
+    """Client TLS to the proxy and TLS to the upstream (verify-full): the lane writes to the
+    encrypting transports, not the sockets under them."""
+    import psycopg
+
+    from dbgov_sidecar import policies
+
+    cert, key = pg.make_certificate(tmp_path)
+    path = tmp_path / "policy.yaml"
+    path.write_text(SHOP_READS)
+    terminator = make_proxy(tls_cert=str(cert), tls_key=str(key))  # a TLS upstream (pgserver has none)
+    front = make_proxy(
+        policy=policies.load(str(path)),
+        tls_cert=str(cert),
+        tls_key=str(key),
+        upstream={
+            "host": "127.0.0.1",
+            "port": terminator.port,
+            "sslmode": "verify-full",
+            "sslrootcert": str(cert),
+        },
+    )
+    dsn = f"host=localhost port={front.port} user=app dbname=shop sslmode=verify-full sslrootcert={cert}"
+    sql = "SELECT id, name FROM shop.products WHERE id = %s"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        for _ in range(5):
+            for i in range(1, 5):
+                with psycopg.ClientCursor(conn) as simple:
+                    assert simple.execute(sql, (i,)).fetchone() == conn.execute(sql, (i,)).fetchone()
+    statements = [e for e in front.events if "shop.products" in e.get("statement", "")]  # (flushes the lanes)
+    # 40 executions, and psycopg's own Parse once it prepares the repeated statement.
+    assert sum(1 for e in statements if e["rows_returned"] == 1) == 40
+    assert front.counters.lane_statements >= 20
