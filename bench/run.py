@@ -37,15 +37,7 @@ WORKLOADS = {
     "select-prepared": ["-S", "-M", "prepared"],
     "tpcb": ["-M", "simple"],
 }
-BENCH_POLICY = """\
-mode: enforce
-default: block
-rules:
-  - name: pgbench
-    verdict: allow
-    statements: [select, insert, update, begin, commit, rollback]
-    tables: [pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history]
-"""
+BENCH_POLICY = pg.PGBENCH_POLICY
 
 
 def main() -> int:

@@ -111,6 +111,17 @@ def run_psql(dsn: str, sql: str, *, check: bool = True) -> str:
 
 _pgbench_ready: set[int] = set()
 
+PGBENCH_POLICY = """\
+mode: enforce
+default: block
+rules:
+  - name: pgbench
+    verdict: allow
+    statements: [select, insert, update, begin, commit, rollback]
+    tables: [pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history]
+"""
+"""A policy allowing what pgbench's built-in scripts run (the benchmarks' and tests' policy)."""
+
 
 def init_pgbench(server: PgServer, *, scale: int = 1) -> None:
     """Create the pgbench tables in ``shop`` (once per server), owned by ``app``."""

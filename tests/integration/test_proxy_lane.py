@@ -22,15 +22,7 @@ from dbgov_sidecar import audit
 
 pytestmark = pytest.mark.integration
 
-POLICY = """\
-mode: enforce
-default: block
-rules:
-  - name: pgbench
-    verdict: allow
-    statements: [select, insert, update, begin, commit, rollback]
-    tables: [pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history]
-"""
+POLICY = pg.PGBENCH_POLICY
 CLIENTS, TRANSACTIONS = 3, 60
 RUNS = {  # pgbench arguments, and statements audited per transaction
     "simple": (["-S", "-M", "simple"], 1),

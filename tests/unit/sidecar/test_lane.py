@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbgov_sidecar import audit, metrics, policies, proxy, session
+from dbgov_sidecar import audit, embedded_pg, metrics, policies, proxy, session
 from dbgov_sidecar.pgwire import messages
 
 
@@ -31,15 +31,7 @@ def test_the_lane_is_built() -> None:
     assert session._lane is not None
 
 
-POLICY = """\
-mode: enforce
-default: block
-rules:
-  - name: pgbench
-    verdict: allow
-    statements: [select, insert, update, begin, commit, rollback, set]
-    tables: [pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history]
-"""
+POLICY = embedded_pg.PGBENCH_POLICY.replace("rollback]", "rollback, set]")
 BLOCK_SELECTS = POLICY.replace("statements: [select, ", "statements: [")
 
 FIELD = messages.Field(
