@@ -219,6 +219,7 @@ cdef class Lane:
     cdef readonly object statement
 
     cdef Entry _entry
+    cdef long long _row_limit
     cdef object _clock
     cdef object _to_upstream
     cdef object _to_client
@@ -307,6 +308,7 @@ cdef class Lane:
         self._shape_key = None
         self._shapes = {}
         self._templates = {}
+        self._row_limit = -1
         self._done = []
         self._hold = hold
         self._key = NULL
@@ -323,11 +325,14 @@ cdef class Lane:
 
     # --- set up by the session ------------------------------------------------------------
 
-    def arm(self, bint ready, policy=None, search_path=None, shape_key=None):
-        """Arm (or disarm) the lane; a new policy or search_path forgets every learned shape."""
+    def arm(self, bint ready, policy=None, search_path=None, shape_key=None, long long row_limit=-1):
+        """Arm (or disarm) the lane; a new policy or search_path forgets every learned shape.
+        ``row_limit``: maxRowsReturned (-1: none); an answer with more rows for a statement goes
+        to the session, which refuses it."""
         self.armed = ready and self.kind == IDLE
         if not self.armed:
             return
+        self._row_limit = row_limit
         if policy is not self._policy or search_path != self._search_path:
             self._shapes.clear()
             self._templates.clear()
@@ -613,7 +618,7 @@ cdef class Lane:
             return False
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t pos = 0, end, rows = 0
+        cdef Py_ssize_t pos = 0, end, rows = 0, statement_rows = 0
         cdef int length, t, status = 0
         cdef bint tagged = False
         cdef long long changed = 0, count
@@ -628,7 +633,11 @@ cdef class Lane:
                 return False
             if t == 68:  # DataRow
                 rows += 1
+                statement_rows += 1
+                if 0 <= self._row_limit < statement_rows:
+                    return False  # over maxRowsReturned: the session refuses it
             elif t == 67:  # CommandComplete
+                statement_rows = 0
                 if length < 5 or p[end - 1] != 0 or memchr(p + pos + 5, 0, length - 5) != NULL:
                     return False
                 count = _tag_count(p + pos + 5, length - 5)

@@ -403,8 +403,6 @@ class Session:
         if not (
             (not self._masked_attrs or not (origins.describes or origins.executes or origins.simple))
             and self.state == "ready"
-            and self._row_limit is None
-            and self._affected_limit is None
             and self.idle
             and not self._units  # (a server that sent a ReadyForQuery too many leaves units behind)
             and self._unit_rows == 0
@@ -435,10 +433,12 @@ class Session:
             shape_key is not None
             and type(policy) is self._context_kind
             and policy.mode == "enforce"
-            and policy.max_rows_returned is None
-            and policy.max_rows_affected is None
+            # the limits the session's last decision set are the policy's (what the lane holds to)
+            and self._row_limit == policy.max_rows_returned
+            and self._affected_limit == getattr(policy, "max_rows_affected", None)
         )
-        lane.arm(ready, policy, getattr(self._context, "search_path", None), shape_key)
+        search_path = getattr(self._context, "search_path", None)
+        lane.arm(ready, policy, search_path, shape_key, -1 if self._row_limit is None else self._row_limit)
 
     def adopt_lane(self) -> None:
         """Take over the lane's statement in flight (before reading any byte here): the session's
@@ -450,10 +450,15 @@ class Session:
             lane.drain()  # what it finished is audited before anything the session audits
             return
         started, sql, decision, statement = lane.take()
+        batch = statement is not None  # Parse/Bind … Execute, Sync rather than a Query
         if statement is None:
             statement = _Statement(sql=sql, decision=decision, verdict="allow")
         self._syncs_sent += 1
         self._units.append(_Unit(started=started, statements=[statement]))
+        if batch and (self._row_limit is not None or self._affected_limit is not None):
+            if self._row_limit is not None:  # as _note_execution and _on_execute track an Execute
+                self._fetches.append(("", self._syncs_sent))
+            self._executes.append((False, self._syncs_sent))
 
     def _teach_lane(self, sql: str, statement: _Statement, *, exact: bool) -> None:
         """An allowed statement the lane may take next time: its shape (``exact``: its text) when
@@ -845,7 +850,7 @@ class Session:
                 return None
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
-            if self.lane is not None and verdict == "allow" and limit is None and decision.rewritten is None:
+            if self.lane is not None and verdict == "allow" and limit is None and self._unguarded(decision):
                 self._teach_lane(sql, statement, exact=False)
             text = decision.rewritten if verdict == "mask" and decision.rewritten is not None else None
             if limit is not None:
@@ -872,7 +877,7 @@ class Session:
                 self._write_statements.add(parse.name)
             else:
                 self._write_statements.discard(parse.name)
-                if self.lane is not None and verdict == "allow" and decision.rewritten is None:
+                if self.lane is not None and verdict == "allow" and self._unguarded(decision):
                     self._teach_lane(parse.query, statement, exact=True)
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
@@ -1290,6 +1295,14 @@ class Session:
 
     # --- maxRowsAffected: run a write inside BEGIN or a savepoint, keep it only if small ---
 
+    def _unguarded(self, decision: policy_port.Decision) -> bool:
+        """Nothing to rewrite, and no row limit would ever guard it (the lane may take it): no
+        limit is set, or it does not write. (Not ``_guard_limit``, which also waives the guard
+        inside an aborted transaction.)"""
+        if decision.rewritten is not None:
+            return False
+        return (self._affected_limit is None and self._row_limit is None) or not _may_write(decision)
+
     def _guard_limit(self, decision: policy_port.Decision) -> int | None:
         """maxRowsAffected for a statement that writes, or no limit at all when only
         maxRowsReturned applies: a write whose RETURNING rows run over that must be undone too,
@@ -1297,10 +1310,7 @@ class Session:
         limit = self._affected_limit
         if (limit is None and self._row_limit is None) or self.txn_status == "E":
             return None
-        if not any(
-            getattr(info, "writes", ()) or getattr(info, "fine", "") == "execute"
-            for info in decision.statements
-        ):  # EXECUTE runs a prepared statement that may write: its tag tells
+        if not _may_write(decision):
             return None
         return _UNLIMITED if limit is None else limit
 
@@ -1616,6 +1626,13 @@ def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
         if key == "options" and ("-c" in value or "--" in value):
             return 'dbgov does not allow settings in the startup parameter "options" (-c / --)'
     return None
+
+
+def _may_write(decision: policy_port.Decision) -> bool:
+    """The statement writes, or is an EXECUTE of a prepared statement that may (its tag tells)."""
+    return any(
+        getattr(info, "writes", ()) or getattr(info, "fine", "") == "execute" for info in decision.statements
+    )
 
 
 def _shares(unit: _Unit) -> list[tuple[int, list[str] | None]] | None:

@@ -33,6 +33,7 @@ def test_the_lane_is_built() -> None:
 
 POLICY = embedded_pg.PGBENCH_POLICY.replace("rollback]", "rollback, set]")
 BLOCK_SELECTS = POLICY.replace("statements: [select, ", "statements: [")
+LIMITED = POLICY + "guardrails:\n  maxRowsReturned: 2\n  maxRowsAffected: 5\n"
 
 FIELD = messages.Field(
     name="abalance", table_oid=16400, attnum=3, type_oid=23, type_size=4, type_modifier=-1, format=0
@@ -68,6 +69,8 @@ def _client(name: str, n: int) -> bytes:
         return messages.query(select(n))
     if name == "filler":  # its answer shows a column masked sessions mask
         return messages.query(f"SELECT aid, filler FROM pgbench_accounts WHERE aid = {n};")
+    if name == "range":  # its answer may run over maxRowsReturned
+        return messages.query(f"SELECT abalance FROM pgbench_accounts WHERE aid < {n};")
     if name == "update":
         return messages.query(f"UPDATE pgbench_accounts SET abalance = abalance + {n} WHERE aid = {n % 97};")
     if name == "begin":
@@ -111,6 +114,10 @@ def _client(name: str, n: int) -> bytes:
 def _server(name: str) -> bytes:
     return {
         "rows": ROWS + Z["I"],
+        "many": messages.row_description([FIELD])
+        + messages.data_row([b"1"]) * 3
+        + messages.command_complete("SELECT 3")
+        + Z["I"],
         "secret": messages.row_description([FIELD, SECRET])
         + messages.data_row([b"1", b"hunter2"])
         + messages.command_complete("SELECT 1")
@@ -137,9 +144,11 @@ def _server(name: str) -> bytes:
 CLIENT_NAMES = [
     *("select", "update", "begin", "end", "drop", "new-shape", "set", "extended", "prepare"),
     *("prepared", "unprepared", "pipelined", "bad", "not-utf8", "extended2", "rebind", "unicode", "filler"),
+    "range",
 ]
 SERVER_NAMES = [
     *("rows", "rows-in-block", "update", "begin", "commit", "extended", "bound", "parsed", "error", "secret"),
+    "many",
     *("notice", "status", "set", "two", "partial", "suspended", "empty", "bad-Z"),
 ]
 # The usual answer to each request (most steps), so the lane sees real steady states.
@@ -155,6 +164,7 @@ USUAL = {
     "extended2": "extended",
     "unicode": "rows",
     "filler": "secret",
+    "range": "many",
     "rebind": "bound",
     "prepare": "parsed",
     "prepared": "bound",
@@ -316,20 +326,22 @@ _step = st.tuples(
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(_step, max_size=30), st.booleans())
+@given(st.lists(_step, max_size=30), st.booleans(), st.sampled_from([POLICY, LIMITED]))
 def test_the_lane_changes_nothing_but_speed(
     fixed_ids: None,
     tmp_path_factory: pytest.TempPathFactory,
     steps: list[tuple[str, int, str, int]],
     masked: bool,
+    policy: str,
 ) -> None:
     """``masked``: the session knows masked columns (the lane then takes simple queries whose
-    results show none of them, and leaves the rest to the session)."""
-    holder = _holder(tmp_path_factory.mktemp("policy"))
+    results show none of them, and leaves the rest to the session). ``policy``: with row limits,
+    the lane takes reads, and leaves writes (guarded) and answers over the limit to the session."""
+    holder = _holder(tmp_path_factory.mktemp("policy"), policy)
     # A shape is learned on its second sight (the first is decided from scratch), so the steady
     # state starts after each kind of statement was seen twice.
     warm = [("select", 1, "rows", 0), ("extended", 1, "extended", 0), ("extended2", 1, "extended", 0)] * 2
-    warm += [("filler", 1, "rows", 0)] * 2
+    warm += [("filler", 1, "rows", 0), ("range", 1, "rows", 0)] * 2
     warm += [("prepare", 0, "parsed", 0)]
     steps = warm + steps  # most runs then start in the steady state
     assert _run(holder, True, steps, masked=masked) == _run(holder, False, steps, masked=masked)
@@ -606,3 +618,40 @@ def test_command_tags_are_read_as_the_session_reads_them(tag: str) -> None:
     except ValueError:
         raise AssertionError(f"the lane read {tag!r} where the session fails") from None
     assert count == expected
+
+
+def test_with_row_limits_the_lane_takes_reads_and_leaves_the_rest(fixed_ids: None, tmp_path: Path) -> None:
+    holder = _holder(tmp_path, LIMITED)
+    h = Harness(holder, lane=True)
+    for step in range(3):
+        h.conn.data_received(_client("select", step))
+        h.conn.upstream.data_received(_server("rows"))
+    h.counters.render()
+    assert h.counters.lane_statements == 1
+    h.client.data.clear()
+    h.conn.data_received(_client("select", 9))
+    h.conn.upstream.data_received(_server("many"))  # three rows, over maxRowsReturned: 2
+    assert b"54000" in h.client.data and h.client.data.count(b"D\0") == 2
+    h.upstream_sink.data.clear()
+    h.conn.data_received(_client("update", 3))  # a write: guarded by the session
+    assert b"SAVEPOINT" in h.upstream_sink.data or b"BEGIN" in h.upstream_sink.data
+    h.counters.render()
+    assert h.counters.lane_statements == 1
+
+
+def test_a_write_seen_in_an_aborted_transaction_is_not_taught(fixed_ids: None, tmp_path: Path) -> None:
+    """Inside a failed transaction block the session runs writes unguarded (they fail anyway);
+    that must not teach the lane to run the same write unguarded once the block is gone."""
+    h = Harness(_holder(tmp_path, LIMITED), lane=True)
+    h.conn.data_received(_client("begin", 0))
+    h.conn.upstream.data_received(_server("begin"))
+    h.conn.data_received(_client("select", 1))
+    h.conn.upstream.data_received(messages.error_response(code="22012", message="boom") + Z["E"])
+    for _ in range(2):  # seen twice in the failed block: a shape the lane would learn
+        h.conn.data_received(_client("update", 3))
+        h.conn.upstream.data_received(messages.error_response(code="25P02", message="aborted") + Z["E"])
+    h.conn.data_received(messages.query("ROLLBACK"))
+    h.conn.upstream.data_received(messages.command_complete("ROLLBACK") + Z["I"])
+    h.upstream_sink.data.clear()
+    h.conn.data_received(_client("update", 3))
+    assert b"SAVEPOINT" in h.upstream_sink.data or b"BEGIN" in h.upstream_sink.data
