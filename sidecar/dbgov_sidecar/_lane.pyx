@@ -184,6 +184,9 @@ cdef str STATUS_T = "T"
 cdef str STATUS_E = "E"
 cdef int BATCH = 256
 
+cdef enum:
+    HOLD_MAX = 256  # statements a lane may finish before it audits them
+
 cdef enum:  # what is in flight
     IDLE = 0
     QUERY = 1
@@ -226,7 +229,14 @@ cdef class Lane:
     cdef object _client_slow
     cdef object _server_slow
     cdef object _fail
-    cdef list _done
+    # Statements finished and not yet audited (``drain``): their numbers here, their entries and
+    # texts in the two lists, so that finishing one allocates nothing.
+    cdef list _done_entries
+    cdef list _done_sql
+    cdef double _done_now[HOLD_MAX]
+    cdef double _done_started[HOLD_MAX]
+    cdef Py_ssize_t _done_rows[HOLD_MAX]
+    cdef long long _done_affected[HOLD_MAX]
     cdef Py_ssize_t _hold
     cdef object _session
     cdef object _policy_call
@@ -309,7 +319,10 @@ cdef class Lane:
         self._shapes = {}
         self._templates = {}
         self._row_limit = -1
-        self._done = []
+        self._done_entries = []
+        self._done_sql = []
+        if not 1 <= hold <= HOLD_MAX:
+            raise ValueError(f"hold must be 1..{HOLD_MAX}")
         self._hold = hold
         self._key = NULL
         self._key_room = 0
@@ -671,13 +684,19 @@ cdef class Lane:
             return False
         if changed >= (1 << 62):
             return False  # a count no server sends: the session writes it
-        affected = changed if tagged else None
+        cdef Py_ssize_t held
         if audit:
             # Audited in batches (``drain``): sealing many lines at once is far cheaper than one
             # at a time between socket reads. The batch is bounded; the session drains it before
             # it audits anything itself, and the audit log before every flush.
-            self._done.append((now, rows, affected, self._entry, self.started, self.sql))
-            if len(self._done) >= self._hold:
+            held = len(self._done_entries)
+            self._done_now[held] = now
+            self._done_started[held] = self.started
+            self._done_rows[held] = rows
+            self._done_affected[held] = changed if tagged else -1
+            self._done_entries.append(self._entry)
+            self._done_sql.append(self.sql)
+            if held + 1 >= self._hold:
                 self.drain()
         self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
         self.kind = IDLE
@@ -716,22 +735,33 @@ cdef class Lane:
     def drain(self):
         """Audit and count the statements the lane finished, in order: exactly the lines and the
         counts the session's recorder would make, one statement after the other."""
-        if not self._done:
+        cdef Py_ssize_t n = len(self._done_entries)
+        if n == 0:
             return
-        done, self._done = self._done, []  # a flush during this drain finds nothing left here
-        cdef double started, now, seconds, total
-        cdef Py_ssize_t rows, i, count, through
-        cdef Entry entry
+        # Taken out first: a flush during this drain finds nothing left here.
+        cdef list entries = self._done_entries, texts = self._done_sql
+        self._done_entries, self._done_sql = [], []
+        cdef double times[HOLD_MAX]
+        cdef Py_ssize_t counts[HOLD_MAX]
+        cdef long long changes[HOLD_MAX]
         cdef list durations = []
-        for now, rows, affected, entry, started, sql in done:
-            elapsed = (now - started) * 1000  # a Python float: round() as the session's
+        cdef double started, now, seconds, total
+        cdef Py_ssize_t rows, i, j, count, through
+        cdef Entry entry
+        memcpy(times, self._done_now, n * sizeof(double))
+        memcpy(counts, self._done_rows, n * sizeof(Py_ssize_t))
+        memcpy(changes, self._done_affected, n * sizeof(long long))
+        for j in range(n):
+            elapsed = (times[j] - self._done_started[j]) * 1000  # a Python float: round() as the session's
             durations.append(round(elapsed, 3))
         log = self._log
         if log is not None:
             chain = log._prev
             prev = chain.get(self._session_id, GENESIS)
             max_buffer = log._max_buffer
-            for (now, rows, affected, entry, started, sql), duration_ms in zip(done, durations):
+            for j in range(n):
+                now, rows, entry, sql, duration_ms = times[j], counts[j], entries[j], texts[j], durations[j]
+                affected = None if changes[j] < 0 else changes[j]
                 head = (
                     f'{{"type":"statement","time":"{self._time(now)}","statement":{self._escape(sql)}'
                     f'{entry.segment},"enforced":"allow","rows_returned":{rows},'
@@ -755,8 +785,9 @@ cdef class Lane:
             total = counters.latency_sum
             count = counters.latency_count
             through = counters.lane_statements
-            for (now, rows, affected, entry, started, sql), duration_ms in zip(done, durations):
-                seconds = duration_ms / 1000
+            for j in range(n):
+                entry = entries[j]
+                seconds = durations[j] / 1000
                 statements[entry.metric] = statements.get(entry.metric, 0) + 1
                 if entry.masked:
                     counters.masked_columns += entry.masked
