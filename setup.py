@@ -10,7 +10,15 @@ except ImportError:  # building without Cython: the pure-Python proxy
     extensions = []
 else:
     extensions = cythonize(
-        [Extension("dbgov_sidecar._lane", ["sidecar/dbgov_sidecar/_lane.pyx"], optional=True)],
+        [
+            Extension(
+                "dbgov_sidecar._lane",
+                ["sidecar/dbgov_sidecar/_lane.pyx"],
+                libraries=["crypto"],  # OpenSSL's SHA-256 for the audit hash chain (as hashlib's)
+                define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", "1")],
+                optional=True,
+            )
+        ],
         compiler_directives={"language_level": "3"},
     )
 

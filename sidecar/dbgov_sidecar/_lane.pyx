@@ -24,13 +24,19 @@ CloseComplete, NoData, RowDescription, DataRow, CommandComplete, notices, notifi
 ParameterStatus, ending with ReadyForQuery.
 """
 
-from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcmp, memcpy, strlen
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
 cdef extern from "Python.h":
     const char* PyBytes_AS_STRING(object o)
     Py_ssize_t PyBytes_GET_SIZE(object o)
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+
+cdef extern from "openssl/sha.h":
+    unsigned char* SHA256(const unsigned char* d, size_t n, unsigned char* md) nogil
+
+cdef const char* HEX = b"0123456789abcdef"
 
 
 cdef inline int _i32(const unsigned char* p) noexcept nogil:
@@ -177,6 +183,17 @@ def same_shape(sql, normalized):
     return b"".join(parts) == normalized.encode()
 
 
+cdef inline int _escape_unit(unsigned char* out, unsigned int unit) noexcept nogil:
+    """\\uXXXX (lowercase hex, as the JSON encoder writes it); returns 6."""
+    out[0] = 92
+    out[1] = 117
+    out[2] = HEX[(unit >> 12) & 15]
+    out[3] = HEX[(unit >> 8) & 15]
+    out[4] = HEX[(unit >> 4) & 15]
+    out[5] = HEX[unit & 15]
+    return 6
+
+
 cdef str GENESIS = "0" * 64
 cdef frozenset WRITE_TAGS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY"))
 cdef str STATUS_I = "I"
@@ -200,6 +217,7 @@ cdef class Entry:
     cdef readonly object decision
     cdef readonly object statement
     cdef readonly str segment
+    cdef bytes _segment
     cdef readonly object metric
     cdef readonly Py_ssize_t masked
 
@@ -207,6 +225,7 @@ cdef class Entry:
         self.decision = decision
         self.statement = statement
         self.segment = segment
+        self._segment = segment.encode("ascii")  # what the JSON encoder writes is ASCII
         self.metric = metric
         self.masked = masked
 
@@ -249,6 +268,10 @@ cdef class Lane:
     cdef object _timestamp
     cdef str _session_id
     cdef str _identity
+    cdef bytes _identity_ascii
+    cdef unsigned char* _line
+    cdef Py_ssize_t _line_cap
+    cdef Py_ssize_t _line_len
     cdef dict _prepared
     cdef dict _portals
     cdef dict _masked
@@ -301,6 +324,10 @@ cdef class Lane:
         self._timestamp = timestamp
         self._session_id = session_id
         self._identity = identity
+        self._identity_ascii = identity.encode("ascii")
+        self._line = NULL
+        self._line_cap = 0
+        self._line_len = 0
         self._prepared = prepared
         self._portals = portals
         self._max_message = max_message
@@ -335,6 +362,7 @@ cdef class Lane:
 
     def __dealloc__(self):
         free(self._key)
+        free(self._line)
 
     # --- set up by the session ------------------------------------------------------------
 
@@ -761,16 +789,8 @@ cdef class Lane:
             max_buffer = log._max_buffer
             for j in range(n):
                 now, rows, entry, sql, duration_ms = times[j], counts[j], entries[j], texts[j], durations[j]
-                affected = None if changes[j] < 0 else changes[j]
-                head = (
-                    f'{{"type":"statement","time":"{self._time(now)}","statement":{self._escape(sql)}'
-                    f'{entry.segment},"enforced":"allow","rows_returned":{rows},'
-                    f'"rows_affected":{"null" if affected is None else affected},"duration_ms":{duration_ms!r},'
-                    f'"sqlstate":null{self._identity}'
-                )
-                digest = self._sha256(f"{prev}{head}}}".encode()).hexdigest()
-                line = f'{head},"prev_hash":"{prev}","hash":"{digest}"}}'
-                chain[self._session_id] = prev = digest
+                line, prev = self._seal(prev, now, rows, changes[j], entry, sql, duration_ms)
+                chain[self._session_id] = prev
                 buffer = log._buffer  # (a flush replaces it)
                 if len(buffer) >= max_buffer:
                     log._fail(1)
@@ -799,6 +819,152 @@ cdef class Lane:
             counters.latency_sum = total
             counters.latency_count = count
             counters.lane_statements = through
+
+    cdef tuple _seal(self, str prev, double now, Py_ssize_t rows, long long affected, Entry entry, sql, duration_ms):
+        """The statement's audit line and its hash, exactly as ``audit.seal`` makes them for the
+        session's event: prev_hash and the JSON without its closing brace in one buffer, SHA-256
+        (OpenSSL's, as hashlib's) over them with the brace, the chain fields appended."""
+        cdef Py_ssize_t size, body
+        cdef const char* text
+        cdef unsigned char digest[32]
+        cdef char hexed[64]
+        cdef int i
+        text = PyUnicode_AsUTF8AndSize(prev, &size)
+        if size != 64:
+            raise ValueError("audit chain head is not a SHA-256 hex digest")
+        self._line_len = 0
+        self._put(text, 64)
+        self._put_c('{"type":"statement","time":"')
+        self._put(PyUnicode_AsUTF8AndSize(self._time(now), &size), size)
+        self._put_c('","statement":')
+        text = PyUnicode_AsUTF8AndSize(sql, &size)
+        self._put_json(<const unsigned char*>text, size)
+        self._put(PyBytes_AS_STRING(entry._segment), PyBytes_GET_SIZE(entry._segment))
+        self._put_c(',"enforced":"allow","rows_returned":')
+        self._put_int(rows)
+        self._put_c(',"rows_affected":')
+        if affected < 0:
+            self._put_c("null")
+        else:
+            self._put_int(affected)
+        self._put_c(',"duration_ms":')
+        self._put(PyUnicode_AsUTF8AndSize(repr(duration_ms), &size), size)
+        self._put_c(',"sqlstate":null')
+        self._put(PyBytes_AS_STRING(self._identity_ascii), PyBytes_GET_SIZE(self._identity_ascii))
+        body = self._line_len
+        self._put_c("}")
+        SHA256(self._line, self._line_len, digest)
+        for i in range(32):
+            hexed[2 * i] = HEX[digest[i] >> 4]
+            hexed[2 * i + 1] = HEX[digest[i] & 15]
+        self._line_len = body
+        self._put_c(',"prev_hash":"')
+        self._put(<const char*>self._line, 64)
+        self._put_c('","hash":"')
+        self._put(hexed, 64)
+        self._put_c('"}')
+        return (
+            PyUnicode_DecodeASCII(<const char*>self._line + 64, self._line_len - 64, NULL),
+            PyUnicode_DecodeASCII(hexed, 64, NULL),
+        )
+
+    cdef int _room(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t cap = self._line_cap
+        cdef unsigned char* grown
+        if self._line_len + more <= cap:
+            return 0
+        while cap < self._line_len + more:
+            cap = cap * 2 if cap else 4096
+        grown = <unsigned char*>realloc(self._line, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self._line = grown
+        self._line_cap = cap
+        return 0
+
+    cdef int _put(self, const char* data, Py_ssize_t size) except -1:
+        self._room(size)
+        memcpy(self._line + self._line_len, data, size)
+        self._line_len += size
+        return 0
+
+    cdef int _put_c(self, const char* data) except -1:
+        return self._put(data, strlen(data))
+
+    cdef int _put_int(self, long long value) except -1:
+        cdef char digits[24]
+        cdef int n = 0
+        cdef bint negative = value < 0
+        cdef unsigned long long v = <unsigned long long>(-value if negative else value)
+        while True:
+            digits[23 - n] = 48 + <char>(v % 10)
+            n += 1
+            v //= 10
+            if v == 0:
+                break
+        if negative:
+            digits[23 - n] = 45
+            n += 1
+        return self._put(digits + 24 - n, n)
+
+    cdef int _put_json(self, const unsigned char* s, Py_ssize_t n) except -1:
+        """``s`` (UTF-8) as the JSON string ``json.encoder.encode_basestring_ascii`` writes:
+        quoted, printable ASCII as is, the rest escaped (\\uXXXX, surrogate pairs beyond the BMP)."""
+        self._room(2 + 12 * n)  # at most 12 bytes per input byte (a 4-byte sequence -> 2 escapes)
+        cdef unsigned char* out = self._line + self._line_len
+        cdef Py_ssize_t i = 0, o = 0
+        cdef unsigned int c, cp, hi, lo
+        out[o] = 34
+        o += 1
+        while i < n:
+            c = s[i]
+            if 32 <= c <= 126 and c != 34 and c != 92:
+                out[o] = c
+                o += 1
+                i += 1
+                continue
+            if c < 128:
+                out[o] = 92
+                if c == 34 or c == 92:
+                    out[o + 1] = c
+                elif c == 10:
+                    out[o + 1] = 110
+                elif c == 13:
+                    out[o + 1] = 114
+                elif c == 9:
+                    out[o + 1] = 116
+                elif c == 8:
+                    out[o + 1] = 98
+                elif c == 12:
+                    out[o + 1] = 102
+                else:
+                    o += _escape_unit(out + o, c)
+                    i += 1
+                    continue
+                o += 2
+                i += 1
+                continue
+            if c >= 0xF0:
+                cp = ((c & 0x07) << 18) | ((s[i + 1] & 0x3F) << 12) | ((s[i + 2] & 0x3F) << 6) | (s[i + 3] & 0x3F)
+                i += 4
+            elif c >= 0xE0:
+                cp = ((c & 0x0F) << 12) | ((s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F)
+                i += 3
+            else:
+                cp = ((c & 0x1F) << 6) | (s[i + 1] & 0x3F)
+                i += 2
+            if cp >= 0x10000:
+                cp -= 0x10000
+                hi = 0xD800 | (cp >> 10)
+                lo = 0xDC00 | (cp & 0x3FF)
+                o += _escape_unit(out + o, hi)
+                o += _escape_unit(out + o, lo)
+            else:
+                o += _escape_unit(out + o, cp)
+        out[o] = 34
+        o += 1
+        self._line_len += o
+        return 0
 
     cdef int _bucket(self, double seconds) noexcept:
         cdef int lo = 0, hi = self._nbuckets, mid
