@@ -32,8 +32,6 @@ class Lane:
         audit_ok: Callable[[], bool] | None,
         log: Any,
         counters: Any,
-        escape: Callable[[str], str],
-        sha256: Callable[[bytes], Any],
         timestamp: Callable[[float], str],
         session_id: str,
         identity: str,

@@ -263,8 +263,6 @@ cdef class Lane:
     cdef object _audit_ok
     cdef object _log
     cdef object _counters
-    cdef object _escape
-    cdef object _sha256
     cdef object _timestamp
     cdef str _session_id
     cdef str _identity
@@ -299,8 +297,6 @@ cdef class Lane:
         audit_ok,
         log,
         counters,
-        escape,
-        sha256,
         timestamp,
         str session_id,
         str identity,
@@ -319,8 +315,6 @@ cdef class Lane:
         self._audit_ok = audit_ok
         self._log = log
         self._counters = counters
-        self._escape = escape
-        self._sha256 = sha256
         self._timestamp = timestamp
         self._session_id = session_id
         self._identity = identity

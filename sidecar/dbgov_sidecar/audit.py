@@ -53,8 +53,6 @@ def _value(value: Any) -> str:
 
 
 _ESCAPE: Callable[[str], str] = json.encoder.encode_basestring_ascii
-ESCAPE = _ESCAPE
-"""A str as the JSON string the encoder writes (the compiled lane writes lines with it too)."""
 _isfinite = math.isfinite
 
 STATEMENT_KEYS = (
@@ -207,7 +205,6 @@ def seal(event: Event, prev_hash: str) -> tuple[str, str]:
 
 
 _sha256 = hashlib.sha256
-SHA256 = _sha256
 
 
 def verify(events: list[dict[str, Any]]) -> bool:

@@ -379,8 +379,6 @@ class Session:
             audit_ok=self._audit_ok,
             log=log if audited else None,
             counters=counters if audited else None,
-            escape=audit.ESCAPE,
-            sha256=audit.SHA256,
             timestamp=audit.timestamp,
             session_id=str(self._client_info.session_id),
             identity=self._identity_segment().text,
