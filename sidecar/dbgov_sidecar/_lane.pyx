@@ -25,7 +25,7 @@ ParameterStatus, ending with ReadyForQuery.
 """
 
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy, strlen
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
 cdef extern from "Python.h":
@@ -33,8 +33,26 @@ cdef extern from "Python.h":
     Py_ssize_t PyBytes_GET_SIZE(object o)
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
 
+    char* PyOS_double_to_string(double val, char format_code, int precision, int flags, int* ptype) except NULL
+    double PyOS_string_to_double(const char* s, char** endptr, void* overflow_exception) except? -1.0
+    void PyMem_Free(void* p)
+
 cdef extern from "openssl/sha.h":
-    unsigned char* SHA256(const unsigned char* d, size_t n, unsigned char* md) nogil
+    # The one-shot SHA256() fetches the algorithm from a provider (locks, allocations) on every
+    # call in OpenSSL 3; the low-level calls hash directly. Same function, same digest.
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX* c) nogil
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n) nogil
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c) nogil
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock_id, timespec* tp)
+    enum: CLOCK_REALTIME
 
 cdef const char* HEX = b"0123456789abcdef"
 
@@ -220,6 +238,7 @@ cdef class Entry:
     cdef bytes _segment
     cdef readonly object metric
     cdef readonly Py_ssize_t masked
+    cdef Py_ssize_t _tally  # statements of this entry in the drain under way
 
     def __init__(self, decision, statement, str segment, metric, Py_ssize_t masked):
         self.decision = decision
@@ -257,6 +276,7 @@ cdef class Lane:
     cdef Py_ssize_t _done_rows[HOLD_MAX]
     cdef long long _done_affected[HOLD_MAX]
     cdef Py_ssize_t _hold
+    cdef bint _full
     cdef object _session
     cdef object _policy_call
     cdef object _holder
@@ -449,6 +469,8 @@ cdef class Lane:
             try:
                 if self._server(data, now):
                     self._to_client(data)
+                    if self._full:  # after the answer is on its way: off the statement's latency
+                        self.drain()
                     return
             except Exception:
                 self._fail()
@@ -646,7 +668,11 @@ cdef class Lane:
     def server(self, bytes data, double now):
         """True when ``data`` is the whole plain answer to the statement in flight: it goes to
         the client unchanged and the statement is audited and counted."""
-        return self._server(data, now)
+        if not self._server(data, now):
+            return False
+        if self._full:
+            self.drain()
+        return True
 
     cdef bint _server(self, bytes data, double now) except -1:
         if self.kind == IDLE:
@@ -718,8 +744,7 @@ cdef class Lane:
             self._done_affected[held] = changed if tagged else -1
             self._done_entries.append(self._entry)
             self._done_sql.append(self.sql)
-            if held + 1 >= self._hold:
-                self.drain()
+            self._full = held + 1 >= self._hold  # drained by the caller, once the answer is sent
         self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
         self.kind = IDLE
         self.sql = self.decision = self.statement = self._entry = None
@@ -758,6 +783,7 @@ cdef class Lane:
         """Audit and count the statements the lane finished, in order: exactly the lines and the
         counts the session's recorder would make, one statement after the other."""
         cdef Py_ssize_t n = len(self._done_entries)
+        self._full = False
         if n == 0:
             return
         # Taken out first: a flush during this drain finds nothing left here.
@@ -766,70 +792,86 @@ cdef class Lane:
         cdef double times[HOLD_MAX]
         cdef Py_ssize_t counts[HOLD_MAX]
         cdef long long changes[HOLD_MAX]
-        cdef list durations = []
-        cdef double started, now, seconds, total
-        cdef Py_ssize_t rows, i, j, count, through
+        cdef double seconds[HOLD_MAX]
+        cdef char spelled[HOLD_MAX][32]
+        cdef int lengths[HOLD_MAX]
+        cdef Py_ssize_t tally[65]
+        cdef char prev[64]
+        cdef double total
+        cdef Py_ssize_t i, j, size
+        cdef const char* text
         cdef Entry entry
+        cdef list touched
         memcpy(times, self._done_now, n * sizeof(double))
         memcpy(counts, self._done_rows, n * sizeof(Py_ssize_t))
         memcpy(changes, self._done_affected, n * sizeof(long long))
         for j in range(n):
-            elapsed = (times[j] - self._done_started[j]) * 1000  # a Python float: round() as the session's
-            durations.append(round(elapsed, 3))
+            lengths[j] = _milliseconds((times[j] - self._done_started[j]) * 1000, spelled[j], &seconds[j])
+            seconds[j] /= 1000
         log = self._log
         if log is not None:
             chain = log._prev
-            prev = chain.get(self._session_id, GENESIS)
+            text = PyUnicode_AsUTF8AndSize(chain.get(self._session_id, GENESIS), &size)
+            if size != 64:
+                raise ValueError("audit chain head is not a SHA-256 hex digest")
+            memcpy(prev, text, 64)
             max_buffer = log._max_buffer
             for j in range(n):
-                now, rows, entry, sql, duration_ms = times[j], counts[j], entries[j], texts[j], durations[j]
-                line, prev = self._seal(prev, now, rows, changes[j], entry, sql, duration_ms)
-                chain[self._session_id] = prev
+                line = self._seal(prev, times[j], counts[j], changes[j], entries[j], texts[j], spelled[j], lengths[j])
                 buffer = log._buffer  # (a flush replaces it)
                 if len(buffer) >= max_buffer:
                     log._fail(1)
                 else:
                     buffer.append(line)
                     if len(buffer) >= BATCH:
+                        chain[self._session_id] = PyUnicode_DecodeASCII(prev, 64, NULL)
                         log.flush()
+            chain[self._session_id] = PyUnicode_DecodeASCII(prev, 64, NULL)
         counters = self._counters
         if counters is not None:
-            statements = counters.statements
-            latency = counters.latency
+            # Tallied here, added once: the same counts (and the same float sum, added in order)
+            # as the recorder's one statement at a time.
+            memset(tally, 0, sizeof(tally))
+            touched = []
             total = counters.latency_sum
-            count = counters.latency_count
-            through = counters.lane_statements
             for j in range(n):
                 entry = entries[j]
-                seconds = durations[j] / 1000
-                statements[entry.metric] = statements.get(entry.metric, 0) + 1
+                if entry._tally == 0:
+                    touched.append(entry)
+                entry._tally += 1
                 if entry.masked:
                     counters.masked_columns += entry.masked
-                i = self._bucket(seconds)
-                latency[i] += 1
-                total += seconds  # one at a time, as the recorder adds them (same float sum)
-                count += 1
-                through += 1
+                tally[self._bucket(seconds[j])] += 1
+                total += seconds[j]
+            statements = counters.statements
+            for entry in touched:
+                statements[entry.metric] = statements.get(entry.metric, 0) + entry._tally
+                entry._tally = 0
+            latency = counters.latency
+            for i in range(self._nbuckets + 1):
+                if tally[i]:
+                    latency[i] += tally[i]
             counters.latency_sum = total
-            counters.latency_count = count
-            counters.lane_statements = through
+            counters.latency_count += n
+            counters.lane_statements += n
 
-    cdef tuple _seal(self, str prev, double now, Py_ssize_t rows, long long affected, Entry entry, sql, duration_ms):
-        """The statement's audit line and its hash, exactly as ``audit.seal`` makes them for the
-        session's event: prev_hash and the JSON without its closing brace in one buffer, SHA-256
-        (OpenSSL's, as hashlib's) over them with the brace, the chain fields appended."""
+    cdef str _seal(
+        self, char* prev, double now, Py_ssize_t rows, long long affected, Entry entry, sql,
+        const char* duration, int duration_len,
+    ):
+        """The statement's audit line, exactly as ``audit.seal`` makes it for the session's event:
+        prev_hash and the JSON without its closing brace in one buffer, SHA-256 (OpenSSL's, as
+        hashlib's) over them with the brace, the chain fields appended. ``prev`` (the chain's
+        head, 64 hex digits) becomes this line's hash."""
         cdef Py_ssize_t size, body
         cdef const char* text
         cdef unsigned char digest[32]
-        cdef char hexed[64]
+        cdef SHA256_CTX hashing
         cdef int i
-        text = PyUnicode_AsUTF8AndSize(prev, &size)
-        if size != 64:
-            raise ValueError("audit chain head is not a SHA-256 hex digest")
         self._line_len = 0
-        self._put(text, 64)
+        self._put(prev, 64)
         self._put_c('{"type":"statement","time":"')
-        self._put(PyUnicode_AsUTF8AndSize(self._time(now), &size), size)
+        self._put_time(now)
         self._put_c('","statement":')
         text = PyUnicode_AsUTF8AndSize(sql, &size)
         self._put_json(<const unsigned char*>text, size)
@@ -842,25 +884,24 @@ cdef class Lane:
         else:
             self._put_int(affected)
         self._put_c(',"duration_ms":')
-        self._put(PyUnicode_AsUTF8AndSize(repr(duration_ms), &size), size)
+        self._put(duration, duration_len)
         self._put_c(',"sqlstate":null')
         self._put(PyBytes_AS_STRING(self._identity_ascii), PyBytes_GET_SIZE(self._identity_ascii))
         body = self._line_len
         self._put_c("}")
-        SHA256(self._line, self._line_len, digest)
-        for i in range(32):
-            hexed[2 * i] = HEX[digest[i] >> 4]
-            hexed[2 * i + 1] = HEX[digest[i] & 15]
+        SHA256_Init(&hashing)
+        SHA256_Update(&hashing, self._line, self._line_len)
+        SHA256_Final(digest, &hashing)
         self._line_len = body
         self._put_c(',"prev_hash":"')
         self._put(<const char*>self._line, 64)
         self._put_c('","hash":"')
-        self._put(hexed, 64)
+        for i in range(32):
+            prev[2 * i] = HEX[digest[i] >> 4]
+            prev[2 * i + 1] = HEX[digest[i] & 15]
+        self._put(prev, 64)
         self._put_c('"}')
-        return (
-            PyUnicode_DecodeASCII(<const char*>self._line + 64, self._line_len - 64, NULL),
-            PyUnicode_DecodeASCII(hexed, 64, NULL),
-        )
+        return PyUnicode_DecodeASCII(<const char*>self._line + 64, self._line_len - 64, NULL)
 
     cdef int _room(self, Py_ssize_t more) except -1:
         cdef Py_ssize_t cap = self._line_cap
@@ -970,8 +1011,9 @@ cdef class Lane:
                 hi = mid
         return lo
 
-    cdef str _time(self, double t):
-        """``audit.timestamp(t)``: the date part made by it once per second, the rest here."""
+    cdef int _put_time(self, double t) except -1:
+        """``audit.timestamp(t)`` into the line: the date part made by it once per second, the
+        rest here."""
         cdef double whole = <double><long long>t
         if whole > t:
             whole -= 1
@@ -991,7 +1033,43 @@ cdef class Lane:
         for i in range(25, 19, -1):
             self._stamp[i] = 48 + <char>(micros % 10)
             micros //= 10
-        return PyUnicode_DecodeASCII(self._stamp, 27, NULL)
+        return self._put(self._stamp, 27)
+
+
+cdef int _milliseconds(double elapsed, char* out, double* rounded) except -1:
+    """``repr(round(elapsed, 3))`` into ``out`` (NUL-terminated; its length returned) and the
+    rounded value into ``rounded``, without Python floats: both round the exact binary value to
+    three decimals with the same correctly rounded conversion (dtoa mode 3), and below 1e12 the
+    shortest repr of that value is its three-decimal spelling without trailing zeros (at most 15
+    significant digits). Anything else (never a duration) takes Python's own route."""
+    cdef char* spelled
+    cdef Py_ssize_t n
+    cdef bytes text
+    if not (-1e12 < elapsed < 1e12):
+        value = round(elapsed, 3)
+        text = repr(value).encode("ascii")
+        if len(text) > 31:
+            raise ValueError("duration out of range")
+        memcpy(out, <const char*>text, len(text) + 1)
+        rounded[0] = value
+        return len(text)
+    spelled = PyOS_double_to_string(elapsed, b"f", 3, 0, NULL)
+    n = strlen(spelled)
+    while n > 2 and spelled[n - 1] == 48 and spelled[n - 2] != 46:  # trailing '0', not after '.'
+        n -= 1
+    memcpy(out, spelled, n)
+    out[n] = 0
+    PyMem_Free(spelled)
+    rounded[0] = PyOS_string_to_double(out, NULL, NULL)
+    return <int>n
+
+
+def milliseconds(double elapsed):
+    """``_milliseconds`` of ``elapsed`` as (text, rounded) (tests)."""
+    cdef char out[32]
+    cdef double rounded
+    cdef int n = _milliseconds(elapsed, out, &rounded)
+    return out[:n].decode("ascii"), rounded
 
 
 cdef long long _tag_count(const unsigned char* s, Py_ssize_t n) noexcept nogil:

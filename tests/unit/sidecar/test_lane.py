@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -618,6 +619,25 @@ def test_command_tags_are_read_as_the_session_reads_them(tag: str) -> None:
     except ValueError:
         raise AssertionError(f"the lane read {tag!r} where the session fails") from None
     assert count == expected
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=-1e13, max_value=1e13, allow_nan=False),
+        st.floats(min_value=0, max_value=100),  # durations as they come
+        st.integers(min_value=-(10**9), max_value=10**9).map(lambda n: n / 2000),  # ties at 4 decimals
+        st.sampled_from([0.0, -0.0, 0.0005, 0.0015, 0.0625, 1e-300, 999999999999.9996, 1e12, -1e12, 5e15]),
+    )
+)
+def test_durations_are_spelled_as_repr_of_round(elapsed: float) -> None:
+    """The drain spells duration_ms and sums latency without Python floats: the same text and
+    the same value as ``repr(round(elapsed, 3))``, sign of zero included."""
+    assert session._lane is not None
+    text, rounded = session._lane.milliseconds(elapsed)
+    expected = round(elapsed, 3)
+    assert text == repr(expected)
+    assert struct.pack("<d", rounded) == struct.pack("<d", expected)
 
 
 def test_with_row_limits_the_lane_takes_reads_and_leaves_the_rest(fixed_ids: None, tmp_path: Path) -> None:
