@@ -46,6 +46,11 @@ cdef extern from "openssl/sha.h":
     int SHA256_Update(SHA256_CTX* c, const void* data, size_t n) nogil
     int SHA256_Final(unsigned char* md, SHA256_CTX* c) nogil
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    enum: MSG_DONTWAIT
+    enum: MSG_NOSIGNAL
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
     cdef struct timespec:
@@ -55,6 +60,20 @@ cdef extern from "<time.h>" nogil:
     enum: CLOCK_REALTIME
 
 cdef const char* HEX = b"0123456789abcdef"
+
+import time as _time
+
+from dbgov_sidecar.audit import Healthy
+
+
+cdef inline double _time_now() noexcept nogil:
+    """``time.time()`` without a float object: the same clock, the same conversion."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    cdef long long ns = <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+    if ns % 1000000000 == 0:
+        return <double>(ns // 1000000000)
+    return <double>ns / 1e9
 
 
 cdef inline int _i32(const unsigned char* p) noexcept nogil:
@@ -249,6 +268,43 @@ cdef class Entry:
         self.masked = masked
 
 
+cdef class _Writer:
+    """Writes one side's bytes: straight to its socket when the event loop's transport is plain
+    TCP or Unix, open and has nothing queued (the event loop would make the same send() call,
+    after ~0.3 µs of bookkeeping); through ``transport.write`` otherwise, and for whatever a
+    send() leaves (partial, EAGAIN, an error: the transport then queues it or reports the error
+    as always). The transport's queue is empty whenever the lane writes past it, so the bytes
+    keep their order."""
+
+    cdef int fd
+    cdef object write
+    cdef object closing
+    cdef object queued
+
+    def __init__(self, transport, int fd):
+        self.write = transport.write
+        self.fd = fd
+        if fd >= 0:
+            self.closing = transport.is_closing
+            self.queued = transport.get_write_buffer_size
+
+    cdef int put(self, bytes data) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), sent
+        if self.fd >= 0 and not self.closing() and self.queued() == 0:
+            sent = send(self.fd, PyBytes_AS_STRING(data), n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if sent == n:
+                return 0
+            if sent > 0:
+                self.write(data[sent:])
+                return 0
+        self.write(data)
+        return 0
+
+    def send(self, bytes data):
+        """``put`` (tests)."""
+        self.put(data)
+
+
 cdef class Lane:
     """One session's lane. Built and armed by the session; see the module docstring."""
 
@@ -262,8 +318,8 @@ cdef class Lane:
     cdef Entry _entry
     cdef long long _row_limit
     cdef object _clock
-    cdef object _to_upstream
-    cdef object _to_client
+    cdef _Writer _to_upstream
+    cdef _Writer _to_client
     cdef object _client_slow
     cdef object _server_slow
     cdef object _fail
@@ -281,6 +337,8 @@ cdef class Lane:
     cdef object _policy_call
     cdef object _holder
     cdef object _audit_ok
+    cdef object _health  # the AuditLog whose ``healthy`` audit_ok returns, read without a call
+    cdef bint _time_time  # the clock is time.time: read in C
     cdef object _log
     cdef object _counters
     cdef object _timestamp
@@ -333,6 +391,7 @@ cdef class Lane:
         # A PolicyHolder is read directly (its ``current``), sparing a Python call per statement.
         self._holder = policy_call if hasattr(policy_call, "current") else None
         self._audit_ok = audit_ok
+        self._health = audit_ok.log if type(audit_ok) is Healthy else None
         self._log = log
         self._counters = counters
         self._timestamp = timestamp
@@ -434,28 +493,27 @@ cdef class Lane:
 
     # --- the shell's callbacks -----------------------------------------------------------
 
-    def bind(self, *, clock, to_upstream, to_client, client_slow, server_slow, fail):
+    def bind(self, *, clock, client, upstream, client_slow, server_slow, fail, int client_fd=-1, int upstream_fd=-1):
         """Let the event loop call the lane first (``client_received`` / ``server_received``, set
-        as the protocols' ``data_received``): what it takes is written with ``to_upstream`` /
-        ``to_client``, the rest goes to ``client_slow`` / ``server_slow`` (data, now), and an
-        exception to ``fail()``. Spares a Python call per read."""
+        as the protocols' ``data_received``): what it takes is written to the ``upstream`` /
+        ``client`` transport (straight to ``upstream_fd`` / ``client_fd`` when given: the shell
+        passes them only for the event loop's plain TCP and Unix transports), the rest goes to
+        ``client_slow`` / ``server_slow`` (data, now), and an exception to ``fail()``. Spares a
+        Python call per read."""
         self._clock = clock
-        self._to_upstream = to_upstream
-        self._to_client = to_client
+        self._time_time = clock is _time.time
+        self._to_upstream = _Writer(upstream, upstream_fd)
+        self._to_client = _Writer(client, client_fd)
         self._client_slow = client_slow
         self._server_slow = server_slow
         self._fail = fail
 
-    def unbind(self):
-        self._clock = self._to_upstream = self._to_client = None
-        self._client_slow = self._server_slow = self._fail = None
-
     def client_received(self, bytes data):
         """The client protocol's data_received."""
-        cdef double now = self._clock()
+        cdef double now = _time_now() if self._time_time else self._clock()
         try:
             if self._client(data, now):
-                self._to_upstream(data)
+                self._to_upstream.put(data)
                 return
         except Exception:
             self._fail()
@@ -464,11 +522,11 @@ cdef class Lane:
 
     def server_received(self, bytes data):
         """The upstream protocol's data_received (once it relays)."""
-        cdef double now = self._clock()
+        cdef double now = _time_now() if self._time_time else self._clock()
         if self.kind != IDLE:
             try:
                 if self._server(data, now):
-                    self._to_client(data)
+                    self._to_client.put(data)
                     if self._full:  # after the answer is on its way: off the statement's latency
                         self.drain()
                     return
@@ -490,7 +548,10 @@ cdef class Lane:
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         if n < 5 or n > self._max_message:
             return False
-        if self._audit_ok is not None and not self._audit_ok():
+        if self._health is not None:
+            if not self._health.healthy:
+                return False
+        elif self._audit_ok is not None and not self._audit_ok():
             return False
         current = self._holder.current if self._holder is not None else self._policy_call()
         if current is not self._policy:

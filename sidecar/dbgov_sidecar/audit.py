@@ -234,6 +234,19 @@ BATCH = 256
 """Buffered lines that trigger a flush without waiting for the timer."""
 
 
+class Healthy:
+    """The proxy's ``audit_ok`` for a fail-closed log: whether it can write. (The compiled lane
+    reads ``log.healthy`` itself instead of calling this once per statement.)"""
+
+    __slots__ = ("log",)
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+
+    def __call__(self) -> bool:
+        return self.log.healthy
+
+
 class AuditLog:
     """Seals events into a bounded buffer and flushes it to a sink."""
 

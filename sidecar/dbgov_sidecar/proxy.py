@@ -31,6 +31,24 @@ log = logging.getLogger("dbgov.proxy")
 AuditWrite = Callable[[audit.Event], None]
 
 
+try:  # the event loop's transports the lane may write past (to their socket)
+    from uvloop.loop import TCPTransport as _UvTcp
+    from uvloop.loop import UnixTransport as _UvUnix
+
+    _PLAIN_TRANSPORTS: tuple[type, ...] = (_UvTcp, _UvUnix)
+except ImportError:  # pragma: no cover - uvloop is optional
+    _PLAIN_TRANSPORTS = ()
+
+
+def _plain_socket(transport: Any) -> int:
+    """The socket of uvloop's plain TCP or Unix transport, which the lane may write to directly
+    while the transport has nothing queued; -1 for anything else (TLS, asyncio's own loop)."""
+    if type(transport) not in _PLAIN_TRANSPORTS:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
+
+
 def _nowhere(data: bytes) -> None:
     raise AssertionError("the lane forwarded a statement before the upstream was ready")
 
@@ -442,11 +460,13 @@ class ClientConnection(asyncio.Protocol):
         # state. (A loop that keeps calling the protocol's own methods is just slower.)
         lane.bind(
             clock=time.time,
-            to_upstream=up.transport.write,
-            to_client=self.transport.write,
+            client=self.transport,
+            upstream=up.transport,
             client_slow=self._client_slow,
             server_slow=self._server_slow,
             fail=self._internal_error,
+            client_fd=_plain_socket(self.transport),
+            upstream_fd=_plain_socket(up.transport),
         )
         vars(self)["data_received"] = lane.client_received
         vars(up)["data_received"] = lane.server_received

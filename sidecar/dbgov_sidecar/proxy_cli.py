@@ -144,7 +144,7 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
     record = proxy.Recorder(audit_log, counters)
     audit_ok = None
     if audit_log is not None and audit_log.failure_policy == "fail-closed":
-        audit_ok = lambda: audit_log.healthy  # noqa: E731
+        audit_ok = audit.Healthy(audit_log)
     server = proxy.Proxy(cfg, policy=holder, audit=record, audit_ok=audit_ok)
     await server.start()
     counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import contextlib
 import random
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +224,8 @@ class Harness:
         self.healthy = True
         self.log = audit.AuditLog(self._sink, failure_policy="fail-closed", max_buffer=10_000)
         self.counters = metrics.Metrics()
+        if audit_ok == "log":  # what dbgov proxy passes for a fail-closed log
+            audit_ok = audit.Healthy(self.log)
         owner = proxy.Proxy(
             proxy.ProxyConfig(lane=lane),
             policy=holder,
@@ -400,15 +404,21 @@ def test_a_policy_reload_applies_to_the_next_statement(fixed_ids: None, tmp_path
     assert h.session._refusals
 
 
-def test_a_failing_fail_closed_audit_sink_refuses_the_next_statement(fixed_ids: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("check", ["callable", "log"])
+def test_a_failing_fail_closed_audit_sink_refuses_the_next_statement(
+    fixed_ids: None, tmp_path: Path, check: str
+) -> None:
+    """Whether audit_ok is any callable or the proxy's own ``audit.Healthy`` (which the lane
+    reads without a call)."""
     holder = _holder(tmp_path)
     healthy = [True]
-    h = Harness(holder, lane=True, audit_ok=lambda: healthy[0])
+    h = Harness(holder, lane=True, audit_ok=(lambda: healthy[0]) if check == "callable" else "log")
     for step in range(2):
         h.conn.data_received(_client("select", step))
         h.conn.upstream.data_received(_server("rows"))
     assert h.conn.lane is not None and h.conn.lane.armed
     healthy[0] = False
+    h.log.healthy = False
     h.upstream_sink.data.clear()
     h.conn.data_received(_client("select", 7))
     assert select(7).encode() not in h.upstream_sink.data
@@ -675,3 +685,78 @@ def test_a_write_seen_in_an_aborted_transaction_is_not_taught(fixed_ids: None, t
     h.upstream_sink.data.clear()
     h.conn.data_received(_client("update", 3))
     assert b"SAVEPOINT" in h.upstream_sink.data or b"BEGIN" in h.upstream_sink.data
+
+
+def _writer_pair() -> tuple[Any, Any, socket.socket, Any]:
+    """A uvloop Unix transport over one end of a socketpair with a small send buffer (the lane
+    writes past such transports), and the other end, not read yet."""
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    transport, _ = loop.run_until_complete(loop.create_unix_connection(asyncio.Protocol, sock=ours))
+    assert proxy._plain_socket(transport) >= 0
+    return loop, transport, theirs, uvloop
+
+
+def test_the_lane_writes_past_the_transport_and_hands_it_what_the_socket_refuses() -> None:
+    """Straight to the socket while the transport has nothing queued; a partial send or EAGAIN
+    leaves the rest to the transport, and everything after it goes through the transport too
+    until its queue is empty: the peer reads every byte, in order."""
+    assert session._lane is not None
+    loop, transport, theirs, _ = _writer_pair()
+    try:
+        writer = session._lane._Writer(transport, proxy._plain_socket(transport))
+        chunks = [bytes([i]) * 10_000 for i in range(40)]
+        for chunk in chunks:
+            writer.send(chunk)
+        assert transport.get_write_buffer_size() > 0  # the socket refused some: queued in order
+        received = bytearray()
+        theirs.setblocking(False)
+        received += theirs.recv(1 << 20)  # room in the socket again, the transport's queue not sent yet
+        last = b"\xff" * 100
+        writer.send(last)  # must queue behind, not overtake
+        chunks.append(last)
+        while len(received) < 400_100:
+            loop.run_until_complete(asyncio.sleep(0.001))
+            with contextlib.suppress(BlockingIOError):
+                received += theirs.recv(1 << 20)
+        assert bytes(received) == b"".join(chunks)
+        writer.send(b"after")  # queue empty again: straight to the socket
+        assert transport.get_write_buffer_size() == 0
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert theirs.recv(100) == b"after"
+    finally:
+        transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        theirs.close()
+
+
+def test_the_lane_never_writes_to_the_socket_of_a_closed_transport() -> None:
+    """Once the transport is closing its descriptor may be closed and reused by another socket:
+    the lane's bytes go to the transport (which refuses them, as it always did), never to that
+    descriptor."""
+    assert session._lane is not None
+    loop, transport, theirs, _ = _writer_pair()
+    fd = proxy._plain_socket(transport)
+    writer = session._lane._Writer(transport, fd)
+    transport.close()
+    loop.run_until_complete(asyncio.sleep(0.01))
+    reused, other = socket.socketpair()  # likely the very descriptor number just closed
+    try:
+        with pytest.raises(RuntimeError, match="closed"):
+            writer.send(b"stray")
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other.recv(100)
+        if reused.fileno() == fd:
+            with pytest.raises(BlockingIOError):
+                reused.setblocking(False)
+                reused.recv(100)
+    finally:
+        loop.close()
+        theirs.close()
+        reused.close()
+        other.close()
