@@ -11,9 +11,9 @@ next statement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
-import contextlib
 import random
 import socket
 import struct
