@@ -32,8 +32,8 @@ AuditWrite = Callable[[audit.Event], None]
 
 
 try:  # the event loop's transports the lane may write past (to their socket)
-    from uvloop.loop import TCPTransport as _UvTcp
-    from uvloop.loop import UnixTransport as _UvUnix
+    from uvloop.loop import TCPTransport as _UvTcp  # type: ignore[attr-defined]  # (not in its stubs)
+    from uvloop.loop import UnixTransport as _UvUnix  # type: ignore[attr-defined]
 
     _PLAIN_TRANSPORTS: tuple[type, ...] = (_UvTcp, _UvUnix)
 except ImportError:  # pragma: no cover - uvloop is optional
