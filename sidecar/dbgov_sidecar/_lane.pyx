@@ -24,7 +24,7 @@ CloseComplete, NoData, RowDescription, DataRow, CommandComplete, notices, notifi
 ParameterStatus, ending with ReadyForQuery.
 """
 
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
@@ -61,6 +61,7 @@ cdef extern from "<time.h>" nogil:
 
 cdef const char* HEX = b"0123456789abcdef"
 
+import os
 import time as _time
 
 from dbgov_sidecar.audit import Healthy
@@ -74,6 +75,49 @@ cdef inline double _time_now() noexcept nogil:
     if ns % 1000000000 == 0:
         return <double>(ns // 1000000000)
     return <double>ns / 1e9
+
+
+cdef unsigned long long _SEED = int.from_bytes(os.urandom(8), "little") | 1
+
+
+cdef inline unsigned long long _hash(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """A 64-bit hash of a template key, 8 bytes at a time, seeded per process; never 0 (the free
+    slot). Keys are compared in full on a match, so a collision costs time, never a wrong entry."""
+    cdef unsigned long long h = _SEED ^ (<unsigned long long>n * 0x9E3779B97F4A7C15ULL), w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, s + i, 8)
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL
+        h ^= h >> 31
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, s + i, n - i)
+        h = (h ^ w) * 0x94D049BB133111EBULL
+        h ^= h >> 29
+    h = (h ^ (h >> 32)) * 0xBF58476D1CE4E5B9ULL
+    h ^= h >> 29
+    return h if h else 1
+
+
+cdef inline bint _ascii(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef unsigned long long w, high = 0
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, s + i, 8)
+        high |= w
+        i += 8
+    while i < n:
+        high |= s[i]
+        i += 1
+    return (high & 0x8080808080808080ULL) == 0
+
+
+cdef inline object _text(object sql):
+    """A statement text as str: a Query message (bytes, ASCII text) decoded."""
+    if type(sql) is bytes:
+        return PyUnicode_DecodeASCII(PyBytes_AS_STRING(sql) + 5, PyBytes_GET_SIZE(sql) - 6, NULL)
+    return sql
 
 
 cdef inline int _i32(const unsigned char* p) noexcept nogil:
@@ -311,7 +355,7 @@ cdef class Lane:
     cdef public bint armed
     cdef public int kind
     cdef readonly double started
-    cdef readonly object sql
+    cdef object _sql  # the statement's text: a str, or a Query message (bytes) whose text is ASCII
     cdef readonly object decision
     cdef readonly object statement
 
@@ -333,6 +377,7 @@ cdef class Lane:
     cdef long long _done_affected[HOLD_MAX]
     cdef Py_ssize_t _hold
     cdef bint _full
+    cdef int _status_told  # the transaction status the lane last gave the session (0: none)
     cdef object _session
     cdef object _policy_call
     cdef object _holder
@@ -358,7 +403,10 @@ cdef class Lane:
     cdef object _search_path
     cdef object _shape_key
     cdef dict _shapes
-    cdef dict _templates
+    cdef unsigned long long* _t_hashes  # templates: open addressing, 0 = free slot
+    cdef int* _t_slots  # index into _t_items
+    cdef list _t_items  # (template key, Entry)
+    cdef Py_ssize_t _t_mask
     cdef unsigned char* _key
     cdef Py_ssize_t _key_room
     cdef dict _texts
@@ -417,7 +465,10 @@ cdef class Lane:
         self._search_path = None
         self._shape_key = None
         self._shapes = {}
-        self._templates = {}
+        self._t_hashes = NULL
+        self._t_slots = NULL
+        self._t_items = []
+        self._t_mask = 0
         self._row_limit = -1
         self._done_entries = []
         self._done_sql = []
@@ -436,6 +487,60 @@ cdef class Lane:
     def __dealloc__(self):
         free(self._key)
         free(self._line)
+        free(self._t_hashes)
+        free(self._t_slots)
+
+    @property
+    def sql(self):
+        """The text of the statement in flight (None when idle)."""
+        return _text(self._sql)
+
+    # --- templates: a small hash table of their keys, no bytes object per lookup ----------
+
+    cdef int _forget_templates(self) except -1:
+        self._t_items = []
+        if self._t_hashes != NULL:
+            memset(self._t_hashes, 0, (self._t_mask + 1) * sizeof(unsigned long long))
+        return 0
+
+    cdef int _add_template(self, bytes key, Entry entry) except -1:
+        cdef Py_ssize_t size, slot
+        cdef unsigned long long h
+        if self._t_hashes == NULL:
+            size = 16
+            while size < 2 * self._cache_size:
+                size *= 2
+            self._t_hashes = <unsigned long long*>calloc(size, sizeof(unsigned long long))
+            self._t_slots = <int*>malloc(size * sizeof(int))
+            if self._t_hashes == NULL or self._t_slots == NULL:
+                raise MemoryError()
+            self._t_mask = size - 1
+        if len(self._t_items) >= self._cache_size:
+            self._forget_templates()
+        h = _hash(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        slot = h & self._t_mask
+        while self._t_hashes[slot] != 0:
+            if self._t_hashes[slot] == h and self._t_items[self._t_slots[slot]][0] == key:
+                self._t_items[self._t_slots[slot]] = (key, entry)
+                return 0
+            slot = (slot + 1) & self._t_mask
+        self._t_hashes[slot] = h
+        self._t_slots[slot] = len(self._t_items)
+        self._t_items.append((key, entry))
+        return 0
+
+    cdef Entry _find_template(self, const unsigned char* key, Py_ssize_t size):
+        cdef unsigned long long h = _hash(key, size)
+        cdef Py_ssize_t slot = h & self._t_mask
+        cdef tuple item
+        while self._t_hashes[slot] != 0:
+            if self._t_hashes[slot] == h:
+                item = <tuple>self._t_items[self._t_slots[slot]]
+                known = item[0]
+                if PyBytes_GET_SIZE(known) == size and memcmp(PyBytes_AS_STRING(known), key, size) == 0:
+                    return <Entry>item[1]
+            slot = (slot + 1) & self._t_mask
+        return None
 
     # --- set up by the session ------------------------------------------------------------
 
@@ -443,13 +548,14 @@ cdef class Lane:
         """Arm (or disarm) the lane; a new policy or search_path forgets every learned shape.
         ``row_limit``: maxRowsReturned (-1: none); an answer with more rows for a statement goes
         to the session, which refuses it."""
+        self._status_told = 0
         self.armed = ready and self.kind == IDLE
         if not self.armed:
             return
         self._row_limit = row_limit
         if policy is not self._policy or search_path != self._search_path:
             self._shapes.clear()
-            self._templates.clear()
+            self._forget_templates()
             self._texts.clear()
             self._policy = policy
             self._search_path = search_path
@@ -464,9 +570,7 @@ cdef class Lane:
             table.clear()
         table[key] = entry
         if sql is not None and not exact and same_shape(sql, key):
-            if len(self._templates) >= self._cache_size:
-                self._templates.clear()
-            self._templates[template(sql)[0]] = entry
+            self._add_template(template(sql)[0], entry)
         self.remember(entry)
 
     def remember(self, Entry entry):
@@ -474,6 +578,14 @@ cdef class Lane:
         if len(self._by_decision) >= self._cache_size:
             self._by_decision.clear()
         self._by_decision[id(entry.decision)] = entry
+
+    def template_entry(self, sql):
+        """The entry learned for the template of ``sql`` (tests)."""
+        found = template(sql)
+        if found is None or not self._t_items:
+            return None
+        key = found[0]
+        return self._find_template(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
 
     def known(self, decision):
         """The entry remembered for ``decision`` (tests)."""
@@ -485,10 +597,11 @@ cdef class Lane:
         and disarmed afterwards (the session now owns the statement). What the lane finished is
         audited first, so the session's own events follow it in the trail."""
         self.drain()
-        result = (self.started, self.sql, self.decision, self.statement)
+        self._status_told = 0
+        result = (self.started, _text(self._sql), self.decision, self.statement)
         self.kind = IDLE
         self.armed = False
-        self.sql = self.decision = self.statement = self._entry = None
+        self._sql = self.decision = self.statement = self._entry = None
         return result
 
     # --- the shell's callbacks -----------------------------------------------------------
@@ -572,13 +685,17 @@ cdef class Lane:
             return False
         if memchr(p + 5, 0, n - 6) != NULL:
             return False
-        try:
-            sql = PyUnicode_DecodeUTF8(<const char*>p + 5, n - 6, "strict")
-        except UnicodeDecodeError:
-            return False
+        # An ASCII text is kept as the message itself (decoded only if the session adopts it);
+        # any other is decoded now, strictly, as the session decodes it.
+        text = data if _ascii(p + 5, n - 6) else None
+        if text is None:
+            try:
+                text = PyUnicode_DecodeUTF8(<const char*>p + 5, n - 6, "strict")
+            except UnicodeDecodeError:
+                return False
         cdef Entry entry = None
         cdef Py_ssize_t k
-        if self._templates:
+        if self._t_items:
             if self._key_room < n:
                 free(self._key)
                 self._key = <unsigned char*>malloc(n)
@@ -588,10 +705,10 @@ cdef class Lane:
                 self._key_room = n
             k = _template(p + 5, n - 6, self._key, NULL, NULL)
             if k >= 0:
-                entry = self._templates.get(<bytes>self._key[:k])
+                entry = self._find_template(self._key, k)
         if entry is None:
             try:
-                key = self._shape_key(sql)
+                key = self._shape_key(_text(text))
             except Exception:  # the session's engine names the problem
                 return False
             entry = self._shapes.get(key)
@@ -600,7 +717,7 @@ cdef class Lane:
         self.kind = QUERY
         self._entry = entry
         self.started = now
-        self.sql = sql
+        self._sql = text
         self.decision = entry.decision
         self.statement = None
         return True
@@ -719,7 +836,7 @@ cdef class Lane:
         self.kind = PARSED if parse else PREPARED
         self._entry = entry
         self.started = now
-        self.sql = statement.sql
+        self._sql = statement.sql
         self.decision = entry.decision
         self.statement = statement
         return True
@@ -804,11 +921,13 @@ cdef class Lane:
             self._done_rows[held] = rows
             self._done_affected[held] = changed if tagged else -1
             self._done_entries.append(self._entry)
-            self._done_sql.append(self.sql)
+            self._done_sql.append(self._sql)
             self._full = held + 1 >= self._hold  # drained by the caller, once the answer is sent
-        self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
+        if status != self._status_told:  # (the session may have set it since: arm() forgets)
+            self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
+            self._status_told = status
         self.kind = IDLE
-        self.sql = self.decision = self.statement = self._entry = None
+        self._sql = self.decision = self.statement = self._entry = None
         return True
 
     cdef bint _plain_columns(self, const unsigned char* p, Py_ssize_t size) except -1:
@@ -934,8 +1053,11 @@ cdef class Lane:
         self._put_c('{"type":"statement","time":"')
         self._put_time(now)
         self._put_c('","statement":')
-        text = PyUnicode_AsUTF8AndSize(sql, &size)
-        self._put_json(<const unsigned char*>text, size)
+        if type(sql) is bytes:  # a Query message with an ASCII text
+            self._put_json(<const unsigned char*>PyBytes_AS_STRING(sql) + 5, PyBytes_GET_SIZE(sql) - 6)
+        else:
+            text = PyUnicode_AsUTF8AndSize(sql, &size)
+            self._put_json(<const unsigned char*>text, size)
         self._put(PyBytes_AS_STRING(entry._segment), PyBytes_GET_SIZE(entry._segment))
         self._put_c(',"enforced":"allow","rows_returned":')
         self._put_int(rows)

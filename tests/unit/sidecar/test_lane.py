@@ -361,6 +361,25 @@ def _steady(fixed_ids: None, tmp: Path) -> tuple[Harness, policies.PolicyHolder]
     return h, holder
 
 
+def test_templates_beyond_the_cache_are_forgotten_never_confused(fixed_ids: None, tmp_path: Path) -> None:
+    """The lane's template table holds at most its cache size; past that it starts over. A text
+    finds the entry of its own template or none, never another's, and relearning replaces."""
+    h, _ = _steady(fixed_ids, tmp_path)
+    lane = h.conn.lane
+    assert lane is not None
+    entries = [session._lane.Entry(object(), None, ',"x":1', ("select", "allow"), 0) for _ in range(5000)]
+    for i, entry in enumerate(entries):
+        lane.learn(f"SELECT c{i} FROM t WHERE a = $1", entry, False, f"SELECT c{i} FROM t WHERE a = {i}")
+    found = [lane.template_entry(f"SELECT c{i} FROM t WHERE a = 7") for i in range(5000)]
+    assert all(f is None or f is entries[i] for i, f in enumerate(found))
+    assert found[4999] is entries[4999] and found[4096] is entries[4096]
+    assert found[0] is None  # learned before the table started over
+    assert lane.template_entry("SELECT c1 FROM u WHERE a = 7") is None
+    again = session._lane.Entry(object(), None, ',"x":2', ("select", "allow"), 0)
+    lane.learn("SELECT c4999 FROM t WHERE a = $1", again, False, "SELECT c4999 FROM t WHERE a = 1")
+    assert lane.template_entry("SELECT c4999 FROM t WHERE a = 2") is again
+
+
 def test_the_lane_takes_the_steady_state(
     fixed_ids: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
