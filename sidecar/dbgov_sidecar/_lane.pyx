@@ -916,6 +916,9 @@ cdef class Lane:
             # at a time between socket reads. The batch is bounded; the session drains it before
             # it audits anything itself, and the audit log before every flush.
             held = len(self._done_entries)
+            if held >= self._hold:  # a full batch whose caller did not get to drain it
+                self.drain()
+                held = 0
             self._done_now[held] = now
             self._done_started[held] = self.started
             self._done_rows[held] = rows
