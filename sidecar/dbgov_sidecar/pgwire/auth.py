@@ -89,24 +89,111 @@ def scram_keys(password: str, *, salt: bytes, iterations: int = 4096) -> ScramKe
 
 def tls_server_end_point(certificate: bytes) -> bytes:
     """Channel-binding data of type ``tls-server-end-point`` for a server certificate (DER):
-    its hash with the certificate's own signature hash, SHA-256 in place of MD5 and SHA-1."""
-    from cryptography import x509  # noqa: PLC0415 - only logins over TLS need it
-    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
-
+    its hash with the certificate's own signature hash, SHA-256 in place of MD5 and SHA-1
+    (RFC 5929 section 4.1). Read with the standard library alone: the sidecar image has no
+    ``cryptography``."""
     try:
-        algorithm = x509.load_der_x509_certificate(certificate).signature_hash_algorithm
-    except (ValueError, x509.UnsupportedGeneralNameType) as err:
+        algorithm = signature_hash(certificate)
+    except ValueError as err:
         raise AuthenticationFailed(f"cannot read the server certificate for channel binding: {err}") from err
     if algorithm is None:
         raise AuthenticationFailed(
             "the server certificate's signature algorithm has no hash, so SCRAM channel binding "
             "(tls-server-end-point) is impossible with it"
         )
-    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
-        algorithm = hashes.SHA256()
-    digest = hashes.Hash(algorithm)
-    digest.update(certificate)
-    return digest.finalize()
+    return hashlib.new(algorithm, certificate).digest()
+
+
+# Signature algorithms -> the hash tls-server-end-point uses (MD5 and SHA-1 become SHA-256).
+_SIGNATURE_HASHES = {
+    "1.2.840.113549.1.1.4": "sha256",  # md5WithRSAEncryption
+    "1.2.840.113549.1.1.5": "sha256",  # sha1WithRSAEncryption
+    "1.2.840.113549.1.1.14": "sha224",  # sha224WithRSAEncryption
+    "1.2.840.113549.1.1.11": "sha256",  # sha256WithRSAEncryption
+    "1.2.840.113549.1.1.12": "sha384",  # sha384WithRSAEncryption
+    "1.2.840.113549.1.1.13": "sha512",  # sha512WithRSAEncryption
+    "1.2.840.10045.4.1": "sha256",  # ecdsa-with-SHA1
+    "1.2.840.10045.4.3.1": "sha224",  # ecdsa-with-SHA224
+    "1.2.840.10045.4.3.2": "sha256",  # ecdsa-with-SHA256
+    "1.2.840.10045.4.3.3": "sha384",  # ecdsa-with-SHA384
+    "1.2.840.10045.4.3.4": "sha512",  # ecdsa-with-SHA512
+    "1.2.840.10040.4.3": "sha256",  # dsa-with-sha1
+    "2.16.840.1.101.3.4.3.1": "sha224",  # dsa-with-sha224
+    "2.16.840.1.101.3.4.3.2": "sha256",  # dsa-with-sha256
+    "2.16.840.1.101.3.4.3.9": "sha3_224",  # ecdsa-with-sha3-224
+    "2.16.840.1.101.3.4.3.10": "sha3_256",
+    "2.16.840.1.101.3.4.3.11": "sha3_384",
+    "2.16.840.1.101.3.4.3.12": "sha3_512",
+    "2.16.840.1.101.3.4.3.13": "sha3_224",  # rsassa-pkcs1-v1_5-with-sha3-224
+    "2.16.840.1.101.3.4.3.14": "sha3_256",
+    "2.16.840.1.101.3.4.3.15": "sha3_384",
+    "2.16.840.1.101.3.4.3.16": "sha3_512",
+}
+_RSASSA_PSS = "1.2.840.113549.1.1.10"
+_DIGESTS = {  # RSASSA-PSS names its hash in its parameters (SHA-1 when it names none)
+    "1.3.14.3.2.26": "sha256",  # sha1
+    "2.16.840.1.101.3.4.2.4": "sha224",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+    "2.16.840.1.101.3.4.2.7": "sha3_224",
+    "2.16.840.1.101.3.4.2.8": "sha3_256",
+    "2.16.840.1.101.3.4.2.9": "sha3_384",
+    "2.16.840.1.101.3.4.2.10": "sha3_512",
+}
+
+
+def signature_hash(certificate: bytes) -> str | None:
+    """The hashlib name of the hash tls-server-end-point uses for ``certificate`` (DER), or None
+    when its signature algorithm has none (Ed25519, Ed448) or is unknown. ValueError: not a
+    certificate."""
+    _, body, _ = _der(certificate, 0, 0x30)  # Certificate
+    _, _, tbs_end = _der(certificate, body, 0x30)  # tbsCertificate
+    _, algorithm, algorithm_end = _der(certificate, tbs_end, 0x30)  # signatureAlgorithm
+    _, oid_start, oid_end = _der(certificate, algorithm, 0x06)
+    oid = _oid(certificate[oid_start:oid_end])
+    if oid != _RSASSA_PSS:
+        return _SIGNATURE_HASHES.get(oid)
+    if oid_end == algorithm_end:
+        return _DIGESTS["1.3.14.3.2.26"]
+    _, params, params_end = _der(certificate, oid_end, 0x30)  # RSASSA-PSS-params
+    if params == params_end or certificate[params] != 0xA0:  # no [0] hashAlgorithm: SHA-1
+        return _DIGESTS["1.3.14.3.2.26"]
+    _, explicit, _ = _der(certificate, params, 0xA0)
+    _, digest, _ = _der(certificate, explicit, 0x30)
+    _, digest_oid, digest_oid_end = _der(certificate, digest, 0x06)
+    return _DIGESTS.get(_oid(certificate[digest_oid:digest_oid_end]))
+
+
+def _der(data: bytes, pos: int, tag: int) -> tuple[int, int, int]:
+    """The DER element at ``pos``, which must have ``tag``: (tag, start, end) of its contents."""
+    if pos + 2 > len(data) or data[pos] != tag:
+        raise ValueError(f"expected DER tag {tag:#04x} at offset {pos}")
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or pos + size > len(data):
+            raise ValueError("malformed DER length")
+        length = int.from_bytes(data[pos : pos + size], "big")
+        pos += size
+    if pos + length > len(data):
+        raise ValueError("truncated DER element")
+    return tag, pos, pos + length
+
+
+def _oid(body: bytes) -> str:
+    if not body or body[-1] & 0x80:
+        raise ValueError("malformed DER object identifier")
+    first = min(body[0] // 40, 2)
+    parts = [first, body[0] - 40 * first]
+    value = 0
+    for byte in body[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            parts.append(value)
+            value = 0
+    return ".".join(map(str, parts))
 
 
 class ScramClient:

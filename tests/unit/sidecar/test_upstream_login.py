@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import base64
 import datetime
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519 as ed25519_keys
 from cryptography.x509.oid import NameOID
 
 from dbgov_sidecar import login
 from dbgov_sidecar.pgwire import AuthenticationFailed, auth, framing, messages
 
 
-def _certificate(algorithm: hashes.HashAlgorithm, *, rsa_key: bool = False) -> bytes:
-    key = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if rsa_key
+def _certificate(
+    algorithm: hashes.HashAlgorithm | None, *, rsa_key: bool = False, pss: bool = False, ed25519: bool = False
+) -> bytes:
+    key: Any = (
+        ed25519_keys.Ed25519PrivateKey.generate()
+        if ed25519
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if rsa_key or pss
         else ec.generate_private_key(ec.SECP256R1())
     )
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db.example")])
@@ -31,7 +39,11 @@ def _certificate(algorithm: hashes.HashAlgorithm, *, rsa_key: bool = False) -> b
         .serial_number(1)
         .not_valid_before(now)
         .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, algorithm)
+        .sign(
+            key,
+            algorithm,
+            rsa_padding=padding.PSS(mgf=padding.MGF1(algorithm), salt_length=32) if pss and algorithm else None,
+        )
     )
     return cert.public_bytes(serialization.Encoding.DER)
 
@@ -62,6 +74,40 @@ def test_tls_server_end_point_uses_sha256_for_sha1_signatures() -> None:
     digest = hashes.Hash(hashes.SHA256())
     digest.update(der)
     assert auth.tls_server_end_point(der) == digest.finalize()
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA256(), hashes.SHA384(), hashes.SHA512()])
+def test_tls_server_end_point_reads_the_hash_of_an_rsa_pss_signature(algorithm: hashes.HashAlgorithm) -> None:
+    der = _certificate(algorithm, pss=True)
+    named = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    assert named is not None and named.name == algorithm.name
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    assert auth.tls_server_end_point(der) == digest.finalize()
+
+
+def test_tls_server_end_point_refuses_what_it_cannot_bind_to() -> None:
+    with pytest.raises(AuthenticationFailed, match="no hash"):
+        auth.tls_server_end_point(_certificate(None, ed25519=True))
+    der = _certificate(hashes.SHA256())
+    for broken in (b"", b"\x30\x82", der[:40], b"\x04" + der[1:]):
+        with pytest.raises(AuthenticationFailed, match="cannot read the server certificate"):
+            auth.tls_server_end_point(broken)
+
+
+def test_tls_server_end_point_needs_only_the_standard_library() -> None:
+    """The sidecar image installs dbgov without ``cryptography``: channel binding to a TLS
+    upstream must work there too."""
+    der = _certificate(hashes.SHA384())
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from dbgov_sidecar.pgwire import auth\n"
+        f"print(auth.tls_server_end_point(bytes.fromhex('{der.hex()}')).hex())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    digest = hashes.Hash(hashes.SHA384())
+    digest.update(der)
+    assert out.strip() == digest.finalize().hex()
 
 
 def _message(data: bytes) -> framing.Message:
