@@ -42,7 +42,9 @@ def _certificate(
         .sign(
             key,
             algorithm,
-            rsa_padding=padding.PSS(mgf=padding.MGF1(algorithm), salt_length=32) if pss and algorithm else None,
+            rsa_padding=padding.PSS(mgf=padding.MGF1(algorithm), salt_length=32)
+            if pss and algorithm
+            else None,
         )
     )
     return cert.public_bytes(serialization.Encoding.DER)
