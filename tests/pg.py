@@ -5,6 +5,7 @@ plus helpers only tests need.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dbgov_sidecar.embedded_pg import (
     APP_PASSWORD,
@@ -42,17 +43,27 @@ __all__ = [
 ]
 
 
-def make_certificate(directory: Path, *, name: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1/localhost: (cert.pem, key.pem)."""
+def make_certificate(
+    directory: Path, *, name: str = "localhost", key_type: str = "p256"
+) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost: (cert.pem, key.pem). ``key_type``:
+    p256 (ECDSA with SHA-256), p384 (ECDSA with SHA-384) or ed25519 (no hash)."""
     import datetime
     import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: Any
+    algorithm: Any
+    if key_type == "ed25519":
+        key, algorithm = ed25519.Ed25519PrivateKey.generate(), None
+    elif key_type == "p384":
+        key, algorithm = ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()
+    else:
+        key, algorithm = ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -70,7 +81,7 @@ def make_certificate(directory: Path, *, name: str = "localhost") -> tuple[Path,
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .sign(key, algorithm)
     )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

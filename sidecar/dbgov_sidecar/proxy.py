@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbgov_sidecar import audit, login, metrics, policy_port, session
-from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, framing, messages
+from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 if typing.TYPE_CHECKING:
     from dbgov_sidecar import _lane
@@ -151,6 +151,7 @@ class Proxy:
         self.stats: dict[str, int] = {"sessions_total": 0, "upstream_errors": 0}
         self._server: asyncio.Server | None = None
         self._client_tls = _server_tls(config.tls_cert, config.tls_key)
+        self._client_binding = _channel_binding(config.tls_cert) if self._client_tls is not None else None
         self._upstream_tls = _client_tls(config.upstream)
         if self._client_tls is not None:
             config = dataclasses.replace(
@@ -399,7 +400,7 @@ class ClientConnection(asyncio.Protocol):
             self.close("TLS handshake failed")
             return
         self.transport = new
-        self.session.client_tls_started(time.time())
+        self.session.client_tls_started(time.time(), binding=self.proxy._client_binding)
         self.pump()
 
     async def _connect(self, params: dict[str, str]) -> None:
@@ -704,6 +705,24 @@ def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def _channel_binding(cert: str | None) -> bytes | None:
+    """tls-server-end-point data of the proxy's certificate (the first in ``cert``), for
+    SCRAM-SHA-256-PLUS logins; None, with a warning, when its signature has no hash to bind with."""
+    if not cert:
+        return None
+    with open(cert, encoding="ascii") as f:
+        pem = f.read()
+    start = pem.find(ssl.PEM_HEADER)
+    end = pem.find(ssl.PEM_FOOTER, start)
+    if start < 0 or end < 0:
+        raise ValueError(f"{cert}: no PEM certificate")
+    try:
+        return auth.tls_server_end_point(ssl.PEM_cert_to_DER_cert(pem[start : end + len(ssl.PEM_FOOTER)]))
+    except AuthenticationFailed as err:
+        log.warning("client logins cannot use SCRAM channel binding: %s", err.reason)
+        return None
 
 
 def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:

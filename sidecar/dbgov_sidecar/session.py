@@ -317,6 +317,7 @@ class Session:
         self._search_path: tuple[str, ...] | None = None
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
+        self._binding: bytes | None = None
         self._skipping = False  # drop client messages until Sync (after a refused Parse)
         self._syncs_sent = 0
         self._syncs_done = 0
@@ -546,8 +547,11 @@ class Session:
         except ProtocolViolation as err:
             self._fatal("08P01", f"upstream server broke the protocol: {err.what}")
 
-    def client_tls_started(self, now: float) -> None:
-        """The shell finished the TLS handshake with the client."""
+    def client_tls_started(self, now: float, *, binding: bytes | None = None) -> None:
+        """The shell finished the TLS handshake with the client; ``binding``: the channel-binding
+        data of the proxy's certificate (``auth.tls_server_end_point``), which lets password
+        logins use SCRAM-SHA-256-PLUS."""
+        self._binding = binding
         self.state = "startup"
         self._drain_client(now)
 
@@ -674,7 +678,13 @@ class Session:
             return
         if self._config.client_scram is not None:
             self.state = "auth"
-            self.to_client += messages.authentication_sasl([auth.SCRAM_SHA_256])
+            # As PostgreSQL: over TLS with a certificate to bind to, -PLUS first.
+            offered = (
+                [auth.SCRAM_SHA_256]
+                if self._binding is None
+                else [auth.SCRAM_SHA_256_PLUS, auth.SCRAM_SHA_256]
+            )
+            self.to_client += messages.authentication_sasl(offered)
             return
         self._connect()
 
@@ -688,10 +698,10 @@ class Session:
         try:
             if self._scram is None:
                 mechanism, first = messages.decode_sasl_initial_response(msg.data)
-                if mechanism != auth.SCRAM_SHA_256:
+                if mechanism not in (auth.SCRAM_SHA_256, auth.SCRAM_SHA_256_PLUS):
                     raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism!r}")
-                self._scram = auth.ScramServer(keys=keys, nonce=self._nonce)
-                server_first = self._scram.server_first(first)
+                self._scram = auth.ScramServer(keys=keys, nonce=self._nonce, binding=self._binding)
+                server_first = self._scram.server_first(first, mechanism)
                 self.to_client += messages.authentication(messages.AUTH_SASL_CONTINUE, server_first)
                 return
             final = self._scram.server_final(messages.decode_password(msg.data))

@@ -127,6 +127,43 @@ def test_client_tls_and_password(make_proxy: object, tmp_path: Path) -> None:
         psycopg.connect(f"{dsn} sslmode=require password=nope")
 
 
+@pytest.mark.parametrize("key_type", ["p256", "p384"])
+def test_client_password_logins_bind_to_the_proxys_certificate(
+    make_proxy: object, tmp_path: Path, key_type: str
+) -> None:
+    """Over TLS the proxy offers SCRAM-SHA-256-PLUS, as PostgreSQL does: libpq's
+    channel_binding=require logs in, binding to the proxy's certificate (hashed with SHA-256 or,
+    for a SHA-384 signature, SHA-384)."""
+    cert, key = pg.make_certificate(tmp_path, key_type=key_type)
+    keys = auth.scram_keys("letmein", salt=b"0123456789abcdef")
+    running = make_proxy(  # type: ignore[operator]
+        tls_cert=str(cert), tls_key=str(key), session_config=session.SessionConfig(client_scram=keys)
+    )
+    dsn = f"host=127.0.0.1 port={running.port} user=agent dbname=shop sslmode=verify-full sslrootcert={cert}"
+    with psycopg.connect(f"{dsn} password=letmein channel_binding=require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"{dsn} password=nope channel_binding=require")
+
+
+def test_a_certificate_without_a_signature_hash_offers_plain_scram(
+    make_proxy: object, tmp_path: Path
+) -> None:
+    """An Ed25519 certificate gives tls-server-end-point nothing to hash with: the proxy offers
+    SCRAM-SHA-256 alone (as PostgreSQL cannot bind either), so channel_binding=require is
+    refused by the client and prefer logs in."""
+    cert, key = pg.make_certificate(tmp_path, key_type="ed25519")
+    keys = auth.scram_keys("letmein", salt=b"0123456789abcdef")
+    running = make_proxy(  # type: ignore[operator]
+        tls_cert=str(cert), tls_key=str(key), session_config=session.SessionConfig(client_scram=keys)
+    )
+    dsn = f"host=127.0.0.1 port={running.port} user=agent dbname=shop sslmode=require password=letmein"
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        psycopg.connect(f"{dsn} channel_binding=require")
+    with psycopg.connect(f"{dsn} channel_binding=prefer") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_no_tls_configured_answers_n(dbgov: RunningProxy) -> None:
     with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
         psycopg.connect(dbgov.dsn().replace("sslmode=disable", "sslmode=require"))

@@ -271,20 +271,67 @@ class ScramClient:
 
 
 class ScramServer:
-    """Server side of SCRAM-SHA-256, for proxies asking their clients for a password."""
+    """Server side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS, for proxies asking their clients for
+    a password.
 
-    def __init__(self, *, keys: ScramKeys, nonce: str) -> None:
+    ``binding`` is the channel-binding data (``tls_server_end_point`` of the proxy's own
+    certificate) when the client connection is TLS and -PLUS was offered; the checks on the
+    client's choice are PostgreSQL's (a client that could bind but thinks the server cannot is a
+    downgrade and is refused)."""
+
+    def __init__(self, *, keys: ScramKeys, nonce: str, binding: bytes | None = None) -> None:
         self._keys = keys
         self._nonce = nonce
+        self._binding = binding
+        self._gs2_header = b""
+        self._bound = False
         self._client_first_bare = b""
         self._server_first = b""
         self._full_nonce = ""
 
-    def server_first(self, client_first: bytes) -> bytes:
-        """Answer the client-first-message."""
-        if not client_first.startswith((b"n,,", b"y,,")):
-            raise AuthenticationFailed("SCRAM channel binding is not supported")
-        self._client_first_bare = client_first[3:]
+    def server_first(self, client_first: bytes, mechanism: str = SCRAM_SHA_256) -> bytes:
+        """Answer the client-first-message of the exchange ``mechanism`` the client selected."""
+        plus = mechanism == SCRAM_SHA_256_PLUS
+        if plus and self._binding is None:
+            raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism!r}")
+        flag = client_first[:1]
+        if flag == b"p":
+            name, comma, _ = client_first[2:].partition(b",")
+            if client_first[1:2] != b"=" or not comma:
+                raise ProtocolViolation("malformed SCRAM client-first-message")
+            if not plus:
+                raise ProtocolViolation(
+                    "the client selected SCRAM-SHA-256 without channel binding, but the SCRAM "
+                    "message includes channel binding data"
+                )
+            if name != b"tls-server-end-point":
+                raise ProtocolViolation(
+                    f"unsupported SCRAM channel-binding type {name.decode(errors='replace')!r}"
+                )
+            at = 2 + len(name) + 1
+        elif flag in (b"y", b"n"):
+            if plus:
+                raise ProtocolViolation(
+                    "the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include "
+                    "channel binding data"
+                )
+            if flag == b"y" and self._binding is not None:
+                raise ProtocolViolation(
+                    "SCRAM channel binding negotiation error: the client supports SCRAM channel "
+                    "binding but thinks the server does not; this server does support it"
+                )
+            if client_first[1:2] != b",":
+                raise ProtocolViolation("malformed SCRAM client-first-message")
+            at = 2
+        else:
+            raise ProtocolViolation("malformed SCRAM client-first-message: no channel-binding flag")
+        if client_first[at : at + 2] == b"a=":
+            raise ProtocolViolation("client uses authorization identity, but it is not supported")
+        if client_first[at : at + 1] != b",":
+            raise ProtocolViolation("malformed SCRAM client-first-message")
+        self._gs2_header = client_first[: at + 1]
+        self._bound = flag == b"p"
+        self._client_first_bare = client_first[at + 1 :]
         attrs = _attributes(self._client_first_bare, "client-first-message")
         client_nonce = attrs.get("r")
         if not client_nonce:
@@ -295,8 +342,13 @@ class ScramServer:
         return self._server_first
 
     def server_final(self, client_final: bytes) -> bytes:
-        """Check the client proof and return the server-final-message."""
+        """Check the channel binding and the client proof; return the server-final-message."""
         attrs = _attributes(client_final, "client-final-message")
+        expected = self._gs2_header
+        if self._bound and self._binding is not None:
+            expected += self._binding
+        if attrs.get("c") != base64.b64encode(expected).decode():
+            raise ProtocolViolation("SCRAM channel binding check failed")
         if attrs.get("r") != self._full_nonce or "p" not in attrs:
             raise AuthenticationFailed("SCRAM client-final-message has a wrong nonce or no proof")
         without_proof = client_final[: client_final.rindex(b",p=")]

@@ -46,6 +46,109 @@ def test_scram_client_server_pair() -> None:
         server.server_final(final)
 
 
+BINDING = hashlib.sha256(b"the proxy's certificate").digest()
+
+
+def _exchange(client: auth.ScramClient, server: auth.ScramServer, mechanism: str | None = None) -> None:
+    final = client.client_final(server.server_first(client.client_first(), mechanism or client.mechanism))
+    client.verify_server_final(server.server_final(final))
+
+
+def test_scram_plus_binds_to_the_servers_certificate() -> None:
+    keys = auth.scram_keys("hunter2", salt=b"0123456789abcdef")
+    _exchange(
+        auth.ScramClient(password="hunter2", nonce="c", binding=BINDING),
+        auth.ScramServer(keys=keys, nonce="s", binding=BINDING),
+    )
+    # A man in the middle terminates TLS with its own certificate: the client binds to that one.
+    other = hashlib.sha256(b"another certificate").digest()
+    with pytest.raises(ProtocolViolation, match="channel binding check failed"):
+        _exchange(
+            auth.ScramClient(password="hunter2", nonce="c", binding=other),
+            auth.ScramServer(keys=keys, nonce="s", binding=BINDING),
+        )
+    # Plain SCRAM still works where -PLUS is offered, from a client that cannot bind (n,,).
+    _exchange(
+        auth.ScramClient(password="hunter2", nonce="c"),
+        auth.ScramServer(keys=keys, nonce="s", binding=BINDING),
+    )
+
+
+@pytest.mark.parametrize(
+    ("client", "mechanism", "server_binding", "error", "match"),
+    [
+        # It could bind, thinks the server cannot, and the server can: a downgrade.
+        (
+            auth.ScramClient(password="p", nonce="c", could_bind=True),
+            None,
+            BINDING,
+            ProtocolViolation,
+            "negotiation error",
+        ),
+        (
+            auth.ScramClient(password="p", nonce="c", binding=BINDING),
+            auth.SCRAM_SHA_256,
+            BINDING,
+            ProtocolViolation,
+            "includes channel binding data",
+        ),
+        (
+            auth.ScramClient(password="p", nonce="c"),
+            auth.SCRAM_SHA_256_PLUS,
+            BINDING,
+            ProtocolViolation,
+            "does not include",
+        ),
+        (
+            auth.ScramClient(password="p", nonce="c", binding=BINDING),
+            None,
+            None,
+            AuthenticationFailed,
+            "unsupported SASL mechanism",
+        ),
+    ],
+)
+def test_scram_server_refuses_what_postgresql_refuses(
+    client: auth.ScramClient,
+    mechanism: str | None,
+    server_binding: bytes | None,
+    error: type[Exception],
+    match: str,
+) -> None:
+    server = auth.ScramServer(
+        keys=auth.scram_keys("p", salt=b"0123456789abcdef"), nonce="s", binding=server_binding
+    )
+    with pytest.raises(error, match=match):
+        server.server_first(client.client_first(), mechanism or client.mechanism)
+
+
+@pytest.mark.parametrize(
+    ("first", "match"),
+    [
+        (b"p=tls-unique,,n=,r=c", "unsupported SCRAM channel-binding type"),
+        (b"n,a=admin,n=,r=c", "authorization identity"),
+        (b"x,,n=,r=c", "no channel-binding flag"),
+        (b"n;,n=,r=c", "malformed"),
+    ],
+)
+def test_scram_server_refuses_malformed_headers(first: bytes, match: str) -> None:
+    server = auth.ScramServer(keys=auth.scram_keys("p", salt=b"0123456789abcdef"), nonce="s", binding=BINDING)
+    mechanism = auth.SCRAM_SHA_256_PLUS if first.startswith(b"p") else auth.SCRAM_SHA_256
+    with pytest.raises(ProtocolViolation, match=match):
+        server.server_first(first, mechanism)
+
+
+def test_scram_server_checks_the_binding_field_of_a_plain_exchange() -> None:
+    """c= must repeat the client's own header even without binding data (RFC 5802)."""
+    keys = auth.scram_keys("p", salt=b"0123456789abcdef")
+    client = auth.ScramClient(password="p", nonce="c")
+    server = auth.ScramServer(keys=keys, nonce="s")
+    final = client.client_final(server.server_first(client.client_first()))
+    assert final.startswith(b"c=biws,")
+    with pytest.raises(ProtocolViolation, match="channel binding check failed"):
+        server.server_final(b"c=eSws" + final[len(b"c=biws") :])
+
+
 def test_scram_client_rejects_bad_server_messages() -> None:
     client = auth.ScramClient(password="p", nonce="abc")
     with pytest.raises(AuthenticationFailed, match="does not extend"):
