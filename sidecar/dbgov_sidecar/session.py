@@ -796,6 +796,8 @@ class Session:
                 self._affected_limit is not None or self._row_limit is not None
             ):
                 self._note_execution(msg, now)
+                if self._masked_attrs:  # its rows are checked for masked origins like any other
+                    self._origins.client(msg, self._syncs_sent + 1)
                 replacement = self._on_execute(msg)
                 if replacement is not None:  # a guarded write: the rest waits for its count
                     self._paused = True
@@ -1021,7 +1023,12 @@ class Session:
                     out.append(replacement)
                     continue
             if self._guard is not None:
-                replacement = self._on_guarded(msg, now) if replacement is None else replacement
+                masked_row = replacement  # a row masked above: counted and held like the rest
+                replacement = self._on_guarded(
+                    msg if masked_row is None else framing.Message(mtype, masked_row), now
+                )
+                if replacement is None:
+                    replacement = masked_row
             elif mtype in (messages.DATA_ROW, messages.COPY_DATA):
                 # A server's CopyData is a row of COPY ... TO STDOUT: held to the same limit.
                 dropped = self._on_data_row()

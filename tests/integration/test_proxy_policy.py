@@ -175,14 +175,16 @@ def test_the_tap_would_see_an_unmasked_canary(
 
 
 class MissesMasks:
-    """The real policy's mask list with an engine that forgot to mask: the proxy must catch it."""
+    """The real policy's mask list with an engine that forgot to mask: the proxy must catch it.
+    ``guardrails``: also maxRowsReturned / maxRowsAffected (the proxy then tracks every Execute)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, guardrails: bool = False) -> None:
         self._real = policies.load(str(POLICY))
         self.mask_targets = self._real.mask_targets  # type: ignore[attr-defined]
         self.mask_value = self._real.mask_value  # type: ignore[attr-defined]
         self.mode = "enforce"
-        self.max_rows_returned = None
+        self.max_rows_returned = 1000 if guardrails else None
+        self.max_rows_affected = 1000 if guardrails else None
 
     def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
         return None
@@ -191,10 +193,11 @@ class MissesMasks:
         return policy_port.SimpleDecision(verdict="allow", rule="oops", reason="engine missed a mask")
 
 
+@pytest.mark.parametrize("guardrails", [False, True])
 def test_unmasked_origin_is_masked_by_the_proxy(
-    governed: RunningProxy, make_proxy: Callable[..., RunningProxy]
+    governed: RunningProxy, make_proxy: Callable[..., RunningProxy], guardrails: bool
 ) -> None:
-    leaky = make_proxy(policy=MissesMasks())
+    leaky = make_proxy(policy=MissesMasks(guardrails=guardrails))
     tap = Tap(leaky.port)
     sql = "SELECT name, email, ssn, card_number, id FROM shop.customers WHERE id = %s"
     # What the engine's rewrite makes of the row in the database: the proxy must produce the same.
@@ -219,6 +222,14 @@ def test_unmasked_origin_is_masked_by_the_proxy(
             assert conn.execute("SELECT upper(email) FROM shop.customers WHERE id = 9001").fetchone() != (
                 None,
             )
+            # A write's RETURNING rows: with guardrails the proxy holds them until the write's
+            # count is known; masked ones are held in their place like the rest.
+            for prepare in (False, True):
+                returning = "UPDATE shop.customers SET name = name WHERE id = %s RETURNING email, name"
+                assert conn.execute(returning, [9001], prepare=prepare).fetchone() == masked_email
+            with conn.cursor() as cur:
+                cur.execute("UPDATE shop.customers SET name = name WHERE id = 9001 RETURNING email, name")
+                assert cur.fetchone() == masked_email
 
         async def with_asyncpg() -> None:
             import asyncpg
