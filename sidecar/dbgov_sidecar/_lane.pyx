@@ -356,6 +356,12 @@ cdef class Lane:
     cdef public int kind
     cdef readonly double started
     cdef object _sql  # the statement's text: a str, or a Query message (bytes) whose text is ASCII
+    cdef readonly bytes batch  # masked sessions: the client's messages of the batch in flight
+    cdef object _batch_statement
+    cdef int _described  # its Describe: 83 (statement), 80 (portal) or 0
+    cdef object _described_name
+    cdef object _masked_plain
+    cdef object _masked_batch
     cdef readonly object decision
     cdef readonly object statement
 
@@ -431,6 +437,8 @@ cdef class Lane:
         Py_ssize_t max_message,
         buckets,
         dict masked=None,
+        masked_plain=None,
+        masked_batch=None,
         Py_ssize_t hold=64,
         Py_ssize_t cache_size=4096,
     ):
@@ -453,9 +461,15 @@ cdef class Lane:
         self._portals = portals
         self._max_message = max_message
         # (table OID, attribute number) of masked columns: results showing one go to the session,
-        # which masks them; with any, only simple queries take the lane (the session tracks the
-        # extended protocol's statements and portals to know which rows a description covers).
+        # which masks them. The session tracks, per statement and portal, which result columns
+        # come from masked ones: ``masked_plain(name)`` says whether a prepared statement's rows
+        # need masking (then the session runs it), ``masked_batch(...)`` updates that tracking for
+        # a batch the lane ran, as reading its messages would have.
         self._masked = masked if masked else None
+        self._masked_plain = masked_plain
+        self._masked_batch = masked_batch
+        if self._masked is not None and (masked_plain is None or masked_batch is None):
+            raise ValueError("a lane with masked columns needs masked_plain and masked_batch")
         if len(buckets) > 64:
             raise ValueError("at most 64 latency buckets")
         self._nbuckets = len(buckets)
@@ -602,6 +616,7 @@ cdef class Lane:
         self.kind = IDLE
         self.armed = False
         self._sql = self.decision = self.statement = self._entry = None
+        self.batch = self._batch_statement = self._described_name = None
         return result
 
     # --- the shell's callbacks -----------------------------------------------------------
@@ -670,14 +685,12 @@ cdef class Lane:
         if current is not self._policy:
             return False
         cdef int t = p[0]
-        if self._masked is not None and t != 81:
-            return False
         if t == 81:  # Query
             return self._query(data, p, n, now)
         if t == 80:  # Parse
-            return self._batch(p, n, now, True)
+            return self._batch(data, p, n, now, True)
         if t == 66:  # Bind
-            return self._batch(p, n, now, False)
+            return self._batch(data, p, n, now, False)
         return False
 
     cdef bint _query(self, bytes data, const unsigned char* p, Py_ssize_t n, double now) except -1:
@@ -722,7 +735,7 @@ cdef class Lane:
         self.statement = None
         return True
 
-    cdef bint _batch(self, const unsigned char* p, Py_ssize_t n, double now, bint parse) except -1:
+    cdef bint _batch(self, bytes data, const unsigned char* p, Py_ssize_t n, double now, bint parse) except -1:
         """Parse + Bind + [Describe] + Execute + Sync (``parse``), or Bind + [Describe] + Execute
         + Sync; every message framed and decoded as strictly as the session's decoders do."""
         cdef Py_ssize_t pos = 0, end, length, i, count, q_end
@@ -803,6 +816,8 @@ cdef class Lane:
             i += 2
         pos = end
         # Describe of the portal or a statement, if any.
+        cdef int described = 0
+        described_name = None
         if n - pos >= 5 and p[pos] == 68:
             length = _i32(p + pos + 1)
             end = pos + 1 + length
@@ -810,6 +825,12 @@ cdef class Lane:
                 return False
             if memchr(p + pos + 6, 0, end - pos - 7) != NULL:
                 return False
+            described = p[pos + 5]
+            if self._masked is not None:
+                try:
+                    described_name = PyUnicode_DecodeUTF8(<const char*>p + pos + 6, end - pos - 7, "strict")
+                except UnicodeDecodeError:
+                    return False
             pos = end
         # Execute of the unnamed portal.
         if n - pos != 10 + 5 or p[pos] != 69 or _i32(p + pos + 1) != 9 or p[pos + 5] != 0:
@@ -832,7 +853,14 @@ cdef class Lane:
             entry = self._by_decision.get(id(statement.decision))
             if entry is None or entry.decision is not statement.decision:
                 return False
+            if self._masked is not None and not self._masked_plain(name):
+                return False  # its rows need masking by what an earlier Describe showed
         self._portals[""] = name
+        if self._masked is not None:  # for the session's column origins (``masked_batch``)
+            self.batch = data
+            self._batch_statement = name
+            self._described = described
+            self._described_name = described_name
         self.kind = PARSED if parse else PREPARED
         self._entry = entry
         self.started = now
@@ -860,6 +888,7 @@ cdef class Lane:
         cdef Py_ssize_t pos = 0, end, rows = 0, statement_rows = 0
         cdef int length, t, status = 0
         cdef bint tagged = False
+        cdef bint described = False  # a RowDescription or NoData answered a Describe
         cdef long long changed = 0, count
         cdef bint audit = self._log is not None or self._counters is not None
         while pos < n:
@@ -898,11 +927,14 @@ cdef class Lane:
             elif t == 84:  # RowDescription
                 if self._masked is not None and not self._plain_columns(p + pos + 5, length - 4):
                     return False
+                described = True
             elif t in (78, 83, 65):  # notices, ParameterStatus, notifications
                 pass
             elif t in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
                 if length != 4:
                     return False
+                if t == 110:
+                    described = True
             else:
                 return False
             pos = end
@@ -929,6 +961,11 @@ cdef class Lane:
         if status != self._status_told:  # (the session may have set it since: arm() forgets)
             self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
             self._status_told = status
+        if self.batch is not None:
+            self._masked_batch(
+                self.kind == PARSED, self._batch_statement, self._described if described else 0, self._described_name
+            )
+            self.batch = self._batch_statement = self._described_name = None
         self.kind = IDLE
         self._sql = self.decision = self.statement = self._entry = None
         return True

@@ -198,6 +198,13 @@ class _Shape:
         return self.source.resolve() if self.source is not None else ()
 
 
+def _split(batch: bytes) -> list[framing.Message]:
+    """The messages of a whole client batch the lane checked (every one complete and framed)."""
+    framer = framing.Framer(side="frontend", max_message_size=len(batch))
+    framer.feed(batch)
+    return framer.drain()[1]
+
+
 class _Origins:
     """Which result columns come straight from masked columns, per statement and portal.
 
@@ -388,6 +395,8 @@ class Session:
             max_message=self._config.max_message_size,
             buckets=metrics.BUCKETS,
             masked=self._masked_attrs,
+            masked_plain=self._lane_masked_plain,
+            masked_batch=self._lane_masked_batch,
         )
         self.arm_lane()
         return self.lane
@@ -448,16 +457,41 @@ class Session:
         if not lane.kind:
             lane.drain()  # what it finished is audited before anything the session audits
             return
+        messages_in_flight = lane.batch
         started, sql, decision, statement = lane.take()
         batch = statement is not None  # Parse/Bind … Execute, Sync rather than a Query
         if statement is None:
             statement = _Statement(sql=sql, decision=decision, verdict="allow")
         self._syncs_sent += 1
+        if messages_in_flight is not None:  # masked columns: track the batch's origins as read
+            for msg in _split(messages_in_flight):
+                if msg.type == messages.PARSE:
+                    self._origins.parsed(messages.decode_parse(msg.data).name)
+                elif msg.type in _TRACKED_CLIENT:
+                    self._origins.client(msg, self._syncs_sent)
         self._units.append(_Unit(started=started, statements=[statement]))
         if batch and (self._row_limit is not None or self._affected_limit is not None):
             if self._row_limit is not None:  # as _note_execution and _on_execute track an Execute
                 self._fetches.append(("", self._syncs_sent))
             self._executes.append((False, self._syncs_sent))
+
+    def _lane_masked_plain(self, name: str) -> bool:
+        """Whether rows of prepared statement ``name`` need no masking (as far as a Describe of
+        it showed), so the lane may run it in a session with masked columns."""
+        shape = self._origins.statements.get(name)
+        return shape is None or not shape.resolve()
+
+    def _lane_masked_batch(self, parsed: bool, name: str, described: int, described_name: str | None) -> None:
+        """The lane ran [Parse] + Bind + [Describe] + Execute + Sync (unnamed portal; ``name``
+        the statement) and its answer showed no masked column: the column origins become what
+        reading those messages and that answer would have made them."""
+        origins = self._origins
+        if parsed:
+            origins.parsed("")
+        origins.portals[""] = _Shape(origins.statements.get(name))
+        if described and described_name is not None:
+            table = origins.statements if described == ord("S") else origins.portals
+            table.setdefault(described_name, _Shape()).hits = ()
 
     def _teach_lane(self, sql: str, statement: _Statement, *, exact: bool) -> None:
         """An allowed statement the lane may take next time: its shape (``exact``: its text) when

@@ -55,12 +55,14 @@ def select(aid: int) -> str:
     return f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"
 
 
-def extended(sql: str, *params: bytes, name: str = "", parse: bool = True) -> bytes:
+def extended(
+    sql: str, *params: bytes, name: str = "", parse: bool = True, describe: str | None = "P"
+) -> bytes:
     head = messages.parse(name, sql) if parse else b""
     return (
         head
         + messages.bind("", name, list(params), param_formats=[0], result_formats=[0])
-        + messages.describe("P", "")
+        + (messages.describe(describe, "" if describe == "P" else name) if describe else b"")
         + messages.execute("", 0)
         + messages.SYNC_MESSAGE
     )
@@ -103,6 +105,18 @@ def _client(name: str, n: int) -> bytes:
         )
     if name == "prepared":
         return extended("", str(n).encode(), name="P0_1", parse=False)
+    if name == "undescribed":  # no Describe: rows without a RowDescription
+        return extended(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1", str(n).encode(), describe=None
+        )
+    if name == "prepare-secret":  # described as a statement: its second column is a masked one
+        return (
+            messages.parse("P0_2", "SELECT aid, filler FROM pgbench_accounts WHERE aid = $1")
+            + messages.describe("S", "P0_2")
+            + messages.SYNC_MESSAGE
+        )
+    if name == "prepared-secret":  # executed without a Describe: the rows need masking all the same
+        return extended("", str(n).encode(), name="P0_2", parse=False, describe=None)
     if name == "unprepared":
         return extended("", b"1", name="nope", parse=False)
     if name == "pipelined":
@@ -132,6 +146,19 @@ def _server(name: str) -> bytes:
         "extended": messages.PARSE_COMPLETE_MESSAGE + messages.BIND_COMPLETE_MESSAGE + ROWS + Z["I"],
         "bound": messages.BIND_COMPLETE_MESSAGE + ROWS + Z["I"],
         "parsed": messages.PARSE_COMPLETE_MESSAGE + Z["I"],
+        "parsed-secret": messages.PARSE_COMPLETE_MESSAGE
+        + b"t\0\0\0\x0a\0\x01\0\0\0\x17"  # ParameterDescription: one int4
+        + messages.row_description([FIELD, SECRET])
+        + Z["I"],
+        "bound-secret": messages.BIND_COMPLETE_MESSAGE
+        + messages.data_row([b"1", b"hunter2"])
+        + messages.command_complete("SELECT 1")
+        + Z["I"],
+        "undescribed": messages.PARSE_COMPLETE_MESSAGE
+        + messages.BIND_COMPLETE_MESSAGE
+        + messages.data_row([b"-4321"])
+        + messages.command_complete("SELECT 1")
+        + Z["I"],
         "error": messages.error_response(code="22012", message="division by zero") + Z["E"],
         "notice": messages.notice_response(code="01000", message="hi") + ROWS + Z["I"],
         "status": ROWS + messages.parameter_status("TimeZone", "UTC") + Z["I"],
@@ -147,11 +174,11 @@ def _server(name: str) -> bytes:
 CLIENT_NAMES = [
     *("select", "update", "begin", "end", "drop", "new-shape", "set", "extended", "prepare"),
     *("prepared", "unprepared", "pipelined", "bad", "not-utf8", "extended2", "rebind", "unicode", "filler"),
-    "range",
+    *("range", "undescribed", "prepare-secret", "prepared-secret"),
 ]
 SERVER_NAMES = [
     *("rows", "rows-in-block", "update", "begin", "commit", "extended", "bound", "parsed", "error", "secret"),
-    "many",
+    *("many", "parsed-secret", "bound-secret", "undescribed"),
     *("notice", "status", "set", "two", "partial", "suspended", "empty", "bad-Z"),
 ]
 # The usual answer to each request (most steps), so the lane sees real steady states.
@@ -171,6 +198,9 @@ USUAL = {
     "rebind": "bound",
     "prepare": "parsed",
     "prepared": "bound",
+    "undescribed": "undescribed",
+    "prepare-secret": "parsed-secret",
+    "prepared-secret": "bound-secret",
     "unprepared": "error",
     "pipelined": "two",
     "bad": "empty",
@@ -283,6 +313,7 @@ class Harness:
             "txn": s.txn_status,
             "prepared": {name: (st.sql, st.verdict) for name, st in s._prepared.items()},
             "portals": dict(s._portal_statements),
+            "origins": _origins(s),
             "idle": s.idle,
         }
 
@@ -299,6 +330,23 @@ def _holder(tmp: Path, text: str = POLICY) -> policies.PolicyHolder:
     path = tmp / "policy.yaml"
     path.write_text(text)
     return policies.PolicyHolder(str(path))
+
+
+def _origins(s: session.Session) -> dict[str, Any]:
+    """The session's column-origin tracking, comparable (hit positions, not their maskers)."""
+    o = s._origins
+
+    def shape(x: Any) -> Any:
+        return None if x is None else (x.hits is None, [i for i, _ in x.resolve()])
+
+    return {
+        "statements": {k: shape(v) for k, v in o.statements.items()},
+        "portals": {k: shape(v) for k, v in o.portals.items()},
+        # Sync numbers relative to the answers done (the lane counts neither for what it runs).
+        "describes": [(shape(x), n - s._syncs_done) for x, n in o.describes],
+        "executes": [(shape(x), n - s._syncs_done) for x, n in o.executes],
+        "simple": [i for i, _ in o.simple],
+    }
 
 
 def _run(
@@ -590,9 +638,7 @@ def test_templates_read_pgbench_statements() -> None:
     assert session._lane.template("SELECT 1 -- 2") is None
 
 
-def test_with_masked_columns_the_lane_takes_only_simple_queries_that_show_none(
-    fixed_ids: None, tmp_path: Path
-) -> None:
+def test_with_masked_columns_the_lane_takes_only_what_shows_none(fixed_ids: None, tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     h = Harness(holder, lane=True, masked=True)
     for step in range(2):
@@ -611,12 +657,22 @@ def test_with_masked_columns_the_lane_takes_only_simple_queries_that_show_none(
     assert h.counters.lane_statements == 1
     h.log.flush()
     assert any('"warning":"masked column arrived unmasked"' in line for line in h.lines)
-    h.conn.data_received(_client("extended", 5))  # extended batches stay with the session
-    h.conn.upstream.data_received(_server("extended"))
-    h.conn.data_received(_client("extended", 6))
-    h.conn.upstream.data_received(_server("extended"))
+    for step in range(3):  # an extended batch, learned on its second sight, taken on its third
+        h.conn.data_received(_client("extended", 5 + step))
+        h.conn.upstream.data_received(_server("extended"))
     h.counters.render()
-    assert h.counters.lane_statements == 1
+    assert h.counters.lane_statements == 2
+    # A prepared statement whose Describe showed a masked column: its rows need masking even
+    # without a RowDescription, so the session runs every execution of it.
+    h.conn.data_received(_client("prepare-secret", 0))
+    h.conn.upstream.data_received(_server("parsed-secret"))
+    h.client.data.clear()
+    for step in range(3):
+        h.conn.data_received(_client("prepared-secret", step))
+        h.conn.upstream.data_received(_server("bound-secret"))
+    assert b"hunter2" not in h.client.data and h.client.data.count(b"D\0") == 3
+    h.counters.render()
+    assert h.counters.lane_statements == 2
 
 
 @settings(max_examples=2000, deadline=None)
@@ -779,3 +835,28 @@ def test_the_lane_never_writes_to_the_socket_of_a_closed_transport() -> None:
         theirs.close()
         reused.close()
         other.close()
+
+
+@pytest.mark.parametrize("lane", [False, True])
+def test_masked_rows_of_a_guarded_write_are_masked_and_count_toward_the_limits(
+    fixed_ids: None, tmp_path: Path, lane: bool
+) -> None:
+    """A write under maxRowsAffected runs guarded; rows whose origin is a masked column reach the
+    client masked, in order, and counted against maxRowsReturned like any other (they used to
+    bypass the guard: all forwarded, uncounted, ahead of its verdict)."""
+    h = Harness(_holder(tmp_path, LIMITED), lane=lane, masked=True)
+    h.conn.data_received(
+        messages.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid < 9 RETURNING filler;")
+    )
+    assert h.upstream_sink.data.startswith(messages.query("BEGIN"))
+    h.conn.upstream.data_received(messages.command_complete("BEGIN") + Z["T"])
+    rows = messages.data_row([b"hunter2"]) * 7
+    h.conn.upstream.data_received(
+        messages.row_description([SECRET]) + rows + messages.command_complete("UPDATE 7") + Z["T"]
+    )
+    assert h.upstream_sink.data.endswith(messages.query("ROLLBACK"))
+    h.conn.upstream.data_received(messages.command_complete("ROLLBACK") + Z["I"])
+    sent = bytes(h.client.data)
+    assert b"hunter2" not in sent
+    assert sent.count(messages.data_row([None])) == 2 and b"maxRowsReturned" in sent
+    assert sent.endswith(Z["I"])
