@@ -27,6 +27,7 @@ class Lane:
     kind: int
     started: float
     sql: str | None
+    batch: bytes | None
     decision: Any
     statement: Any
     def __init__(
@@ -45,6 +46,8 @@ class Lane:
         max_message: int,
         buckets: Sequence[float],
         masked: dict[tuple[int, int], str] | None = ...,
+        masked_plain: Callable[[str], bool] | None = ...,
+        masked_batch: Callable[[bool, str, int, str | None], None] | None = ...,
         hold: int = ...,
         cache_size: int = ...,
     ) -> None: ...
