@@ -28,6 +28,9 @@ class SessionContext:
 
     names: verdicts.Names = dataclasses.field(default_factory=verdicts.Names)
     search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    columns: mask.Columns = dataclasses.field(default_factory=dict)
+    """Columns of masked tables, in order, as the catalog of this session's database has them:
+    masking subqueries then name them, which lets PostgreSQL use the table's indexes."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class Engine:
             self.stats.hits += 1
             if entry.template is None:
                 return entry.decision
-            rewritten = mask.rewrite_like(sql, entry.template, self.policy)
+            rewritten = mask.rewrite_like(sql, entry.template, self.policy, ctx.columns)
             if rewritten is not None:
                 return dataclasses.replace(entry.decision, rewritten=rewritten)
             return self._with_rewrite(sql, ctx, entry.decision)
@@ -140,7 +143,7 @@ class Engine:
             ctx.names, prepared=set(ctx.names.prepared), cursors=set(ctx.names.cursors)
         )
         decision, refs = verdicts.decide(self.policy, analysis, known=known, fingerprint=fingerprint)
-        decision, template = self._rewrite(sql, decision, refs)
+        decision, template = self._rewrite(sql, decision, refs, ctx.columns)
         if decision.verdict in {"allow", "mask"} or self.policy.mode == "dry-run":
             self._apply_effects(analysis, ctx)
         stateful = any(
@@ -150,12 +153,12 @@ class Engine:
         return decision, template, cacheable
 
     def _rewrite(
-        self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef]
+        self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef], columns: mask.Columns
     ) -> tuple[verdicts.Decision, mask.Template | None]:
         if not refs or decision.verdict not in {"mask", "approve"}:
             return decision, None
         try:
-            rewritten, template = mask.rewrite(sql, refs, self.policy)
+            rewritten, template = mask.rewrite(sql, refs, self.policy, columns)
         except mask.RewriteError as err:
             blocked = dataclasses.replace(
                 decision,
@@ -174,7 +177,7 @@ class Engine:
         refs = [
             ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
         ]
-        return self._rewrite(sql, cached, refs)[0]
+        return self._rewrite(sql, cached, refs, ctx.columns)[0]
 
     def _apply_effects(self, analysis: analyze.Analysis, ctx: SessionContext) -> None:
         for unit in analysis.units:

@@ -13,6 +13,16 @@ table's row type exactly, without needing the catalog. Mask expressions keep the
 length (so varchar(n) and char(n) still fit) and yield NULL for non-text columns, which is
 valid for every type.
 
+When the session knows the table's columns (the proxy reads them from the catalog at login),
+the subquery names them instead:
+
+    (SELECT src.id, src.name, (jsonb_populate_record(src, jsonb_build_object('ssn', <mask>))).ssn
+       AS ssn FROM ONLY public.customers AS src) c
+
+The masked column keeps its type the same way, and every other column is a plain column of the
+table, so PostgreSQL flattens the subquery: a `WHERE id = 5` uses the index on `id` instead of
+masking every row of the table first (which the form above makes it do).
+
 Splicing works on UTF-8 bytes because libpg_query reports byte offsets.
 """
 
@@ -22,7 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pglast import parser as pg_parser
 
@@ -110,12 +120,33 @@ def mask_text(mask: model.Mask, text: str, *, key: str) -> str | None:
     return "*" * n  # redact
 
 
-def masking_subquery(rel: model.QualifiedName, masks: Sequence[model.Mask], *, only: bool, key: str) -> str:
+def masking_subquery(
+    rel: model.QualifiedName,
+    masks: Sequence[model.Mask],
+    *,
+    only: bool,
+    key: str,
+    columns: Sequence[str] | None = None,
+) -> str:
+    """The subquery that stands for ``rel``; ``columns``, the table's columns in order when the
+    catalog is known, make it one PostgreSQL flattens (see the module docstring)."""
+    source = f"{'ONLY ' if only else ''}{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
+    masked = {m.column: m for m in masks}
+    if columns is not None and masked.keys() <= set(columns):
+        fields = []
+        for column in columns:
+            mask = masked.get(column)
+            if mask is None:
+                fields.append(f"{SRC}.{quote_ident(column)}")
+                continue
+            value = mask_expression(mask, f"{SRC}.{quote_ident(column)}", key=key)
+            record = f"pg_catalog.jsonb_populate_record({SRC}, pg_catalog.jsonb_build_object({quote_literal(column)}, {value}))"
+            fields.append(f"({record}).{quote_ident(column)} AS {quote_ident(column)}")
+        return f"(SELECT {', '.join(fields)} FROM {source} AS {SRC})"
     pairs = ", ".join(
         f"{quote_literal(m.column)}, {mask_expression(m, f'{SRC}.{quote_ident(m.column)}', key=key)}"
         for m in masks
     )
-    source = f"{'ONLY ' if only else ''}{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
     return (
         f"(SELECT {OUT}.* FROM {source} AS {SRC} CROSS JOIN LATERAL "
         f"pg_catalog.jsonb_populate_record({SRC}, pg_catalog.jsonb_build_object({pairs})) AS {OUT})"
@@ -188,7 +219,13 @@ class Template:
     slots: tuple[tuple[int, analyze.ReadRef], ...]
 
 
-def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy) -> tuple[str, Template]:
+Columns = Mapping[model.QualifiedName, tuple[str, ...]]
+"""The known columns of tables, in order (from the catalog)."""
+
+
+def rewrite(
+    sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy, columns: Columns | None = None
+) -> tuple[str, Template]:
     """`sql` with every masked-table reference in `refs` replaced by its masking subquery."""
     tokens = _code_tokens(sql)
     starts = {t.start: i for i, t in enumerate(tokens)}
@@ -201,7 +238,7 @@ def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPol
         if ref.location not in starts:
             raise RewriteError(f"no token starts at byte {ref.location}")
         slots.append((starts[ref.location], ref))
-    out_text = _splice(sql, tokens, slots, policy)
+    out_text = _splice(sql, tokens, slots, policy, columns)
     try:
         if len(pg_parser.split(out_text)) != len(pg_parser.split(sql)):
             raise RewriteError("the rewrite changed the number of statements")
@@ -210,12 +247,14 @@ def rewrite(sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPol
     return out_text, Template(token_names=tuple(t.name for t in tokens), slots=tuple(slots))
 
 
-def rewrite_like(sql: str, template: Template, policy: model.CompiledPolicy) -> str | None:
+def rewrite_like(
+    sql: str, template: Template, policy: model.CompiledPolicy, columns: Columns | None = None
+) -> str | None:
     """Rewrite `sql` at the template's positions; None when its tokens are not the same shape."""
     tokens = _code_tokens(sql)
     if tuple(t.name for t in tokens) != template.token_names:
         return None
-    return _splice(sql, tokens, template.slots, policy)
+    return _splice(sql, tokens, template.slots, policy, columns)
 
 
 def _splice(
@@ -223,11 +262,13 @@ def _splice(
     tokens: Sequence[pg_parser.Token],
     slots: Sequence[tuple[int, analyze.ReadRef]],
     policy: model.CompiledPolicy,
+    columns: Columns | None = None,
 ) -> str:
     data = sql.encode()
     splices: list[tuple[int, int, bytes]] = []
     for idx, ref in slots:
-        sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key)
+        known = None if columns is None else columns.get(ref.rel)
+        sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key, known)
         if ref.copy_columns is not None:
             cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
             text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
@@ -248,5 +289,11 @@ def _splice(
 
 
 @functools.lru_cache(maxsize=256)
-def _subquery_for(rel: model.QualifiedName, masks: tuple[model.Mask, ...], only: bool, key: str) -> str:
-    return masking_subquery(rel, masks, only=only, key=key)
+def _subquery_for(
+    rel: model.QualifiedName,
+    masks: tuple[model.Mask, ...],
+    only: bool,
+    key: str,
+    columns: tuple[str, ...] | None,
+) -> str:
+    return masking_subquery(rel, masks, only=only, key=key, columns=columns)

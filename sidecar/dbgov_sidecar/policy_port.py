@@ -7,10 +7,11 @@ used where no policy is configured (tests, benchmarks of the bare proxy). Both a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbgov_policy import engine, mask
+from dbgov_policy import engine, mask, model
 
 
 class Decision(Protocol):
@@ -36,6 +37,10 @@ class Decision(Protocol):
     def statements(self) -> tuple[Any, ...]: ...
 
 
+TableColumns = Mapping[tuple[str, str], tuple[str, ...]]
+"""(schema, table) -> the table's columns in order, from the catalog."""
+
+
 class Policy(Protocol):
     """A loaded policy: decides statements for one session context at a time."""
 
@@ -51,8 +56,11 @@ class Policy(Protocol):
     def max_rows_affected(self) -> int | None:
         """Roll back and refuse writes that change more rows than this (None: no limit)."""
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
-        """Per-session state the engine keeps (prepared statement and cursor names, search_path)."""
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+    ) -> object:
+        """Per-session state the engine keeps (prepared statement and cursor names, search_path);
+        ``columns``: the columns of masked tables in the session's database, in order."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -84,7 +92,9 @@ class AllowAll:
     max_rows_affected: int | None = None
     mask_targets: tuple[tuple[str, str, str], ...] = ()
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+    ) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> Decision:
@@ -105,7 +115,9 @@ class RefuseAll:
             verdict="block", rule="no-policy", reason=reason, hint=hint, sqlstate="42501"
         )
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+    ) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> Decision:
@@ -147,10 +159,15 @@ class EnginePolicy:
     def max_rows_affected(self) -> int | None:
         return self._max_rows_affected
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
-        if search_path is None:
-            return engine.SessionContext()
-        return engine.SessionContext(search_path=search_path)
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+    ) -> object:
+        ctx = (
+            engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
+        )
+        if columns:
+            ctx.columns = {model.QualifiedName(schema=s, name=t): names for (s, t), names in columns.items()}
+        return ctx
 
     def decide(self, sql: str, context: object) -> Decision:
         assert isinstance(context, engine.SessionContext)

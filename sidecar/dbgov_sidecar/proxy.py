@@ -422,18 +422,26 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.stats["upstream_errors"] += 1
             reason = str(err) or type(err).__name__
             self.session.upstream_failed(error=None, reason=reason)
+        except Exception:  # a bug: the client gets a FATAL at once, not a silent hang
+            self._internal_error()
+            return
         else:
             if self._closed:
                 up.close()
                 return
             self.upstream = up
-            self.session.upstream_ready(
-                parameter_status=up.login_state.parameter_status,
-                notices=up.login_state.notices,
-                now=time.time(),
-                masked_attrs=up.masked_attrs,
-                search_path=up.login_state.search_path,
-            )
+            try:
+                self.session.upstream_ready(
+                    parameter_status=up.login_state.parameter_status,
+                    notices=up.login_state.notices,
+                    now=time.time(),
+                    masked_attrs=up.masked_attrs,
+                    table_columns=up.table_columns,
+                    search_path=up.login_state.search_path,
+                )
+            except Exception:
+                self._internal_error()
+                return
             self.upstream_key = up.login_state.backend_key
             up.start_relay()
         self.pump()
@@ -506,29 +514,41 @@ class ClientConnection(asyncio.Protocol):
                 reply = state.on_message(await up.read_message())
                 if reply:
                     up.write(reply)
-            up.masked_attrs = await self._masked_attributes(up)
+            up.masked_attrs, up.table_columns = await self._masked_attributes(up)
         except BaseException:
             up.close()
             raise
         return up
 
-    async def _masked_attributes(self, up: UpstreamConnection) -> dict[tuple[int, int], str]:
-        """(table OID, attnum) → name of every masked column, looked up on the new connection."""
+    async def _masked_attributes(
+        self, up: UpstreamConnection
+    ) -> tuple[dict[tuple[int, int], str], dict[tuple[str, str], tuple[str, ...]]]:
+        """Looked up on the new connection: (table OID, attnum) → name of every masked column,
+        and (schema, table) → every column of each masked table, in order."""
         targets = getattr(self.proxy.policy(), "mask_targets", ())
         if not targets:
-            return {}
-        up.write(messages.query(masked_columns_query(targets)))
+            return {}, {}
+        up.write(messages.query(masked_columns_query(targets) + "; " + table_columns_query(targets)))
         found: dict[tuple[int, int], str] = {}
+        columns: dict[tuple[str, str], list[str]] = {}
+        results = 0
         while True:
             msg = await up.read_message()
             if msg.type == messages.DATA_ROW:
-                oid, attnum, name = messages.decode_data_row(msg.data)
-                if oid is not None and attnum is not None and name is not None:
-                    found[(int(oid), int(attnum))] = name.decode()
+                row = messages.decode_data_row(msg.data)
+                if results == 0 and len(row) == 3 and None not in row:
+                    oid, attnum, name = row
+                    found[(int(oid), int(attnum))] = name.decode()  # type: ignore[union-attr, arg-type]
+                elif results == 1 and len(row) == 3 and None not in row:
+                    schema, table, column = (v.decode() for v in row)  # type: ignore[union-attr]
+                    columns.setdefault((schema, table), []).append(column)
+            elif msg.type == messages.COMMAND_COMPLETE:
+                results += 1
             elif msg.type == messages.ERROR_RESPONSE:
                 log.warning("masked column lookup failed: %s", messages.decode_fields(msg.data).get("M"))
+                columns.clear()  # (names them only when the whole list is known)
             elif msg.type == messages.READY_FOR_QUERY:
-                return found
+                return found, {table: tuple(names) for table, names in columns.items()}
 
     def close(self, reason: str) -> None:
         """Close both sides (idempotent)."""
@@ -607,6 +627,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._expect_ssl_answer = False
         self._lost: Exception | None = None
         self.masked_attrs: dict[tuple[int, int], str] = {}
+        self.table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -696,6 +717,20 @@ def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
         "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE NOT a.attisdropped AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
+    )
+
+
+def table_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
+    """Catalog query: schema, table and name of every column of the targets' tables, in order."""
+    lit = session.sql_literal
+    rows = ", ".join(sorted({f"({lit(a)}, {lit(b)})" for a, b, _ in targets}))
+    return (
+        "SELECT n.nspname, c.relname, a.attname "
+        "FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE a.attnum > 0 AND NOT a.attisdropped AND (n.nspname, c.relname) IN (VALUES {rows}) "
+        "ORDER BY n.nspname, c.relname, a.attnum"
     )
 
 

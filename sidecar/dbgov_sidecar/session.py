@@ -322,6 +322,7 @@ class Session:
         """The kind of policy ``_context`` was made by: another kind (the policy file arrived
         while every statement was refused) needs a context of its own."""
         self._search_path: tuple[str, ...] | None = None
+        self._table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._binding: bytes | None = None
@@ -597,14 +598,18 @@ class Session:
         now: float,
         masked_attrs: Mapping[tuple[int, int], str] | None = None,
         search_path: tuple[str, ...] | None = None,
+        table_columns: policy_port.TableColumns | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
         ``masked_attrs`` maps (table OID, attribute number) of every masked column to its name:
         a result column with that origin must never reach the client unmasked. ``search_path``
         is the session's effective search_path, which the policy resolves unqualified names with.
+        ``table_columns``: the columns of the masked tables, which lets masking rewrites name
+        them (and PostgreSQL use the tables' indexes).
         """
         self._masked_attrs = dict(masked_attrs or {})
+        self._table_columns = dict(table_columns or {})
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
         for raw in parameter_status:
@@ -1002,7 +1007,7 @@ class Session:
     def _new_context(self, policy: policy_port.Policy) -> None:
         """A fresh context for ``policy``: at login, or when a policy of another kind takes over
         (a reload of the same kind keeps the context, and with it the session's names)."""
-        self._context = policy.new_context(search_path=self._search_path)
+        self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns)
         self._context_kind = type(policy)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:

@@ -32,7 +32,7 @@ class RulesPolicy:
         self.mode = mode
         self.decided: list[str] = []
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:

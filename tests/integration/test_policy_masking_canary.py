@@ -77,6 +77,26 @@ def canary_db(pg_server: pg.PgServer) -> Iterator[str]:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="module")
+def catalog(canary_db: str) -> dict[Any, tuple[str, ...]]:
+    """The masked tables' columns as the proxy reads them at login (its own catalog query)."""
+    from dbgov_policy import model
+    from dbgov_sidecar import proxy
+
+    targets = tuple((rel.schema, rel.name, "") for rel in sorted(POLICY.masked_tables, key=str))
+    columns: dict[Any, list[str]] = {}
+    with psycopg.connect(canary_db) as conn:
+        for schema, table, column in conn.execute(proxy.table_columns_query(targets)).fetchall():
+            columns.setdefault(model.QualifiedName(schema=schema, name=table), []).append(column)
+    assert columns
+    return {rel: tuple(names) for rel, names in columns.items()}
+
+
+def _decide(sql: str, columns: dict[Any, tuple[str, ...]] | None) -> Any:
+    """The engine's decision, as a session that knows the catalog (``columns``) or not."""
+    return engine.Engine(POLICY).decide(sql, session=engine.SessionContext(columns=columns or {}))
+
+
 def _masking_statements() -> list[str]:
     cases = yaml.safe_load((POLICY_DIR / "cases" / "masking.yaml").read_text())
     return [c["sql"] for c in cases if c["d"] == "mask"] + list(EXTRA_ATTACKS)
@@ -117,9 +137,12 @@ def test_canaries_are_really_there(canary_db: str) -> None:
     assert all(c in out for c in CANARIES)
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["no-catalog", "catalog"])
 @pytest.mark.parametrize("sql", _masking_statements())
-def test_no_canary_survives_the_rewrite(canary_db: str, sql: str) -> None:
-    decision = engine.Engine(POLICY).decide(sql)
+def test_no_canary_survives_the_rewrite(
+    canary_db: str, catalog: dict[Any, tuple[str, ...]], sql: str, known: bool
+) -> None:
+    decision = _decide(sql, catalog if known else None)
     if decision.verdict == "block":
         pytest.fail(f"expected a rewrite, got a block: {decision.reason}")
     assert decision.verdict == "mask", decision.reason
@@ -136,13 +159,14 @@ def test_no_canary_survives_the_rewrite(canary_db: str, sql: str) -> None:
     assert not leaked, f"{leaked} leaked through {decision.rewritten[:200]}...\n{out[:2000]}"
 
 
-def test_masked_values_keep_the_column_types(canary_db: str) -> None:
+@pytest.mark.parametrize("known", [False, True], ids=["no-catalog", "catalog"])
+def test_masked_values_keep_the_column_types(
+    canary_db: str, catalog: dict[Any, tuple[str, ...]], known: bool
+) -> None:
     """Masks fit varchar(n)/char(n) and keep the partial strategy's tail."""
-    sql = (
-        engine.Engine(POLICY)
-        .decide("SELECT email, ssn, card_number, phone FROM customers WHERE id = 3")
-        .rewritten
-    )
+    sql = _decide(
+        "SELECT email, ssn, card_number, phone FROM customers WHERE id = 3", catalog if known else None
+    ).rewritten
     assert sql is not None
     with psycopg.connect(canary_db) as conn:
         email, ssn, card, phone = conn.execute(sql).fetchone() or ()
@@ -152,9 +176,12 @@ def test_masked_values_keep_the_column_types(canary_db: str) -> None:
     assert phone and "PHONECANARY" not in phone and phone == phone.lower()
 
 
-def test_functions_shadowing_pg_catalog_cannot_unmask(canary_db: str) -> None:
+@pytest.mark.parametrize("known", [False, True], ids=["no-catalog", "catalog"])
+def test_functions_shadowing_pg_catalog_cannot_unmask(
+    canary_db: str, catalog: dict[Any, tuple[str, ...]], known: bool
+) -> None:
     """A schema searched before pg_catalog cannot swap in its own right(), substr() or ||."""
-    rewritten = engine.Engine(POLICY).decide("SELECT email, ssn, card_number FROM customers").rewritten
+    rewritten = _decide("SELECT email, ssn, card_number FROM customers", catalog if known else None).rewritten
     assert rewritten is not None
     with psycopg.connect(canary_db) as conn:
         conn.execute(
@@ -214,3 +241,31 @@ def test_the_proxy_masks_a_value_exactly_as_the_database_does(
             assert row is not None
             # char(n) pads; the rewrite reads the value as text (padding gone), so does the proxy
             assert mask.mask_text(rule, row[1], key=key) == row[0], (sample, column_type)
+
+
+def test_knowing_the_catalog_keeps_the_tables_indexes_usable(
+    canary_db: str, catalog: dict[Any, tuple[str, ...]]
+) -> None:
+    """Without the column list the masking subquery masks every row of the table before any
+    WHERE applies (a sequential scan, whatever the indexes); with it PostgreSQL flattens the
+    subquery and looks the row up by its key. Same rows, same masked values either way."""
+    sql = "SELECT id, name, email, ssn FROM customers WHERE id = 7"
+    blind, known = _decide(sql, None).rewritten, _decide(sql, catalog).rewritten
+    assert blind is not None and known is not None and "CROSS JOIN LATERAL" not in known
+    with psycopg.connect(canary_db) as conn:
+        conn.execute("SET enable_seqscan = off")  # the table is tiny: ask for the index where usable
+        plan_blind = "\n".join(r[0] for r in conn.execute("EXPLAIN " + blind).fetchall())
+        plan_known = "\n".join(r[0] for r in conn.execute("EXPLAIN " + known).fetchall())
+        assert "Index Scan using customers_pkey" in plan_known and "Index Cond" in plan_known
+        assert "Index Cond" not in plan_blind
+        rows_blind, rows_known = conn.execute(blind).fetchall(), conn.execute(known).fetchall()
+    assert rows_known == rows_blind and len(rows_known) == 1
+    assert not any(c in repr(rows_known) for c in CANARIES)
+    # A whole-row star keeps the table's column order and every column.
+    star = _decide("SELECT * FROM customers WHERE id = 7", catalog).rewritten
+    assert star is not None
+    with psycopg.connect(canary_db) as conn:
+        cur = conn.execute(star)
+        assert [d.name for d in cur.description or ()] == list(
+            catalog[next(iter(k for k in catalog if k.name == "customers"))]
+        )

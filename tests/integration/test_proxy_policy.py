@@ -186,7 +186,7 @@ class MissesMasks:
         self.max_rows_returned = 1000 if guardrails else None
         self.max_rows_affected = 1000 if guardrails else None
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None) -> object:
+    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:
