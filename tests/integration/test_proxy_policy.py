@@ -275,3 +275,21 @@ def test_startup_settings_follow_the_policy(governed: RunningProxy) -> None:
         asyncio.run(connect({"search_path": "evil"}))
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="standard_conforming_strings"):
         asyncio.run(connect({"standard_conforming_strings": "off"}))
+
+
+class BreaksAtLogin(MissesMasks):
+    """A policy with a bug that shows only once the upstream login is done."""
+
+    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
+        if columns:
+            raise RuntimeError("a bug in the policy")
+        return None
+
+
+def test_a_bug_after_the_upstream_login_fails_the_client_at_once(
+    governed: RunningProxy, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    """Not a client waiting for its connect timeout: a FATAL naming an internal error."""
+    broken = make_proxy(policy=BreaksAtLogin())
+    with pytest.raises(psycopg.OperationalError, match="internal error in the proxy"):
+        psycopg.connect(broken.dsn(), connect_timeout=20)
