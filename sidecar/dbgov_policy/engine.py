@@ -82,7 +82,12 @@ class Engine:
             rewritten = mask.rewrite_like(sql, entry.template, self.policy, ctx.columns)
             if rewritten is not None:
                 return dataclasses.replace(entry.decision, rewritten=rewritten)
-            return self._with_rewrite(sql, ctx, entry.decision)
+            # Same shape, other tokens (a $1 where the cached text had a constant): rewrite from
+            # the analysis, and keep this text's own template for the next time it comes.
+            decision, template = self._with_rewrite(sql, ctx, entry.decision)
+            if template is not None and decision.verdict == entry.decision.verdict:
+                self._remember_exact(exact, _Entry(decision=entry.decision, template=template))
+            return decision
         self.stats.misses += 1
         try:
             decision, template, cacheable = self._first_sight(sql, ctx)
@@ -172,12 +177,14 @@ class Engine:
             return blocked, None
         return dataclasses.replace(decision, rewritten=rewritten), template
 
-    def _with_rewrite(self, sql: str, ctx: SessionContext, cached: verdicts.Decision) -> verdicts.Decision:
+    def _with_rewrite(
+        self, sql: str, ctx: SessionContext, cached: verdicts.Decision
+    ) -> tuple[verdicts.Decision, mask.Template | None]:
         analysis = analyze.analyze(sql, search_path=ctx.search_path)
         refs = [
             ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
         ]
-        return self._rewrite(sql, cached, refs, ctx.columns)[0]
+        return self._rewrite(sql, cached, refs, ctx.columns)
 
     def _apply_effects(self, analysis: analyze.Analysis, ctx: SessionContext) -> None:
         for unit in analysis.units:

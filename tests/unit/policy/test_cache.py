@@ -51,3 +51,27 @@ def test_the_cache_is_bounded() -> None:
     for i in range(50):
         eng.decide(f"SELECT {'1, ' * i}1 FROM orders")
     assert len(eng._cache) == 10
+
+
+def test_a_text_whose_tokens_differ_from_its_cached_shape_gets_its_own_template(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`... = $1` and `... = 5` normalize alike, but the cached template (from the constant) does
+    not fit the parameter's tokens: the first time is analyzed afresh, and from then on that
+    text is rewritten from its own template, with the same result as a fresh analysis."""
+    from dbgov_policy import analyze
+
+    cached = engine.Engine(POLICY)
+    assert cached.decide("SELECT ssn FROM customers WHERE id = 5").verdict == "mask"
+    analyses: list[str] = []
+    real = analyze.analyze
+    monkeypatch.setattr(analyze, "analyze", lambda sql, **kw: analyses.append(sql) or real(sql, **kw))
+    param = "SELECT ssn FROM customers WHERE id = $1"
+    first = cached.decide(param)
+    assert len(analyses) == 1
+    for _ in range(3):
+        again = cached.decide(param)
+        assert again.rewritten == first.rewritten
+    assert len(analyses) == 1
+    fresh = engine.Engine(POLICY).decide(param)
+    assert (first.verdict, first.rule, first.rewritten) == (fresh.verdict, fresh.rule, fresh.rewritten)
