@@ -1639,6 +1639,7 @@ def refusal_error(decision: policy_port.Decision) -> bytes:
 
 
 _DECISION_SEGMENTS: dict[int, tuple[policy_port.Decision, audit.Segment]] = {}
+_REWRITE_SEGMENTS: dict[int, tuple[policy_port.Decision, audit.Segment]] = {}
 
 
 def _decision_segment(decision: policy_port.Decision) -> audit.Segment:
@@ -1648,6 +1649,13 @@ def _decision_segment(decision: policy_port.Decision) -> audit.Segment:
     if cached is not None and cached[0] is decision:
         return cached[1]
     infos = decision.statements
+    # A mask decision is a new object per text (the cached decision with that text's rewrite),
+    # whose audit fields are the cached decision's: memoized by the analysis it shares.
+    shared = decision.rewritten is not None and bool(infos)
+    if shared:
+        cached = _REWRITE_SEGMENTS.get(id(infos))
+        if cached is not None and _same_audit_fields(cached[0], decision):
+            return cached[1]
     segment = audit.Segment(
         {
             "fingerprint": decision.fingerprint,
@@ -1660,10 +1668,22 @@ def _decision_segment(decision: policy_port.Decision) -> audit.Segment:
             "masked_columns": list(decision.masked_columns),
         }
     )
-    if len(_DECISION_SEGMENTS) >= 4096:
-        _DECISION_SEGMENTS.clear()
-    _DECISION_SEGMENTS[id(decision)] = (decision, segment)
+    memo = _REWRITE_SEGMENTS if shared else _DECISION_SEGMENTS
+    if len(memo) >= 4096:
+        memo.clear()
+    memo[id(infos) if shared else id(decision)] = (decision, segment)
     return segment
+
+
+def _same_audit_fields(a: policy_port.Decision, b: policy_port.Decision) -> bool:
+    return (
+        a.statements is b.statements
+        and a.verdict == b.verdict
+        and a.rule == b.rule
+        and a.reason == b.reason
+        and a.fingerprint == b.fingerprint
+        and a.masked_columns == b.masked_columns
+    )
 
 
 def sql_literal(text: str) -> str:

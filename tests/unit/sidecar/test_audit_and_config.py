@@ -235,3 +235,29 @@ def test_an_upstream_sslkey_without_sslcert_is_ignored_like_libpq() -> None:
     up = config.upstream_config(config.Settings(upstream="postgresql://app@db.example/shop?sslkey=/k.pem"))
     assert (up.sslcert, up.sslkey) == (None, "/k.pem")
     proxy.Proxy(proxy.ProxyConfig(upstream=up), policy=policy_port.AllowAll)  # builds its TLS context
+
+
+def test_mask_decisions_of_one_shape_share_their_audit_fields() -> None:
+    """Each text of a masked shape gets its own decision object (its own rewrite); the audit
+    fields, which do not include the rewrite, are encoded once for all of them, and a decision
+    that differs in any audited field gets its own."""
+    import dataclasses
+    from pathlib import Path
+
+    from dbgov_policy import compile as policy_compile
+    from dbgov_policy import engine
+
+    text = (Path(__file__).resolve().parents[1] / "policy" / "policy.yaml").read_text()
+    decide = engine.Engine(policy_compile.load_policy_text(text)).decide
+    decide("SELECT ssn FROM customers WHERE id = 1")
+    first, second = (
+        decide("SELECT ssn FROM customers WHERE id = 2"),
+        decide("SELECT ssn FROM customers WHERE id = 3"),
+    )
+    assert first.verdict == "mask" and first is not second and first.rewritten != second.rewritten
+    segment = session._decision_segment(first)
+    assert session._decision_segment(second) is segment
+    assert segment.fields["decision"] == "mask" and segment.fields["masked_columns"]
+    for change in ({"rule": "other-rule"}, {"reason": "another reason"}, {"verdict": "block"}):
+        other = session._decision_segment(dataclasses.replace(second, **change))
+        assert other is not segment and other.text != segment.text
