@@ -36,9 +36,16 @@ PG_TLS_ENV = {
 }
 """The app's libpq TLS variables, and the DBGOV_UPSTREAM query parameter each becomes (the modes
 first: a value from a Secret is put in the URL unescaped, and may cut off what follows it)."""
-LOOPBACK_TLS_ENV = {"PGSSLMODE": "disable", "PGCHANNELBINDING": "disable"}
-"""What the app's TLS variables become: the hop to the proxy never leaves the pod, and the proxy
-offers neither TLS nor channel binding there (libpq fails under ``require`` without them)."""
+LOOPBACK_TLS_ENV = {
+    "PGSSLMODE": "disable",
+    "PGCHANNELBINDING": "disable",
+    "PGSSLNEGOTIATION": "postgres",
+    "PGGSSENCMODE": "disable",
+}
+"""What the app's encryption variables become: the hop to the proxy never leaves the pod, and the
+proxy offers neither TLS, channel binding nor GSSAPI encryption there (libpq fails under
+``require`` without them, and refuses ``sslnegotiation=direct`` with ``sslmode=disable``). The
+sidecar's upstream keeps the TLS settings; it negotiates TLS the usual way (same protection)."""
 
 
 class InjectionRefused(Exception):
@@ -275,6 +282,7 @@ def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> _Repointed:
     containers = [*spec.get("initContainers", []), *spec.get("containers", [])]
     for container in containers:
         env: list[dict[str, Any]] = container.setdefault("env", [])
+        _refuse_gss_encryption(container, env)
         for var in env:
             name = var.get("name", "")
             if name in ("PGHOST", "PGPORT", *PG_TLS_ENV) and name not in pg:
@@ -313,6 +321,21 @@ def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> _Repointed:
     ]
     files, unseen = _env_files(pg)
     return _Repointed(upstream=_upstream(pg), files=files, warnings=(*warnings, *unseen))
+
+
+def _refuse_gss_encryption(container: Mapping[str, Any], env: list[dict[str, Any]]) -> None:
+    """An app that requires GSSAPI encryption to its database cannot be proxied: the sidecar would
+    connect with less (it encrypts with TLS only), so the pod is refused rather than downgraded."""
+    for var in env:
+        if var.get("name") == "PGGSSENCMODE" and var.get("value") == "require":
+            raise InjectionRefused(
+                annotation=None,
+                reason=(
+                    f"PGGSSENCMODE=require in container {container.get('name')!r}: the dbgov sidecar "
+                    "does not speak GSSAPI encryption to the database; encrypt with TLS instead "
+                    "(PGSSLMODE=verify-full), which the sidecar carries to its upstream"
+                ),
+            )
 
 
 def _disable_loopback_tls(env: list[dict[str, Any]]) -> None:

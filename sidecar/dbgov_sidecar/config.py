@@ -117,6 +117,11 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
         raise ValueError(f"upstream sslmode must be one of {', '.join(SSLMODES)}, not {sslmode!r}")
     if query.get("channel_binding") == "require" and sslmode == "disable":
         raise ValueError("upstream channel_binding=require needs TLS, but sslmode is disable")
+    if query.get("gssencmode") == "require":  # never connect with less than the URL asks for
+        raise ValueError(
+            "upstream gssencmode=require: dbgov does not speak GSSAPI encryption to the database; "
+            "encrypt with TLS instead (sslmode=verify-full)"
+        )
     return proxy.UpstreamConfig(
         host=url.hostname or "127.0.0.1",
         port=url.port or 5432,

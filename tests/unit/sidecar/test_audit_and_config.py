@@ -201,6 +201,7 @@ def test_the_session_writes_statement_events_with_the_documented_keys() -> None:
         ("sslmode=verify", "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"),
         ("channel_binding=always", "channel_binding must be one of disable, prefer, require"),
         ("sslmode=disable&channel_binding=require", "channel_binding=require needs TLS"),
+        ("gssencmode=require", "does not speak GSSAPI encryption"),
     ],
 )
 def test_upstream_tls_settings_are_checked_when_read(query: str, complaint: str) -> None:
