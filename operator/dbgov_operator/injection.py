@@ -46,6 +46,13 @@ LOOPBACK_TLS_ENV = {
 proxy offers neither TLS, channel binding nor GSSAPI encryption there (libpq fails under
 ``require`` without them, and refuses ``sslnegotiation=direct`` with ``sslmode=disable``). The
 sidecar's upstream keeps the TLS settings; it negotiates TLS the usual way (same protection)."""
+LOOPBACK_URL_TLS = {
+    "sslmode": "disable",
+    "channel_binding": "disable",
+    "gssencmode": "disable",
+    "sslnegotiation": "postgres",
+}
+"""The same for the query parameters of a URL the app connects with."""
 
 
 class InjectionRefused(Exception):
@@ -162,8 +169,9 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
 def rewrite_database_url(url: str, *, port: int) -> str | None:
     """Point a ``postgres://`` URL at the loopback proxy; ``None`` if it is not such a URL.
 
-    Credentials, database and options are kept; host/port move to the proxy, and a TLS
-    ``sslmode`` (and ``channel_binding``, which would demand TLS) becomes ``disable`` because the
+    Credentials, database and options are kept; host/port move to the proxy, and the encryption
+    settings become what ``LOOPBACK_TLS_ENV`` gives their variables (``sslmode``,
+    ``channel_binding``, ``gssencmode`` ``disable``; ``sslnegotiation`` ``postgres``) because the
     hop to the proxy never leaves the pod (the proxy speaks TLS to the real database)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
@@ -171,7 +179,7 @@ def rewrite_database_url(url: str, *, port: int) -> str | None:
     userinfo, _, _hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo}@{LOOPBACK}:{port}" if userinfo else f"{LOOPBACK}:{port}"
     query = [
-        (key, "disable" if key in ("sslmode", "channel_binding") else value)
+        (key, LOOPBACK_URL_TLS.get(key, value))
         for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         if key not in ("host", "hostaddr", "port")
     ]

@@ -240,6 +240,10 @@ def test_metrics_port_equal_to_the_proxy_port_refuses_the_pod(pod_annotations: d
             "postgres://db/app?sslmode=verify-full&channel_binding=require",
             "postgres://127.0.0.1:5432/app?sslmode=disable&channel_binding=disable",
         ),
+        (
+            "postgres://db/app?sslmode=verify-full&sslnegotiation=direct&gssencmode=prefer",
+            "postgres://127.0.0.1:5432/app?sslmode=disable&sslnegotiation=postgres&gssencmode=disable",
+        ),
         ("postgresql://u@h1:5432,h2:5432/app", "postgresql://u@127.0.0.1:5432/app"),
         ("postgresql:///app?host=/var/run/pg&port=5433", "postgresql://127.0.0.1:5432/app"),
         ("mysql://u@db/app", None),
