@@ -512,8 +512,11 @@ def _upstream(pg: Mapping[str, _Found]) -> list[EnvVar]:
             query.append(f"{key}={urllib.parse.quote(str(var['value']), safe='/')}")
     if query:
         composed += "?" + "&".join(query)
+    host = _renamed(pg["PGHOST"].var, "DBGOV_UPSTREAM_PGHOST")
+    if ":" in host.get("value", "") and not host["value"].startswith("["):
+        host["value"] = f"[{host['value']}]"  # an IPv6 address, as a URL names its host
     return [
-        _renamed(pg["PGHOST"].var, "DBGOV_UPSTREAM_PGHOST"),
+        host,
         port,
         *renamed,
         {"name": "DBGOV_UPSTREAM", "value": composed},

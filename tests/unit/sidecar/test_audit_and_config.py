@@ -262,3 +262,9 @@ def test_mask_decisions_of_one_shape_share_their_audit_fields() -> None:
     for change in ({"rule": "other-rule"}, {"reason": "another reason"}, {"verdict": "block"}):
         other = session._decision_segment(dataclasses.replace(second, **change))
         assert other is not segment and other.text != segment.text
+
+
+def test_upstream_by_ipv6_address() -> None:
+    """What the webhook writes for PGHOST=fd00:10::5 (the address in brackets, as in any URL)."""
+    up = config.upstream_config(config.Settings(upstream="postgresql://app@[fd00:10::5]:6432/shop"))
+    assert (up.host, up.port, up.user, up.database) == ("fd00:10::5", 6432, "app", "shop")
