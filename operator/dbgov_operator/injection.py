@@ -317,7 +317,11 @@ def _repoint_apps(spec: dict[str, Any], overrides: _Overrides) -> _Repointed:
             warnings=tuple(warnings),
         )
     if "PGHOST" not in pg:
-        # The sidecar finds its database from dbgov.io/database instead.
+        warnings.append(
+            "no app container sets PGHOST in env and no dbgov.io/database-url-env names a URL: the "
+            "dbgov sidecar has no database to connect to and will not start (set PGHOST, or annotate "
+            f"{annotations.DATABASE_URL_ENV} with the variable holding the app's database URL)"
+        )
         return _Repointed(upstream=[], files=(), warnings=tuple(warnings))
     for container in containers:
         _disable_loopback_tls(container["env"])

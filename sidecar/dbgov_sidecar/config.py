@@ -153,7 +153,8 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
     if upstream.port == port and upstream.host in ("127.0.0.1", "localhost", "::1", host):
         raise ValueError(
             f"the upstream {upstream.host}:{upstream.port} is this proxy's own listen address; "
-            "set DBGOV_UPSTREAM to the real database (or the pod's dbgov.io/database annotation)"
+            "set DBGOV_UPSTREAM to the real database (in Kubernetes the webhook sets it from the app's "
+            "PGHOST or the URL its dbgov.io/database-url-env annotation names)"
         )
     token = None
     if settings.client_jwt_key:

@@ -135,8 +135,19 @@ def test_missing_url_variable_warns() -> None:
     pod = _load(TESTDATA / "basic.pod.yaml")
     pod["metadata"]["annotations"] = {annotations.DATABASE_URL_ENV: "DB_URL"}
     result = injection.inject(pod, sidecar=CONFIG.sidecar)
-    assert len(result.warnings) == 1
+    assert len(result.warnings) == 2
     assert "DB_URL" in result.warnings[0]
+    assert "no database to connect to and will not start" in result.warnings[1]
+
+
+def test_a_pod_without_a_database_is_warned_that_its_sidecar_cannot_start() -> None:
+    """Neither PGHOST nor a URL: the sidecar has no upstream (it refuses to start rather than
+    connect to its own address); admission says so, and how to fix it."""
+    result = injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=CONFIG.sidecar)
+    assert [w for w in result.warnings if "set PGHOST" in w]
+    pod = _load(TESTDATA / "basic.pod.yaml")
+    pod["spec"]["containers"][0].setdefault("env", []).append({"name": "PGHOST", "value": "db"})
+    assert injection.inject(pod, sidecar=CONFIG.sidecar).warnings == ()
 
 
 @pytest.mark.parametrize(
@@ -211,6 +222,7 @@ def test_a_container_declaring_the_metrics_port_refuses_the_pod(kind: str) -> No
 def test_a_udp_port_with_the_same_number_does_not_clash() -> None:
     pod = _load(TESTDATA / "basic.pod.yaml")
     pod["spec"]["containers"][0]["ports"] = [{"containerPort": 9187, "protocol": "UDP"}]
+    pod["spec"]["containers"][0].setdefault("env", []).append({"name": "PGHOST", "value": "db"})
     assert injection.inject(pod, sidecar=CONFIG.sidecar).warnings == ()
 
 
