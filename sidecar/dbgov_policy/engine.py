@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from pglast import parser as pg_parser
 
@@ -119,6 +120,28 @@ class Engine:
         if entry is None or entry.template is not None:
             return None
         return key, entry.decision
+
+    def cached_rewrite(
+        self, sql: str, *, session: SessionContext | None = None
+    ) -> tuple[str, verdicts.Decision, Callable[[str], str | None]] | None:
+        """For a cached shape whose texts are rewritten (masked): its shape key, its decision
+        (without a rewrite) and the rewrite of a text of that shape for this session (None when
+        a text's tokens do not fit the shape's template). None when ``sql`` is not such a shape.
+        Does not count as a use."""
+        ctx = session if session is not None else SessionContext()
+        try:
+            key = pg_parser.normalize(sql)
+        except (pg_parser.ParseError, ValueError, RecursionError):
+            return None
+        entry = self._cache.get((ctx.search_path, key))
+        if entry is None or entry.template is None:
+            return None
+        template, policy, columns = entry.template, self.policy, ctx.columns
+
+        def rewrite(text: str) -> str | None:
+            return mask.rewrite_like(text, template, policy, columns)
+
+        return key, entry.decision, rewrite
 
     def _remember_exact(self, exact: tuple[tuple[str, ...], str], entry: _Entry) -> None:
         """Texts seen verbatim before (prepared and extended-protocol traffic) skip normalizing."""

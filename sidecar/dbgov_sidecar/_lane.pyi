@@ -18,8 +18,15 @@ class Entry:
     segment: str
     metric: tuple[str, str]
     masked: int
+    rewrite: Callable[[str], str | None] | None
     def __init__(
-        self, decision: Any, statement: Any, segment: str, metric: tuple[str, str], masked: int
+        self,
+        decision: Any,
+        statement: Any,
+        segment: str,
+        metric: tuple[str, str],
+        masked: int,
+        rewrite: Callable[[str], str | None] | None = None,
     ) -> None: ...
 
 class Lane:
@@ -28,6 +35,7 @@ class Lane:
     started: float
     sql: str | None
     batch: bytes | None
+    forward: bytes | None
     decision: Any
     statement: Any
     def __init__(

@@ -301,15 +301,21 @@ cdef class Entry:
     cdef bytes _segment
     cdef readonly object metric
     cdef readonly Py_ssize_t masked
+    cdef readonly object rewrite
+    cdef bytes _enforced
     cdef Py_ssize_t _tally  # statements of this entry in the drain under way
 
-    def __init__(self, decision, statement, str segment, metric, Py_ssize_t masked):
+    def __init__(self, decision, statement, str segment, metric, Py_ssize_t masked, rewrite=None):
+        """``rewrite``: for a masked shape, the text to send upstream for a text of it (None:
+        the session's to rewrite); such an entry's statements are enforced as "mask"."""
         self.decision = decision
         self.statement = statement
         self.segment = segment
         self._segment = segment.encode("ascii")  # what the JSON encoder writes is ASCII
         self.metric = metric
         self.masked = masked
+        self.rewrite = rewrite
+        self._enforced = b"mask" if rewrite is not None else b"allow"
 
 
 cdef class _Writer:
@@ -357,6 +363,7 @@ cdef class Lane:
     cdef readonly double started
     cdef object _sql  # the statement's text: a str, or a Query message (bytes) whose text is ASCII
     cdef readonly bytes batch  # masked sessions: the client's messages of the batch in flight
+    cdef readonly bytes forward  # what goes upstream for the statement just taken (its rewrite)
     cdef object _batch_statement
     cdef int _described  # its Describe: 83 (statement), 80 (portal) or 0
     cdef object _described_name
@@ -617,6 +624,7 @@ cdef class Lane:
         self.armed = False
         self._sql = self.decision = self.statement = self._entry = None
         self.batch = self._batch_statement = self._described_name = None
+        self.forward = None
         return result
 
     # --- the shell's callbacks -----------------------------------------------------------
@@ -641,7 +649,7 @@ cdef class Lane:
         cdef double now = _time_now() if self._time_time else self._clock()
         try:
             if self._client(data, now):
-                self._to_upstream.put(data)
+                self._to_upstream.put(self.forward)
                 return
         except Exception:
             self._fail()
@@ -666,7 +674,8 @@ cdef class Lane:
     # --- client side ----------------------------------------------------------------------
 
     def client(self, bytes data, double now):
-        """True when ``data`` goes upstream unchanged and the lane now owns its statement."""
+        """True when the lane now owns the statement in ``data``: ``forward`` goes upstream (the
+        same bytes, or a masked shape's rewrite)."""
         return self._client(data, now)
 
     cdef bint _client(self, bytes data, double now) except -1:
@@ -727,6 +736,21 @@ cdef class Lane:
             entry = self._shapes.get(key)
             if entry is None:
                 return False
+        cdef bytes forward = data
+        cdef const char* rewritten
+        cdef Py_ssize_t size
+        if entry.rewrite is not None:  # a masked shape: its rewrite goes upstream
+            try:
+                out = entry.rewrite(_text(text))
+            except Exception:  # the session's engine names the problem
+                return False
+            if out is None:
+                return False
+            rewritten = PyUnicode_AsUTF8AndSize(out, &size)
+            if memchr(rewritten, 0, size) != NULL:
+                return False
+            forward = b"Q" + (size + 5).to_bytes(4, "big") + rewritten[:size] + b"\0"
+        self.forward = forward
         self.kind = QUERY
         self._entry = entry
         self.started = now
@@ -861,6 +885,7 @@ cdef class Lane:
             self._batch_statement = name
             self._described = described
             self._described_name = described_name
+        self.forward = data
         self.kind = PARSED if parse else PREPARED
         self._entry = entry
         self.started = now
@@ -968,6 +993,7 @@ cdef class Lane:
             self.batch = self._batch_statement = self._described_name = None
         self.kind = IDLE
         self._sql = self.decision = self.statement = self._entry = None
+        self.forward = None
         return True
 
     cdef bint _plain_columns(self, const unsigned char* p, Py_ssize_t size) except -1:
@@ -1099,7 +1125,9 @@ cdef class Lane:
             text = PyUnicode_AsUTF8AndSize(sql, &size)
             self._put_json(<const unsigned char*>text, size)
         self._put(PyBytes_AS_STRING(entry._segment), PyBytes_GET_SIZE(entry._segment))
-        self._put_c(',"enforced":"allow","rows_returned":')
+        self._put_c(',"enforced":"')
+        self._put(PyBytes_AS_STRING(entry._enforced), PyBytes_GET_SIZE(entry._enforced))
+        self._put_c('","rows_returned":')
         self._put_int(rows)
         self._put_c(',"rows_affected":')
         if affected < 0:

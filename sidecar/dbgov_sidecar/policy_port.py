@@ -179,6 +179,12 @@ class EnginePolicy:
         ``cached_shape`` says so (the compiled lane keys what it learned by it)."""
         return engine.Engine.shape_key
 
+    def cached_rewrite(self, sql: str, context: object) -> tuple[str, Decision, Any] | None:
+        """``Engine.cached_rewrite``: the shape key, the decision and the rewrite of a masked
+        shape's texts (the compiled lane runs simple queries of such shapes)."""
+        assert isinstance(context, engine.SessionContext)
+        return self._engine.cached_rewrite(sql, session=context)
+
     def cached_shape(self, sql: str, context: object) -> tuple[str, Decision] | None:
         """``Engine.cached_shape``: the shape key and the one decision of every text of it."""
         assert isinstance(context, engine.SessionContext)

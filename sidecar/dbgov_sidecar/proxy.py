@@ -296,7 +296,7 @@ class ClientConnection(asyncio.Protocol):
         if lane is not None:
             try:
                 if lane.client(data, now):
-                    self._upstream_write(data)
+                    self._upstream_write(lane.forward or data)  # (its rewrite for a masked shape)
                     return
             except Exception:
                 self._internal_error()

@@ -461,8 +461,10 @@ class Session:
         messages_in_flight = lane.batch
         started, sql, decision, statement = lane.take()
         batch = statement is not None  # Parse/Bind … Execute, Sync rather than a Query
-        if statement is None:
-            statement = _Statement(sql=sql, decision=decision, verdict="allow")
+        if statement is None:  # a Query: allowed as sent, or a masked shape's rewrite sent
+            statement = _Statement(
+                sql=sql, decision=decision, verdict="mask" if decision.verdict == "mask" else "allow"
+            )
         self._syncs_sent += 1
         if messages_in_flight is not None:  # masked columns: track the batch's origins as read
             for msg in _split(messages_in_flight):
@@ -493,6 +495,30 @@ class Session:
         if described and described_name is not None:
             table = origins.statements if described == ord("S") else origins.portals
             table.setdefault(described_name, _Shape()).hits = ()
+
+    def _teach_lane_rewrite(self, sql: str, decision: policy_port.Decision) -> None:
+        """A masked Query shape the lane may run next time, sending the policy's rewrite of each
+        text upstream, when the policy's cache decides the shape (and this text) alike."""
+        lane = self.lane
+        assert lane is not None
+        cached_rewrite = getattr(self._policy(), "cached_rewrite", None)
+        found = None if cached_rewrite is None else cached_rewrite(sql, self._context)
+        if found is None:
+            return
+        key, base, rewrite = found
+        if base.statements is not decision.statements or rewrite(sql) != decision.rewritten:
+            return  # not the decision the cache makes for this text
+        segment = _decision_segment(base)
+        classes = segment.fields.get("classes") or ("unknown",)
+        entry = _lane.Entry(
+            base,
+            None,
+            segment.text,
+            (str(classes[0]), "mask"),
+            len(segment.fields.get("masked_columns") or ()),
+            rewrite,
+        )
+        lane.learn(key, entry, False, sql)
 
     def _teach_lane(self, sql: str, statement: _Statement, *, exact: bool) -> None:
         """An allowed statement the lane may take next time: its shape (``exact``: its text) when
@@ -899,8 +925,11 @@ class Session:
                 return None
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
-            if self.lane is not None and verdict == "allow" and limit is None and self._unguarded(decision):
-                self._teach_lane(sql, statement, exact=False)
+            if self.lane is not None and limit is None:
+                if verdict == "allow" and self._unguarded(decision):
+                    self._teach_lane(sql, statement, exact=False)
+                elif verdict == "mask" and decision.rewritten is not None and self._never_guarded(decision):
+                    self._teach_lane_rewrite(sql, decision)
             text = decision.rewritten if verdict == "mask" and decision.rewritten is not None else None
             if limit is not None:
                 return self._start_guard(limit, messages.query(text) if text is not None else msg.data)
@@ -1353,8 +1382,10 @@ class Session:
         """Nothing to rewrite, and no row limit would ever guard it (the lane may take it): no
         limit is set, or it does not write. (Not ``_guard_limit``, which also waives the guard
         inside an aborted transaction.)"""
-        if decision.rewritten is not None:
-            return False
+        return decision.rewritten is None and self._never_guarded(decision)
+
+    def _never_guarded(self, decision: policy_port.Decision) -> bool:
+        """No row limit would ever guard it: no limit is set, or it does not write."""
         return (self._affected_limit is None and self._row_limit is None) or not _may_write(decision)
 
     def _guard_limit(self, decision: policy_port.Decision) -> int | None:

@@ -862,3 +862,39 @@ def test_masked_rows_of_a_guarded_write_are_masked_and_count_toward_the_limits(
     assert b"hunter2" not in sent
     assert sent.count(messages.data_row([None])) == 2 and b"maxRowsReturned" in sent
     assert sent.endswith(Z["I"])
+
+
+def test_a_masked_shape_goes_upstream_rewritten_through_the_lane(fixed_ids: None, tmp_path: Path) -> None:
+    """A Query of a masked shape: the lane sends the policy's rewrite of each text (the same
+    bytes the session sends), audits it as enforced "mask" and counts it as such."""
+    sent: dict[bool, list[bytes]] = {}
+    audited: dict[bool, list[dict[str, Any]]] = {}
+    for lane in (True, False):
+        h = Harness(_holder(tmp_path, MASKING), lane=lane)
+        sent[lane] = []
+        for aid in (1, 22, 333, 4444):
+            h.upstream_sink.data.clear()
+            h.conn.data_received(_client("select", aid))
+            sent[lane].append(bytes(h.upstream_sink.data))
+            h.conn.upstream.data_received(_server("rows"))
+        h.counters.render()
+        assert h.counters.lane_statements == (3 if lane else 0)
+        h.log.flush()
+        audited[lane] = [json.loads(line) for line in h.lines if '"type":"statement"' in line]
+    assert sent[True] == sent[False]
+    assert all(b"__dbgov_src" in request and b"4444" in sent[True][3] for request in sent[True])
+    assert [e["enforced"] for e in audited[True]] == ["mask"] * 4
+    # The shell's own data_received (a loop that kept calling it) sends the lane's rewrite too.
+    h = Harness(_holder(tmp_path, MASKING), lane=True)
+    for aid in (1, 2):
+        h.conn.data_received(_client("select", aid))
+        h.conn.upstream.data_received(_server("rows"))
+    h.upstream_sink.data.clear()
+    proxy.ClientConnection.data_received(h.conn, _client("select", 3))
+    assert h.conn.lane is not None and h.conn.lane.kind  # the lane took it
+    assert bytes(h.upstream_sink.data) == sent[False][0].replace(b"= 1;", b"= 3;")
+    assert [e["statement"] for e in audited[True]] == [select(aid) for aid in (1, 22, 333, 4444)]
+    strip = ("time", "duration_ms", "hash", "prev_hash")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in audited[True]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in audited[False]
+    ]
