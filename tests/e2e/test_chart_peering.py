@@ -11,6 +11,7 @@ the replicas' keep-alives alone.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -253,10 +254,17 @@ def test_two_replicas_from_the_chart_one_is_active(kube_cluster: kube.KubeCluste
     # alone for a moment before it sees the higher one's keep-alive; then it pauses.
     leader = pods[max(status, key=lambda pod: int(status[pod]["priority"]))]
     standby = second if leader is first else first
-    operator_proc.wait_for(
-        "the highest-priority replica alone to be active",
-        lambda: operator_proc.active(leader) and not operator_proc.active(standby),
-    )
+
+    def settled() -> bool:
+        # A standby that has not yet seen the leader's keep-alive logs nothing, looks paused, and
+        # may still resume for a moment: the state must hold for a while, not just once.
+        for _ in range(2):
+            if not (operator_proc.active(leader) and not operator_proc.active(standby)):
+                return False
+            time.sleep(2.0)
+        return True
+
+    operator_proc.wait_for("the highest-priority replica alone to be active", settled)
 
     env = peered.env
     namespace = kube_cluster.create_namespace()
