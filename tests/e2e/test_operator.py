@@ -480,7 +480,11 @@ def test_policy_stored_while_validation_was_off_is_reported_and_still_deletable(
 
     valid = wait_for("PolicyValid=False on the stored policy", reported)
     assert valid["message"].startswith("spec.rules[0].statements[0]: unknown statement class")
-    assert ("PolicyInvalid", valid["message"]) in events_for(installed, namespace, "stale")
+    # kopf posts events in the background, after the status it reports them with.
+    wait_for(
+        "the PolicyInvalid event",
+        lambda: ("PolicyInvalid", valid["message"]) in events_for(installed, namespace, "stale"),
+    )
     # Invalid policies bind nothing: no bundle names its ServiceAccount (a sidecar without a
     # bundle refuses every statement).
     assert bundle(installed, namespace, "orders") is None
