@@ -111,15 +111,10 @@ class Engine:
         """The shape key of ``sql`` and the decision the cache holds for it, when the cache
         decides every text of that shape with the same decision (nothing to rewrite); None when
         ``sql`` is not cached or not normalizable. Does not count as a use."""
-        ctx = session if session is not None else SessionContext()
-        try:
-            key = pg_parser.normalize(sql)
-        except (pg_parser.ParseError, ValueError, RecursionError):
+        found = self._peek(sql, session)
+        if found is None or found[1].template is not None:
             return None
-        entry = self._cache.get((ctx.search_path, key))
-        if entry is None or entry.template is not None:
-            return None
-        return key, entry.decision
+        return found[0], found[1].decision
 
     def cached_rewrite(
         self, sql: str, *, session: SessionContext | None = None
@@ -129,19 +124,27 @@ class Engine:
         a text's tokens do not fit the shape's template). None when ``sql`` is not such a shape.
         Does not count as a use."""
         ctx = session if session is not None else SessionContext()
-        try:
-            key = pg_parser.normalize(sql)
-        except (pg_parser.ParseError, ValueError, RecursionError):
+        found = self._peek(sql, ctx)
+        template = None if found is None else found[1].template
+        if found is None or template is None:
             return None
-        entry = self._cache.get((ctx.search_path, key))
-        if entry is None or entry.template is None:
-            return None
-        template, policy, columns = entry.template, self.policy, ctx.columns
+        key, entry = found
+        policy, columns = self.policy, ctx.columns
 
         def rewrite(text: str) -> str | None:
             return mask.rewrite_like(text, template, policy, columns)
 
         return key, entry.decision, rewrite
+
+    def _peek(self, sql: str, session: SessionContext | None) -> tuple[str, _Entry] | None:
+        """The shape key of ``sql`` and its cache entry, without counting a use."""
+        ctx = session if session is not None else SessionContext()
+        try:
+            key = pg_parser.normalize(sql)
+        except (pg_parser.ParseError, ValueError, RecursionError):
+            return None
+        entry = self._cache.get((ctx.search_path, key))
+        return None if entry is None else (key, entry)
 
     def _remember_exact(self, exact: tuple[tuple[str, ...], str], entry: _Entry) -> None:
         """Texts seen verbatim before (prepared and extended-protocol traffic) skip normalizing."""
