@@ -8,9 +8,11 @@ kopf peering lets work.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +170,26 @@ def delete_webhook_configurations(admission: client.AdmissionregistrationV1Api, 
 
 
 def validating_served(env: Installed) -> bool:
-    """Whether the validating webhook configuration is published with a caBundle, so policies
-    can be created (any replica answers)."""
+    """Whether the validating webhook configuration is published with a caBundle and the server
+    it names accepts connections, so policies can be created (any replica answers). kopf may
+    publish the configuration before its server listens."""
     try:
         hooks = env.admission.read_validating_webhook_configuration(env.configuration).webhooks
     except ApiException:
         return False
-    return bool(hooks) and all(h.client_config.ca_bundle for h in hooks)
+    return bool(hooks) and all(h.client_config.ca_bundle and _listening(h.client_config.url) for h in hooks)
+
+
+def _listening(url: str | None) -> bool:
+    """A URL-form webhook's server accepts TCP connections (a Service-form one is not checked)."""
+    if not url:
+        return True
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 443), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def test_one_replica_reconciles_and_the_other_takes_over(replicas: Replicas) -> 
     # The webhook configuration may still name the stopped replica's URL (url form in tests;
     # a Service in a cluster): create the policy with the webhook out of the way.
     _point_validation_at(env, standby)
+    operator_proc.wait_for("the standby's validating webhook", lambda: operator_proc.validating_served(env))
     operator_proc.create_policy(env, second_ns, operator_proc.policy("orders-read"))
     operator_proc.wait_ready(env, second_ns, "orders-read")
     assert reconciled(standby, second_ns)
