@@ -27,6 +27,14 @@ import run
 from dbgov_sidecar import audit, metrics, policies, proxy
 from dbgov_sidecar.pgwire import messages
 
+# What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
+# standard-conforming strings).
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
+
 STATEMENTS = int(os.environ.get("PURE_STATEMENTS", "30000"))
 REPEAT = int(os.environ.get("PURE_REPEAT", "7"))
 LANE = os.environ.get("PURE_LANE", "on") != "off"
@@ -91,7 +99,7 @@ def connection(policy: policies.PolicyHolder) -> proxy.ClientConnection:
     up.relaying = True
     up.owner = conn
     conn.upstream = up
-    conn.session.upstream_ready(parameter_status=[], notices=[], now=time.time())
+    conn.session.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=time.time())
     conn.pump()
     if LANE:
         conn.start_lane()

@@ -445,6 +445,15 @@ class _Walker:
                     )
                 )
             else:
+                if rel.schema in ("pg_catalog", "information_schema"):
+                    # UPDATE pg_settings is set_config() by a rule: a setting change nobody judged.
+                    unit.findings.append(
+                        Finding(
+                            guard="catalog-write",
+                            reason=f"writing {rel} changes the server's catalogs or settings behind the policy's back",
+                            hint="Use SET for settings the policy allows; catalogs are changed by DDL.",
+                        )
+                    )
                 unit.writes.append(rel)
                 unit.targets.append(TargetRef(rel=rel, alias=alias))
 

@@ -953,7 +953,7 @@ cdef class Lane:
                 if self._masked is not None and not self._plain_columns(p + pos + 5, length - 4):
                     return False
                 described = True
-            elif t in (78, 83, 65):  # notices, ParameterStatus, notifications
+            elif t in (78, 65):  # notices, notifications (a ParameterStatus goes to the session)
                 pass
             elif t in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
                 if length != 4:

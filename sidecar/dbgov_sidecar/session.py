@@ -38,6 +38,17 @@ _FORBIDDEN_PARAMS = frozenset({"replication", "role", "session_authorization"})
 # Parameters that are not settings to judge (identity, encoding the codec enforces anyway).
 _PLAIN_PARAMS = frozenset({"user", "database", "application_name", "client_encoding", "options"})
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+# How the server must read the SQL the proxy judged: bytes as UTF-8 (the proxy decodes every
+# statement as UTF-8, and in client-only encodings such as SJIS, GBK, BIG5 or GB18030 an ASCII
+# byte such as a backslash or a quote can be the second half of a character, so the server would
+# tokenize other statements than the proxy judged) and quotes with standard_conforming_strings
+# on (as libpg_query reads them). The proxy sets both in its upstream startup packet, which
+# overrides role and database defaults, and ends any session whose server reports otherwise.
+_READ_AS_JUDGED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+# Client encodings whose bytes the proxy reads as it judges them: UTF8 itself, and SQL_ASCII
+# (no conversion at all; the server gets UTF8 bytes and says so in its ParameterStatus).
+_CLIENT_ENCODINGS = frozenset({"utf8", "unicode", "sqlascii"})
 _ASYNC_SERVER = frozenset((messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION))
 
 
@@ -142,8 +153,9 @@ class _Guard:
 
 
 # Server messages ``_plain_response`` passes through untouched → their fixed length (0: any):
-# RowDescription, notices, ParameterStatus, notifications, Parse/Bind/CloseComplete, NoData.
-_PLAIN_SERVER = {ord("T"): 0, ord("N"): 0, ord("S"): 0, ord("A"): 0}
+# RowDescription, notices, notifications, Parse/Bind/CloseComplete, NoData (a ParameterStatus
+# goes to ``_on_parameter_status``).
+_PLAIN_SERVER = {ord("T"): 0, ord("N"): 0, ord("A"): 0}
 _PLAIN_SERVER |= {ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4}
 
 _UNLIMITED = 1 << 62
@@ -634,6 +646,15 @@ class Session:
         ``table_columns``: the columns of the masked tables, which lets masking rewrites name
         them (and PostgreSQL use the tables' indexes).
         """
+        reported = dict(messages.decode_parameter_status(raw) for raw in parameter_status)
+        for name, expected in _READ_AS_JUDGED.items():
+            if _unreadable(name, reported.get(name, "")):
+                self._fatal(
+                    "08004",
+                    f'dbgov: the upstream server runs this session with {name} "{reported.get(name, "")}" '
+                    f'although dbgov asked for "{expected}"; SQL would not be read as it is judged',
+                )
+                return
         self._masked_attrs = dict(masked_attrs or {})
         self._table_columns = dict(table_columns or {})
         pid, secret = self._backend_key
@@ -814,6 +835,7 @@ class Session:
         if self._settings_refused():
             return
         upstream = {k: v for k, v in self.params.items() if k not in ("user", "database", "options")}
+        upstream.update(_READ_AS_JUDGED)
         database = self._config.upstream_database or self.params.get("database")
         if database:
             upstream["database"] = database
@@ -1079,6 +1101,8 @@ class Session:
                         out = [m.data for m in msgs[:index]]
                     out.append(replacement)
                     continue
+            if mtype == messages.PARAMETER_STATUS and self._on_parameter_status(msg):
+                return
             if self._masked_attrs and mtype in _TRACKED_SERVER:
                 replacement = self._check_origins(msg, now)
             if self._fetches and mtype in _EXECUTE_DONE and self._fetches[0][1] == self._syncs_done + 1:
@@ -1120,6 +1144,21 @@ class Session:
             self._resume = False
             self._paused = False
             self._drain_client(now)
+
+    def _on_parameter_status(self, msg: framing.Message) -> bool:
+        """A setting the server reports changed. True when the session had to end: the server
+        would now read the client's SQL otherwise than dbgov judges it (the policy refuses such
+        changes; this holds whatever path the change took)."""
+        name, value = messages.decode_parameter_status(msg.data)
+        if not _unreadable(name, value):
+            return False
+        self._event(self._clock, {"type": "warning", "warning": f"server reported {name} {value}"})
+        self._fatal(
+            "08P01",
+            f'dbgov: the server now reads this session\'s SQL with {name} "{value}", which dbgov '
+            "cannot judge it by; the session was closed",
+        )
+        return True
 
     def _plain_response(self, data: bytes, now: float) -> bool:
         """Handle whole messages that need nothing but counting (the steady state); False, having
@@ -1722,7 +1761,28 @@ def sql_literal(text: str) -> str:
     return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+def _encoding_key(name: str) -> str:
+    """An encoding name as PostgreSQL compares them (``clean_encoding_name``): "UTF-8" is utf8."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def _unreadable(name: str, value: str) -> bool:
+    """A reported setting under which the server would read SQL otherwise than it was judged."""
+    if name == "client_encoding":
+        return _encoding_key(value) not in ("utf8", "unicode")
+    if name == "standard_conforming_strings":
+        return value.lower() != "on"
+    return False
+
+
 def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
+    encoding = params.get("client_encoding")
+    if encoding is not None and _encoding_key(encoding) not in _CLIENT_ENCODINGS:
+        return (
+            f'dbgov: client_encoding "{encoding}" is not supported: dbgov reads SQL as UTF-8, and in '
+            f"{encoding} the server could read other statements from the same bytes; connect with "
+            "client_encoding=UTF8 (PGCLIENTENCODING=UTF8)"
+        )
     for key, value in params.items():
         if key in _FORBIDDEN_PARAMS:
             if key == "replication" and value.lower() in ("false", "off", "no", "0"):

@@ -13,6 +13,13 @@ from hypothesis import strategies as st
 from dbgov_sidecar import audit, config, metrics, policy_port, proxy, session
 from dbgov_sidecar.pgwire import messages
 
+# What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
+# standard-conforming strings).
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
 
 def _events(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -188,7 +195,7 @@ def test_the_session_writes_statement_events_with_the_documented_keys() -> None:
         nonce="NONCE",
     )
     s.client_data(messages.startup_message({"user": "u", "database": "d"}), 0.0)
-    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
     s.client_data(messages.query("SELECT 1"), 0.0)
     s.server_data(messages.command_complete("SELECT 1") + messages.ready_for_query("I"), 0.0)
     statements = [e for e in s.events if e["type"] == "statement"]

@@ -28,6 +28,13 @@ from hypothesis import strategies as st
 from dbgov_sidecar import audit, embedded_pg, metrics, policies, proxy, session
 from dbgov_sidecar.pgwire import messages
 
+# What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
+# standard-conforming strings).
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
 
 def test_the_lane_is_built() -> None:
     """`make setup` compiles it (setup.py); a build without it would quietly lose the speed."""
@@ -284,7 +291,10 @@ class Harness:
         up.owner = self.conn
         self.conn.upstream = up
         self.session.upstream_ready(
-            parameter_status=[], notices=[], now=proxy.time.time(), masked_attrs=MASKED if masked else None
+            parameter_status=LOGIN_STATUS,
+            notices=[],
+            now=proxy.time.time(),
+            masked_attrs=MASKED if masked else None,
         )
         self.conn.pump()
         if lane:

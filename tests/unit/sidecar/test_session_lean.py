@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 from dbgov_sidecar import policy_port, session
 from dbgov_sidecar.pgwire import messages
 
+# What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
+# standard-conforming strings).
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
 
 class Policy:
     """Blocks DROP, limits results to three rows, allows the rest."""
@@ -74,7 +81,7 @@ def _ready(lean: bool) -> session.Session:
     s.lean = lean
     s.client_data(messages.startup_message({"user": "agent", "database": "shop"}), 0.0)
     s.actions.clear()
-    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
     return s
 
 

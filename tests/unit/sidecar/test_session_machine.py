@@ -10,6 +10,14 @@ import pytest
 from dbgov_sidecar import policy_port, session
 from dbgov_sidecar.pgwire import AuthenticationFailed, auth, framing, messages
 
+# What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
+# standard-conforming strings).
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
+
 SIDECAR = Path(__file__).resolve().parents[3] / "sidecar" / "dbgov_sidecar"
 PURE = [
     *sorted((SIDECAR / "pgwire").glob("*.py")),
@@ -66,7 +74,9 @@ def _ready(**config: object) -> session.Session:
     assert [type(a) for a in s.actions] == [session.ConnectUpstream]
     s.actions.clear()
     s.upstream_ready(
-        parameter_status=[messages.parameter_status("server_version", "16")], notices=[], now=0.0
+        parameter_status=[*LOGIN_STATUS, messages.parameter_status("server_version", "16")],
+        notices=[],
+        now=0.0,
     )
     s.to_client.clear()
     return s
@@ -85,9 +95,16 @@ def test_startup_forwards_parameters_and_issues_own_key() -> None:
     )
     (action,) = s.actions
     assert isinstance(action, session.ConnectUpstream)
-    assert dict(action.params) == {"database": "shop", "application_name": "t"}
-    s.upstream_ready(parameter_status=[messages.parameter_status("a", "b")], notices=[], now=0.0)
-    assert _types(s.to_client) == "RSKZ"
+    assert dict(action.params) == {
+        "database": "shop",
+        "application_name": "t",
+        "client_encoding": "UTF8",
+        "standard_conforming_strings": "on",
+    }
+    s.upstream_ready(
+        parameter_status=[*LOGIN_STATUS, messages.parameter_status("a", "b")], notices=[], now=0.0
+    )
+    assert _types(s.to_client) == "RSSSKZ"
     assert bytes(s.to_client).find(messages.backend_key_data(11, 22)) > 0
     assert s.events[0]["type"] == "session_start" and s.events[0]["application_name"] == "t"
 
@@ -221,7 +238,7 @@ def test_fail_closed_audit_refuses_statements() -> None:
         audit_ok=lambda: healthy[0],
     )
     s.client_data(messages.startup_message({"user": "u"}), 0.0)
-    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
     s.client_data(messages.query("SELECT 1"), 1.0)
     assert messages.decode_query(bytes(s.to_server)).startswith("dbgov_refused_")
     assert s.events[-1]["rule"] == "audit:fail-closed"
@@ -265,7 +282,7 @@ def _limited() -> session.Session:
         nonce="n",
     )
     s.client_data(messages.startup_message({"user": "u"}), 0.0)
-    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
     s.to_client.clear()
     return s
 
@@ -376,7 +393,7 @@ def test_client_token_login_records_the_identity() -> None:
     assert code == messages.AUTH_CLEARTEXT
     s.client_data(messages.password_message(b"good-token\0"), 0.0)
     assert isinstance(s.actions[-1], session.ConnectUpstream)
-    s.upstream_ready(parameter_status=[], notices=[], now=0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
     assert s.events[-1]["identity"] == "agent-7"
 
     bad = _session(client_token=verify)

@@ -1,0 +1,208 @@
+"""The server runs exactly what the proxy judged, in the session state it was judged in.
+
+Each test here is one way the proxy's picture of a session could drift from the server's
+(issue 14): how the server reads the bytes (client_encoding, standard_conforming_strings),
+which schemas names resolve in, which statements exist. Every attack runs against a real
+PostgreSQL through the real proxy, and the test checks what the server actually did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from test_proxy_protocol import RawClient
+
+import pg
+from conftest import RunningProxy
+from dbgov_policy import compile as policy_compile
+from dbgov_policy import engine
+from dbgov_sidecar import policy_port
+from dbgov_sidecar.pgwire import framing, messages
+
+pytestmark = pytest.mark.integration
+
+PII = "pii-canary"
+
+
+def _engine(spec: dict[str, object]) -> policy_port.EnginePolicy:
+    return policy_port.EnginePolicy(engine.Engine(policy_compile.compile_policy(spec)))
+
+
+@pytest.fixture
+def arena(pg_server: pg.PgServer) -> Iterator[str]:
+    """A schema of its own: `victim` (which the attacks try to drop) and `customers` (PII)."""
+    schema = f"truth_{uuid.uuid4().hex[:8]}"
+    pg_server.psql(
+        f"CREATE SCHEMA {schema} AUTHORIZATION app;"
+        f"CREATE TABLE {schema}.victim (id int); ALTER TABLE {schema}.victim OWNER TO app;"
+        f"CREATE TABLE {schema}.customers (id int, email text); ALTER TABLE {schema}.customers OWNER TO app;"
+        f"INSERT INTO {schema}.customers VALUES (1, '{PII}@example.com');",
+        dbname="shop",
+    )
+    yield schema
+    pg_server.psql(f"DROP SCHEMA {schema} CASCADE;", dbname="shop")
+
+
+def _reads_only(schema: str) -> policy_port.EnginePolicy:
+    """Reads of the arena's `victim` allowed; everything else (its PII table too) refused."""
+    return _engine(
+        {
+            "default": "block",
+            "rules": [
+                {
+                    "name": "reads",
+                    "verdict": "allow",
+                    "statements": ["select"],
+                    "tables": [f"{schema}.victim"],
+                }
+            ],
+        }
+    )
+
+
+def _exists(server: pg.PgServer, relation: str) -> bool:
+    return server.psql(f"SELECT to_regclass('{relation}') IS NOT NULL", dbname="shop").strip() == "t"
+
+
+def _raw_login(proxy: RunningProxy, params: dict[str, str]) -> tuple[RawClient, list[framing.Message]]:
+    client = RawClient(proxy.port)
+    client.send(messages.startup_message({"user": "app", "database": "shop", **params}))
+    return client, client.read_until(b"Z")
+
+
+def _attacks(schema: str) -> list[bytes]:
+    """Texts valid in UTF-8 whose backslash SJIS/GBK/BIG5 read as the second byte of a character
+    (0x81 0x5C, 0x95 0x5C): the proxy sees one string literal, such a server a second statement."""
+    return [
+        f"SELECT E'ぁ\\' UNION ALL SELECT email FROM {schema}.customers --'".encode(),
+        f"SELECT E'ぁ\\'; DROP TABLE {schema}.victim; --'".encode(),
+        f"SELECT 'ソ\\'; DROP TABLE {schema}.victim; --'".encode(),  # ソ: 0x83 0x5C in SJIS
+    ]
+
+
+def _answers(client: RawClient, text: bytes) -> bytes:
+    client.send(b"Q" + (len(text) + 5).to_bytes(4, "big") + text + b"\0")
+    return b"".join(m.data for m in client.read_until(b"Z"))
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "GBK", "GB18030", "BIG5", "UHC", "JOHAB", "LATIN1", "auto"])
+def test_a_client_encoding_the_proxy_does_not_read_is_refused_at_startup(
+    make_proxy: Callable[..., RunningProxy], arena: str, pg_server: pg.PgServer, encoding: str
+) -> None:
+    proxy = make_proxy(policy=_reads_only(arena))
+    client, answer = _raw_login(proxy, {"client_encoding": encoding})
+    try:
+        errors = [messages.decode_fields(m.data) for m in answer if m.type == messages.ERROR_RESPONSE]
+        assert errors and errors[0]["S"] == "FATAL", [chr(m.type) for m in answer]
+        assert "client_encoding" in errors[0]["M"] and "UTF8" in errors[0]["M"]
+        assert not any(m.type == messages.READY_FOR_QUERY for m in answer)
+    finally:
+        client.close()
+    if encoding == "auto":
+        return  # libpq sends its locale's encoding for "auto"
+    with pytest.raises(psycopg.OperationalError, match="client_encoding"):
+        psycopg.connect(proxy.dsn(extra=f"client_encoding={encoding}")).close()
+
+
+@pytest.mark.parametrize("spelling", ["UTF8", "utf-8", "Unicode", "SQL_ASCII"])
+def test_utf8_spellings_and_sql_ascii_log_in_and_the_server_reads_utf8(
+    make_proxy: Callable[..., RunningProxy], arena: str, spelling: str
+) -> None:
+    proxy = make_proxy(policy=_reads_only(arena))
+    client, answer = _raw_login(proxy, {"client_encoding": spelling})
+    try:
+        assert answer[-1].type == messages.READY_FOR_QUERY, answer
+        status = dict(
+            messages.decode_parameter_status(m.data) for m in answer if m.type == messages.PARAMETER_STATUS
+        )
+        assert status["client_encoding"] == "UTF8"
+        assert status["standard_conforming_strings"] == "on"
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def sjis_role(pg_server: pg.PgServer, arena: str) -> Iterator[tuple[str, str]]:
+    """A login role whose defaults make the server read SJIS without standard-conforming strings."""
+    name, password = f"enc_{uuid.uuid4().hex[:8]}", "enc-pw"
+    pg_server.psql(
+        f"CREATE ROLE {name} LOGIN PASSWORD '{password}';"
+        f"ALTER ROLE {name} SET client_encoding = 'SJIS';"
+        f"ALTER ROLE {name} SET standard_conforming_strings = off;"
+        f"GRANT USAGE ON SCHEMA {arena} TO {name}; GRANT ALL ON ALL TABLES IN SCHEMA {arena} TO {name};"
+        f"ALTER TABLE {arena}.victim OWNER TO {name};",
+        dbname="shop",
+    )
+    yield name, password
+    pg_server.psql(f"REASSIGN OWNED BY {name} TO app; DROP OWNED BY {name}; DROP ROLE {name};", dbname="shop")
+
+
+def test_role_defaults_cannot_make_the_server_read_another_encoding(
+    make_proxy: Callable[..., RunningProxy], arena: str, sjis_role: tuple[str, str], pg_server: pg.PgServer
+) -> None:
+    user, password = sjis_role
+    proxy = make_proxy(policy=_reads_only(arena), upstream={"user": user, "password": password})
+    client, answer = _raw_login(proxy, {})  # no client_encoding: the role's SJIS would apply
+    try:
+        assert answer[-1].type == messages.READY_FOR_QUERY, answer
+        for text in _attacks(arena):
+            reply = _answers(client, text)
+            assert PII.encode() not in reply
+        assert b"UTF8" in _answers(client, b"SHOW client_encoding")
+        assert b"on" in _answers(client, b"SHOW standard_conforming_strings")
+    finally:
+        client.close()
+    assert _exists(pg_server, f"{arena}.victim")
+
+
+def test_settings_changed_behind_the_policy_are_refused_or_end_the_session(
+    make_proxy: Callable[..., RunningProxy], arena: str, pg_server: pg.PgServer
+) -> None:
+    proxy = make_proxy(policy=_engine({"default": "allow", "rules": []}))
+    changes = [
+        b"UPDATE pg_settings SET setting = 'SJIS' WHERE name = 'client_encoding'",
+        b"SELECT set_config('client_encoding', 'SJIS', false)",
+        b"SET NAMES 'GBK'",
+        b"SET standard_conforming_strings = off",
+    ]
+    for change in changes:
+        client, answer = _raw_login(proxy, {})
+        try:
+            assert answer[-1].type == messages.READY_FOR_QUERY
+            # the change and an attack pipelined behind it, in one write
+            pipelined = change + b"\0"
+            attack = _attacks(arena)[1]
+            client.send(
+                b"Q"
+                + (len(pipelined) + 4).to_bytes(4, "big")
+                + pipelined
+                + b"Q"
+                + (len(attack) + 5).to_bytes(4, "big")
+                + attack
+                + b"\0"
+            )
+            reply = client.read_until(b"Z")
+            assert any(m.type == messages.ERROR_RESPONSE for m in reply), change
+        finally:
+            client.close()
+        assert _exists(pg_server, f"{arena}.victim"), change
+
+
+def test_a_server_that_reports_another_encoding_ends_the_session(dbgov: RunningProxy) -> None:
+    """Whatever path a change takes past the policy (here a stand-in policy that allows every
+    SET), the server's own ParameterStatus ends the session before another statement is read."""
+    client, answer = _raw_login(dbgov, {})
+    try:
+        assert answer[-1].type == messages.READY_FOR_QUERY
+        client.send(messages.query("SET client_encoding = 'SJIS'"))
+        reply = client.read_until(b"Z")
+        fatal = [messages.decode_fields(m.data) for m in reply if m.type == messages.ERROR_RESPONSE]
+        assert fatal and fatal[0]["S"] == "FATAL" and "client_encoding" in fatal[0]["M"], reply
+        assert not any(m.type == messages.READY_FOR_QUERY for m in reply)
+        assert client.sock.recv(1) == b""  # closed
+    finally:
+        client.close()
+    assert any(e.get("warning") == "server reported client_encoding SJIS" for e in dbgov.events)
