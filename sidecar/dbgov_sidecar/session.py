@@ -1090,6 +1090,9 @@ class Session:
     # --- server side ----------------------------------------------------------------------
 
     def _on_server(self, chunk: bytes, msgs: list[framing.Message], now: float) -> None:
+        if any(m.type == messages.ERROR_RESPONSE for m in msgs):
+            msgs = [self._withhold_row_values(m) for m in msgs]
+            chunk = b"".join(m.data for m in msgs)
         out: list[bytes] | None = None
         for index, msg in enumerate(msgs):
             mtype = msg.type
@@ -1144,6 +1147,21 @@ class Session:
             self._resume = False
             self._paused = False
             self._drain_client(now)
+
+    def _withhold_row_values(self, msg: framing.Message) -> framing.Message:
+        """An integrity error's DETAIL quotes row values ("Failing row contains (…)", "Key
+        (email)=(…) already exists", an exclusion constraint's conflicting key), read from the
+        table itself, past every masking rewrite: under a policy that masks, it is withheld, as
+        PostgreSQL withholds it from a role that may not read every column."""
+        data = msg.data
+        if msg.type != messages.ERROR_RESPONSE or b"C23" not in data:
+            return msg
+        if not getattr(self._policy(), "mask_targets", ()):
+            return msg
+        if not messages.decode_fields(data).get("C", "").startswith("23"):
+            return msg
+        withheld = "dbgov: the detail is withheld because it may show values of masked columns"
+        return framing.Message(msg.type, messages.replace_field(data, "D", withheld))
 
     def _on_parameter_status(self, msg: framing.Message) -> bool:
         """A setting the server reports changed. True when the session had to end: the server

@@ -206,3 +206,66 @@ def test_a_server_that_reports_another_encoding_ends_the_session(dbgov: RunningP
     finally:
         client.close()
     assert any(e.get("warning") == "server reported client_encoding SJIS" for e in dbgov.events)
+
+
+@pytest.fixture
+def constrained(pg_server: pg.PgServer, arena: str) -> str:
+    """The arena's customers with constraints whose errors quote rows and keys."""
+    pg_server.psql(
+        f"ALTER TABLE {arena}.customers ADD COLUMN ssn text NOT NULL DEFAULT '900-00-0000';"
+        f"ALTER TABLE {arena}.customers ALTER COLUMN id SET NOT NULL;"
+        f"UPDATE {arena}.customers SET ssn = '{PII}-ssn';"
+        f"ALTER TABLE {arena}.customers ADD CONSTRAINT ck CHECK (id < 1000);"
+        f"CREATE UNIQUE INDEX ON {arena}.customers (email);"
+        f"ALTER TABLE {arena}.customers ADD COLUMN slot int4range;"
+        f"UPDATE {arena}.customers SET slot = '[1000,2000)';"
+        f"ALTER TABLE {arena}.customers ADD CONSTRAINT ex EXCLUDE USING gist (slot WITH &&);",
+        dbname="shop",
+    )
+    return arena
+
+
+def _masking(schema: str) -> policy_port.EnginePolicy:
+    return _engine(
+        {
+            "default": "block",
+            "rules": [
+                {
+                    "name": "writes",
+                    "verdict": "allow",
+                    "statements": ["select", "insert", "update"],
+                    "tables": [f"{schema}.customers"],
+                }
+            ],
+            "masks": [
+                {"table": f"{schema}.customers", "column": "email", "strategy": "redact"},
+                {"table": f"{schema}.customers", "column": "ssn", "strategy": "redact"},
+                {"table": f"{schema}.customers", "column": "slot", "strategy": "redact"},
+            ],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE {s}.customers SET id = NULL WHERE id = 1",  # not null: Failing row contains (…)
+        "UPDATE {s}.customers SET id = 5000 WHERE id = 1",  # check: Failing row contains (…)
+        "INSERT INTO {s}.customers (id, email) VALUES (2, '" + PII + "@example.com')",  # unique: Key (…)
+        "INSERT INTO {s}.customers (id, email, slot) VALUES (3, 'x@example.com', '[1500,1501)')",  # exclusion
+    ],
+)
+def test_integrity_errors_do_not_quote_masked_rows(
+    make_proxy: Callable[..., RunningProxy], constrained: str, statement: str
+) -> None:
+    proxy = make_proxy(policy=_masking(constrained))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.IntegrityError) as info:
+            conn.execute(statement.format(s=constrained))
+        diag = info.value.diag
+        assert diag.sqlstate is not None and diag.sqlstate.startswith("23")
+        for secret in (PII, "1000"):  # a masked value, the existing row's slot
+            assert secret not in str(diag.message_detail) and secret not in str(info.value)
+        assert diag.message_detail is not None and "withheld" in diag.message_detail
+        assert diag.table_name == "customers"  # the rest of the error is the server's
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -552,6 +552,25 @@ def decode_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
+def replace_field(data: bytes, code: str, value: str) -> bytes:
+    """An ErrorResponse or NoticeResponse with field ``code``'s value replaced (the other fields
+    byte for byte, in their order); ``data`` itself when it has no such field."""
+    decode_fields(data)  # well-formed, or ProtocolViolation
+    key = code.encode("latin-1")
+    parts: list[bytes] = []
+    found = False
+    pos = 5
+    while data[pos] != 0:
+        end = data.index(b"\0", pos + 1)
+        if data[pos : pos + 1] == key:
+            found = True
+            parts.append(key + value.encode() + b"\0")
+        else:
+            parts.append(data[pos : end + 1])
+        pos = end + 1
+    return _msg(data[:1], b"".join(parts) + b"\0") if found else data
+
+
 def authentication(code: int, payload: bytes = b"") -> bytes:
     """Encode an Authentication request (AUTH_OK, AUTH_MD5 with salt, AUTH_SASL, ...)."""
     return _msg(b"R", _I32.pack(code) + payload)

@@ -123,3 +123,13 @@ def test_startup_requires_user_and_rejects_duplicates() -> None:
 def test_strings_with_nul_cannot_be_encoded() -> None:
     with pytest.raises(ValueError, match="NUL"):
         messages.query("a\0b")
+
+
+def test_replace_field_keeps_every_other_field_byte_for_byte() -> None:
+    raw = messages.error_response(code="23505", message="duplicate key", detail="Key (email)=(a@b) exists.")
+    out = messages.replace_field(raw, "D", "withheld")
+    assert messages.decode_fields(out) == {**messages.decode_fields(raw), "D": "withheld"}
+    assert list(messages.decode_fields(out)) == list(messages.decode_fields(raw))  # same order
+    assert messages.replace_field(out, "D", "Key (email)=(a@b) exists.") == raw
+    plain = messages.error_response(code="23505", message="duplicate key")
+    assert messages.replace_field(plain, "D", "withheld") is plain
