@@ -56,6 +56,36 @@ NON_OPERATOR_EXPRS = frozenset(
     {"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM"}
 )
 DYNAMIC_PLPGSQL = frozenset({"PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors"})
+#: Statements that store the text of what they read (a view's query, a rule's actions, a row
+#: security policy's expressions) for anyone to print back later (pg_get_viewdef, pg_policies).
+DEFINITION_NODES = frozenset({"ViewStmt", "RuleStmt", "CreatePolicyStmt", "AlterPolicyStmt"})
+#: DefElems of CREATE OPERATOR / AGGREGATE / TYPE that name a function the object calls later.
+FUNCTION_DEFELEMS = frozenset(
+    {
+        "function",
+        "procedure",
+        "sfunc",
+        "finalfunc",
+        "combinefunc",
+        "serialfunc",
+        "deserialfunc",
+        "msfunc",
+        "minvfunc",
+        "mfinalfunc",
+        "restrict",
+        "join",
+        "input",
+        "output",
+        "receive",
+        "send",
+        "typmod_in",
+        "typmod_out",
+        "analyze",
+        "subscript",
+        "canonical",
+        "subtype_diff",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +171,13 @@ class Unit:
     non_relation_object: bool = False
     where_constrains: bool | None = None
     """For update/delete/merge: does the WHERE (ON) constrain a column of the target?"""
+    shown: bool = False
+    """What it reads is shown back as SQL text: the plan of an EXPLAIN, or a stored definition
+    (view, materialized view, rule, row security policy); masked reads in it show the rewrite."""
+    explains_prepared: bool = False
+    """An EXPLAIN of EXECUTE: it prints the plan of a statement prepared earlier."""
+    shows_statements: list[str] = dataclasses.field(default_factory=list)
+    """Catalogs and functions it reads that show the text of this session's statements."""
     settings: list[Setting] = dataclasses.field(default_factory=list)
     names_used: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """Session names the statement relies on: ("prepared"|"cursor", name)."""
@@ -258,6 +295,8 @@ class _Walker:
         """Depth inside definitions whose statements run later (see ``Unit.runs_later``)."""
         self.later_once = False
         """The next unit runs later, but what it nests runs with it (a prepared statement)."""
+        self.shown = 0
+        """Depth inside EXPLAIN and stored definitions (see ``Unit.shown``)."""
 
     # ---- units -------------------------------------------------------------------------
 
@@ -291,11 +330,17 @@ class _Walker:
         self.units.append(unit)
         if kind in FIXED_FINDINGS:
             unit.findings.append(FIXED_FINDINGS[kind])
-        handler = getattr(self, f"_on_{kind}", None)
-        if handler is not None:
-            handler(fields, unit, scope)
-        else:
-            self.fields(kind, fields, unit, scope, "target")
+        shows = kind in DEFINITION_NODES or kind == "ExplainStmt" or _is_matview(kind, fields)
+        self.shown += shows
+        unit.shown = self.shown > 0
+        try:
+            handler = getattr(self, f"_on_{kind}", None)
+            if handler is not None:
+                handler(fields, unit, scope)
+            else:
+                self.fields(kind, fields, unit, scope, "target")
+        finally:
+            self.shown -= shows
         if unit.cls.coarse in {"ddl", "dcl"} and not unit.writes:
             unit.non_relation_object = True
         if kind in WHOLE_DATABASE_NODES and not unit.writes:
@@ -424,7 +469,9 @@ class _Walker:
         alias_node = rv.get("alias")
         alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
         for rel in rels:
-            if rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog":
+            if (
+                rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog"
+            ) or rel.name in guards.EXTENSION_LEAKY_RELATIONS:
                 unit.findings.append(
                     Finding(
                         guard="leaky-catalog",
@@ -432,6 +479,8 @@ class _Walker:
                         hint="Query the application's own tables, or ask a DBA for the specific information.",
                     )
                 )
+            if rel.name in guards.STATEMENT_TEXT_RELATIONS and rel.schema == "pg_catalog":
+                unit.shows_statements.append(str(rel))
             if role == "read":
                 unit.reads.append(rel)
                 unit.read_refs.append(
@@ -486,34 +535,50 @@ class _Walker:
         schema = parts[-2] if len(parts) > 1 else None
         qualified = ".".join(parts)
         unit.functions.append(qualified)
+        # Checked in any schema: extensions (dblink, tablefunc) live wherever they were installed.
+        self.function_findings(qualified, bare, len(fields.get("args") or ()), unit)
         if schema in (None, "pg_catalog"):
-            guard = guards.function_guard(bare)
-            if guard is not None:
-                unit.findings.append(
-                    Finding(
-                        guard=guard,
-                        reason=f"the function {qualified}() is refused in every policy ({guard})",
-                        hint="This is a hard guardrail; it cannot be allowed through dbgov.",
-                    )
-                )
             if bare == "set_config":
                 self.set_config(fields.get("args", []), unit)
             if bare in guards.BUILTIN_EFFECTS:
                 unit.extra_classes.add(guards.BUILTIN_EFFECTS[bare])
+            if bare in guards.STATEMENT_TEXT_FUNCTIONS:
+                unit.shows_statements.append(f"{bare}()")
             if bare not in _pgcatalog.FUNCTIONS:
                 unit.user_functions.append(qualified)
         else:
             unit.user_functions.append(qualified)
-            if guards.function_guard(bare) is not None and schema not in (None, "pg_catalog"):
-                # dblink and friends live in whatever schema the extension was installed in
-                unit.findings.append(
-                    Finding(
-                        guard=guards.function_guard(bare) or "denied-function",
-                        reason=f"the function {qualified}() is refused in every policy",
-                        hint="This is a hard guardrail; it cannot be allowed through dbgov.",
-                    )
-                )
         self.fields("FuncCall", fields, unit, scope, role)
+
+    def function_findings(self, qualified: str, bare: str, nargs: int | None, unit: Unit) -> None:
+        """The hard guardrails a call of (or a later-call reference to) a function trips."""
+        what = guards.dynamic_sql(bare, nargs)
+        if what is not None:
+            unit.findings.append(
+                Finding(
+                    guard="dynamic-sql",
+                    reason=f"the function {qualified}() {what} inside the server, where dbgov cannot "
+                    "check or mask what it reads; it is refused in every policy",
+                    hint="Send the query itself through dbgov, which checks it and masks what it returns.",
+                )
+            )
+        guard = guards.function_guard(bare)
+        if guard is not None:
+            unit.findings.append(
+                Finding(
+                    guard=guard,
+                    reason=f"the function {qualified}() is refused in every policy ({guard})",
+                    hint="This is a hard guardrail; it cannot be allowed through dbgov.",
+                )
+            )
+
+    def function_reference(self, parts: list[str], unit: Unit) -> None:
+        """A function an object being defined will call later (an operator's, an aggregate's)."""
+        if not parts:
+            return
+        qualified = ".".join(parts)
+        unit.functions.append(qualified)
+        self.function_findings(qualified, parts[-1], None, unit)
 
     def set_config(self, args: list[Any], unit: Unit) -> None:
         self.sensitive.flag = True
@@ -544,10 +609,13 @@ class _Walker:
         self.fields("", rest, unit, scope, "target")
         target = f.get("relation") or {}
         alias_node = target.get("alias")
-        names = {str(target.get("relname", ""))}
+        names = frozenset({str(target.get("relname", ""))})
         if isinstance(alias_node, dict):
-            names = {str(alias_node.get("aliasname"))}
-        unit.where_constrains = _constrains(f.get(where_key), names, self.sensitive)
+            names = frozenset({str(alias_node.get("aliasname"))})
+        from_items = f.get("fromClause") or f.get("usingClause") or []
+        if f.get("sourceRelation"):
+            from_items = [f.get("sourceRelation")]
+        unit.where_constrains = _constrains(f.get(where_key), names, from_items, self.sensitive)
 
     def _on_InsertStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
@@ -597,6 +665,7 @@ class _Walker:
         query = _node(f.get("query"))
         if query is None:
             return
+        unit.explains_prepared = query[0] == "ExecuteStmt"
         if analyze:
             self.statement(query[0], query[1], nested=True, scope=scope)
         elif query[0] == "SelectStmt":
@@ -618,6 +687,26 @@ class _Walker:
             unit.functions.extend(inner.functions)
             unit.findings.extend(inner.findings)
             self.units.extend(nested_units)
+
+    def _on_DefineStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.fields("DefineStmt", f, unit, scope, "target")
+        for item in f.get("definition") or []:
+            n = _node(item)
+            if n is None or n[0] != "DefElem" or n[1].get("defname") not in FUNCTION_DEFELEMS:
+                continue
+            arg = _node(n[1].get("arg"))
+            if arg is not None and arg[0] == "TypeName":
+                self.function_reference(_strings(arg[1].get("names")), unit)
+            elif arg is not None and arg[0] == "List":
+                self.function_reference(_strings(arg[1].get("items")), unit)
+            elif arg is not None and arg[0] == "String":
+                self.function_reference([str(arg[1].get("sval", ""))], unit)
+
+    def _on_CreateCastStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.fields("CreateCastStmt", f, unit, scope, "target")
+        func = f.get("func")
+        if isinstance(func, dict):
+            self.function_reference(_strings(func.get("objname")), unit)
 
     def _on_PrepareStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         unit.names_defined.append(("prepared", str(f.get("name", ""))))
@@ -679,7 +768,7 @@ class _Walker:
     def _persisted_setting(self, f: dict[str, Any], unit: Unit) -> None:
         setstmt = f.get("setstmt") or {}
         name = str(setstmt.get("name", "")).lower()
-        if guards.setting_kind(name) in {"identity", "guarded"}:
+        if guards.setting_kind(name) in {"identity", "guarded"} or name in guards.ECHO_SETTINGS:
             unit.findings.append(
                 Finding(
                     guard="guarded-setting",
@@ -827,6 +916,10 @@ class _Walker:
                 return
 
 
+def _is_matview(kind: str, fields: dict[str, Any]) -> bool:
+    return kind == "CreateTableAsStmt" and fields.get("objtype") == "OBJECT_MATVIEW"
+
+
 def _walk_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     if isinstance(value, list):
         for item in value:
@@ -842,82 +935,253 @@ def _walk_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 # ---- WHERE analysis --------------------------------------------------------------------
+#
+# requireWhere by requirement, not by a list of tautologies (which is never complete): a WHERE
+# constrains the target when one of its top-level AND conjuncts pins a column of the target to
+# a value that does not come from the same row. Judged by shape only, never by constant values
+# (except a LIKE pattern's leading wildcard), so the answer holds for every literal.
+
+#: Comparison operators a pinning conjunct may use (pg_catalog's, by name).
+PIN_OPERATORS = frozenset({"=", "<", ">", "<=", ">=", "<>"})
 
 
-def _refs(value: Any, target_names: set[str]) -> tuple[set[str], bool]:
-    """Columns of the target an expression references, and whether it references any column."""
-    cols: set[str] = set()
-    any_col = False
-    for kind, fields in _walk_nodes(value):
-        if kind == "ColumnRef":
-            parts = _strings(fields.get("fields"))
-            any_col = True
-            if len(parts) == 1 or (len(parts) >= 2 and parts[-2] in target_names):
-                cols.add(parts[-1] if parts else "*")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Rows:
+    """Whose columns a WHERE may name: the target's names, and the other FROM items'."""
+
+    target: frozenset[str]
+    unqualified_is_target: bool
+    """No other FROM item: an unqualified column can only be the target's."""
+    others: dict[str, bool]
+    """Other FROM item name → whether it yields row-independent values by itself (VALUES of
+    constants, unnest($1)); the others count only when a conjunct pins them."""
+
+
+def _constrains(where: Any, target: frozenset[str], from_items: list[Any], sensitive: _Sensitive) -> bool:
+    """Does this WHERE restrict which rows of the target are touched (see above)?"""
+    others: dict[str, bool] = {}
+    for item in from_items:
+        _from_item(item, others)
+    rows = _Rows(target=target, unqualified_is_target=not others, others=others)
+    return _conjunction(where, rows, sensitive)
+
+
+def _conjunction(where: Any, rows: _Rows, sensitive: _Sensitive) -> bool:
+    conjuncts = _conjuncts(where)
+    for c in conjuncts:
+        n = _node(c)
+        if n is None:
+            continue
+        kind, f = n
         if kind == "CurrentOfExpr":
-            cols.add("ctid")
-    return cols, any_col
+            return True
+        if kind == "BoolExpr" and f.get("boolop") == "OR_EXPR":
+            # every branch must constrain on its own: id = 1 OR id = 2
+            if f.get("args") and all(_conjunction(a, rows, sensitive) for a in f["args"]):
+                return True
+            continue
+        if _pins(c, rows.target, rows.unqualified_is_target, sensitive):
+            return True
+        if (
+            kind == "SubLink"
+            and f.get("subLinkType") == "EXISTS_SUBLINK"
+            and _exists_constrains(f.get("subselect"), rows, sensitive)
+        ):
+            return True
+    # A join: the target is linked by equality to another FROM item that is itself pinned.
+    for name, pinned in rows.others.items():
+        if any(_links(c, rows, name) for c in conjuncts) and (
+            pinned or any(_pins(c, frozenset({name}), False, sensitive) for c in conjuncts)
+        ):
+            return True
+    return False
 
 
-def _constrains(where: Any, target_names: set[str], sensitive: _Sensitive) -> bool:
-    """Does this WHERE restrict which rows of the target are touched?
-
-    Judged by shape, never by constant values (so the answer is the same for every literal):
-    a conjunction constrains when one conjunct does; a disjunction only when every branch
-    does; a comparison when it involves a target column on one side and not the very same
-    expression on the other; `col IS NOT NULL`, constants, parameters and uncorrelated
-    sub-queries do not.
-    """
+def _conjuncts(where: Any) -> list[Any]:
     n = _node(where)
+    if n is None:
+        return []
+    if n[0] == "BoolExpr" and n[1].get("boolop") == "AND_EXPR":
+        return [c for a in n[1].get("args", []) for c in _conjuncts(a)]
+    return [where]
+
+
+def _exists_constrains(subselect: Any, rows: _Rows, sensitive: _Sensitive) -> bool:
+    """EXISTS (SELECT ... FROM x WHERE x.k = target.k AND x.c = 5): a semi-join on a pinned x."""
+    n = _node(subselect)
+    if n is None or n[0] != "SelectStmt":
+        return False
+    inner: dict[str, bool] = {}
+    for item in n[1].get("fromClause") or []:
+        _from_item(item, inner)
+    inner_rows = _Rows(target=rows.target, unqualified_is_target=False, others=inner)
+    conjuncts = _conjuncts(n[1].get("whereClause"))
+    for name, pinned in inner.items():
+        if name in rows.target:
+            continue  # shadows the target's name: the columns are no longer the target's
+        if any(_links(c, inner_rows, name) for c in conjuncts) and (
+            pinned or any(_pins(c, frozenset({name}), False, sensitive) for c in conjuncts)
+        ):
+            return True
+    return False
+
+
+def _from_item(item: Any, out: dict[str, bool]) -> None:
+    n = _node(item)
+    if n is None:
+        if isinstance(item, dict) and "relname" in item:
+            n = ("RangeVar", item)
+        else:
+            return
+    kind, f = n
+    alias = f.get("alias")
+    alias_name = str(alias.get("aliasname")) if isinstance(alias, dict) else None
+    if kind == "RangeVar":
+        out[alias_name or str(f.get("relname", ""))] = False
+    elif kind == "RangeSubselect" and alias_name:
+        out[alias_name] = _independent_query(f.get("subquery"))
+    elif kind == "RangeFunction" and alias_name:
+        out[alias_name] = not f.get("lateral") and _independent(f.get("functions"))
+    elif kind == "JoinExpr":
+        _from_item(f.get("larg"), out)
+        _from_item(f.get("rarg"), out)
+
+
+def _column(value: Any, names: frozenset[str], unqualified: bool) -> bool:
+    """A column of one of ``names`` (or a cast of one, or a built-in function of one)."""
+    n = _node(value)
     if n is None:
         return False
     kind, f = n
-    if kind == "BoolExpr":
-        op = f.get("boolop")
-        args = f.get("args", [])
-        if op == "AND_EXPR":
-            return any(_constrains(a, target_names, sensitive) for a in args)
-        if op == "OR_EXPR":
-            return bool(args) and all(_constrains(a, target_names, sensitive) for a in args)
-        return bool(args) and _constrains(args[0], target_names, sensitive)
-    if kind == "CurrentOfExpr":
-        return True
-    if kind == "NullTest":
-        return f.get("nulltesttype") == "IS_NULL" and bool(_refs(f.get("arg"), target_names)[0])
-    if kind == "A_Expr":
-        left, right = f.get("lexpr"), f.get("rexpr")
-        lcols, _ = _refs(left, target_names)
-        rcols, _ = _refs(right, target_names)
-        if not lcols and not rcols:
-            return False
-        if json.dumps(_strip_locations(left), sort_keys=True) == json.dumps(
-            _strip_locations(right), sort_keys=True
-        ):
-            return False  # id = id, coalesce(x,1) = coalesce(x,1): true for every row
-        if f.get("kind") in {"AEXPR_LIKE", "AEXPR_ILIKE"}:
-            sensitive.flag = True
-            pattern = _const_text(right)
-            if pattern is not None and pattern and set(pattern) <= {"%"}:
-                return False
-        return True
+    if kind == "ColumnRef":
+        parts = f.get("fields", [])
+        if any((_node(p) or ("",))[0] != "String" for p in parts):
+            return False  # a whole-row star
+        strings = _strings(parts)
+        return (len(strings) == 1 and unqualified) or (len(strings) >= 2 and strings[-2] in names)
+    if kind in {"TypeCast", "CollateClause"}:
+        return _column(f.get("arg"), names, unqualified)
+    if kind == "FuncCall" and _stable_builtin(f):
+        args = f.get("args") or []
+        cols = [a for a in args if _column(a, names, unqualified)]
+        return len(cols) == 1 and all(a is cols[0] or _independent(a) for a in args)
+    return False
+
+
+def _pins(value: Any, names: frozenset[str], unqualified: bool, sensitive: _Sensitive) -> bool:
+    """Does this conjunct pin a column of ``names`` to row-independent values?"""
+    n = _node(value)
+    if n is None:
+        return False
+    kind, f = n
     if kind == "SubLink":
-        test_cols, _ = _refs(f.get("testexpr"), target_names)
-        if test_cols:
-            return True
-        inner = _refs(f.get("subselect"), target_names - {""})[0]
-        qualified = any(
-            len(_strings(fields.get("fields"))) >= 2 and _strings(fields.get("fields"))[-2] in target_names
-            for kind2, fields in _walk_nodes(f.get("subselect"))
-            if kind2 == "ColumnRef"
+        op = _strings(f.get("operName"))[-1:] or ["="]
+        return (
+            f.get("subLinkType") in {"ANY_SUBLINK", "ALL_SUBLINK"}
+            and op[0] in PIN_OPERATORS
+            and _column(f.get("testexpr"), names, unqualified)
+            and _independent_query(f.get("subselect"))
         )
-        return bool(inner) and qualified
-    cols, _ = _refs(where, target_names)
-    return bool(cols)
+    if kind != "A_Expr":
+        return False
+    op = _strings(f.get("name"))
+    if len(op) > 1 and op[0] != "pg_catalog":
+        return False
+    left, right, ak = f.get("lexpr"), f.get("rexpr"), f.get("kind")
+    if ak == "AEXPR_OP" and op[-1:] and op[-1] in PIN_OPERATORS and left is not None:
+        return (_column(left, names, unqualified) and _independent(right)) or (
+            _column(right, names, unqualified) and _independent(left)
+        )
+    if not _column(left, names, unqualified):
+        return False
+    if ak in {"AEXPR_OP_ANY", "AEXPR_OP_ALL", "AEXPR_IN"}:
+        return op[-1:] != [] and op[-1] in PIN_OPERATORS and _independent(right)
+    if ak in {"AEXPR_BETWEEN", "AEXPR_BETWEEN_SYM"}:
+        return _independent(right)
+    if ak in {"AEXPR_LIKE", "AEXPR_ILIKE"} and op[-1:] in (["~~"], ["~~*"]):
+        sensitive.flag = True
+        c = _node(right)
+        pattern = c[1].get("sval") if c is not None and c[0] == "A_Const" else None
+        text = pattern.get("sval", "") if isinstance(pattern, dict) else None
+        return isinstance(text, str) and not text.startswith(("%", "_"))
+    return False
 
 
-def _strip_locations(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_locations(v) for k, v in value.items() if k != "location"}
+def _stable_builtin(f: dict[str, Any]) -> bool:
+    parts = _strings(f.get("funcname"))
+    if not parts or (len(parts) > 1 and parts[-2] != "pg_catalog"):
+        return False
+    if f.get("over") or f.get("agg_star") or f.get("agg_filter") or f.get("agg_order"):
+        return False
+    return parts[-1] in _pgcatalog.FUNCTIONS and parts[-1] not in guards.VOLATILE_VALUES
+
+
+def _independent(value: Any) -> bool:
+    """A value that is the same for every row: constants, parameters, built-in non-volatile
+    functions and operators of those, uncorrelated sub-queries; never a column of any row."""
     if isinstance(value, list):
-        return [_strip_locations(v) for v in value]
-    return value
+        return all(_independent(v) for v in value)
+    if value is None or value == {}:
+        return True
+    n = _node(value)
+    if n is None:
+        return False
+    kind, f = n
+    if kind in {"A_Const", "ParamRef", "SQLValueFunction"}:
+        return True
+    if kind in {"TypeCast", "CollateClause"}:
+        return _independent(f.get("arg"))
+    if kind == "List":
+        return _independent(f.get("items"))
+    if kind == "A_ArrayExpr":
+        return _independent(f.get("elements"))
+    if kind == "A_Expr":
+        op = _strings(f.get("name"))
+        return (len(op) == 1 or op[0] == "pg_catalog") and _independent([f.get("lexpr"), f.get("rexpr")])
+    if kind == "FuncCall":
+        return _stable_builtin(f) and _independent(f.get("args"))
+    if kind == "SubLink":
+        return f.get("subLinkType") in {"EXPR_SUBLINK", "ARRAY_SUBLINK"} and _independent_query(
+            f.get("subselect")
+        )
+    return False
+
+
+def _independent_query(select: Any) -> bool:
+    """An uncorrelated query: every column it names is qualified by a FROM item of its own (an
+    unqualified name may resolve to the outer row, which dbgov cannot rule out without the
+    catalog), and it calls no volatile or user function."""
+    inner: set[str] = set()
+    for kind, f in _walk_nodes(select):
+        if kind in {"RangeVar", "RangeSubselect", "RangeFunction"}:
+            alias = f.get("alias")
+            inner.add(str(alias.get("aliasname")) if isinstance(alias, dict) else str(f.get("relname", "")))
+        elif kind == "CommonTableExpr":
+            return False
+    for kind, f in _walk_nodes(select):
+        if kind == "ColumnRef":
+            parts = _strings(f.get("fields"))
+            if len(parts) < 2 or parts[-2] not in inner:
+                return False
+        elif kind == "FuncCall" and not _stable_builtin(f) and not _aggregate_ok(f):
+            return False
+    return True
+
+
+def _aggregate_ok(f: dict[str, Any]) -> bool:
+    """An aggregate (max, count(*)) over a sub-query's own rows is one value for every row."""
+    parts = _strings(f.get("funcname"))
+    return bool(parts) and parts[-1] in _pgcatalog.FUNCTIONS and parts[-1] not in guards.VOLATILE_VALUES
+
+
+def _links(value: Any, rows: _Rows, other: str) -> bool:
+    """`target.col = other.col` (either way round): the target joined to another FROM item."""
+    n = _node(value)
+    if n is None or n[0] != "A_Expr" or n[1].get("kind") != "AEXPR_OP" or _strings(n[1].get("name")) != ["="]:
+        return False
+    left, right = n[1].get("lexpr"), n[1].get("rexpr")
+    only = frozenset({other})
+    target_unqualified = rows.unqualified_is_target
+    return (_column(left, rows.target, target_unqualified) and _column(right, only, False)) or (
+        _column(right, rows.target, target_unqualified) and _column(left, only, False)
+    )

@@ -175,6 +175,13 @@ def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> 
             rule="builtin:session-basics",
             reason="RESET ALL / DISCARD restore defaults",
         )
+    if setting.name in guards.ECHO_SETTINGS and policy.masks and not _off(setting.value):
+        return _block(
+            "guardrail:mask-key",
+            f"{setting.name} makes the server send the client the tree of every statement, constants "
+            "included, and for masked reads that is dbgov's rewrite with the hash mask's key",
+            f"Leave {setting.name} off; use EXPLAIN on tables without masks to see plans.",
+        )
     kind = guards.setting_kind(setting.name)
     if kind == "identity":
         return _block(
@@ -225,6 +232,38 @@ def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> 
                 else "."
             ),
         )
+    return None
+
+
+def _off(value: str | None) -> bool:
+    return value is None or value.lower() in {"off", "false", "0", "no", "f", "n"}
+
+
+def _mask_key_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | None:
+    """Why the statement would show the client SQL text holding the `hash` mask key, or None."""
+    if unit.shows_statements and policy.masks:
+        return (
+            f"{', '.join(dict.fromkeys(unit.shows_statements))} shows the text of this session's "
+            "statements, which for masked reads is dbgov's rewrite (with the hash mask's key)"
+        )
+    if not (unit.shown or unit.explains_prepared):
+        return None
+    keyed = {m.table for m in policy.masks if m.strategy == "hash"}
+    if not keyed:
+        return None
+    if unit.explains_prepared:
+        return (
+            "EXPLAIN EXECUTE prints the plan of a prepared statement, which for a read of a table "
+            "with a hash mask holds the mask's key"
+        )
+    for ref in unit.read_refs:
+        if ref.rel in keyed:
+            what = "EXPLAIN prints" if unit.cls.fine == "explain" else "the definition stored shows"
+            return (
+                f"{ref.rel} has a hash mask, and {what} dbgov's masking rewrite of it, which holds the "
+                "mask's key (EXPLAIN, views, rules and row security policies over such a table are "
+                "refused)"
+            )
     return None
 
 
@@ -332,22 +371,52 @@ def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: 
     )
 
 
+def _denied_function(denied: frozenset[str], fn: str) -> str | None:
+    """The entry of deniedFunctions a call of ``fn`` matches, directly or through a built-in
+    SQL-language wrapper (`pg_sleep_for` calls `pg_sleep`); None if it matches none."""
+    schema, _, bare = fn.rpartition(".")
+    if fn in denied or bare in denied:
+        return bare if bare in denied else fn
+    if schema not in ("", "pg_catalog"):
+        return None
+    if f"pg_catalog.{bare}" in denied:
+        return f"pg_catalog.{bare}"
+    for callee in guards.BUILTIN_CALLS.get(bare, ()):
+        if callee in denied or f"pg_catalog.{callee}" in denied:
+            return callee
+    return None
+
+
 def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict) -> _Verdict:
     g = policy.guardrails
     if unit.cls.fine in g.require_where and unit.where_constrains is False:
         return _block(
             "guardrail:require-where",
-            f"{unit.cls.fine.upper()} without a WHERE clause that constrains a column of the target table "
-            "(a missing WHERE, or one that is always true such as 1=1, id=id, id IS NOT NULL, OR true)",
-            "Add a WHERE clause that selects the rows you mean to change, e.g. WHERE id = ...",
+            f"{unit.cls.fine.upper()} whose WHERE does not constrain the target table: one of its "
+            "top-level AND conjuncts must compare a column of the target with a value that does not "
+            "come from the same row (a constant, a parameter, a sub-query over other tables) using =, "
+            "<, >, <=, >=, <>, IN (...), BETWEEN, = ANY ($1), LIKE 'prefix%', or be WHERE CURRENT OF; "
+            "IS NULL, OR, NOT and expressions of the row itself do not count",
+            "Add a condition that selects the rows you mean to change, e.g. WHERE id = $1.",
         )
-    for fn in unit.functions:
-        bare = fn.rsplit(".", 1)[-1]
-        if fn in g.denied_functions or bare in g.denied_functions:
+    if g.denied_functions:
+        for fn in unit.functions:
+            match = _denied_function(g.denied_functions, fn)
+            if match is not None:
+                via = "" if match in {fn, fn.rsplit(".", 1)[-1]} else f", which calls {match}(),"
+                return _block(
+                    "guardrails.deniedFunctions",
+                    f"the function {fn}(){via} is denied by this policy",
+                    "Remove the call, or ask the policy owner.",
+                )
+    if policy.masks:
+        key_problem = _mask_key_problem(policy, unit)
+        if key_problem is not None:
             return _block(
-                "guardrails.deniedFunctions",
-                f"the function {fn}() is denied by this policy",
-                "Remove the call, or ask the policy owner.",
+                "guardrail:mask-key",
+                key_problem,
+                "Run the query itself (dbgov masks its results); plans, stored definitions and statement "
+                "texts that include a masking rewrite are never shown.",
             )
     if base.verdict != "block" and policy.masks:
         problem = _mask_problem(policy, unit)

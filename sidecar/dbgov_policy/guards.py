@@ -97,22 +97,26 @@ DENIED_FUNCTIONS: dict[str, str] = {
     ),
     **dict.fromkeys(
         (
-            "query_to_xml",
-            "query_to_xmlschema",
-            "query_to_xml_and_xmlschema",
-            "cursor_to_xml",
-            "cursor_to_xmlschema",
-            "table_to_xml",
-            "table_to_xmlschema",
-            "table_to_xml_and_xmlschema",
-            "schema_to_xml",
-            "schema_to_xmlschema",
-            "schema_to_xml_and_xmlschema",
-            "database_to_xml",
-            "database_to_xmlschema",
-            "database_to_xml_and_xmlschema",
+            # pageinspect, pg_walinspect, pg_dirtyread, pg_surgery: a relation's raw pages, rows
+            # included, or its tuples rewritten in place (extensions: any schema)
+            "get_raw_page",
+            "heap_page_items",
+            "heap_page_item_attrs",
+            "tuple_data_split",
+            "bt_page_items",
+            "brin_page_items",
+            "gist_page_items",
+            "gist_page_items_bytea",
+            "gin_leafpage_items",
+            "hash_page_items",
+            "pg_get_wal_block_info",
+            "pg_get_wal_record_info",
+            "pg_get_wal_records_info",
+            "pg_dirtyread",
+            "heap_force_kill",
+            "heap_force_freeze",
         ),
-        "dynamic-sql",
+        "raw-pages",
     ),
     **dict.fromkeys(
         (
@@ -131,6 +135,107 @@ DENIED_FUNCTIONS: dict[str, str] = {
         "leaky-catalog",
     ),
 }
+
+_RUNS_TEXT = "runs the query it is given as text"
+_TABLE_BY_NAME = "reads every row of the table it is given by name"
+
+#: Functions that run SQL given as text, or read a relation's rows given its name, inside the
+#: server: what they run never passes through dbgov, so no rule, guardrail or mask applies to
+#: it. Refused in every policy and in any schema (tablefunc installs wherever it is told), with
+#: what each does for the reason. Checked against PostgreSQL 16's pg_proc (and tablefunc's).
+DYNAMIC_SQL_FUNCTIONS: dict[str, str] = {
+    "ts_stat": _RUNS_TEXT,
+    "query_to_xml": _RUNS_TEXT,
+    "query_to_xmlschema": _RUNS_TEXT,
+    "query_to_xml_and_xmlschema": _RUNS_TEXT,
+    "cursor_to_xml": "reads the open cursor it is given by name",
+    "cursor_to_xmlschema": "reads the open cursor it is given by name",
+    "table_to_xml": _TABLE_BY_NAME,
+    "table_to_xmlschema": _TABLE_BY_NAME,
+    "table_to_xml_and_xmlschema": _TABLE_BY_NAME,
+    "schema_to_xml": "reads every row of every table in the schema it is given",
+    "schema_to_xmlschema": "reads every table in the schema it is given",
+    "schema_to_xml_and_xmlschema": "reads every row of every table in the schema it is given",
+    "database_to_xml": "reads every row of every table in the database",
+    "database_to_xmlschema": "reads every table in the database",
+    "database_to_xml_and_xmlschema": "reads every row of every table in the database",
+    "currtid2": "reads the rows of the table it is given by name",
+    "crosstab": _RUNS_TEXT + " (tablefunc)",
+    "crosstab2": _RUNS_TEXT + " (tablefunc)",
+    "crosstab3": _RUNS_TEXT + " (tablefunc)",
+    "crosstab4": _RUNS_TEXT + " (tablefunc)",
+    "connectby": "reads the table it is given by name (tablefunc)",
+}
+
+#: Functions that run SQL text in some of their forms only: name → argument counts of those
+#: forms (`ts_rewrite(tsquery, text)` runs its second argument; the 3-argument form does not).
+DYNAMIC_SQL_FORMS: dict[str, frozenset[int]] = {"ts_rewrite": frozenset({2})}
+
+
+def dynamic_sql(bare_name: str, nargs: int | None) -> str | None:
+    """What a function does with SQL text or a table name, if it runs or reads one; else None.
+
+    ``nargs`` None (a function named in CREATE OPERATOR or CREATE AGGREGATE, called later with
+    arguments dbgov does not see) counts every form.
+    """
+    what = DYNAMIC_SQL_FUNCTIONS.get(bare_name)
+    if what is not None:
+        return what
+    forms = DYNAMIC_SQL_FORMS.get(bare_name)
+    if forms is not None and (nargs is None or nargs in forms):
+        return _RUNS_TEXT
+    return None
+
+
+#: Built-in SQL-language functions and the built-ins they call (transitively), so a policy
+#: that denies the callee (`pg_sleep`) denies the wrapper (`pg_sleep_for`) too. Read once from
+#: PostgreSQL 16 (the FuncCall nodes of each `pg_catalog` SQL function's body; a function
+#: calling only its own overloads, such as `round(numeric)`, is left out). Operators in the
+#: bodies (`$2 + $1`) are not followed.
+BUILTIN_CALLS: dict[str, frozenset[str]] = {
+    "bit_length": frozenset(("length", "octet_length")),
+    "log10": frozenset(("log",)),
+    "path_contain_pt": frozenset(("on_ppath",)),
+    "pg_sleep_for": frozenset(("clock_timestamp", "extract", "pg_sleep")),
+    "pg_sleep_until": frozenset(("clock_timestamp", "extract", "pg_sleep")),
+    "substring": frozenset(("similar_to_escape",)),
+    "ts_debug": frozenset(("get_current_ts_config", "ts_lexize", "ts_parse", "ts_token_type")),
+}
+
+#: Built-in functions whose value changes from row to row (volatile, and not already refused):
+#: a WHERE comparing a column with one of them does not pin the column to one value.
+VOLATILE_VALUES: frozenset[str] = frozenset(
+    {
+        "random",
+        "random_normal",
+        "clock_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "nextval",
+        "setval",
+        "currval",
+        "lastval",
+        "array_sample",
+        "array_shuffle",
+        "txid_current",
+        "pg_current_xact_id",
+    }
+)
+
+#: Catalog views and functions that show the text of statements this session prepared or
+#: declared: for masked reads that text is dbgov's rewrite, with the `hash` mask key in it.
+#: Refused whenever the policy masks anything (the statement read may be an earlier one).
+STATEMENT_TEXT_RELATIONS: frozenset[str] = frozenset({"pg_prepared_statements", "pg_cursors"})
+STATEMENT_TEXT_FUNCTIONS: frozenset[str] = frozenset({"pg_prepared_statement", "pg_cursor"})
+
+#: Extension relations that leak other sessions' statements, whatever schema holds them.
+EXTENSION_LEAKY_RELATIONS: frozenset[str] = frozenset({"pg_stat_statements", "pg_stat_statements_info"})
+
+#: Settings that make the server send the client the parse tree or plan of every statement
+#: (at LOG level, with `client_min_messages` at log or below): constants included, so the
+#: `hash` mask key of a masked read. Turning them on is refused whenever the policy masks.
+ECHO_SETTINGS: frozenset[str] = frozenset({"debug_print_parse", "debug_print_rewritten", "debug_print_plan"})
+
 
 #: Built-in functions that change state: a statement calling one also counts as this class,
 #: so a rule that allows only reads does not cover it.
