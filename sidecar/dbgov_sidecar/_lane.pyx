@@ -280,7 +280,6 @@ cdef frozenset WRITE_TAGS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "C
 cdef str STATUS_I = "I"
 cdef str STATUS_T = "T"
 cdef str STATUS_E = "E"
-cdef int BATCH = 256
 
 cdef enum:
     HOLD_MAX = 256  # statements a lane may finish before it audits them
@@ -1032,7 +1031,7 @@ cdef class Lane:
         self._full = False
         if n == 0:
             return
-        # Taken out first: a flush during this drain finds nothing left here.
+        # Taken out first: nothing this drain calls finds them here again.
         cdef list entries = self._done_entries, texts = self._done_sql
         self._done_entries, self._done_sql = [], []
         cdef double times[HOLD_MAX]
@@ -1042,10 +1041,8 @@ cdef class Lane:
         cdef char spelled[HOLD_MAX][32]
         cdef int lengths[HOLD_MAX]
         cdef Py_ssize_t tally[65]
-        cdef char prev[64]
         cdef double total
-        cdef Py_ssize_t i, j, size
-        cdef const char* text
+        cdef Py_ssize_t i, j
         cdef Entry entry
         cdef list touched
         memcpy(times, self._done_now, n * sizeof(double))
@@ -1056,23 +1053,7 @@ cdef class Lane:
             seconds[j] /= 1000
         log = self._log
         if log is not None:
-            chain = log._prev
-            text = PyUnicode_AsUTF8AndSize(chain.get(self._session_id, GENESIS), &size)
-            if size != 64:
-                raise ValueError("audit chain head is not a SHA-256 hex digest")
-            memcpy(prev, text, 64)
-            max_buffer = log._max_buffer
-            for j in range(n):
-                line = self._seal(prev, times[j], counts[j], changes[j], entries[j], texts[j], spelled[j], lengths[j])
-                buffer = log._buffer  # (a flush replaces it)
-                if len(buffer) >= max_buffer:
-                    log._fail(1)
-                else:
-                    buffer.append(line)
-                    if len(buffer) >= BATCH:
-                        chain[self._session_id] = PyUnicode_DecodeASCII(prev, 64, NULL)
-                        log.flush()
-            chain[self._session_id] = PyUnicode_DecodeASCII(prev, 64, NULL)
+            self._audit(log, n, entries, texts, times, counts, changes, spelled, lengths)
         counters = self._counters
         if counters is not None:
             # Tallied here, added once: the same counts (and the same float sum, added in order)
@@ -1100,6 +1081,40 @@ cdef class Lane:
             counters.latency_sum = total
             counters.latency_count += n
             counters.lane_statements += n
+
+    cdef int _audit(
+        self, log, Py_ssize_t n, list entries, list texts, double* times, Py_ssize_t* counts,
+        long long* changes, char (*spelled)[32], int* lengths,
+    ) except -1:
+        """Seal the ``n`` lines into ``log``'s buffer; each full batch goes to the sink
+        (``write_out``), never through ``flush``: a flush is what drains the lanes, and a drain
+        inside it would nest once per lane holding lines. A line that cannot be written (the
+        chain head is not a digest, an error while sealing) is counted as dropped, as the sink
+        refusing it would be, before the error goes on."""
+        cdef char prev[64]
+        cdef Py_ssize_t j = 0, size
+        cdef Py_ssize_t batch = log._batch
+        cdef const char* text
+        chain = log._prev
+        try:
+            text = PyUnicode_AsUTF8AndSize(chain.get(self._session_id, GENESIS), &size)
+            if size != 64:
+                raise ValueError("audit chain head is not a SHA-256 hex digest")
+            memcpy(prev, text, 64)
+            while j < n:
+                line = self._seal(prev, times[j], counts[j], changes[j], entries[j], texts[j], spelled[j], lengths[j])
+                buffer = log._buffer  # (write_out replaces it)
+                buffer.append(line)
+                j += 1
+                if len(buffer) >= batch:
+                    log.write_out()
+        except BaseException:
+            log._fail(n - j)
+            raise
+        finally:
+            if j:
+                chain[self._session_id] = PyUnicode_DecodeASCII(prev, 64, NULL)
+        return 0
 
     cdef str _seal(
         self, char* prev, double now, Py_ssize_t rows, long long affected, Entry entry, sql,

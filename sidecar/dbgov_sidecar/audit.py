@@ -2,12 +2,18 @@
 
 Each event gets ``prev_hash`` (the previous event's hash in the same session, 64 zeros for the
 first) and ``hash`` = SHA-256 over ``prev_hash`` and the event's compact JSON, so a gap or an
-edit anywhere in a session's trail is detectable. Lines collect in a buffer that the proxy
-flushes to a sink in batches (on a short timer, when the batch is large, and at once for
-refusals and session boundaries, so those exist before the client sees the answer). A sink
-never blocks the proxy: when it cannot take more (a full pipe) or fails, ``best-effort``
-counts the dropped events and ``fail-closed`` turns ``healthy`` false, which makes the proxy
-refuse statements until a write succeeds again.
+edit anywhere in a session's trail is detectable. Lines collect in a buffer that goes to a sink
+in batches: when the batch is full, at once for refusals and session boundaries (so those exist
+before the client sees the answer), and on the proxy's short timer, whose ``flush`` first has
+every producer (the compiled lanes, which audit in batches of their own) hand over what it
+holds. A sink never blocks the proxy: when it cannot take more (a full pipe) or fails,
+``best-effort`` counts the dropped events and ``fail-closed`` turns ``healthy`` false, which
+makes the proxy refuse statements until a write succeeds again. No line is lost uncounted.
+
+Only the timer's flush (and the proxy's last one) asks the producers, and never from inside
+itself: a full batch, while lanes hand lines over or an event is written, only goes to the
+sink. So the work per line does not depend on how many sessions (lanes) there are, and a flush
+cannot nest however many lanes hold lines.
 """
 
 from __future__ import annotations
@@ -248,11 +254,13 @@ class Healthy:
 
 
 class AuditLog:
-    """Seals events into a bounded buffer and flushes it to a sink."""
+    """Seals events into a bounded buffer and hands it to a sink in batches."""
 
     def __init__(self, sink: Sink, *, failure_policy: str = "best-effort", max_buffer: int = 10_000) -> None:
         if failure_policy not in ("best-effort", "fail-closed"):
             raise ValueError(f"unknown audit failure policy {failure_policy!r}")
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
         self.failure_policy = failure_policy
         self.written = 0
         self.dropped = 0
@@ -261,12 +269,16 @@ class AuditLog:
         self._prev: dict[str, str] = {}
         self._buffer: list[str] = []
         self._max_buffer = max_buffer
+        self._batch = min(BATCH, max_buffer)
+        """Buffered lines that go to the sink at once (the compiled lanes read it too)."""
+        self._flushing = False
         self.producers: list[Callable[[], None]] = []
-        """Called first by every flush: whoever holds events back (the compiled lanes) hands
-        them over."""
+        """Called first by ``flush``: whoever holds events back (the compiled lanes) hands them
+        over. A producer only appends (through ``write``, or to the buffer as the lanes do,
+        handing a full batch to ``write_out``); it never flushes."""
 
     def write(self, event: Event) -> None:
-        """Seal one event and buffer it; refusals and session boundaries are flushed at once."""
+        """Seal one event and buffer it; refusals and session boundaries go to the sink at once."""
         if type(event) is StatementEvent:
             session_id = event.session.fields.get("session_id", "")
             kind: Any = "statement"
@@ -283,23 +295,34 @@ class AuditLog:
         else:
             self._prev[session_id] = digest
         buffer = self._buffer
-        if len(buffer) >= self._max_buffer:
-            self._fail(1)
-            return
         buffer.append(line)
-        if not routine or len(buffer) >= BATCH:  # urgent(event), without a second look
-            self.flush()
+        if not routine or len(buffer) >= self._batch:  # urgent(event), without a second look
+            self.write_out()
 
     def flush(self) -> None:
-        """Hand everything buffered to the sink."""
-        for produce in self.producers:
-            produce()
+        """Have every producer hand over what it holds, then hand everything buffered to the sink.
+
+        Called from inside itself (a producer that flushes), it only writes out what is buffered:
+        the producers are asked once per flush, never again while they are being asked."""
+        if self._flushing:
+            self.write_out()
+            return
+        self._flushing = True
+        try:
+            for produce in self.producers:
+                produce()
+        finally:
+            self._flushing = False
+            self.write_out()
+
+    def write_out(self) -> None:
+        """Hand the buffered lines to the sink (the producers are not asked for more)."""
         if not self._buffer:
             return
         lines, self._buffer = self._buffer, []
         try:
             accepted = self._sink("\n".join(lines) + "\n")
-        except (OSError, ValueError):
+        except Exception:  # whatever the sink raises, its lines are counted as dropped
             accepted = False
         if accepted:
             self.written += len(lines)
