@@ -536,7 +536,8 @@ class _Walker:
         qualified = ".".join(parts)
         unit.functions.append(qualified)
         # Checked in any schema: extensions (dblink, tablefunc) live wherever they were installed.
-        self.function_findings(qualified, bare, len(fields.get("args") or ()), unit)
+        nargs = None if fields.get("func_variadic") else len(fields.get("args") or ())
+        self.function_findings(qualified, bare, nargs, unit)
         if schema in (None, "pg_catalog"):
             if bare == "set_config":
                 self.set_config(fields.get("args", []), unit)
