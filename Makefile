@@ -49,10 +49,12 @@ kind-e2e: tools
 demo: setup
 	$(PY) -m dbgov_sidecar.demo
 
-# Policy decisions (µs, first sight vs cached), then pgbench through direct / pgbouncer / dbgov.
+# Policy decisions (µs, first sight vs cached), then pgbench through direct / pgbouncer / dbgov,
+# then pgbench -S at 1 to 1,000 clients through pgbouncer / dbgov (tps, p99, RSS, CPU, audit).
 bench: setup
 	$(PY) bench/decisions.py
 	$(PY) bench/run.py
+	$(PY) bench/sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

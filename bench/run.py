@@ -128,7 +128,9 @@ def ensure_pgbouncer() -> str | None:
 
 
 @contextmanager
-def pgbouncer_running(binary: str, server: pg.PgServer, *, mode: str) -> Iterator[tuple[int, int]]:
+def pgbouncer_running(
+    binary: str, server: pg.PgServer, *, mode: str, pool_size: int = 8, max_clients: int = 100
+) -> Iterator[tuple[int, int]]:
     port = pg.free_port()
     workdir = Path(tempfile.mkdtemp(prefix="dbgov-bench-pgb-"))
     (workdir / "userlist.txt").write_text(f'"app" "{pg.APP_PASSWORD}"\n')
@@ -142,8 +144,8 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {workdir}/userlist.txt
 pool_mode = {mode}
-default_pool_size = 8
-max_client_conn = 100
+default_pool_size = {pool_size}
+max_client_conn = {max_clients}
 logfile = {workdir}/pgbouncer.log
 pidfile = {workdir}/pgbouncer.pid
 """
@@ -171,10 +173,19 @@ pidfile = {workdir}/pgbouncer.pid
 
 @contextmanager
 def dbgov_running(
-    server: pg.PgServer, *, command: list[str] | None = None, **extra_env: str
+    server: pg.PgServer,
+    *,
+    command: list[str] | None = None,
+    workdir: Path | None = None,
+    exited: list[int] | None = None,
+    **extra_env: str,
 ) -> Iterator[tuple[int, int]]:
+    """The proxy as its own process: (port, pid). Its audit log is ``workdir/audit.jsonl`` (a
+    temporary directory, removed afterwards, unless ``workdir`` is given); its exit status is
+    appended to ``exited``."""
     port = pg.free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="dbgov-bench-"))
+    keep = workdir is not None
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="dbgov-bench-"))
     policy = workdir / "policy.yaml"
     policy.write_text(BENCH_POLICY)
     env = {
@@ -201,7 +212,10 @@ def dbgov_running(
     finally:
         stop(proc)
         log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if exited is not None:
+            exited.append(proc.returncode)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def policy_engine_available() -> bool:
