@@ -254,7 +254,11 @@ class Healthy:
 
 
 class AuditLog:
-    """Seals events into a bounded buffer and hands it to a sink in batches."""
+    """Seals events into a bounded buffer and hands it to a sink in batches.
+
+    The buffer holds at most ``max_buffer`` lines (and ``BATCH``): when it is full, it goes to
+    the sink. Lines are dropped (and counted) only when the sink does not take them.
+    """
 
     def __init__(self, sink: Sink, *, failure_policy: str = "best-effort", max_buffer: int = 10_000) -> None:
         if failure_policy not in ("best-effort", "fail-closed"):
