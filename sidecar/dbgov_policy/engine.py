@@ -7,13 +7,22 @@ function bodies, LIKE patterns) or on session state (EXECUTE, FETCH, PREPARE, DE
 never cached. Masked decisions cache the verdict but rebuild the rewrite for each text,
 because the rewrite carries the statement's own literals. Correctness never depends on the
 cache: a miss runs the full analysis.
+
+The engine runs on the proxy's event loop, so every statement's cost must stay bounded and
+close to linear in its size (a slow statement stalls every other session): texts over
+``max_statement_size`` are refused before any parsing, the normalizer (whose cost grows
+faster than the text) only sees texts up to ``SHAPE_MAX_SIZE``, sqlglot's second opinion
+only texts up to ``crosscheck.MAX_SIZE``, and the analysis runs with the cyclic garbage
+collector paused.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 from pglast import parser as pg_parser
 
@@ -21,6 +30,72 @@ from dbgov_policy import analyze, crosscheck, mask, model
 from dbgov_policy import decide as verdicts
 
 DEFAULT_SEARCH_PATH = ("public",)
+
+MAX_STATEMENT_SIZE = 1 << 20
+"""Default largest query text (UTF-8 bytes) the engine analyzes; longer texts are refused
+(54000). Analysis costs about 1 µs and 300 bytes of memory per byte of text, on the event loop:
+1 MiB is a ~1 s pause for every session and ~400 MB at peak. Bulk rows belong in
+COPY ... FROM STDIN or bind parameters, which are never analyzed."""
+
+SHAPE_MAX_SIZE = 16 * 1024
+"""Longest text the decision cache normalizes (libpg_query's ``normalize``). The normalizer
+fingerprints every SELECT target (~8 KB of memory each) and matches GROUP BY items against the
+targets pairwise, so its cost grows faster than the text (a 600 KB ``SELECT 1,1,…``: 2.4 GB
+and seconds); 16 KiB caps it at ~70 MB and ~50 ms. Longer texts are analyzed every time
+(linear) and never cached, so neither the lane nor the cache ever normalizes them."""
+
+
+class TooLongToShape(ValueError):
+    """The text is longer than ``SHAPE_MAX_SIZE``: it has no cache key."""
+
+
+def shape_key(sql: str) -> str:
+    """The cache key of ``sql``: libpg_query's normalized text (literals as ``$n``).
+
+    Raises ``TooLongToShape`` for texts over ``SHAPE_MAX_SIZE`` and pglast's ParseError for
+    texts that do not parse."""
+    if len(sql) > SHAPE_MAX_SIZE:
+        raise TooLongToShape(f"{len(sql)} characters, more than {SHAPE_MAX_SIZE}")
+    return str(pg_parser.normalize(sql))
+
+
+def utf8_size(sql: str) -> int:
+    """Bytes ``sql`` takes on the wire (UTF-8), without encoding an ASCII text."""
+    return len(sql) if sql.isascii() else len(sql.encode("utf-8", "surrogatepass"))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while the analysis builds its trees.
+
+    The parse tree arrives as JSON: hundreds of thousands of dicts for a big statement, none of
+    them in a reference cycle (reference counting frees them). Left on, the collector traverses
+    them again and again as they are created: 3-5x the time of the analysis itself."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def statement_too_large(size: int, limit: int) -> verdicts.Decision:
+    """The refusal of a text longer than the engine analyzes."""
+    return verdicts.Decision(
+        verdict="block",
+        rule="guardrail:max-statement-size",
+        reason=(
+            f"the statement is {size} bytes, more than the {limit} bytes dbgov analyzes "
+            "(max_statement_size, DBGOV_MAX_STATEMENT_SIZE)"
+        ),
+        hint=(
+            "Send bulk rows with COPY ... FROM STDIN or as bind parameters, split the statement, "
+            "or raise DBGOV_MAX_STATEMENT_SIZE."
+        ),
+        sqlstate=verdicts.LIMIT_SQLSTATE,
+    )
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -51,12 +126,19 @@ class CacheStats:
 class Engine:
     """Decides query strings for one compiled policy."""
 
-    shape_key = staticmethod(pg_parser.normalize)
+    shape_key = staticmethod(shape_key)
     """The text cache entries are keyed by (with the session's search_path)."""
 
-    def __init__(self, policy: model.CompiledPolicy, *, cache_size: int = 8192) -> None:
+    def __init__(
+        self,
+        policy: model.CompiledPolicy,
+        *,
+        cache_size: int = 8192,
+        max_statement_size: int = MAX_STATEMENT_SIZE,
+    ) -> None:
         self.policy = policy
         self.cache_size = cache_size
+        self.max_statement_size = max_statement_size
         self.stats = CacheStats()
         self._cache: collections.OrderedDict[tuple[tuple[str, ...], str], _Entry] = collections.OrderedDict()
         self._exact: dict[tuple[tuple[str, ...], str], _Entry] = {}
@@ -67,8 +149,13 @@ class Engine:
         entry = self._exact.get(exact)
         key: tuple[tuple[str, ...], str] | None = None
         if entry is None:
+            if len(sql) > self.max_statement_size // 4:  # (a character is at most 4 bytes)
+                size = utf8_size(sql)
+                if size > self.max_statement_size:
+                    self.stats.uncacheable += 1
+                    return statement_too_large(size, self.max_statement_size)
             try:
-                key = (ctx.search_path, pg_parser.normalize(sql))
+                key = (ctx.search_path, shape_key(sql))
             except (pg_parser.ParseError, ValueError, RecursionError):
                 key = None
             if key is not None:
@@ -85,13 +172,15 @@ class Engine:
                 return dataclasses.replace(entry.decision, rewritten=rewritten)
             # Same shape, other tokens (a $1 where the cached text had a constant): rewrite from
             # the analysis, and keep this text's own template for the next time it comes.
-            decision, template = self._with_rewrite(sql, ctx, entry.decision)
+            with _gc_paused():
+                decision, template = self._with_rewrite(sql, ctx, entry.decision)
             if template is not None and decision.verdict == entry.decision.verdict:
                 self._remember_exact(exact, _Entry(decision=entry.decision, template=template))
             return decision
         self.stats.misses += 1
         try:
-            decision, template, cacheable = self._first_sight(sql, ctx)
+            with _gc_paused():
+                decision, template, cacheable = self._first_sight(sql, ctx)
         except Exception as err:  # fail closed: an analyzer bug refuses the statement, never passes it
             reason = f"dbgov could not analyze the statement ({type(err).__name__}: {err})"
             return verdicts.blocked_unparseable(reason)
@@ -140,7 +229,7 @@ class Engine:
         """The shape key of ``sql`` and its cache entry, without counting a use."""
         ctx = session if session is not None else SessionContext()
         try:
-            key = pg_parser.normalize(sql)
+            key = shape_key(sql)
         except (pg_parser.ParseError, ValueError, RecursionError):
             return None
         entry = self._cache.get((ctx.search_path, key))
@@ -167,7 +256,9 @@ class Engine:
             except pg_parser.ParseError as err:
                 texts, problem = [], f"cannot split the statements: {err}"
             else:
-                problem = crosscheck.check(texts, analysis.units)
+                # sqlglot only ever adds refusals: over its size bound it is not asked (see
+                # crosscheck.MAX_SIZE), and the libpg_query analysis alone decides.
+                problem = crosscheck.check(texts, analysis.units, whole=len(sql))
             if problem is not None:
                 return verdicts.blocked_unparseable(problem, fingerprint), None, False
         known = dataclasses.replace(

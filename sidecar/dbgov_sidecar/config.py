@@ -12,6 +12,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dbgov_policy import engine
 from dbgov_sidecar import login, proxy, session, tokens
 from dbgov_sidecar.pgwire import auth, framing
 
@@ -47,15 +48,36 @@ class Settings:
     metrics: str = "127.0.0.1:9187"
     """host:port for /metrics, /healthz, /readyz; empty disables (DBGOV_METRICS)."""
     max_message_size: int = framing.DEFAULT_MAX_MESSAGE
-    """Largest client message in bytes (DBGOV_MAX_MESSAGE_SIZE)."""
+    """Largest message in bytes, from the client or the server (DBGOV_MAX_MESSAGE_SIZE)."""
+    max_statement_size: int = engine.MAX_STATEMENT_SIZE
+    """Longest statement text in bytes the policy engine analyzes; longer ones are refused (DBGOV_MAX_STATEMENT_SIZE)."""
+    max_session_buffer: int = proxy.MAX_SESSION_BUFFER
+    """Client bytes one session may hold unread before the proxy stops reading from it (DBGOV_MAX_SESSION_BUFFER)."""
+    max_total_buffer: int = proxy.MAX_TOTAL_BUFFER
+    """Client bytes all sessions together may hold before each holding one stops reading (DBGOV_MAX_TOTAL_BUFFER)."""
     drain_timeout: float = 30.0
     """Seconds in-flight statements get on SIGTERM (DBGOV_DRAIN_TIMEOUT)."""
     max_connections: int = 1000
-    """Client connections served at once; more get "too many clients" (53300) (DBGOV_MAX_CONNECTIONS)."""
+    """Authenticated sessions served at once; more get "too many clients" (53300) (DBGOV_MAX_CONNECTIONS)."""
+    max_startup_connections: int = proxy.MAX_STARTUP_CONNECTIONS
+    """Connections still starting up or authenticating; one more closes the oldest (DBGOV_MAX_STARTUP_CONNECTIONS)."""
     auth_timeout: float = 60.0
     """Seconds a client has to finish its startup and authentication (DBGOV_AUTH_TIMEOUT)."""
     lane: bool = True
     """Run steady-state statements through the compiled lane when it is built (DBGOV_LANE)."""
+
+
+INT_FIELDS = frozenset(
+    {
+        "max_message_size",
+        "max_statement_size",
+        "max_session_buffer",
+        "max_total_buffer",
+        "max_connections",
+        "max_startup_connections",
+    }
+)
+"""Settings read as integers."""
 
 
 def env_name(field: str) -> str:
@@ -71,7 +93,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         raw = environ.get(env_name(f.name))
         if raw is None:
             continue
-        if f.name in ("max_message_size", "max_connections"):
+        if f.name in INT_FIELDS:
             values[f.name] = int(raw)
         elif f.name in ("drain_timeout", "auth_timeout"):
             values[f.name] = float(raw)
@@ -184,6 +206,9 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
         tls_key=settings.tls_key,
         drain_timeout=settings.drain_timeout,
         max_connections=settings.max_connections,
+        max_startup_connections=settings.max_startup_connections,
+        max_session_buffer=settings.max_session_buffer,
+        max_total_buffer=settings.max_total_buffer,
         auth_timeout=settings.auth_timeout,
         lane=settings.lane,
     )

@@ -12,10 +12,11 @@ from dbgov_sidecar import policy_port, policyfile
 log = logging.getLogger("dbgov.policy")
 
 
-def load(path: str) -> policy_port.Policy:
-    """Compile ``path`` with ``dbgov_policy`` and wrap its engine (raises on invalid policy)."""
+def load(path: str, *, max_statement_size: int = engine.MAX_STATEMENT_SIZE) -> policy_port.Policy:
+    """Compile ``path`` with ``dbgov_policy`` and wrap its engine (raises on invalid policy);
+    the engine refuses statement texts longer than ``max_statement_size`` bytes."""
     compiled = policyfile.load_policy_file(path, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
-    return policy_port.EnginePolicy(engine.Engine(compiled))
+    return policy_port.EnginePolicy(engine.Engine(compiled, max_statement_size=max_statement_size))
 
 
 def problems_of(err: Exception) -> list[str]:

@@ -30,6 +30,18 @@ log = logging.getLogger("dbgov.proxy")
 
 AuditWrite = Callable[[audit.Event], None]
 
+MAX_SESSION_BUFFER = 1 << 20
+"""Default client bytes one session may hold unread (waiting behind a guarded write, or before
+its upstream is ready) before the proxy stops reading that client's socket."""
+MAX_TOTAL_BUFFER = 128 << 20
+"""Default client bytes all sessions together may hold: above it, every session holding any
+stops reading its client until what it holds is handled."""
+MAX_STARTUP_CONNECTIONS = 100
+"""Default connections that may be starting up or authenticating at once (apart from the
+authenticated sessions ``max_connections`` counts): one more closes the oldest of them."""
+_STARTING = frozenset({"startup", "tls", "auth"})
+"""Session states before the client has authenticated."""
+
 
 try:  # the event loop's transports the lane may write past (to their socket)
     from uvloop.loop import TCPTransport as _UvTcp  # type: ignore[attr-defined]  # (not in its stubs)
@@ -118,7 +130,14 @@ class ProxyConfig:
     drain_timeout: float = 30.0
     """Seconds in-flight sessions get to finish on shutdown."""
     max_connections: int = 1000
-    """Client connections served at once; the next gets FATAL 53300 after its startup packet."""
+    """Authenticated sessions served at once; the next gets FATAL 53300 after its startup packet."""
+    max_startup_connections: int = MAX_STARTUP_CONNECTIONS
+    """Connections not yet authenticated, on top of ``max_connections``; when one more arrives
+    the oldest of them is closed, so idle sockets cannot lock clients out."""
+    max_session_buffer: int = MAX_SESSION_BUFFER
+    """Client bytes one session may hold unread before reading from that client pauses."""
+    max_total_buffer: int = MAX_TOTAL_BUFFER
+    """Client bytes all sessions may hold together before every session holding some pauses."""
     auth_timeout: float = 60.0
     """Seconds a client has to finish startup and authentication (PostgreSQL's authentication_timeout)."""
     lane: bool = True
@@ -146,6 +165,10 @@ class Proxy:
             if audit.counters is not None:
                 audit.counters.producers.append(self.drain_lanes)
         self.connections: set[ClientConnection] = set()
+        self.starting: dict[ClientConnection, None] = {}
+        """Connections not yet authenticated, oldest first."""
+        self.held = 0
+        """Client bytes all sessions hold unread (``Session.held_input``)."""
         self.keys: dict[tuple[int, int], ClientConnection] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {"sessions_total": 0, "upstream_errors": 0}
@@ -247,9 +270,12 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_key: tuple[int, int] | None = None
         self.session: session.Session | None = None
         self._key: tuple[int, int] | None = None
+        self.address = ""
         self._closed = False
         self._audit_prev = "0" * 64
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._held = 0  # this session's part of proxy.held
+        self._paused_by: set[str] = set()  # why reading from the client is paused
         self.lane: _lane.Lane | None = None
         self._upstream_write: Callable[[bytes], object] = _nowhere
 
@@ -264,7 +290,15 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._key = self.proxy.new_key(self)
-        over_capacity = len(self.proxy.connections) >= self.proxy.config.max_connections
+        starting = self.proxy.starting
+        established = len(self.proxy.connections) - len(starting)
+        over_capacity = established >= self.proxy.config.max_connections
+        if len(starting) >= self.proxy.config.max_startup_connections:
+            oldest = next(iter(starting))
+            log.info("too many connections authenticating: closing the oldest, from %s", oldest.address)
+            oldest.close("too many connections authenticating (max_startup_connections)")
+        starting[self] = None
+        self.address = address
         self.proxy.connections.add(self)
         self.proxy.stats["sessions_total"] += 1
         self._auth_timer = asyncio.get_running_loop().call_later(
@@ -348,6 +382,36 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
+    def pause_client(self, why: str) -> None:
+        """Stop reading from the client (until every reason to is gone)."""
+        if not self._paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_by.add(why)
+
+    def resume_client(self, why: str) -> None:
+        """One reason to stop reading from the client is gone."""
+        if why in self._paused_by:
+            self._paused_by.discard(why)
+            if not self._paused_by and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    def _watch(self, s: session.Session) -> None:
+        """Keep what the session holds bounded: client bytes it cannot handle yet stop reading
+        from the client over the limits, and reading resumes once it handled them. Also counts
+        the connection as established once the client authenticated."""
+        if self in self.proxy.starting and s.state not in _STARTING:
+            del self.proxy.starting[self]
+        held = s.held_input
+        if held == self._held:
+            return
+        proxy, cfg = self.proxy, self.proxy.config
+        proxy.held += held - self._held
+        self._held = held
+        if held and (held > cfg.max_session_buffer or proxy.held > cfg.max_total_buffer):
+            self.pause_client("held")
+        elif not held or (held <= cfg.max_session_buffer // 2 and proxy.held <= cfg.max_total_buffer):
+            self.resume_client("held")
+
     def pump(self) -> None:
         """Write out what the session queued and carry out its actions."""
         s = self.session
@@ -365,6 +429,8 @@ class ClientConnection(asyncio.Protocol):
             actions, s.actions = s.actions, []
             for action in actions:
                 self._act(action)
+        if self._held or s.held_input or self in self.proxy.starting:
+            self._watch(s)
 
     def _act(self, action: session.Action) -> None:
         if isinstance(action, session.ConnectUpstream):
@@ -559,6 +625,9 @@ class ClientConnection(asyncio.Protocol):
             self._auth_timer.cancel()
             self._auth_timer = None
         self.proxy.connections.discard(self)
+        self.proxy.starting.pop(self, None)
+        self.proxy.held -= self._held
+        self._held = 0
         if self._key is not None:
             self.proxy.keys.pop(self._key, None)
         if self.session is not None:
@@ -660,12 +729,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def pause_writing(self) -> None:
-        if self.owner.transport is not None:
-            self.owner.transport.pause_reading()
+        self.owner.pause_client("upstream busy")
 
     def resume_writing(self) -> None:
-        if self.owner.transport is not None:
-            self.owner.transport.resume_reading()
+        self.owner.resume_client("upstream busy")
 
     async def read_ssl_answer(self) -> bytes:
         self._expect_ssl_answer = True

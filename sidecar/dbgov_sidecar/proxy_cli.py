@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -19,8 +20,7 @@ log = logging.getLogger("dbgov.proxy")
 
 
 _FLAG_TYPES: dict[str, Any] = {
-    "max_message_size": int,
-    "max_connections": int,
+    **dict.fromkeys(config.INT_FIELDS, int),
     "drain_timeout": float,
     "auth_timeout": float,
     "audit_redact_literals": config.parse_bool,
@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from(args)
     try:
-        holder = policies.PolicyHolder(settings.policy)
+        holder = policies.PolicyHolder(
+            settings.policy,
+            loader=functools.partial(policies.load, max_statement_size=settings.max_statement_size),
+        )
     except Exception as err:
         for problem in policies.problems_of(err):
             print(f"dbgov proxy: invalid policy {settings.policy}: {problem}", file=sys.stderr)

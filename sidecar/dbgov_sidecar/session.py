@@ -65,7 +65,7 @@ class SessionConfig:
     upstream_database: str | None = None
     """Database to connect to upstream (None: the one the client asks for)."""
     max_message_size: int = framing.DEFAULT_MAX_MESSAGE
-    """Largest client message accepted."""
+    """Largest message accepted from the client or the server."""
     audit: bool = True
     """Produce audit events."""
     redact_literals: bool = False
@@ -320,7 +320,7 @@ class Session:
         # can never be mistaken for a marker's, so no refusal is matched to the wrong error.
         self._marker_tag = "".join(c for c in nonce if c.isalnum()).lower()[:16]
         self._client = framing.Framer(side="frontend", startup=True, max_message_size=config.max_message_size)
-        self._server = framing.Framer(side="backend", max_message_size=1 << 30)
+        self._server = framing.Framer(side="backend", max_message_size=config.max_message_size)
         self.state = "startup"
         self.to_client = bytearray()
         self.to_server = bytearray()
@@ -373,6 +373,15 @@ class Session:
         """The compiled lane for the steady state (``enable_lane``); None: every byte comes here."""
         self._paused = False  # client input waits (a guarded write is in progress)
         self._resume = False
+
+    @property
+    def held_input(self) -> int:
+        """What the client's input costs the session now, in bytes: what it read but has not
+        handled (waiting behind a guarded write, or sent before the session is ready; a partial
+        message of a session that reads on does not count), plus ~512 bytes of state for each
+        statement sent upstream and not yet answered (a pipelined Sync is 5 bytes on the wire)."""
+        held = self._client.buffered if self._paused or self.state != "ready" else 0
+        return held + 512 * len(self._units)
 
     @property
     def idle(self) -> bool:
@@ -617,6 +626,8 @@ class Session:
             chunk, msgs = self._server.drain()
             if msgs:
                 self._on_server(chunk, msgs, now)
+        except framing.MessageTooLarge as err:  # (the proxy would have to hold all of it)
+            self._fatal("54000", f"dbgov: {err.what} (DBGOV_MAX_MESSAGE_SIZE); the session ends")
         except ProtocolViolation as err:
             self._fatal("08P01", f"upstream server broke the protocol: {err.what}")
 

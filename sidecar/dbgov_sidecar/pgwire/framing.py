@@ -6,9 +6,12 @@ decode only what policy needs. Startup-phase messages (SSLRequest, GSSENCRequest
 CancelRequest, StartupMessage) have no type byte; a frontend framer reads them until the
 StartupMessage and typed messages after it, as the server does.
 
-Validation is strict: a length below 4, a message over the configured limit, a type byte the
-peer may not send, a fixed-size message of the wrong size or a truncated startup packet raises
-``ProtocolViolation``.
+Validation is strict: a length below 4, a type byte the peer may not send, a fixed-size
+message of the wrong size or a truncated startup packet raises ``ProtocolViolation``; a message
+over the configured limit raises ``MessageTooLarge`` as soon as its length word arrives, before
+any of it is buffered: a framer never holds more than one limit's worth of bytes (plus the
+complete messages of the last read). Both sides have a limit (the server's too: a single
+DataRow of a 1 GB value would otherwise be assembled whole in the proxy's memory).
 """
 
 from __future__ import annotations
@@ -29,6 +32,31 @@ MAX_STARTUP_PACKET = 10_000
 
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 """Default largest message accepted, in bytes (PostgreSQL allows up to 1 GB)."""
+
+_KINDS = {
+    ord("D"): "a row",
+    ord("d"): "COPY data",
+    ord("Q"): "a query",
+    ord("P"): "a Parse",
+    ord("B"): "a Bind",
+}
+
+
+class MessageTooLarge(ProtocolViolation):
+    """A message longer than the framer's limit: the proxy would have to buffer all of it."""
+
+    def __init__(self, *, side: str, mtype: int, length: int, limit: int) -> None:
+        who = "client" if side == "frontend" else "server"
+        kind = _KINDS.get(mtype)
+        super().__init__(
+            f"{who} message {chr(mtype)!r}{f' ({kind})' if kind else ''} of {length} bytes exceeds "
+            f"the limit of {limit}"
+        )
+        self.side = side
+        self.mtype = mtype
+        self.length = length
+        self.limit = limit
+
 
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -272,9 +300,7 @@ class Framer:
         if length < 4:
             raise ProtocolViolation(f"message {chr(mtype)!r} has length {length}, below the minimum of 4")
         if length > self._max:
-            raise ProtocolViolation(
-                f"message {chr(mtype)!r} of {length} bytes exceeds the limit of {self._max}"
-            )
+            raise MessageTooLarge(side=self.side, mtype=mtype, length=length, limit=self._max)
         if self.side == "frontend":
             if mtype in _EMPTY_FRONTEND and length != 4:
                 raise ProtocolViolation(f"message {chr(mtype)!r} has length {length} instead of 4")
