@@ -59,6 +59,8 @@ class StatementInfo:
     verdict: model.Verdict
     rule: str | None
     nested: bool = False
+    settings: tuple[str, ...] = ()
+    """Settings it changes ("*": every one, as RESET ALL), which the session must learn back."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -535,4 +537,5 @@ def _info(unit: analyze.Unit, v: _Verdict) -> StatementInfo:
         verdict=v.verdict,
         rule=v.rule,
         nested=unit.nested,
+        settings=tuple(dict.fromkeys(s.name for s in unit.settings)),
     )

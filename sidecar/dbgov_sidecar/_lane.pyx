@@ -577,6 +577,9 @@ cdef class Lane:
             self._shapes.clear()
             self._forget_templates()
             self._texts.clear()
+            # Statements prepared under the old search_path are re-resolved by the server: the
+            # session judges their next executions again.
+            self._by_decision.clear()
             self._policy = policy
             self._search_path = search_path
             self._shape_key = shape_key

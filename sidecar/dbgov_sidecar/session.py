@@ -50,6 +50,58 @@ _READ_AS_JUDGED = {"client_encoding": "UTF8", "standard_conforming_strings": "on
 # (no conversion at all; the server gets UTF8 bytes and says so in its ParameterStatus).
 _CLIENT_ENCODINGS = frozenset({"utf8", "unicode", "sqlascii"})
 _ASYNC_SERVER = frozenset((messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION))
+# Client messages whose statement PostgreSQL resolves by search_path at that point: a Query and
+# a Parse are analyzed, a Bind re-analyzes a prepared statement whose search_path changed.
+_NAMED_BY_PATH = frozenset((messages.QUERY, messages.PARSE, messages.BIND))
+# The search_path probe: a named statement (a Query or an unnamed Parse would destroy the
+# client's unnamed statement), the schemas names resolve in, as at login.
+_PROBE_STATEMENT = "dbgov_search_path"
+_PROBE = (
+    messages.parse(_PROBE_STATEMENT, "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s")
+    + messages.bind("", _PROBE_STATEMENT)
+    + messages.execute("")
+    + messages.close("S", _PROBE_STATEMENT)
+    + messages.SYNC_MESSAGE
+)
+_PROBE_REPLIES = frozenset(
+    (
+        messages.PARSE_COMPLETE,
+        messages.BIND_COMPLETE,
+        messages.CLOSE_COMPLETE,
+        messages.DATA_ROW,
+        messages.COMMAND_COMPLETE,
+    )
+)
+_PATH_UNKNOWN = policy_port.SimpleDecision(
+    verdict="block",
+    rule="builtin:search-path-pending",
+    reason=(
+        "an earlier statement in this batch may change search_path, so how this statement's names "
+        "resolve is not known until the server has answered it"
+    ),
+    hint="Send Sync after SET/RESET search_path, DISCARD ALL or DDL and wait for its answer first.",
+    sqlstate=SQLSTATE_POLICY,
+)
+_PATH_NOT_LAST = policy_port.SimpleDecision(
+    verdict="block",
+    rule="builtin:search-path-pending",
+    reason=(
+        "a statement in this query string may change search_path (or end the transaction that "
+        "changed it), so later statements in it would resolve names otherwise than they are judged"
+    ),
+    hint="Send it as its own query, then the statements that rely on it.",
+    sqlstate=SQLSTATE_POLICY,
+)
+_PATH_REPREPARE = policy_port.SimpleDecision(
+    verdict="block",
+    rule="builtin:search-path-changed",
+    reason=(
+        "search_path changed since this statement was prepared, and PostgreSQL would now resolve "
+        "its names to relations it was not judged (or masked) for"
+    ),
+    hint="Prepare the statement again under the current search_path.",
+    sqlstate=SQLSTATE_POLICY,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +170,9 @@ class _Statement:
     sql: str
     decision: policy_port.Decision
     verdict: str  # what happened (dry-run may differ from decision.verdict)
+    path: tuple[str, ...] | None = None
+    """The search_path it was judged under (PostgreSQL re-resolves a prepared statement's names
+    when search_path changes, so an execution under another path is judged again)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -373,6 +428,16 @@ class Session:
         """The compiled lane for the steady state (``enable_lane``); None: every byte comes here."""
         self._paused = False  # client input waits (a guarded write is in progress)
         self._resume = False
+        self._path_pending = False
+        """A statement that may change search_path (SET, RESET, DISCARD ALL, DDL; transaction
+        end while ``_path_volatile``) went upstream: names cannot be judged until the server has
+        answered it and the proxy has read the session's search_path back (``_probe``)."""
+        self._path_batch_open = False
+        """That statement is in the extended-protocol batch still open (no Sync yet)."""
+        self._path_volatile = False
+        """search_path changed inside the open transaction block: its end may undo the change."""
+        self._probe: list[str] | None = None
+        """Schemas read so far while the search_path probe is in flight."""
 
     @property
     def held_input(self) -> int:
@@ -391,6 +456,7 @@ class Session:
             and self._pending is None
             and self._guard is None
             and not self._executes
+            and self._probe is None
             and (self.lane is None or not self.lane.kind)
         )
 
@@ -440,6 +506,8 @@ class Session:
             and not self._parsed_in_unit
             and not self._paused
             and not self._resume
+            and not self._path_pending
+            and not self._path_volatile
             and not self._skipping
             and not self._refusals
             and not self._over_limit
@@ -617,6 +685,8 @@ class Session:
             and self._abort_marker is None
             and not self._paused
             and not self._resume
+            and not self._path_pending
+            and self._probe is None
             and not self._server.buffered
             and self._plain_response(data, now)
         ):
@@ -865,8 +935,16 @@ class Session:
                 self._client.unread(b"".join(m.data for m in msgs[index:]))
                 self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
                 return
-            if self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
-                replacement: bytes | None = b""
+            if self._path_pending and mtype in _NAMED_BY_PATH and not self._skipping:
+                if not self._path_batch_open:
+                    # Judged once the server has answered and the probe has read the path back.
+                    self._paused = True
+                    self._client.unread(b"".join(m.data for m in msgs[index:]))
+                    self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
+                    return
+                replacement: bytes | None = self._refuse_path_unknown(msg, now)
+            elif self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
+                replacement = b""
             elif mtype == messages.QUERY:
                 replacement = self._on_query(msg, now)
                 if self._defer or self._guard is not None:
@@ -885,6 +963,7 @@ class Session:
                 replacement = self._on_parse(msg, now)
             elif mtype == messages.SYNC:
                 self._skipping = False
+                self._path_batch_open = False
                 self._syncs_sent += 1
                 self._units.append(self._pending or _Unit(started=now, statements=[]))
                 self._pending = None
@@ -907,6 +986,12 @@ class Session:
                     return
             elif mtype == messages.BIND:
                 bind = messages.decode_bind(msg.data)
+                refused = self._on_bind(bind.statement, now)
+                if refused is not None:
+                    if out is None:
+                        out = [m.data for m in msgs[:index]]
+                    out.append(refused)
+                    continue
                 self._portal_statements[bind.portal] = bind.statement
                 self._portal_rows.pop(bind.portal, None)
                 if self._write_statements:
@@ -950,7 +1035,9 @@ class Session:
             self._portal_rows.pop("", None)  # a simple query replaces the unnamed portal
         sql = messages.decode_query(msg.data)
         decision, verdict = self._decide(sql)
-        statement = _Statement(sql=sql, decision=decision, verdict=verdict)
+        if verdict in ("allow", "mask") and self._path_changes_midway(decision):
+            decision, verdict = _PATH_NOT_LAST, "block"
+        statement = _Statement(sql=sql, decision=decision, verdict=verdict, path=self._current_path())
         if verdict in ("allow", "mask"):
             limit = self._guard_limit(decision)
             if limit is not None and not self.idle:
@@ -958,6 +1045,9 @@ class Session:
                 return None
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
+            if self._touches_path(decision):
+                self._path_pending = True
+                self._path_batch_open = False
             if self.lane is not None and limit is None:
                 if verdict == "allow" and self._unguarded(decision):
                     self._teach_lane(sql, statement, exact=False)
@@ -977,8 +1067,10 @@ class Session:
         if self._masked_attrs:
             self._origins.parsed(parse.name)
         decision, verdict = self._decide(parse.query)
-        statement = _Statement(sql=parse.query, decision=decision, verdict=verdict)
+        statement = _Statement(sql=parse.query, decision=decision, verdict=verdict, path=self._current_path())
         if verdict in ("allow", "mask"):
+            if self._touches_path(decision):
+                self._path_pending = self._path_batch_open = True
             if self._pending is None:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
@@ -1038,6 +1130,138 @@ class Session:
         self._units.append(_Unit(started=now, statements=[]))
         statement = _Statement(sql="<FunctionCall message>", decision=decision, verdict="block")
         return messages.query(self._refuse(statement, now))
+
+    def _current_path(self) -> tuple[str, ...] | None:
+        path = getattr(self._context, "search_path", None)
+        return tuple(path) if path is not None else None
+
+    def _touches_path(self, decision: policy_port.Decision) -> bool:
+        """The statement may change how names resolve: search_path itself (SET, RESET, RESET
+        ALL, DISCARD ALL, set_config), schemas existing or not (DDL), or, in a transaction block
+        that changed search_path, the block's end (which may undo that change)."""
+        for info in decision.statements:
+            settings = getattr(info, "settings", ())
+            if "search_path" in settings or "*" in settings:
+                return True
+            cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
+            if cls == "ddl" or fine == "discard":
+                return True
+            if self._path_volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints"):
+                return True
+        return False
+
+    def _path_changes_midway(self, decision: policy_port.Decision) -> bool:
+        """A statement that may change search_path comes before another in one query string."""
+        top = [info for info in decision.statements if not getattr(info, "nested", False)]
+        for info in top[:-1]:
+            settings = getattr(info, "settings", ())
+            cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
+            if "search_path" in settings or "*" in settings or fine == "discard":
+                return True
+            if self._path_volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints"):
+                return True
+        return False
+
+    def _refuse_path_unknown(self, msg: framing.Message, now: float) -> bytes:
+        """Refuse a Query, Parse or Bind sent in the batch of a statement that may change
+        search_path, before the server has answered it: the server fails the marker and skips
+        to Sync, as for any refusal."""
+        if msg.type == messages.QUERY:
+            sql = messages.decode_query(msg.data)
+        elif msg.type == messages.PARSE:
+            sql = messages.decode_parse(msg.data).query
+        else:
+            name = messages.decode_bind(msg.data).statement
+            known = self._prepared.get(name)
+            sql = known.sql if known is not None else f"<Bind of prepared statement {name!r}>"
+        statement = _Statement(sql=sql, decision=_PATH_UNKNOWN, verdict="block")
+        if msg.type == messages.QUERY:
+            self._syncs_sent += 1
+            self._units.append(_Unit(started=now, statements=[]))
+            return messages.query(self._refuse(statement, now))
+        token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
+        self._skipping = True
+        return messages.parse("dbgov_refused", token, ())
+
+    def _on_bind(self, name: str, now: float) -> bytes | None:
+        """A Bind runs a prepared statement as PostgreSQL resolves it now: one judged under
+        another search_path is judged again (refused when that changes what it reads or how it
+        is masked). One that may change search_path makes names unknown until the server says."""
+        statement = self._prepared.get(name)
+        if statement is None:
+            return None
+        path = self._current_path()
+        if statement.path != path and statement.verdict in ("allow", "mask"):
+            decision, verdict = self._decide(statement.sql)
+            same = verdict == statement.verdict and decision.rewritten == statement.decision.rewritten
+            if not same:
+                refused = _Statement(sql=statement.sql, decision=_PATH_REPREPARE, verdict="block")
+                token = self._refuse(refused, now, sync_id=self._syncs_sent + 1)
+                self._skipping = True
+                return messages.parse("dbgov_refused", token, ())
+            statement.decision, statement.path = decision, path
+            if self.lane is not None and verdict == "allow" and self._unguarded(decision):
+                self._teach_lane(statement.sql, statement, exact=True)
+        if self._touches_path(statement.decision):
+            self._path_pending = self._path_batch_open = True
+        return None
+
+    def _probe_path(self) -> None:
+        """Ask the server, once it has answered everything, which schemas names now resolve in."""
+        if self.txn_status == "E":
+            # Nothing but the block's end runs in a failed block; that end is probed again.
+            self._path_pending = False
+            self._path_volatile = True
+            return
+        self._probe = []
+        self.to_server += _PROBE
+
+    def _on_probe(self, msgs: list[framing.Message], now: float) -> None:
+        probe = self._probe
+        assert probe is not None
+        for msg in msgs:
+            mtype = msg.type
+            if mtype == messages.DATA_ROW:
+                (value,) = messages.decode_data_row(msg.data)
+                if value is not None:
+                    probe.append(value.decode())
+            elif mtype == messages.READY_FOR_QUERY:
+                status = messages.decode_ready_for_query(msg.data)
+                self._probe = None
+                self._path_pending = False
+                self._path_volatile = status != "I"
+                self.txn_status = status
+                self._learn_path(tuple(probe))
+            elif mtype == messages.ERROR_RESPONSE:
+                fields = messages.decode_fields(msg.data)
+                self._fatal(
+                    "08P01",
+                    "dbgov: could not read the session's search_path back from the server after a "
+                    f"statement that may have changed it ({fields.get('C')}: {fields.get('M')}); "
+                    "the session was closed",
+                )
+                return
+            elif mtype in _ASYNC_SERVER:
+                if mtype == messages.PARAMETER_STATUS and self._on_parameter_status(msg):
+                    return
+                self.to_client += msg.data
+            elif mtype not in _PROBE_REPLIES:
+                raise ProtocolViolation(f"unexpected server message {chr(mtype)!r} reading search_path")
+
+    def _learn_path(self, path: tuple[str, ...]) -> None:
+        """The server's search_path: later statements are judged in it; statements prepared under
+        another are judged again when they run (``_on_bind``)."""
+        context = self._context
+        changed = path != self._search_path
+        self._search_path = path
+        if context is None or not hasattr(context, "search_path"):
+            return
+        context.search_path = path  # (the engine's own guess, made when it judged the SET, is dropped)
+        names = getattr(context, "names", None)
+        if changed and names is not None:
+            # SQL PREPAREd statements are re-resolved by the server too: EXECUTE of one prepared
+            # under the old path is refused as unknown (PREPARE it again).
+            names.prepared.clear()
 
     def _decide(self, sql: str) -> tuple[policy_port.Decision, str]:
         if self._audit_ok is not None and not self._audit_ok():
@@ -1101,6 +1325,10 @@ class Session:
     # --- server side ----------------------------------------------------------------------
 
     def _on_server(self, chunk: bytes, msgs: list[framing.Message], now: float) -> None:
+        if self._probe is not None:
+            self._on_probe(msgs, now)
+            self._after_server(now)
+            return
         if any(m.type == messages.ERROR_RESPONSE for m in msgs):
             msgs = [self._withhold_row_values(m) for m in msgs]
             chunk = b"".join(m.data for m in msgs)
@@ -1154,6 +1382,17 @@ class Session:
             if out is not None:
                 out.append(msg.data if replacement is None else replacement)
         self.to_client += chunk if out is None else b"".join(out)
+        self._after_server(now)
+
+    def _after_server(self, now: float) -> None:
+        """Once the server has answered everything: read search_path back if a statement may
+        have changed it, then let held client input go on."""
+        if self.state != "ready":
+            return
+        if self._path_pending and self._probe is None and self.idle:
+            self._probe_path()
+        if self._probe is not None:
+            return
         if self._resume or (self._paused and self.idle):
             self._resume = False
             self._paused = False

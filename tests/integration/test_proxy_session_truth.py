@@ -269,3 +269,173 @@ def test_integrity_errors_do_not_quote_masked_rows(
         assert diag.message_detail is not None and "withheld" in diag.message_detail
         assert diag.table_name == "customers"  # the rest of the error is the server's
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# --- search_path: what the server resolves names in, read back from the server ---------------
+
+
+@pytest.fixture
+def two_schemas(pg_server: pg.PgServer) -> Iterator[tuple[str, str, str, str]]:
+    """Schemas `home` (the role's default search_path; its customers' email is masked) and
+    `stage` (an unmasked customers table), and that role: (home, stage, user, password)."""
+    home, stage = f"home_{uuid.uuid4().hex[:8]}", f"stage_{uuid.uuid4().hex[:8]}"
+    user, password = f"path_{uuid.uuid4().hex[:8]}", "path-pw"
+    pg_server.psql(
+        f"CREATE ROLE {user} LOGIN PASSWORD '{password}';"
+        f"ALTER ROLE {user} SET search_path = {home};"
+        f"CREATE SCHEMA {home}; CREATE SCHEMA {stage};"
+        f"CREATE TABLE {home}.customers (id int, email text);"
+        f"INSERT INTO {home}.customers VALUES (1, '{PII}@example.com');"
+        f"CREATE TABLE {stage}.customers (id int, email text);"
+        f"INSERT INTO {stage}.customers VALUES (1, 'staged@example.com');"
+        f"GRANT USAGE ON SCHEMA {home}, {stage} TO {user};"
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA {home} TO {user};"
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA {stage} TO {user};",
+        dbname="shop",
+    )
+    yield home, stage, user, password
+    pg_server.psql(
+        f"DROP SCHEMA {home} CASCADE; DROP SCHEMA {stage} CASCADE; DROP OWNED BY {user}; DROP ROLE {user};",
+        dbname="shop",
+    )
+
+
+def _path_policy(home: str, stage: str) -> policy_port.EnginePolicy:
+    return _engine(
+        {
+            "default": "block",
+            "rules": [
+                {
+                    "name": "reads",
+                    "verdict": "allow",
+                    "statements": ["select"],
+                    "tables": [f"{home}.*", f"{stage}.*", "public.*"],
+                }
+            ],
+            "masks": [{"table": f"{home}.customers", "column": "email", "strategy": "redact"}],
+            "guardrails": {"allowedSettings": {"search_path": [stage, home]}},
+        }
+    )
+
+
+@pytest.fixture
+def path_proxy(
+    make_proxy: Callable[..., RunningProxy], two_schemas: tuple[str, str, str, str]
+) -> RunningProxy:
+    home, stage, user, password = two_schemas
+    return make_proxy(policy=_path_policy(home, stage), upstream={"user": user, "password": password})
+
+
+def _run_all(client: RawClient, *texts: str) -> bytes:
+    """Each text as its own Query, sent in one write (pipelined); the answers up to the last
+    ReadyForQuery, as bytes."""
+    client.send(b"".join(messages.query(t) for t in texts))
+    answer = b""
+    for _ in texts:
+        answer += b"".join(m.data for m in client.read_until(b"Z"))
+    return answer
+
+
+@pytest.mark.parametrize(
+    "drift",
+    [
+        # the proxy used to take the SET as applied when it judged it
+        ["BEGIN", "SET search_path = {stage}", "ROLLBACK"],
+        ["BEGIN", "SET search_path = {stage}", "SELECT 1/0", "ROLLBACK"],
+        ["BEGIN", "SAVEPOINT a", "SET search_path = {stage}", "ROLLBACK TO SAVEPOINT a", "COMMIT"],
+        ["SELECT 1/0; SET search_path = {stage}"],
+        ["SELECT set_config('search_path', '{stage}', false) WHERE false"],
+        # and RESET / DISCARD / DEFAULT to be `public`, where the server goes back to the role's
+        ["SET search_path = {stage}", "RESET search_path"],
+        ["SET search_path = {stage}", "RESET ALL"],
+        ["SET search_path = {stage}", "DISCARD ALL"],
+        ["SET search_path = {stage}", "SET search_path TO DEFAULT"],
+    ],
+)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_search_path_follows_the_server(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str], drift: list[str], pipelined: bool
+) -> None:
+    _home, stage, _, _ = two_schemas
+    steps = [d.format(stage=stage) for d in drift]
+    client, answer = _raw_login(path_proxy, {})
+    try:
+        assert answer[-1].type == messages.READY_FOR_QUERY
+        read = "SELECT email || '' AS e FROM customers"
+        if pipelined:
+            reply = _run_all(client, *steps, read)
+        else:
+            for step in steps:
+                _answers(client, step.encode())
+            reply = _answers(client, read.encode())
+        assert PII.encode() not in reply
+        assert b"staged@example.com" not in reply  # it is the home table the server reads
+        assert _answers(client, b"SELECT 1").endswith(messages.ready_for_query("I"))
+    finally:
+        client.close()
+
+
+def test_an_unexecuted_parse_of_a_set_changes_nothing(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    _home, stage, _, _ = two_schemas
+    client, _answer = _raw_login(path_proxy, {})
+    try:
+        client.send(messages.parse("s", f"SET search_path = {stage}") + messages.SYNC_MESSAGE)
+        client.read_until(b"Z")
+        reply = _answers(client, b"SELECT email || '' AS e FROM customers")
+        assert PII.encode() not in reply and b"staged" not in reply
+    finally:
+        client.close()
+
+
+def test_a_statement_prepared_under_another_search_path_is_judged_again(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    home, stage, _, _ = two_schemas
+    client, _answer = _raw_login(path_proxy, {})
+    try:
+        _answers(client, f"SET search_path = {stage}".encode())
+        client.send(messages.parse("p", "SELECT email || '' AS e FROM customers") + messages.SYNC_MESSAGE)
+        assert client.read_until(b"Z")[0].type == messages.PARSE_COMPLETE
+        run = messages.bind("", "p") + messages.execute("") + messages.SYNC_MESSAGE
+        client.send(run)
+        assert b"staged@example.com" in b"".join(m.data for m in client.read_until(b"Z"))
+        _answers(client, f"SET search_path = {home}".encode())
+        client.send(run)  # the server would now read home.customers, whose email is masked
+        reply = client.read_until(b"Z")
+        assert PII.encode() not in b"".join(m.data for m in reply)
+        errors = [messages.decode_fields(m.data) for m in reply if m.type == messages.ERROR_RESPONSE]
+        assert errors and "search_path changed" in errors[0]["M"]
+        assert _answers(client, b"SELECT 1").endswith(messages.ready_for_query("I"))
+    finally:
+        client.close()
+    events = [e for e in path_proxy.events if e.get("rule") == "builtin:search-path-changed"]
+    assert events and events[0]["decision"] == "block"
+
+
+def test_a_statement_after_a_set_in_the_same_batch_is_refused(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    _home, stage, _, _ = two_schemas
+    client, _answer = _raw_login(path_proxy, {})
+    try:
+        client.send(
+            messages.parse("", f"SET search_path = {stage}")
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.parse("", "SELECT email || '' AS e FROM customers")
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.SYNC_MESSAGE
+        )
+        reply = client.read_until(b"Z")
+        errors = [messages.decode_fields(m.data) for m in reply if m.type == messages.ERROR_RESPONSE]
+        assert errors and "search_path" in errors[0]["M"]
+        assert PII.encode() not in b"".join(m.data for m in reply)
+        # the batch failed, so its implicit transaction took the SET back with it: the server
+        # reads home.customers again, and the proxy (which asked it) masks what it returns
+        after = _answers(client, b"SELECT email || '' AS e FROM customers")
+        assert b"staged" not in after and PII.encode() not in after and b"*****" in after
+    finally:
+        client.close()
