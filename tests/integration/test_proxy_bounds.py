@@ -139,8 +139,8 @@ def test_a_statement_over_the_analysis_limit_is_refused_naming_the_setting(
 ) -> None:
     proxy = start_proxy()
     before = pg_server.psql("SELECT count(*) FROM shop.orders;").strip()
-    rows = ",".join(f"(1, 1, {i % 7 + 1})" for i in range(200_000))  # ~2.6 MB
-    insert = f"INSERT INTO shop.orders (customer_id, product_id, quantity) VALUES {rows}"
+    rows = ",".join(f"({10**6 + i}, 1, 1, {i % 7 + 1})" for i in range(150_000))  # ~2.6 MB
+    insert = f"INSERT INTO shop.orders (id, customer_id, product_id, quantity) VALUES {rows}"
     with proxy.watching():
         result = _psql(proxy.dsn, insert, tmp_path)
     assert 'refused by rule "guardrail:max-statement-size"' in result.stderr, result.stderr[-500:]
@@ -169,10 +169,10 @@ def test_a_long_group_by_does_not_stall_other_sessions(
     start_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:
     """The normalizer matches every GROUP BY item against every SELECT target: quadratic. A
-    240 KB statement stalled every session for ~10 s; its analysis is linear and far shorter."""
+    330 KB statement stalled every session for ~10 s; its analysis is linear and far shorter."""
     proxy = start_proxy()
-    targets = ",".join(f"a{i}" for i in range(15_000))
-    groups = ",".join(f"b{i}" for i in range(15_000))
+    targets = ",".join(f"a{i}" for i in range(20_000))
+    groups = ",".join(f"b{i}" for i in range(20_000))
     with proxy.watching():
         result = _psql(proxy.dsn, f"SELECT {targets} FROM shop.orders GROUP BY {groups}", tmp_path)
     assert "ERROR" in result.stderr and result.stdout.strip() == "after"
