@@ -179,6 +179,8 @@ class Unit:
     shows_statements: list[str] = dataclasses.field(default_factory=list)
     """Catalogs and functions it reads that show the text of this session's statements."""
     settings: list[Setting] = dataclasses.field(default_factory=list)
+    renamed_schemas: list[str] = dataclasses.field(default_factory=list)
+    """Schemas it renames: the tables in them take new qualified names."""
     names_used: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """Session names the statement relies on: ("prepared"|"cursor", name)."""
     names_defined: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -789,6 +791,11 @@ class _Walker:
             for rel in self.candidates(parts[-2] if len(parts) > 1 else None, parts[-1]):
                 unit.writes.append(rel)
                 unit.targets.append(TargetRef(rel=rel, alias=None))
+
+    def _on_RenameStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        if str(f.get("renameType")) == "OBJECT_SCHEMA":
+            unit.renamed_schemas.append(str(f.get("subname", "")))
+        self.fields("RenameStmt", f, unit, scope, "target")
 
     def _on_RuleStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         rv = f.get("relation")

@@ -272,6 +272,13 @@ def _mask_key_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str |
 def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | None:
     """Why masking cannot be proven for this statement, or None."""
     masked = policy.masked_tables
+    for schema in unit.renamed_schemas:
+        hidden = sorted(str(t) for t in masked if t.schema == schema)
+        if hidden:
+            return (
+                f"renaming schema {schema} would give its masked tables ({', '.join(hidden)}) names "
+                "the masks do not cover"
+            )
     for ref in unit.read_refs:
         if ref.rel in masked and ref.location < 0:
             return f"{ref.rel} is read inside a function or DO body, where dbgov cannot mask it"

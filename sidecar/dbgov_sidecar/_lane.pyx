@@ -870,8 +870,7 @@ cdef class Lane:
             entry = self._texts.get(query)
             if entry is None or entry.statement is None:
                 return False
-            statement = entry.statement
-            self._prepared[""] = statement
+            statement = entry.statement  # (the unnamed statement once the answer shows it parsed)
         else:
             statement = self._prepared.get(name)
             if statement is None or statement.verdict != "allow":
@@ -988,6 +987,8 @@ cdef class Lane:
         if status != self._status_told:  # (the session may have set it since: arm() forgets)
             self._session.txn_status = STATUS_I if status == 73 else STATUS_T if status == 84 else STATUS_E
             self._status_told = status
+        if self.kind == PARSED:
+            self._prepared[""] = self.statement
         if self.batch is not None:
             self._masked_batch(
                 self.kind == PARSED, self._batch_statement, self._described if described else 0, self._described_name

@@ -36,7 +36,7 @@ its upstream is ready) before the proxy stops reading that client's socket."""
 MAX_TOTAL_BUFFER = 128 << 20
 """Default client bytes all sessions together may hold: above it, every session holding any
 stops reading its client until what it holds is handled."""
-MAX_STARTUP_CONNECTIONS = 100
+MAX_STARTUP_CONNECTIONS = 1000
 """Default connections that may be starting up or authenticating at once (apart from the
 authenticated sessions ``max_connections`` counts): one more closes the oldest of them."""
 _STARTING = frozenset({"startup", "tls", "auth"})

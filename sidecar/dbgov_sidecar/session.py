@@ -28,6 +28,9 @@ try:  # the compiled steady-state lane (setup.py); without it every statement ta
 except ImportError:  # pragma: no cover - a build without a C compiler
     _lane = None  # type: ignore[assignment]
 
+_LANE_PARSED = 2
+"""``Lane.kind`` of a Parse + Bind + Execute + Sync batch in flight."""
+
 SQLSTATE_POLICY = "42501"
 SQLSTATE_UNPARSEABLE = "42601"
 SQLSTATE_LIMIT = "54000"
@@ -51,15 +54,22 @@ _READ_AS_JUDGED = {"client_encoding": "UTF8", "standard_conforming_strings": "on
 _CLIENT_ENCODINGS = frozenset({"utf8", "unicode", "sqlascii"})
 _ASYNC_SERVER = frozenset((messages.NOTICE_RESPONSE, messages.PARAMETER_STATUS, messages.NOTIFICATION))
 # Client messages whose statement PostgreSQL resolves by search_path at that point: a Query and
-# a Parse are analyzed, a Bind re-analyzes a prepared statement whose search_path changed.
-_NAMED_BY_PATH = frozenset((messages.QUERY, messages.PARSE, messages.BIND))
-# The search_path probe: a named statement (a Query or an unnamed Parse would destroy the
-# client's unnamed statement), the schemas names resolve in, as at login.
+# a Parse are analyzed, a Bind re-analyzes a prepared statement whose search_path changed, an
+# Execute of a utility statement (EXECUTE, DECLARE, CALL …) resolves names as it runs.
+_NAMED_BY_PATH = frozenset((messages.QUERY, messages.PARSE, messages.BIND, messages.EXECUTE))
+# The search_path probe: a named statement and portal (a Query, an unnamed Parse or Bind would
+# destroy the client's unnamed statement or portal), the schemas names resolve in, as at login.
+_EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.DESCRIBE, messages.EXECUTE, messages.CLOSE))
+"""Messages that open a batch, whose failure makes the server skip to Sync (a Flush does not)."""
+_CONFIRMS = frozenset(
+    (messages.PARSE_COMPLETE, messages.CLOSE_COMPLETE, messages.ERROR_RESPONSE, messages.READY_FOR_QUERY)
+)
 _PROBE_STATEMENT = "dbgov_search_path"
 _PROBE = (
     messages.parse(_PROBE_STATEMENT, "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s")
-    + messages.bind("", _PROBE_STATEMENT)
-    + messages.execute("")
+    + messages.bind(_PROBE_STATEMENT, _PROBE_STATEMENT)
+    + messages.execute(_PROBE_STATEMENT)
+    + messages.close("P", _PROBE_STATEMENT)
     + messages.close("S", _PROBE_STATEMENT)
     + messages.SYNC_MESSAGE
 )
@@ -173,6 +183,8 @@ class _Statement:
     path: tuple[str, ...] | None = None
     """The search_path it was judged under (PostgreSQL re-resolves a prepared statement's names
     when search_path changes, so an execution under another path is judged again)."""
+    sql_prepared: bool = False
+    """A statement PREPAREd in SQL and run by a protocol Bind: judged as its EXECUTE each time."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -189,6 +201,8 @@ class _Unit:
     ends: list[tuple[int, str | None]] = field(default_factory=list)
     """Per Execute answered (CommandComplete, PortalSuspended, EmptyQueryResponse, or the
     error that ends the batch): the unit's rows so far and the command tag."""
+    silent: bool = False
+    """Ended by the proxy's own Sync: its ReadyForQuery is not the client's."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -404,6 +418,17 @@ class Session:
         """Allowed named (and the unnamed) prepared statements, for auditing each execution."""
         self._portal_statements: dict[str, str] = {}
         """Portal → the prepared statement bound to it."""
+        self._batch_open = False
+        """Extended-protocol messages went upstream since the last Sync."""
+        self._silent = 0
+        """Units ended by the proxy's own Sync still waiting for their ReadyForQuery."""
+        self._statement_log: deque[tuple[int, str, _Statement | None, bool]] = deque()
+        """(Sync, name, statement before, wrote before) per Parse or Close the server has not yet
+        confirmed (``_log_statement_change``)."""
+        self._touching_portals: set[str] = set()
+        """Portals bound to a statement that may change search_path: their Execute does."""
+        self._cursor_reads: dict[str, _Statement] = {}
+        """SQL cursors read by protocol Execute, as the FETCH each Execute is audited as."""
         self._parsed_in_unit: dict[str, int] = {}
         """Statements parsed since the last Sync, and where the pending unit lists them."""
         self._rows = 0  # DataRows of the statement now streaming
@@ -508,6 +533,7 @@ class Session:
             and not self._resume
             and not self._path_pending
             and not self._path_volatile
+            and not self._statement_log
             and not self._skipping
             and not self._refusals
             and not self._over_limit
@@ -548,8 +574,13 @@ class Session:
             lane.drain()  # what it finished is audited before anything the session audits
             return
         messages_in_flight = lane.batch
+        parsed = lane.kind == _LANE_PARSED
         started, sql, decision, statement = lane.take()
         batch = statement is not None  # Parse/Bind … Execute, Sync rather than a Query
+        if parsed and statement is not None:  # its Parse, as ``_on_parse`` keeps it until confirmed
+            self._log_statement_change("")
+            self._prepared[""] = statement
+            self._write_statements.discard("")
         if statement is None:  # a Query: allowed as sent, or a masked shape's rewrite sent
             statement = _Statement(
                 sql=sql, decision=decision, verdict="mask" if decision.verdict == "mask" else "allow"
@@ -687,6 +718,7 @@ class Session:
             and not self._resume
             and not self._path_pending
             and self._probe is None
+            and not self._silent
             and not self._server.buffered
             and self._plain_response(data, now)
         ):
@@ -935,7 +967,18 @@ class Session:
                 self._client.unread(b"".join(m.data for m in msgs[index:]))
                 self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
                 return
-            if self._path_pending and mtype in _NAMED_BY_PATH and not self._skipping:
+            if mtype in _EXTENDED:
+                self._batch_open = True
+            held = self._path_pending and mtype in _NAMED_BY_PATH and not self._skipping
+            if (
+                not held
+                and mtype == messages.EXECUTE
+                and self._touching_portals
+                and not self._skipping
+                and messages.decode_execute(msg.data).portal in self._touching_portals
+            ):
+                self._path_pending = self._path_batch_open = True  # it runs now
+            if held:
                 if not self._path_batch_open:
                     # Judged once the server has answered and the probe has read the path back.
                     self._paused = True
@@ -945,6 +988,25 @@ class Session:
                 replacement: bytes | None = self._refuse_path_unknown(msg, now)
             elif self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
                 replacement = b""
+            elif mtype == messages.QUERY and self._batch_open:
+                # PostgreSQL runs a Query sent before the batch's Sync (asyncpg does: Parse,
+                # Describe, Flush, then a COPY), or drops it unanswered if the batch failed
+                # first; only the server would know which. A Sync of the proxy's own ends the
+                # batch first (its ReadyForQuery is not passed on), so every Query is answered.
+                self._end_batch(now, silent=True)
+                if out is None:
+                    out = [m.data for m in msgs[:index]]
+                out.append(messages.SYNC_MESSAGE)
+                replacement = self._on_query(msg, now)
+                if self._defer or self._guard is not None:
+                    self._paused = True
+                    rest = msgs[index:] if self._defer else msgs[index + 1 :]
+                    self._client.unread(b"".join(m.data for m in rest))
+                    self._defer = False
+                    if replacement is not None:
+                        out.append(replacement)
+                    self.to_server += b"".join(out)
+                    return
             elif mtype == messages.QUERY:
                 replacement = self._on_query(msg, now)
                 if self._defer or self._guard is not None:
@@ -962,13 +1024,10 @@ class Session:
             elif mtype == messages.PARSE:
                 replacement = self._on_parse(msg, now)
             elif mtype == messages.SYNC:
-                self._skipping = False
-                self._path_batch_open = False
-                self._syncs_sent += 1
-                self._units.append(self._pending or _Unit(started=now, statements=[]))
-                self._pending = None
-                self._parsed_in_unit.clear()
+                self._end_batch(now)
                 replacement = None
+            elif mtype == messages.EXECUTE and (refused := self._on_cursor_execute(msg, now)) is not None:
+                replacement = refused
             elif mtype == messages.EXECUTE and (
                 self._affected_limit is not None or self._row_limit is not None
             ):
@@ -986,7 +1045,7 @@ class Session:
                     return
             elif mtype == messages.BIND:
                 bind = messages.decode_bind(msg.data)
-                refused = self._on_bind(bind.statement, now)
+                refused = self._on_bind(bind.statement, bind.portal, now)
                 if refused is not None:
                     if out is None:
                         out = [m.data for m in msgs[:index]]
@@ -1030,6 +1089,19 @@ class Session:
         if terminate:
             self._close("client terminated")
 
+    def _end_batch(self, now: float, *, silent: bool = False) -> None:
+        """A Sync goes upstream: the batch's statements are answered by its ReadyForQuery
+        (``silent``: the proxy's own Sync, whose ReadyForQuery the client does not get)."""
+        self._skipping = False
+        self._path_batch_open = self._batch_open = False
+        self._syncs_sent += 1
+        unit = self._pending or _Unit(started=now, statements=[])
+        unit.silent = silent
+        self._silent += silent
+        self._units.append(unit)
+        self._pending = None
+        self._parsed_in_unit.clear()
+
     def _on_query(self, msg: framing.Message, now: float) -> bytes | None:
         if self._portal_rows:
             self._portal_rows.pop("", None)  # a simple query replaces the unnamed portal
@@ -1037,6 +1109,12 @@ class Session:
         decision, verdict = self._decide(sql)
         if verdict in ("allow", "mask") and self._path_changes_midway(decision):
             decision, verdict = _PATH_NOT_LAST, "block"
+        if (
+            verdict in ("allow", "mask")
+            and self._guard_limit(decision) is not None
+            and _ends_transactions(decision)
+        ):
+            decision, verdict = _GUARD_WITH_TCL, "block"
         statement = _Statement(sql=sql, decision=decision, verdict=verdict, path=self._current_path())
         if verdict in ("allow", "mask"):
             limit = self._guard_limit(decision)
@@ -1068,9 +1146,8 @@ class Session:
             self._origins.parsed(parse.name)
         decision, verdict = self._decide(parse.query)
         statement = _Statement(sql=parse.query, decision=decision, verdict=verdict, path=self._current_path())
+        self._log_statement_change(parse.name)
         if verdict in ("allow", "mask"):
-            if self._touches_path(decision):
-                self._path_pending = self._path_batch_open = True
             if self._pending is None:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
@@ -1085,10 +1162,41 @@ class Session:
             if verdict == "mask" and decision.rewritten is not None:
                 return messages.parse(parse.name, decision.rewritten, parse.param_types)
             return None
-        self._prepared.pop(parse.name, None)
+        if not parse.name:  # PostgreSQL drops the unnamed statement before parsing; a named one stays
+            self._prepared.pop(parse.name, None)
         token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
         self._skipping = True
         return messages.parse(parse.name, token, ())
+
+    def _log_statement_change(self, name: str) -> None:
+        """A Parse or Close of statement ``name`` goes upstream: its effect on what the proxy knows
+        is kept only once the server confirms it (ParseComplete, CloseComplete). After an error
+        the server skips the rest of the batch, and what it skipped is undone here too."""
+        self._statement_log.append(
+            (self._syncs_sent + 1, name, self._prepared.get(name), name in self._write_statements)
+        )
+
+    def _on_statement_log(self, mtype: int) -> None:
+        log = self._statement_log
+        current = self._syncs_done + 1
+        if mtype in (messages.PARSE_COMPLETE, messages.CLOSE_COMPLETE):
+            if log[0][0] == current:
+                log.popleft()
+            return
+        if mtype == messages.ERROR_RESPONSE:
+            while log and log[-1][0] == current:
+                _, name, before, wrote = log.pop()
+                if before is None:
+                    self._prepared.pop(name, None)
+                else:
+                    self._prepared[name] = before
+                if wrote:
+                    self._write_statements.add(name)
+                else:
+                    self._write_statements.discard(name)
+            return
+        while log and log[0][0] <= current:  # ReadyForQuery: whatever is left was answered
+            log.popleft()
 
     def _track_portals(self, msg: framing.Message, now: float) -> None:
         if msg.type == messages.EXECUTE:
@@ -1096,6 +1204,7 @@ class Session:
             return
         target = messages.decode_target(msg.data)
         if target.kind == "S":
+            self._log_statement_change(target.name)
             self._prepared.pop(target.name, None)
         else:
             self._portal_statements.pop(target.name, None)
@@ -1111,8 +1220,8 @@ class Session:
             self._pending = _Unit(started=now, statements=[])
         pending = self._pending
         index = None if name is None else self._parsed_in_unit.get(name)
-        if index is None and name is not None:  # prepared in an earlier batch
-            statement = self._prepared.get(name)
+        if index is None:  # prepared in an earlier batch, or an SQL cursor
+            statement = self._prepared.get(name) if name is not None else self._cursor_reads.get(portal)
             if statement is not None:
                 pending.statements.append(statement)
                 index = len(pending.statements) - 1
@@ -1144,7 +1253,7 @@ class Session:
             if "search_path" in settings or "*" in settings:
                 return True
             cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
-            if cls == "ddl" or fine == "discard":
+            if cls in ("ddl", "dcl") or fine == "discard":  # (schemas created, dropped, granted)
                 return True
             if self._path_volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints"):
                 return True
@@ -1163,17 +1272,21 @@ class Session:
         return False
 
     def _refuse_path_unknown(self, msg: framing.Message, now: float) -> bytes:
-        """Refuse a Query, Parse or Bind sent in the batch of a statement that may change
+        """Refuse a Query, Parse, Bind or Execute sent in the batch of a statement that may change
         search_path, before the server has answered it: the server fails the marker and skips
         to Sync, as for any refusal."""
         if msg.type == messages.QUERY:
             sql = messages.decode_query(msg.data)
         elif msg.type == messages.PARSE:
             sql = messages.decode_parse(msg.data).query
-        else:
+        elif msg.type == messages.BIND:
             name = messages.decode_bind(msg.data).statement
             known = self._prepared.get(name)
             sql = known.sql if known is not None else f"<Bind of prepared statement {name!r}>"
+        else:
+            portal = messages.decode_execute(msg.data).portal
+            known = self._prepared.get(self._portal_statements.get(portal, "\0"))
+            sql = known.sql if known is not None else f"<Execute of portal {portal!r}>"
         statement = _Statement(sql=sql, decision=_PATH_UNKNOWN, verdict="block")
         if msg.type == messages.QUERY:
             self._syncs_sent += 1
@@ -1183,12 +1296,45 @@ class Session:
         self._skipping = True
         return messages.parse("dbgov_refused", token, ())
 
-    def _on_bind(self, name: str, now: float) -> bytes | None:
+    def _on_cursor_execute(self, msg: framing.Message, now: float) -> bytes | None:
+        """An Execute of a portal no Bind made reads an SQL cursor (DECLAREd portals share the
+        protocol's namespace): judged as the FETCH it is and audited as one; refused (the marker
+        makes the server skip to Sync) when the policy refuses that FETCH."""
+        portal = messages.decode_execute(msg.data).portal
+        if not portal or portal in self._portal_statements:
+            return None
+        sql = f"FETCH FORWARD ALL FROM {_quote_ident(portal)}"
+        decision, verdict = self._decide(sql)
+        statement = _Statement(sql=sql, decision=decision, verdict=verdict)
+        if verdict in ("allow", "mask"):
+            self._cursor_reads[portal] = statement
+            return None
+        token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
+        self._skipping = True
+        return messages.parse("dbgov_refused", token, ())
+
+    def _on_bind(self, name: str, portal: str, now: float) -> bytes | None:
         """A Bind runs a prepared statement as PostgreSQL resolves it now: one judged under
         another search_path is judged again (refused when that changes what it reads or how it
         is masked). One that may change search_path makes names unknown until the server says."""
         statement = self._prepared.get(name)
-        if statement is None:
+        if statement is None or statement.sql_prepared:
+            if not name:
+                return None  # no unnamed statement: the server fails the Bind itself
+            # Not prepared by a Parse: a statement PREPAREd in SQL (they share one namespace),
+            # or one whose Close the server skipped. Judged as the EXECUTE it is, as a write.
+            sql = f"EXECUTE {_quote_ident(name)}"
+            decision, verdict = self._decide(sql)
+            if verdict not in ("allow", "mask"):
+                token = self._refuse(
+                    _Statement(sql=sql, decision=decision, verdict=verdict), now, sync_id=self._syncs_sent + 1
+                )
+                self._skipping = True
+                return messages.parse("dbgov_refused", token, ())
+            self._prepared[name] = _Statement(sql=sql, decision=decision, verdict=verdict, sql_prepared=True)
+            if self._guard_limit(decision) is not None:
+                self._write_statements.add(name)
+            self._touching_portals.discard(portal)
             return None
         path = self._current_path()
         if statement.path != path and statement.verdict in ("allow", "mask"):
@@ -1203,7 +1349,9 @@ class Session:
             if self.lane is not None and verdict == "allow" and self._unguarded(decision):
                 self._teach_lane(statement.sql, statement, exact=True)
         if self._touches_path(statement.decision):
-            self._path_pending = self._path_batch_open = True
+            self._touching_portals.add(portal)
+        else:
+            self._touching_portals.discard(portal)
         return None
 
     def _probe_path(self) -> None:
@@ -1274,6 +1422,7 @@ class Session:
         else:
             self._row_limit = policy.max_rows_returned
             self._affected_limit = getattr(policy, "max_rows_affected", None)
+        known_path = getattr(self._context, "search_path", None)
         try:
             decision = policy.decide(sql, self._context)
         except Exception as err:  # fail closed: an engine failure refuses the statement
@@ -1285,6 +1434,11 @@ class Session:
                 sqlstate=SQLSTATE_POLICY,
             )
             return decision, "block"
+        finally:
+            if known_path is not None and getattr(self._context, "search_path", None) != known_path:
+                # The engine's guess of what a SET it judged will do is not what the server did:
+                # the path changes only when the server is asked (``_learn_path``).
+                self._context.search_path = known_path  # type: ignore[attr-defined]
         verdict = decision.verdict
         if policy.mode == "dry-run" and verdict != "allow":
             return decision, "allow"
@@ -1336,6 +1490,8 @@ class Session:
         for index, msg in enumerate(msgs):
             mtype = msg.type
             replacement: bytes | None = None
+            if self._statement_log and mtype in _CONFIRMS:
+                self._on_statement_log(mtype)
             if mtype == messages.COPY_IN_RESPONSE and self._paused:
                 replacement = self._on_held_copy_in()
                 if replacement is not None:
@@ -1484,6 +1640,8 @@ class Session:
                     unit.tags.append(text)
                     unit.ends.append((self._unit_rows, text))
                 continue
+            if self._statement_log:  # (a plain answer holds no error: every Parse and Close held)
+                self._on_statement_log(messages.READY_FOR_QUERY)
             self._syncs_done += 1
             if self._units:
                 unit = self._units.popleft()
@@ -1610,11 +1768,18 @@ class Session:
             self._abort_marker = None
             self.txn_status = status
             return None
+        silent = False
         if self._units:
             unit = self._units.popleft()
             unit.rows = self._unit_rows
             self._finish_unit(unit, now)
+            if unit.silent:
+                silent = True
+                self._silent -= 1
         self._unit_rows = 0
+        if silent:
+            self.txn_status = status
+            return b""
         if self._over_limit:
             self._over_limit = False
             if status == "T" and self._syncs_done == self._syncs_sent:
@@ -1700,8 +1865,10 @@ class Session:
         maxRowsReturned applies: a write whose RETURNING rows run over that must be undone too,
         or the client would see an error for a change that stayed."""
         limit = self._affected_limit
-        if (limit is None and self._row_limit is None) or self.txn_status == "E":
+        if limit is None and self._row_limit is None:
             return None
+        if self.txn_status == "E" and self.idle:
+            return None  # (known, not predicted: a ROLLBACK in flight would end the failed block)
         if not _may_write(decision):
             return None
         return _UNLIMITED if limit is None else limit
@@ -1716,7 +1883,7 @@ class Session:
     def _on_execute(self, msg: framing.Message) -> bytes | None:
         """Track an Execute; a write's Execute gets a Flush and holds back what follows it."""
         portal = messages.decode_execute(msg.data).portal
-        guarded = portal in self._write_portals and self.txn_status != "E"
+        guarded = portal in self._write_portals  # (in a failed block the server answers at once)
         self._executes.append((guarded, self._syncs_sent + 1))
         return msg.data + messages.FLUSH_MESSAGE if guarded else None
 
@@ -1933,8 +2100,11 @@ class Session:
         unfinished = [*self._units, *([self._pending] if self._pending is not None else [])]
         if self._units:
             self._units[0].rows = self._unit_rows
+        elif self._pending is not None:
+            self._pending.rows = self._unit_rows
         for unit in unfinished:
-            if unit.sqlstate is None:
+            done = unit is self._pending and unit.executions and len(unit.ends) >= len(unit.executions)
+            if unit.sqlstate is None and not done:  # (Flush without Sync: each Execute answered)
                 unit.sqlstate = "08006"
             self._finish_unit(unit, self._clock)
         self._units.clear()
@@ -2059,6 +2229,28 @@ def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
         if key == "options" and ("-c" in value or "--" in value):
             return 'dbgov does not allow settings in the startup parameter "options" (-c / --)'
     return None
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _ends_transactions(decision: policy_port.Decision) -> bool:
+    """The query string holds transaction control, which would commit (or undo) the guard's own
+    transaction or savepoint before the rows it changed are counted."""
+    return any(getattr(info, "cls", "") == "tcl" for info in decision.statements)
+
+
+_GUARD_WITH_TCL = policy_port.SimpleDecision(
+    verdict="block",
+    rule="guardrail:max-rows-affected",
+    reason=(
+        "a write held to maxRowsAffected cannot share its query string with transaction control: "
+        "a COMMIT in it would keep the change before its rows are counted"
+    ),
+    hint="Send the write on its own, then COMMIT (or ROLLBACK) as its own statement.",
+    sqlstate=SQLSTATE_LIMIT,
+)
 
 
 def _may_write(decision: policy_port.Decision) -> bool:

@@ -8,6 +8,7 @@ PostgreSQL through the real proxy, and the test checks what the server actually 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -288,7 +289,7 @@ def two_schemas(pg_server: pg.PgServer) -> Iterator[tuple[str, str, str, str]]:
         f"INSERT INTO {home}.customers VALUES (1, '{PII}@example.com');"
         f"CREATE TABLE {stage}.customers (id int, email text);"
         f"INSERT INTO {stage}.customers VALUES (1, 'staged@example.com');"
-        f"GRANT USAGE ON SCHEMA {home}, {stage} TO {user};"
+        f"GRANT USAGE ON SCHEMA {home}, {stage} TO {user}; GRANT CREATE ON SCHEMA {stage} TO {user};"
         f"GRANT SELECT ON ALL TABLES IN SCHEMA {home} TO {user};"
         f"GRANT SELECT ON ALL TABLES IN SCHEMA {stage} TO {user};",
         dbname="shop",
@@ -439,3 +440,252 @@ def test_a_statement_after_a_set_in_the_same_batch_is_refused(
         assert b"staged" not in after and PII.encode() not in after and b"*****" in after
     finally:
         client.close()
+
+
+def test_executing_a_portal_that_sets_search_path_is_where_it_changes(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    """A named portal outlives its Sync inside a block: the SET runs at its Execute."""
+    home, stage, _, _ = two_schemas
+    client, _ = _raw_login(path_proxy, {})
+    sync = messages.SYNC_MESSAGE
+    try:
+        _answers(client, f"SET search_path = {stage}".encode())
+        _answers(client, b"BEGIN")
+        for step in (
+            messages.parse("s1", f"SET search_path = {home}") + sync,
+            messages.bind("p1", "s1") + sync,
+            messages.execute("p1") + sync,
+        ):
+            client.send(step)
+            client.read_until(b"Z")
+        reply = _answers(client, b"SELECT email || '' AS e FROM customers")
+        assert PII.encode() not in reply and b"*****" in reply  # home's, masked
+        assert b"COMMIT" in _answers(client, b"COMMIT")
+    finally:
+        client.close()
+
+
+def test_nothing_runs_after_a_set_executed_in_the_same_batch(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    """An Execute of SQL EXECUTE resolves the prepared statement's names as it runs."""
+    home, stage, _, _ = two_schemas
+    client, _ = _raw_login(path_proxy, {})
+    try:
+        _answers(client, f"SET search_path = {stage}".encode())
+        _answers(client, b"PREPARE p AS SELECT id, email || '' AS e FROM customers")
+        client.send(
+            messages.parse("sx", "EXECUTE p")
+            + messages.parse("s1", f"SET search_path = {home}")
+            + messages.SYNC_MESSAGE
+        )
+        client.read_until(b"Z")
+        client.send(
+            messages.bind("px", "sx")
+            + messages.bind("p1", "s1")
+            + messages.execute("p1")
+            + messages.execute("px")
+            + messages.SYNC_MESSAGE
+        )
+        reply = client.read_until(b"Z")
+        assert PII.encode() not in b"".join(m.data for m in reply)
+        assert any(m.type == messages.ERROR_RESPONSE for m in reply)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("statement", ["SET search_path = {stage}", "CREATE TABLE {stage}.made (x int)"])
+def test_a_set_or_ddl_alone_in_a_batch_runs(
+    make_proxy: Callable[..., RunningProxy], two_schemas: tuple[str, str, str, str], statement: str
+) -> None:
+    """What drivers send for every statement: Parse, Bind, Execute, Sync in one write."""
+    home, stage, user, password = two_schemas
+    spec_policy = _path_policy(home, stage)
+    proxy = make_proxy(policy=spec_policy, upstream={"user": user, "password": password})
+    if statement.startswith("CREATE"):
+        proxy.policy = _engine(
+            {
+                "default": "block",
+                "rules": [{"name": "all", "verdict": "allow", "statements": ["select", "ddl"]}],
+                "guardrails": {"allowedSettings": {"search_path": [stage, home]}},
+            }
+        )
+    client, _ = _raw_login(proxy, {})
+    try:
+        sql = statement.format(stage=stage)
+        client.send(
+            messages.parse("", sql) + messages.bind("", "") + messages.execute("") + messages.SYNC_MESSAGE
+        )
+        reply = client.read_until(b"Z")
+        assert not any(m.type == messages.ERROR_RESPONSE for m in reply), _fields_of(reply)
+        assert [chr(m.type) for m in reply] == ["1", "2", "C", "Z"]
+    finally:
+        client.close()
+
+
+def _fields_of(reply: list[framing.Message]) -> list[dict[str, str]]:
+    return [messages.decode_fields(m.data) for m in reply if m.type == messages.ERROR_RESPONSE]
+
+
+# --- maxRowsAffected and the audit, by what the server did ---------------------------------
+
+
+@pytest.fixture
+def guarded(make_proxy: Callable[..., RunningProxy], arena: str, pg_server: pg.PgServer) -> RunningProxy:
+    """The arena's victim with ten rows, writes held to maxRowsAffected 3."""
+    pg_server.psql(
+        f"ALTER TABLE {arena}.victim ADD COLUMN v int NOT NULL DEFAULT 0;"
+        f"INSERT INTO {arena}.victim (id) SELECT generate_series(1, 10);",
+        dbname="shop",
+    )
+    return make_proxy(
+        policy=_engine(
+            {
+                "default": "block",
+                "rules": [
+                    {
+                        "name": "w",
+                        "verdict": "allow",
+                        "statements": ["select", "update"],
+                        "tables": [f"{arena}.victim"],
+                    }
+                ],
+                "guardrails": {"maxRowsAffected": 3},
+            }
+        )
+    )
+
+
+def _bumped(server: pg.PgServer, arena: str) -> int:
+    return int(server.psql(f"SELECT sum(v) FROM {arena}.victim", dbname="shop").strip())
+
+
+def test_a_guarded_write_cannot_commit_itself(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        reply = _answers(client, f"UPDATE {arena}.victim SET v = v + 1 WHERE id > 0; COMMIT".encode())
+        assert b"maxRowsAffected" in reply
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+
+
+def test_a_write_right_after_a_failed_blocks_rollback_is_guarded(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        _answers(client, b"BEGIN")
+        _answers(client, b"SELECT 1/0")  # the block is failed: the proxy knows it
+        reply = _run_all(client, "ROLLBACK", f"UPDATE {arena}.victim SET v = v + 1 WHERE id > 0")
+        assert b"more than maxRowsAffected" in reply
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+
+
+def test_an_sql_prepared_write_run_by_a_protocol_bind_is_guarded_and_audited(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        _answers(client, f"PREPARE p AS UPDATE {arena}.victim SET v = v + 1 WHERE id > 0".encode())
+        client.send(messages.bind("", "p") + messages.execute("") + messages.SYNC_MESSAGE)
+        reply = client.read_until(b"Z")
+        assert any("maxRowsAffected" in f["M"] for f in _fields_of(reply)), _fields_of(reply)
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+    audited = [e for e in guarded.events if e.get("statement") == 'EXECUTE "p"']
+    assert audited and audited[0]["sqlstate"] == "54000"
+
+
+def test_a_reparse_the_server_skipped_changes_nothing(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    sync = messages.SYNC_MESSAGE
+    write = f"UPDATE {arena}.victim SET v = v + 1 WHERE id > 0"
+    try:
+        client.send(messages.parse("", write) + sync)
+        assert client.read_until(b"Z")[0].type == messages.PARSE_COMPLETE
+        # an error first: the server skips the rest of the batch, this Parse included
+        client.send(messages.bind("", "no_such_statement") + messages.parse("", "SELECT 'harmless'") + sync)
+        assert _fields_of(client.read_until(b"Z"))  # (refused by the proxy: no such statement)
+        client.send(messages.bind("", "") + messages.execute("") + sync)  # runs the UPDATE
+        reply = client.read_until(b"Z")
+        assert any("maxRowsAffected" in f["M"] for f in _fields_of(reply)), _fields_of(reply)
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+    statements = [e.get("statement") for e in guarded.events if e.get("sqlstate") == "54000"]
+    assert statements == [write]
+
+
+def test_a_cursor_read_by_protocol_execute_is_judged_and_audited(guarded: RunningProxy, arena: str) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        _answers(client, b"BEGIN")
+        _answers(client, f"DECLARE c CURSOR FOR SELECT id FROM {arena}.victim".encode())
+        client.send(messages.execute("c", 4) + messages.SYNC_MESSAGE)
+        reply = client.read_until(b"Z")
+        assert [chr(m.type) for m in reply] == ["D"] * 4 + ["s", "Z"]
+        client.send(messages.execute("nope") + messages.SYNC_MESSAGE)  # no such cursor: refused
+        assert "never DECLAREd" in _fields_of(client.read_until(b"Z"))[0]["M"]
+        _answers(client, b"ROLLBACK")
+    finally:
+        client.close()
+    fetched = [e for e in guarded.events if e.get("statement") == 'FETCH FORWARD ALL FROM "c"']
+    assert fetched and fetched[0]["decision"] == "allow" and fetched[0]["rows_returned"] == 4
+
+
+def test_a_query_inside_an_extended_batch_is_answered_and_audited_as_itself(
+    guarded: RunningProxy, arena: str
+) -> None:
+    """asyncpg sends Parse, Describe, Flush and then a Query; after a failed batch the server
+    would drop such a Query unanswered. The proxy ends the batch with a Sync of its own first,
+    so each statement gets its own answer and audit line."""
+    client, _ = _raw_login(guarded, {})
+    try:
+        client.send(
+            messages.parse("", "SELECT 1/0")
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.query("SELECT 2 AS two")
+        )
+        reply = client.read_until(b"Z")
+        assert [chr(m.type) for m in reply] == ["1", "E", "T", "D", "C", "Z"]  # (1/0 fails at Bind)
+        client.send(messages.SYNC_MESSAGE)  # the client's own Sync still gets its ReadyForQuery
+        assert [chr(m.type) for m in client.read_until(b"Z")] == ["Z"]
+        assert _answers(client, b"SELECT 3").endswith(messages.ready_for_query("I"))
+    finally:
+        client.close()
+    by_text = {e.get("statement"): e for e in guarded.events if e.get("type") != "session_start"}
+    assert by_text["SELECT 1/0"]["sqlstate"] == "22012"
+    assert by_text["SELECT 2 AS two"]["sqlstate"] is None and by_text["SELECT 2 AS two"]["rows_returned"] == 1
+    assert by_text["SELECT 3"]["rows_returned"] == 1
+
+
+def test_statements_flushed_without_sync_are_audited_with_their_results(
+    guarded: RunningProxy, arena: str
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        client.send(
+            messages.parse("", f"SELECT id FROM {arena}.victim WHERE id <= 2")
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.FLUSH_MESSAGE
+        )
+        reply = client.read_until(b"C")
+        assert [chr(m.type) for m in reply] == ["1", "2", "D", "D", "C"]
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while not any(e.get("type") == "session_end" for e in guarded.events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (event,) = [e for e in guarded.events if str(e.get("statement", "")).startswith("SELECT id FROM")]
+    assert event["sqlstate"] is None and event["rows_returned"] == 2

@@ -154,3 +154,25 @@ def test_statement_texts_are_refused_whenever_the_policy_masks(strategy: str, sq
 def test_turning_a_tree_printer_off_is_allowed() -> None:
     d = _masked("hash").decide("SET debug_print_plan = off")
     assert d.verdict == "allow", d.reason
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER SCHEMA shop RENAME TO loot",
+        'ALTER SCHEMA "shop" RENAME TO loot',
+        "ALTER SCHEMA shop RENAME TO shop2",
+    ],
+)
+def test_renaming_the_schema_of_a_masked_table_is_refused(sql: str) -> None:
+    """Masks name their tables by schema: a renamed schema would carry them out from under it."""
+    spec = {
+        "default": "allow",
+        "rules": [],
+        "masks": [{"table": "shop.customers", "column": "email", "strategy": "redact"}],
+    }
+    d = engine.Engine(policy_compile.compile_policy(spec)).decide(sql)
+    assert (d.verdict, d.rule) == ("block", "guardrail:mask-unprovable"), d.reason
+    assert "shop.customers" in d.reason
+    other = engine.Engine(policy_compile.compile_policy(spec)).decide("ALTER SCHEMA staging RENAME TO old")
+    assert other.verdict == "allow"

@@ -108,4 +108,4 @@ def test_settings_from_the_environment() -> None:
     assert (cfg.max_session_buffer, cfg.max_total_buffer, cfg.max_startup_connections) == (65536, 1 << 20, 7)
     defaults = config.Settings()
     assert defaults.max_statement_size == engine.MAX_STATEMENT_SIZE == 1 << 20
-    assert defaults.max_startup_connections == 100
+    assert defaults.max_startup_connections == 1000
