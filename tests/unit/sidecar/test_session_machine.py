@@ -476,3 +476,17 @@ def test_statements_after_a_pipeline_error_never_ran() -> None:
         ("SELECT 1/0", 0, None, "22012"),
         ("UPDATE t SET a = 1", 0, None, "22012"),
     ]
+
+
+def test_long_texts_are_redacted_token_by_token_like_the_normalizer() -> None:
+    from dbgov_sidecar import redact
+
+    body = ", ".join(f"'secret{i}', {i}, {i}.5, x'ff', E'\\\\n'" for i in range(600))
+    sql = f"SELECT $1, {body} FROM t WHERE a = 'é''x'"
+    assert len(sql) > redact.NORMALIZE_MAX_SIZE
+    out = redact.redact_literals(sql)
+    assert "secret" not in out and "é" not in out and "x'ff'" not in out
+    assert out.startswith("SELECT $1, $2, $3, $4, $5, $6, $7, ")
+    assert out.endswith("FROM t WHERE a = $3002")
+    short = "SELECT 'secret', 1 FROM t"
+    assert redact.redact_literals(short) == "SELECT $1, $2 FROM t"
