@@ -967,6 +967,13 @@ class Session:
                 self._client.unread(b"".join(m.data for m in msgs[index:]))
                 self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
                 return
+            if self._path_pending and not self._path_batch_open and mtype != messages.TERMINATE:
+                # Whatever comes next waits until the server has answered and the probe has
+                # read search_path back (nothing may interleave with the probe's messages).
+                self._paused = True
+                self._client.unread(b"".join(m.data for m in msgs[index:]))
+                self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
+                return
             if mtype in _EXTENDED:
                 self._batch_open = True
             held = self._path_pending and mtype in _NAMED_BY_PATH and not self._skipping
@@ -978,13 +985,7 @@ class Session:
                 and messages.decode_execute(msg.data).portal in self._touching_portals
             ):
                 self._path_pending = self._path_batch_open = True  # it runs now
-            if held:
-                if not self._path_batch_open:
-                    # Judged once the server has answered and the probe has read the path back.
-                    self._paused = True
-                    self._client.unread(b"".join(m.data for m in msgs[index:]))
-                    self.to_server += b"".join(out if out is not None else [m.data for m in msgs[:index]])
-                    return
+            if held:  # (in the batch of the statement that may change search_path)
                 replacement: bytes | None = self._refuse_path_unknown(msg, now)
             elif self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
                 replacement = b""
@@ -1545,7 +1546,7 @@ class Session:
         have changed it, then let held client input go on."""
         if self.state != "ready":
             return
-        if self._path_pending and self._probe is None and self.idle:
+        if self._path_pending and self._probe is None and self.idle and not self._batch_open:
             self._probe_path()
         if self._probe is not None:
             return

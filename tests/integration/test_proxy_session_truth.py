@@ -689,3 +689,31 @@ def test_statements_flushed_without_sync_are_audited_with_their_results(
         time.sleep(0.05)
     (event,) = [e for e in guarded.events if str(e.get("statement", "")).startswith("SELECT id FROM")]
     assert event["sqlstate"] is None and event["rows_returned"] == 2
+
+
+def test_nothing_interleaves_with_the_search_path_probe(
+    path_proxy: RunningProxy, two_schemas: tuple[str, str, str, str]
+) -> None:
+    """A bare Sync, a Describe or a Close pipelined behind a SET waits for the probe like a
+    statement does: the proxy's count of answers stays the server's."""
+    _, stage, _, _ = two_schemas
+    client, _ = _raw_login(path_proxy, {})
+    try:
+        client.send(
+            messages.query(f"SET search_path = {stage}")
+            + messages.SYNC_MESSAGE
+            + messages.close("S", "nothing")
+            + messages.SYNC_MESSAGE
+            + messages.query("SELECT email || '' AS e FROM customers")
+        )
+        kinds: list[str] = []
+        data = b""
+        for _ in range(4):
+            reply = client.read_until(b"Z")
+            kinds += [chr(m.type) for m in reply]
+            data += b"".join(m.data for m in reply)
+        assert kinds == ["C", "Z", "Z", "3", "Z", "T", "D", "C", "Z"], kinds
+        assert b"staged@example.com" in data
+        assert _answers(client, b"SELECT 1").endswith(messages.ready_for_query("I"))
+    finally:
+        client.close()

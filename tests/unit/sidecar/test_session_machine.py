@@ -490,3 +490,47 @@ def test_long_texts_are_redacted_token_by_token_like_the_normalizer() -> None:
     assert out.endswith("FROM t WHERE a = $3002")
     short = "SELECT 'secret', 1 FROM t"
     assert redact.redact_literals(short) == "SELECT $1, $2 FROM t"
+
+
+def test_nothing_interleaves_with_the_search_path_probe() -> None:
+    """Client input that arrives while the proxy reads search_path back waits for the answer:
+    a Sync forwarded in between would be answered among the probe's replies."""
+    from dbgov_policy import compile as policy_compile
+    from dbgov_policy import engine
+
+    policy = policy_port.EnginePolicy(
+        engine.Engine(
+            policy_compile.compile_policy(
+                {"default": "allow", "rules": [], "guardrails": {"allowedSettings": {"search_path": ["app"]}}}
+            )
+        )
+    )
+    s = session.Session(
+        policy=lambda: policy,
+        config=session.SessionConfig(),
+        client=session.ClientInfo(address="127.0.0.1:1", session_id="s1"),
+        backend_key=(11, 22),
+        nonce="NONCE",
+    )
+    s.client_data(messages.startup_message({"user": "agent", "database": "shop"}), 0.0)
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0, search_path=("public",))
+    s.to_client.clear()
+    s.client_data(messages.query("SET search_path = app"), 0.0)
+    s.to_server.clear()
+    s.server_data(messages.command_complete("SET") + messages.ready_for_query("I"), 0.0)
+    assert b"current_schemas" in bytes(s.to_server)  # the probe
+    s.to_server.clear()
+    s.client_data(messages.SYNC_MESSAGE + messages.query("SELECT 1"), 0.0)
+    assert bytes(s.to_server) == b""  # held behind the probe
+    probe_answer = (
+        messages.PARSE_COMPLETE_MESSAGE
+        + messages.BIND_COMPLETE_MESSAGE
+        + messages.data_row([b"app"])
+        + messages.command_complete("SELECT 1")
+        + b"3\0\0\0\4" * 2
+        + messages.ready_for_query("I")
+    )
+    s.server_data(probe_answer, 0.0)
+    assert bytes(s.to_server) == messages.SYNC_MESSAGE + messages.query("SELECT 1")
+    assert s._context.search_path == ("app",)  # type: ignore[attr-defined]
+    assert _types(s.to_client) == "CZ"  # the probe's replies are the proxy's own
