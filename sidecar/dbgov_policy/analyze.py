@@ -465,8 +465,11 @@ class _Walker:
     ) -> None:
         schema = rv.get("schemaname")
         name = str(rv.get("relname", ""))
-        if not schema and name in scope:
-            return  # a CTE reference, not a relation
+        if role == "read" and not schema and name in scope:
+            # A CTE reference. Only a read can be one: PostgreSQL resolves the target of INSERT,
+            # UPDATE, DELETE, MERGE, COPY, TRUNCATE, LOCK and DDL in the catalog, never among
+            # the WITH names (`WITH t AS (...) UPDATE t` updates the table t).
+            return
         rels = self.candidates(schema, name)
         alias_node = rv.get("alias")
         alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
