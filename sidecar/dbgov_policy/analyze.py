@@ -171,6 +171,11 @@ class Unit:
     non_relation_object: bool = False
     where_constrains: bool | None = None
     """For update/delete/merge: does the WHERE (ON) constrain a column of the target?"""
+    locks: list[model.QualifiedName] = dataclasses.field(default_factory=list)
+    """Relations whose rows it locks (SELECT ... FOR UPDATE/SHARE): PostgreSQL asks for UPDATE
+    privilege on them, so a rule must cover them as for an update."""
+    upsert_constrains: bool | None = None
+    """For INSERT ... ON CONFLICT DO UPDATE: is the update bounded, as requireWhere asks?"""
     shown: bool = False
     """What it reads is shown back as SQL text: the plan of an EXPLAIN, or a stored definition
     (view, materialized view, rule, row security policy); masked reads in it show the rewrite."""
@@ -422,10 +427,59 @@ class _Walker:
 
     def _select(self, fields: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         scope = self.with_clause(fields.get("withClause"), unit, scope)
-        rest = {k: v for k, v in fields.items() if k != "withClause"}
+        rest = {k: v for k, v in fields.items() if k not in {"withClause", "lockingClause"}}
         if fields.get("intoClause"):
             unit.extra_classes.add("create")
         self.fields("SelectStmt", rest, unit, scope, "target")
+        if fields.get("lockingClause"):
+            self._row_locks(fields, unit, scope)
+
+    def _row_locks(self, fields: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        """FOR UPDATE / NO KEY UPDATE / SHARE / KEY SHARE: a unit of its own (class
+        `select-for-update`, coarse `update`) for the relations whose rows it locks, since
+        PostgreSQL requires UPDATE privilege on them: the rows stay locked, writers wait."""
+        locks: list[model.QualifiedName] = []
+        for item in fields.get("lockingClause") or []:
+            n = _node(item)
+            if n is None or n[0] != "LockingClause":
+                continue
+            named = [_node(r) or ("", r) for r in n[1].get("lockedRels") or []]
+            only = frozenset(str(r[1].get("relname", "")) for r in named) or None
+            self._locked_from(fields.get("fromClause"), only, scope, locks)
+        if locks:
+            lock = Unit(
+                cls=classes.StatementClass("update", "select-for-update"),
+                nested=True,
+                runs_later=unit.runs_later,
+            )
+            lock.locks.extend(dict.fromkeys(locks))
+            self.units.append(lock)
+
+    def _locked_from(
+        self, items: Any, only: frozenset[str] | None, scope: frozenset[str], out: list[model.QualifiedName]
+    ) -> None:
+        """The relations of FROM items a locking clause reaches: all of them, or those named in
+        `OF` (by alias or name), and every table inside a sub-query in FROM it reaches; never a
+        WITH query (PostgreSQL does not lock through one)."""
+        for item in items if isinstance(items, list) else [items]:
+            n = _node(item)
+            if n is None:
+                continue
+            kind, f = n
+            alias_node = f.get("alias")
+            alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
+            if kind == "RangeVar":
+                schema, name = f.get("schemaname"), str(f.get("relname", ""))
+                if (only is None or (alias or name) in only) and (schema or name not in scope):
+                    out.extend(self.candidates(schema, name))
+            elif kind == "RangeTableSample":
+                self._locked_from(f.get("relation"), only if alias is None else None, scope, out)
+            elif kind == "JoinExpr":
+                self._locked_from([f.get("larg"), f.get("rarg")], only, scope, out)
+            elif kind == "RangeSubselect" and (only is None or alias in only):
+                for sub_kind, sub in _walk_nodes(f.get("subquery")):
+                    if sub_kind == "SelectStmt":
+                        self._locked_from(sub.get("fromClause"), None, scope, out)
 
     def with_clause(self, with_clause: Any, unit: Unit, scope: frozenset[str]) -> frozenset[str]:
         """Walk CTE bodies with the names each may see; return the scope for the body."""
@@ -626,6 +680,20 @@ class _Walker:
     def _on_InsertStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
         unit.where_constrains = None
+        conflict = f.get("onConflictClause")
+        if isinstance(conflict, dict) and conflict.get("action") == "ONCONFLICT_UPDATE":
+            # An upsert updates the rows it conflicts with: PostgreSQL asks for INSERT and
+            # UPDATE privilege, so a rule must allow both.
+            unit.extra_classes.add("update")
+            target = f.get("relation") or {}
+            alias_node = target.get("alias")
+            name = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else target.get("relname")
+            where = conflict.get("whereClause")
+            unit.upsert_constrains = _constant_rows(f.get("selectStmt")) or _conjunction(
+                where,
+                _Rows(target=frozenset({str(name)}), unqualified_is_target=False, others={"excluded": False}),
+                self.sensitive,
+            )
 
     def _on_UpdateStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
@@ -1006,6 +1074,30 @@ def _conjunction(where: Any, rows: _Rows, sensitive: _Sensitive) -> bool:
         ):
             return True
     return False
+
+
+def _constant_rows(select: Any) -> bool:
+    """An INSERT's rows are written out in the statement (DEFAULT VALUES, VALUES of constants and
+    parameters, a SELECT of those without FROM): an upsert then updates at most one existing row
+    for each, the one its conflict target pins (PostgreSQL refuses to update a row twice)."""
+    n = _node(select)
+    if select is None:
+        return True
+    if n is None or n[0] != "SelectStmt":
+        return False
+    f = n[1]
+    if any(f.get(k) for k in ("withClause", "fromClause", "larg", "rarg", "whereClause", "groupClause")):
+        return False
+    if f.get("valuesLists"):
+        rows = [(_node(r) or ("", {}))[1].get("items") or [] for r in f["valuesLists"]]
+        return all(_independent(v) or _is_default(v) for row in rows for v in row)
+    values = [(_node(t) or ("", {}))[1].get("val") for t in f.get("targetList") or []]
+    return bool(values) and all(_independent(v) for v in values)
+
+
+def _is_default(value: Any) -> bool:
+    n = _node(value)
+    return n is not None and n[0] == "SetToDefault"
 
 
 def _conjuncts(where: Any) -> list[Any]:

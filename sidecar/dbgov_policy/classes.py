@@ -177,6 +177,7 @@ EXTRA_FINE: frozenset[str] = frozenset(
         "move",
         "select-into",
         "copy-from",
+        "select-for-update",
     }
 )
 

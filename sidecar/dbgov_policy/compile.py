@@ -266,6 +266,7 @@ def _fine_to_coarse() -> dict[str, frozenset[str]]:
         "move": "utility",
         "select-into": "ddl",
         "copy-from": "copy",
+        "select-for-update": "update",
     }
     for fine, coarse in extra.items():
         mapping.setdefault(fine, set()).add(coarse)

@@ -166,7 +166,12 @@ def _covers(rule: model.Rule, unit: analyze.Unit) -> bool:
         return True
     if unit.non_relation_object:
         return False
-    return all(rule.covers_relation(rel) for rel in (*unit.reads, *unit.writes))
+    return all(rule.covers_relation(rel) for rel in _relations(unit))
+
+
+def _relations(unit: analyze.Unit) -> tuple[model.QualifiedName, ...]:
+    """Every relation the statement reads, writes or locks rows of: a rule must cover them all."""
+    return (*unit.reads, *unit.writes, *unit.locks)
 
 
 def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> _Verdict | None:
@@ -334,9 +339,7 @@ def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: 
                 "allows" if rule.verdict == "allow" else ("holds" if rule.verdict == "approve" else "blocks")
             )
             reason = f"rule {rule.name!r} {what} {unit.cls.fine} statements" + (
-                f" on {', '.join(sorted({str(r) for r in (*unit.reads, *unit.writes)}))}"
-                if unit.reads or unit.writes
-                else ""
+                f" on {', '.join(sorted({str(r) for r in _relations(unit)}))}" if _relations(unit) else ""
             )
             hint = None
             if rule.verdict == "block":
@@ -358,10 +361,17 @@ def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: 
             rule="builtin:session-basics",
             reason=f"{unit.cls.fine} is a session basic drivers need",
         )
-    touched = sorted({str(r) for r in (*unit.reads, *unit.writes)})
+    touched = sorted({str(r) for r in _relations(unit)})
     reason = f"no rule covers this {unit.cls.fine} statement" + (
         f" on {', '.join(touched)}" if touched else ""
     )
+    if unit.cls.fine == "select-for-update":
+        reason += (
+            " (FOR UPDATE/NO KEY UPDATE/SHARE/KEY SHARE locks these rows, which PostgreSQL allows "
+            "only with UPDATE privilege: a rule must allow update or select-for-update on them)"
+        )
+    if unit.cls.fine == "insert" and "update" in unit.extra_classes:
+        reason += " (ON CONFLICT DO UPDATE updates too: a rule must allow both insert and update on it)"
     if "call" in unit.extra_classes:
         calls = ", ".join(dict.fromkeys(unit.user_functions))
         reason += (
@@ -407,6 +417,16 @@ def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict
             "<, >, <=, >=, <>, IN (...), BETWEEN, = ANY ($1), LIKE 'prefix%', or be WHERE CURRENT OF; "
             "IS NULL, OR, NOT and expressions of the row itself do not count",
             "Add a condition that selects the rows you mean to change, e.g. WHERE id = $1.",
+        )
+    if "update" in g.require_where and unit.upsert_constrains is False:
+        return _block(
+            "guardrail:require-where",
+            "INSERT ... ON CONFLICT DO UPDATE whose update is not bounded: its rows must be written "
+            "out in the statement (VALUES or a SELECT without FROM, of constants and parameters), "
+            "so each updates at most the one row its conflict target pins, or its DO UPDATE WHERE "
+            "must constrain the target as an UPDATE's WHERE does",
+            "Upsert VALUES rows, or add DO UPDATE ... WHERE target.id = $1; for a bulk change run "
+            "an UPDATE with a WHERE.",
         )
     if g.denied_functions:
         for fn in unit.functions:
