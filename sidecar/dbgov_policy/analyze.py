@@ -654,9 +654,13 @@ class _Walker:
             return
         value = _const_text(args[1]) if len(args) > 1 else None
         local = (_const_text(args[2]) if len(args) > 2 else None) in {"true", "t", "on", "1"}
-        unit.settings.append(
-            Setting(name=name.lower(), value=value if value is not None else "?", local=local)
-        )
+        setting = Setting(name=name.lower(), value=value if value is not None else "?", local=local)
+        unit.settings.append(setting)
+        # It changes the setting as `SET name = value` would, and is judged as that SET too: a
+        # statement of class `set` of its own, which a rule allowing the SELECT does not cover.
+        change = Unit(cls=classes.StatementClass("session", "set"), nested=True, runs_later=unit.runs_later)
+        change.settings.append(setting)
+        self.units.append(change)
 
     # ---- statement handlers (`_on_<NodeType>`) -----------------------------------------
 
@@ -824,8 +828,7 @@ class _Walker:
         if kind == "VAR_RESET_ALL":
             unit.settings.append(Setting(name="*", value=None, local=local))
         elif kind == "VAR_SET_MULTI":
-            # SET TRANSACTION ..., SET SESSION CHARACTERISTICS: isolation, access mode, deferrable
-            unit.settings.append(Setting(name="transaction_isolation", value="?", local=True))
+            unit.settings.extend(_transaction_characteristics(name, f.get("args")))
         elif kind in {"VAR_SET_DEFAULT", "VAR_RESET"}:
             unit.settings.append(Setting(name=name, value=None, local=local))
         else:
@@ -993,6 +996,41 @@ class _Walker:
             sql = query if mode == 0 else f"SELECT {query}"
             if not self._embedded(sql, unit, scope, what="an embedded statement"):
                 return
+
+
+#: SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION option → the setting it sets.
+_CHARACTERISTICS = {
+    "transaction_isolation": "transaction_isolation",
+    "transaction_read_only": "transaction_read_only",
+    "transaction_deferrable": "transaction_deferrable",
+}
+
+
+def _transaction_characteristics(name: str, args: Any) -> list[Setting]:
+    """The settings `SET TRANSACTION` (this transaction's `transaction_*`) or `SET SESSION
+    CHARACTERISTICS AS TRANSACTION` (the session's `default_transaction_*`) changes, so each is
+    judged as the SET of that setting would be (`READ WRITE` is default_transaction_read_only =
+    off, a guarded setting)."""
+    if name == "transaction snapshot":  # imports another transaction's snapshot; sets nothing
+        return [Setting(name="transaction_isolation", value="?", local=True)]
+    session = name == "session characteristics"
+    out: list[Setting] = []
+    for option, arg in _defelems(args).items():
+        setting = _CHARACTERISTICS.get(option)
+        if setting is None:
+            out.append(Setting(name=option, value="?", local=not session))
+            continue
+        value = _const_text(arg)
+        if option != "transaction_isolation":
+            value = "on" if value not in {None, "", "0", "false"} else "off"
+        out.append(
+            Setting(
+                name=f"default_{setting}" if session else setting,
+                value=value if value is not None else "?",
+                local=not session,
+            )
+        )
+    return out
 
 
 def _is_matview(kind: str, fields: dict[str, Any]) -> bool:

@@ -189,6 +189,14 @@ def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> 
             "included, and for masked reads that is dbgov's rewrite with the hash mask's key",
             f"Leave {setting.name} off; use EXPLAIN on tables without masks to see plans.",
         )
+    if setting.name in {"transaction_read_only", "default_transaction_read_only"} and (
+        (setting.value or "").lower() in {"on", "true", "yes", "1", "t", "y"}
+    ):
+        return _Verdict(
+            verdict="allow",
+            rule="builtin:session-basics",
+            reason="making transactions read-only only restricts what later statements may do",
+        )
     kind = guards.setting_kind(setting.name)
     if kind == "identity":
         return _block(
@@ -353,7 +361,9 @@ def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: 
                 hint=hint,
                 sqlstate=POLICY_SQLSTATE if rule.verdict != "allow" else None,
             )
-    if unit.cls.fine in SESSION_BASICS or (unit.cls.fine == "set" and setting_ok is not None):
+    basic = unit.cls.fine in SESSION_BASICS or (unit.cls.fine == "set" and setting_ok is not None)
+    # Only the statement itself is basic: EXECUTE p(public.bump(1)) runs what its arguments call.
+    if basic and not unit.extra_classes and not _relations(unit):
         if setting_ok is not None and setting_ok.rule != "builtin:session-basics":
             return setting_ok
         return _Verdict(
@@ -514,11 +524,12 @@ def decide(
     worst: _Verdict | None = None
     refs: list[analyze.ReadRef] = []
     masked_columns: list[str] = []
-    top_level = [u for u in analysis.units if not u.nested]
-    for unit in analysis.units:
+    # The last top-level statement and the statements nested in it (listed after it) run last.
+    last = max(i for i, u in enumerate(analysis.units) if not u.nested)
+    for index, unit in enumerate(analysis.units):
         _user_function_extra(policy, unit)
         v = judge_unit(policy, unit, known)
-        if v.verdict != "block" and _changes_resolution(unit) and unit is not top_level[-1]:
+        if v.verdict != "block" and _changes_resolution(unit) and index < last:
             v = _block(
                 "guardrail:guarded-setting",
                 "search_path changes in the middle of a query string, so later statements in it "

@@ -240,7 +240,26 @@ ECHO_SETTINGS: frozenset[str] = frozenset({"debug_print_parse", "debug_print_rew
 #: Built-in functions that change state: a statement calling one also counts as this class,
 #: so a rule that allows only reads does not cover it.
 BUILTIN_EFFECTS: dict[str, str] = {
+    # a sequence advanced or reset stays so (a write no ROLLBACK undoes)
+    "nextval": "call",
     "setval": "call",
+    # advisory locks: held to the end of the session (or transaction), others wait for them
+    **dict.fromkeys(
+        (
+            "pg_advisory_lock",
+            "pg_advisory_lock_shared",
+            "pg_advisory_xact_lock",
+            "pg_advisory_xact_lock_shared",
+            "pg_try_advisory_lock",
+            "pg_try_advisory_lock_shared",
+            "pg_try_advisory_xact_lock",
+            "pg_try_advisory_xact_lock_shared",
+            "pg_advisory_unlock",
+            "pg_advisory_unlock_shared",
+            "pg_advisory_unlock_all",
+        ),
+        "lock",
+    ),
     "pg_notify": "notify",
     "pg_stat_reset": "call",
     "pg_stat_reset_shared": "call",

@@ -160,3 +160,27 @@ def test_the_upserts_overwrite_rows_without_dbgov(pg_server: pg.PgServer, databa
         assert conn.execute(BULK_UPSERT).rowcount == 10
         assert conn.execute("SELECT note FROM events").fetchall() == [("pwned",)]
         conn.rollback()
+
+
+SIDE_EFFECTS = [
+    "SELECT nextval('tickets')",
+    "SELECT pg_advisory_lock(4242)",
+    "SELECT set_config('app.tenant', '2', false)",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+]
+
+
+def test_side_effects_are_not_reads(governed: str, pg_server: pg.PgServer, database: str) -> None:
+    """A sequence advanced, an advisory lock held, a setting changed: each refused, none done."""
+    with _direct(pg_server, database) as conn:
+        conn.execute("CREATE SEQUENCE IF NOT EXISTS tickets")
+        conn.commit()
+    with psycopg.connect(governed, autocommit=True) as conn:
+        for sql in SIDE_EFFECTS:
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute(sql)
+            assert err.value.sqlstate == "42501", sql
+        assert conn.execute("SELECT current_setting('app.tenant', true)").fetchone() in {(None,), ("",)}
+        with _direct(pg_server, database) as other:
+            assert other.execute("SELECT pg_try_advisory_lock(4242)").fetchone() == (True,)
+            assert other.execute("SELECT last_value, is_called FROM tickets").fetchone() == (1, False)
