@@ -927,9 +927,9 @@ class Session:
         policy = self._policy()
         if self._context_kind is not type(policy):
             self._new_context(policy)
-        for key, value in self.params.items():
-            if key in _PLAIN_PARAMS:
-                continue
+        options = startup_options(self.params.get("options", ""))
+        settings = [(k, v, f'"{k}"') for k, v in self.params.items() if k not in _PLAIN_PARAMS]
+        for key, value, label in [*settings, *((k, v, f'"options" (-c {k})') for k, v in options)]:
             if not _SETTING_NAME.fullmatch(key):
                 self._fatal("08004", f'invalid startup parameter name "{key}"')
                 return True
@@ -939,7 +939,7 @@ class Session:
                 rule = f'rule "{decision.rule}"' if decision.rule else "dbgov"
                 self._fatal(
                     decision.sqlstate or SQLSTATE_POLICY,
-                    f'dbgov: startup parameter "{key}" refused by {rule}: {decision.reason}',
+                    f"dbgov: startup parameter {label} refused by {rule}: {decision.reason}",
                 )
                 return True
         return False
@@ -948,6 +948,9 @@ class Session:
         if self._settings_refused():
             return
         upstream = {k: v for k, v in self.params.items() if k not in ("user", "database", "options")}
+        options = startup_options(self.params.get("options", ""))
+        if options:  # (the server applies the packet's own parameters after these)
+            upstream["options"] = _option_text(options)
         upstream.update(_READ_AS_JUDGED)
         database = self._config.upstream_database or self.params.get("database")
         if database:
@@ -2227,9 +2230,67 @@ def _forbidden_parameter(params: Mapping[str, str]) -> str | None:
             if key == "replication" and value.lower() in ("false", "off", "no", "0"):
                 continue
             return f'dbgov does not allow the startup parameter "{key}"'
-        if key == "options" and ("-c" in value or "--" in value):
-            return 'dbgov does not allow settings in the startup parameter "options" (-c / --)'
+        if key == "options":
+            try:
+                startup_options(value)
+            except ValueError as err:
+                return f'dbgov: the startup parameter "options" {err}'
     return None
+
+
+def startup_options(value: str) -> list[tuple[str, str]]:
+    """The settings in a startup packet's ``options`` (libpq's PGOPTIONS: ``-c name=value`` or
+    ``--name=value``, separated by whitespace, a backslash escaping the next character, as the
+    server splits them); ValueError for anything else (other server switches are refused)."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = started = False
+    for char in value:
+        if escaped:
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = started = True
+        elif char.isspace():
+            if started:
+                words.append("".join(word))
+                word, started = [], False
+        else:
+            word.append(char)
+            started = True
+    if escaped:
+        raise ValueError("ends in a lone backslash")
+    if started:
+        words.append("".join(word))
+    settings: list[tuple[str, str]] = []
+    index = 0
+    while index < len(words):
+        switch = words[index]
+        if switch == "-c":
+            index += 1
+            if index == len(words):
+                raise ValueError("has -c without a setting")
+            switch = words[index]
+        elif switch.startswith(("-c", "--")):
+            switch = switch[2:]
+        else:
+            raise ValueError(f"has {switch!r}: only settings (-c name=value, --name=value) are allowed")
+        name, equals, setting = switch.partition("=")
+        name = name.replace("-", "_").lower()  # (as the server reads --name=value)
+        if not equals or not _SETTING_NAME.fullmatch(name):
+            raise ValueError(f"has {switch!r}, which is not name=value")
+        settings.append((name, setting))
+        index += 1
+    return settings
+
+
+def _option_text(settings: list[tuple[str, str]]) -> str:
+    """``options`` for the upstream startup packet: exactly the settings that were judged."""
+
+    def escaped(text: str) -> str:
+        return "".join("\\" + c if c.isspace() or c == "\\" else c for c in text)
+
+    return " ".join(f"-c {escaped(name)}={escaped(value)}" for name, value in settings)
 
 
 def _quote_ident(name: str) -> str:

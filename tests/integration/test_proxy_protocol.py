@@ -177,8 +177,8 @@ def test_no_tls_configured_answers_n(dbgov: RunningProxy) -> None:
 @pytest.mark.parametrize(
     ("extra", "complaint"),
     [
-        ("options='-c search_path=evil'", "options"),
-        ("options='--search_path=evil'", "options"),
+        ("options='-B 100'", "options"),
+        ("options='-c'", "options"),
         ("replication=database", "replication"),
     ],
 )
@@ -187,6 +187,43 @@ def test_startup_parameters_that_bypass_policy_get_fatal(
 ) -> None:
     with pytest.raises(psycopg.OperationalError, match=f'startup parameter "{complaint}"'):
         psycopg.connect(dbgov.dsn(extra=extra))
+
+
+def _strict() -> object:
+    from dbgov_policy import compile as policy_compile
+    from dbgov_policy import engine
+    from dbgov_sidecar import policy_port
+
+    spec = {"default": "allow", "rules": [], "guardrails": {"allowedSettings": {"search_path": ["shop"]}}}
+    return policy_port.EnginePolicy(engine.Engine(policy_compile.compile_policy(spec)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "-c search_path=evil",
+        "--search_path=evil",
+        "-c client_encoding=SJIS",
+        "-c role=postgres",
+        "-c session_replication_role=replica",
+    ],
+)
+def test_settings_in_options_are_judged_as_set(make_proxy: object, options: str) -> None:
+    proxy = make_proxy(policy=_strict())  # type: ignore[operator]
+    with pytest.raises(psycopg.OperationalError, match='startup parameter "options"'):
+        psycopg.connect(proxy.dsn(extra=f"options='{options}'"))
+
+
+def test_benign_settings_in_options_reach_the_server(make_proxy: object) -> None:
+    """libpq's PGOPTIONS / pgjdbc's options: what the policy allows as SET passes at startup."""
+    proxy = make_proxy(policy=_strict())  # type: ignore[operator]
+    options = r"-c statement_timeout=5s --lock-timeout=2s -c search_path=shop -c application_name=a\\ b"
+    with psycopg.connect(proxy.dsn(extra=f"options='{options}'"), autocommit=True) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("5s",)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("2s",)
+        assert conn.execute("SHOW search_path").fetchone() == ("shop",)
+        assert conn.execute("SHOW application_name").fetchone() == ("a b",)
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (200,)  # judged as shop.orders
 
 
 def test_ssl_request_followed_by_data_is_a_violation(dbgov: RunningProxy) -> None:

@@ -124,12 +124,26 @@ def test_cancel_request_is_forwarded_and_closes() -> None:
     assert s.actions == [session.ForwardCancel(pid=5, secret=6), session.Close(reason="cancel request")]
 
 
-def test_forbidden_options_get_fatal() -> None:
+@pytest.mark.parametrize("options", ["-B 10", "-c", "-c search_path", "--x=1 \\"])
+def test_options_other_than_settings_get_fatal(options: str) -> None:
     s = _session()
-    s.client_data(messages.startup_message({"user": "a", "options": "-c search_path=x"}), 0.0)
+    s.client_data(messages.startup_message({"user": "a", "options": options}), 0.0)
     fields = messages.decode_fields(bytes(s.to_client))
     assert fields["S"] == "FATAL" and "options" in fields["M"]
     assert isinstance(s.actions[-1], session.Close)
+
+
+def test_settings_in_options_are_judged_and_forwarded_as_judged() -> None:
+    s = _session()
+    options = r"-c statement_timeout=5s --application-name=a\ b -cDateStyle=ISO"
+    s.client_data(messages.startup_message({"user": "a", "options": options}), 0.0)
+    (action,) = s.actions
+    assert isinstance(action, session.ConnectUpstream)
+    assert action.params["options"] == r"-c statement_timeout=5s -c application_name=a\ b -c datestyle=ISO"
+    assert session.startup_options(action.params["options"]) == session.startup_options(options)
+    s = _session()
+    s.client_data(messages.startup_message({"user": "a", "options": "-c statement_timeout=1 -c x=drop"}), 0.0)
+    assert isinstance(s.actions[-1], session.ConnectUpstream)  # Blocker judges "SET x = 'drop'": fine
 
 
 def test_client_scram_login() -> None:
