@@ -1296,6 +1296,12 @@ class Session:
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[]))
             return messages.query(self._refuse(statement, now))
+        return self._refuse_in_batch(statement, now)
+
+    def _refuse_in_batch(self, statement: _Statement, now: float) -> bytes:
+        """Refuse an extended-protocol message in place: a Parse of the marker (a statement name
+        of the proxy's, so the client's unnamed statement stays) fails, and the server skips to
+        the batch's Sync, as the proxy does."""
         token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
         self._skipping = True
         return messages.parse("dbgov_refused", token, ())
@@ -1313,9 +1319,7 @@ class Session:
         if verdict in ("allow", "mask"):
             self._cursor_reads[portal] = statement
             return None
-        token = self._refuse(statement, now, sync_id=self._syncs_sent + 1)
-        self._skipping = True
-        return messages.parse("dbgov_refused", token, ())
+        return self._refuse_in_batch(statement, now)
 
     def _on_bind(self, name: str, portal: str, now: float) -> bytes | None:
         """A Bind runs a prepared statement as PostgreSQL resolves it now: one judged under
@@ -1330,11 +1334,7 @@ class Session:
             sql = f"EXECUTE {_quote_ident(name)}"
             decision, verdict = self._decide(sql)
             if verdict not in ("allow", "mask"):
-                token = self._refuse(
-                    _Statement(sql=sql, decision=decision, verdict=verdict), now, sync_id=self._syncs_sent + 1
-                )
-                self._skipping = True
-                return messages.parse("dbgov_refused", token, ())
+                return self._refuse_in_batch(_Statement(sql=sql, decision=decision, verdict=verdict), now)
             self._prepared[name] = _Statement(sql=sql, decision=decision, verdict=verdict, sql_prepared=True)
             if self._guard_limit(decision) is not None:
                 self._write_statements.add(name)
@@ -1346,9 +1346,7 @@ class Session:
             same = verdict == statement.verdict and decision.rewritten == statement.decision.rewritten
             if not same:
                 refused = _Statement(sql=statement.sql, decision=_PATH_REPREPARE, verdict="block")
-                token = self._refuse(refused, now, sync_id=self._syncs_sent + 1)
-                self._skipping = True
-                return messages.parse("dbgov_refused", token, ())
+                return self._refuse_in_batch(refused, now)
             statement.decision, statement.path = decision, path
             if self.lane is not None and verdict == "allow" and self._unguarded(decision):
                 self._teach_lane(statement.sql, statement, exact=True)
