@@ -979,6 +979,21 @@ class Session:
                 return
             if mtype in _EXTENDED:
                 self._batch_open = True
+            if mtype == messages.QUERY and self._batch_open:
+                # PostgreSQL runs a Query sent before the batch's Sync (asyncpg does: Parse,
+                # Describe, Flush, then a COPY), or drops it unanswered if the batch failed
+                # first; only the server would know which. A Sync of the proxy's own ends the
+                # batch first (its ReadyForQuery is not passed on), so every Query is answered
+                # and judged like any other, whether or not the batch failed or was refused.
+                self._end_batch(now, silent=True)
+                if out is None:
+                    out = [m.data for m in msgs[:index]]
+                out.append(messages.SYNC_MESSAGE)
+                if self._path_pending:  # the batch may have changed search_path: wait for it
+                    self._paused = True
+                    self._client.unread(b"".join(m.data for m in msgs[index:]))
+                    self.to_server += b"".join(out)
+                    return
             held = self._path_pending and mtype in _NAMED_BY_PATH and not self._skipping
             if (
                 not held
@@ -992,25 +1007,6 @@ class Session:
                 replacement: bytes | None = self._refuse_path_unknown(msg, now)
             elif self._skipping and mtype not in (messages.SYNC, messages.TERMINATE):
                 replacement = b""
-            elif mtype == messages.QUERY and self._batch_open:
-                # PostgreSQL runs a Query sent before the batch's Sync (asyncpg does: Parse,
-                # Describe, Flush, then a COPY), or drops it unanswered if the batch failed
-                # first; only the server would know which. A Sync of the proxy's own ends the
-                # batch first (its ReadyForQuery is not passed on), so every Query is answered.
-                self._end_batch(now, silent=True)
-                if out is None:
-                    out = [m.data for m in msgs[:index]]
-                out.append(messages.SYNC_MESSAGE)
-                replacement = self._on_query(msg, now)
-                if self._defer or self._guard is not None:
-                    self._paused = True
-                    rest = msgs[index:] if self._defer else msgs[index + 1 :]
-                    self._client.unread(b"".join(m.data for m in rest))
-                    self._defer = False
-                    if replacement is not None:
-                        out.append(replacement)
-                    self.to_server += b"".join(out)
-                    return
             elif mtype == messages.QUERY:
                 replacement = self._on_query(msg, now)
                 if self._defer or self._guard is not None:
@@ -1743,15 +1739,16 @@ class Session:
         if self._over_limit:
             return b""
         unit = self._current_unit()
-        if unit is not None and self._config.audit:
-            unit.ends.append((self._unit_rows, None))  # nothing more runs until Sync
         if self._refusals and self._refusals[0].sync_id == self._syncs_done + 1:
             fields = messages.decode_fields(msg.data)
             if self._refusals[0].token in fields.get("M", ""):
+                # (a marker answers no Execute of the unit: the refused statement is audited alone)
                 refusal = self._refusals.popleft()
                 if unit is not None and refusal.error:
                     unit.sqlstate = messages.decode_fields(refusal.error).get("C")
                 return refusal.error
+        if unit is not None and self._config.audit:
+            unit.ends.append((self._unit_rows, None))  # nothing more runs until Sync
         if unit is not None and unit.sqlstate is None:
             unit.sqlstate = messages.decode_fields(msg.data).get("C")
         return None

@@ -717,3 +717,43 @@ def test_nothing_interleaves_with_the_search_path_probe(
         assert _answers(client, b"SELECT 1").endswith(messages.ready_for_query("I"))
     finally:
         client.close()
+
+
+def test_a_query_after_a_refusal_in_an_open_batch_is_answered(guarded: RunningProxy, arena: str) -> None:
+    client, _ = _raw_login(guarded, {})
+    try:
+        client.send(
+            messages.parse("", f"DROP TABLE {arena}.victim")
+            + messages.FLUSH_MESSAGE
+            + messages.query("SELECT 7")
+        )
+        reply = client.read_until(b"Z")
+        assert [chr(m.type) for m in reply] == ["E", "T", "D", "C", "Z"], reply
+        assert "refused" in _fields_of(reply)[0]["M"]
+    finally:
+        client.close()
+    assert [e["statement"] for e in guarded.events if e.get("statement") == "SELECT 7"] == ["SELECT 7"]
+
+
+def test_each_statement_of_a_batch_with_a_refusal_keeps_its_own_rows(
+    guarded: RunningProxy, arena: str
+) -> None:
+    client, _ = _raw_login(guarded, {})
+    one, two = f"SELECT id FROM {arena}.victim WHERE id <= 2", f"SELECT id FROM {arena}.victim WHERE id = 5"
+    try:
+        client.send(
+            messages.parse("", one)
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.parse("", two)
+            + messages.bind("", "")
+            + messages.execute("")
+            + messages.parse("", f"DROP TABLE {arena}.victim")
+            + messages.SYNC_MESSAGE
+        )
+        reply = client.read_until(b"Z")
+        assert [chr(m.type) for m in reply].count("D") == 3
+    finally:
+        client.close()
+    rows = {e["statement"]: e["rows_returned"] for e in guarded.events if e.get("statement") in (one, two)}
+    assert rows == {one: 2, two: 1}
