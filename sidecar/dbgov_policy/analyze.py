@@ -529,8 +529,13 @@ class _Walker:
         alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
         for rel in rels:
             if (
-                rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog"
-            ) or rel.name in guards.EXTENSION_LEAKY_RELATIONS:
+                (rel.name in guards.LEAKY_RELATIONS and rel.schema == "pg_catalog")
+                or rel.name in guards.EXTENSION_LEAKY_RELATIONS
+                or (
+                    rel.name in guards.INFORMATION_SCHEMA_LEAKY_RELATIONS
+                    and rel.schema == "information_schema"
+                )
+            ):
                 unit.findings.append(
                     Finding(
                         guard="leaky-catalog",

@@ -231,6 +231,10 @@ STATEMENT_TEXT_FUNCTIONS: frozenset[str] = frozenset({"pg_prepared_statement", "
 #: Extension relations that leak other sessions' statements, whatever schema holds them.
 EXTENSION_LEAKY_RELATIONS: frozenset[str] = frozenset({"pg_stat_statements", "pg_stat_statements_info"})
 
+#: information_schema views over the same secrets: user mappings' options hold the passwords
+#: foreign servers are reached with (what the pg_user_mappings guard hides).
+INFORMATION_SCHEMA_LEAKY_RELATIONS: frozenset[str] = frozenset({"user_mapping_options", "_pg_user_mappings"})
+
 #: Settings that make the server send the client the parse tree or plan of every statement
 #: (at LOG level, with `client_min_messages` at log or below): constants included, so the
 #: `hash` mask key of a masked read. Turning them on is refused whenever the policy masks.
