@@ -420,6 +420,13 @@ class _Walker:
             if fields.get("kind") not in NON_OPERATOR_EXPRS:
                 self.operator(fields.get("name"), unit)
             self.fields(kind, fields, unit, scope, role)
+        elif kind in ("SubLink", "SortBy"):
+            # `x OPERATOR(s.op) ANY (SELECT …)` and `ORDER BY x USING op` call an operator's
+            # function too, as an expression's operator does.
+            op_name = fields.get("operName" if kind == "SubLink" else "useOp")
+            if op_name:
+                self.operator(op_name, unit)
+            self.fields(kind, fields, unit, scope, role)
         elif kind == "CommonTableExpr":
             self.fields(kind, fields, unit, scope, role)
         else:
