@@ -61,6 +61,9 @@ class StatementInfo:
     nested: bool = False
     settings: tuple[str, ...] = ()
     """Settings it changes ("*": every one, as RESET ALL), which the session must learn back."""
+    statement_names: tuple[str, ...] = ()
+    """Prepared statement names it defines or drops (PREPARE, DEALLOCATE; "*": all of them):
+    SQL and the protocol share that namespace."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -301,9 +304,19 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
         if target.rel not in masked:
             continue
         if unit.cls.coarse in {"ddl", "dcl"} and unit.cls.fine in {"alter", "grant", "revoke", "create"}:
+            ancestors = policy.inherited.get(target.rel)
+            if ancestors:
+                return (
+                    f"{target.rel} descends from {', '.join(str(a) for a in ancestors)} (a partition or "
+                    "inheritance child: its rows are read through the masks of the table it descends from), "
+                    "and changing its definition (renaming it, detaching it or ending its inheritance, "
+                    "attaching or creating partitions or children of it, granting on it, adding rules, "
+                    "triggers or policies) could expose masked columns under another name"
+                )
             return (
                 f"{target.rel} has masked columns, and changing its definition (renaming it, granting "
-                "on it, adding rules, triggers or policies) could expose them under another name"
+                "on it, creating or attaching partitions or inheritance children of it, adding rules, "
+                "triggers or policies) could expose them under another name"
             )
         cols = {m.column for m in policy.masks_for(target.rel)}
         whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
@@ -576,4 +589,7 @@ def _info(unit: analyze.Unit, v: _Verdict) -> StatementInfo:
         rule=v.rule,
         nested=unit.nested,
         settings=tuple(dict.fromkeys(s.name for s in unit.settings)),
+        statement_names=tuple(
+            dict.fromkeys(n for kind, n in (*unit.names_defined, *unit.names_dropped) if kind == "prepared")
+        ),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import Literal
 
 Verdict = Literal["allow", "mask", "approve", "block"]
@@ -100,6 +101,9 @@ class CompiledPolicy:
     masks: tuple[Mask, ...]
     mask_key: str = ""
     """Secret for the keyed `hash` strategy; given by the deployment, never by the document."""
+    inherited: Mapping[QualifiedName, tuple[QualifiedName, ...]] = dataclasses.field(default_factory=dict)
+    """Descendants (partitions, inheritance children) of masked tables → their masked ancestors,
+    as one session's catalog has them; their masks are in `masks` (see `with_descendants`)."""
 
     def masks_for(self, rel: QualifiedName) -> tuple[Mask, ...]:
         return tuple(m for m in self.masks if m.table == rel)
@@ -107,3 +111,18 @@ class CompiledPolicy:
     @property
     def masked_tables(self) -> frozenset[QualifiedName]:
         return frozenset(m.table for m in self.masks)
+
+    def with_descendants(self, inherits: Mapping[QualifiedName, tuple[QualifiedName, ...]]) -> CompiledPolicy:
+        """This policy for a database where each table of ``inherits`` descends from the masked
+        tables it maps to: reading it directly reads their rows, so it takes their masks, matched
+        by column name (a child has every column of its parents, in any order)."""
+        own = {(m.table, m.column) for m in self.masks}
+        extra: list[Mask] = []
+        for child, ancestors in sorted(inherits.items(), key=lambda item: str(item[0])):
+            for ancestor in ancestors:
+                for m in self.masks_for(ancestor):
+                    if (child, m.column) not in own:
+                        own.add((child, m.column))
+                        extra.append(dataclasses.replace(m, table=child))
+        known = {child: tuple(ancestors) for child, ancestors in inherits.items() if ancestors}
+        return dataclasses.replace(self, masks=self.masks + tuple(extra), inherited=known)

@@ -40,6 +40,10 @@ class Decision(Protocol):
 TableColumns = Mapping[tuple[str, str], tuple[str, ...]]
 """(schema, table) -> the table's columns in order, from the catalog."""
 
+Inherits = Mapping[tuple[str, str], tuple[tuple[str, str], ...]]
+"""(schema, table) of a descendant of masked tables (partition or inheritance child, any depth)
+-> (schema, table) of its masked ancestors, from the catalog."""
+
 
 class Policy(Protocol):
     """A loaded policy: decides statements for one session context at a time."""
@@ -57,10 +61,15 @@ class Policy(Protocol):
         """Roll back and refuse writes that change more rows than this (None: no limit)."""
 
     def new_context(
-        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+        self,
+        *,
+        search_path: tuple[str, ...] | None = None,
+        columns: TableColumns | None = None,
+        inherits: Inherits | None = None,
     ) -> object:
         """Per-session state the engine keeps (prepared statement and cursor names, search_path);
-        ``columns``: the columns of masked tables in the session's database, in order."""
+        ``columns``: the columns of masked tables (and of their descendants) in the session's
+        database, in order; ``inherits``: the descendants of masked tables there."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -93,7 +102,11 @@ class AllowAll:
     mask_targets: tuple[tuple[str, str, str], ...] = ()
 
     def new_context(
-        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+        self,
+        *,
+        search_path: tuple[str, ...] | None = None,
+        columns: TableColumns | None = None,
+        inherits: Inherits | None = None,
     ) -> object:
         return None
 
@@ -116,7 +129,11 @@ class RefuseAll:
         )
 
     def new_context(
-        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+        self,
+        *,
+        search_path: tuple[str, ...] | None = None,
+        columns: TableColumns | None = None,
+        inherits: Inherits | None = None,
     ) -> object:
         return None
 
@@ -160,13 +177,24 @@ class EnginePolicy:
         return self._max_rows_affected
 
     def new_context(
-        self, *, search_path: tuple[str, ...] | None = None, columns: TableColumns | None = None
+        self,
+        *,
+        search_path: tuple[str, ...] | None = None,
+        columns: TableColumns | None = None,
+        inherits: Inherits | None = None,
     ) -> object:
         ctx = (
             engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
         )
         if columns:
             ctx.columns = {model.QualifiedName(schema=s, name=t): names for (s, t), names in columns.items()}
+        if inherits:
+            ctx.inherits = {
+                model.QualifiedName(schema=s, name=t): tuple(
+                    model.QualifiedName(schema=a, name=b) for a, b in up
+                )
+                for (s, t), up in inherits.items()
+            }
         return ctx
 
     def decide(self, sql: str, context: object) -> Decision:

@@ -504,6 +504,7 @@ class ClientConnection(asyncio.Protocol):
                     masked_attrs=up.masked_attrs,
                     table_columns=up.table_columns,
                     search_path=up.login_state.search_path,
+                    inherits=up.inherits,
                 )
             except Exception:
                 self._internal_error()
@@ -580,41 +581,63 @@ class ClientConnection(asyncio.Protocol):
                 reply = state.on_message(await up.read_message())
                 if reply:
                     up.write(reply)
-            up.masked_attrs, up.table_columns = await self._masked_attributes(up)
+            catalog = await self._masked_attributes(up)
+            up.masked_attrs, up.table_columns, up.inherits = catalog.attrs, catalog.columns, catalog.inherits
         except BaseException:
             up.close()
             raise
         return up
 
-    async def _masked_attributes(
-        self, up: UpstreamConnection
-    ) -> tuple[dict[tuple[int, int], str], dict[tuple[str, str], tuple[str, ...]]]:
-        """Looked up on the new connection: (table OID, attnum) → name of every masked column,
-        and (schema, table) → every column of each masked table, in order."""
+    async def _masked_attributes(self, up: UpstreamConnection) -> MaskCatalog:
+        """Looked up on the new connection: (table OID, attnum) → name of every masked column
+        (also as a column of the masked tables' descendants), (schema, table) → every column of
+        each masked table and descendant, in order, and each descendant → its masked ancestors.
+
+        A failed lookup fails the login: without it, the descendants would be read in clear."""
         targets = getattr(self.proxy.policy(), "mask_targets", ())
         if not targets:
-            return {}, {}
-        up.write(messages.query(masked_columns_query(targets) + "; " + table_columns_query(targets)))
+            return MaskCatalog()
+        up.write(
+            messages.query(
+                "; ".join(
+                    (masked_columns_query(targets), table_columns_query(targets), descendants_query(targets))
+                )
+            )
+        )
         found: dict[tuple[int, int], str] = {}
         columns: dict[tuple[str, str], list[str]] = {}
+        inherits: dict[tuple[str, str], list[tuple[str, str]]] = {}
         results = 0
+        error: str | None = None
         while True:
             msg = await up.read_message()
             if msg.type == messages.DATA_ROW:
                 row = messages.decode_data_row(msg.data)
-                if results == 0 and len(row) == 3 and None not in row:
+                if None in row:
+                    continue
+                if results == 0 and len(row) == 3:
                     oid, attnum, name = row
                     found[(int(oid), int(attnum))] = name.decode()  # type: ignore[union-attr, arg-type]
-                elif results == 1 and len(row) == 3 and None not in row:
+                elif results == 1 and len(row) == 3:
                     schema, table, column = (v.decode() for v in row)  # type: ignore[union-attr]
                     columns.setdefault((schema, table), []).append(column)
+                elif results == 2 and len(row) == 4:
+                    schema, table, up_schema, up_table = (v.decode() for v in row)  # type: ignore[union-attr]
+                    inherits.setdefault((schema, table), []).append((up_schema, up_table))
             elif msg.type == messages.COMMAND_COMPLETE:
                 results += 1
             elif msg.type == messages.ERROR_RESPONSE:
-                log.warning("masked column lookup failed: %s", messages.decode_fields(msg.data).get("M"))
-                columns.clear()  # (names them only when the whole list is known)
+                error = messages.decode_fields(msg.data).get("M") or "error"
             elif msg.type == messages.READY_FOR_QUERY:
-                return found, {table: tuple(names) for table, names in columns.items()}
+                if error is not None:
+                    raise ConnectionError(
+                        f"dbgov could not read the masked tables' columns and descendants: {error}"
+                    )
+                return MaskCatalog(
+                    attrs=found,
+                    columns={table: tuple(names) for table, names in columns.items()},
+                    inherits={table: tuple(up) for table, up in inherits.items()},
+                )
 
     def close(self, reason: str) -> None:
         """Close both sides (idempotent)."""
@@ -697,6 +720,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._lost: Exception | None = None
         self.masked_attrs: dict[tuple[int, int], str] = {}
         self.table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -774,30 +798,69 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.server_data(leftover)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MaskCatalog:
+    """What the catalog of a session's database says about the policy's masked tables."""
+
+    attrs: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+    """(table OID, attnum) of each masked column, in the masked table or a descendant → the
+    policy's name of it (schema.table.column of the masked table)."""
+    columns: dict[tuple[str, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """(schema, table) of each masked table and descendant → its columns, in order."""
+    inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+    """(schema, table) of each descendant → its masked ancestors."""
+
+
+def _masked_tree(targets: tuple[tuple[str, str, str], ...]) -> str:
+    """A recursive CTE ``tree(oid, nsp, rel)``: every masked table (nsp.rel) and every table
+    that descends from it through pg_inherits (partitions and inheritance children, any depth),
+    each with the masked table it descends from."""
+    lit = session.sql_literal
+    rows = ", ".join(sorted({f"({lit(a)}, {lit(b)})" for a, b, _ in targets}))
+    return (
+        "WITH RECURSIVE tree(oid, nsp, rel) AS ("
+        "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE (n.nspname, c.relname) IN (VALUES {rows}) "
+        "UNION SELECT i.inhrelid, tree.nsp, tree.rel FROM pg_catalog.pg_inherits i "
+        "JOIN tree ON i.inhparent = tree.oid) "
+    )
+
+
 def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
-    """Catalog query: OID, attribute number and name of each (schema, table, column)."""
+    """Catalog query: OID, attribute number and name (schema.table.column, as the policy names it)
+    of each masked column, in its table and in every descendant of it (where the column has the
+    same name but maybe another number)."""
     lit = session.sql_literal
     rows = ", ".join(f"({lit(a)}, {lit(b)}, {lit(c)})" for a, b, c in targets)
     return (
-        "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname "
-        "FROM pg_catalog.pg_attribute a "
-        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE NOT a.attisdropped AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
+        _masked_tree(targets) + "SELECT tree.oid, a.attnum, tree.nsp || '.' || tree.rel || '.' || a.attname "
+        "FROM tree JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.oid "
+        f"WHERE NOT a.attisdropped AND (tree.nsp, tree.rel, a.attname) IN (VALUES {rows})"
     )
 
 
 def table_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
-    """Catalog query: schema, table and name of every column of the targets' tables, in order."""
-    lit = session.sql_literal
-    rows = ", ".join(sorted({f"({lit(a)}, {lit(b)})" for a, b, _ in targets}))
+    """Catalog query: schema, table and name of every column of the targets' tables and of their
+    descendants, in order."""
     return (
-        "SELECT n.nspname, c.relname, a.attname "
+        _masked_tree(targets) + "SELECT n.nspname, c.relname, a.attname "
         "FROM pg_catalog.pg_attribute a "
         "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE a.attnum > 0 AND NOT a.attisdropped AND (n.nspname, c.relname) IN (VALUES {rows}) "
+        "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.oid IN (SELECT oid FROM tree) "
         "ORDER BY n.nspname, c.relname, a.attnum"
+    )
+
+
+def descendants_query(targets: tuple[tuple[str, str, str], ...]) -> str:
+    """Catalog query: schema and table of each descendant of a masked table, with the schema
+    and table of that masked ancestor (one row per ancestor)."""
+    return (
+        _masked_tree(targets) + "SELECT DISTINCT n.nspname, c.relname, tree.nsp, tree.rel FROM tree "
+        "JOIN pg_catalog.pg_class c ON c.oid = tree.oid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE (n.nspname, c.relname) <> (tree.nsp, tree.rel) ORDER BY 1, 2, 3, 4"
     )
 
 

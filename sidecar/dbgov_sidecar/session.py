@@ -404,6 +404,7 @@ class Session:
         while every statement was refused) needs a context of its own."""
         self._search_path: tuple[str, ...] | None = None
         self._table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._binding: bytes | None = None
@@ -427,6 +428,9 @@ class Session:
         confirmed (``_log_statement_change``)."""
         self._touching_portals: set[str] = set()
         """Portals bound to a statement that may change search_path: their Execute does."""
+        self._portal_bound: dict[str, _Statement] = {}
+        """Portal → the statement it was bound to (a name may mean another statement by the
+        time the portal runs)."""
         self._cursor_reads: dict[str, _Statement] = {}
         """SQL cursors read by protocol Execute, as the FETCH each Execute is audited as."""
         self._parsed_in_unit: dict[str, int] = {}
@@ -562,6 +566,8 @@ class Session:
             and self._affected_limit == getattr(policy, "max_rows_affected", None)
         )
         search_path = getattr(self._context, "search_path", None)
+        if ready:
+            self._portal_bound.pop("", None)  # the lane binds the unnamed portal without telling
         lane.arm(ready, policy, search_path, shape_key, -1 if self._row_limit is None else self._row_limit)
 
     def adopt_lane(self) -> None:
@@ -750,6 +756,7 @@ class Session:
         masked_attrs: Mapping[tuple[int, int], str] | None = None,
         search_path: tuple[str, ...] | None = None,
         table_columns: policy_port.TableColumns | None = None,
+        inherits: policy_port.Inherits | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
@@ -757,7 +764,9 @@ class Session:
         a result column with that origin must never reach the client unmasked. ``search_path``
         is the session's effective search_path, which the policy resolves unqualified names with.
         ``table_columns``: the columns of the masked tables, which lets masking rewrites name
-        them (and PostgreSQL use the tables' indexes).
+        them (and PostgreSQL use the tables' indexes). ``inherits``: the descendants of masked
+        tables (partitions, inheritance children), which the policy masks as the tables they
+        descend from.
         """
         reported = dict(messages.decode_parameter_status(raw) for raw in parameter_status)
         for name, expected in _READ_AS_JUDGED.items():
@@ -770,6 +779,7 @@ class Session:
                 return
         self._masked_attrs = dict(masked_attrs or {})
         self._table_columns = dict(table_columns or {})
+        self._inherits = dict(inherits or {})
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
         for raw in parameter_status:
@@ -1028,6 +1038,12 @@ class Session:
                 replacement = None
             elif mtype == messages.EXECUTE and (refused := self._on_cursor_execute(msg, now)) is not None:
                 replacement = refused
+            elif (
+                mtype == messages.EXECUTE
+                and self._write_portals
+                and (suspended := self._refuse_partial_write(msg, now)) is not None
+            ):
+                replacement = suspended
             elif mtype == messages.EXECUTE and (
                 self._affected_limit is not None or self._row_limit is not None
             ):
@@ -1052,6 +1068,11 @@ class Session:
                     out.append(refused)
                     continue
                 self._portal_statements[bind.portal] = bind.statement
+                bound_statement = self._prepared.get(bind.statement)
+                if bound_statement is None:
+                    self._portal_bound.pop(bind.portal, None)
+                else:
+                    self._portal_bound[bind.portal] = bound_statement
                 self._portal_rows.pop(bind.portal, None)
                 if self._write_statements:
                     if bind.statement in self._write_statements:
@@ -1123,6 +1144,7 @@ class Session:
                 return None
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[statement]))
+            self._forget_statement_names(decision)
             if self._touches_path(decision):
                 self._path_pending = True
                 self._path_batch_open = False
@@ -1148,6 +1170,7 @@ class Session:
         statement = _Statement(sql=parse.query, decision=decision, verdict=verdict, path=self._current_path())
         self._log_statement_change(parse.name)
         if verdict in ("allow", "mask"):
+            self._forget_statement_names(decision)
             if self._pending is None:
                 self._pending = _Unit(started=now, statements=[])
             self._pending.statements.append(statement)
@@ -1208,6 +1231,7 @@ class Session:
             self._prepared.pop(target.name, None)
         else:
             self._portal_statements.pop(target.name, None)
+            self._portal_bound.pop(target.name, None)
             self._portal_rows.pop(target.name, None)
 
     def _note_execution(self, msg: framing.Message, now: float) -> None:
@@ -1219,9 +1243,14 @@ class Session:
         if self._pending is None:
             self._pending = _Unit(started=now, statements=[])
         pending = self._pending
+        bound = self._portal_bound.get(portal)  # what the portal runs, whatever the name means now
         index = None if name is None else self._parsed_in_unit.get(name)
+        if index is not None and bound is not None and pending.statements[index] is not bound:
+            index = None
         if index is None:  # prepared in an earlier batch, or an SQL cursor
-            statement = self._prepared.get(name) if name is not None else self._cursor_reads.get(portal)
+            statement = bound
+            if statement is None:
+                statement = self._prepared.get(name) if name is not None else self._cursor_reads.get(portal)
             if statement is not None:
                 pending.statements.append(statement)
                 index = len(pending.statements) - 1
@@ -1239,6 +1268,20 @@ class Session:
         self._units.append(_Unit(started=now, statements=[]))
         statement = _Statement(sql="<FunctionCall message>", decision=decision, verdict="block")
         return messages.query(self._refuse(statement, now))
+
+    def _forget_statement_names(self, decision: policy_port.Decision) -> None:
+        """SQL PREPARE, DEALLOCATE and DISCARD ALL work on the namespace protocol statements live
+        in: a name they define or drop no longer means the statement a Parse judged (a Bind of
+        it is judged as the EXECUTE it has become; one the server dropped fails there)."""
+        for info in decision.statements:
+            names = getattr(info, "statement_names", ())
+            if "*" in names:  # (DISCARD ALL, DEALLOCATE ALL)
+                self._prepared.clear()
+                self._write_statements.clear()
+                return
+            for name in names:
+                self._prepared.pop(name, None)
+                self._write_statements.discard(name)
 
     def _current_path(self) -> tuple[str, ...] | None:
         path = getattr(self._context, "search_path", None)
@@ -1292,6 +1335,22 @@ class Session:
             self._syncs_sent += 1
             self._units.append(_Unit(started=now, statements=[]))
             return messages.query(self._refuse(statement, now))
+        return self._refuse_in_batch(statement, now)
+
+    def _refuse_partial_write(self, msg: framing.Message, now: float) -> bytes | None:
+        """A write held to a row limit, executed with a row count: PostgreSQL runs the whole write
+        at the first Execute and suspends only the RETURNING rows, so its count would come after
+        the client's Sync has committed it. Refused before it runs."""
+        execute = messages.decode_execute(msg.data)
+        if not execute.max_rows or execute.portal not in self._write_portals:
+            return None
+        name = self._portal_statements.get(execute.portal)
+        known = self._prepared.get(name) if name is not None else None
+        statement = _Statement(
+            sql=known.sql if known is not None else f"<Execute of portal {execute.portal!r}>",
+            decision=_PARTIAL_WRITE,
+            verdict="block",
+        )
         return self._refuse_in_batch(statement, now)
 
     def _refuse_in_batch(self, statement: _Statement, now: float) -> bytes:
@@ -1445,7 +1504,12 @@ class Session:
     def _new_context(self, policy: policy_port.Policy) -> None:
         """A fresh context for ``policy``: at login, or when a policy of another kind takes over
         (a reload of the same kind keeps the context, and with it the session's names)."""
-        self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns)
+        if self._inherits:  # (only then: policies written before descendants were known still fit)
+            self._context = policy.new_context(
+                search_path=self._search_path, columns=self._table_columns, inherits=self._inherits
+            )
+        else:
+            self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns)
         self._context_kind = type(policy)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:
@@ -2102,8 +2166,9 @@ class Session:
         elif self._pending is not None:
             self._pending.rows = self._unit_rows
         for unit in unfinished:
-            done = unit is self._pending and unit.executions and len(unit.ends) >= len(unit.executions)
-            if unit.sqlstate is None and not done:  # (Flush without Sync: each Execute answered)
+            # (a batch flushed but never synced: its rows are counted, and its implicit
+            # transaction never committed, so its outcome is the connection's: 08006)
+            if unit.sqlstate is None:
                 unit.sqlstate = "08006"
             self._finish_unit(unit, self._clock)
         self._units.clear()
@@ -2290,6 +2355,18 @@ def _option_text(settings: list[tuple[str, str]]) -> str:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+_PARTIAL_WRITE = policy_port.SimpleDecision(
+    verdict="block",
+    rule="guardrail:max-rows-affected",
+    reason=(
+        "a write held to maxRowsAffected or maxRowsReturned must be executed whole: an Execute "
+        "with a row count suspends it after the server has changed every row, before its count"
+    ),
+    hint="Execute the write without a row limit (fetch its RETURNING rows at once), or use a cursor for reads only.",
+    sqlstate=SQLSTATE_LIMIT,
+)
 
 
 def _ends_transactions(decision: policy_port.Decision) -> bool:
