@@ -60,8 +60,9 @@ EXTRA_ATTACKS = (
     "SELECT min(c::text) FROM customers c",
     "SELECT x.* FROM (SELECT * FROM customers) x",
     "SELECT (c).ssn FROM customers c",
-    "SELECT * FROM customers WHERE id = 1 FOR SHARE",
 )
+# (`SELECT … FOR SHARE` of customers takes row locks, which needs what an UPDATE needs: the
+# fixture policy holds it for approval, so it is not a masking case any more.)
 
 
 @pytest.fixture(scope="module")

@@ -669,7 +669,7 @@ def test_a_query_inside_an_extended_batch_is_answered_and_audited_as_itself(
     assert by_text["SELECT 3"]["rows_returned"] == 1
 
 
-def test_statements_flushed_without_sync_are_audited_with_their_results(
+def test_statements_flushed_without_sync_are_audited_with_their_rows(
     guarded: RunningProxy, arena: str
 ) -> None:
     client, _ = _raw_login(guarded, {})
@@ -688,7 +688,8 @@ def test_statements_flushed_without_sync_are_audited_with_their_results(
     while not any(e.get("type") == "session_end" for e in guarded.events) and time.monotonic() < deadline:
         time.sleep(0.05)
     (event,) = [e for e in guarded.events if str(e.get("statement", "")).startswith("SELECT id FROM")]
-    assert event["sqlstate"] is None and event["rows_returned"] == 2
+    # its rows were sent; its implicit transaction never committed: the outcome is the connection's
+    assert event["sqlstate"] == "08006" and event["rows_returned"] == 2
 
 
 def test_nothing_interleaves_with_the_search_path_probe(
@@ -757,3 +758,64 @@ def test_each_statement_of_a_batch_with_a_refusal_keeps_its_own_rows(
         client.close()
     rows = {e["statement"]: e["rows_returned"] for e in guarded.events if e.get("statement") in (one, two)}
     assert rows == {one: 2, two: 1}
+
+
+@pytest.mark.parametrize("drop", ["DEALLOCATE s", "DISCARD ALL", "DEALLOCATE ALL"])
+def test_sql_can_not_swap_what_a_protocol_statement_name_runs(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer, drop: str
+) -> None:
+    """SQL PREPARE and DEALLOCATE share the protocol's statement names."""
+    client, _ = _raw_login(guarded, {})
+    try:
+        client.send(messages.parse("s", "SELECT 1") + messages.SYNC_MESSAGE)
+        client.read_until(b"Z")
+        _answers(client, drop.encode())
+        _answers(client, f"PREPARE s AS UPDATE {arena}.victim SET v = v + 1 WHERE id > 0".encode())
+        client.send(messages.bind("", "s") + messages.execute("") + messages.SYNC_MESSAGE)
+        reply = client.read_until(b"Z")
+        assert any("maxRowsAffected" in f["M"] for f in _fields_of(reply)), _fields_of(reply)
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+    assert not [e for e in guarded.events if e.get("statement") == "SELECT 1" and e.get("rows_affected")]
+
+
+def test_a_guarded_write_cannot_be_executed_in_part(
+    guarded: RunningProxy, arena: str, pg_server: pg.PgServer
+) -> None:
+    """An Execute with a row count suspends a RETURNING write after every row has changed."""
+    client, _ = _raw_login(guarded, {})
+    try:
+        client.send(
+            messages.parse("", f"UPDATE {arena}.victim SET v = v + 1 WHERE id > 0 RETURNING id")
+            + messages.bind("", "")
+            + messages.execute("", 1)
+            + messages.SYNC_MESSAGE
+        )
+        reply = client.read_until(b"Z")
+        assert any("executed whole" in f["M"] for f in _fields_of(reply)), _fields_of(reply)
+    finally:
+        client.close()
+    assert _bumped(pg_server, arena) == 0
+
+
+def test_a_portal_is_audited_as_the_statement_it_was_bound_to(guarded: RunningProxy, arena: str) -> None:
+    write = f"UPDATE {arena}.victim SET v = v + 1 WHERE id < 3"
+    client, _ = _raw_login(guarded, {})
+    try:
+        _answers(client, b"BEGIN")
+        client.send(
+            messages.parse("s", write)
+            + messages.bind("p", "s")
+            + messages.close("S", "s")
+            + messages.parse("s", "SELECT 42")
+            + messages.execute("p")
+            + messages.SYNC_MESSAGE
+        )
+        client.read_until(b"Z")
+        _answers(client, b"ROLLBACK")
+    finally:
+        client.close()
+    by_text = {e.get("statement"): e for e in guarded.events}
+    assert by_text[write]["rows_affected"] == 2
+    assert not by_text.get("SELECT 42", {}).get("rows_affected")
