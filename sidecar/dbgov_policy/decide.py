@@ -313,6 +313,15 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
                     "attaching or creating partitions or children of it, granting on it, adding rules, "
                     "triggers or policies) could expose masked columns under another name"
                 )
+            below = policy.contains.get(target.rel)
+            if below:
+                return (
+                    f"{target.rel} is an ancestor of {', '.join(str(t) for t in below)} (a partitioned "
+                    "table or inheritance parent: reading it reads their rows, so it is masked in their "
+                    "masked columns), and changing its definition (renaming it, detaching partitions or "
+                    "children, granting on it, adding rules, triggers or policies) could expose them "
+                    "under another name"
+                )
             return (
                 f"{target.rel} has masked columns, and changing its definition (renaming it, granting "
                 "on it, creating or attaching partitions or inheritance children of it, adding rules, "

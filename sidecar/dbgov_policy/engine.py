@@ -110,13 +110,21 @@ class SessionContext:
     inherits: Inherits = dataclasses.field(default_factory=dict)
     """Descendants of masked tables in this session's database (partitions and inheritance
     children, any depth) → their masked ancestors: a read of one is masked like a read of those."""
-    view: tuple[Inherits, Engine, Engine] | None = None
-    """(``inherits``, engine, the engine of its that decides this session's statements) when
-    ``inherits`` is not empty: set by the engine (a reloaded policy is another engine)."""
+    ancestors: Ancestors = dataclasses.field(default_factory=dict)
+    """Ancestors of masked tables in this session's database (partitioned roots, inheritance
+    parents, any height) → the masked columns below them they share by name: a read of one
+    includes the masked tables' rows, so it is masked in those columns."""
+    view: tuple[Inherits, Ancestors, Engine, Engine] | None = None
+    """(``inherits``, ``ancestors``, engine, the engine of its that decides this session's
+    statements) when either map is not empty: set by the engine (a reloaded policy is another
+    engine)."""
 
 
 Inherits = Mapping[model.QualifiedName, tuple[model.QualifiedName, ...]]
 """Descendant → masked ancestors, from the catalog (pg_inherits)."""
+
+Ancestors = Mapping[model.QualifiedName, tuple[tuple[model.QualifiedName, str], ...]]
+"""Ancestor → (masked table below it, masked column it also has), from the catalog."""
 
 MAX_VIEWS = 16
 """Distinct descendant maps an engine keeps a derived engine for (one per database, usually)."""
@@ -155,22 +163,29 @@ class Engine:
         self.stats = CacheStats()
         self._cache: collections.OrderedDict[tuple[tuple[str, ...], str], _Entry] = collections.OrderedDict()
         self._exact: dict[tuple[tuple[str, ...], str], _Entry] = {}
-        self._views: dict[frozenset[tuple[model.QualifiedName, tuple[model.QualifiedName, ...]]], Engine] = {}
+        self._views: dict[tuple[frozenset[object], frozenset[object]], Engine] = {}
         self._is_view = False
 
     def for_session(self, ctx: SessionContext) -> Engine:
         """The engine that decides ``ctx``'s statements: this one, or, when the session's database
-        has descendants of masked tables, one whose policy masks them too (with a cache of its
-        own, since the same text is masked differently there). Found once per session."""
-        if not ctx.inherits or self._is_view:
+        has descendants or ancestors of masked tables, one whose policy masks them too (with a
+        cache of its own, since the same text is masked differently there). Found once per
+        session."""
+        if not (ctx.inherits or ctx.ancestors) or self._is_view:
             return self
-        if ctx.view is not None and ctx.view[0] is ctx.inherits and ctx.view[1] is self:
-            return ctx.view[2]
-        key = frozenset(ctx.inherits.items())
+        view_of = ctx.view
+        if (
+            view_of is not None
+            and view_of[0] is ctx.inherits
+            and view_of[1] is ctx.ancestors
+            and view_of[2] is self
+        ):
+            return view_of[3]
+        key = (frozenset(ctx.inherits.items()), frozenset(ctx.ancestors.items()))
         view = self._views.get(key)
         if view is None:
             view = Engine(
-                self.policy.with_descendants(ctx.inherits),
+                self.policy.with_descendants(ctx.inherits, ctx.ancestors),
                 cache_size=self.cache_size,
                 max_statement_size=self.max_statement_size,
             )
@@ -179,12 +194,12 @@ class Engine:
             if len(self._views) >= MAX_VIEWS:
                 self._views.clear()
             self._views[key] = view
-        ctx.view = (ctx.inherits, self, view)
+        ctx.view = (ctx.inherits, ctx.ancestors, self, view)
         return view
 
     def decide(self, sql: str, *, session: SessionContext | None = None) -> verdicts.Decision:
         ctx = session if session is not None else SessionContext()
-        if ctx.inherits and not self._is_view:
+        if (ctx.inherits or ctx.ancestors) and not self._is_view:
             return self.for_session(ctx).decide(sql, session=ctx)
         exact = (ctx.search_path, sql)
         entry = self._exact.get(exact)
@@ -241,7 +256,7 @@ class Engine:
         """The shape key of ``sql`` and the decision the cache holds for it, when the cache
         decides every text of that shape with the same decision (nothing to rewrite); None when
         ``sql`` is not cached or not normalizable. Does not count as a use."""
-        if session is not None and session.inherits and not self._is_view:
+        if session is not None and (session.inherits or session.ancestors) and not self._is_view:
             return self.for_session(session).cached_shape(sql, session=session)
         found = self._peek(sql, session)
         if found is None or found[1].template is not None:
@@ -256,7 +271,7 @@ class Engine:
         a text's tokens do not fit the shape's template). None when ``sql`` is not such a shape.
         Does not count as a use."""
         ctx = session if session is not None else SessionContext()
-        if ctx.inherits and not self._is_view:
+        if (ctx.inherits or ctx.ancestors) and not self._is_view:
             return self.for_session(ctx).cached_rewrite(sql, session=ctx)
         found = self._peek(sql, ctx)
         template = None if found is None else found[1].template

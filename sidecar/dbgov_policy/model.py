@@ -104,6 +104,9 @@ class CompiledPolicy:
     inherited: Mapping[QualifiedName, tuple[QualifiedName, ...]] = dataclasses.field(default_factory=dict)
     """Descendants (partitions, inheritance children) of masked tables → their masked ancestors,
     as one session's catalog has them; their masks are in `masks` (see `with_descendants`)."""
+    contains: Mapping[QualifiedName, tuple[QualifiedName, ...]] = dataclasses.field(default_factory=dict)
+    """Ancestors (partitioned roots, inheritance parents) of masked tables → the masked tables
+    below them, as one session's catalog has them; their masks are in `masks`."""
 
     def masks_for(self, rel: QualifiedName) -> tuple[Mask, ...]:
         return tuple(m for m in self.masks if m.table == rel)
@@ -112,17 +115,38 @@ class CompiledPolicy:
     def masked_tables(self) -> frozenset[QualifiedName]:
         return frozenset(m.table for m in self.masks)
 
-    def with_descendants(self, inherits: Mapping[QualifiedName, tuple[QualifiedName, ...]]) -> CompiledPolicy:
+    def with_descendants(
+        self,
+        inherits: Mapping[QualifiedName, tuple[QualifiedName, ...]],
+        ancestors: Mapping[QualifiedName, tuple[tuple[QualifiedName, str], ...]] | None = None,
+    ) -> CompiledPolicy:
         """This policy for a database where each table of ``inherits`` descends from the masked
         tables it maps to: reading it directly reads their rows, so it takes their masks, matched
-        by column name (a child has every column of its parents, in any order)."""
+        by column name (a child has every column of its parents, in any order).
+
+        Each table of ``ancestors`` is an ancestor of masked tables, mapped to (masked table,
+        column) for each masked column it has by name: reading it without ONLY reads their rows,
+        so it takes those masks. With ONLY too, and on its own rows in those columns: a read of
+        the ancestor is masked whatever rows it returns (fail closed)."""
         own = {(m.table, m.column) for m in self.masks}
         extra: list[Mask] = []
-        for child, ancestors in sorted(inherits.items(), key=lambda item: str(item[0])):
-            for ancestor in ancestors:
+        for child, up in sorted(inherits.items(), key=lambda item: str(item[0])):
+            for ancestor in up:
                 for m in self.masks_for(ancestor):
                     if (child, m.column) not in own:
                         own.add((child, m.column))
                         extra.append(dataclasses.replace(m, table=child))
-        known = {child: tuple(ancestors) for child, ancestors in inherits.items() if ancestors}
-        return dataclasses.replace(self, masks=self.masks + tuple(extra), inherited=known)
+        by_column = {(m.table, m.column): m for m in self.masks}
+        for parent, below in sorted((ancestors or {}).items(), key=lambda item: str(item[0])):
+            for masked, column in below:
+                found = by_column.get((masked, column))
+                if found is not None and (parent, column) not in own:
+                    own.add((parent, column))
+                    extra.append(dataclasses.replace(found, table=parent))
+        known = {child: tuple(up) for child, up in inherits.items() if up}
+        contains = {
+            parent: tuple(dict.fromkeys(masked for masked, _ in below))
+            for parent, below in (ancestors or {}).items()
+            if below
+        }
+        return dataclasses.replace(self, masks=self.masks + tuple(extra), inherited=known, contains=contains)

@@ -44,6 +44,10 @@ Inherits = Mapping[tuple[str, str], tuple[tuple[str, str], ...]]
 """(schema, table) of a descendant of masked tables (partition or inheritance child, any depth)
 -> (schema, table) of its masked ancestors, from the catalog."""
 
+Ancestors = Mapping[tuple[str, str], tuple[tuple[str, str, str], ...]]
+"""(schema, table) of an ancestor of masked tables (partitioned root, inheritance parent, any
+height) -> (schema, table, column) of each masked column below it that it has by name."""
+
 
 class Policy(Protocol):
     """A loaded policy: decides statements for one session context at a time."""
@@ -66,10 +70,12 @@ class Policy(Protocol):
         search_path: tuple[str, ...] | None = None,
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
+        ancestors: Ancestors | None = None,
     ) -> object:
         """Per-session state the engine keeps (prepared statement and cursor names, search_path);
         ``columns``: the columns of masked tables (and of their descendants) in the session's
-        database, in order; ``inherits``: the descendants of masked tables there."""
+        database, in order; ``inherits``: the descendants of masked tables there; ``ancestors``:
+        the ancestors of masked tables there."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -107,6 +113,7 @@ class AllowAll:
         search_path: tuple[str, ...] | None = None,
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
+        ancestors: Ancestors | None = None,
     ) -> object:
         return None
 
@@ -134,6 +141,7 @@ class RefuseAll:
         search_path: tuple[str, ...] | None = None,
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
+        ancestors: Ancestors | None = None,
     ) -> object:
         return None
 
@@ -182,6 +190,7 @@ class EnginePolicy:
         search_path: tuple[str, ...] | None = None,
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
+        ancestors: Ancestors | None = None,
     ) -> object:
         ctx = (
             engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
@@ -194,6 +203,13 @@ class EnginePolicy:
                     model.QualifiedName(schema=a, name=b) for a, b in up
                 )
                 for (s, t), up in inherits.items()
+            }
+        if ancestors:
+            ctx.ancestors = {
+                model.QualifiedName(schema=s, name=t): tuple(
+                    (model.QualifiedName(schema=a, name=b), c) for a, b, c in below
+                )
+                for (s, t), below in ancestors.items()
             }
         return ctx
 

@@ -505,6 +505,7 @@ class ClientConnection(asyncio.Protocol):
                     table_columns=up.table_columns,
                     search_path=up.login_state.search_path,
                     inherits=up.inherits,
+                    ancestors=up.ancestors,
                 )
             except Exception:
                 self._internal_error()
@@ -582,7 +583,8 @@ class ClientConnection(asyncio.Protocol):
                 if reply:
                     up.write(reply)
             catalog = await self._masked_attributes(up)
-            up.masked_attrs, up.table_columns, up.inherits = catalog.attrs, catalog.columns, catalog.inherits
+            up.masked_attrs, up.table_columns = catalog.attrs, catalog.columns
+            up.inherits, up.ancestors = catalog.inherits, catalog.ancestors
         except BaseException:
             up.close()
             raise
@@ -590,23 +592,32 @@ class ClientConnection(asyncio.Protocol):
 
     async def _masked_attributes(self, up: UpstreamConnection) -> MaskCatalog:
         """Looked up on the new connection: (table OID, attnum) → name of every masked column
-        (also as a column of the masked tables' descendants), (schema, table) → every column of
-        each masked table and descendant, in order, and each descendant → its masked ancestors.
+        (also as a column of the masked tables' descendants, and of their ancestors where they
+        have a column of that name), (schema, table) → every column of each masked table,
+        descendant and ancestor, in order, each descendant → its masked ancestors, and each
+        ancestor → the masked columns below it it has by name.
 
-        A failed lookup fails the login: without it, the descendants would be read in clear."""
+        A failed lookup fails the login: without it, the descendants (and the masked tables'
+        rows read through their ancestors) would be read in clear."""
         targets = getattr(self.proxy.policy(), "mask_targets", ())
         if not targets:
             return MaskCatalog()
         up.write(
             messages.query(
                 "; ".join(
-                    (masked_columns_query(targets), table_columns_query(targets), descendants_query(targets))
+                    (
+                        masked_columns_query(targets),
+                        table_columns_query(targets),
+                        descendants_query(targets),
+                        ancestors_query(targets),
+                    )
                 )
             )
         )
         found: dict[tuple[int, int], str] = {}
         columns: dict[tuple[str, str], list[str]] = {}
         inherits: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        ancestors: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
         results = 0
         error: str | None = None
         while True:
@@ -624,6 +635,9 @@ class ClientConnection(asyncio.Protocol):
                 elif results == 2 and len(row) == 4:
                     schema, table, up_schema, up_table = (v.decode() for v in row)  # type: ignore[union-attr]
                     inherits.setdefault((schema, table), []).append((up_schema, up_table))
+                elif results == 3 and len(row) == 5:
+                    schema, table, low_schema, low_table, column = (v.decode() for v in row)  # type: ignore[union-attr]
+                    ancestors.setdefault((schema, table), []).append((low_schema, low_table, column))
             elif msg.type == messages.COMMAND_COMPLETE:
                 results += 1
             elif msg.type == messages.ERROR_RESPONSE:
@@ -637,6 +651,7 @@ class ClientConnection(asyncio.Protocol):
                     attrs=found,
                     columns={table: tuple(names) for table, names in columns.items()},
                     inherits={table: tuple(up) for table, up in inherits.items()},
+                    ancestors={table: tuple(below) for table, below in ancestors.items()},
                 )
 
     def close(self, reason: str) -> None:
@@ -721,6 +736,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.masked_attrs: dict[tuple[int, int], str] = {}
         self.table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self.inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self.ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -803,52 +819,67 @@ class MaskCatalog:
     """What the catalog of a session's database says about the policy's masked tables."""
 
     attrs: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
-    """(table OID, attnum) of each masked column, in the masked table or a descendant → the
-    policy's name of it (schema.table.column of the masked table)."""
+    """(table OID, attnum) of each masked column, in the masked table, a descendant or an
+    ancestor (a column of the same name) → the policy's name of it (schema.table.column of the
+    masked table)."""
     columns: dict[tuple[str, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    """(schema, table) of each masked table and descendant → its columns, in order."""
+    """(schema, table) of each masked table, descendant and ancestor → its columns, in order."""
     inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
     """(schema, table) of each descendant → its masked ancestors."""
+    ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(schema, table) of each ancestor → (schema, table, column) of each masked column below it
+    that it has by name."""
 
 
 def _masked_tree(targets: tuple[tuple[str, str, str], ...]) -> str:
-    """A recursive CTE ``tree(oid, nsp, rel)``: every masked table (nsp.rel) and every table
-    that descends from it through pg_inherits (partitions and inheritance children, any depth),
-    each with the masked table it descends from."""
+    """Recursive CTEs ``tree(oid, nsp, rel)``: every masked table (nsp.rel) and every table that
+    descends from it through pg_inherits (partitions and inheritance children, any depth), each
+    with the masked table it descends from; and ``up(oid, nsp, rel)``: every table a masked
+    table descends from (partitioned roots, inheritance parents, any height), each with that
+    masked table (nsp.rel)."""
     lit = session.sql_literal
     rows = ", ".join(sorted({f"({lit(a)}, {lit(b)})" for a, b, _ in targets}))
-    return (
-        "WITH RECURSIVE tree(oid, nsp, rel) AS ("
+    masked = (
         "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE (n.nspname, c.relname) IN (VALUES {rows}) "
+        f"WHERE (n.nspname, c.relname) IN (VALUES {rows})"
+    )
+    return (
+        f"WITH RECURSIVE tree(oid, nsp, rel) AS ({masked} "
         "UNION SELECT i.inhrelid, tree.nsp, tree.rel FROM pg_catalog.pg_inherits i "
-        "JOIN tree ON i.inhparent = tree.oid) "
+        "JOIN tree ON i.inhparent = tree.oid), "
+        f"up(oid, nsp, rel) AS ({masked} "
+        "UNION SELECT i.inhparent, up.nsp, up.rel FROM pg_catalog.pg_inherits i "
+        "JOIN up ON i.inhrelid = up.oid) "
     )
 
 
 def masked_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
     """Catalog query: OID, attribute number and name (schema.table.column, as the policy names it)
-    of each masked column, in its table and in every descendant of it (where the column has the
-    same name but maybe another number)."""
+    of each masked column, in its table, in every descendant of it and in every ancestor of it
+    that has a column of that name (where it may have another number)."""
     lit = session.sql_literal
     rows = ", ".join(f"({lit(a)}, {lit(b)}, {lit(c)})" for a, b, c in targets)
     return (
-        _masked_tree(targets) + "SELECT tree.oid, a.attnum, tree.nsp || '.' || tree.rel || '.' || a.attname "
-        "FROM tree JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.oid "
-        f"WHERE NOT a.attisdropped AND (tree.nsp, tree.rel, a.attname) IN (VALUES {rows})"
+        _masked_tree(targets) + "SELECT t.oid, a.attnum, t.nsp || '.' || t.rel || '.' || a.attname "
+        "FROM (SELECT * FROM tree UNION SELECT * FROM up) t "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid "
+        f"WHERE NOT a.attisdropped AND (t.nsp, t.rel, a.attname) IN (VALUES {rows})"
     )
 
 
 def table_columns_query(targets: tuple[tuple[str, str, str], ...]) -> str:
-    """Catalog query: schema, table and name of every column of the targets' tables and of their
-    descendants, in order."""
+    """Catalog query: schema, table and name of every column of the targets' tables, of their
+    descendants and of their ancestors, in order."""
     return (
         _masked_tree(targets) + "SELECT n.nspname, c.relname, a.attname "
         "FROM pg_catalog.pg_attribute a "
         "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.oid IN (SELECT oid FROM tree) "
+        "WHERE a.attnum > 0 AND NOT a.attisdropped "
+        "AND c.oid IN (SELECT oid FROM tree UNION SELECT oid FROM up) "
         "ORDER BY n.nspname, c.relname, a.attnum"
     )
 
@@ -861,6 +892,22 @@ def descendants_query(targets: tuple[tuple[str, str, str], ...]) -> str:
         "JOIN pg_catalog.pg_class c ON c.oid = tree.oid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "WHERE (n.nspname, c.relname) <> (tree.nsp, tree.rel) ORDER BY 1, 2, 3, 4"
+    )
+
+
+def ancestors_query(targets: tuple[tuple[str, str, str], ...]) -> str:
+    """Catalog query: schema and table of each ancestor of a masked table, with the schema, table
+    and column of each masked column of that masked table the ancestor has by name (reading the
+    ancestor without ONLY returns them)."""
+    lit = session.sql_literal
+    rows = ", ".join(f"({lit(a)}, {lit(b)}, {lit(c)})" for a, b, c in targets)
+    return (
+        _masked_tree(targets) + "SELECT DISTINCT n.nspname, c.relname, up.nsp, up.rel, a.attname FROM up "
+        "JOIN pg_catalog.pg_class c ON c.oid = up.oid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = up.oid "
+        "WHERE (n.nspname, c.relname) <> (up.nsp, up.rel) AND a.attnum > 0 AND NOT a.attisdropped "
+        f"AND (up.nsp, up.rel, a.attname) IN (VALUES {rows}) ORDER BY 1, 2, 3, 4, 5"
     )
 
 

@@ -405,6 +405,7 @@ class Session:
         self._search_path: tuple[str, ...] | None = None
         self._table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._binding: bytes | None = None
@@ -757,6 +758,7 @@ class Session:
         search_path: tuple[str, ...] | None = None,
         table_columns: policy_port.TableColumns | None = None,
         inherits: policy_port.Inherits | None = None,
+        ancestors: policy_port.Ancestors | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
@@ -766,7 +768,9 @@ class Session:
         ``table_columns``: the columns of the masked tables, which lets masking rewrites name
         them (and PostgreSQL use the tables' indexes). ``inherits``: the descendants of masked
         tables (partitions, inheritance children), which the policy masks as the tables they
-        descend from.
+        descend from; ``ancestors``: the ancestors of masked tables (partitioned roots,
+        inheritance parents), whose reads include the masked tables' rows, with the masked
+        columns they have by name.
         """
         reported = dict(messages.decode_parameter_status(raw) for raw in parameter_status)
         for name, expected in _READ_AS_JUDGED.items():
@@ -780,6 +784,7 @@ class Session:
         self._masked_attrs = dict(masked_attrs or {})
         self._table_columns = dict(table_columns or {})
         self._inherits = dict(inherits or {})
+        self._ancestors = dict(ancestors or {})
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
         for raw in parameter_status:
@@ -1504,12 +1509,12 @@ class Session:
     def _new_context(self, policy: policy_port.Policy) -> None:
         """A fresh context for ``policy``: at login, or when a policy of another kind takes over
         (a reload of the same kind keeps the context, and with it the session's names)."""
-        if self._inherits:  # (only then: policies written before descendants were known still fit)
-            self._context = policy.new_context(
-                search_path=self._search_path, columns=self._table_columns, inherits=self._inherits
-            )
-        else:
-            self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns)
+        tree: dict[str, Any] = {}  # (only when known: policies written before trees were known still fit)
+        if self._inherits:
+            tree["inherits"] = self._inherits
+        if self._ancestors:
+            tree["ancestors"] = self._ancestors
+        self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns, **tree)
         self._context_kind = type(policy)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:

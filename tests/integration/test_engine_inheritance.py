@@ -205,3 +205,158 @@ def test_the_login_lookup_finds_every_descendant_and_its_masked_attributes(
     ]
     assert [c for s, t, c in columns if t == "events_2026"] == ["email", "at", "id"]
     assert [c for s, t, c in columns if t == "staff"] == ["badge", "email", "id", "name"]
+
+
+# Masked tables below unmasked ones: reading the unmasked ancestor without ONLY returns the
+# masked table's rows, so the ancestor is masked in the columns it shares with it by name.
+
+
+@pytest.fixture
+def upper(pg_server: pg.PgServer) -> Iterator[str]:
+    """A masked inheritance child (`clients`) under an unmasked parent (`folks`) and grandparent
+    (`beings`); a masked partition (`ledger_2025`, partitioned again) of an unmasked partitioned
+    root (`ledger`). The canary is only in the masked tables' rows."""
+    s = f"anc_{uuid.uuid4().hex[:8]}"
+    pg_server.psql(
+        f"CREATE SCHEMA {s} AUTHORIZATION app; SET ROLE app;"
+        f"CREATE TABLE {s}.beings (id int, email text);"
+        f"CREATE TABLE {s}.folks (name text) INHERITS ({s}.beings);"
+        f"CREATE TABLE {s}.clients (tier int, name text, email text, id int);"
+        f"ALTER TABLE {s}.clients INHERIT {s}.folks;"
+        f"CREATE TABLE {s}.ledger (id int, at date, email text) PARTITION BY RANGE (at);"
+        f"CREATE TABLE {s}.ledger_2025 PARTITION OF {s}.ledger"
+        "  FOR VALUES FROM ('2025-01-01') TO ('2026-01-01') PARTITION BY LIST (id);"
+        f"CREATE TABLE {s}.ledger_2025_low PARTITION OF {s}.ledger_2025 FOR VALUES IN (1, 2);"
+        f"CREATE TABLE {s}.ledger_2025_rest PARTITION OF {s}.ledger_2025 DEFAULT;"
+        f"CREATE TABLE {s}.ledger_2026 PARTITION OF {s}.ledger FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');"
+        f"INSERT INTO {s}.beings VALUES (1, 'b@example.com');"
+        f"INSERT INTO {s}.folks VALUES (2, 'f@example.com', 'f');"
+        f"INSERT INTO {s}.clients VALUES (1, 'c', '{PII}-c@example.com', 3);"
+        f"INSERT INTO {s}.ledger VALUES (1, '2025-03-01', '{PII}-l1'), (7, '2025-04-01', '{PII}-l7'),"
+        "  (2, '2026-03-01', 'plain');",
+        dbname="shop",
+    )
+    yield s
+    pg_server.psql(f"DROP SCHEMA {s} CASCADE;", dbname="shop")
+
+
+def _upper_policy(schema: str) -> policy_port.EnginePolicy:
+    return _engine(
+        {
+            "default": "block",
+            "rules": [
+                {
+                    "name": "app",
+                    "verdict": "allow",
+                    "statements": ["select", "copy-to", "create", "alter", "update"],
+                    "tables": [f"{schema}.*"],
+                }
+            ],
+            "masks": [
+                {"table": f"{schema}.clients", "column": "email", "strategy": "email"},
+                {"table": f"{schema}.ledger_2025", "column": "email", "strategy": "redact"},
+            ],
+        }
+    )
+
+
+ANCESTORS = ("folks", "beings", "ledger")
+
+
+def _ancestor_reads(s: str, table: str) -> list[str]:
+    return [
+        f"SELECT * FROM {s}.{table}",
+        f"SELECT email || '' AS e FROM {s}.{table} WHERE id > 0",
+        f"TABLE {s}.{table}",
+        f"SELECT t.email, x.n FROM {s}.{table} t JOIN (SELECT 1 AS n) x ON true",
+        f"SELECT x.e FROM (SELECT email AS e FROM {s}.{table}) x",
+        f"SELECT * FROM ONLY {s}.{table}",
+    ]
+
+
+def test_an_unmasked_ancestor_of_a_masked_table_comes_back_masked(
+    make_proxy: Callable[..., RunningProxy], upper: str
+) -> None:
+    proxy = make_proxy(policy=_upper_policy(upper))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for table in ANCESTORS:
+            for sql in _ancestor_reads(upper, table):
+                for _ in range(3):  # first sight, cached, then the compiled lane's steady state
+                    with psycopg.ClientCursor(conn) as simple:
+                        rows = simple.execute(sql).fetchall()
+                    assert not _clear(rows), (sql, rows)
+                    rows = conn.execute(sql, prepare=True).fetchall()
+                    assert not _clear(rows), (sql, rows)
+                    rows = conn.execute(sql + " LIMIT %s", [100]).fetchall()
+                    assert not _clear(rows), (sql, rows)
+        # every row is there, the email column masked (the ancestors' own rows too: fail closed)
+        rows = conn.execute(f"SELECT id, email FROM {upper}.beings ORDER BY id").fetchall()
+        assert [r[0] for r in rows] == [1, 2, 3]
+        assert rows[2][1] == "*" * len(f"{PII}-c") + "@example.com"
+        ledger = conn.execute(f"SELECT id, email FROM {upper}.ledger ORDER BY id").fetchall()
+        assert [r[0] for r in ledger] == [1, 2, 7] and "*" * len(f"{PII}-l1") in {r[1] for r in ledger}
+        assert conn.execute(f"SELECT name FROM {upper}.folks ORDER BY name").fetchall() == [("c",), ("f",)]
+
+
+def test_copy_of_an_ancestor_to_stdout_is_masked(make_proxy: Callable[..., RunningProxy], upper: str) -> None:
+    proxy = make_proxy(policy=_upper_policy(upper))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, conn.cursor() as cur:
+        for table in ANCESTORS:
+            for sql in (
+                f"COPY {upper}.{table} TO STDOUT",
+                f"COPY (SELECT * FROM {upper}.{table}) TO STDOUT",
+                f"COPY (SELECT email FROM {upper}.{table} JOIN (SELECT 1 AS n) x ON true) TO STDOUT",
+            ):
+                with cur.copy(sql) as copy:
+                    data = b"".join(bytes(chunk) for chunk in copy)
+                assert data and PII.encode() not in data, (sql, data)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE {s}.ledger DETACH PARTITION {s}.ledger_2025",
+        "ALTER TABLE {s}.folks RENAME TO folks2",
+        "ALTER TABLE {s}.beings RENAME COLUMN email TO e",
+        "ALTER TABLE {s}.clients NO INHERIT {s}.folks",
+        "UPDATE {s}.folks SET name = email WHERE id = 3",
+        "UPDATE {s}.ledger SET id = id WHERE email LIKE 'pii%'",
+    ],
+)
+def test_writes_and_ddl_on_an_ancestor_of_a_masked_table_are_refused(
+    make_proxy: Callable[..., RunningProxy], upper: str, sql: str
+) -> None:
+    proxy = make_proxy(policy=_upper_policy(upper))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute(sql.format(s=upper))
+        assert "masked" in str(err.value), err.value
+
+
+def test_the_login_lookup_finds_the_ancestors_and_their_columns_of_masked_names(
+    upper: str, pg_server: pg.PgServer
+) -> None:
+    from dbgov_sidecar import proxy
+
+    targets = ((upper, "clients", "email"), (upper, "ledger_2025", "email"))
+    with psycopg.connect(pg_server.dsn(user="app", dbname="shop")) as conn:
+        attrs = {
+            ((conn.execute("SELECT %s::oid::regclass::text", [oid]).fetchone() or ("",))[0], attnum, name)
+            for oid, attnum, name in conn.execute(proxy.masked_columns_query(targets)).fetchall()
+        }
+        ancestors = conn.execute(proxy.ancestors_query(targets)).fetchall()
+        columns = conn.execute(proxy.table_columns_query(targets)).fetchall()
+    clients, ledger = f"{upper}.clients.email", f"{upper}.ledger_2025.email"
+    assert {
+        (t, n, c) for t, n, c in attrs if t in {f"{upper}.beings", f"{upper}.folks", f"{upper}.ledger"}
+    } == {
+        (f"{upper}.beings", 2, clients),
+        (f"{upper}.folks", 2, clients),
+        (f"{upper}.ledger", 3, ledger),
+    }
+    assert ancestors == [
+        (upper, "beings", upper, "clients", "email"),
+        (upper, "folks", upper, "clients", "email"),
+        (upper, "ledger", upper, "ledger_2025", "email"),
+    ]
+    assert [c for s, t, c in columns if t == "beings"] == ["id", "email"]

@@ -192,3 +192,110 @@ def test_a_reloaded_policy_decides_a_session_that_knows_descendants() -> None:
     assert engine.Engine(POLICY).decide("SELECT * FROM vip", session=ctx).verdict == "mask"
     stricter = policy_compile.compile_policy({"default": "block", "masks": [], "rules": []})
     assert engine.Engine(stricter).decide("SELECT * FROM vip", session=ctx).verdict == "block"
+
+
+# Ancestors of masked tables: a masked table that is itself a partition or inheritance child of
+# an unmasked table. Reading the ancestor (without ONLY) returns the masked table's rows.
+
+PEOPLE, MEMBERS, LOGS = _q("people"), _q("members"), _q("logs")
+ANCESTORS = {
+    # people (unmasked) -> customers (masked): people has email but not ssn
+    PEOPLE: ((CUSTOMERS, "email"),),
+    # members (unmasked) -> people -> customers: a grandparent
+    MEMBERS: ((CUSTOMERS, "email"),),
+    # logs (unmasked partitioned root) -> events (masked partition)
+    LOGS: ((EVENTS, "payload"),),
+}
+ANCESTOR_COLUMNS = {
+    **COLUMNS,
+    PEOPLE: ("id", "name", "email"),
+    MEMBERS: ("id", "email"),
+    LOGS: ("id", "at", "payload"),
+}
+
+
+def _up_session() -> engine.SessionContext:
+    return engine.SessionContext(columns=ANCESTOR_COLUMNS, ancestors=ANCESTORS)
+
+
+ANCESTOR_READS = [
+    ("SELECT * FROM people", "people", ("email",)),
+    ("SELECT email || '' FROM public.people WHERE id = 1", "people", ("email",)),
+    ("TABLE members", "members", ("email",)),
+    ("SELECT p.name, o.x FROM people p JOIN (SELECT 1 AS x) o ON true", "people", ("email",)),
+    ("COPY (SELECT * FROM members) TO STDOUT", "members", ("email",)),
+    ("COPY people TO STDOUT", "people", ("email",)),
+    ("SELECT payload FROM logs", "logs", ("payload",)),
+    ("SELECT * FROM ONLY logs", "logs", ("payload",)),  # ONLY: masked anyway (fail closed)
+]
+
+
+@pytest.mark.parametrize(("sql", "table", "masked"), ANCESTOR_READS)
+def test_an_ancestor_is_read_through_the_masks_of_its_masked_descendants(
+    sql: str, table: str, masked: tuple[str, ...]
+) -> None:
+    eng = engine.Engine(POLICY)
+    assert eng.decide(sql, session=engine.SessionContext(columns=ANCESTOR_COLUMNS)).verdict != "mask"
+    d = eng.decide(sql, session=_up_session())
+    assert d.verdict == "mask", d.reason
+    assert d.rewritten is not None and "jsonb_populate_record" in d.rewritten
+    assert set(d.masked_columns) == {f"public.{table}.{c}" for c in masked}
+    again = eng.decide(sql, session=_up_session())
+    assert (again.verdict, again.rewritten) == (d.verdict, d.rewritten)
+
+
+def test_an_ancestor_takes_only_the_masked_columns_it_has() -> None:
+    derived = POLICY.with_descendants({}, ANCESTORS)
+    assert [(m.column, m.strategy) for m in derived.masks_for(PEOPLE)] == [("email", "email")]
+    assert [(m.column, m.strategy) for m in derived.masks_for(LOGS)] == [("payload", "redact")]
+    assert derived.contains == {PEOPLE: (CUSTOMERS,), MEMBERS: (CUSTOMERS,), LOGS: (EVENTS,)}
+
+
+ANCESTOR_REFUSED = [
+    "UPDATE people SET name = email WHERE id = 1",
+    "DELETE FROM logs WHERE payload LIKE 'a%'",
+    "UPDATE members SET id = id RETURNING *",
+    "ALTER TABLE people RENAME TO p2",
+    "ALTER TABLE people RENAME COLUMN email TO e",
+    "ALTER TABLE logs DETACH PARTITION events",
+    "ALTER TABLE customers NO INHERIT people",
+]
+
+
+@pytest.mark.parametrize("sql", ANCESTOR_REFUSED)
+def test_writes_and_ddl_on_an_ancestor_follow_the_rules_of_masked_tables(sql: str) -> None:
+    d = engine.Engine(POLICY).decide(sql, session=_up_session())
+    assert (d.verdict, d.rule) == ("block", "guardrail:mask-unprovable"), d.reason
+
+
+def test_ddl_on_an_ancestor_names_the_masked_tables_below_it() -> None:
+    d = engine.Engine(POLICY).decide("ALTER TABLE logs DETACH PARTITION events", session=_up_session())
+    assert "public.logs is an ancestor of public.events" in d.reason
+
+
+def test_a_write_to_an_ancestor_without_masked_columns_is_allowed() -> None:
+    d = engine.Engine(POLICY).decide("UPDATE people SET name = 'x' WHERE id = 1", session=_up_session())
+    assert d.verdict == "allow", d.reason
+
+
+def test_sessions_with_and_without_ancestors_share_no_cached_decision() -> None:
+    eng = engine.Engine(POLICY)
+    plain = engine.SessionContext(columns=ANCESTOR_COLUMNS)
+    assert eng.decide("SELECT * FROM people WHERE id = 1", session=plain).verdict == "allow"
+    assert eng.decide("SELECT * FROM people WHERE id = 2", session=_up_session()).verdict == "mask"
+    assert eng.decide("SELECT * FROM people WHERE id = 3", session=plain).verdict == "allow"
+    ctx = _up_session()
+    found = eng.cached_rewrite("SELECT * FROM people WHERE id = 4", session=ctx)
+    assert found is not None and found[1].verdict == "mask"
+
+
+def test_the_policy_port_hands_the_ancestors_to_the_engine() -> None:
+    port = policy_port.EnginePolicy(engine.Engine(POLICY))
+    ctx = port.new_context(
+        search_path=("public",),
+        columns={("public", "people"): ANCESTOR_COLUMNS[PEOPLE]},
+        ancestors={("public", "people"): (("public", "customers", "email"),)},
+    )
+    assert isinstance(ctx, engine.SessionContext)
+    assert ctx.ancestors == {PEOPLE: ((CUSTOMERS, "email"),)}
+    assert port.decide("SELECT * FROM people", ctx).verdict == "mask"
