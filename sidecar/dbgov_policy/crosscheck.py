@@ -109,6 +109,8 @@ def check(statement_texts: list[str], units: tuple[analyze.Unit, ...], *, whole:
         except Exception:  # a crash inside the second parser: no opinion
             continue
         if len(parsed) != 1:
+            if any(isinstance(e, (exp.Command, exp.EndStatement)) for e in parsed):
+                continue  # it fell back to a generic Command somewhere: it did not parse the text
             return f"sqlglot sees {len(parsed)} statements where PostgreSQL sees one"
         node = parsed[0]
         if isinstance(node, exp.Command) and str(node.this).upper() not in DDL_COMMAND_WORDS:
