@@ -291,6 +291,24 @@ def _defelems(options: Any) -> dict[str, Any]:
     return out
 
 
+def _option_flag(arg: Any) -> bool:
+    """A boolean option as PostgreSQL's defGetBoolean reads it (no value is true); anything it
+    would not accept counts as true (the statement then fails on the server anyway)."""
+    n = _node(arg)
+    if n is None:
+        return True
+    kind, fields = n
+    if kind == "String":
+        value = str(fields.get("sval", "")).lower()
+    elif kind == "Integer":
+        value = str(fields.get("ival", 0))
+    elif kind == "Boolean":
+        value = "true" if fields.get("boolval") else "false"
+    else:
+        value = _const_text(arg) or ""
+    return value not in {"false", "off", "0"}
+
+
 class _Walker:
     def __init__(self, *, search_path: tuple[str, ...]) -> None:
         self.search_path = search_path
@@ -751,7 +769,7 @@ class _Walker:
 
     def _on_ExplainStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         opts = _defelems(f.get("options"))
-        analyze = "analyze" in opts and _const_text(opts["analyze"]) not in {"false", "off", "0"}
+        analyze = "analyze" in opts and _option_flag(opts["analyze"])
         query = _node(f.get("query"))
         if query is None:
             return
