@@ -77,6 +77,17 @@ DDL_COMMAND_WORDS = frozenset(
     }
 )
 
+#: What sqlglot builds for a statement it understood; anything else (an Alias, a Column, a
+#: literal) is what it makes of a statement it did not understand, which is no opinion.
+_STATEMENTS: tuple[type[exp.Expression], ...] = (
+    *{t for kinds in AGREES.values() for t in kinds},
+    exp.Transaction,
+    exp.Commit,
+    exp.Rollback,
+    exp.Set,
+    exp.Command,
+)
+
 MAX_SIZE = 256 * 1024
 """Longest query string (characters) sqlglot is asked about: ~0.2-0.5 s of parsing at most."""
 
@@ -115,6 +126,8 @@ def check(statement_texts: list[str], units: tuple[analyze.Unit, ...], *, whole:
         node = parsed[0]
         if isinstance(node, exp.Command) and str(node.this).upper() not in DDL_COMMAND_WORDS:
             continue  # a generic Command is sqlglot not parsing it, not reading another kind
+        if not isinstance(node, _STATEMENTS):
+            continue  # a bare expression (`IMPORT FOREIGN SCHEMA …` read as an Alias): no statement
         if not isinstance(node, expected):
             return (
                 f"PostgreSQL reads a {unit.cls.fine} statement where sqlglot reads {type(node).__name__}; "
