@@ -206,6 +206,39 @@ def _name_span(tokens: Sequence[pg_parser.Token], idx: int, *, with_columns: boo
     return start, end
 
 
+def _sample_span(tokens: Sequence[pg_parser.Token], end: int) -> tuple[int, int] | None:
+    """The byte span of a TABLESAMPLE clause following the relation name that ends at ``end``
+    (after its alias and column aliases, if any), or None."""
+    k = next((i for i, t in enumerate(tokens) if t.start >= end), len(tokens))
+    if k < len(tokens) and tokens[k].name == "AS":
+        k += 1
+    if k < len(tokens) and tokens[k].name not in ("TABLESAMPLE", "ASCII_40", "ASCII_44", "ASCII_41"):
+        k += 1  # the alias
+    k = _after_parens(tokens, k)
+    if k >= len(tokens) or tokens[k].name != "TABLESAMPLE":
+        return None
+    start = tokens[k].start
+    k = _after_parens(tokens, k + 2)  # TABLESAMPLE method ( args )
+    if k < len(tokens) and tokens[k].name == "REPEATABLE":
+        k = _after_parens(tokens, k + 1)
+    return start, tokens[k - 1].end + 1
+
+
+def _after_parens(tokens: Sequence[pg_parser.Token], k: int) -> int:
+    """The index after a balanced parenthesised group starting at ``k`` (``k`` if none)."""
+    if k >= len(tokens) or tokens[k].name != "ASCII_40":
+        return k
+    depth = 0
+    for m in range(k, len(tokens)):
+        if tokens[m].name == "ASCII_40":
+            depth += 1
+        elif tokens[m].name == "ASCII_41":
+            depth -= 1
+            if depth == 0:
+                return m + 1
+    raise RewriteError("unbalanced parentheses after a relation name")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Template:
     """Where one statement shape's masked references sit, by position in its token stream.
@@ -274,8 +307,15 @@ def _splice(
             text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
             start, end = _name_span(tokens, idx, with_columns=True)
         else:
-            text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
             start, end = _name_span(tokens, idx, with_columns=False)
+            sample = _sample_span(tokens, end)
+            if sample is not None:
+                # `t TABLESAMPLE …` samples the table: the clause moves into the masking
+                # subquery, onto the table itself, and the rows sampled are masked as any others.
+                clause = data[sample[0] : sample[1]].decode()
+                sub = sub.replace(f" AS {SRC}", f" AS {SRC} {clause}", 1)
+                splices.append((sample[0], sample[1], b""))
+            text = sub if ref.alias is not None else f"{sub} AS {quote_ident(ref.rel.name)}"
             first = idx - 1
             while first >= 0 and tokens[first].start >= start:
                 first -= 1
