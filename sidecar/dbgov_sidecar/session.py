@@ -64,15 +64,20 @@ _EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.DESCRIBE, message
 _CONFIRMS = frozenset(
     (messages.PARSE_COMPLETE, messages.CLOSE_COMPLETE, messages.ERROR_RESPONSE, messages.READY_FOR_QUERY)
 )
-_PROBE_STATEMENT = "dbgov_search_path"
-_PROBE = (
-    messages.parse(_PROBE_STATEMENT, "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s")
-    + messages.bind(_PROBE_STATEMENT, _PROBE_STATEMENT)
-    + messages.execute(_PROBE_STATEMENT)
-    + messages.close("P", _PROBE_STATEMENT)
-    + messages.close("S", _PROBE_STATEMENT)
-    + messages.SYNC_MESSAGE
-)
+
+
+def _probe(name: str) -> bytes:
+    """The probe's messages, under a statement and portal name of the session's own."""
+    return (
+        messages.parse(name, "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s")
+        + messages.bind(name, name)
+        + messages.execute(name)
+        + messages.close("P", name)
+        + messages.close("S", name)
+        + messages.SYNC_MESSAGE
+    )
+
+
 _PROBE_REPLIES = frozenset(
     (
         messages.PARSE_COMPLETE,
@@ -1424,7 +1429,7 @@ class Session:
             self._path_volatile = True
             return
         self._probe = []
-        self.to_server += _PROBE
+        self.to_server += _probe(f"dbgov_search_path_{self._marker_tag}")
 
     def _on_probe(self, msgs: list[framing.Message], now: float) -> None:
         probe = self._probe
