@@ -206,10 +206,10 @@ def _name_span(tokens: Sequence[pg_parser.Token], idx: int, *, with_columns: boo
     return start, end
 
 
-def _sample_span(tokens: Sequence[pg_parser.Token], end: int) -> tuple[int, int] | None:
-    """The byte span of a TABLESAMPLE clause following the relation name that ends at ``end``
-    (after its alias and column aliases, if any), or None."""
-    k = next((i for i, t in enumerate(tokens) if t.start >= end), len(tokens))
+def _sample_span(tokens: Sequence[pg_parser.Token], idx: int, end: int) -> tuple[int, int] | None:
+    """The byte span of a TABLESAMPLE clause following the relation name at token ``idx`` that
+    ends at byte ``end`` (after its alias and column aliases, if any), or None."""
+    k = next((i for i in range(idx, len(tokens)) if tokens[i].start >= end), len(tokens))
     if k < len(tokens) and tokens[k].name == "AS":
         k += 1
     if k < len(tokens) and tokens[k].name not in ("TABLESAMPLE", "ASCII_40", "ASCII_44", "ASCII_41"):
@@ -308,7 +308,7 @@ def _splice(
             start, end = _name_span(tokens, idx, with_columns=True)
         else:
             start, end = _name_span(tokens, idx, with_columns=False)
-            sample = _sample_span(tokens, end)
+            sample = _sample_span(tokens, idx, end)
             if sample is not None:
                 # `t TABLESAMPLE …` samples the table: the clause moves into the masking
                 # subquery, onto the table itself, and the rows sampled are masked as any others.
