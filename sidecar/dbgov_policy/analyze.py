@@ -184,6 +184,8 @@ class Unit:
     shows_statements: list[str] = dataclasses.field(default_factory=list)
     """Catalogs and functions it reads that show the text of this session's statements."""
     settings: list[Setting] = dataclasses.field(default_factory=list)
+    effects: list[str] = dataclasses.field(default_factory=list)
+    """Built-in functions it calls that change state (``guards.BUILTIN_EFFECTS``), by name."""
     renamed_schemas: list[str] = dataclasses.field(default_factory=list)
     """Schemas it renames: the tables in them take new qualified names."""
     names_used: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -632,6 +634,7 @@ class _Walker:
                 self.set_config(fields.get("args", []), unit)
             if bare in guards.BUILTIN_EFFECTS:
                 unit.extra_classes.add(guards.BUILTIN_EFFECTS[bare])
+                unit.effects.append(bare)
             if bare in guards.STATEMENT_TEXT_FUNCTIONS:
                 unit.shows_statements.append(f"{bare}()")
             if bare not in _pgcatalog.FUNCTIONS:

@@ -404,12 +404,17 @@ def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: 
         )
     if unit.cls.fine == "insert" and "update" in unit.extra_classes:
         reason += " (ON CONFLICT DO UPDATE updates too: a rule must allow both insert and update on it)"
-    if "call" in unit.extra_classes:
+    if unit.user_functions:
         calls = ", ".join(dict.fromkeys(unit.user_functions))
         reason += (
             f" (it calls {calls}, which may write: list it in guardrails.allowedFunctions "
             "if it only reads, or allow the call class)"
         )
+    effects = {f: guards.BUILTIN_EFFECTS[f] for f in dict.fromkeys(unit.effects)}
+    if effects:
+        named = ", ".join(f"{f}() ({cls})" for f, cls in effects.items())
+        wanted = ", ".join(sorted(set(effects.values())))
+        reason += f" (it calls {named}, which changes state: a rule must allow {wanted} too)"
     reason += f"; the policy default is {policy.default}"
     return _Verdict(
         verdict=policy.default,

@@ -176,3 +176,21 @@ def test_renaming_the_schema_of_a_masked_table_is_refused(sql: str) -> None:
     assert "shop.customers" in d.reason
     other = engine.Engine(policy_compile.compile_policy(spec)).decide("ALTER SCHEMA staging RENAME TO old")
     assert other.verdict == "allow"
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        ("SELECT pg_notify('c', 'x')", "pg_notify() (notify)"),
+        ("SELECT nextval('s') FROM t", "nextval() (call)"),
+        ("SELECT pg_advisory_lock(1)", "pg_advisory_lock() (lock)"),
+    ],
+)
+def test_a_refusal_names_the_function_that_changes_state(sql: str, named: str) -> None:
+    """Issue 10: `SELECT pg_notify(…)` under a select rule said only "no rule covers this select"."""
+    spec = {
+        "default": "block",
+        "rules": [{"name": "reads", "verdict": "allow", "statements": ["select"], "tables": ["t"]}],
+    }
+    d = engine.Engine(policy_compile.compile_policy(spec)).decide(sql)
+    assert d.verdict == "block" and named in d.reason, d.reason
