@@ -55,7 +55,16 @@ WHOLE_DATABASE_NODES = frozenset({"VacuumStmt", "ClusterStmt", "ReindexStmt"})
 NON_OPERATOR_EXPRS = frozenset(
     {"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM"}
 )
-DYNAMIC_PLPGSQL = frozenset({"PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors"})
+#: PL/pgSQL statements that run SQL text computed at run time, and the field holding that text.
+DYNAMIC_PLPGSQL = {
+    "PLpgSQL_stmt_dynexecute": "query",
+    "PLpgSQL_stmt_dynfors": "query",
+    "PLpgSQL_stmt_open": "dynquery",
+    "PLpgSQL_stmt_return_query": "dynquery",
+}
+#: How PostgreSQL's core parser reads a PL/pgSQL expression's text (RawParseMode, parser.h).
+PARSE_STATEMENT, PARSE_EXPRESSION = 0, 2
+PARSE_ASSIGNMENTS = frozenset({3, 4, 5})  # RAW_PARSE_PLPGSQL_ASSIGN1..3: `a`, `a.b`, `a.b.c :=`
 #: Statements that store the text of what they read (a view's query, a rule's actions, a row
 #: security policy's expressions) for anyone to print back later (pg_get_viewdef, pg_policies).
 DEFINITION_NODES = frozenset({"ViewStmt", "RuleStmt", "CreatePolicyStmt", "AlterPolicyStmt"})
@@ -235,6 +244,7 @@ def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis
             node = raw.get("stmt")
             if not node:
                 continue
+            walker.source = (sql, raw)
             walker.top_level(node)
     except RecursionError:
         return Analysis(units=(), error="statement nests too deeply to analyze")
@@ -243,6 +253,13 @@ def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis
         error=None,
         literal_sensitive=walker.sensitive.flag,
     )
+
+
+def _statement_text(sql: str, raw: dict[str, Any]) -> str:
+    """The text of one raw statement (libpg_query's offsets count bytes; length 0: to the end)."""
+    start = int(raw.get("stmt_location", 0))
+    length = int(raw.get("stmt_len", 0))
+    return sql.encode()[start : start + length if length else None].decode()
 
 
 def _node(value: Any) -> tuple[str, dict[str, Any]] | None:
@@ -324,6 +341,8 @@ class _Walker:
         """The next unit runs later, but what it nests runs with it (a prepared statement)."""
         self.shown = 0
         """Depth inside EXPLAIN and stored definitions (see ``Unit.shown``)."""
+        self.source: tuple[str, dict[str, Any]] = ("", {})
+        """The query text and raw statement being walked (a PL/pgSQL body is parsed from it)."""
 
     # ---- units -------------------------------------------------------------------------
 
@@ -978,21 +997,32 @@ class _Walker:
             self._embedded(text, unit, scope, what="its SQL body")
             return
         if language == "plpgsql":
-            self._plpgsql(text, unit, scope)
+            self._plpgsql(_statement_text(*self.source), unit, scope)
             return
         self._unanalyzable(unit, f"its body is in {language}, which dbgov cannot analyze")
 
-    def _embedded(self, sql: str, unit: Unit, scope: frozenset[str], *, what: str) -> bool:
-        """Judge the statements of code embedded in `unit` as nested units; False if unparseable."""
+    def _embedded(
+        self, sql: str, unit: Unit, scope: frozenset[str], *, what: str, single: bool = False
+    ) -> bool:
+        """Judge the statements of code embedded in `unit` as nested units; False (and the unit
+        refused) if it does not parse, or is not one statement when `single` is asked."""
         try:
             stmts = parse_tree(sql)
         except pg_parser.ParseError as err:
             self._unanalyzable(unit, f"{what} does not parse: {err}")
             return False
-        for raw in stmts:
-            n = _node(raw.get("stmt"))
-            if n:
-                self.statement(n[0], n[1], nested=True, scope=scope)
+        if single and len(stmts) != 1:
+            self._unanalyzable(unit, f"{what} is not one statement: {sql!r}")
+            return False
+        outer = self.source
+        try:
+            for raw in stmts:
+                n = _node(raw.get("stmt"))
+                if n:
+                    self.source = (sql, raw)
+                    self.statement(n[0], n[1], nested=True, scope=scope)
+        finally:
+            self.source = outer
         return True
 
     def _unanalyzable(self, unit: Unit, why: str) -> None:
@@ -1004,31 +1034,107 @@ class _Walker:
             )
         )
 
-    def _plpgsql(self, text: str, unit: Unit, scope: frozenset[str]) -> None:
-        tag = "$dbgov$"
-        while tag in text:
-            tag = tag[:-1] + "x$"
-        wrapper = f"CREATE FUNCTION dbgov_check() RETURNS void LANGUAGE plpgsql AS {tag}{text}{tag}"
+    def _plpgsql(self, statement: str, unit: Unit, scope: frozenset[str]) -> None:
+        """Judge a PL/pgSQL body as PostgreSQL runs it: the whole CREATE FUNCTION or DO statement
+        goes to PostgreSQL's own PL/pgSQL parser (in libpg_query), which knows the function's
+        parameters, return type and trigger variables; every SQL expression and statement in the
+        tree it returns (assignments, conditions, loop bounds, RAISE arguments, RETURN, queries,
+        cursors, defaults) is then judged as the SQL the executor runs for it."""
         try:
-            tree = json.loads(pg_parser.parse_plpgsql_json(wrapper))
+            functions = json.loads(pg_parser.parse_plpgsql_json(statement))
         except pg_parser.ParseError as err:
-            self._unanalyzable(unit, f"its PL/pgSQL does not parse: {err}")
+            self._unanalyzable(unit, f"PostgreSQL's PL/pgSQL parser rejects it: {err}")
             return
-        for kind, fields in _walk_nodes(tree):
-            if kind in DYNAMIC_PLPGSQL or (
-                kind in {"PLpgSQL_stmt_open", "PLpgSQL_stmt_return_query"} and fields.get("dynquery")
-            ):
-                self._unanalyzable(unit, "it builds SQL at run time (EXECUTE)")
-                return
-            if kind != "PLpgSQL_expr":
+        if not isinstance(functions, list) or len(functions) != 1:
+            self._unanalyzable(unit, "PostgreSQL's PL/pgSQL parser does not find exactly one body in it")
+            return
+        for kind, fields in _walk_nodes(functions):
+            if kind in DYNAMIC_PLPGSQL and fields.get(DYNAMIC_PLPGSQL[kind]) is not None:
+                ok = self._dynamic(fields[DYNAMIC_PLPGSQL[kind]], unit, scope)
+            elif kind == "PLpgSQL_expr":
+                ok = self._plpgsql_expr(fields, unit, scope)
+            else:
                 continue
-            query = str(fields.get("query", ""))
-            mode = int(fields.get("parseMode", 0))
-            if mode >= 3 and ":=" in query:
-                query = query.split(":=", 1)[1]
-            sql = query if mode == 0 else f"SELECT {query}"
-            if not self._embedded(sql, unit, scope, what="an embedded statement"):
+            if not ok:
                 return
+
+    def _plpgsql_expr(self, fields: dict[str, Any], unit: Unit, scope: frozenset[str]) -> bool:
+        query = str(fields.get("query", ""))
+        mode = int(fields.get("parseMode", PARSE_STATEMENT))
+        if mode == PARSE_STATEMENT:
+            return self._embedded(query, unit, scope, what="an embedded statement")
+        if mode == PARSE_EXPRESSION:
+            return self._expression(query, unit, scope)
+        if mode in PARSE_ASSIGNMENTS:
+            parts = _assignment(query)
+            if parts is None:
+                self._unanalyzable(unit, f"dbgov cannot read the assignment {query!r}")
+                return False
+            target, value = parts
+            # A subscript of the target (`a[(SELECT …)] := …`) is evaluated too.
+            if "[" in target and not self._expression(target, unit, scope):
+                return False
+            return self._expression(value, unit, scope)
+        self._unanalyzable(unit, f"dbgov does not know how PostgreSQL reads {query!r}")
+        return False
+
+    def _expression(self, expr: str, unit: Unit, scope: frozenset[str]) -> bool:
+        """A PL/pgSQL expression is the target list (and optional FROM … clauses) of a SELECT
+        the executor runs (PostgreSQL's PLpgSQL_Expr grammar), so it is judged as that SELECT."""
+        return self._embedded(f"SELECT {expr}", unit, scope, what=f"the expression {expr!r}", single=True)
+
+    def _dynamic(self, expr: Any, unit: Unit, scope: frozenset[str]) -> bool:
+        """EXECUTE (and FOR/OPEN/RETURN QUERY … EXECUTE) runs the text an expression computes:
+        judged when that text is a string constant, refused otherwise."""
+        n = _node(expr)
+        query = str(n[1].get("query", "")) if n and n[0] == "PLpgSQL_expr" else ""
+        text = _constant_string(query)
+        if text is None:
+            self._unanalyzable(unit, f"it builds SQL at run time (EXECUTE {query.strip()[:80]})")
+            return False
+        return self._embedded(text, unit, scope, what="the SQL text EXECUTE runs")
+
+
+def _assignment(query: str) -> tuple[str, str] | None:
+    """`target := value` (or `=`) split where PostgreSQL's grammar splits it: at the first `:=`
+    or `=` token outside brackets, found by PostgreSQL's own scanner so that string literals,
+    quoted names and comments are never cut."""
+    depth = 0
+    try:
+        tokens = pg_parser.scan(query)
+    except pg_parser.ParseError:
+        return None
+    for tok in tokens:
+        text = query[tok.start : tok.end + 1]
+        if text in {"(", "["}:
+            depth += 1
+        elif text in {")", "]"}:
+            depth -= 1
+        elif depth == 0 and tok.name in {"COLON_EQUALS", "ASCII_61"}:
+            return query[: tok.start], query[tok.end + 1 :]
+    return None
+
+
+def _constant_string(expr: str) -> str | None:
+    """The value of a PL/pgSQL expression that is one string literal, else None."""
+    try:
+        stmts = parse_tree(f"SELECT {expr}")
+    except pg_parser.ParseError:
+        return None
+    if len(stmts) != 1:
+        return None
+    select = _node(stmts[0].get("stmt"))
+    if select is None or select[0] != "SelectStmt":
+        return None
+    if set(select[1]) - {"targetList", "limitOption", "op"}:
+        return None
+    targets = select[1].get("targetList") or []
+    res = _node(targets[0]) if len(targets) == 1 else None
+    val = _node(res[1].get("val")) if res and res[0] == "ResTarget" and "name" not in res[1] else None
+    if val is None or val[0] != "A_Const" or "sval" not in val[1]:
+        return None
+    inner = val[1]["sval"]
+    return str(inner.get("sval", "")) if isinstance(inner, dict) else None
 
 
 #: SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION option → the setting it sets.
