@@ -6,7 +6,9 @@ a ``dbgov proxy`` flag of the same name that overrides it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -28,7 +30,7 @@ class Settings:
     upstream_password: str | None = None
     """Password for the upstream role when not in the URL (DBGOV_UPSTREAM_PASSWORD)."""
     policy: str | None = None
-    """Policy file: the spec of a DatabaseAccessPolicy; none allows everything (DBGOV_POLICY)."""
+    """Policy file: the spec of a DatabaseAccessPolicy; without one every statement is refused (DBGOV_POLICY)."""
     tls_cert: str | None = None
     """PEM certificate for client TLS (DBGOV_TLS_CERT)."""
     tls_key: str | None = None
@@ -78,6 +80,23 @@ INT_FIELDS = frozenset(
     }
 )
 """Settings read as integers."""
+
+
+def field_docs() -> dict[str, str]:
+    """Each settings field's docstring (Python keeps attribute docstrings only in the source)."""
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(Settings)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    for field, doc in zip(body.body, body.body[1:], strict=False):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[field.target.id] = doc.value.value
+    return docs
 
 
 def env_name(field: str) -> str:

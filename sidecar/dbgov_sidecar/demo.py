@@ -21,10 +21,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbgov_policy import engine
-from dbgov_sidecar import audit, check_cli, embedded_pg, policyfile
+from dbgov_sidecar import audit, check_cli, policyfile
+
+if TYPE_CHECKING:  # the embedded PostgreSQL needs pgserver, a dev extra the image does not install
+    from dbgov_sidecar import embedded_pg
 
 EXAMPLE_POLICY = pathlib.Path(__file__).with_name("demo_policy.yaml")
 """The example policy (examples/policy.yaml in the repository links to it), shipped in the package
@@ -100,7 +103,17 @@ def _offline(policy_path: str) -> int:
 
 
 def _live(policy_path: str) -> int:
-    import psycopg  # noqa: PLC0415 - the client only the live demo needs
+    try:  # only the live demo needs a client and an embedded server: both are dev extras
+        import psycopg  # noqa: PLC0415
+
+        from dbgov_sidecar import embedded_pg  # noqa: PLC0415
+    except ModuleNotFoundError as err:
+        print(
+            f"dbgov demo: the live demo needs {err.name}, from the dev extra "
+            "(pip install 'dbgov[dev]'); `dbgov demo --offline` needs nothing more",
+            file=sys.stderr,
+        )
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="dbgov-demo-") as tmp:
         work = pathlib.Path(tmp)
@@ -125,6 +138,8 @@ def _live(policy_path: str) -> int:
 def _proxy(
     pg: embedded_pg.PgServer, *, policy_path: str, audit_path: pathlib.Path, log_path: pathlib.Path
 ) -> Iterator[str]:
+    from dbgov_sidecar import embedded_pg  # noqa: PLC0415 - _live has checked it imports
+
     port, metrics_port = embedded_pg.free_port(), embedded_pg.free_port()
     env = {
         "DBGOV_LISTEN": f"127.0.0.1:{port}",

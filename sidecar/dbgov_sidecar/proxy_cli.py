@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -41,14 +42,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add one flag per settings field, defaulting to its DBGOV_* variable."""
     env = config.from_env()
+    docs = config.field_docs()
     for f in dataclasses.fields(config.Settings):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=_FLAG_TYPES.get(f.name, str),
             default=getattr(env, f.name),
-            help=f"(env {config.env_name(f.name)})",
+            # the built-in default, never the environment's value: that may be a secret
+            help=f"{docs[f.name]} Default: {_shown(f.default)}.".replace("%", "%%"),
         )
+
+
+def _shown(default: object) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return repr(default) if default == "" else str(default)
 
 
 def settings_from(args: argparse.Namespace) -> config.Settings:
@@ -109,10 +120,15 @@ async def _one_sink(target: str) -> tuple[audit.Sink, Callable[[], None]]:
     if target != "stdout":
         handle = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the proxy
         return _stream_sink(handle), handle.close
+    if not _pipe_or_socket(sys.stdout):
+        # A regular file, /dev/null or a terminal never stalls the way a pipe with a slow reader
+        # does, and uvloop aborts the whole process (asyncio would raise) when asked to open one
+        # as a pipe: plain writes.
+        return _stream_sink(sys.stdout), sys.stdout.flush
     loop = asyncio.get_running_loop()
     try:  # a pipe (kubelet log capture) gets an asyncio transport: writes never block
         transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
-    except (ValueError, OSError):  # a regular file or similar: plain writes are fine
+    except (ValueError, OSError):
         return _stream_sink(sys.stdout), sys.stdout.flush
 
     def pipe_sink(text: str) -> bool:
@@ -122,6 +138,15 @@ async def _one_sink(target: str) -> tuple[audit.Sink, Callable[[], None]]:
         return True
 
     return pipe_sink, transport.close
+
+
+def _pipe_or_socket(stream: TextIO) -> bool:
+    """Whether ``stream`` is a FIFO or a socket, the only kinds an event loop may open as a pipe."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError):  # closed, or not backed by a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _stream_sink(stream: TextIO) -> audit.Sink:

@@ -229,6 +229,46 @@ def test_audit_to_stdout_pipe_and_a_file(pg_server: pg.PgServer, tmp_path: Path)
     assert audit.verify(events)
 
 
+@pytest.mark.parametrize("kind", ["file", "pipe", "devnull"])
+def test_audit_to_any_kind_of_stdout(pg_server: pg.PgServer, tmp_path: Path, kind: str) -> None:
+    """`dbgov proxy > proxy.log` and `dbgov proxy > /dev/null` (uvloop aborted on both) and a pipe."""
+    port = pg.free_port()
+    env = {
+        **os.environ,
+        "DBGOV_LISTEN": f"127.0.0.1:{port}",
+        "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+        "DBGOV_AUDIT": "stdout",
+        "DBGOV_METRICS": "",
+        "DBGOV_POLICY": str(_allow_all(tmp_path)),
+    }
+    log = tmp_path / "proxy.log"
+    with open(log, "w") as log_file:
+        stdout = {"file": log_file, "pipe": subprocess.PIPE, "devnull": subprocess.DEVNULL}[kind]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dbgov_sidecar.proxy_cli"],
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        with _connect(proc, port) as conn:  # type: ignore[arg-type]
+            assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    if kind == "devnull":
+        return
+    events = [json.loads(line) for line in (out if kind == "pipe" else log.read_text()).splitlines()]
+    assert [e["type"] for e in events] == ["session_start", "statement", "session_end"]
+    assert events[1]["statement"] == "SELECT 41 + 1"
+    assert audit.verify(events)
+
+
 def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_path: Path) -> None:
     """The kubelet's startup/readiness probes must not pass while every statement would be refused."""
     policy = tmp_path / "bundle" / "policy.yaml"  # the operator has not written it yet
