@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
 import signal
 import stat
 import sys
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO, TypeVar
 
 from dbgov_sidecar import audit, config, metrics, policies, policy_port, proxy
 
@@ -89,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         import uvloop  # noqa: PLC0415 - optional speedup
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(_serve(settings, cfg, holder))
+    try:
+        return asyncio.run(_serve(settings, cfg, holder))
+    except StartupError as err:
+        print(f"dbgov proxy: {err}", file=sys.stderr)
+        return 2
 
 
 MAX_PIPE_BACKLOG = 8 * 1024 * 1024
@@ -164,53 +169,103 @@ async def _flush_audit(audit_log: audit.AuditLog) -> None:
         audit_log.flush()
 
 
+_T = TypeVar("_T")
+
+
+class StartupError(Exception):
+    """The proxy cannot start as configured; the message says which setting and what to do."""
+
+
 async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: policies.PolicyHolder) -> int:
-    sink = await _audit_sink(settings.audit)
-    audit_log = None if sink is None else audit.AuditLog(sink[0], failure_policy=settings.audit_failure)
-    flusher = None if audit_log is None else asyncio.create_task(_flush_audit(audit_log))
-    counters = metrics.Metrics()
-    record = proxy.Recorder(audit_log, counters)
-    audit_ok = None
-    if audit_log is not None and audit_log.failure_policy == "fail-closed":
-        audit_ok = audit.Healthy(audit_log)
-    server = proxy.Proxy(cfg, policy=holder, audit=record, audit_ok=audit_ok)
-    await server.start()
-    counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]
-    counters.gauges["dbgov_policy_reloads_total"] = lambda: holder.reloads
-    counters.gauges["dbgov_policy_reload_failures_total"] = lambda: holder.reload_failures
-    if audit_log is not None:
-        counters.gauges["dbgov_audit_dropped_total"] = lambda: audit_log.dropped
-    stopping = asyncio.Event()
-    metrics_server = None
-    if settings.metrics:
-        host, port = config.split_host_port(settings.metrics, default_port=9187)
-        bind: str | None = None if host == "*" else host  # "*": every interface, IPv4 and IPv6
-        metrics_server = await metrics.serve(
-            counters, host=bind, port=port, unready=lambda: _unready(stopping, holder, audit_log)
-        )
+    # Whatever started is stopped in reverse order, on SIGTERM or when a later step fails:
+    # sessions drain before the metrics server closes and the audit sink is flushed last.
+    async with contextlib.AsyncExitStack() as started:
+        sink = await _audit_sink(settings.audit)
+        audit_log = None if sink is None else audit.AuditLog(sink[0], failure_policy=settings.audit_failure)
+        if audit_log is not None and sink is not None:
+            started.callback(sink[1])
+            started.callback(audit_log.flush)
+            flusher = asyncio.create_task(_flush_audit(audit_log))
+            started.push_async_callback(_cancelled, flusher)
+        counters = metrics.Metrics()
+        audit_ok = None
+        if audit_log is not None and audit_log.failure_policy == "fail-closed":
+            audit_ok = audit.Healthy(audit_log)
+        server = proxy.Proxy(cfg, policy=holder, audit=proxy.Recorder(audit_log, counters), audit_ok=audit_ok)
+        await _bind(server.start(), setting="listen", address=settings.listen, serves="accept clients")
+        counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]
+        counters.gauges["dbgov_policy_reloads_total"] = lambda: holder.reloads
+        counters.gauges["dbgov_policy_reload_failures_total"] = lambda: holder.reload_failures
+        if audit_log is not None:
+            counters.gauges["dbgov_audit_dropped_total"] = lambda: audit_log.dropped
+        stopping = asyncio.Event()
+        try:
+            if settings.metrics:
+                metrics_server = await _bind(
+                    _serve_metrics(settings.metrics, counters, lambda: _unready(stopping, holder, audit_log)),
+                    setting="metrics",
+                    address=settings.metrics,
+                    serves="serve /metrics, /healthz and /readyz",
+                )
+                started.push_async_callback(_closed, metrics_server)
+        except StartupError:
+            await server.stop(drain_timeout=0)
+            raise
+        started.push_async_callback(server.stop)  # runs first: /healthz and /readyz answer during the drain
+        log.info("dbgov proxy listening on %s:%s", cfg.listen_host, server.port)
+        await _run_until_stopped(stopping, holder)
+        log.info("dbgov proxy draining (up to %ss)", cfg.drain_timeout)
+    return 0
+
+
+async def _run_until_stopped(stopping: asyncio.Event, holder: policies.PolicyHolder) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload)
-    log.info("dbgov proxy listening on %s:%s", cfg.listen_host, server.port)
     while not stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), 2.0)
         if holder.changed():
             holder.reload()
-    log.info("dbgov proxy draining (up to %ss)", cfg.drain_timeout)
-    await server.stop()
-    if metrics_server is not None:
-        metrics_server.close()
-        await metrics_server.wait_closed()
-    if flusher is not None:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-    if audit_log is not None and sink is not None:
-        audit_log.flush()
-        sink[1]()
-    return 0
+
+
+async def _serve_metrics(
+    address: str, counters: metrics.Metrics, unready: Callable[[], str | None]
+) -> asyncio.Server:
+    host, port = config.split_host_port(address, default_port=9187)
+    bind: str | None = None if host == "*" else host  # "*": every interface, IPv4 and IPv6
+    return await metrics.serve(counters, host=bind, port=port, unready=unready)
+
+
+async def _bind(starting: Coroutine[Any, Any, _T], *, setting: str, address: str, serves: str) -> _T:
+    """Await a server's start; an address that cannot be bound is a StartupError naming the
+    setting (the usual cause: a second proxy on the same machine, on the same default port)."""
+    flag, env = "--" + setting.replace("_", "-"), config.env_name(setting)
+    try:
+        return await starting
+    except OSError as err:
+        why = err.strerror or str(err)
+        if err.errno == errno.EADDRINUSE:
+            why = "the port is in use, by another dbgov proxy or another program"
+        cause = f"cannot {serves} on {address} ({why})"
+    except ValueError as err:
+        cause = f"{env} {address!r} is not a host:port ({err})"
+    advice = f"set {env} (or {flag}) to a free host:port"
+    if setting == "metrics":
+        advice += ", or to an empty value to serve no /metrics, /healthz or /readyz"
+    raise StartupError(f"{cause}; {advice}")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _closed(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
 
 
 def _unready(

@@ -315,3 +315,48 @@ def _ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.parametrize("setting", ["metrics", "listen"])
+def test_a_second_proxy_on_a_busy_port_says_which_setting(
+    pg_server: pg.PgServer, tmp_path: Path, setting: str
+) -> None:
+    """Two proxies on one machine: the second one's port is taken (the default 9187 for metrics)."""
+    metrics_port = pg.free_port()
+    first, port = _start(pg_server, tmp_path, _allow_all(tmp_path), metrics=f"127.0.0.1:{metrics_port}")
+    try:
+        _connect(first, port).close()
+        env = {
+            **os.environ,
+            "DBGOV_LISTEN": f"127.0.0.1:{port if setting == 'listen' else pg.free_port()}",
+            "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+            "DBGOV_POLICY": str(_allow_all(tmp_path)),
+            "DBGOV_AUDIT": "stdout",
+            "DBGOV_METRICS": f"127.0.0.1:{metrics_port}" if setting == "metrics" else "",
+        }
+        second = subprocess.run(
+            [sys.executable, "-m", "dbgov_sidecar.cli", "proxy"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 2
+        assert "Traceback" not in second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        env_name = f"DBGOV_{setting.upper()}"
+        assert last.startswith("dbgov proxy: cannot ")
+        assert f"127.0.0.1:{port if setting == 'listen' else metrics_port}" in last
+        assert "the port is in use" in last
+        assert f"set {env_name} (or --{setting}) to a free host:port" in last
+        assert second.stdout == ""
+        _connect(first, port).close()  # the first one is untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.wait(20)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
