@@ -194,3 +194,8 @@ ALIASES: dict[str, str] = {
     "transaction": "tcl",
     "function": "call",
 }
+
+
+def with_article(word: str) -> str:
+    """``word`` after "a" or "an" as it is read aloud: "an insert", "an UPDATE", "a select"."""
+    return ("an " if word[:1].lower() in ("a", "e", "i", "o", "u") else "a ") + word

@@ -32,7 +32,7 @@ import logging
 import sqlglot
 from sqlglot import ErrorLevel, exp
 
-from dbgov_policy import analyze
+from dbgov_policy import analyze, classes
 
 #: Coarse class → sqlglot node types that agree with it.
 AGREES: dict[str, tuple[type[exp.Expression], ...]] = {
@@ -130,7 +130,8 @@ def check(statement_texts: list[str], units: tuple[analyze.Unit, ...], *, whole:
             continue  # a bare expression (`IMPORT FOREIGN SCHEMA …` read as an Alias): no statement
         if not isinstance(node, expected):
             return (
-                f"PostgreSQL reads a {unit.cls.fine} statement where sqlglot reads {type(node).__name__}; "
+                f"PostgreSQL reads {classes.with_article(unit.cls.fine)} statement where sqlglot reads "
+                f"{type(node).__name__}; "
                 "the parsers disagree"
             )
     return None

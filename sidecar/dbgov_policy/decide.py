@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from dbgov_policy import analyze, compile, guards, model, names
+from dbgov_policy import analyze, classes, compile, guards, model, names
 
 POLICY_SQLSTATE = "42501"
 SYNTAX_SQLSTATE = "42601"
@@ -507,7 +507,9 @@ def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict
         and (unit.nested or unit.cls.fine == "truncate")
     ):
         what = (
-            "TRUNCATE" if unit.cls.fine == "truncate" else f"a {unit.cls.fine.upper()} inside this statement"
+            "TRUNCATE"
+            if unit.cls.fine == "truncate"
+            else f"{classes.with_article(unit.cls.fine.upper())} inside this statement"
         )
         return _block(
             "guardrail:max-rows-affected",
