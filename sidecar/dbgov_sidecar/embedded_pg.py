@@ -30,11 +30,17 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pgserver._commands
+with warnings.catch_warnings():
+    # pgserver computes a runtime directory it never uses here (each server gets its own
+    # temporary directory) when its class is defined, and platformdirs warns where
+    # XDG_RUNTIME_DIR is unset (containers, CI): a warning nobody can act on, on every import.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    import pgserver._commands
 
 BIN = Path(pgserver._commands.POSTGRES_BIN_PATH)
 """The pgserver wheel's binaries: the default server, and the client tools (psql, pg_isready,

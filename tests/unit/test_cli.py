@@ -59,3 +59,17 @@ def test_a_command_prints_no_warning_without_xdg_runtime_dir() -> None:
     assert result.returncode == 0
     assert result.stdout.startswith("ALLOW")
     assert result.stderr == ""
+
+
+def test_the_embedded_postgresql_imports_without_the_xdg_runtime_dir_warning() -> None:
+    """`dbgov demo` and the test session import pgserver, whose import warned the same way."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PYTHONWARNINGS")}
+    result = subprocess.run(
+        [sys.executable, "-c", "import dbgov_sidecar.embedded_pg"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
