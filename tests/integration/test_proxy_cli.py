@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -229,9 +230,10 @@ def test_audit_to_stdout_pipe_and_a_file(pg_server: pg.PgServer, tmp_path: Path)
     assert audit.verify(events)
 
 
-@pytest.mark.parametrize("kind", ["file", "pipe", "devnull"])
+@pytest.mark.parametrize("kind", ["file", "pipe", "devnull", "tty"])
 def test_audit_to_any_kind_of_stdout(pg_server: pg.PgServer, tmp_path: Path, kind: str) -> None:
-    """`dbgov proxy > proxy.log` and `dbgov proxy > /dev/null` (uvloop aborted on both) and a pipe."""
+    """`dbgov proxy > proxy.log` and `dbgov proxy > /dev/null` (uvloop aborted on both), a pipe
+    and a terminal."""
     port = pg.free_port()
     env = {
         **os.environ,
@@ -242,15 +244,17 @@ def test_audit_to_any_kind_of_stdout(pg_server: pg.PgServer, tmp_path: Path, kin
         "DBGOV_POLICY": str(_allow_all(tmp_path)),
     }
     log = tmp_path / "proxy.log"
+    terminal, tty = pty.openpty()  # a few audit lines fit in its buffer: read after the exit
     with open(log, "w") as log_file:
-        stdout = {"file": log_file, "pipe": subprocess.PIPE, "devnull": subprocess.DEVNULL}[kind]
+        stdout = {"file": log_file, "pipe": subprocess.PIPE, "devnull": subprocess.DEVNULL, "tty": tty}
         proc = subprocess.Popen(
             [sys.executable, "-m", "dbgov_sidecar.proxy_cli"],
             env=env,
-            stdout=stdout,
+            stdout=stdout[kind],
             stderr=subprocess.PIPE,
             text=True,
         )
+    os.close(tty)
     try:
         with _connect(proc, port) as conn:  # type: ignore[arg-type]
             assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
@@ -260,13 +264,27 @@ def test_audit_to_any_kind_of_stdout(pg_server: pg.PgServer, tmp_path: Path, kin
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    written = {"pipe": out, "file": log.read_text(), "devnull": "", "tty": _drain(terminal)}[kind]
     assert proc.returncode == 0, err
     if kind == "devnull":
         return
-    events = [json.loads(line) for line in (out if kind == "pipe" else log.read_text()).splitlines()]
+    events = [json.loads(line) for line in written.splitlines()]
     assert [e["type"] for e in events] == ["session_start", "statement", "session_end"]
     assert events[1]["statement"] == "SELECT 41 + 1"
     assert audit.verify(events)
+
+
+def _drain(terminal: int) -> str:
+    """What was written to a pty's other side, once the writer has exited."""
+    chunks = []
+    try:
+        while chunk := os.read(terminal, 65536):
+            chunks.append(chunk)
+    except OSError:  # EIO: no writer left and nothing more to read
+        pass
+    finally:
+        os.close(terminal)
+    return b"".join(chunks).decode()
 
 
 def test_not_ready_until_the_policy_file_arrives(pg_server: pg.PgServer, tmp_path: Path) -> None:
