@@ -4,6 +4,9 @@ plus helpers only tests need.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ __all__ = [
     "make_certificate",
     "run_psql",
     "running_server",
+    "scratch_database",
 ]
 
 
@@ -94,3 +98,22 @@ def make_certificate(
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+@contextlib.contextmanager
+def scratch_database(server: PgServer, prefix: str, schema: str) -> Iterator[str]:
+    """A database of its own, owned by ``app`` and set up with ``schema`` (run as ``app``),
+    dropped afterwards (connections and all); yields its name."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin_dsn = server.dsn(user="postgres", dbname="postgres")
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" OWNER app')
+    try:
+        with psycopg.connect(server.dsn(user="app", dbname=name), autocommit=True) as conn:
+            conn.execute(schema)
+        yield name
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

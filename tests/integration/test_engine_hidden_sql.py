@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -132,14 +131,8 @@ class Tap:
 
 @pytest.fixture(scope="module")
 def database(pg_server: pg.PgServer) -> Iterator[str]:
-    name = f"hidden_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" OWNER app')
-    with psycopg.connect(pg_server.dsn(user="app", dbname=name), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    yield name
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with pg.scratch_database(pg_server, "hidden", SCHEMA) as name:
+        yield name
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ value, the standard updated_at trigger) are created and used through the proxy.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -54,14 +53,8 @@ LEAKS = [
 
 @pytest.fixture(scope="module")
 def database(pg_server: pg.PgServer) -> Iterator[str]:
-    name = f"plpgsql_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" OWNER app')
-    with psycopg.connect(pg_server.dsn(user="app", dbname=name), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    yield name
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with pg.scratch_database(pg_server, "plpgsql", SCHEMA) as name:
+        yield name
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ were; a positive control runs it on PostgreSQL directly, to show what it would h
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -59,14 +58,8 @@ CTE_TARGET = (
 
 @pytest.fixture(scope="module")
 def database(pg_server: pg.PgServer) -> Iterator[str]:
-    name = f"writes_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" OWNER app')
-    with psycopg.connect(pg_server.dsn(user="app", dbname=name), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    yield name
-    with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with pg.scratch_database(pg_server, "writes", SCHEMA) as name:
+        yield name
 
 
 @pytest.fixture
