@@ -1301,28 +1301,22 @@ class Session:
         """The statement may change how names resolve: search_path itself (SET, RESET, RESET
         ALL, DISCARD ALL, set_config), schemas existing or not (DDL), or, in a transaction block
         that changed search_path, the block's end (which may undo that change)."""
-        for info in decision.statements:
-            settings = getattr(info, "settings", ())
-            if "search_path" in settings or "*" in settings:
-                return True
-            cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
-            if cls in ("ddl", "dcl") or fine == "discard":  # (schemas created, dropped, granted)
-                return True
-            if self._path_volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints"):
-                return True
-        return False
+        volatile = self._path_volatile
+        return any(_changes_path(info, volatile=volatile, schemas=True) for info in decision.statements)
 
     def _path_changes_midway(self, decision: policy_port.Decision) -> bool:
-        """A statement that may change search_path comes before another in one query string."""
+        """A statement that may change search_path comes before another in one query string
+        (DDL may too, but what follows it is judged against the same schemas either way)."""
         top = [info for info in decision.statements if not getattr(info, "nested", False)]
-        for info in top[:-1]:
-            settings = getattr(info, "settings", ())
-            cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
-            if "search_path" in settings or "*" in settings or fine == "discard":
-                return True
-            if self._path_volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints"):
-                return True
-        return False
+        volatile = self._path_volatile
+        return any(_changes_path(info, volatile=volatile, schemas=False) for info in top[:-1])
+
+    def _portal_text(self, portal: str) -> str:
+        """The text of the statement a portal runs, for the audit of a refusal."""
+        known = self._portal_bound.get(portal) or self._prepared.get(
+            self._portal_statements.get(portal, "\0")
+        )
+        return known.sql if known is not None else f"<Execute of portal {portal!r}>"
 
     def _refuse_path_unknown(self, msg: framing.Message, now: float) -> bytes:
         """Refuse a Query, Parse, Bind or Execute sent in the batch of a statement that may change
@@ -1337,9 +1331,7 @@ class Session:
             known = self._prepared.get(name)
             sql = known.sql if known is not None else f"<Bind of prepared statement {name!r}>"
         else:
-            portal = messages.decode_execute(msg.data).portal
-            known = self._prepared.get(self._portal_statements.get(portal, "\0"))
-            sql = known.sql if known is not None else f"<Execute of portal {portal!r}>"
+            sql = self._portal_text(messages.decode_execute(msg.data).portal)
         statement = _Statement(sql=sql, decision=_PATH_UNKNOWN, verdict="block")
         if msg.type == messages.QUERY:
             self._syncs_sent += 1
@@ -1354,12 +1346,8 @@ class Session:
         execute = messages.decode_execute(msg.data)
         if not execute.max_rows or execute.portal not in self._write_portals:
             return None
-        name = self._portal_statements.get(execute.portal)
-        known = self._prepared.get(name) if name is not None else None
         statement = _Statement(
-            sql=known.sql if known is not None else f"<Execute of portal {execute.portal!r}>",
-            decision=_PARTIAL_WRITE,
-            verdict="block",
+            sql=self._portal_text(execute.portal), decision=_PARTIAL_WRITE, verdict="block"
         )
         return self._refuse_in_batch(statement, now)
 
@@ -2361,6 +2349,20 @@ def _option_text(settings: list[tuple[str, str]]) -> str:
         return "".join("\\" + c if c.isspace() or c == "\\" else c for c in text)
 
     return " ".join(f"-c {escaped(name)}={escaped(value)}" for name, value in settings)
+
+
+def _changes_path(info: Any, *, volatile: bool, schemas: bool) -> bool:
+    """A statement (one of a decision's infos) may change how names resolve: search_path itself
+    (SET, RESET, RESET ALL, DISCARD ALL, set_config); with ``schemas``, which schemas exist or
+    may be used (DDL, DCL); with ``volatile`` (a block changed search_path), the end of the block,
+    which may undo it."""
+    settings = getattr(info, "settings", ())
+    cls, fine = getattr(info, "cls", ""), getattr(info, "fine", "")
+    if "search_path" in settings or "*" in settings or fine == "discard":
+        return True
+    if schemas and cls in ("ddl", "dcl"):
+        return True
+    return volatile and cls == "tcl" and fine not in ("begin", "savepoint", "set-constraints")
 
 
 def _quote_ident(name: str) -> str:
