@@ -22,9 +22,7 @@ from dbgov_policy import analyze, classes, engine
 from dbgov_policy import compile as policy_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-CORPUS = pathlib.Path(
-    os.environ.get("DBGOV_REGRESS_SQL", ROOT / "tests" / "data" / "postgres_regress")
-)
+CORPUS = pathlib.Path(os.environ.get("DBGOV_REGRESS_SQL", ROOT / "tests" / "data" / "postgres_regress"))
 ALLOW_ALL = policy_compile.compile_policy({"default": "allow"})
 REFUSALS = {"parse-error", "guardrail:", "default"}
 
