@@ -2703,6 +2703,23 @@ FUNCTIONS: frozenset[str] = frozenset(
 )
 """Every function name in pg_catalog."""
 
+INFORMATION_SCHEMA_FUNCTIONS: frozenset[str] = frozenset(
+    (
+        "_pg_char_max_length",
+        "_pg_char_octet_length",
+        "_pg_datetime_precision",
+        "_pg_expandarray",
+        "_pg_index_position",
+        "_pg_interval_type",
+        "_pg_numeric_precision",
+        "_pg_numeric_precision_radix",
+        "_pg_numeric_scale",
+        "_pg_truetypid",
+        "_pg_truetypmod",
+    )
+)
+"""Every function name in information_schema (SQL helpers of its views; they only read)."""
+
 OPERATORS: frozenset[str] = frozenset(
     (
         "!!",

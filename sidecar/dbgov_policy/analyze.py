@@ -658,7 +658,9 @@ class _Walker:
                 unit.shows_statements.append(f"{bare}()")
             if bare not in _pgcatalog.FUNCTIONS:
                 unit.user_functions.append(qualified)
-        else:
+        elif schema != "information_schema" or bare not in _pgcatalog.INFORMATION_SCHEMA_FUNCTIONS:
+            # information_schema's own helpers (pgjdbc's getPrimaryKeys calls _pg_expandarray) are
+            # SQL functions owned by the bootstrap superuser; they only read.
             unit.user_functions.append(qualified)
         self.fields("FuncCall", fields, unit, scope, role)
 

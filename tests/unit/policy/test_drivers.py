@@ -57,9 +57,25 @@ SESSION_CHATTER = [
         "AND pg_catalog.pg_table_is_visible(pg_catalog.pg_class.oid) AND pg_catalog.pg_namespace.nspname != 'pg_catalog'"
     ),
 ]
+# pgjdbc's DatabaseMetaData.getPrimaryKeys (42.7): information_schema's own helper function.
+PGJDBC_METADATA = [
+    "SELECT NULL AS TABLE_CAT, n.nspname AS TABLE_SCHEM,   ct.relname AS TABLE_NAME, a.attname AS COLUMN_NAME,"
+    "   (information_schema._pg_expandarray(i.indkey)).n AS KEY_SEQ, ci.relname AS PK_NAME,"
+    "   information_schema._pg_expandarray(i.indkey) AS KEYS, a.attnum AS A_ATTNUM "
+    "FROM pg_catalog.pg_class ct   JOIN pg_catalog.pg_attribute a ON (ct.oid = a.attrelid) "
+    "  JOIN pg_catalog.pg_namespace n ON (ct.relnamespace = n.oid) "
+    "  JOIN pg_catalog.pg_index i ON ( a.attrelid = i.indrelid) "
+    "  JOIN pg_catalog.pg_class ci ON (ci.oid = i.indexrelid) "
+    "WHERE true  AND ct.relname = E'customers' AND i.indisprimary ",
+    "SELECT tmp.TABLE_CAT, tmp.TABLE_SCHEM, tmp.TABLE_NAME, tmp.NON_UNIQUE FROM (SELECT NULL AS TABLE_CAT,"
+    " n.nspname AS TABLE_SCHEM, ct.relname AS TABLE_NAME, NOT i.indisunique AS NON_UNIQUE,"
+    " (information_schema._pg_expandarray(i.indkey)).n AS ORDINAL_POSITION "
+    "FROM pg_catalog.pg_class ct JOIN pg_catalog.pg_namespace n ON (ct.relnamespace = n.oid) "
+    "JOIN pg_catalog.pg_index i ON (ct.oid = i.indrelid)) AS tmp ORDER BY NON_UNIQUE",
+]
 
 
-@pytest.mark.parametrize("sql", ASYNCPG + SESSION_CHATTER)
+@pytest.mark.parametrize("sql", ASYNCPG + SESSION_CHATTER + PGJDBC_METADATA)
 def test_driver_statements_pass_a_read_policy(sql: str) -> None:
     d = engine.Engine(POLICY).decide(sql)
     assert d.verdict == "allow", d.reason
@@ -67,3 +83,11 @@ def test_driver_statements_pass_a_read_policy(sql: str) -> None:
 
 def test_asyncpg_has_introspection_queries_to_check() -> None:
     assert len(ASYNCPG) >= 3
+
+
+@pytest.mark.parametrize("schema", ["public", "shop", "pg_temp", "information_schema_x"])
+def test_only_information_schemas_own_helpers_are_known_to_read(schema: str) -> None:
+    """The same name in any other schema is a user function: it may write."""
+    d = engine.Engine(POLICY).decide(f"SELECT {schema}._pg_expandarray(i.indkey) FROM pg_catalog.pg_index i")
+    assert d.verdict == "block", d.reason
+    assert "_pg_expandarray, which may write" in d.reason
