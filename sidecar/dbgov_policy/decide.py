@@ -240,6 +240,8 @@ def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> 
                 rule=f"guardrails.allowedSettings.{setting.name}",
                 reason="value allowed by the policy",
             )
+        if setting.name == "search_path" and allowed is None and policy.default == "allow":
+            return _search_path_under_allow(setting.value)
         return _block(
             "guardrail:guarded-setting",
             f"changing {setting.name} alters how later SQL is read or resolved",
@@ -251,6 +253,36 @@ def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> 
             ),
         )
     return None
+
+
+def _search_path_under_allow(value: str) -> _Verdict:
+    """A session search_path under a policy whose default is allow (pgjdbc's currentSchema).
+
+    The proxy does not predict where names resolve: after the change it asks the server for the
+    effective path and judges later statements by it, so a schema choice cannot hide a table.
+    What the server's answer does not tell is which function or operator an unqualified name
+    means when pg_catalog is searched after another schema, so that order stays refused.
+    """
+    items = [item for item in names.normalize_setting_value(value).split(",") if value.strip()]
+    if value == "?" or "" in items:
+        return _block(
+            "guardrail:guarded-setting",
+            "dbgov cannot read the search_path this sets",
+            "Set search_path to a literal list of schema names.",
+        )
+    if "pg_catalog" in items and any(item != "pg_temp" for item in items[: items.index("pg_catalog")]):
+        return _block(
+            "guardrail:guarded-setting",
+            "a search_path that puts pg_catalog after another schema lets that schema's functions and "
+            "operators stand in for PostgreSQL's built-ins",
+            "Leave pg_catalog out of search_path (PostgreSQL searches it first), or put it first.",
+        )
+    return _Verdict(
+        verdict="allow",
+        rule="builtin:session-basics",
+        reason="search_path under a policy whose default is allow: dbgov reads the effective path "
+        "from the server after the change and resolves later names by it",
+    )
 
 
 def _off(value: str | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import struct
@@ -420,3 +421,33 @@ def test_an_error_quoting_a_marker_is_not_taken_for_a_refusal(dbgov: RunningProx
             conn.execute("SELECT %s::int", ["dbgov_refused_1"])
             conn.execute("DROP TABLE shop.orders")
         assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() is not None
+
+
+def _allow_all() -> object:
+    from dbgov_policy import compile as policy_compile
+    from dbgov_policy import engine
+    from dbgov_sidecar import policy_port
+
+    return policy_port.EnginePolicy(engine.Engine(policy_compile.compile_policy({"default": "allow"})))
+
+
+def test_a_startup_search_path_passes_under_default_allow(make_proxy: object) -> None:
+    """pgjdbc's currentSchema (and asyncpg's server_settings) send search_path in the startup
+    packet; under `default: allow` it passes, and names resolve where the server resolves them."""
+    import asyncpg
+
+    proxy = make_proxy(policy=_allow_all())  # type: ignore[operator]
+
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.url(), ssl=False, server_settings={"search_path": "shop"})
+        try:
+            assert await conn.fetchval("SHOW search_path") == "shop"
+            assert await conn.fetchval("SELECT count(*) FROM orders") == 200
+        finally:
+            await conn.close()
+        with pytest.raises(asyncpg.PostgresError, match="pg_catalog after another schema"):
+            await asyncpg.connect(proxy.url(), ssl=False, server_settings={"search_path": "shop, pg_catalog"})
+
+    asyncio.run(run())
+    reads = [e for e in proxy.events if e["type"] == "statement" and "orders" in e["statement"]]
+    assert [e["tables_read"] for e in reads] == [["shop.orders"]], reads
