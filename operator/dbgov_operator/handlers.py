@@ -14,7 +14,16 @@ from typing import Any, cast
 
 import kopf
 
-from dbgov_operator import annotations, conditions, injection, kubeapi, reconcile, runtime, webhook
+from dbgov_operator import (
+    annotations,
+    conditions,
+    credential_server,
+    injection,
+    kubeapi,
+    reconcile,
+    runtime,
+    webhook,
+)
 
 POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.POLICIES)
 POD_INJECTION_ID = "inject.pods.dbgov.io"
@@ -23,6 +32,7 @@ ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
 
 _rotation: asyncio.Task[None] | None = None
+_credentials: credential_server.CredentialServer | None = None
 
 
 @kopf.on.startup()
@@ -34,6 +44,7 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
         await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
     except webhook.CertificatePending as err:
         raise kopf.TemporaryError(f"waiting for the webhook certificate: {err}", delay=5) from err
+    await _start_credential_endpoint(config)
     settings.admission.server = webhook.server(config)
     settings.admission.managed = config.webhook.managed_name
     settings.persistence.finalizer = f"{annotations.PREFIX}/finalizer"
@@ -48,13 +59,36 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
     logger.info("dbgov operator started (webhook configurations: %s)", config.webhook.managed_name)
 
 
+async def _start_credential_endpoint(config: Any) -> None:
+    """The HTTPS endpoint sidecars present their token to (the webhook's certificate)."""
+    global _credentials  # noqa: PLW0603 -- the one credential endpoint of this process
+    if _credentials is not None:
+        return  # a startup retried after the endpoint started
+    # Minting plugs in here: pass issuer=<a credential_server.Issuer> (default: identity only).
+    server = credential_server.CredentialServer(config, client=runtime.client())
+    try:
+        await server.start()
+    except OSError as err:
+        raise kopf.TemporaryError(
+            f"cannot listen for the credential endpoint on {config.credentials.listen_addr}:"
+            f"{config.credentials.port} ({err.strerror or err}); free the port or set "
+            "DBGOV_CREDENTIAL_PORT",
+            delay=5,
+        ) from err
+    _credentials = server
+
+
 @kopf.on.cleanup()
 async def stop(**_: Any) -> None:
-    """Stop the rotation task this process started."""
+    """Stop the rotation task and the credential endpoint this process started."""
+    global _credentials  # noqa: PLW0603 -- the one credential endpoint of this process
     if _rotation is not None:
         _rotation.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await _rotation
+    if _credentials is not None:
+        await _credentials.stop()
+        _credentials = None
 
 
 @kopf.on.resume(*POLICY, backoff=RETRY_SECONDS)
@@ -110,7 +144,8 @@ def inject_pod(
         logger.debug("Not injecting: %s", decision.reason)
         return
     try:
-        result = injection.inject(pod, sidecar=config.sidecar)
+        endpoint = _credentials.endpoint if _credentials is not None else None
+        result = injection.inject(pod, sidecar=config.sidecar, endpoint=endpoint)
     except injection.InjectionRefused as err:
         raise kopf.AdmissionError(f"dbgov cannot inject this pod: {err}", code=400) from err
     replace_body(patch, result.pod)

@@ -67,6 +67,16 @@ class InjectionRefused(Exception):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialEndpoint:
+    """Where the sidecar presents its token, and the CA bundle it verifies that server with."""
+
+    url: str
+    """``https://.../v1/credentials`` of the operator's credential endpoint."""
+    ca_pem: str
+    """PEM CA bundle of the operator's serving certificate (the webhook's)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
     """Whether to inject a pod, and why (logged and reported in tests)."""
 
@@ -138,8 +148,16 @@ def decide(pod: Mapping[str, Any], *, namespace: str, config: settings.Settings)
     return Decision(inject=True, reason="enrolled")
 
 
-def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Injection:
-    """Return a copy of ``pod`` with the dbgov sidecar, its volumes, and the app re-pointed."""
+def inject(
+    pod: Mapping[str, Any],
+    *,
+    sidecar: settings.SidecarSettings,
+    endpoint: CredentialEndpoint | None = None,
+) -> Injection:
+    """Return a copy of ``pod`` with the dbgov sidecar, its volumes, and the app re-pointed.
+
+    With ``endpoint`` the sidecar presents its token there and refuses clients until the
+    operator has verified who it is (cluster mode)."""
     out: dict[str, Any] = copy.deepcopy(dict(pod))
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
@@ -151,7 +169,9 @@ def inject(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> Inje
     _check_ports(spec, overrides)
     apps = _repoint_apps(spec, overrides)
     mounts = _upstream_file_mounts(apps.files, volumes=spec.get("volumes") or [])
-    container = _sidecar_container(overrides=overrides, upstream=apps.upstream, sidecar=sidecar)
+    container = _sidecar_container(
+        overrides=overrides, upstream=apps.upstream, sidecar=sidecar, endpoint=endpoint
+    )
     container["volumeMounts"].extend(mounts)
     spec["initContainers"] = [container, *spec.get("initContainers", [])]
     spec["volumes"] = [
@@ -554,7 +574,11 @@ def _renamed(var: Mapping[str, Any], name: str) -> EnvVar:
 
 
 def _sidecar_container(
-    *, overrides: _Overrides, upstream: list[EnvVar], sidecar: settings.SidecarSettings
+    *,
+    overrides: _Overrides,
+    upstream: list[EnvVar],
+    sidecar: settings.SidecarSettings,
+    endpoint: CredentialEndpoint | None,
 ) -> Container:
     env: list[EnvVar] = [
         {"name": "DBGOV_LISTEN", "value": f"{LOOPBACK}:{overrides.proxy_port}"},
@@ -566,10 +590,13 @@ def _sidecar_container(
         {"name": "DBGOV_TOKEN_AUDIENCE", "value": sidecar.token_audience},
         _field_env("DBGOV_POD_NAME", "metadata.name"),
         _field_env("DBGOV_POD_NAMESPACE", "metadata.namespace"),
+        _field_env("DBGOV_POD_UID", "metadata.uid"),
         _field_env("DBGOV_SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ]
     if overrides.database is not None:
         env.append({"name": "DBGOV_DATABASE", "value": overrides.database})
+    if endpoint is not None:
+        env.extend(_endpoint_env(endpoint))
     return {
         "name": SIDECAR_NAME,
         "image": overrides.image,
@@ -596,6 +623,15 @@ def _sidecar_container(
             {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
         ],
     }
+
+
+def _endpoint_env(endpoint: CredentialEndpoint) -> list[EnvVar]:
+    """The credential endpoint and its CA for the sidecar. The CA travels in the pod spec: the
+    operator's namespace is not the pod's, and a CA bundle is public."""
+    return [
+        {"name": "DBGOV_CREDENTIAL_URL", "value": endpoint.url},
+        {"name": "DBGOV_CREDENTIAL_CA", "value": endpoint.ca_pem},
+    ]
 
 
 def _policy_file(database: str | None) -> str:

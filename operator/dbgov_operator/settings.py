@@ -74,6 +74,29 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialSettings:
+    """The credential endpoint sidecars present their projected token to (HTTPS, the webhook's
+    serving certificate)."""
+
+    listen_addr: str = "0.0.0.0"
+    """Address the HTTPS credential endpoint binds to (unset: the webhook's listen address)."""
+    port: int = 0
+    """Port the credential endpoint binds to (the chart sets 9444). 0 binds any free port and
+    tells sidecars the one bound (an operator outside a cluster, reached by URL); behind the
+    webhook Service, 0 means :attr:`service_port`."""
+    service_port: int = 9444
+    """Port of the webhook Service that routes to the credential endpoint."""
+    max_body_bytes: int = 4096
+    """Largest request body accepted; the token travels in the header, the body is optional."""
+    rate_per_second: float = 5.0
+    """Requests per second one client address may make on average (a token bucket)."""
+    burst: int = 20
+    """Requests one client address may make at once before the rate applies."""
+    max_concurrent_reviews: int = 16
+    """TokenReviews in flight at once; more requests wait their turn."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """All operator settings."""
 
@@ -92,6 +115,8 @@ class Settings:
     """Injection settings."""
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     """Webhook server settings."""
+    credentials: CredentialSettings = field(default_factory=CredentialSettings)
+    """Credential endpoint settings."""
 
 
 def from_env(env: Mapping[str, str]) -> Settings:
@@ -130,6 +155,20 @@ def from_env(env: Mapping[str, str]) -> Settings:
         ),
     )
     system = env.get("DBGOV_SYSTEM_NAMESPACES")
+    cred = CredentialSettings()
+    service_port = int(env.get("DBGOV_CREDENTIAL_SERVICE_PORT", cred.service_port))
+    credentials = CredentialSettings(
+        listen_addr=env.get("DBGOV_CREDENTIAL_LISTEN_ADDR", webhook.listen_addr),
+        port=int(env.get("DBGOV_CREDENTIAL_PORT", cred.port))
+        or (service_port if webhook.service_name else 0),
+        service_port=service_port,
+        max_body_bytes=int(env.get("DBGOV_CREDENTIAL_MAX_BODY_BYTES", cred.max_body_bytes)),
+        rate_per_second=float(env.get("DBGOV_CREDENTIAL_RATE_PER_SECOND", cred.rate_per_second)),
+        burst=int(env.get("DBGOV_CREDENTIAL_BURST", cred.burst)),
+        max_concurrent_reviews=int(
+            env.get("DBGOV_CREDENTIAL_MAX_CONCURRENT_REVIEWS", cred.max_concurrent_reviews)
+        ),
+    )
     return Settings(
         namespace=env.get("DBGOV_NAMESPACE", Settings().namespace),
         system_namespaces=(
@@ -142,6 +181,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         log_level=env.get("DBGOV_LOG_LEVEL", Settings().log_level),
         sidecar=sidecar,
         webhook=webhook,
+        credentials=credentials,
     )
 
 
