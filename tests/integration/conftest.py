@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -19,7 +20,12 @@ import pytest
 import uvloop
 
 import pg
+import traffic
 from dbgov_sidecar import audit, metrics, policy_port, proxy, session
+
+CAPTURE_TRAFFIC = os.environ.get("DBGOV_CAPTURE_TRAFFIC", "")
+"""A directory: every statement a client sends through a test proxy is appended there (see
+tests/traffic.py, which refreshes the client-traffic corpus from it)."""
 
 
 class RulesPolicy:
@@ -100,7 +106,10 @@ class RunningProxy:
         self.port = self.proxy.port
 
     def _sink(self, text: str) -> bool:
-        self._events.extend(json.loads(line) for line in text.splitlines())
+        events = [json.loads(line) for line in text.splitlines()]
+        self._events.extend(events)
+        if CAPTURE_TRAFFIC:
+            traffic.capture(events, into=CAPTURE_TRAFFIC)
         return True
 
     @property
