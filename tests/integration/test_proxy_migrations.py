@@ -70,12 +70,12 @@ def allowing_ddl() -> policy_port.EnginePolicy:
     return _rules(mode="enforce", block_ddl=False, masks=[])
 
 
-def masking() -> policy_port.EnginePolicy:
-    """What the application runs under once migrated: DDL allowed, authors.email masked."""
+def masking(table: str) -> policy_port.EnginePolicy:
+    """What the application runs under once migrated: DDL allowed, ``table``.email masked."""
     return _rules(
         mode="enforce",
         block_ddl=False,
-        masks=[{"table": "public.authors", "column": "email", "strategy": "email"}],
+        masks=[{"table": f"public.{table}", "column": "email", "strategy": "email"}],
     )
 
 
@@ -331,7 +331,7 @@ def test_alembic_cycle_through_enforce_is_as_direct(
     judged = [e["statement"] for e in proxy.events if e.get("rule") == "migrations"]
     assert any("CREATE OR REPLACE FUNCTION set_updated_at()" in s for s in judged)
     # The application, under its own policy: email masked, and the trigger keeps updated_at.
-    reader = make_proxy(policy=masking())
+    reader = make_proxy(policy=masking("authors"))
     engine = _engine_for(proxy_url(reader, through))
     try:
         with engine.begin() as conn:
@@ -422,3 +422,279 @@ def test_alembic_blocked_ddl_fails_the_migration_and_rolls_it_back(
         assert before[DATA[0]] == [("0002",)] and before["SELECT count(*) FROM authors"] == [(0,)]
     refused = [e for e in proxy.events if e.get("enforced") == "block"]
     assert [e["rule"] for e in refused] == ["no-ddl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Django (its app: tests/integration/django_app, psycopg 3 backend)
+
+DJANGO_DATA = (
+    "SELECT app, name FROM django_migrations ORDER BY id",
+    "SELECT count(*) FROM django_app_author",
+)
+
+
+@pytest.fixture(scope="module")
+def django_db() -> Callable[..., Any]:
+    """Django, configured in this process once; the returned function points its `default`
+    database at a port and database name (closing the old connection)."""
+    import django
+    from django.conf import settings
+    from django.db import connections
+
+    if not settings.configured:
+        settings.configure(
+            DATABASES={
+                "default": {
+                    "ENGINE": "django.db.backends.postgresql",
+                    "NAME": "postgres",
+                    "USER": "app",
+                    "HOST": "127.0.0.1",
+                    "OPTIONS": {"sslmode": "disable"},
+                }
+            },
+            INSTALLED_APPS=["django_app"],
+            USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+        )
+        django.setup()
+
+    def use(*, port: int, dbname: str, password: str = "") -> Any:
+        conn = connections["default"]
+        conn.close()
+        conn.settings_dict.update({"PORT": str(port), "NAME": dbname, "PASSWORD": password})
+        return conn
+
+    return use
+
+
+def migrate(*args: str) -> None:
+    from django.core.management import call_command
+
+    call_command("migrate", "django_app", *args, verbosity=0, interactive=False)
+
+
+def _django_both(
+    django_db: Callable[..., Any],
+    *,
+    proxy: RunningProxy,
+    server: pg.PgServer,
+    through: str,
+    direct: str,
+    step: Callable[[], None],
+) -> None:
+    """``step`` through the proxy into ``through``, then directly into ``direct``."""
+    django_db(port=proxy.port, dbname=through)
+    try:
+        step()
+    finally:
+        django_db(port=server.port, dbname=direct, password=pg.APP_PASSWORD)
+    try:
+        step()
+    finally:
+        django_db(port=server.port, dbname="postgres").close()
+
+
+def _migrate_cycle() -> None:
+    migrate()
+    migrate("zero")
+    migrate()
+
+
+def test_django_migrate_through_enforce_is_as_direct(
+    make_proxy: Callable[..., RunningProxy],
+    pg_server: pg.PgServer,
+    databases: Callable[[str], str],
+    django_db: Callable[..., Any],
+) -> None:
+    through, direct = databases("django_proxy"), databases("django_direct")
+    proxy = make_proxy(policy=allowing_ddl())
+    _django_both(
+        django_db, proxy=proxy, server=pg_server, through=through, direct=direct, step=_migrate_cycle
+    )
+    got, want = dump(pg_server, through, data=DJANGO_DATA), dump(pg_server, direct, data=DJANGO_DATA)
+    assert got == want
+    assert [name for _, name in want[DJANGO_DATA[0]]] == ["0001_initial", "0002_updated_at"]
+    assert [name for name, *_ in want["functions"]] == ["django_app_set_updated_at"]
+    assert [t[1] for t in want["triggers"]] == ["book_updated_at"]
+    assert not [e for e in proxy.events if e.get("decision") != "allow" and e.get("type") == "statement"]
+    judged = " ".join(str(e.get("statement")) for e in proxy.events if e.get("rule") == "migrations")
+    assert 'CREATE TABLE "django_app_author"' in judged and "CREATE TRIGGER book_updated_at" in judged
+
+
+def test_django_migrate_under_dry_run_is_as_direct_and_audits_would_be_refusals(
+    make_proxy: Callable[..., RunningProxy],
+    pg_server: pg.PgServer,
+    databases: Callable[[str], str],
+    django_db: Callable[..., Any],
+) -> None:
+    through, direct = databases("django_dry"), databases("django_direct")
+    proxy = make_proxy(policy=blocking_ddl("dry-run"))
+    _django_both(
+        django_db, proxy=proxy, server=pg_server, through=through, direct=direct, step=_migrate_cycle
+    )
+    assert dump(pg_server, through, data=DJANGO_DATA) == dump(pg_server, direct, data=DJANGO_DATA)
+    would = [e for e in proxy.events if e.get("rule") == "no-ddl"]
+    assert would and all((e["decision"], e["enforced"]) == ("block", "allow") for e in would)
+    judged = " ".join(str(e.get("statement")) for e in would)
+    for ddl in (
+        'CREATE TABLE "django_migrations"',
+        'CREATE TABLE "django_app_book"',
+        "CREATE OR REPLACE FUNCTION django_app_set_updated_at()",
+        "CREATE TRIGGER book_updated_at",
+        "ALTER TABLE django_app_book ADD CONSTRAINT book_pages_positive",
+        "DROP FUNCTION django_app_set_updated_at()",
+        'DROP TABLE "django_app_author"',
+    ):
+        assert ddl in judged, ddl
+    assert not [e for e in proxy.events if e.get("enforced") == "block"]
+
+
+def test_django_migrate_with_ddl_blocked_fails_and_leaves_the_database_as_it_was(
+    make_proxy: Callable[..., RunningProxy],
+    pg_server: pg.PgServer,
+    databases: Callable[[str], str],
+    django_db: Callable[..., Any],
+) -> None:
+    from django.db import utils
+    from django_app.models import Author
+
+    db = databases("django_blocked")
+    django_db(port=pg_server.port, dbname=db, password=pg.APP_PASSWORD)
+    migrate("0001")
+    before = dump(pg_server, db, data=DJANGO_DATA)
+    proxy = make_proxy(policy=blocking_ddl("enforce"))
+    django_db(port=proxy.port, dbname=db)
+    try:
+        with pytest.raises(utils.ProgrammingError) as info:
+            migrate()
+        cause = info.value.__cause__
+        assert isinstance(cause, psycopg.errors.InsufficientPrivilege)
+        assert cause.diag.sqlstate == "42501"
+        assert (cause.diag.message_primary or "").startswith(f'{REFUSED} rule "no-ddl"')
+        assert Author.objects.count() == 0  # the same connection goes on
+    finally:
+        django_db(port=pg_server.port, dbname="postgres").close()
+    after = dump(pg_server, db, data=DJANGO_DATA)
+    assert after == before
+    assert [name for _, name in after[DJANGO_DATA[0]]] == ["0001_initial"] and after["functions"] == []
+    refused = [e for e in proxy.events if e.get("enforced") == "block"]
+    assert [e["rule"] for e in refused] == ["no-ddl"]
+    assert "CREATE OR REPLACE FUNCTION django_app_set_updated_at()" in refused[0]["statement"]
+
+
+def _seed_authors(server: pg.PgServer, dbname: str) -> None:
+    """The authors, written directly: ORM writes to the masked table are another test's."""
+    with psycopg.connect(_direct_dsn(server, dbname), autocommit=True) as conn:
+        for i, name, email in AUTHORS:
+            conn.execute(
+                "INSERT INTO django_app_author (id, name, email, updated_at) VALUES (%s, %s, %s, now())",
+                [i, name, email],
+            )
+
+
+def _orm_scenario() -> dict[str, Any]:
+    """Create, filter, update and delete through the ORM (books), and read the authors (whose
+    email the proxy masks); what it read back."""
+    from django.db import transaction
+    from django_app.models import Author, Book
+
+    ada, grace = Author.objects.get(pk=1), Author.objects.get(name="Grace")
+    Book.objects.create(author=ada, title="Notes", pages=10)
+    Book.objects.bulk_create(
+        [Book(author=grace, title="COBOL", pages=1), Book(author=grace, title="Compilers", pages=2)]
+    )
+    out: dict[str, Any] = {"emails": [ada.email, grace.email]}
+    out["filtered"] = list(
+        Book.objects.filter(author__name="Grace", pages__gte=1)
+        .order_by("title")
+        .values_list("title", flat=True)
+    )
+    out["by_email_domain"] = list(
+        Book.objects.filter(author__email__endswith="example.org")
+        .order_by("id")
+        .values_list("title", flat=True)
+    )
+    out["updated"] = Book.objects.filter(title="COBOL").update(pages=300)
+    book = Book.objects.get(title="Notes")
+    before = book.updated_at
+    book.pages = 11
+    book.save()
+    book.refresh_from_db()
+    out["trigger_fired"] = book.updated_at > before
+    with transaction.atomic():
+        Book.objects.create(author=ada, title="Draft", pages=1)
+        transaction.set_rollback(True)
+    out["deleted"] = Book.objects.filter(pages__lt=5).delete()[0]
+    out["books"] = list(Book.objects.order_by("id").values_list("id", "title", "pages", "author__email"))
+    out["authors"] = [(a.id, a.name, a.email) for a in Author.objects.order_by("id")]
+    return out
+
+
+def test_django_orm_through_masking_policy_is_as_direct_but_masked(
+    make_proxy: Callable[..., RunningProxy],
+    pg_server: pg.PgServer,
+    databases: Callable[[str], str],
+    django_db: Callable[..., Any],
+) -> None:
+    through, direct = databases("django_orm_proxy"), databases("django_orm_direct")
+    for db in (through, direct):
+        django_db(port=pg_server.port, dbname=db, password=pg.APP_PASSWORD)
+        migrate()
+        _seed_authors(pg_server, db)
+    proxy = make_proxy(policy=masking("django_app_author"))
+    results: list[dict[str, Any]] = []
+    _django_both(
+        django_db,
+        proxy=proxy,
+        server=pg_server,
+        through=through,
+        direct=direct,
+        step=lambda: results.append(_orm_scenario()),
+    )
+    got, want = results
+    assert want["filtered"] == ["COBOL", "Compilers"] and want["updated"] == 1
+    assert want["trigger_fired"] is True and want["deleted"] == 1
+    assert want["authors"] == list(AUTHORS)
+    masked = {e: _masked(e) for _, _, e in AUTHORS}
+    # A filter on the masked column filters the masked values, as everything that reads it.
+    assert want["by_email_domain"] == got["by_email_domain"] == ["COBOL", "Compilers"]
+    assert got == {
+        **want,
+        "emails": [masked[e] for e in want["emails"]],
+        "books": [(i, t, p, masked[e]) for i, t, p, e in want["books"]],
+        "authors": [(i, n, masked[e]) for i, n, e in want["authors"]],
+    }
+    assert any(e.get("masked_columns") == ["public.django_app_author.email"] for e in proxy.events)
+
+
+def test_django_save_of_a_masked_row_is_refused_and_the_connection_goes_on(
+    make_proxy: Callable[..., RunningProxy],
+    pg_server: pg.PgServer,
+    databases: Callable[[str], str],
+    django_db: Callable[..., Any],
+) -> None:
+    """`save()` writes every column back, the masked email (as read, masked) included: refused,
+    so masked values never overwrite real ones."""
+    from django.db import transaction, utils
+    from django_app.models import Author
+
+    db = databases("django_save")
+    django_db(port=pg_server.port, dbname=db, password=pg.APP_PASSWORD)
+    migrate()
+    _seed_authors(pg_server, db)
+    proxy = make_proxy(policy=masking("django_app_author"))
+    django_db(port=proxy.port, dbname=db)
+    try:
+        ada = Author.objects.get(pk=1)
+        ada.name = "Augusta Ada"
+        with pytest.raises(utils.ProgrammingError) as info, transaction.atomic():
+            ada.save()
+        cause = info.value.__cause__
+        assert isinstance(cause, psycopg.errors.InsufficientPrivilege)
+        assert (cause.diag.message_primary or "").startswith(f'{REFUSED} rule "guardrail:mask-unprovable"')
+        assert Author.objects.get(pk=1).name == "Ada"
+    finally:
+        django_db(port=pg_server.port, dbname="postgres").close()
+    assert dump(pg_server, db, data=("SELECT id, name, email FROM django_app_author ORDER BY id",))[
+        "SELECT id, name, email FROM django_app_author ORDER BY id"
+    ] == list(AUTHORS)
