@@ -1,7 +1,10 @@
 """Prometheus metrics derived from audit events, served with /healthz and /readyz.
 
 Every statement already produces an event with its class, decision, duration and rows, so the
-counters are updated from the same events the audit log gets: one source of truth.
+counters are updated from the same events the audit log gets: one source of truth. Counting is
+plain integer arithmetic on the statement path; prometheus-client (a custom collector over those
+tallies, beside its process and Python collectors) turns them into the exposition text only when
+/metrics is scraped.
 """
 
 from __future__ import annotations
@@ -9,15 +12,34 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import prometheus_client
+from prometheus_client import (
+    exposition,
+    gc_collector,
+    metrics_core,
+    platform_collector,
+    process_collector,
+)
+from prometheus_client import registry as prometheus_registry
 
 from dbgov_sidecar import audit
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+#: What the values ``Metrics.gauges`` reads at scrape time mean (``dbgov proxy`` registers them).
+READ_OUT_HELP = {
+    "dbgov_upstream_errors_total": "Connections to the upstream database that failed.",
+    "dbgov_policy_reloads_total": "Policy file reloads that took effect.",
+    "dbgov_policy_reload_failures_total": "Policy file reloads refused (the previous policy stays).",
+    "dbgov_audit_dropped_total": "Audit lines the sink did not take (written nowhere).",
+}
+
+
 class Metrics:
-    """Counters and a latency histogram in Prometheus text format."""
+    """Counters and a latency histogram, read out by ``Collector``."""
 
     def __init__(self) -> None:
         self.statements: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -32,8 +54,10 @@ class Metrics:
         self.lane_statements = 0
         """Statements the compiled lane handled (counted in the rest as any other)."""
         self.producers: list[Callable[[], None]] = []
-        """Called first by ``render``: whoever counts in batches (the compiled lanes) catches up."""
+        """Called first by ``Collector.collect``: whoever counts in batches (the compiled lanes)
+        catches up."""
         self.gauges: dict[str, Callable[[], float]] = {}
+        """Values kept elsewhere, read at scrape time; a name ending in ``_total`` is a counter."""
 
     def observe(self, event: audit.Event) -> None:
         """Count one audit event."""
@@ -71,39 +95,96 @@ class Metrics:
             self.latency_count += 1
 
     def render(self) -> str:
-        """The exposition text."""
-        for produce in self.producers:
+        """dbgov's own families in the exposition format, without the process and Python ones
+        (which change between two reads): what tests compare. /metrics serves ``registry``."""
+        own = prometheus_registry.CollectorRegistry()
+        own.register(Collector(self))
+        return exposition.generate_latest(own).decode()
+
+
+class Collector(prometheus_registry.Collector):
+    """Reads a ``Metrics``'s tallies at scrape time: the statement path only adds to plain
+    integers, and prometheus-client builds the families (names, escaping, cumulative buckets)
+    only when Prometheus asks."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[metrics_core.Metric]:
+        m = self.metrics
+        for produce in m.producers:  # the compiled lanes add what they counted in batches
             produce()
-        lines = [
-            "# TYPE dbgov_statements_total counter",
-            *(
-                f'dbgov_statements_total{{class="{c}",decision="{d}"}} {n}'
-                for (c, d), n in sorted(self.statements.items())
-            ),
-            "# TYPE dbgov_refusals_total counter",
-            *(f'dbgov_refusals_total{{rule="{r}"}} {n}' for r, n in sorted(self.refusals.items())),
-            "# TYPE dbgov_masked_columns_total counter",
-            f"dbgov_masked_columns_total {self.masked_columns}",
-            "# TYPE dbgov_proxy_masked_columns_total counter",
-            f"dbgov_proxy_masked_columns_total {self.proxy_masked}",
-            "# TYPE dbgov_lane_statements_total counter",
-            f"dbgov_lane_statements_total {self.lane_statements}",
-            "# TYPE dbgov_sessions_active gauge",
-            f"dbgov_sessions_active {self.sessions_active}",
-            "# TYPE dbgov_sessions_total counter",
-            f"dbgov_sessions_total {self.sessions_total}",
-            "# TYPE dbgov_statement_duration_seconds histogram",
-        ]
+        statements = metrics_core.CounterMetricFamily(
+            "dbgov_statements",
+            "Statements judged, by their first statement class and the decision enforced.",
+            labels=("class", "decision"),
+        )
+        for (cls, decision), n in sorted(m.statements.items()):
+            statements.add_metric((cls, decision), n)
+        yield statements
+        refusals = metrics_core.CounterMetricFamily(
+            "dbgov_refusals", "Statements refused or held, by the rule that decided.", labels=("rule",)
+        )
+        for rule, n in sorted(m.refusals.items()):
+            refusals.add_metric((rule,), n)
+        yield refusals
+        yield metrics_core.CounterMetricFamily(
+            "dbgov_masked_columns", "Output columns masked by the policy's rewrite.", value=m.masked_columns
+        )
+        yield metrics_core.CounterMetricFamily(
+            "dbgov_proxy_masked_columns",
+            "Masked columns whose values arrived unmasked and were masked by the proxy.",
+            value=m.proxy_masked,
+        )
+        yield metrics_core.CounterMetricFamily(
+            "dbgov_lane_statements",
+            "Statements the compiled lane handled (counted in dbgov_statements_total too).",
+            value=m.lane_statements,
+        )
+        yield metrics_core.GaugeMetricFamily(
+            "dbgov_sessions_active", "Client sessions open now.", value=m.sessions_active
+        )
+        yield metrics_core.CounterMetricFamily(
+            "dbgov_sessions", "Client sessions started.", value=m.sessions_total
+        )
+        yield self._latency()
+        for name, read in sorted(m.gauges.items()):
+            yield _read_out(name, read())
+
+    def _latency(self) -> metrics_core.HistogramMetricFamily:
+        m = self.metrics
+        buckets: list[tuple[str, float]] = []
         cumulative = 0
-        for bound, count in zip((*BUCKETS, "+Inf"), self.latency, strict=True):
+        for bound, count in zip((*(repr(b) for b in BUCKETS), "+Inf"), m.latency, strict=True):
             cumulative += count
-            lines.append(f'dbgov_statement_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f"dbgov_statement_duration_seconds_sum {self.latency_sum}")
-        lines.append(f"dbgov_statement_duration_seconds_count {self.latency_count}")
-        for name, read in sorted(self.gauges.items()):
-            lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {read()}")
-        return "\n".join(lines) + "\n"
+            buckets.append((bound, cumulative))
+        return metrics_core.HistogramMetricFamily(
+            "dbgov_statement_duration_seconds",
+            "Time from a statement's arrival to its last reply, as audited.",
+            buckets=buckets,
+            sum_value=m.latency_sum,
+        )
+
+
+def _read_out(name: str, value: float) -> metrics_core.Metric:
+    """One value read from elsewhere at scrape time: a name ending in ``_total`` only ever
+    grows (upstream errors, reloads, dropped audit lines), so it is a counter."""
+    help_text = READ_OUT_HELP.get(name, f"{name}, read at scrape time.")
+    if name.endswith("_total"):
+        return metrics_core.CounterMetricFamily(name, help_text, value=value)
+    return metrics_core.GaugeMetricFamily(name, help_text, value=value)
+
+
+def registry(metrics: Metrics) -> prometheus_registry.CollectorRegistry:
+    """What /metrics serves: dbgov's families, and the process and Python ones (CPU, memory,
+    open file descriptors, garbage collection, interpreter version) a Prometheus user expects,
+    in a registry of their own (prometheus-client's global one is for the whole interpreter)."""
+    served = prometheus_registry.CollectorRegistry()
+    served.register(Collector(metrics))
+    process_collector.ProcessCollector(registry=served)
+    platform_collector.PlatformCollector(registry=served)
+    gc_collector.GCCollector(registry=served)
+    return served
 
 
 async def serve(
@@ -115,26 +196,30 @@ async def serve(
     the kubelet's startup and readiness probes read it.
     """
 
+    served = registry(metrics)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = request.split(b" ", 2)[1].decode(errors="replace") if b" " in request else ""
+            content_type = "text/plain; charset=utf-8"
             if path == "/metrics":
-                status, body = "200 OK", metrics.render()
+                # On the loop, not in a thread: the lanes' producers touch session state.
+                status, payload = "200 OK", exposition.generate_latest(served)
+                content_type = prometheus_client.CONTENT_TYPE_LATEST
             elif path == "/healthz":
-                status, body = "200 OK", "ok\n"
+                status, payload = "200 OK", b"ok\n"
             elif path == "/readyz":
                 reason = unready()
-                status, body = (
-                    ("200 OK", "ready\n")
+                status, payload = (
+                    ("200 OK", b"ready\n")
                     if reason is None
-                    else ("503 Service Unavailable", f"not ready: {reason}\n")
+                    else ("503 Service Unavailable", f"not ready: {reason}\n".encode())
                 )
             else:
-                status, body = "404 Not Found", "not found\n"
-            payload = body.encode()
+                status, payload = "404 Not Found", b"not found\n"
             writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )
