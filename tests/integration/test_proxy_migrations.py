@@ -13,6 +13,7 @@ the rule, and PostgreSQL's transactional DDL leaves `alembic_version` and the da
 from __future__ import annotations
 
 import contextlib
+import functools
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -458,10 +459,11 @@ def django_db() -> Callable[..., Any]:
         )
         django.setup()
 
-    def use(*, port: int, dbname: str, password: str = "") -> Any:
+    def use(*, port: int, dbname: str, password: str = "", server_side_binding: bool = False) -> Any:
         conn = connections["default"]
         conn.close()
         conn.settings_dict.update({"PORT": str(port), "NAME": dbname, "PASSWORD": password})
+        conn.settings_dict["OPTIONS"]["server_side_binding"] = server_side_binding
         return conn
 
     return use
@@ -630,12 +632,16 @@ def _orm_scenario() -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("binding", ["client", "server"])
 def test_django_orm_through_masking_policy_is_as_direct_but_masked(
     make_proxy: Callable[..., RunningProxy],
     pg_server: pg.PgServer,
     databases: Callable[[str], str],
     django_db: Callable[..., Any],
+    binding: str,
 ) -> None:
+    """psycopg's client-side binding (simple queries with literals, Django's default) and
+    server-side binding (`$1` parameters in the extended protocol)."""
     through, direct = databases("django_orm_proxy"), databases("django_orm_direct")
     for db in (through, direct):
         django_db(port=pg_server.port, dbname=db, password=pg.APP_PASSWORD)
@@ -643,8 +649,9 @@ def test_django_orm_through_masking_policy_is_as_direct_but_masked(
         _seed_authors(pg_server, db)
     proxy = make_proxy(policy=masking("django_app_author"))
     results: list[dict[str, Any]] = []
+    server_side = binding == "server"
     _django_both(
-        django_db,
+        functools.partial(django_db, server_side_binding=server_side),
         proxy=proxy,
         server=pg_server,
         through=through,
@@ -665,6 +672,8 @@ def test_django_orm_through_masking_policy_is_as_direct_but_masked(
         "authors": [(i, n, masked[e]) for i, n, e in want["authors"]],
     }
     assert any(e.get("masked_columns") == ["public.django_app_author.email"] for e in proxy.events)
+    placeholders = any("$1" in str(e.get("statement")) for e in proxy.events)
+    assert placeholders is server_side
 
 
 def test_django_save_of_a_masked_row_is_refused_and_the_connection_goes_on(
