@@ -66,6 +66,7 @@ STATEMENT_KEYS = (
     *("fingerprint", "classes", "tables_read", "tables_written", "decision", "rule", "reason"),
     *("masked_columns", "enforced", "rows_returned", "rows_affected", "duration_ms", "sqlstate"),
     *("session_id", "identity", "user", "application_name", "client_addr", "database"),
+    *("workload", "db_user"),
 )
 """The fields of a statement event, in the order they are written."""
 

@@ -67,6 +67,14 @@ class Settings:
     """Seconds a client has to finish its startup and authentication (DBGOV_AUTH_TIMEOUT)."""
     lane: bool = True
     """Run steady-state statements through the compiled lane when it is built (DBGOV_LANE)."""
+    token_file: str | None = None
+    """Projected ServiceAccount token presented to the operator; with DBGOV_CREDENTIAL_URL clients wait for a verified identity (DBGOV_TOKEN_FILE)."""
+    credential_url: str | None = None
+    """The operator's credential endpoint, https://.../v1/credentials (DBGOV_CREDENTIAL_URL)."""
+    credential_ca: str | None = None
+    """CA bundle (PEM text or path) the operator's certificate must verify against (DBGOV_CREDENTIAL_CA)."""
+    pod_uid: str | None = None
+    """This pod's uid; the operator's verified identity must name it (DBGOV_POD_UID)."""
 
 
 INT_FIELDS = frozenset(
@@ -220,6 +228,7 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
             max_message_size=settings.max_message_size,
             audit=True,
             redact_literals=settings.audit_redact_literals,
+            upstream_user=upstream.user,
         ),
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,

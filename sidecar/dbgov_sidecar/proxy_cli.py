@@ -11,12 +11,13 @@ import functools
 import logging
 import os
 import signal
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO, TypeVar
 
-from dbgov_sidecar import audit, config, metrics, policies, policy_port, proxy
+from dbgov_sidecar import audit, config, metrics, policies, policy_port, proxy, workload_identity
 
 log = logging.getLogger("dbgov.proxy")
 
@@ -187,6 +188,11 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
             started.callback(audit_log.flush)
             flusher = asyncio.create_task(_flush_audit(audit_log))
             started.push_async_callback(_cancelled, flusher)
+        identity = await _workload_identity(settings, started)
+        if identity is not None:
+            cfg = dataclasses.replace(
+                cfg, session=dataclasses.replace(cfg.session, workload=identity.audit_fields)
+            )
         counters = metrics.Metrics()
         audit_ok = None
         if audit_log is not None and audit_log.failure_policy == "fail-closed":
@@ -202,7 +208,9 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         try:
             if settings.metrics:
                 metrics_server = await _bind(
-                    _serve_metrics(settings.metrics, counters, lambda: _unready(stopping, holder, audit_log)),
+                    _serve_metrics(
+                        settings.metrics, counters, lambda: _unready(stopping, holder, audit_log, identity)
+                    ),
                     setting="metrics",
                     address=settings.metrics,
                     serves="serve /metrics, /healthz and /readyz",
@@ -216,6 +224,37 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         await _run_until_stopped(stopping, holder)
         log.info("dbgov proxy draining (up to %ss)", cfg.drain_timeout)
     return 0
+
+
+async def _workload_identity(
+    settings: config.Settings, started: contextlib.AsyncExitStack
+) -> workload_identity.WorkloadIdentity | None:
+    """Cluster mode (a token file and the operator's endpoint): present the token in the
+    background until the operator verifies it; sessions refuse clients until then."""
+    if not settings.token_file or not settings.credential_url:
+        if settings.token_file:
+            log.warning(
+                "DBGOV_TOKEN_FILE is set but DBGOV_CREDENTIAL_URL is not: no workload identity is "
+                "verified and audit events carry none (inject the pod with a current operator)"
+            )
+        return None
+    if not settings.credential_ca:
+        raise StartupError(
+            "DBGOV_CREDENTIAL_URL is set without DBGOV_CREDENTIAL_CA: the operator's certificate "
+            "cannot be verified; set DBGOV_CREDENTIAL_CA to its CA bundle (PEM text or a path)"
+        )
+    try:
+        identity = workload_identity.WorkloadIdentity(
+            url=settings.credential_url,
+            token_file=settings.token_file,
+            ca=settings.credential_ca,
+            pod_uid=settings.pod_uid or None,
+        )
+    except (OSError, ssl.SSLError, ValueError) as err:
+        raise StartupError(f"DBGOV_CREDENTIAL_CA is not a usable CA bundle ({err})") from err
+    task = asyncio.create_task(identity.run(), name="dbgov workload identity")
+    started.push_async_callback(_cancelled, task)
+    return identity
 
 
 async def _run_until_stopped(stopping: asyncio.Event, holder: policies.PolicyHolder) -> None:
@@ -269,11 +308,16 @@ async def _closed(server: asyncio.Server) -> None:
 
 
 def _unready(
-    stopping: asyncio.Event, holder: policies.PolicyHolder, audit_log: audit.AuditLog | None
+    stopping: asyncio.Event,
+    holder: policies.PolicyHolder,
+    audit_log: audit.AuditLog | None,
+    identity: workload_identity.WorkloadIdentity | None = None,
 ) -> str | None:
     """Why the proxy should get no traffic now (it would refuse it), or None when it is ready."""
     if stopping.is_set():
         return "shutting down"
+    if identity is not None and identity.current is None:
+        return f"workload identity not verified by the operator ({identity.reason}); clients are refused"
     if isinstance(holder.current, policy_port.RefuseAll):
         return f"no policy loaded ({holder.current.reason}); every statement would be refused"
     if audit_log is not None and audit_log.failure_policy == "fail-closed" and not audit_log.healthy:

@@ -137,6 +137,11 @@ class SessionConfig:
     """Produce audit events."""
     redact_literals: bool = False
     """Audit statement text with literals replaced by placeholders."""
+    upstream_user: str | None = None
+    """Role the proxy logs in upstream as (audited as ``db_user``)."""
+    workload: Callable[[], Mapping[str, str] | None] | None = None
+    """Cluster mode: the pod's identity as the operator verified it (audited as ``workload``);
+    while it returns None clients get FATAL 57P03, as from a server starting up."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -881,6 +886,13 @@ class Session:
     def _on_startup_message(self, packet: messages.StartupMessage) -> None:
         if self._over_capacity:
             self._fatal("53300", "sorry, too many clients already (dbgov max_connections)")
+            return
+        if self._config.workload is not None and self._config.workload() is None:
+            self._fatal(
+                "57P03",
+                "dbgov: the sidecar has not verified its workload identity with the operator yet; "
+                "retry shortly (the sidecar's log says why)",
+            )
             return
         params = dict(packet.params)
         if packet.protocol != framing.PROTOCOL_3:
@@ -2125,6 +2137,8 @@ class Session:
             "application_name": self.params.get("application_name"),
             "client_addr": self._client_info.address,
             "database": self._config.upstream_database or self.params.get("database"),
+            "workload": None if self._config.workload is None else self._config.workload(),
+            "db_user": self._config.upstream_user,
         }
 
     def _identity_segment(self) -> audit.Segment:

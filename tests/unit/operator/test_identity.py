@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from dbgov_operator import credential_server, identity, injection, settings
+from dbgov_sidecar import audit, policy_port, session, workload_identity
+from dbgov_sidecar.pgwire import messages
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata" / "identity"
 DATA = yaml.safe_load((TESTDATA / "reviews.yaml").read_text())
@@ -110,12 +112,16 @@ def test_credential_port_behind_a_service_defaults_to_the_service_port() -> None
     config = settings.from_env({"DBGOV_WEBHOOK_SERVICE": "dbgov-webhook"})
     assert (config.credentials.port, config.credentials.service_port) == (9444, 9444)
     assert settings.from_env({}).credentials.port == 0  # outside a cluster: any free port
-    assert settings.from_env({"DBGOV_WEBHOOK_LISTEN_ADDR": "127.0.0.1"}).credentials.listen_addr == "127.0.0.1"
+    assert (
+        settings.from_env({"DBGOV_WEBHOOK_LISTEN_ADDR": "127.0.0.1"}).credentials.listen_addr == "127.0.0.1"
+    )
 
 
 def test_injection_in_cluster_mode_golden() -> None:
     pod = yaml.safe_load((TESTDATA / "endpoint.pod.yaml").read_text())
-    endpoint = injection.CredentialEndpoint(url="https://dbgov-webhook.dbgov.svc:9444/v1/credentials", ca_pem=CA)
+    endpoint = injection.CredentialEndpoint(
+        url="https://dbgov-webhook.dbgov.svc:9444/v1/credentials", ca_pem=CA
+    )
     result = injection.inject(pod, sidecar=settings.SidecarSettings(), endpoint=endpoint).pod
     golden = TESTDATA / "endpoint.injected.yaml"
     if os.environ.get("DBGOV_UPDATE_GOLDEN") == "1":
@@ -130,3 +136,82 @@ def test_injection_in_cluster_mode_golden() -> None:
     without = injection.inject(pod, sidecar=settings.SidecarSettings()).pod
     names = {e["name"] for e in without["spec"]["initContainers"][0]["env"]}
     assert not names & {"DBGOV_CREDENTIAL_URL", "DBGOV_CREDENTIAL_CA"}
+
+
+# --- the sidecar's side of the same exchange -------------------------------------------------
+
+ANSWER = {
+    "identity": {"namespace": "shop", "serviceAccount": "orders", "pod": "o-1", "podUid": "u-1", "node": "n"},
+    "expiresAt": "2026-12-05T10:00:00Z",
+    "credentials": None,
+}
+
+
+def test_the_sidecar_reads_the_operators_answer() -> None:
+    verified = workload_identity.parse_answer(json.dumps(ANSWER).encode(), pod_uid="u-1")
+    assert verified.workload.audit_fields() == ANSWER["identity"]
+    assert verified.credentials is None
+    assert verified.expires_at == datetime.datetime(2026, 12, 5, 10, tzinfo=datetime.UTC)
+    minted = {
+        **ANSWER,
+        "credentials": {"user": "dbgov_o", "password": "s3cret", "validUntil": "2026-12-05T09:00:00Z"},
+    }
+    credentials = workload_identity.parse_answer(json.dumps(minted).encode()).credentials
+    assert credentials is not None and credentials.user == "dbgov_o" and "s3cret" not in repr(credentials)
+
+
+@pytest.mark.parametrize(
+    ("body", "pod_uid", "reason"),
+    [
+        (json.dumps(ANSWER).encode(), "other-uid", "the token is not this pod's"),
+        (b"not json", None, "not what dbgov expects"),
+        (json.dumps({"identity": {"pod": "x"}}).encode(), None, "not what dbgov expects"),
+    ],
+)
+def test_the_sidecar_refuses_an_answer_it_cannot_trust(body: bytes, pod_uid: str | None, reason: str) -> None:
+    with pytest.raises(workload_identity.Unverified, match=reason):
+        workload_identity.parse_answer(body, pod_uid=pod_uid)
+
+
+def test_an_error_answer_keeps_the_operators_code() -> None:
+    body = json.dumps({"error": {"code": "pod_terminating", "message": identity.REASONS["pod_terminating"]}})
+    err = workload_identity.refusal(403, body.encode())
+    assert err.code == "pod_terminating" and "pod_terminating" in err.reason
+    assert workload_identity.refusal(502, b"<html>").reason == "the operator answered HTTP 502"
+
+
+LOGIN_STATUS = [
+    messages.parameter_status("client_encoding", "UTF8"),
+    messages.parameter_status("standard_conforming_strings", "on"),
+]
+
+
+def _session(workload: Any) -> session.Session:
+    return session.Session(
+        policy=policy_port.AllowAll,
+        config=session.SessionConfig(workload=workload, upstream_user="app"),
+        client=session.ClientInfo(address="127.0.0.1:1", session_id="s1"),
+        backend_key=(1, 2),
+        nonce="NONCE",
+    )
+
+
+def test_an_unverified_sidecar_refuses_clients_with_57P03() -> None:
+    s = _session(lambda: None)
+    s.client_data(messages.startup_message({"user": "u", "database": "d"}), 0.0)
+    assert b"57P03" in bytes(s.to_client) and b"workload identity" in bytes(s.to_client)
+    assert not [a for a in s.actions if isinstance(a, session.ConnectUpstream)]
+
+
+def test_a_verified_sidecar_audits_its_workload_and_database_role() -> None:
+    s = _session(lambda: dict(ANSWER["identity"]))
+    s.client_data(messages.startup_message({"user": "u", "database": "d"}), 0.0)
+    assert [a for a in s.actions if isinstance(a, session.ConnectUpstream)]
+    s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
+    s.client_data(messages.query("SELECT 1"), 0.0)
+    s.server_data(messages.command_complete("SELECT 1") + messages.ready_for_query("I"), 0.0)
+    statements = [dict(e) for e in s.events if e["type"] == "statement"]
+    assert statements and all(
+        e["workload"] == ANSWER["identity"] and e["db_user"] == "app" for e in statements
+    )
+    assert [tuple(e) for e in statements] == [audit.STATEMENT_KEYS]
