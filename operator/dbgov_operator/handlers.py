@@ -9,6 +9,7 @@ import contextlib
 import copy
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -18,6 +19,8 @@ from dbgov_operator import (
     annotations,
     conditions,
     credential_server,
+    databases,
+    dbconn,
     injection,
     kubeapi,
     reconcile,
@@ -26,6 +29,11 @@ from dbgov_operator import (
 )
 
 POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.POLICIES)
+DATABASE = (kubeapi.GROUP, kubeapi.VERSION, "databases")
+DATABASE_TICK_SECONDS = 1.0
+"""How often the Database timer wakes; each Database is checked every
+``database_check_seconds`` (a setting), and at once when its spec changes."""
+_database_checked: dict[str, float] = {}
 POD_INJECTION_ID = "inject.pods.dbgov.io"
 POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
@@ -106,6 +114,58 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
     excluded = injection.excluded(namespace or "", config=runtime.current())
     if type in ("ADDED", "DELETED") and excluded is None:
         _reconcile(namespace, logger)
+
+
+@kopf.on.resume(*DATABASE, backoff=RETRY_SECONDS)
+@kopf.on.create(*DATABASE, backoff=RETRY_SECONDS)
+@kopf.on.update(*DATABASE, field="spec", backoff=RETRY_SECONDS)
+def database_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    """A new or changed Database: check at once that the operator can reach it and mint there."""
+    _check_database(body, patch, logger)
+
+
+@kopf.timer(*DATABASE, interval=DATABASE_TICK_SECONDS)
+def database_timer(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    """Check every Database again now and then: a password rotates, a server goes away."""
+    last = _database_checked.get(body.metadata.uid or "", 0.0)
+    if time.monotonic() - last >= runtime.current().database_check_seconds:
+        _check_database(body, patch, logger)
+
+
+@kopf.on.delete(*DATABASE, optional=True)
+def database_deleted(body: kopf.Body, **_: Any) -> None:
+    """Forget a deleted Database's last check (optional: no finalizer holds its deletion)."""
+    _database_checked.pop(body.metadata.uid or "", None)
+
+
+def _check_database(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+    _database_checked[body.metadata.uid or ""] = time.monotonic()
+    namespace, spec = body.metadata.namespace or "", dict(body.spec)
+    admin_name, ca_name = databases.secret_names(spec)
+    client = runtime.client()
+    admin = webhook.read_secret(client, name=admin_name, namespace=namespace) if admin_name else None
+    ca = webhook.read_secret(client, name=ca_name, namespace=namespace) if ca_name else None
+    target = databases.target(
+        spec,
+        admin_secret=(admin.data or {}) if admin is not None else None,
+        ca_secret=(ca.data or {}) if ca is not None else None,
+    )
+    outcome = dbconn.check(target) if isinstance(target, databases.Target) else target
+    previous = dict(body.status)
+    desired = databases.status(
+        generation=int(body.metadata.get("generation") or 0),
+        outcome=outcome,
+        previous=previous,
+        now=_now().isoformat().replace("+00:00", "Z"),
+    )
+    if databases.same(previous, desired):
+        return
+    for key, value in desired.items():
+        patch.status[key] = value
+    ready = desired["conditions"][0]
+    kind: reconcile.EventType = "Normal" if ready["status"] == "True" else "Warning"
+    _emit(body, kind, ready["reason"], ready["message"])
+    logger.info("Database %s/%s: %s (%s)", namespace, body.metadata.name, ready["reason"], ready["message"])
 
 
 # persistent: the configurations keep these webhooks while the operator restarts, so requests

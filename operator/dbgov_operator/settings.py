@@ -117,6 +117,9 @@ class Settings:
     """Webhook server settings."""
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     """Credential endpoint settings."""
+    database_check_seconds: float = 60.0
+    """Seconds between two connection checks of a Database (a rotated password, a moved or
+    stopped server shows in its Ready condition within this time)."""
 
 
 def from_env(env: Mapping[str, str]) -> Settings:
@@ -182,6 +185,9 @@ def from_env(env: Mapping[str, str]) -> Settings:
         sidecar=sidecar,
         webhook=webhook,
         credentials=credentials,
+        database_check_seconds=float(
+            env.get("DBGOV_DATABASE_CHECK_SECONDS", Settings().database_check_seconds)
+        ),
     )
 
 

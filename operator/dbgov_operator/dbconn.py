@@ -1,0 +1,102 @@
+"""Open the operator's admin connection to a governed database, and check what it may do.
+
+The I/O half of ``databases``: the Database controller checks a server with it, and minting
+(``pgapply``) runs its plans over the connection it opens. The password goes to libpq as a
+connection parameter, never into a connection string that an error message could echo; a CA
+bundle from a Secret is written to a private temporary file only for as long as the handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+
+from dbgov_operator import databases
+
+CONNECT_TIMEOUT_SECONDS = 10
+
+_CHECK = """
+SELECT pg_catalog.current_setting('server_version'),
+       r.rolsuper OR r.rolcreaterole,
+       pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')
+FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
+"""
+
+
+@contextlib.contextmanager
+def connect(target: databases.Target, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    """A connection as the admin role (psycopg.OperationalError when the server cannot be
+    reached or refuses the login)."""
+    with _ca_file(target.ca_pem) as ca_path:
+        params: dict[str, Any] = {
+            "host": target.host,
+            "port": target.port,
+            "dbname": target.dbname,
+            "user": target.user,
+            "password": target.password,
+            "sslmode": target.sslmode,
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "application_name": "dbgov-operator",
+        }
+        if ca_path is not None:
+            params["sslrootcert"] = ca_path
+        conn = psycopg.connect(autocommit=autocommit, **params)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def check(target: databases.Target) -> databases.Check | databases.Problem:
+    """Connect and read what the admin role may do; a Problem names why it could not."""
+    try:
+        with connect(target) as conn:
+            row = conn.execute(_CHECK).fetchone()
+    except psycopg.OperationalError as err:
+        return databases.Problem(reason=_reason(err), message=_message(err, target))
+    except psycopg.Error as err:
+        return databases.Problem(reason="CheckFailed", message=f"the check query failed: {err}")
+    if row is None:
+        return databases.Problem(reason="CheckFailed", message="the admin role is not in pg_roles")
+    return databases.Check(
+        server_version=str(row[0]), can_create_roles=bool(row[1]), can_create_schema=bool(row[2])
+    )
+
+
+def _reason(err: psycopg.OperationalError) -> str:
+    # libpq reports a refused login as text: psycopg has no SQLSTATE for connection failures.
+    state, text = getattr(err, "sqlstate", None), str(err)
+    if state in {"28P01", "28000"} or "password authentication failed" in text:
+        return "AuthenticationFailed"
+    if state == "3D000" or ('database "' in text and "does not exist" in text):
+        return "DatabaseMissing"
+    return "Unreachable"
+
+
+def _message(err: psycopg.OperationalError, target: databases.Target) -> str:
+    text = " ".join(str(err).split())
+    where = f"{target.host}:{target.port}/{target.dbname} as {target.user!r} (sslmode={target.sslmode})"
+    hint = {
+        "AuthenticationFailed": "check the username and password in spec.adminSecretRef's Secret",
+        "DatabaseMissing": "create the database or fix spec.dbname (immutable: recreate the Database)",
+    }.get(_reason(err), "check spec.host, spec.port, spec.sslmode and the network path to the server")
+    return f"cannot connect to {where}: {text}; {hint}"
+
+
+@contextlib.contextmanager
+def _ca_file(pem: str | None) -> Iterator[str | None]:
+    if pem is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="dbgov-ca-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(pem)
+        yield path
+    finally:
+        os.unlink(path)

@@ -1,0 +1,387 @@
+"""The I/O half of minted credentials: read a database's state, execute a `credentials` plan.
+
+Why separate: `credentials.plan` is pure and decides; this module only talks to PostgreSQL
+(psycopg 3, every name and value quoted by `psycopg.sql.Identifier` / `Literal`). It is
+idempotent action by action (creating what exists, dropping what is gone and granting what is
+held all converge), so a plan that was half-applied when the operator died is finished by
+reading the state again and planning again; nothing is kept in memory between runs.
+
+Transactions: each role's consecutive actions run in one transaction (`roles_per_transaction`
+batches several roles into one for bulk work). `TerminateSessions` runs outside a transaction,
+after the NOLOGIN before it has committed: a session terminated before NOLOGIN is visible
+could log straight back in.
+
+The connection must be to the governed database, as the admin role (superuser, or CREATEROLE
+with the role memberships REASSIGN OWNED needs; it owns the masking views and reads the tables
+they mask), with autocommit on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from dbgov_operator import credentials, grants
+from dbgov_policy import model
+from dbgov_sidecar.pgwire import auth
+
+SCRAM_ITERATIONS = 4096
+"""PostgreSQL's default scram_iterations."""
+TERMINATE_WAIT_MS = 5000
+"""How long pg_terminate_backend waits for each session to exit."""
+
+
+def new_secret(password: str | None = None) -> credentials.Secret:
+    """A fresh password (32 random bytes, URL-safe) and its SCRAM-SHA-256 verifier, salted at
+    random; only the verifier ever reaches the server (and its logs)."""
+    password = password if password is not None else secrets.token_urlsafe(32)
+    keys = auth.scram_keys(password, salt=secrets.token_bytes(16), iterations=SCRAM_ITERATIONS)
+    return credentials.Secret(password=password, verifier=keys.verifier())
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+_ROLES = """
+SELECT r.rolname, r.rolcanlogin,
+       CASE WHEN pg_catalog.isfinite(r.rolvaliduntil) THEN r.rolvaliduntil END,
+       pg_catalog.shobj_description(r.oid, 'pg_authid'),
+       ARRAY(SELECT g.rolname FROM pg_catalog.pg_auth_members m
+             JOIN pg_catalog.pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid ORDER BY 1)
+FROM pg_catalog.pg_roles r
+WHERE pg_catalog.starts_with(r.rolname, %(prefix)s)
+ORDER BY 1
+"""
+
+_PRIVILEGES = """
+SELECT g.rolname, CASE c.relkind WHEN 'S' THEN 'sequence' ELSE 'table' END,
+       n.nspname, c.relname, '', a.privilege_type
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+WHERE pg_catalog.starts_with(g.rolname, %(prefix)s) AND n.nspname <> %(masked)s
+UNION ALL
+SELECT g.rolname, 'column', n.nspname, c.relname, at.attname, a.privilege_type
+FROM pg_catalog.pg_attribute at
+JOIN pg_catalog.pg_class c ON c.oid = at.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL pg_catalog.aclexplode(at.attacl) a
+JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+WHERE at.attacl IS NOT NULL AND pg_catalog.starts_with(g.rolname, %(prefix)s) AND n.nspname <> %(masked)s
+UNION ALL
+SELECT g.rolname, 'schema', n.nspname, '', '', a.privilege_type
+FROM pg_catalog.pg_namespace n
+CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+WHERE pg_catalog.starts_with(g.rolname, %(prefix)s)
+"""
+
+_VIEWS = """
+SELECT c.relname, pg_catalog.obj_description(c.oid, 'pg_class')
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(masked)s AND c.relkind = 'v'
+"""
+
+_KEY_TABLE_EXISTS = "SELECT pg_catalog.to_regclass(%(table)s) IS NOT NULL"
+
+_CATALOG_SCHEMAS = "SELECT nspname FROM pg_catalog.pg_namespace ORDER BY 1"
+
+_CATALOG_TABLES = """
+SELECT n.nspname, c.relname,
+       ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT sn.nspname FROM pg_catalog.pg_depend d
+             JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+             JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = c.oid
+               AND d.deptype IN ('a', 'i') ORDER BY s.relname),
+       ARRAY(SELECT s.relname FROM pg_catalog.pg_depend d
+             JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = c.oid
+               AND d.deptype IN ('a', 'i') ORDER BY s.relname)
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
+  AND n.nspname <> ALL (%(system)s) AND n.nspname NOT LIKE 'pg\\_%%'
+ORDER BY 1, 2
+"""
+
+
+def read_catalog(conn: psycopg.Connection[Any]) -> grants.Catalog:
+    """The connected database's schemas, relations, their columns and owned sequences."""
+    schemas = tuple(row[0] for row in conn.execute(_CATALOG_SCHEMAS))
+    tables = tuple(
+        grants.Table(
+            schema=schema,
+            name=name,
+            columns=tuple(columns),
+            sequences=tuple(
+                model.QualifiedName(schema=s, name=n) for s, n in zip(seq_schemas, seq_names, strict=True)
+            ),
+        )
+        for schema, name, columns, seq_schemas, seq_names in conn.execute(
+            _CATALOG_TABLES, {"system": sorted(grants.SYSTEM_SCHEMAS)}
+        )
+    )
+    return grants.Catalog(schemas=schemas, tables=tables)
+
+
+def read_state(conn: psycopg.Connection[Any]) -> credentials.Actual:
+    """The `dbgov_` roles (cluster-wide), their memberships and comments, and the group roles'
+    privileges, masking views and key rows in the connected database."""
+    roles = tuple(
+        credentials.ActualRole(
+            name=name, can_login=login, valid_until=until, comment=comment, member_of=frozenset(member_of)
+        )
+        for name, login, until, comment, member_of in conn.execute(_ROLES, {"prefix": credentials.PREFIX})
+    )
+    held: dict[str, set[grants.Privilege]] = {}
+    for role, kind, schema, name, column, privilege in conn.execute(
+        _PRIVILEGES, {"prefix": credentials.GROUP_PREFIX, "masked": grants.MASKED_SCHEMA}
+    ):
+        held.setdefault(role, set()).add(
+            grants.Privilege(object_type=kind, schema=schema, name=name, column=column, privilege=privilege)
+        )
+    views = []
+    for name, comment in conn.execute(_VIEWS, {"masked": grants.MASKED_SCHEMA}):
+        meta = _json(comment)
+        views.append(
+            credentials.ActualView(
+                name=name, group_role=str(meta.get("group", "")), digest=str(meta.get("digest", ""))
+            )
+        )
+    key_table = f"{grants.MASKED_SCHEMA}.{grants.KEY_TABLE}"
+    has_keys = bool(_scalar(conn, _KEY_TABLE_EXISTS, {"table": key_table}))
+    digests: dict[str, str] = {}
+    if has_keys:
+        query = sql.SQL(
+            "SELECT group_role, pg_catalog.encode(pg_catalog.sha256(ipad || opad), 'hex') FROM {}.{}"
+        ).format(sql.Identifier(grants.MASKED_SCHEMA), sql.Identifier(grants.KEY_TABLE))
+        digests = {str(row[0]): str(row[1]) for row in conn.execute(query)}
+    return credentials.Actual(
+        roles=roles,
+        privileges={role: frozenset(p) for role, p in held.items()},
+        views=tuple(views),
+        key_digests=digests,
+        masking_schema=has_keys,
+    )
+
+
+def _json(text: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads(text or "")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _scalar(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+# -- applying --------------------------------------------------------------------------------
+
+
+def apply(
+    conn: psycopg.Connection[Any],
+    actions: Sequence[credentials.Action],
+    *,
+    roles_per_transaction: int = 1,
+) -> list[credentials.Action]:
+    """Execute ``actions`` in order; return those applied (for the audit events).
+
+    The connection's current user is the admin: it receives what revoked roles owned
+    (REASSIGN OWNED) and owns the masking views. An error stops the run with the transaction
+    in progress rolled back; reading the state and planning again converges.
+    """
+    if not conn.autocommit:
+        raise ValueError("pgapply.apply needs an autocommit connection: it commits per role itself")
+    done: list[credentials.Action] = []
+    for batch in _transactions(actions, roles_per_transaction):
+        if len(batch) == 1 and isinstance(batch[0], credentials.TerminateSessions):
+            _terminate(conn, batch[0])
+        else:
+            with conn.transaction():
+                for action in batch:
+                    _execute(conn, action)
+        done.extend(batch)
+    return done
+
+
+def _transactions(actions: Sequence[credentials.Action], per: int) -> Iterator[list[credentials.Action]]:
+    batch: list[credentials.Action] = []
+    roles: set[str] = set()
+    for action in actions:
+        if isinstance(action, credentials.TerminateSessions):
+            if batch:
+                yield batch
+            yield [action]
+            batch, roles = [], set()
+            continue
+        if batch and action.role not in roles and len(roles) >= per:
+            yield batch
+            batch, roles = [], set()
+        batch.append(action)
+        roles.add(action.role)
+    if batch:
+        yield batch
+
+
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
+
+
+def _exists(conn: psycopg.Connection[Any], role: str) -> bool:
+    return bool(_scalar(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %(r)s", {"r": role}))
+
+
+def _comment(conn: psycopg.Connection[Any], role: str, owner: credentials.Owner | None) -> None:
+    if owner is not None:
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(_ident(role), sql.Literal(owner.comment())))
+
+
+def _execute(conn: psycopg.Connection[Any], action: credentials.Action) -> None:
+    match action:
+        case credentials.EnsureMaskingSchema():
+            _ensure_masking_schema(conn)
+        case credentials.CreateGroupRole():
+            if not _exists(conn, action.role):
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(_ident(action.role)))
+            _comment(conn, action.role, action.owner)
+        case credentials.SetMaskKey():
+            _set_key(conn, action.role, action.pads)
+        case credentials.DropMaskingView():
+            conn.execute(
+                sql.SQL("DROP VIEW IF EXISTS {}.{}").format(_ident(grants.MASKED_SCHEMA), _ident(action.view))
+            )
+        case credentials.CreateMaskingView():
+            _create_view(conn, action.role, action.view)
+        case credentials.RevokePrivileges():
+            for p in action.privileges:
+                conn.execute(sql.SQL("REVOKE {}").format(_grant_clause(p, "FROM", action.role)))
+        case credentials.GrantPrivileges():
+            for p in action.privileges:
+                conn.execute(sql.SQL("GRANT {}").format(_grant_clause(p, "TO", action.role)))
+        case credentials.CreateLoginRole():
+            _create_login(conn, action)
+        case credentials.RenewLoginRole():
+            _renew(conn, action)
+        case credentials.SetMembership():
+            for group in action.add:
+                conn.execute(sql.SQL("GRANT {} TO {}").format(_ident(group), _ident(action.role)))
+            for group in action.remove:
+                conn.execute(sql.SQL("REVOKE {} FROM {}").format(_ident(group), _ident(action.role)))
+        case credentials.DisableLogin():
+            if _exists(conn, action.role):
+                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(action.role)))
+        case credentials.DropRole():
+            _drop_role(conn, action.role)
+        case credentials.TerminateSessions():
+            raise AssertionError("TerminateSessions runs outside a transaction")
+
+
+def _ensure_masking_schema(conn: psycopg.Connection[Any]) -> None:
+    schema, table = _ident(grants.MASKED_SCHEMA), _ident(grants.KEY_TABLE)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.{} (group_role name PRIMARY KEY, ipad bytea NOT NULL, opad bytea NOT NULL)"
+        ).format(schema, table)
+    )
+    conn.execute(sql.SQL("REVOKE ALL ON TABLE {}.{} FROM PUBLIC").format(schema, table))
+
+
+def _set_key(conn: psycopg.Connection[Any], role: str, pads: grants.HmacPads | None) -> None:
+    table = sql.SQL("{}.{}").format(_ident(grants.MASKED_SCHEMA), _ident(grants.KEY_TABLE))
+    if pads is None:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE group_role = %s").format(table), (role,))
+        return
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (group_role, ipad, opad) VALUES (%s, %s, %s) "
+            "ON CONFLICT (group_role) DO UPDATE SET ipad = EXCLUDED.ipad, opad = EXCLUDED.opad"
+        ).format(table),
+        (role, pads.ipad, pads.opad),
+    )
+
+
+def _create_view(conn: psycopg.Connection[Any], role: str, view: grants.MaskingView) -> None:
+    name = sql.SQL("{}.{}").format(_ident(grants.MASKED_SCHEMA), _ident(view.name))
+    meta = json.dumps(
+        {"dbgov": 1, "group": role, "source": str(view.source), "digest": view.digest}, sort_keys=True
+    )
+    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(name))
+    # select_sql is built by grants.masking_view from quoted identifiers and the proxy's mask
+    # expressions; it holds no value from outside the catalog and the policy.
+    conn.execute(
+        sql.SQL("CREATE VIEW {} WITH (security_barrier) AS ").format(name) + sql.SQL(view.select_sql)
+    )
+    conn.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(name, sql.Literal(meta)))
+    conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(name, _ident(role)))
+
+
+def _grant_clause(p: grants.Privilege, direction: str, role: str) -> sql.Composed:
+    word: sql.Composable = sql.SQL(p.privilege)  # a PrivilegeName literal, never user text
+    target: sql.Composable
+    if p.object_type == "schema":
+        target = sql.SQL("SCHEMA {}").format(_ident(p.schema))
+    elif p.object_type == "sequence":
+        target = sql.SQL("SEQUENCE {}.{}").format(_ident(p.schema), _ident(p.name))
+    else:
+        target = sql.SQL("TABLE {}.{}").format(_ident(p.schema), _ident(p.name))
+    if p.object_type == "column":
+        word = sql.SQL("{} ({})").format(word, _ident(p.column))
+    return sql.SQL("{} ON {} {} {}").format(word, target, sql.SQL(direction), _ident(role))
+
+
+def _valid_until(when: datetime.datetime) -> sql.Literal:
+    return sql.Literal(when.astimezone(datetime.UTC).isoformat())
+
+
+def _create_login(conn: psycopg.Connection[Any], action: credentials.CreateLoginRole) -> None:
+    role = _ident(action.role)
+    verb = "ALTER" if _exists(conn, action.role) else "CREATE"
+    conn.execute(
+        sql.SQL(
+            "{} ROLE {} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+            "PASSWORD {} VALID UNTIL {}"
+        ).format(sql.SQL(verb), role, sql.Literal(action.secret.verifier), _valid_until(action.valid_until))
+    )
+    for group in action.groups:
+        conn.execute(sql.SQL("GRANT {} TO {}").format(_ident(group), role))
+    _comment(conn, action.role, action.owner)
+
+
+def _renew(conn: psycopg.Connection[Any], action: credentials.RenewLoginRole) -> None:
+    if action.secret is None:
+        query = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(
+            _ident(action.role), _valid_until(action.valid_until)
+        )
+    else:
+        query = sql.SQL("ALTER ROLE {} PASSWORD {} VALID UNTIL {}").format(
+            _ident(action.role), sql.Literal(action.secret.verifier), _valid_until(action.valid_until)
+        )
+    conn.execute(query)
+
+
+def _drop_role(conn: psycopg.Connection[Any], role: str) -> None:
+    if not _exists(conn, role):
+        return
+    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(_ident(role)))
+    conn.execute(sql.SQL("DROP OWNED BY {}").format(_ident(role)))
+    conn.execute(sql.SQL("DROP ROLE {}").format(_ident(role)))
+
+
+def _terminate(conn: psycopg.Connection[Any], action: credentials.Action) -> None:
+    conn.execute(
+        "SELECT pg_catalog.pg_terminate_backend(pid, %(wait)s) FROM pg_catalog.pg_stat_activity "
+        "WHERE usename = %(role)s AND pid <> pg_catalog.pg_backend_pid()",
+        {"role": action.role, "wait": TERMINATE_WAIT_MS},
+    )
