@@ -176,6 +176,10 @@ class Unit:
     read_refs: list[ReadRef] = dataclasses.field(default_factory=list)
     targets: list[TargetRef] = dataclasses.field(default_factory=list)
     column_names: set[str] = dataclasses.field(default_factory=set)
+    """Every name in a column reference, qualifiers included (``t.addr`` may be the field of a
+    composite column ``t``)."""
+    row_names: set[str] = dataclasses.field(default_factory=set)
+    """Names a column reference uses alone (``RETURNING t``): perhaps a whole-row reference."""
     has_star: bool = False
     non_relation_object: bool = False
     where_constrains: bool | None = None
@@ -617,7 +621,8 @@ class _Walker:
                 unit.targets.append(TargetRef(rel=rel, alias=alias))
 
     def column_ref(self, fields: dict[str, Any], unit: Unit) -> None:
-        for item in fields.get("fields", []):
+        items = fields.get("fields", [])
+        for item in items:
             n = _node(item)
             if n is None:
                 continue
@@ -625,6 +630,8 @@ class _Walker:
                 unit.has_star = True
             elif n[0] == "String":
                 unit.column_names.add(str(n[1].get("sval", "")))
+                if len(items) == 1:
+                    unit.row_names.add(str(n[1].get("sval", "")))
 
     def operator(self, name: Any, unit: Unit) -> None:
         parts = _strings(name)

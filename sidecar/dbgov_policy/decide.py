@@ -361,7 +361,8 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
             )
         cols = {m.column for m in policy.masks_for(target.rel)}
         whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
-        used = unit.column_names & (cols | whole_row)
+        # `"t"."id"` names the table only to qualify a column; `RETURNING t` is the whole row.
+        used = (unit.column_names & cols) | (unit.row_names & whole_row)
         if used or unit.has_star:
             what = ", ".join(sorted(used)) if used else "*"
             return (
