@@ -345,6 +345,9 @@ class _Walker:
         """The next unit runs later, but what it nests runs with it (a prepared statement)."""
         self.shown = 0
         """Depth inside EXPLAIN and stored definitions (see ``Unit.shown``)."""
+        self.column_defaults = 0
+        """Depth inside a new table's columns and constraints: their expressions (defaults,
+        CHECKs, generated columns) run when rows are written later, not when the table is made."""
         self.source: tuple[str, dict[str, Any]] = ("", {})
         """The query text and raw statement being walked (a PL/pgSQL body is parsed from it)."""
 
@@ -446,7 +449,12 @@ class _Walker:
             ):
                 self.node("SelectStmt", value, unit, scope, "target")
                 continue
-            self.visit(value, unit, scope, "read" if key in READ_FIELDS else role)
+            deferred = kind == "CreateStmt" and key == "tableElts"
+            self.column_defaults += deferred
+            try:
+                self.visit(value, unit, scope, "read" if key in READ_FIELDS else role)
+            finally:
+                self.column_defaults -= deferred
 
     def node(self, kind: str, fields: dict[str, Any], unit: Unit, scope: frozenset[str], role: Role) -> None:
         if kind == "RangeVar":
@@ -658,7 +666,7 @@ class _Walker:
         if schema in (None, "pg_catalog"):
             if bare == "set_config":
                 self.set_config(fields.get("args", []), unit)
-            if bare in guards.BUILTIN_EFFECTS:
+            if bare in guards.BUILTIN_EFFECTS and not self.column_defaults:
                 unit.extra_classes.add(guards.BUILTIN_EFFECTS[bare])
                 unit.effects.append(bare)
             if bare in guards.STATEMENT_TEXT_FUNCTIONS:
