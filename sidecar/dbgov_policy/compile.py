@@ -16,10 +16,21 @@ import yaml
 
 from dbgov_policy import classes, model, names
 
-SPEC_FIELDS = frozenset({"mode", "default", "rules", "guardrails", "masks"})
+SPEC_FIELDS = frozenset({"mode", "default", "rules", "guardrails", "masks", "authentication"})
 #: Fields of a DatabaseAccessPolicy spec that the operator reads; accepted and not judged here.
 CLUSTER_FIELDS = frozenset({"subjects", "databaseRef", "credentials", "audit", "description"})
-RULE_FIELDS = frozenset({"name", "verdict", "statements", "tables", "description"})
+RULE_FIELDS = frozenset({"name", "verdict", "statements", "tables", "subjects", "description"})
+RULE_SUBJECT_FIELDS = frozenset({"users", "issuers", "claims"})
+AUTHENTICATION_FIELDS = frozenset({"jwt"})
+JWT_FIELDS = frozenset({"issuers"})
+ISSUER_FIELDS = frozenset(
+    {
+        *("issuer", "audiences", "algorithms", "jwksUri", "discovery", "publicKeys", "secretFile"),
+        *("claims", "leewaySeconds", "caFile", "allowHttp", "cacheSeconds", "refreshCooldownSeconds"),
+    }
+)
+#: An issuer's key sources; exactly one is given.
+KEY_SOURCES = ("jwksUri", "discovery", "publicKeys", "secretFile")
 GUARDRAIL_FIELDS = frozenset(
     {
         "requireWhere",
@@ -86,6 +97,7 @@ def compile_policy(doc: Any, *, source: str = "policy", mask_key: str = "") -> m
     rules = _rules(spec.get("rules", []), f"{prefix}rules", out)
     guardrails = _guardrails(spec.get("guardrails", {}), f"{prefix}guardrails", out)
     masks = _masks(spec.get("masks", []), f"{prefix}masks", out)
+    issuers = _authentication(spec.get("authentication", {}), f"{prefix}authentication", out)
     if out.problems:
         raise PolicyInvalid(out.problems, source=source)
     return model.CompiledPolicy(
@@ -95,6 +107,172 @@ def compile_policy(doc: Any, *, source: str = "policy", mask_key: str = "") -> m
         guardrails=guardrails,
         masks=masks,
         mask_key=mask_key,
+        jwt_issuers=issuers,
+    )
+
+
+def compile_jwt_issuers(doc: Any, *, source: str = "issuers") -> tuple[model.JwtIssuer, ...]:
+    """A stand-alone issuers document (``DBGOV_JWT_ISSUERS_FILE``): what a policy's
+    ``authentication.jwt`` holds, ``{issuers: [...]}``; raise `PolicyInvalid` listing every problem."""
+    out = _Collector()
+    if not isinstance(doc, Mapping):
+        out.add("", f"must be a mapping with an issuers list, got {_kind(doc)}")
+        raise PolicyInvalid(out.problems, source=source)
+    issuers = _jwt(doc, "", out)
+    if out.problems:
+        raise PolicyInvalid(out.problems, source=source)
+    return issuers
+
+
+def _authentication(value: Any, path: str, out: _Collector) -> tuple[model.JwtIssuer, ...]:
+    if not isinstance(value, Mapping):
+        out.add(path, f"must be a mapping, got {_kind(value)}")
+        return ()
+    _unknown_fields(value, AUTHENTICATION_FIELDS, path, out)
+    jwt = value.get("jwt", {})
+    if not isinstance(jwt, Mapping):
+        out.add(f"{path}.jwt", f"must be a mapping, got {_kind(jwt)}")
+        return ()
+    return _jwt(jwt, f"{path}.jwt", out)
+
+
+def _jwt(value: Mapping[str, Any], path: str, out: _Collector) -> tuple[model.JwtIssuer, ...]:
+    _unknown_fields(value, JWT_FIELDS, path, out)
+    ipath = f"{path}.issuers" if path else "issuers"
+    issuers: list[model.JwtIssuer] = []
+    seen: dict[str, int] = {}
+    for i, entry_path, raw in _entries(
+        value.get("issuers", []), ipath, what="issuer", fields=ISSUER_FIELDS, out=out
+    ):
+        issuer = _issuer(raw, entry_path, out)
+        if issuer is None:
+            continue
+        if issuer.issuer in seen:
+            out.add(f"{entry_path}.issuer", f"duplicate issuer (also issuers[{seen[issuer.issuer]}])")
+            continue
+        seen[issuer.issuer] = i
+        issuers.append(issuer)
+    return tuple(issuers)
+
+
+def _issuer(raw: Mapping[str, Any], path: str, out: _Collector) -> model.JwtIssuer | None:
+    before = len(out.problems)
+    iss = raw.get("issuer")
+    if not isinstance(iss, str) or not iss.strip():
+        out.add(f"{path}.issuer", "required: the exact iss claim of the issuer's tokens")
+        iss = ""
+    audiences = [t for _, t in _str_list(raw.get("audiences"), f"{path}.audiences", out) or []]
+    if "audiences" in raw and not audiences and isinstance(raw.get("audiences"), list):
+        out.add(
+            f"{path}.audiences", "must name at least one audience (tokens for other services are refused)"
+        )
+    algorithms = [t for _, t in _str_list(raw.get("algorithms"), f"{path}.algorithms", out) or []]
+    sources = [k for k in KEY_SOURCES if k in raw and raw[k] not in (None, False)]
+    if len(sources) != 1:
+        given = f"got {', '.join(sources)}" if sources else "got none"
+        out.add(path, f"needs exactly one key source of {', '.join(KEY_SOURCES)} ({given})")
+    hmac = "secretFile" in sources
+    for j, alg in enumerate(algorithms):
+        apath = f"{path}.algorithms[{j}]"
+        if alg.lower() == "none":
+            out.add(apath, "alg none means unsigned tokens: never accepted")
+        elif alg in model.JWT_HMAC and not hmac:
+            out.add(
+                apath,
+                f"{alg} is a shared-secret algorithm: only with secretFile, never with public keys "
+                "(a public key used as an HMAC secret lets anyone forge tokens)",
+            )
+        elif alg in model.JWT_ALGORITHMS and hmac:
+            out.add(apath, f"{alg} needs public keys; secretFile only serves {', '.join(model.JWT_HMAC)}")
+        elif alg not in model.JWT_ALGORITHMS and alg not in model.JWT_HMAC:
+            out.add(
+                apath, f"unknown algorithm; use one of {', '.join(model.JWT_ALGORITHMS + model.JWT_HMAC)}"
+            )
+    uri = raw.get("jwksUri")
+    if uri is not None and (not isinstance(uri, str) or not uri.startswith(("https://", "http://"))):
+        out.add(f"{path}.jwksUri", f"must be an https:// URL, got {uri!r}")
+    discovery = raw.get("discovery", False)
+    if not isinstance(discovery, bool):
+        out.add(f"{path}.discovery", f"must be true or false, got {discovery!r}")
+    elif discovery and not iss.startswith(("https://", "http://")):
+        out.add(f"{path}.discovery", "OIDC discovery needs an issuer that is an https:// URL")
+    keys = [t for _, t in _str_list(raw.get("publicKeys", []), f"{path}.publicKeys", out) or []]
+    if "publicKeys" in raw and not keys and isinstance(raw.get("publicKeys"), list):
+        out.add(f"{path}.publicKeys", "must hold at least one key (PEM, a PEM file path, or a JWK)")
+    secret = raw.get("secretFile")
+    if secret is not None and (not isinstance(secret, str) or not secret.strip()):
+        out.add(f"{path}.secretFile", "must be the path of a file holding the HMAC secret")
+    claims = [t for _, t in _str_list(raw.get("claims", []), f"{path}.claims", out) or []]
+    numbers = {}
+    for key, default in (("leewaySeconds", 30.0), ("cacheSeconds", 300.0), ("refreshCooldownSeconds", 30.0)):
+        number = raw.get(key, default)
+        if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number <= 86400:
+            out.add(f"{path}.{key}", f"must be a number of seconds from 0 to 86400, got {number!r}")
+            number = default
+        numbers[key] = float(number)
+    for flag in ("allowHttp",):
+        if not isinstance(raw.get(flag, False), bool):
+            out.add(f"{path}.{flag}", f"must be true or false, got {raw.get(flag)!r}")
+    ca = raw.get("caFile")
+    if ca is not None and (not isinstance(ca, str) or not ca.strip()):
+        out.add(f"{path}.caFile", "must be the path of a PEM CA bundle")
+    if len(out.problems) > before:
+        return None
+    return model.JwtIssuer(
+        issuer=iss,
+        audiences=tuple(audiences),
+        algorithms=tuple(algorithms),
+        jwks_uri=uri,
+        discovery=bool(discovery),
+        public_keys=tuple(keys),
+        secret_file=secret,
+        claims=tuple(claims),
+        leeway=numbers["leewaySeconds"],
+        ca_file=ca,
+        allow_http=bool(raw.get("allowHttp", False)),
+        cache_seconds=numbers["cacheSeconds"],
+        refresh_cooldown=numbers["refreshCooldownSeconds"],
+    )
+
+
+_NOBODY = model.Subjects(users=())
+"""What an invalid ``subjects`` compiles to while the problems are collected (shadows nothing)."""
+
+
+def _subjects(value: Any, path: str, out: _Collector) -> model.Subjects:
+    if not isinstance(value, Mapping):
+        out.add(path, f"must be a mapping of users, issuers and/or claims, got {_kind(value)}")
+        return _NOBODY
+    _unknown_fields(value, RULE_SUBJECT_FIELDS, path, out)
+    if not value:
+        out.add(path, "matches nobody: name users, issuers and/or claims, or omit subjects to match everyone")
+        return _NOBODY
+    users = (
+        [t for _, t in _str_list(value["users"], f"{path}.users", out) or []] if "users" in value else None
+    )
+    issuers = (
+        [t for _, t in _str_list(value["issuers"], f"{path}.issuers", out) or []]
+        if "issuers" in value
+        else None
+    )
+    claims: list[tuple[str, tuple[str, ...]]] = []
+    raw_claims = value.get("claims", {})
+    if not isinstance(raw_claims, Mapping):
+        out.add(f"{path}.claims", f"must map a claim name to the values it may have, got {_kind(raw_claims)}")
+    else:
+        for name, wanted in raw_claims.items():
+            cpath = f"{path}.claims.{name}"
+            items = _str_list(wanted, cpath, out)
+            if items is not None and not items:
+                out.add(cpath, "an empty list matches nobody")
+            claims.append((str(name), tuple(t for _, t in items or [])))
+    for field, got in (("users", users), ("issuers", issuers)):
+        if got is not None and not got:
+            out.add(f"{path}.{field}", "an empty list matches nobody")
+    return model.Subjects(
+        users=None if users is None else tuple(users),
+        issuers=None if issuers is None else tuple(issuers),
+        claims=tuple(sorted(claims)),
     )
 
 
@@ -233,8 +411,13 @@ def _rules(value: Any, path: str, out: _Collector) -> tuple[model.Rule, ...]:
             _statement_classes(raw["statements"], f"{rpath}.statements", out) if "statements" in raw else None
         )
         tables = _table_patterns(raw["tables"], f"{rpath}.tables", out) if "tables" in raw else None
+        subjects = _subjects(raw["subjects"], f"{rpath}.subjects", out) if "subjects" in raw else None
         rule = model.Rule(
-            name=name, verdict=cast(model.RuleVerdict, verdict), statements=stmts, tables=tables
+            name=name,
+            verdict=cast(model.RuleVerdict, verdict),
+            statements=stmts,
+            tables=tables,
+            subjects=subjects,
         )
         for j, earlier in enumerate(rules):
             if _shadows(earlier, rule):
@@ -278,7 +461,10 @@ FINE_TO_COARSE = _fine_to_coarse()
 
 
 def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
-    """True when every statement `later` covers is already covered by `earlier`."""
+    """True when every statement `later` covers is already covered by `earlier` (for every
+    session `later` applies to)."""
+    if earlier.subjects is not None and earlier.subjects != later.subjects:
+        return False
     if earlier.statements is not None:
         if later.statements is None:
             return False
@@ -438,6 +624,10 @@ def merge_specs(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
             merged["default"] = default
         for rule in spec.get("rules", []) or []:
             merged["rules"].append({**rule, "name": f"{policy_name}/{rule.get('name', '?')}"})
+        for issuer in ((spec.get("authentication") or {}).get("jwt") or {}).get("issuers") or []:
+            issuers = merged.setdefault("authentication", {"jwt": {"issuers": []}})["jwt"]["issuers"]
+            if all(issuer != known for known in issuers):
+                issuers.append(dict(issuer))
         for mask in spec.get("masks", []) or []:
             key = (str(mask.get("table")), str(mask.get("column")))
             if key not in seen_masks:

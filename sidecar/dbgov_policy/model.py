@@ -48,6 +48,44 @@ class TablePattern:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """Who a verified token says the client is: the issuer that vouched, the subject (``sub``)
+    and the claims the issuer's configuration chose to keep."""
+
+    issuer: str
+    subject: str
+    claims: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def audit_fields(self) -> dict[str, object]:
+        """The ``identity`` object of every audit event of the session."""
+        return {"issuer": self.issuer, "subject": self.subject, "claims": dict(self.claims)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Subjects:
+    """Whom a rule applies to: a session whose verified identity matches every part given
+    (``users`` globs against ``sub``; each claim: any of its values), never one with none."""
+
+    users: tuple[str, ...] | None = None
+    issuers: tuple[str, ...] | None = None
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def matches(self, identity: Identity | None) -> bool:
+        if identity is None:
+            return False
+        if self.issuers is not None and identity.issuer not in self.issuers:
+            return False
+        if self.users is not None and not any(fnmatch.fnmatchcase(identity.subject, u) for u in self.users):
+            return False
+        for name, wanted in self.claims:
+            value = identity.claims.get(name)
+            have = [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+            if value is None or not any(fnmatch.fnmatchcase(h, w) for h in have for w in wanted):
+                return False
+        return True
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
     """One statement rule; the first rule that covers a statement decides it."""
 
@@ -57,6 +95,9 @@ class Rule:
     """Statement classes (coarse or fine) the rule covers; None covers every class."""
     tables: tuple[TablePattern, ...] | None
     """Relations the rule covers; None covers every relation."""
+    subjects: Subjects | None = None
+    """End users the rule applies to; None: every session. The proxy picks, per session, the
+    rules that apply to its identity and decides with an engine for just those."""
 
     def covers_relation(self, rel: QualifiedName) -> bool:
         return self.tables is None or any(p.matches(rel) for p in self.tables)
@@ -90,6 +131,43 @@ class Mask:
     keep_last: int = 4
 
 
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+"""Public-key algorithms an issuer may allow."""
+JWT_HMAC = ("HS256", "HS384", "HS512")
+"""Shared-secret algorithms: only with ``secretFile`` (never with public key material)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class JwtIssuer:
+    """One trusted token issuer, and exactly one source of its keys."""
+
+    issuer: str
+    """The exact ``iss`` its tokens carry ("" only for the legacy key flag: tokens with no ``iss``)."""
+    audiences: tuple[str, ...]
+    """A token's ``aud`` must name one of these (empty only for the legacy key flag)."""
+    algorithms: tuple[str, ...]
+    """The only ``alg`` values accepted."""
+    jwks_uri: str | None = None
+    discovery: bool = False
+    """Find ``jwks_uri`` at ``issuer`` + ``/.well-known/openid-configuration``."""
+    public_keys: tuple[str, ...] = ()
+    """Static keys: PEM text, a PEM file path, or a JWK / JWK set as JSON text."""
+    secret_file: str | None = None
+    """File holding the HMAC secret (HS* only)."""
+    claims: tuple[str, ...] = ()
+    """Claims kept in the session's identity (and so in every audit event)."""
+    leeway: float = 30.0
+    """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+    ca_file: str | None = None
+    """CA bundle for the issuer's HTTPS endpoints (None: the system store)."""
+    allow_http: bool = False
+    """Fetch keys over plain http (http://127.0.0.1 is always allowed, for tests)."""
+    cache_seconds: float = 300.0
+    """Keys fetched are used this long before they are fetched again."""
+    refresh_cooldown: float = 30.0
+    """An unknown ``kid`` fetches the keys again at most this often."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CompiledPolicy:
     """A checked policy, ready for the engine."""
@@ -101,6 +179,8 @@ class CompiledPolicy:
     masks: tuple[Mask, ...]
     mask_key: str = ""
     """Secret for the keyed `hash` strategy; given by the deployment, never by the document."""
+    jwt_issuers: tuple[JwtIssuer, ...] = ()
+    """Issuers whose signed JWTs clients may give as their password (``authentication.jwt``)."""
     inherited: Mapping[QualifiedName, tuple[QualifiedName, ...]] = dataclasses.field(default_factory=dict)
     """Descendants (partitions, inheritance children) of masked tables → their masked ancestors,
     as one session's catalog has them; their masks are in `masks` (see `with_descendants`)."""

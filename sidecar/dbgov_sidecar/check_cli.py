@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from typing import TextIO
 
 from dbgov_policy import compile as policy_compile
-from dbgov_policy import decide, engine
+from dbgov_policy import decide, engine, model
 from dbgov_sidecar import policyfile
 
 MARK = {"allow": "ALLOW", "mask": "MASK", "approve": "APPROVE", "block": "BLOCK"}
@@ -34,6 +35,23 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="text",
         help="output format (json: one object per line)",
     )
+    who = p.add_argument_group(
+        "identity", "judge as this end user (rules with subjects apply only to sessions they match)"
+    )
+    who.add_argument(
+        "--identity",
+        metavar="JSON",
+        help='the whole identity: {"issuer": ..., "subject": ..., "claims": {...}}',
+    )
+    who.add_argument("--identity-sub", metavar="SUB", help="the token's subject (sub)")
+    who.add_argument("--identity-issuer", metavar="ISS", default="", help="the token's issuer (iss)")
+    who.add_argument(
+        "--identity-claim",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="a claim (repeat a name for a list, e.g. groups=a --identity-claim groups=b)",
+    )
     p.add_argument("sql", nargs="+", help="query strings to judge ('-' reads one from standard input)")
     p.set_defaults(func=run)
 
@@ -44,7 +62,13 @@ def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys
     except policy_compile.PolicyInvalid as exc:
         print(f"dbgov check: {exc}", file=err)
         return 2
-    eng = engine.Engine(policy)
+    try:
+        identity = identity_of(args)
+    except ValueError as exc:
+        print(f"dbgov check: {exc}", file=err)
+        return 2
+    rules = tuple(r for r in policy.rules if r.subjects is None or r.subjects.matches(identity))
+    eng = engine.Engine(dataclasses.replace(policy, rules=rules))
     session = engine.SessionContext()
     for sql in args.sql:
         text = sys.stdin.read() if sql == "-" else sql
@@ -54,6 +78,33 @@ def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys
         else:
             out.write(explain(text, d))
     return 0
+
+
+def identity_of(args: argparse.Namespace) -> model.Identity | None:
+    """The end user ``--identity*`` describe, or None (a session without a verified token)."""
+    if getattr(args, "identity", None):
+        try:
+            raw = json.loads(args.identity)
+            claims = raw.get("claims") or {}
+            return model.Identity(
+                issuer=str(raw.get("issuer", "")), subject=str(raw["subject"]), claims=dict(claims)
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f'--identity must be JSON like {{"subject": "alice", "claims": {{}}}} ({exc})'
+            ) from exc
+    sub = getattr(args, "identity_sub", None)
+    pairs = getattr(args, "identity_claim", None) or []
+    if sub is None and not pairs:
+        return None
+    claims: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--identity-claim takes NAME=VALUE, got {pair!r}")
+        have = claims.get(name)
+        claims[name] = value if have is None else [*(have if isinstance(have, list) else [have]), value]
+    return model.Identity(issuer=args.identity_issuer or "", subject=sub or "", claims=claims)
 
 
 def explain(sql: str, d: decide.Decision, *, abbreviate: bool = False) -> str:

@@ -11,10 +11,13 @@ import dataclasses
 import inspect
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from dbgov_policy import engine
+import yaml
+
+from dbgov_policy import compile as policy_compile
+from dbgov_policy import engine, model
 from dbgov_sidecar import login, proxy, session, tokens
 from dbgov_sidecar.pgwire import auth, framing
 
@@ -41,6 +44,8 @@ class Settings:
     """Accept a signed JWT as the client password: HMAC secret or PEM public key/path (DBGOV_CLIENT_JWT_KEY)."""
     client_jwt_audience: str | None = None
     """Required `aud` of client tokens (DBGOV_CLIENT_JWT_AUDIENCE)."""
+    jwt_issuers_file: str | None = None
+    """YAML {issuers: [...]} of trusted JWT issuers, as a policy's authentication.jwt; clients give a token as their password (DBGOV_JWT_ISSUERS_FILE)."""
     audit: str = "stdout"
     """Where audit events go: stdout and/or file paths, comma-separated, or off (DBGOV_AUDIT)."""
     audit_redact_literals: bool = False
@@ -193,8 +198,57 @@ def _channel_binding(value: str) -> str:
     return value
 
 
-def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
-    """The proxy's configuration (``salt`` seeds the client SCRAM verifier)."""
+def jwt_issuers_file(path: str) -> tuple[model.JwtIssuer, ...]:
+    """Read DBGOV_JWT_ISSUERS_FILE; raise ValueError naming every problem."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"DBGOV_JWT_ISSUERS_FILE {path}: {err}") from err
+    try:
+        return policy_compile.compile_jwt_issuers(doc, source=f"DBGOV_JWT_ISSUERS_FILE {path}")
+    except policy_compile.PolicyInvalid as err:
+        raise ValueError(str(err)) from err
+
+
+def token_verifier(
+    settings: Settings, *, policy_issuers: Callable[[], Iterable[model.JwtIssuer]] | None = None
+) -> tokens.Verifier | None:
+    """The verifier of client tokens: issuers from DBGOV_JWT_ISSUERS_FILE, the legacy
+    DBGOV_CLIENT_JWT_KEY, and the policy's (read anew, so a reload takes effect); None when
+    no issuer is configured anywhere."""
+    fixed: list[model.JwtIssuer] = []
+    inline: dict[str, bytes] = {}
+    if settings.jwt_issuers_file:
+        fixed.extend(jwt_issuers_file(settings.jwt_issuers_file))
+    if settings.client_jwt_key:
+        legacy, secret = tokens.legacy_issuer(settings.client_jwt_key, audience=settings.client_jwt_audience)
+        fixed.append(legacy)
+        if secret is not None:
+            inline[legacy.issuer] = secret
+    from_policy = policy_issuers or (lambda: ())
+    if not fixed and not tuple(from_policy()):
+        return None
+
+    def issuers() -> tuple[model.JwtIssuer, ...]:
+        return (*fixed, *from_policy())
+
+    verifier = tokens.Verifier(issuers, inline_secrets=inline)
+    try:
+        verifier.check_static()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"a JWT issuer's static key cannot be used: {err}") from err
+    return verifier
+
+
+def proxy_config(
+    settings: Settings,
+    *,
+    salt: bytes,
+    policy_issuers: Callable[[], Iterable[model.JwtIssuer]] | None = None,
+) -> proxy.ProxyConfig:
+    """The proxy's configuration (``salt`` seeds the client SCRAM verifier; ``policy_issuers``
+    reads the JWT issuers of the policy in force)."""
     host, port = split_host_port(settings.listen, default_port=6432)
     scram = None
     loopback = host in ("127.0.0.1", "localhost", "::1")
@@ -205,18 +259,18 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
             "set DBGOV_UPSTREAM to the real database (in Kubernetes the webhook sets it from the app's "
             "PGHOST or the URL its dbgov.io/database-url-env annotation names)"
         )
-    token = None
-    if settings.client_jwt_key:
+    token = token_verifier(settings, policy_issuers=policy_issuers)
+    if token is not None:
         if not loopback and not settings.tls_cert:
             raise ValueError(
                 "JWT client auth beyond loopback requires DBGOV_TLS_CERT (tokens travel as passwords)"
             )
-        token = tokens.verifier(settings.client_jwt_key, audience=settings.client_jwt_audience)
     elif settings.client_password:
         scram = auth.scram_keys(settings.client_password, salt=salt)
     elif not loopback:
         raise ValueError(
-            "listening beyond loopback requires DBGOV_CLIENT_PASSWORD or DBGOV_CLIENT_JWT_KEY (trust is loopback-only)"
+            "listening beyond loopback requires DBGOV_CLIENT_PASSWORD, or JWT issuers (the policy's "
+            "authentication.jwt, DBGOV_JWT_ISSUERS_FILE or DBGOV_CLIENT_JWT_KEY) (trust is loopback-only)"
         )
     return proxy.ProxyConfig(
         listen_host=host,
@@ -224,7 +278,7 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
         upstream=upstream,
         session=session.SessionConfig(
             client_scram=scram,
-            client_token=token,
+            client_token=token is not None,
             max_message_size=settings.max_message_size,
             audit=True,
             redact_literals=settings.audit_redact_literals,
@@ -239,4 +293,5 @@ def proxy_config(settings: Settings, *, salt: bytes) -> proxy.ProxyConfig:
         max_total_buffer=settings.max_total_buffer,
         auth_timeout=settings.auth_timeout,
         lane=settings.lane,
+        token_verifier=token,
     )

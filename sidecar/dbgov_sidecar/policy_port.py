@@ -7,6 +7,7 @@ used where no policy is configured (tests, benchmarks of the bare proxy). Both a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -149,11 +150,24 @@ class RefuseAll:
         return self._decision
 
 
+MAX_SUBSETS = 64
+"""Distinct rule subsets (one per kind of end user, usually few) a policy keeps an engine for."""
+
+
+def for_identity(policy: Policy, identity: model.Identity | None) -> Policy:
+    """The policy that decides a session of ``identity`` (None: no verified end user): for an
+    ``EnginePolicy`` with subject-scoped rules, one holding only the rules that apply to it."""
+    scoped = getattr(policy, "for_identity", None)
+    return policy if scoped is None else scoped(identity)
+
+
 class EnginePolicy:
     """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
 
     def __init__(self, eng: engine.Engine) -> None:
         self._engine = eng
+        self._scoped = any(rule.subjects is not None for rule in eng.policy.rules)
+        self._subsets: dict[tuple[int, ...], EnginePolicy] = {}
         # A compiled policy never changes: read what the hot path needs once.
         policy = eng.policy
         self._mode: str = policy.mode
@@ -165,6 +179,35 @@ class EnginePolicy:
         """(schema, table, column) of every masked column, for checking result origins."""
         self._masks = {f"{m.table.schema}.{m.table.name}.{m.column}": m for m in policy.masks}
         self._mask_key = policy.mask_key
+
+    @property
+    def jwt_issuers(self) -> tuple[model.JwtIssuer, ...]:
+        """The issuers the policy trusts (``authentication.jwt``)."""
+        return self._engine.policy.jwt_issuers
+
+    def for_identity(self, identity: model.Identity | None) -> EnginePolicy:
+        """This policy as it applies to ``identity``: rules scoped to other subjects dropped.
+
+        Chosen once per session, so ``decide`` and its caches stay as they are: each distinct
+        subset gets one engine (with its own cache), shared by every session it applies to."""
+        if not self._scoped:
+            return self
+        rules = self._engine.policy.rules
+        chosen = tuple(
+            i for i, rule in enumerate(rules) if rule.subjects is None or rule.subjects.matches(identity)
+        )
+        found = self._subsets.get(chosen)
+        if found is None:
+            eng = self._engine
+            subset = dataclasses.replace(eng.policy, rules=tuple(rules[i] for i in chosen))
+            found = EnginePolicy(
+                engine.Engine(subset, cache_size=eng.cache_size, max_statement_size=eng.max_statement_size)
+            )
+            found._scoped = False  # (its rules already apply to this identity)
+            if len(self._subsets) >= MAX_SUBSETS:
+                self._subsets.clear()
+            self._subsets[chosen] = found
+        return found
 
     def mask_value(self, column: str, text: str) -> str | None:
         """``text`` masked by the strategy of ``column`` ("schema.table.column"), exactly as the

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbgov_sidecar import audit, login, metrics, policy_port, session
+from dbgov_sidecar import audit, login, metrics, policy_port, session, tokens
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 if typing.TYPE_CHECKING:
@@ -39,7 +39,7 @@ stops reading its client until what it holds is handled."""
 MAX_STARTUP_CONNECTIONS = 1000
 """Default connections that may be starting up or authenticating at once (apart from the
 authenticated sessions ``max_connections`` counts): one more closes the oldest of them."""
-_STARTING = frozenset({"startup", "tls", "auth"})
+_STARTING = frozenset({"startup", "tls", "auth", "verifying"})
 """Session states before the client has authenticated."""
 
 
@@ -142,6 +142,8 @@ class ProxyConfig:
     """Seconds a client has to finish startup and authentication (PostgreSQL's authentication_timeout)."""
     lane: bool = True
     """Run steady-state statements through the compiled lane when it is built (``_lane.pyx``)."""
+    token_verifier: tokens.Verifier | None = None
+    """Verifies the JWTs clients give as their password (with ``session.client_token``)."""
 
 
 class Proxy:
@@ -437,6 +439,8 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.spawn(self._connect(dict(action.params)))
         elif isinstance(action, session.StartClientTLS):
             self.proxy.spawn(self._start_tls())
+        elif isinstance(action, session.VerifyToken):
+            self.proxy.spawn(self._verify_token(action.token))
         elif isinstance(action, session.ForwardCancel):
             self.proxy.spawn(self.proxy.forward_cancel(action.pid, action.secret))
         elif isinstance(action, session.Close):
@@ -450,6 +454,29 @@ class ClientConnection(asyncio.Protocol):
             return
         for event in events:
             self.proxy.audit(event)
+
+    async def _verify_token(self, token: str) -> None:
+        """The seam for token login: the session waits in ``verifying`` while the verifier
+        (which may fetch the issuer's keys, in a thread) decides; its answer goes back in."""
+        verifier = self.proxy.config.token_verifier
+        assert self.session is not None
+        try:
+            if verifier is None:
+                raise tokens.Refusal(
+                    "not_configured", "dbgov has no token issuers configured", sqlstate="28000"
+                )
+            identity = await verifier.verify(token)
+        except tokens.Refusal as refusal:
+            log.info("client %s: token refused (%s): %s", self.address, refusal.code, refusal.message)
+            self.session.token_refused(
+                code=refusal.code, sqlstate=refusal.sqlstate, message=refusal.message, now=time.time()
+            )
+        except Exception:  # a bug: the client gets a FATAL at once, not a silent hang
+            self._internal_error()
+            return
+        else:
+            self.session.token_verified(identity, time.time())
+        self.pump()
 
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()

@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"dbgov proxy: invalid policy {settings.policy}: {problem}", file=sys.stderr)
         return 2
     try:
-        cfg = config.proxy_config(settings, salt=os.urandom(16))
+        cfg = config.proxy_config(
+            settings, salt=os.urandom(16), policy_issuers=lambda: getattr(holder.current, "jwt_issuers", ())
+        )
     except ValueError as err:
         print(f"dbgov proxy: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dbgov_policy import model
 from dbgov_sidecar import audit, metrics, policy_port, redact
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
@@ -127,8 +128,8 @@ class SessionConfig:
     """A certificate is configured: answer SSLRequest with 'S'."""
     client_scram: auth.ScramKeys | None = None
     """Ask clients for this password with SCRAM-SHA-256 (None: trust)."""
-    client_token: Callable[[str], str] | None = None
-    """Verify a token (a signed JWT) the client gives as its password; returns the identity."""
+    client_token: bool = False
+    """Ask for a password and have the shell verify it as a signed JWT (``VerifyToken``)."""
     upstream_database: str | None = None
     """Database to connect to upstream (None: the one the client asks for)."""
     max_message_size: int = framing.DEFAULT_MAX_MESSAGE
@@ -168,6 +169,14 @@ class ConnectUpstream:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyToken:
+    """Verify the token the client gave as its password (it may need the issuer's keys from the
+    network), then call ``token_verified`` or ``token_refused``."""
+
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardCancel:
     """Cancel whatever the session owning this proxy-issued key is running."""
 
@@ -182,7 +191,7 @@ class Close:
     reason: str
 
 
-Action = StartClientTLS | ConnectUpstream | ForwardCancel | Close
+Action = StartClientTLS | ConnectUpstream | VerifyToken | ForwardCancel | Close
 
 
 @dataclass(slots=True, kw_only=True)
@@ -382,7 +391,8 @@ class Session:
         audit_ok: Callable[[], bool] | None = None,
         over_capacity: bool = False,
     ) -> None:
-        self._policy = policy
+        self._all_policy = policy
+        self._scope: tuple[policy_port.Policy, policy_port.Policy] | None = None
         self._over_capacity = over_capacity
         self._clock = 0.0  # the latest time the shell passed in
         self._started = False  # session_start was audited: session_end must follow, once
@@ -406,7 +416,7 @@ class Session:
         self.actions: list[Action] = []
         self.events: list[audit.Event] = []
         self.params: dict[str, str] = {}
-        self.identity: str | None = None  # who a verified token says the client is
+        self.identity: model.Identity | None = None  # who a verified token says the client is
         self.txn_status = "I"
         self._context: object = None
         self._context_kind: type | None = None
@@ -878,7 +888,7 @@ class Session:
 
     def auth_timed_out(self, seconds: float) -> None:
         """The client did not finish startup and authentication in time (the shell's timer)."""
-        if self.state in ("auth", "connecting"):
+        if self.state in ("auth", "verifying", "connecting"):
             self._fatal("08006", f"dbgov: authentication timed out after {seconds:g} s")
         elif self.state != "closed":
             self._close("startup timed out")  # no startup packet yet: nothing it could read
@@ -903,7 +913,7 @@ class Session:
             self._fatal("08004", problem)
             return
         self.params = params
-        if self._config.client_token is not None:
+        if self._config.client_token:
             self.state = "auth"
             self.to_client += messages.authentication(messages.AUTH_CLEARTEXT)
             return
@@ -920,8 +930,8 @@ class Session:
         self._connect()
 
     def _on_auth(self, msg: framing.Message) -> None:
-        if self._config.client_token is not None:
-            self._on_token(msg, self._config.client_token)
+        if self._config.client_token:
+            self._on_token(msg)
             return
         keys = self._config.client_scram
         if msg.type != messages.PASSWORD or keys is None:
@@ -943,16 +953,39 @@ class Session:
         self.to_client += messages.authentication(messages.AUTH_SASL_FINAL, final)
         self._connect()
 
-    def _on_token(self, msg: framing.Message, verify: Callable[[str], str]) -> None:
+    def _on_token(self, msg: framing.Message) -> None:
         if msg.type != messages.PASSWORD:
             raise ProtocolViolation(f"expected a password message, got {chr(msg.type)!r}")
-        try:
-            self.identity = verify(messages.decode_cleartext_password(msg.data))
-        except AuthenticationFailed as err:
-            user = self.params.get("user", "")
-            self._fatal("28P01", f'token authentication failed for user "{user}": {err.reason}')
+        self.state = "verifying"  # (client bytes wait in the framer until the answer)
+        self.actions.append(VerifyToken(token=messages.decode_cleartext_password(msg.data)))
+
+    def token_verified(self, identity: model.Identity, now: float) -> None:
+        """The shell verified the client's token: this is who the session acts for."""
+        if self.state != "verifying":
             return
+        self._clock = now
+        self.identity = identity
         self._connect()
+
+    def token_refused(self, *, code: str, sqlstate: str, message: str, now: float) -> None:
+        """The client's token does not authenticate: audit why (never the token) and refuse."""
+        if self.state != "verifying":
+            return
+        self._clock = now
+        user = self.params.get("user", "")
+        self._event(now, {"type": "login_refused", "reason": code, "detail": message})
+        self._fatal(sqlstate, f'token authentication failed for user "{user}": {message}')
+
+    def _policy(self) -> policy_port.Policy:
+        """The policy in force as it applies to this session's identity (rules scoped to other
+        end users dropped), found again only when the policy is reloaded."""
+        current = self._all_policy()
+        scope = self._scope
+        if scope is not None and scope[0] is current:
+            return scope[1]
+        scoped = policy_port.for_identity(current, self.identity)
+        self._scope = (current, scoped)
+        return scoped
 
     def _settings_refused(self) -> bool:
         """Every other startup parameter is a setting: the policy judges it as a SET would be."""
@@ -2132,7 +2165,7 @@ class Session:
     def _identity(self) -> dict[str, Any]:
         return {
             "session_id": self._client_info.session_id,
-            "identity": self.identity,
+            "identity": None if self.identity is None else self.identity.audit_fields(),
             "user": self.params.get("user"),
             "application_name": self.params.get("application_name"),
             "client_addr": self._client_info.address,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import RunningProxy
-from dbgov_sidecar import session, tokens
+from dbgov_sidecar import config, session
 
 pytestmark = pytest.mark.integration
 
@@ -25,21 +25,28 @@ def _connect(running: RunningProxy, token: str) -> psycopg.Connection[tuple[obje
 
 
 def test_hs256_tokens(make_proxy: Callable[..., RunningProxy]) -> None:
-    verify = tokens.verifier("s3cret-key-for-tests-only-32bytes", audience="dbgov")
-    running = make_proxy(session_config=session.SessionConfig(client_token=verify))
+    settings = config.Settings(
+        client_jwt_key="s3cret-key-for-tests-only-32bytes", client_jwt_audience="dbgov"
+    )
+    running = make_proxy(
+        session_config=session.SessionConfig(client_token=True),
+        token_verifier=config.token_verifier(settings),
+    )
     now = int(time.time())
     good = jwt.encode(
         {"sub": "agent-7", "aud": "dbgov", "exp": now + 60}, "s3cret-key-for-tests-only-32bytes"
     )
     with _connect(running, good) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("app",)
-    assert any(e.get("identity") == "agent-7" for e in running.events)
+    assert any(
+        e.get("identity") == {"issuer": "", "subject": "agent-7", "claims": {}} for e in running.events
+    )
     expired = jwt.encode(
         {"sub": "agent-7", "aud": "dbgov", "exp": now - 60}, "s3cret-key-for-tests-only-32bytes"
     )
     wrong_key = jwt.encode({"sub": "x", "aud": "dbgov", "exp": now + 60}, "another-key-another-key-another-k")
     wrong_aud = jwt.encode({"sub": "x", "aud": "other", "exp": now + 60}, "s3cret-key-for-tests-only-32bytes")
-    for token, reason in ((expired, "expired"), (wrong_key, "Signature"), (wrong_aud, "Audience")):
+    for token, reason in ((expired, "expired"), (wrong_key, "signature"), (wrong_aud, "audience")):
         with pytest.raises(psycopg.OperationalError, match=reason):
             _connect(running, token)
 
@@ -52,7 +59,10 @@ def test_es256_tokens_with_a_public_key_file(make_proxy: Callable[..., RunningPr
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    running = make_proxy(session_config=session.SessionConfig(client_token=tokens.verifier(str(public))))
+    running = make_proxy(
+        session_config=session.SessionConfig(client_token=True),
+        token_verifier=config.token_verifier(config.Settings(client_jwt_key=str(public))),
+    )
     token = jwt.encode({"sub": "agent-9", "exp": int(time.time()) + 60}, private, algorithm="ES256")
     with _connect(running, token) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from dbgov_policy import model
 from dbgov_sidecar import policy_port, session
-from dbgov_sidecar.pgwire import AuthenticationFailed, auth, framing, messages
+from dbgov_sidecar.pgwire import auth, framing, messages
 
 # What every PostgreSQL reports at login, and the proxy requires (it reads SQL as UTF-8 with
 # standard-conforming strings).
@@ -396,26 +397,35 @@ def test_startup_settings_are_judged_like_set_statements() -> None:
 
 
 def test_client_token_login_records_the_identity() -> None:
-    def verify(token: str) -> str:
-        if token != "good-token":
-            raise AuthenticationFailed("Signature verification failed")
-        return "agent-7"
-
-    s = _session(client_token=verify)
+    """The session asks the shell to verify the token (VerifyToken) and waits; the answer
+    decides: an identity connects upstream, a refusal is audited and a FATAL."""
+    s = _session(client_token=True)
     s.client_data(messages.startup_message({"user": "agent", "database": "shop"}), 0.0)
     code, _ = messages.decode_authentication(bytes(s.to_client))
     assert code == messages.AUTH_CLEARTEXT
     s.client_data(messages.password_message(b"good-token\0"), 0.0)
+    assert s.state == "verifying" and s.actions[-1] == session.VerifyToken(token="good-token")
+    agent = model.Identity(issuer="https://idp", subject="agent-7", claims={"groups": ["ops"]})
+    s.token_verified(agent, 0.0)
     assert isinstance(s.actions[-1], session.ConnectUpstream)
     s.upstream_ready(parameter_status=LOGIN_STATUS, notices=[], now=0.0)
-    assert s.events[-1]["identity"] == "agent-7"
+    assert s.events[-1]["identity"] == {
+        "issuer": "https://idp",
+        "subject": "agent-7",
+        "claims": {"groups": ["ops"]},
+    }
 
-    bad = _session(client_token=verify)
+    bad = _session(client_token=True)
     bad.client_data(messages.startup_message({"user": "agent"}), 0.0)
     bad.to_client.clear()
     bad.client_data(messages.password_message(b"forged\0"), 0.0)
+    bad.token_refused(
+        code="bad_signature", sqlstate="28P01", message="Signature verification failed", now=0.0
+    )
     fields = messages.decode_fields(bytes(bad.to_client))
     assert fields["C"] == "28P01" and "Signature verification failed" in fields["M"]
+    assert bad.events[-1]["type"] == "login_refused" and bad.events[-1]["reason"] == "bad_signature"
+    assert "forged" not in str(bad.events)
 
 
 def test_every_established_session_ends_in_the_audit_trail_once() -> None:
