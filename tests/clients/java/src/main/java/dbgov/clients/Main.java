@@ -1,6 +1,11 @@
 package dbgov.clients;
 
+import java.io.StringReader;
+import java.io.StringWriter;
 import java.math.BigDecimal;
+import java.sql.CallableStatement;
+import java.sql.Types;
+import java.util.UUID;
 import java.net.URLEncoder;
 import java.nio.charset.StandardCharsets;
 import java.sql.BatchUpdateException;
@@ -22,7 +27,9 @@ import java.util.Map;
 import java.util.Properties;
 import java.util.logging.Level;
 import java.util.logging.Logger;
+import org.postgresql.PGConnection;
 import org.postgresql.PGStatement;
+import org.postgresql.copy.CopyManager;
 import org.postgresql.util.PSQLException;
 import org.postgresql.util.ServerErrorMessage;
 
@@ -57,7 +64,7 @@ public final class Main {
         Logger.getLogger("").setLevel(Level.WARNING); // Hibernate's INFO banner is not output
         if (args.length != 5) {
             System.err.println("usage: java -jar dbgov-java-client.jar JDBC_URL USER PASSWORD SCENARIO SCHEMA"
-                    + " (scenarios: prepared batch metadata transactions read_only_always settings masked refused hibernate)");
+                    + " (scenarios: prepared batch metadata transactions read_only_always settings driver cancel masked refused hibernate)");
             System.exit(2);
         }
         Main main = new Main(args[0], args[1], args[2], args[4]);
@@ -68,6 +75,8 @@ public final class Main {
             case "transactions" -> main.transactions();
             case "read_only_always" -> main.readOnlyAlways();
             case "settings" -> main.settings();
+            case "driver" -> main.driver();
+            case "cancel" -> main.cancel();
             case "masked" -> main.masked();
             case "refused" -> main.refused();
             case "hibernate" -> Orm.run(main.url, main.user, main.password, main.schema);
@@ -190,11 +199,17 @@ public final class Main {
      * One PreparedStatement with several parameters, run past prepareThreshold (default 5, then 1,
      * 0 and -1, which is binary from the first run) so pgjdbc switches to a named server-prepared
      * statement and binary transfer of ints, dates, timestamps and numerics; an UPDATE the same way.
+     * Then preferQueryMode=simple, where pgjdbc writes the parameters into the query text.
      */
     private Map<String, Object> prepared() throws SQLException {
         Map<String, Object> out = new LinkedHashMap<>();
-        for (String threshold : new String[] {"default", "1", "0", "-1"}) {
-            try (Connection conn = connect(threshold.equals("default") ? "" : "prepareThreshold=" + threshold)) {
+        for (String threshold : new String[] {"default", "1", "0", "-1", "simple"}) {
+            String params = switch (threshold) {
+                case "default" -> "";
+                case "simple" -> "preferQueryMode=simple";
+                default -> "prepareThreshold=" + threshold;
+            };
+            try (Connection conn = connect(params)) {
                 Map<String, Object> run = new LinkedHashMap<>();
                 List<Object> results = new ArrayList<>();
                 List<Object> serverPrepared = new ArrayList<>();
@@ -363,7 +378,7 @@ public final class Main {
                     st.executeUpdate("INSERT INTO " + items + " VALUES (211, 'ro')");
                 }
             }));
-            conn.setReadOnly(false);
+            out.put("set_read_write", outcome(() -> conn.setReadOnly(false)));
             out.put("always_back", scalar(conn, "SHOW default_transaction_read_only"));
             out.put("items", count(conn, "SELECT count(*) FROM " + items));
         }
@@ -400,6 +415,180 @@ public final class Main {
         return out;
     }
 
+    /** A step whose value is part of the output, or its error when it fails. */
+    interface Valued {
+        Object get() throws SQLException;
+    }
+
+    static Object attempt(Valued step) {
+        try {
+            return step.get();
+        } catch (SQLException err) {
+            return Map.of("error", error(err));
+        }
+    }
+
+    /**
+     * What else pgjdbc sends on its own: isValid's empty query, RETURNING for generated keys, JDBC
+     * escapes and CallableStatement, portals read in pieces (setFetchSize), setMaxRows, several
+     * statements in one string, typed parameters (uuid, jsonb, arrays, bytea, interval),
+     * updatable result sets, client info, CopyManager in and out. Each step's error is output.
+     */
+    private Map<String, Object> driver() throws SQLException {
+        Map<String, Object> out = new LinkedHashMap<>();
+        String items = t("items");
+        try (Connection conn = connect("")) {
+            out.put("is_valid", attempt(() -> conn.isValid(5)));
+            out.put("generated_keys", attempt(() -> {
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "INSERT INTO " + items + " (id, label) VALUES (?, ?)", Statement.RETURN_GENERATED_KEYS)) {
+                    ps.setInt(1, 500);
+                    ps.setString(2, "generated");
+                    ps.executeUpdate();
+                    return rows(ps.getGeneratedKeys());
+                }
+            }));
+            out.put("generated_columns", attempt(() -> {
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "UPDATE " + items + " SET label = ? WHERE id = ?", new String[] {"id", "label"})) {
+                    ps.setString(1, "regenerated");
+                    ps.setInt(2, 500);
+                    ps.executeUpdate();
+                    return rows(ps.getGeneratedKeys());
+                }
+            }));
+            out.put("escapes", attempt(() -> {
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "SELECT {fn ucase(?)} AS up, {fn length(label)} AS len, {d '2024-01-02'} AS day FROM "
+                                + items + " WHERE id = ? ORDER BY {fn abs(id)}")) {
+                    ps.setString(1, "shout");
+                    ps.setInt(2, 1);
+                    return rows(ps.executeQuery());
+                }
+            }));
+            out.put("callable", attempt(() -> {
+                try (CallableStatement call = conn.prepareCall("{? = call upper(?)}")) {
+                    call.registerOutParameter(1, Types.VARCHAR);
+                    call.setString(2, "called");
+                    call.execute();
+                    return call.getString(1);
+                }
+            }));
+            out.put("max_rows", attempt(() -> {
+                try (Statement st = conn.createStatement()) {
+                    st.setMaxRows(2);
+                    return rows(st.executeQuery("SELECT id FROM " + t("people") + " ORDER BY id"));
+                }
+            }));
+            out.put("multi", attempt(() -> {
+                List<Object> results = new ArrayList<>();
+                try (Statement st = conn.createStatement()) {
+                    boolean isResult = st.execute("SELECT 1 AS one; UPDATE " + items
+                            + " SET label = label WHERE id = 1; SELECT 2 AS two");
+                    while (true) {
+                        if (isResult) {
+                            results.add(rows(st.getResultSet()));
+                        } else if (st.getUpdateCount() != -1) {
+                            results.add(st.getUpdateCount());
+                        } else {
+                            break;
+                        }
+                        isResult = st.getMoreResults();
+                    }
+                }
+                return results;
+            }));
+            out.put("types", attempt(() -> {
+                try (PreparedStatement ps = conn.prepareStatement("SELECT ?::uuid AS u, ?::jsonb AS j,"
+                        + " ?::int4[] AS a, ?::bytea AS b, ?::interval AS i, ? AS n, ?::inet AS ip")) {
+                    for (int i = 0; i < 6; i++) { // past the threshold: binary arrays and uuids
+                        ps.setObject(1, UUID.fromString("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+                        ps.setString(2, "{\"k\": [1, 2]}");
+                        ps.setArray(3, conn.createArrayOf("int4", new Integer[] {1, 2, 3}));
+                        ps.setBytes(4, new byte[] {0, 1, 2, (byte) 255});
+                        ps.setString(5, "1 day 2 hours");
+                        ps.setNull(6, Types.INTEGER);
+                        ps.setString(7, "10.1.2.3/32");
+                        try (ResultSet rs = ps.executeQuery()) {
+                            rs.next();
+                            if (i == 5) {
+                                return List.of(rs.getObject(1).toString(), rs.getString(2), rs.getString(3),
+                                        java.util.HexFormat.of().formatHex(rs.getBytes(4)), rs.getString(5),
+                                        String.valueOf(rs.getObject(6)), rs.getString(7));
+                            }
+                        }
+                    }
+                    return null;
+                }
+            }));
+            out.put("client_info", attempt(() -> {
+                conn.setClientInfo("ApplicationName", "dbgov-java-test");
+                return scalar(conn, "SHOW application_name");
+            }));
+            out.put("updatable", attempt(() -> {
+                try (Statement st = conn.createStatement(ResultSet.TYPE_FORWARD_ONLY, ResultSet.CONCUR_UPDATABLE);
+                        ResultSet rs = st.executeQuery("SELECT id, label FROM " + items + " WHERE id = 500")) {
+                    rs.next();
+                    rs.updateString("label", "updated in place");
+                    rs.updateRow();
+                }
+                return query(conn, "SELECT label FROM " + items + " WHERE id = 500");
+            }));
+            out.put("copy", attempt(() -> {
+                CopyManager copy = conn.unwrap(PGConnection.class).getCopyAPI();
+                long in;
+                try {
+                    in = copy.copyIn("COPY " + items + " (id, label) FROM STDIN WITH (FORMAT csv)",
+                            new StringReader("600,copied\n601,copied too\n"));
+                } catch (java.io.IOException err) {
+                    throw new SQLException(err);
+                }
+                StringWriter text = new StringWriter();
+                try {
+                    copy.copyOut("COPY (SELECT id, label FROM " + items + " WHERE id >= 500 ORDER BY id) TO STDOUT", text);
+                } catch (java.io.IOException err) {
+                    throw new SQLException(err);
+                }
+                return List.of(in, text.toString());
+            }));
+            try (Statement st = conn.createStatement()) {
+                out.put("cleaned", st.executeUpdate("DELETE FROM " + items + " WHERE id >= 500"));
+            }
+            conn.setAutoCommit(false);
+            out.put("fetch_size", attempt(() -> {
+                // autocommit off and a fetch size: a named portal read 2 rows at a time (PortalSuspended)
+                List<Object> ids = new ArrayList<>();
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "SELECT id FROM " + t("people") + " WHERE id > ? ORDER BY id")) {
+                    ps.setFetchSize(2);
+                    ps.setInt(1, 0);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        while (rs.next()) {
+                            ids.add(rs.getInt(1));
+                        }
+                    }
+                }
+                conn.commit();
+                return ids;
+            }));
+            conn.rollback();
+            conn.setAutoCommit(true);
+            out.put("items", count(conn, "SELECT count(*) FROM " + items));
+        }
+        return out;
+    }
+
+    /** setQueryTimeout: pgjdbc cancels the statement with a CancelRequest on a new connection. */
+    private Map<String, Object> cancel() throws SQLException {
+        Map<String, Object> out = new LinkedHashMap<>();
+        try (Connection conn = connect(""); Statement st = conn.createStatement()) {
+            st.setQueryTimeout(1);
+            out.put("timed_out", outcome(() -> st.executeQuery("SELECT pg_sleep(4)").close()));
+            out.put("after", count(conn, "SELECT count(*) FROM " + t("items")));
+        }
+        return out;
+    }
+
     /** people.email read by a plain statement, a prepared one past the threshold, unqualified. */
     private Map<String, Object> masked() throws SQLException {
         Map<String, Object> out = new LinkedHashMap<>();
@@ -420,6 +609,19 @@ public final class Main {
         }
         try (Connection conn = connect("currentSchema=" + schema + "&prepareThreshold=1")) {
             out.put("unqualified", query(conn, "SELECT id, email FROM people WHERE id > 3 ORDER BY id"));
+            conn.setAutoCommit(false);
+            try (PreparedStatement ps = conn.prepareStatement("SELECT id, email FROM people ORDER BY id")) {
+                ps.setFetchSize(2); // a portal read two rows at a time
+                out.put("fetched", rows(ps.executeQuery()));
+            }
+            conn.commit();
+        }
+        try (Connection conn = connect("preferQueryMode=simple")) {
+            try (PreparedStatement ps = conn.prepareStatement(
+                    "SELECT id, email FROM " + t("people") + " WHERE id = ?")) {
+                ps.setInt(1, 2); // simple mode: pgjdbc writes the value into the query text
+                out.put("simple_mode", rows(ps.executeQuery()));
+            }
         }
         return out;
     }
@@ -477,6 +679,17 @@ public final class Main {
             }
             conn.setAutoCommit(true);
             out.put("after", count(conn, all));
+        }
+        try (Connection conn = connect("autosave=always")) {
+            // pgjdbc wraps each statement in SAVEPOINT PGJDBC_AUTOSAVE and rolls back to it on an
+            // error: after a refusal the transaction goes on
+            conn.setAutoCommit(false);
+            try (Statement st = conn.createStatement()) {
+                st.executeUpdate("UPDATE " + items + " SET label = label WHERE id = 2");
+                out.put("autosave", outcome(() -> st.executeUpdate("DELETE FROM " + items + " WHERE id = -1")));
+                out.put("after_autosave", count(conn, all));
+                conn.commit();
+            }
         }
         return out;
     }

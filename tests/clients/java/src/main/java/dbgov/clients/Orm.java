@@ -1,5 +1,6 @@
 package dbgov.clients;
 
+import jakarta.persistence.LockModeType;
 import jakarta.persistence.criteria.CriteriaBuilder;
 import jakarta.persistence.criteria.CriteriaQuery;
 import jakarta.persistence.criteria.Root;
@@ -12,8 +13,9 @@ import org.hibernate.cfg.Configuration;
 
 /**
  * Hibernate ORM on pgjdbc: persist a batch of entities with sequence ids, flush, query with JPQL
- * and Criteria, update, delete by id, read an entity whose column the policy masks. The schema is
- * the test's (hbm2ddl none); the scenario deletes the notes it wrote.
+ * and Criteria, update, delete by id, read an entity whose column the policy masks (also through
+ * a join); identity ids, optimistic and pessimistic locking, pagination and a native query. The
+ * schema is the test's (hbm2ddl none); the scenario deletes the rows it wrote.
  */
 final class Orm {
     private Orm() {}
@@ -22,6 +24,7 @@ final class Orm {
         Configuration cfg = new Configuration()
                 .addAnnotatedClass(Person.class)
                 .addAnnotatedClass(Note.class)
+                .addAnnotatedClass(Tag.class)
                 .setProperty("hibernate.connection.url", url)
                 .setProperty("hibernate.connection.username", user)
                 .setProperty("hibernate.connection.password", password)
@@ -94,10 +97,48 @@ final class Orm {
             query.select(person.get("email")).where(cb.lt(person.get("id"), 3)).orderBy(cb.asc(person.get("id")));
             return session.createSelectionQuery(query).getResultList();
         }));
+        out.put("joined", factory.fromSession(session -> session.createSelectionQuery(
+                "select n.body, p.email from Note n join Person p on p.id = n.personId order by n.body", Object[].class)
+                .getResultList().stream().map(row -> List.of(row[0], row[1])).toList()));
+        out.put("tags", tags(factory));
         out.put("cleaned", factory.fromTransaction(session -> session
                 .createMutationQuery("delete from Note n where n.id in :ids")
                 .setParameter("ids", ids)
                 .executeUpdate()));
+        return out;
+    }
+
+    private static Map<String, Object> tags(SessionFactory factory) {
+        Map<String, Object> out = new LinkedHashMap<>();
+        List<Integer> ids = new ArrayList<>();
+        factory.inTransaction(session -> {
+            for (String name : List.of("red", "green", "blue")) {
+                Tag tag = new Tag(name);
+                session.persist(tag); // identity: INSERT ... RETURNING id, at once
+                ids.add(tag.getId());
+            }
+        });
+        int first = ids.get(0);
+        out.put("offsets", ids.stream().map(id -> id - first).toList());
+        factory.inTransaction(session -> session.find(Tag.class, ids.get(1)).setName("lime")); // version 0 -> 1
+        out.put("locked", factory.fromTransaction(session -> session
+                .find(Tag.class, ids.get(1), LockModeType.PESSIMISTIC_WRITE).json(first)));
+        out.put("page", factory.fromSession(session -> session
+                .createSelectionQuery("from Tag t where t.id in :ids order by t.id", Tag.class)
+                .setParameter("ids", ids)
+                .setFirstResult(1)
+                .setMaxResults(2)
+                .getResultList().stream().map(tag -> tag.json(first)).toList()));
+        out.put("native", factory.fromSession(session -> session
+                .createNativeQuery("select count(*) from {h-schema}tags where version > :v", Long.class)
+                .setParameter("v", 0)
+                .getSingleResult()));
+        out.put("removed", factory.fromTransaction(session -> {
+            for (Integer id : ids) {
+                session.remove(session.find(Tag.class, id)); // DELETE ... WHERE id=? AND version=?
+            }
+            return ids.size();
+        }));
         return out;
     }
 
