@@ -85,9 +85,10 @@ def identity_of(args: argparse.Namespace) -> model.Identity | None:
     if getattr(args, "identity", None):
         try:
             raw = json.loads(args.identity)
-            claims = raw.get("claims") or {}
             return model.Identity(
-                issuer=str(raw.get("issuer", "")), subject=str(raw["subject"]), claims=dict(claims)
+                issuer=str(raw.get("issuer", "")),
+                subject=str(raw["subject"]),
+                claims=dict(raw.get("claims") or {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(
