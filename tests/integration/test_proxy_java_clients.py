@@ -68,6 +68,7 @@ SCENARIOS = [
     "masked",
     "refused",
     "hibernate",
+    "hibernate_validate",
 ]
 
 
@@ -267,6 +268,9 @@ def _known(scenario: str, direct: dict[str, Any], schema: str) -> None:
             "person_id",
         )
         assert {k["FKTABLE_NAME"] for k in direct["exported_keys"]} == {"orders", "notes"}
+        assert [r["COLUMN_NAME"] for r in direct["best_row"]] == ["id"] and direct["type_info"] is True
+        assert {p["PRIVILEGE"] for p in direct["table_privileges"]} >= {"SELECT", "INSERT", "DELETE"}
+        assert {f["FUNCTION_NAME"] for f in direct["functions"]} == {"upper"}
     elif scenario == "transactions":
         assert direct["inside"] == direct["after_commit"] == direct["after_rollback"] == 2
         assert direct["read_only_write"]["code"] == "25006" and direct["after_error"]["code"] == "25P02"
@@ -295,6 +299,8 @@ def _known(scenario: str, direct: dict[str, Any], schema: str) -> None:
     elif scenario == "refused":
         assert all(v is None for k, v in direct.items() if not k.startswith("after") and k != "prepared")
         assert direct["prepared"] == [None] * 7 and direct["after_prepared"] == len(ITEMS) - 1
+    elif scenario == "hibernate_validate":
+        assert direct == {"validated": True}
     elif scenario == "hibernate":
         assert direct["offsets"] == [0, 1, 2, 3, 4, 5] and direct["aggregate"] == [6, 3, 7]
         assert (direct["bulk_updated"], direct["deleted_is_gone"], direct["cleaned"]) == (2, True, 5)

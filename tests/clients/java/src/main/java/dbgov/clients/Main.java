@@ -64,7 +64,7 @@ public final class Main {
         Logger.getLogger("").setLevel(Level.WARNING); // Hibernate's INFO banner is not output
         if (args.length != 5) {
             System.err.println("usage: java -jar dbgov-java-client.jar JDBC_URL USER PASSWORD SCENARIO SCHEMA"
-                    + " (scenarios: prepared batch metadata transactions read_only_always settings driver cancel masked refused hibernate)");
+                    + " (scenarios: prepared batch metadata transactions read_only_always settings driver cancel masked refused hibernate hibernate_validate)");
             System.exit(2);
         }
         Main main = new Main(args[0], args[1], args[2], args[4]);
@@ -80,6 +80,7 @@ public final class Main {
             case "masked" -> main.masked();
             case "refused" -> main.refused();
             case "hibernate" -> Orm.run(main.url, main.user, main.password, main.schema);
+            case "hibernate_validate" -> Orm.validate(main.url, main.user, main.password, main.schema);
             default -> {
                 System.err.println("unknown scenario " + args[3]);
                 System.exit(2);
@@ -306,6 +307,13 @@ public final class Main {
             out.put("imported_keys", rows(meta.getImportedKeys(null, schema, "orders")));
             out.put("exported_keys", rows(meta.getExportedKeys(null, schema, "people")));
             out.put("schemas", rows(meta.getSchemas(null, schema)));
+            out.put("best_row", rows(meta.getBestRowIdentifier(null, schema, "people", DatabaseMetaData.bestRowSession, false)));
+            out.put("table_privileges", rows(meta.getTablePrivileges(null, schema, "items")));
+            out.put("column_privileges", rows(meta.getColumnPrivileges(null, schema, "items", "%")));
+            out.put("functions", rows(meta.getFunctions(null, "pg_catalog", "upper")));
+            out.put("procedure_columns", rows(meta.getProcedureColumns(null, "pg_catalog", "upper", "%")));
+            out.put("type_info", rows(meta.getTypeInfo()).size() > 10);
+            out.put("udts", rows(meta.getUDTs(null, schema, "%", null)));
             out.put("user", meta.getUserName());
             out.put("read_only", meta.isReadOnly());
         }
@@ -615,6 +623,14 @@ public final class Main {
                 out.put("fetched", rows(ps.executeQuery()));
             }
             conn.commit();
+        }
+        String startupPath = "options=" + URLEncoder.encode("-c search_path=" + schema, StandardCharsets.UTF_8);
+        try (Connection conn = connect(startupPath)) { // the schema chosen in the startup packet
+            out.put("startup_search_path", query(conn, "SELECT id, email FROM people WHERE id = 1"));
+        }
+        try (Connection conn = connect("")) {
+            conn.setSchema(schema); // SET SESSION search_path
+            out.put("set_schema", query(conn, "SELECT id, email FROM people WHERE id = 2"));
         }
         try (Connection conn = connect("preferQueryMode=simple")) {
             try (PreparedStatement ps = conn.prepareStatement(

@@ -21,7 +21,29 @@ final class Orm {
     private Orm() {}
 
     static Map<String, Object> run(String url, String user, String password, String schema) {
-        Configuration cfg = new Configuration()
+        try (SessionFactory factory = configuration(url, user, password, schema).buildSessionFactory()) {
+            return scenario(factory);
+        }
+    }
+
+    /** hbm2ddl.auto=validate: Hibernate reads the tables, columns and sequences through DatabaseMetaData. */
+    static Map<String, Object> validate(String url, String user, String password, String schema) {
+        Configuration cfg = configuration(url, user, password, schema).setProperty("hibernate.hbm2ddl.auto", "validate");
+        Map<String, Object> out = new LinkedHashMap<>();
+        try (SessionFactory factory = cfg.buildSessionFactory()) {
+            out.put("validated", factory.isOpen());
+        } catch (RuntimeException err) {
+            Throwable cause = err;
+            while (cause.getCause() != null) {
+                cause = cause.getCause();
+            }
+            out.put("error", err.getClass().getSimpleName() + ": " + cause.getMessage());
+        }
+        return out;
+    }
+
+    private static Configuration configuration(String url, String user, String password, String schema) {
+        return new Configuration()
                 .addAnnotatedClass(Person.class)
                 .addAnnotatedClass(Note.class)
                 .addAnnotatedClass(Tag.class)
@@ -34,9 +56,6 @@ final class Orm {
                 .setProperty("hibernate.jdbc.batch_size", "10")
                 .setProperty("hibernate.order_inserts", "true")
                 .setProperty("hibernate.order_updates", "true");
-        try (SessionFactory factory = cfg.buildSessionFactory()) {
-            return scenario(factory);
-        }
     }
 
     private static Map<String, Object> scenario(SessionFactory factory) {
