@@ -6,17 +6,23 @@ and a login_refused event, claims select rules, and every event of a session car
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
 import psycopg
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+import pg
 from conftest import RunningProxy
 from dbgov_policy import compile as policy_compile
 from dbgov_policy import engine
@@ -270,3 +276,69 @@ def test_rotated_keys_work_after_a_rate_limited_refresh(idp: IdP, running: Runni
             conn.execute("BEGIN")
     assert idp.hits == {"/.well-known/openid-configuration": 1, "/jwks": 2}
     assert any(e.get("identity", {}) and e["identity"]["subject"] == "carol" for e in running.events)
+
+
+def test_dbgov_proxy_takes_its_issuers_from_the_policy_file(
+    idp: IdP, pg_server: pg.PgServer, tmp_path: Path
+) -> None:
+    """`dbgov proxy` as the sidecar runs: issuers in the policy file turn token login on."""
+    policy = tmp_path / "policy.yaml"
+    issuer = {
+        "issuer": idp.issuer,
+        "audiences": ["dbgov"],
+        "algorithms": ["ES256"],
+        "discovery": True,
+        "claims": ["groups"],
+    }
+    rules = [
+        {
+            "name": "analysts",
+            "verdict": "allow",
+            "statements": ["select"],
+            "subjects": {"claims": {"groups": ["analysts"]}},
+        }
+    ]
+    policy.write_text(
+        yaml.safe_dump({"default": "block", "authentication": {"jwt": {"issuers": [issuer]}}, "rules": rules})
+    )
+    audit_file = tmp_path / "audit.jsonl"
+    port = pg.free_port()
+    env = {
+        **os.environ,
+        "DBGOV_LISTEN": f"127.0.0.1:{port}",
+        "DBGOV_UPSTREAM": f"postgresql://app:{pg.APP_PASSWORD}@127.0.0.1:{pg_server.port}/shop?sslmode=disable",
+        "DBGOV_POLICY": str(policy),
+        "DBGOV_AUDIT": str(audit_file),
+        "DBGOV_METRICS": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbgov_sidecar.proxy_cli"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        dsn = f"host=127.0.0.1 port={port} user=agent dbname=shop sslmode=disable"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = psycopg.connect(f"{dsn} password={idp.token({'groups': ['analysts']}, kid='e1')}")
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        with conn:
+            assert conn.execute(SELECT).fetchone() is not None
+        with pytest.raises(psycopg.OperationalError, match="is not a signed JWT"):
+            psycopg.connect(f"{dsn} password=hunter2")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    events = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    statement = next(e for e in events if e["type"] == "statement" and e["statement"] == SELECT)
+    assert statement["identity"] == {
+        "issuer": idp.issuer,
+        "subject": "alice",
+        "claims": {"groups": ["analysts"]},
+    }
+    assert statement["rule"] == "analysts"
+    assert [e["reason"] for e in events if e["type"] == "login_refused"] == ["malformed"]
