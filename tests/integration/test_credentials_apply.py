@@ -171,11 +171,12 @@ def _granted(m: Minter, role: str) -> set[tuple[str, ...]]:
     ).fetchall()
     columns = conn.execute(
         "SELECT 'column', table_schema, table_name, column_name, privilege_type "
-        "FROM information_schema.role_column_grants WHERE grantee = %s AND (table_schema, table_name) NOT IN "
-        "(SELECT table_schema, table_name FROM information_schema.role_table_grants g "
-        " WHERE g.grantee = %s AND g.privilege_type = role_column_grants.privilege_type)",
-        (role, role),
+        "FROM information_schema.role_column_grants WHERE grantee = %s",
+        (role,),
     ).fetchall()
+    # information_schema lists a table-level privilege on every column too: keep column grants.
+    whole = {(r[1], r[2], r[4]) for r in tables}
+    columns = [r for r in columns if (r[1], r[2], r[4]) not in whole]
     others = conn.execute(
         "SELECT CASE c.relkind WHEN 'S' THEN 'sequence' END, n.nspname, c.relname, '', a.privilege_type "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a "
@@ -185,6 +186,16 @@ def _granted(m: Minter, role: str) -> set[tuple[str, ...]]:
         (role, role),
     ).fetchall()
     return {tuple(r) for r in [*tables, *columns, *others]}
+
+
+def _row(conn: psycopg.Connection[Any], query: str, *params: Any) -> tuple[Any, ...]:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return tuple(row)
+
+
+def _value(conn: psycopg.Connection[Any], query: str, *params: Any) -> Any:
+    return _row(conn, query, *params)[0]
 
 
 def _refused(conn: psycopg.Connection[Any], statement: str) -> str:
@@ -200,16 +211,15 @@ def test_minted_role_has_exactly_the_compiled_grants_and_postgres_enforces_them(
     assert {type(a).__name__ for a in applied} >= {"CreateGroupRole", "GrantPrivileges", "CreateLoginRole"}
     role, group = minter.role(pod), _group(minter)
 
-    until, can_login, members = minter.admin.execute(
-        "SELECT rolvaliduntil, rolcanlogin, ARRAY(SELECT roleid::regrole::text FROM pg_auth_members WHERE member = r.oid) "
-        "FROM pg_roles r WHERE rolname = %s",
-        (role,),
-    ).fetchone()
+    until, can_login, members = _row(
+        minter.admin,
+        "SELECT rolvaliduntil, rolcanlogin, ARRAY(SELECT roleid::regrole::text FROM pg_auth_members "
+        "WHERE member = r.oid) FROM pg_roles r WHERE rolname = %s",
+        role,
+    )
     assert can_login and members == [group]
     assert abs((until - (started + datetime.timedelta(minutes=15))).total_seconds()) < 10
-    stored = minter.admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)).fetchone()[
-        0
-    ]
+    stored = _value(minter.admin, "SELECT rolpassword FROM pg_authid WHERE rolname = %s", role)
     assert stored.startswith("SCRAM-SHA-256$4096:")
     assert minter.secrets[role].password not in stored
 
@@ -273,9 +283,7 @@ def test_minted_role_has_exactly_the_compiled_grants_and_postgres_enforces_them(
             ),
         ]
         assert rows[0][1] == "***@example.com"
-        definition = conn.execute(
-            "SELECT pg_get_viewdef(%s::regclass)", (f'dbgov_masked."{view}"',)
-        ).fetchone()[0]
+        definition = _value(conn, "SELECT pg_get_viewdef(%s::regclass)", f'dbgov_masked."{view}"')
         pads = grants.hmac_pads(KEY)
         assert (
             pads.ipad.hex() not in definition and pads.opad.hex() not in definition and KEY not in definition
@@ -287,21 +295,17 @@ def test_renewal_moves_valid_until_and_keeps_live_sessions(minter: Minter) -> No
     pod = minter.workload(1)
     minter.converge(minter.desired([pod]))
     role = minter.role(pod)
-    before = minter.admin.execute(
-        "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (role,)
-    ).fetchone()[0]
+    until = "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s"
+    before = _value(minter.admin, until, role)
     with minter.connect(pod) as live:
         pid = live.info.backend_pid
-        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
-            minutes=11
-        )  # 4m left < renewBefore 5m
+        # 4 minutes left, less than renewBefore (5m): due for renewal.
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=11)
         actions = minter.plan(minter.desired([pod]), now=later)
         assert [type(a).__name__ for a in actions] == ["RenewLoginRole"]
         assert actions[0].reason == "renewed"
         pgapply.apply(minter.admin, actions)
-        after = minter.admin.execute(
-            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (role,)
-        ).fetchone()[0]
+        after = _value(minter.admin, until, role)
         assert abs((after - (later + datetime.timedelta(minutes=15))).total_seconds()) < 2
         assert after - before > datetime.timedelta(minutes=10)
         assert live.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
