@@ -47,6 +47,8 @@ FETCH_TIMEOUT = 5.0
 """Seconds one fetch of a discovery document or a JWKS may take."""
 MAX_DOCUMENT = 1 << 20
 """Largest discovery document or JWKS read."""
+MAX_TOKEN = 16 * 1024
+"""Longest token verified (longer passwords are refused unread: parsing costs event-loop time)."""
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 """Hosts plain http is allowed to without ``allowHttp`` (tests, a local IdP)."""
 
@@ -87,13 +89,29 @@ def check_url(url: str, issuer: model.JwtIssuer) -> None:
 def fetch_json_blocking(url: str, issuer: model.JwtIssuer) -> Any:
     """GET ``url`` and parse its JSON (blocking: run it in a thread)."""
     check_url(url, issuer)
-    context = ssl.create_default_context(cafile=issuer.ca_file) if url.startswith("https:") else None
+    context = ssl.create_default_context(cafile=issuer.ca_file)
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), _CheckedRedirect(issuer)
+    )
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "dbgov"})
-    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT, context=context) as answer:
+    with opener.open(request, timeout=FETCH_TIMEOUT) as answer:
         body = answer.read(MAX_DOCUMENT + 1)
     if len(body) > MAX_DOCUMENT:
         raise ValueError(f"{url} answered more than {MAX_DOCUMENT} bytes")
     return json.loads(body)
+
+
+class _CheckedRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only where a first request could go (never from https to http)."""
+
+    def __init__(self, issuer: model.JwtIssuer) -> None:
+        self._issuer = issuer
+
+    def redirect_request(  # noqa: PLR0917 - urllib calls it so
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        check_url(newurl, self._issuer)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 async def fetch_json(url: str, issuer: model.JwtIssuer) -> Any:
@@ -234,6 +252,8 @@ class Verifier:
 
     async def verify(self, token: str) -> model.Identity:
         """The identity ``token`` proves, or ``Refusal``."""
+        if len(token) > MAX_TOKEN:
+            raise Refusal("malformed", f"the password is longer than a token may be ({MAX_TOKEN} bytes)")
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})

@@ -6,7 +6,9 @@ server over HTTP is tests/integration/test_proxy_jwt.py."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,30 @@ def test_keys_only_over_https_or_to_loopback() -> None:
         "http://idp.example/jwks",
         model.JwtIssuer(issuer=ISS, audiences=("a",), algorithms=("RS256",), allow_http=True),
     )
+
+
+def test_fetch_follows_no_redirect_to_plain_http_and_refuses_huge_passwords() -> None:
+    """A loopback server (allowed over http) redirecting to http elsewhere: refused."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://idp.example/jwks")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks"
+        with pytest.raises(ValueError, match="not https"):
+            tokens.fetch_json_blocking(url, ISSUER)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    verifier = tokens.Verifier(lambda: [ISSUER], fetch=IdP().fetch)
+    assert verify(verifier, "a" * (tokens.MAX_TOKEN + 1)) == "refused:malformed"
