@@ -33,7 +33,9 @@ DDL on existing tables (ALTER, DROP) needs ownership, which a minted role never 
   and no earlier non-allow rule covers `create` for any relation in it.
 - Sequences owned by a table (serial, identity) get USAGE and SELECT where INSERT is granted.
 
-Masked columns (the design; docs/credentials.md tells it to operators). A role that connects
+Masked columns (the design; docs/credentials.md tells it to operators). Masks follow
+inheritance as in the proxy (`with_inheritance`): children and partitions of a masked table,
+and parents of one, are masked tables too. A role that connects
 directly, bypassing the proxy, must not read a masked column raw. So on a masked table the
 group role gets SELECT on the *unmasked columns only* (column privileges): `SELECT *`, a
 WHERE/ORDER BY/RETURNING naming a masked column, or a whole-row reference is refused by
@@ -103,6 +105,8 @@ class Table:
     columns: tuple[str, ...]
     sequences: tuple[model.QualifiedName, ...] = ()
     """Sequences the table owns (serial and identity columns)."""
+    ancestors: tuple[model.QualifiedName, ...] = ()
+    """Every table it inherits from or is a partition of, transitively (pg_inherits)."""
 
     @property
     def qname(self) -> model.QualifiedName:
@@ -176,6 +180,7 @@ class GroupGrants:
 
 def compile_grants(policy: model.CompiledPolicy, catalog: Catalog, *, group_role: str) -> GroupGrants:
     """The privileges and masking views of ``group_role`` for ``policy`` on ``catalog``."""
+    policy = with_inheritance(policy, catalog)
     privileges: set[Privilege] = set()
     views: list[MaskingView] = []
     for table in sorted(_user_tables(catalog), key=lambda t: (t.schema, t.name)):
@@ -211,6 +216,28 @@ def compile_grants(policy: model.CompiledPolicy, catalog: Catalog, *, group_role
         privileges.add(Privilege(object_type="schema", schema=MASKED_SCHEMA, privilege="USAGE"))
     pads = hmac_pads(policy.mask_key) if any(v.uses_key for v in views) else None
     return GroupGrants(privileges=frozenset(privileges), views=tuple(views), pads=pads)
+
+
+def with_inheritance(policy: model.CompiledPolicy, catalog: Catalog) -> model.CompiledPolicy:
+    """``policy`` with the masks inheritance implies, as the proxy applies them: a child or
+    partition of a masked table reads the same values (its own grant would expose them raw),
+    and a parent read without ONLY returns its masked descendants' rows."""
+    masked = policy.masked_tables
+    if not masked:
+        return policy
+    inherits = {
+        t.qname: tuple(a for a in t.ancestors if a in masked)
+        for t in catalog.tables
+        if set(t.ancestors) & masked
+    }
+    below: dict[model.QualifiedName, list[tuple[model.QualifiedName, str]]] = {}
+    columns = {t.qname: t.columns for t in catalog.tables}
+    for t in catalog.tables:
+        for m in policy.masks_for(t.qname):
+            for parent in t.ancestors:
+                if m.column in columns.get(parent, ()):
+                    below.setdefault(parent, []).append((t.qname, m.column))
+    return policy.with_descendants(inherits, {p: tuple(v) for p, v in below.items()})
 
 
 def _column(rel: model.QualifiedName, column: str, p: PrivilegeName) -> Privilege:

@@ -104,9 +104,18 @@ SELECT n.nspname, c.relname,
        ARRAY(SELECT s.relname FROM pg_catalog.pg_depend d
              JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
              WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = c.oid
-               AND d.deptype IN ('a', 'i') ORDER BY s.relname)
+               AND d.deptype IN ('a', 'i') ORDER BY s.relname),
+       ARRAY(WITH RECURSIVE up(oid) AS (
+               SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid
+               UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid)
+             SELECT pn.nspname FROM up JOIN pg_catalog.pg_class p ON p.oid = up.oid
+             JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace ORDER BY p.oid),
+       ARRAY(WITH RECURSIVE up(oid) AS (
+               SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid
+               UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid)
+             SELECT p.relname FROM up JOIN pg_catalog.pg_class p ON p.oid = up.oid ORDER BY p.oid)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname <> ALL (%(system)s) AND n.nspname NOT LIKE 'pg\\_%%'
 ORDER BY 1, 2
 """
@@ -120,15 +129,18 @@ def read_catalog(conn: psycopg.Connection[Any]) -> grants.Catalog:
             schema=schema,
             name=name,
             columns=tuple(columns),
-            sequences=tuple(
-                model.QualifiedName(schema=s, name=n) for s, n in zip(seq_schemas, seq_names, strict=True)
-            ),
+            sequences=_names(seq_schemas, seq_names),
+            ancestors=_names(up_schemas, up_names),
         )
-        for schema, name, columns, seq_schemas, seq_names in conn.execute(
+        for schema, name, columns, seq_schemas, seq_names, up_schemas, up_names in conn.execute(
             _CATALOG_TABLES, {"system": sorted(grants.SYSTEM_SCHEMAS)}
         )
     )
     return grants.Catalog(schemas=schemas, tables=tables)
+
+
+def _names(schemas: list[str], names: list[str]) -> tuple[model.QualifiedName, ...]:
+    return tuple(model.QualifiedName(schema=s, name=n) for s, n in zip(schemas, names, strict=True))
 
 
 def read_state(conn: psycopg.Connection[Any]) -> credentials.Actual:

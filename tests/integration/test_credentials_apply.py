@@ -34,6 +34,7 @@ CREATE TABLE shop.customers (id serial PRIMARY KEY, name text, email text, ssn t
 CREATE TABLE shop.orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, customer_id int, qty int);
 CREATE TABLE shop.products (id int PRIMARY KEY, title text);
 CREATE TABLE shop.secrets (id int PRIMARY KEY, note text);
+CREATE TABLE shop.vip_customers (perks text) INHERITS (shop.customers);
 INSERT INTO shop.customers (name, email, ssn, card_number) VALUES
   ('Ada', 'ada@example.com', '123-45-6789', '4111111111111111'),
   ('Bob', 'bob@mail.example', '987-65-4321', '5500000000000004');
@@ -50,7 +51,7 @@ SPEC: dict[str, Any] = {
             "name": "read-shop",
             "verdict": "allow",
             "statements": ["select"],
-            "tables": ["shop.orders", "shop.products", "shop.customers"],
+            "tables": ["shop.orders", "shop.products", "shop.customers", "shop.vip_customers"],
         },
         {
             "name": "write-orders",
@@ -224,6 +225,7 @@ def test_minted_role_has_exactly_the_compiled_grants_and_postgres_enforces_them(
     assert minter.secrets[role].password not in stored
 
     view = grants.view_name(model.QualifiedName(schema="shop", name="customers"), group_role=group)
+    vip_view = grants.view_name(model.QualifiedName(schema="shop", name="vip_customers"), group_role=group)
     expected = {
         ("schema", "shop", "", "", "USAGE"),
         ("schema", "dbgov_masked", "", "", "USAGE"),
@@ -237,6 +239,10 @@ def test_minted_role_has_exactly_the_compiled_grants_and_postgres_enforces_them(
         ("sequence", "shop", "orders_id_seq", "", "USAGE"),
         ("sequence", "shop", "orders_id_seq", "", "SELECT"),
         ("table", "dbgov_masked", view, "", "SELECT"),
+        # The child inherits the masks (the policy masks only its parent): read it directly
+        # and its rows' email and ssn would be raw.
+        *{("column", "shop", "vip_customers", c, "SELECT") for c in ("id", "name", "card_number", "perks")},
+        ("table", "dbgov_masked", vip_view, "", "SELECT"),
     }
     assert _granted(minter, group) == expected
     assert _granted(minter, role) == set()  # everything comes through the group
@@ -258,6 +264,8 @@ def test_minted_role_has_exactly_the_compiled_grants_and_postgres_enforces_them(
             "UPDATE shop.customers SET name = 'x' WHERE id = 1",
             "TRUNCATE shop.orders",
             "SELECT ssn FROM shop.customers",
+            "SELECT ssn FROM shop.vip_customers",
+            "SELECT email FROM ONLY shop.customers",
             "SELECT * FROM shop.customers",
             "SELECT id FROM shop.customers WHERE email LIKE 'ada%'",
             "SELECT c FROM shop.customers c",

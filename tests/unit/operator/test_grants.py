@@ -290,3 +290,44 @@ def test_view_names_fit_postgres_identifiers() -> None:
     assert grants.view_name(model.QualifiedName(schema="shop", name="customers"), group_role=GROUP) == (
         "shop.customers.0123456789ab"
     )
+
+
+def test_masks_follow_inheritance_both_ways() -> None:
+    """A child of a masked table is masked like it; a parent of a masked table is masked where
+    its columns hold the child's masked values (a read without ONLY returns them)."""
+    parent = model.QualifiedName(schema="shop", name="people")
+    masked = model.QualifiedName(schema="shop", name="customers")
+    catalog = grants.Catalog(
+        schemas=("shop",),
+        tables=(
+            grants.Table(schema="shop", name="people", columns=("id", "email")),
+            grants.Table(
+                schema="shop", name="customers", columns=("id", "email", "ssn"), ancestors=(parent,)
+            ),
+            grants.Table(
+                schema="shop",
+                name="customers_2026",
+                columns=("id", "email", "ssn"),
+                ancestors=(masked, parent),
+            ),
+        ),
+    )
+    spec = {
+        "rules": [{"name": "r", "verdict": "allow", "statements": ["select"]}],
+        "masks": [{"table": "shop.customers", "column": "email", "strategy": "redact"}],
+    }
+    compiled = grants.compile_grants(policy_compile.compile_policy(spec), catalog, group_role=GROUP)
+    assert sorted(str(p) for p in compiled.privileges) == [
+        "SELECT on column shop.customers(id)",
+        "SELECT on column shop.customers(ssn)",
+        "SELECT on column shop.customers_2026(id)",
+        "SELECT on column shop.customers_2026(ssn)",
+        "SELECT on column shop.people(id)",
+        "USAGE on schema dbgov_masked",
+        "USAGE on schema shop",
+    ]
+    assert sorted(v.name for v in compiled.views) == [
+        "shop.customers.0123456789ab",
+        "shop.customers_2026.0123456789ab",
+        "shop.people.0123456789ab",
+    ]
