@@ -35,7 +35,8 @@ DDL on existing tables (ALTER, DROP) needs ownership, which a minted role never 
 
 Masked columns (the design; docs/credentials.md tells it to operators). Masks follow
 inheritance as in the proxy (`with_inheritance`): children and partitions of a masked table,
-and parents of one, are masked tables too. A role that connects
+and parents of one, are masked tables too. A view with its owner's rights (or a materialized
+view) that reads a masked table gets no SELECT at all: it would return the raw values. A role that connects
 directly, bypassing the proxy, must not read a masked column raw. So on a masked table the
 group role gets SELECT on the *unmasked columns only* (column privileges): `SELECT *`, a
 WHERE/ORDER BY/RETURNING naming a masked column, or a whole-row reference is refused by
@@ -107,6 +108,11 @@ class Table:
     """Sequences the table owns (serial and identity columns)."""
     ancestors: tuple[model.QualifiedName, ...] = ()
     """Every table it inherits from or is a partition of, transitively (pg_inherits)."""
+    reads: tuple[model.QualifiedName, ...] = ()
+    """For a view or materialized view: the relations its query reads (pg_depend)."""
+    definer_rights: bool = False
+    """A view that reads its relations with its owner's privileges (not security_invoker), or
+    a materialized view (its rows are stored as read)."""
 
     @property
     def qname(self) -> model.QualifiedName:
@@ -183,11 +189,14 @@ def compile_grants(policy: model.CompiledPolicy, catalog: Catalog, *, group_role
     policy = with_inheritance(policy, catalog)
     privileges: set[Privilege] = set()
     views: list[MaskingView] = []
+    hiding = _views_over_masked(policy, catalog)
     for table in sorted(_user_tables(catalog), key=lambda t: (t.schema, t.name)):
         rel = table.qname
         allowed = {
             p for p, classes in TABLE_PRIVILEGES.items() if any(_allows(policy, c, rel) for c in classes)
         }
+        if rel in hiding:
+            allowed.discard("SELECT")
         masks = {m.column: m for m in policy.masks_for(rel) if m.column in table.columns}
         for p in sorted(allowed):
             if p == "SELECT" and masks:
@@ -238,6 +247,25 @@ def with_inheritance(policy: model.CompiledPolicy, catalog: Catalog) -> model.Co
                 if m.column in columns.get(parent, ()):
                     below.setdefault(parent, []).append((t.qname, m.column))
     return policy.with_descendants(inherits, {p: tuple(v) for p, v in below.items()})
+
+
+def _views_over_masked(policy: model.CompiledPolicy, catalog: Catalog) -> frozenset[model.QualifiedName]:
+    """Definer-rights views and materialized views that read a masked table, directly or through
+    other views: SELECT on them would return its masked columns raw, whatever the column
+    privileges say, so they get none (fail closed; a `security_invoker` view is checked against
+    the reader's own column privileges and is left to the rules)."""
+    masked = set(policy.masked_tables)
+    reads = {t.qname: set(t.reads) for t in catalog.tables if t.reads}
+    tainted: set[model.QualifiedName] = set()
+    changed = True
+    while changed:
+        changed = False
+        for view, sources in reads.items():
+            if view not in tainted and sources & (masked | tainted):
+                tainted.add(view)
+                changed = True
+    definer = {t.qname for t in catalog.tables if t.definer_rights}
+    return frozenset(tainted & definer)
 
 
 def _column(rel: model.QualifiedName, column: str, p: PrivilegeName) -> Privilege:

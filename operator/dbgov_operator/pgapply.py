@@ -113,7 +113,23 @@ SELECT n.nspname, c.relname,
        ARRAY(WITH RECURSIVE up(oid) AS (
                SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid
                UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid)
-             SELECT p.relname FROM up JOIN pg_catalog.pg_class p ON p.oid = up.oid ORDER BY p.oid)
+             SELECT p.relname FROM up JOIN pg_catalog.pg_class p ON p.oid = up.oid ORDER BY p.oid),
+       ARRAY(SELECT DISTINCT ON (d.refobjid) rn.nspname FROM pg_catalog.pg_rewrite r
+             JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+               AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refobjid <> c.oid
+             JOIN pg_catalog.pg_class rc ON rc.oid = d.refobjid
+             JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+             WHERE r.ev_class = c.oid ORDER BY d.refobjid),
+       ARRAY(SELECT DISTINCT ON (d.refobjid) rc.relname FROM pg_catalog.pg_rewrite r
+             JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+               AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refobjid <> c.oid
+             JOIN pg_catalog.pg_class rc ON rc.oid = d.refobjid
+             WHERE r.ev_class = c.oid ORDER BY d.refobjid),
+       c.relkind = 'm' OR (c.relkind = 'v' AND NOT EXISTS (
+             SELECT 1 FROM pg_catalog.unnest(c.reloptions) o
+             WHERE o OPERATOR(pg_catalog.~*) '^security_invoker=(true|on|yes|1)$'))
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname <> ALL (%(system)s) AND n.nspname NOT LIKE 'pg\\_%%'
@@ -131,10 +147,21 @@ def read_catalog(conn: psycopg.Connection[Any]) -> grants.Catalog:
             columns=tuple(columns),
             sequences=_names(seq_schemas, seq_names),
             ancestors=_names(up_schemas, up_names),
+            reads=_names(read_schemas, read_names),
+            definer_rights=definer,
         )
-        for schema, name, columns, seq_schemas, seq_names, up_schemas, up_names in conn.execute(
-            _CATALOG_TABLES, {"system": sorted(grants.SYSTEM_SCHEMAS)}
-        )
+        for (
+            schema,
+            name,
+            columns,
+            seq_schemas,
+            seq_names,
+            up_schemas,
+            up_names,
+            read_schemas,
+            read_names,
+            definer,
+        ) in conn.execute(_CATALOG_TABLES, {"system": sorted(grants.SYSTEM_SCHEMAS)})
     )
     return grants.Catalog(schemas=schemas, tables=tables)
 

@@ -331,3 +331,34 @@ def test_masks_follow_inheritance_both_ways() -> None:
         "shop.customers_2026.0123456789ab",
         "shop.people.0123456789ab",
     ]
+
+
+def test_definer_rights_views_over_masked_tables_get_no_select() -> None:
+    customers = model.QualifiedName(schema="shop", name="customers")
+    emails = model.QualifiedName(schema="shop", name="emails")
+    catalog = grants.Catalog(
+        schemas=("shop",),
+        tables=(
+            grants.Table(schema="shop", name="customers", columns=("id", "email")),
+            grants.Table(
+                schema="shop", name="emails", columns=("email",), reads=(customers,), definer_rights=True
+            ),
+            grants.Table(
+                schema="shop", name="emails2", columns=("email",), reads=(emails,), definer_rights=True
+            ),
+            grants.Table(schema="shop", name="invoker", columns=("email",), reads=(customers,)),
+            grants.Table(schema="shop", name="orders", columns=("id",)),
+        ),
+    )
+    spec = {
+        "rules": [{"name": "r", "verdict": "allow", "statements": ["select", "insert"]}],
+        "masks": [{"table": "shop.customers", "column": "email", "strategy": "redact"}],
+    }
+    compiled = grants.compile_grants(policy_compile.compile_policy(spec), catalog, group_role=GROUP)
+    selects = sorted(str(p) for p in compiled.privileges if p.privilege == "SELECT")
+    assert selects == [
+        "SELECT on column shop.customers(id)",
+        "SELECT on table shop.invoker",
+        "SELECT on table shop.orders",
+    ]
+    assert "INSERT on table shop.emails" in {str(p) for p in compiled.privileges}
