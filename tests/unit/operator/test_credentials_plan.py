@@ -411,3 +411,16 @@ def test_parse_credentials(value: Any, expect: Any) -> None:
 def test_credentials_field_is_accepted_by_the_policy_compiler() -> None:
     spec = {"credentials": {"ttl": "15m"}, "default": "block"}
     assert isinstance(policy_compile.compile_policy(spec), model.CompiledPolicy)
+
+
+@pytest.mark.parametrize("module", [credentials, grants])
+def test_plan_modules_stay_pure(module: Any) -> None:
+    """credentials and grants decide; only pgapply may talk to a database (or anything else)."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    forbidden = {"asyncio", "socket", "kopf", "kubernetes", "psycopg", "os", "subprocess", "secrets", "time"}
+    assert not imported & forbidden
