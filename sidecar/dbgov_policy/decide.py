@@ -121,6 +121,9 @@ class Names:
 
     prepared: set[str] = dataclasses.field(default_factory=set)
     cursors: set[str] = dataclasses.field(default_factory=set)
+    writable_at_login: bool = False
+    """The server reported ``default_transaction_read_only`` off when the session logged in:
+    turning read-only off again only restores what the role and database gave the session."""
 
     def knows(self, kind: str, name: str) -> bool:
         return name in (self.prepared if kind == "prepared" else self.cursors)
@@ -177,8 +180,21 @@ def _relations(unit: analyze.Unit) -> tuple[model.QualifiedName, ...]:
     return (*unit.reads, *unit.writes, *unit.locks)
 
 
-def _setting_verdict(policy: model.CompiledPolicy, setting: analyze.Setting) -> _Verdict | None:
+def _setting_verdict(
+    policy: model.CompiledPolicy, setting: analyze.Setting, *, writable_at_login: bool = False
+) -> _Verdict | None:
     """A block for a setting no policy may change, `allow` for benign ones, None for others."""
+    if (
+        writable_at_login
+        and setting.name in {"transaction_read_only", "default_transaction_read_only"}
+        and _off(setting.value)
+    ):
+        # pgjdbc's setReadOnly(false), Spring's read-write transactions after read-only ones.
+        return _Verdict(
+            verdict="allow",
+            rule="builtin:session-basics",
+            reason="the server started this session writable; READ WRITE only restores that",
+        )
     if setting.name == "*":
         return _Verdict(
             verdict="allow",
@@ -378,7 +394,7 @@ def judge_unit(policy: model.CompiledPolicy, unit: analyze.Unit, known: Names) -
         return _block(f"guardrail:{f.guard}", f.reason, f.hint)
     setting_ok: _Verdict | None = None
     for setting in unit.settings:
-        v = _setting_verdict(policy, setting)
+        v = _setting_verdict(policy, setting, writable_at_login=known.writable_at_login)
         if v is not None and v.verdict == "block":
             return v
         setting_ok = v if setting_ok is None else setting_ok

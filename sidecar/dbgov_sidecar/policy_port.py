@@ -72,11 +72,13 @@ class Policy(Protocol):
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
+        writable_at_login: bool = False,
     ) -> object:
         """Per-session state the engine keeps (prepared statement and cursor names, search_path);
         ``columns``: the columns of masked tables (and of their descendants) in the session's
         database, in order; ``inherits``: the descendants of masked tables there; ``ancestors``:
-        the ancestors of masked tables there."""
+        the ancestors of masked tables there; ``writable_at_login``: the server reported
+        default_transaction_read_only off at login (READ WRITE then restores it)."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -115,6 +117,7 @@ class AllowAll:
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
+        writable_at_login: bool = False,
     ) -> object:
         return None
 
@@ -143,6 +146,7 @@ class RefuseAll:
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
+        writable_at_login: bool = False,
     ) -> object:
         return None
 
@@ -234,6 +238,7 @@ class EnginePolicy:
         columns: TableColumns | None = None,
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
+        writable_at_login: bool = False,
     ) -> object:
         ctx = (
             engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
@@ -254,6 +259,7 @@ class EnginePolicy:
                 )
                 for (s, t), below in ancestors.items()
             }
+        ctx.names.writable_at_login = writable_at_login
         return ctx
 
     def decide(self, sql: str, context: object) -> Decision:

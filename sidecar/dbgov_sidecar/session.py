@@ -426,6 +426,8 @@ class Session:
         self._table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
+        self._writable_at_login = False
+        """The server reported default_transaction_read_only off at login."""
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._binding: bytes | None = None
@@ -801,6 +803,9 @@ class Session:
                     f'although dbgov asked for "{expected}"; SQL would not be read as it is judged',
                 )
                 return
+        # PostgreSQL 14+ reports it; unknown (older servers) counts as read-only: READ WRITE
+        # stays refused rather than undo what a role's default may have set.
+        self._writable_at_login = reported.get("default_transaction_read_only") == "off"
         self._masked_attrs = dict(masked_attrs or {})
         self._table_columns = dict(table_columns or {})
         self._inherits = dict(inherits or {})
@@ -1552,6 +1557,8 @@ class Session:
             tree["inherits"] = self._inherits
         if self._ancestors:
             tree["ancestors"] = self._ancestors
+        if self._writable_at_login:
+            tree["writable_at_login"] = True
         self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns, **tree)
         self._context_kind = type(policy)
 

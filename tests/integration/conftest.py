@@ -38,7 +38,9 @@ class RulesPolicy:
         self.mode = mode
         self.decided: list[str] = []
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: object = None, **_: object
+    ) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:

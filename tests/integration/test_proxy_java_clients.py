@@ -62,6 +62,7 @@ SCENARIOS = [
     "batch",
     "metadata",
     "transactions",
+    "read_only_always",
     "settings",
     "driver",
     "cancel",

@@ -186,7 +186,9 @@ class MissesMasks:
         self.max_rows_returned = 1000 if guardrails else None
         self.max_rows_affected = 1000 if guardrails else None
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: object = None, **_: object
+    ) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:
@@ -280,7 +282,9 @@ def test_startup_settings_follow_the_policy(governed: RunningProxy) -> None:
 class BreaksAtLogin(MissesMasks):
     """A policy with a bug that shows only once the upstream login is done."""
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: object = None, **_: object
+    ) -> object:
         if columns:
             raise RuntimeError("a bug in the policy")
         return None

@@ -451,3 +451,34 @@ def test_a_startup_search_path_passes_under_default_allow(make_proxy: object) ->
     asyncio.run(run())
     reads = [e for e in proxy.events if e["type"] == "statement" and "orders" in e["statement"]]
     assert [e["tables_read"] for e in reads] == [["shop.orders"]], reads
+
+
+def test_read_write_restores_a_session_the_server_started_writable(
+    make_proxy: object, pg_server: pg.PgServer
+) -> None:
+    """pgjdbc's setReadOnly(true) then setReadOnly(false): READ WRITE passes where the server
+    reported the session writable at login; where the database's default is read-only, turning
+    it off stays refused (the server's answer at login decides, not the client's say)."""
+    proxy = make_proxy(policy=_allow_all())  # type: ignore[operator]
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        conn.execute("SET default_transaction_read_only = off")
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ WRITE")
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+    with pg.scratch_database(pg_server, "readonly", "SELECT 1") as name:
+        with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        with psycopg.connect(proxy.dsn(dbname=name), autocommit=True) as conn:
+            assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+            for sql in (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+                "SET default_transaction_read_only = off",
+            ):
+                with pytest.raises(
+                    psycopg.errors.InsufficientPrivilege, match="default_transaction_read_only"
+                ):
+                    conn.execute(sql)
+            assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)

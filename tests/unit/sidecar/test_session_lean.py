@@ -26,7 +26,9 @@ class Policy:
     max_rows_returned: int | None = 3
     max_rows_affected: int | None = None
 
-    def new_context(self, *, search_path: tuple[str, ...] | None = None, columns: object = None) -> object:
+    def new_context(
+        self, *, search_path: tuple[str, ...] | None = None, columns: object = None, **_: object
+    ) -> object:
         return None
 
     def decide(self, sql: str, context: object) -> policy_port.Decision:
