@@ -2,7 +2,13 @@
 pyproject.toml. The lane is optional: without a C compiler the install still succeeds and the
 proxy runs every statement through the Python session (slower, the same behaviour)."""
 
+import warnings
+
 from setuptools import Extension, setup
+
+# setuptools notes on every editable install that folders named like a package could shadow it;
+# none here are (the packages live under sidecar/ and operator/), and a user cannot act on it.
+warnings.filterwarnings("ignore", message="Editable installation")
 
 try:
     from Cython.Build import cythonize

@@ -111,7 +111,7 @@ def parse_build_stage(text: str) -> BuildStage:
 
 def test_the_dockerfile_is_read_as_docker_would() -> None:
     stage = parse_build_stage(DOCKERFILE.read_text())
-    assert stage.runs[-1] == [f"{IMAGE_PREFIX}/bin/pip", "install", ".[fast]"]
+    assert stage.runs[-1] == [f"{IMAGE_PREFIX}/bin/pip", "install", ".[fast,jwt]"]
     assert ["python", "-m", "venv", IMAGE_PREFIX] in stage.runs
     copied = {source for sources, _ in stage.copies for source in sources}
     assert {"pyproject.toml", "setup.py", "README.md", "sidecar", "operator"} <= copied
@@ -260,6 +260,7 @@ PROBE = textwrap.dedent(
     import importlib.util, json, sys
     dev_only = sys.argv[1].split(",")
     clean = {name: importlib.util.find_spec(name) is None for name in dev_only}
+    import jwt, cryptography.hazmat  # the `jwt` extra: token logins need them from the image
     # Now make them importable (the dev environment's packages, after the image's own), so
     # that importing them would succeed and show.
     sys.path.append(sys.argv[2])
@@ -269,6 +270,7 @@ PROBE = textwrap.dedent(
         "clean": clean,
         "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(dev_only)),
         "from": dbgov_sidecar.cli.__file__,
+        "sources": sorted(p.name for p in __import__("pathlib").Path(dbgov_sidecar.cli.__file__).parent.glob("*.c")),
     }))
     """
 )
@@ -289,6 +291,7 @@ def test_the_runtime_imports_nothing_from_the_dev_extras(installed: Installed) -
     assert all(result["clean"].values()), f"the image's virtualenv holds dev packages: {result['clean']}"
     assert result["loaded"] == [], f"importing the CLI imported {result['loaded']}"
     assert result["from"].startswith(str(installed.prefix)), result["from"]
+    assert result["sources"] == [], f"the package ships generated C: {result['sources']}"
 
 
 def test_check_from_the_installed_set(installed: Installed, tmp_path: Path) -> None:
