@@ -7,7 +7,19 @@ import pytest
 
 import dbgov_operator
 
-PURE = ("annotations", "bundle", "certs", "conditions", "injection", "kubetypes", "settings")
+PURE = (
+    "annotations",
+    "bundle",
+    "certs",
+    "conditions",
+    "credentials",
+    "databases",
+    "grants",
+    "identity",
+    "injection",
+    "kubetypes",
+    "settings",
+)
 FORBIDDEN = {"asyncio", "socket", "kopf", "kubernetes", "aiohttp", "ssl", "os", "subprocess"}
 ROOT = pathlib.Path(dbgov_operator.__file__).parent
 
