@@ -178,6 +178,8 @@ class Unit:
     column_names: set[str] = dataclasses.field(default_factory=set)
     """Every name in a column reference, qualifiers included (``t.addr`` may be the field of a
     composite column ``t``)."""
+    assigned_columns: set[str] = dataclasses.field(default_factory=set)
+    """Columns of the target an UPDATE, an upsert's DO UPDATE or a MERGE's UPDATE assigns."""
     row_names: set[str] = dataclasses.field(default_factory=set)
     """Names a column reference uses alone (``RETURNING t``): perhaps a whole-row reference."""
     has_star: bool = False
@@ -755,6 +757,7 @@ class _Walker:
         unit.where_constrains = None
         conflict = f.get("onConflictClause")
         if isinstance(conflict, dict) and conflict.get("action") == "ONCONFLICT_UPDATE":
+            unit.assigned_columns.update(_assigned(conflict.get("targetList")))
             # An upsert updates the rows it conflicts with: PostgreSQL asks for INSERT and
             # UPDATE privilege, so a rule must allow both.
             unit.extra_classes.add("update")
@@ -770,12 +773,17 @@ class _Walker:
 
     def _on_UpdateStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
+        unit.assigned_columns.update(_assigned(f.get("targetList")))
 
     def _on_DeleteStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
 
     def _on_MergeStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "joinCondition")
+        for clause in f.get("mergeWhenClauses") or []:
+            n = _node(clause)
+            if n is not None and n[1].get("commandType") == "CMD_UPDATE":
+                unit.assigned_columns.update(_assigned(n[1].get("targetList")))
 
     def _on_CopyStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self.sensitive.flag = True
@@ -1402,6 +1410,16 @@ def _pins(value: Any, names: frozenset[str], unqualified: bool, sensitive: _Sens
         text = pattern.get("sval", "") if isinstance(pattern, dict) else None
         return isinstance(text, str) and not text.startswith(("%", "_"))
     return False
+
+
+def _assigned(target_list: Any) -> set[str]:
+    """The columns a SET list assigns (``SET a = 1, (b, c) = (…)``, ``SET d[1] = …``)."""
+    out: set[str] = set()
+    for item in target_list or []:
+        n = _node(item)
+        if n is not None and n[0] == "ResTarget" and n[1].get("name"):
+            out.add(str(n[1]["name"]))
+    return out
 
 
 def _stable_builtin(f: dict[str, Any]) -> bool:

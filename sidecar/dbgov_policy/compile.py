@@ -41,7 +41,7 @@ GUARDRAIL_FIELDS = frozenset(
         "allowedSettings",
     }
 )
-MASK_FIELDS = frozenset({"table", "column", "strategy", "keepLast"})
+MASK_FIELDS = frozenset({"table", "column", "strategy", "keepLast", "writable"})
 REQUIRE_WHERE_CLASSES = frozenset({"update", "delete", "merge"})
 #: Settings a policy may open up through `allowedSettings`; the engine tracks their effect.
 GUARDED_SETTINGS = frozenset({"search_path"})
@@ -582,6 +582,10 @@ def _masks(value: Any, path: str, out: _Collector) -> tuple[model.Mask, ...]:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or not 0 <= keep_last <= 64:
             out.add(f"{mpath}.keepLast", f"must be a whole number from 0 to 64, got {keep_last!r}")
             keep_last = 4
+        writable = raw.get("writable", False)
+        if not isinstance(writable, bool):
+            out.add(f"{mpath}.writable", f"must be true or false, got {writable!r}")
+            writable = False
         if qname is None or col is None:
             continue
         key = (qname, col)
@@ -595,6 +599,7 @@ def _masks(value: Any, path: str, out: _Collector) -> tuple[model.Mask, ...]:
                 column=col,
                 strategy=cast(model.Strategy, strategy),
                 keep_last=keep_last,
+                writable=writable,
             )
         )
     return tuple(masks)

@@ -376,6 +376,14 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
                 "triggers or policies) could expose them under another name"
             )
         cols = {m.column for m in policy.masks_for(target.rel)}
+        blind = unit.assigned_columns & {m.column for m in policy.masks_for(target.rel) if not m.writable}
+        if blind:
+            return (
+                f"the statement assigns {', '.join(sorted(blind))} of {target.rel}, which this workload "
+                "only ever sees masked: an ORM that saves a whole row it read would write the masked "
+                "value over the real one (update only the columns you changed, e.g. Django's "
+                "save(update_fields=...) or Hibernate's @DynamicUpdate, or mark the mask writable)"
+            )
         whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
         # `"t"."id"` names the table only to qualify a column; `RETURNING t` is the whole row.
         used = (unit.column_names & cols) | (unit.row_names & whole_row)

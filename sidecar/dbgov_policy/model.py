@@ -129,6 +129,9 @@ class Mask:
     column: str
     strategy: Strategy
     keep_last: int = 4
+    writable: bool = False
+    """Whether UPDATE may assign the column. Off by default: the workload never sees its real
+    values, so an ORM's save() would write back the masked value it read."""
 
 
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

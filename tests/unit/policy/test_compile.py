@@ -218,3 +218,16 @@ def test_merge_specs_unites_protection_and_keeps_rule_order() -> None:
     assert len(merged["masks"]) == 2
     policy_compile.compile_policy(merged)
     assert policy_compile.merge_specs([])["default"] == "block"
+
+
+def test_a_writable_mask_lets_updates_assign_the_column() -> None:
+    from dbgov_policy import engine
+
+    def spec(writable: object) -> dict[str, object]:
+        mask = {"table": "public.t", "column": "email", "strategy": "email", "writable": writable}
+        return {"default": "allow", "masks": [mask]}
+
+    sql = "UPDATE t SET email = 'new@example.com' WHERE id = 1"
+    assert engine.Engine(policy_compile.compile_policy(spec(True))).decide(sql).verdict == "allow"
+    assert engine.Engine(policy_compile.compile_policy(spec(False))).decide(sql).verdict == "block"
+    assert problems(spec("yes")) == ["masks[0].writable: must be true or false, got 'yes'"]
