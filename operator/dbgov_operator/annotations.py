@@ -10,10 +10,26 @@ PREFIX: Final = "dbgov.io"
 """The domain every dbgov label and annotation key lives under."""
 
 INJECT: Final = f"{PREFIX}/inject"
-"""Pod label, set by users: ``"true"`` enrolls the pod; the webhook adds the dbgov sidecar."""
+"""Pod label, set by users: ``"true"`` enrolls the pod; the webhook adds the dbgov sidecar.
+
+In a namespace labelled :data:`ENFORCE` the label is not the pod's choice: every pod is injected
+(the webhook sets it to ``"true"``), and ``"false"`` is ignored with a warning."""
 
 INJECT_ENABLED: Final = "true"
 """The only value of :data:`INJECT` that enrolls a pod."""
+
+ENFORCE: Final = f"{PREFIX}/enforce"
+"""Namespace label, set by cluster admins (the platform team), never by workloads: ``"true"``
+makes the sidecar mandatory for every pod created in the namespace. A pod there cannot opt out
+with :data:`INJECT`; one the webhook cannot inject is refused, not admitted without its sidecar.
+Namespace labels are cluster-scoped writes, so a namespace's own users cannot remove it."""
+
+ENFORCE_ENABLED: Final = "true"
+"""The only value of :data:`ENFORCE` that enforces injection."""
+
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
+"""Namespace label the apiserver sets to the namespace's name: the webhook configurations'
+namespaceSelector excludes system namespaces and the operator's own by it."""
 
 STATUS: Final = f"{PREFIX}/status"
 """Pod annotation, written by the webhook: ``"injected"`` once the sidecar was added.
@@ -30,16 +46,21 @@ original value to the sidecar as its upstream, with read-only mounts of the app'
 the TLS files a literal URL names (``sslrootcert``, ``sslcert``, ``sslkey``)."""
 
 SIDECAR_IMAGE: Final = f"{PREFIX}/sidecar-image"
-"""Pod annotation, set by users: overrides the sidecar image for this pod."""
+"""Pod annotation, set by users: another sidecar image for this pod. The image is the platform's
+(chart value ``image.sidecar``, pinned by digest where possible): the pod is refused unless the
+annotation names that same image or the chart sets ``sidecar.allowImageOverride``."""
 
 SIDECAR_RESOURCES: Final = f"{PREFIX}/sidecar-resources"
-"""Pod annotation, set by users: JSON ``{"requests": {...}, "limits": {...}}`` replacing the
-sidecar's default resource requirements."""
+"""Pod annotation, set by users: JSON ``{"requests": {...}, "limits": {...}}`` narrowing the
+sidecar's resource requirements. Keys it names replace the chart's; a limit may only be lowered
+(never above, nor removing, the chart's), and a request may not exceed its limit."""
 
 DATABASE: Final = f"{PREFIX}/database"
 """Pod annotation, set by users: the name of the ``Database`` resource (same namespace) the
 pod uses. The sidecar loads only the policies whose ``databaseRef`` names it, and connects to it
-when the upstream is not given by :data:`DATABASE_URL_ENV`."""
+when the upstream is not given by :data:`DATABASE_URL_ENV`. It may only name a database that a
+policy binding the pod (by ServiceAccount or podSelector) names; any other is refused, so a pod
+cannot pick another database's laxer policy."""
 
 PROXY_PORT: Final = f"{PREFIX}/proxy-port"
 """Pod annotation, set by users: the loopback port the proxy listens on (default 5432)."""

@@ -6,10 +6,11 @@ No I/O here: the pod, its namespace and the settings are all the input there is.
 """
 
 import copy
+import decimal
 import json
 import posixpath
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from dbgov_operator import annotations, settings
 from dbgov_operator.kubetypes import Container, EnvVar, Probe, Volume, VolumeMount
 
 SIDECAR_NAME = "dbgov-proxy"
+SIDECAR_UID = 10001
+"""The sidecar image's user (Dockerfile.sidecar): set explicitly so ``runAsNonRoot`` never
+depends on the image's metadata."""
 TOKEN_VOLUME = "dbgov-token"
 POLICY_VOLUME = "dbgov-policy"
 TOKEN_DIR = "/var/run/secrets/dbgov.io/serviceaccount"
@@ -132,20 +136,30 @@ def excluded(namespace: str, *, config: settings.Settings) -> str | None:
     return None
 
 
-def decide(pod: Mapping[str, Any], *, namespace: str, config: settings.Settings) -> Decision:
-    """Decide whether ``pod`` (being created in ``namespace``) gets the sidecar."""
+def enforced(namespace_labels: Mapping[str, str] | None) -> bool:
+    """Whether a namespace with these labels makes the sidecar mandatory (:data:`annotations.ENFORCE`)."""
+    return (namespace_labels or {}).get(annotations.ENFORCE) == annotations.ENFORCE_ENABLED
+
+
+def decide(
+    pod: Mapping[str, Any], *, namespace: str, config: settings.Settings, enforce: bool = False
+) -> Decision:
+    """Decide whether ``pod`` (being created in ``namespace``) gets the sidecar.
+
+    ``enforce``: the namespace is labelled :data:`annotations.ENFORCE`, so the pod's own
+    :data:`annotations.INJECT` label cannot opt it out."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     reason = excluded(namespace, config=config)
     if reason is not None:
         return Decision(inject=False, reason=reason)
-    if labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
+    if not enforce and labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
         return Decision(inject=False, reason=f"not labeled {annotations.INJECT}=true")
     if (meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED:
         return Decision(inject=False, reason="already injected")
     if any(c.get("name") == SIDECAR_NAME for c in _all_containers(pod)):
         return Decision(inject=False, reason=f"already has a {SIDECAR_NAME} container")
-    return Decision(inject=True, reason="enrolled")
+    return Decision(inject=True, reason="namespace enforces dbgov" if enforce else "enrolled")
 
 
 def inject(
@@ -153,21 +167,41 @@ def inject(
     *,
     sidecar: settings.SidecarSettings,
     endpoint: CredentialEndpoint | None = None,
+    enforce: bool = False,
+    bound_databases: Collection[str] | None = None,
 ) -> Injection:
     """Return a copy of ``pod`` with the dbgov sidecar, its volumes, and the app re-pointed.
 
     With ``endpoint`` the sidecar presents its token there and refuses clients until the
-    operator has verified who it is (cluster mode)."""
+    operator has verified who it is (cluster mode). ``enforce``: the namespace makes the sidecar
+    mandatory, so a pod the sidecar could not serve is refused instead of warned about, and the
+    pod is labelled enrolled whatever its own label said. ``bound_databases``: the ``databaseRef``
+    names of the policies binding this pod; ``dbgov.io/database`` must be one of them (``None``:
+    not checked, for callers without a cluster)."""
     out: dict[str, Any] = copy.deepcopy(dict(pod))
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
     overrides = _overrides(meta.get("annotations") or {}, sidecar)
+    if bound_databases is not None:
+        _check_database(overrides.database, bound=bound_databases)
     # The ServiceAccount admission plugin normally defaults this before webhooks run; a token
     # projection is invalid without it, so say it explicitly where nothing did.
     service_account = spec.setdefault("serviceAccountName", "default") or "default"
 
     _check_ports(spec, overrides)
     apps = _repoint_apps(spec, overrides)
+    if enforce and not apps.upstream and overrides.database is None:
+        raise InjectionRefused(annotation=None, reason=_NO_UPSTREAM_ENFORCED)
+    warnings = list(apps.warnings)
+    labels = meta.get("labels") or {}
+    if enforce and labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
+        if annotations.INJECT in labels:
+            warnings.append(
+                f"label {annotations.INJECT}={labels[annotations.INJECT]!r} ignored: this namespace is "
+                f"labelled {annotations.ENFORCE}=true, so every pod in it gets the dbgov sidecar"
+            )
+        # The reconciler and its pod watch find enrolled pods by this label.
+        meta["labels"] = {**labels, annotations.INJECT: annotations.INJECT_ENABLED}
     mounts = _upstream_file_mounts(apps.files, volumes=spec.get("volumes") or [])
     container = _sidecar_container(
         overrides=overrides, upstream=apps.upstream, sidecar=sidecar, endpoint=endpoint
@@ -183,7 +217,7 @@ def inject(
         ),
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
-    return Injection(pod=out, warnings=apps.warnings)
+    return Injection(pod=out, warnings=tuple(warnings))
 
 
 def rewrite_database_url(url: str, *, port: int) -> str | None:
@@ -231,13 +265,53 @@ def _opened_keys(sslmode: str) -> list[str]:
     return keys
 
 
+_NO_UPSTREAM_ENFORCED = (
+    f"this namespace is labelled {annotations.ENFORCE}=true, so every pod in it runs behind the "
+    "dbgov sidecar, and this pod names no database for it: no app container sets PGHOST in env, "
+    f"no {annotations.DATABASE_URL_ENV} names a URL variable and no {annotations.DATABASE} names a "
+    "Database. Set one of them, or ask the platform team to run the pod in a namespace without "
+    "enforcement"
+)
+
+
+def _check_database(database: str | None, *, bound: Collection[str]) -> None:
+    """Refuse a ``dbgov.io/database`` that no policy binding the pod names: its bundle file would
+    hold another database's policies while the pod's upstream stays its own database."""
+    if database is None or database in bound:
+        return
+    named = ", ".join(sorted(bound)) or "none"
+    raise InjectionRefused(
+        annotation=annotations.DATABASE,
+        reason=(
+            f"names Database {database!r}, but no DatabaseAccessPolicy binding this pod (by its "
+            f"ServiceAccount or a podSelector) names it in databaseRef (they name: {named}); "
+            "a pod may only use a database its policies are written for: name one of those, or "
+            "ask the policy owners to bind this pod"
+        ),
+    )
+
+
+def _image(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSettings) -> str:
+    wanted = pod_annotations.get(annotations.SIDECAR_IMAGE)
+    if not wanted or wanted == sidecar.image or sidecar.allow_image_override:
+        return wanted or sidecar.image
+    raise InjectionRefused(
+        annotation=annotations.SIDECAR_IMAGE,
+        reason=(
+            f"names image {wanted!r}, but the sidecar image is pinned by the platform to "
+            f"{sidecar.image!r} (chart value image.sidecar); remove the annotation, or ask the "
+            "platform team to set sidecar.allowImageOverride"
+        ),
+    )
+
+
 def _overrides(pod_annotations: Mapping[str, str], sidecar: settings.SidecarSettings) -> _Overrides:
     resources: Mapping[str, Any] = sidecar.resources
     raw = pod_annotations.get(annotations.SIDECAR_RESOURCES)
     if raw is not None:
-        resources = _parse_resources(raw)
+        resources = narrow_resources(sidecar.resources, _parse_resources(raw))
     return _Overrides(
-        image=pod_annotations.get(annotations.SIDECAR_IMAGE) or sidecar.image,
+        image=_image(pod_annotations, sidecar),
         resources=resources,
         proxy_port=_port(pod_annotations, annotations.PROXY_PORT, default=sidecar.proxy_port),
         metrics_port=_port(pod_annotations, annotations.SIDECAR_METRICS_PORT, default=sidecar.metrics_port),
@@ -286,12 +360,67 @@ def _parse_resources(raw: str) -> dict[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError as err:
         raise InjectionRefused(annotation=annotations.SIDECAR_RESOURCES, reason=f"not JSON: {err}") from err
+    shape = 'expected a JSON object with only "requests" and "limits", each naming quantities'
     if not isinstance(value, dict) or not set(value) <= {"requests", "limits"}:
+        raise InjectionRefused(annotation=annotations.SIDECAR_RESOURCES, reason=shape)
+    for group in value.values():
+        if not isinstance(group, dict) or not all(isinstance(q, str | int) for q in group.values()):
+            raise InjectionRefused(annotation=annotations.SIDECAR_RESOURCES, reason=shape)
+    return value
+
+
+_SUFFIXES = {
+    **{s: decimal.Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: decimal.Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "m": decimal.Decimal("0.001"),
+    "": decimal.Decimal(1),
+}
+
+
+def quantity(raw: str | int) -> decimal.Decimal:
+    """A Kubernetes resource quantity (``100m``, ``64Mi``, ``1.5``, ``1e3``) as a number."""
+    text = str(raw).strip()
+    suffix = next((s for s in sorted(_SUFFIXES, key=len, reverse=True) if s and text.endswith(s)), "")
+    try:
+        number = decimal.Decimal(text.removesuffix(suffix) if suffix else text)
+    except decimal.InvalidOperation as err:
+        raise ValueError(f"not a quantity: {raw!r}") from err
+    if not number.is_finite() or number < 0:
+        raise ValueError(f"not a quantity: {raw!r}")
+    return number * _SUFFIXES[suffix]
+
+
+def narrow_resources(chart: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The chart's resources with a pod's narrowing applied, or a refusal naming what widens them.
+
+    A limit may be lowered, never raised above or removed from the chart's; a resource the chart
+    leaves unlimited may get a limit; a request may not exceed the resulting limit."""
+    limits = {**(chart.get("limits") or {}), **(wanted.get("limits") or {})}
+    requests = {**(chart.get("requests") or {}), **(wanted.get("requests") or {})}
+    problems: list[str] = []
+    try:
+        for name, bound in (chart.get("limits") or {}).items():
+            if quantity(limits[name]) > quantity(bound):
+                problems.append(f"limits.{name} {limits[name]} is above the platform's {bound}")
+        for name, value in requests.items():
+            if name in limits and quantity(value) > quantity(limits[name]):
+                problems.append(f"requests.{name} {value} is above its limit {limits[name]}")
+    except ValueError as err:
+        raise InjectionRefused(annotation=annotations.SIDECAR_RESOURCES, reason=str(err)) from err
+    if problems:
         raise InjectionRefused(
             annotation=annotations.SIDECAR_RESOURCES,
-            reason='expected a JSON object with only "requests" and "limits"',
+            reason=(
+                "may only narrow the sidecar's resources (chart value sidecar.resources): "
+                + "; ".join(problems)
+            ),
         )
-    return value
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -612,11 +741,17 @@ def _sidecar_container(
         "readinessProbe": _probe("/readyz", period=5, failures=2),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "resources": copy.deepcopy(dict(overrides.resources)),
+        # PodSecurity "restricted" holds for the sidecar whatever the pod sets: every field that
+        # level checks on a container is set here, so an enrolled pod passes where its app does.
         "securityContext": {
             "allowPrivilegeEscalation": False,
+            "privileged": False,
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},

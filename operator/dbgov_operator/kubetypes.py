@@ -36,11 +36,19 @@ class Capabilities(TypedDict):
     drop: list[str]
 
 
+class SeccompProfile(TypedDict):
+    type: Literal["RuntimeDefault", "Localhost", "Unconfined"]
+
+
 class SecurityContext(TypedDict):
     allowPrivilegeEscalation: bool
+    privileged: bool
     readOnlyRootFilesystem: bool
     runAsNonRoot: bool
+    runAsUser: int
+    runAsGroup: int
     capabilities: Capabilities
+    seccompProfile: SeccompProfile
 
 
 class ContainerPort(TypedDict):

@@ -19,14 +19,16 @@ class SidecarSettings:
     """What the webhook injects into enrolled pods."""
 
     image: str = "ghcr.io/dbgov/dbgov-sidecar:0.1.0"
-    """Default sidecar image (a pod may override it with ``dbgov.io/sidecar-image``)."""
+    """The sidecar image, pinned by the platform (the chart, by digest where given)."""
+    allow_image_override: bool = False
+    """Whether a pod may name another image with ``dbgov.io/sidecar-image`` (refused if not)."""
     resources: Mapping[str, Any] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
             "limits": {"memory": "256Mi"},
         }
     )
-    """Default sidecar resource requirements (override: ``dbgov.io/sidecar-resources``)."""
+    """Sidecar resource requirements; ``dbgov.io/sidecar-resources`` may only narrow them."""
     proxy_port: int = 5432
     """Loopback port the proxy listens on inside the pod (override: ``dbgov.io/proxy-port``)."""
     metrics_port: int = 9187
@@ -71,6 +73,8 @@ class WebhookSettings:
     """Name of the Validating/MutatingWebhookConfiguration objects the operator keeps current."""
     rotation_check_seconds: float = 3600.0
     """How often the operator checks whether the serving certificate is due for renewal."""
+    timeout_seconds: int = 5
+    """How long the apiserver waits for a webhook answer (1-30); failures stay closed (Fail)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +132,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
     hook = WebhookSettings()
     sidecar = SidecarSettings(
         image=env.get("DBGOV_SIDECAR_IMAGE", side.image),
+        allow_image_override=_flag(env, "DBGOV_SIDECAR_ALLOW_IMAGE_OVERRIDE"),
         resources=_json(env, "DBGOV_SIDECAR_RESOURCES", side.resources),
         proxy_port=int(env.get("DBGOV_PROXY_PORT", side.proxy_port)),
         metrics_port=int(env.get("DBGOV_SIDECAR_METRICS_PORT", side.metrics_port)),
@@ -156,7 +161,12 @@ def from_env(env: Mapping[str, str]) -> Settings:
         rotation_check_seconds=float(
             env.get("DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS", hook.rotation_check_seconds)
         ),
+        timeout_seconds=int(env.get("DBGOV_WEBHOOK_TIMEOUT_SECONDS", hook.timeout_seconds)),
     )
+    if not 1 <= webhook.timeout_seconds <= 30:
+        raise ValueError(
+            f"DBGOV_WEBHOOK_TIMEOUT_SECONDS must be 1-30 (the apiserver's range), got {webhook.timeout_seconds}"
+        )
     system = env.get("DBGOV_SYSTEM_NAMESPACES")
     cred = CredentialSettings()
     service_port = int(env.get("DBGOV_CREDENTIAL_SERVICE_PORT", cred.service_port))
@@ -199,6 +209,13 @@ def _json(env: Mapping[str, str], key: str, default: Mapping[str, Any]) -> Mappi
     if not isinstance(value, dict):
         raise ValueError(f"{key} must be a JSON object")
     return value
+
+
+def _flag(env: Mapping[str, str], key: str) -> bool:
+    value = env.get(key, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value == "true"
 
 
 def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
