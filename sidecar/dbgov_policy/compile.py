@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import yaml
 
-from dbgov_policy import classes, model, names
+from dbgov_policy import classes, compose, model, names
 
 SPEC_FIELDS = frozenset({"mode", "default", "rules", "guardrails", "masks", "authentication"})
 #: Fields of a DatabaseAccessPolicy spec that the operator reads; accepted and not judged here.
@@ -608,6 +608,10 @@ def _masks(value: Any, path: str, out: _Collector) -> tuple[model.Mask, ...]:
 def merge_specs(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """Combine the specs of several policies that bind one workload into one spec.
 
+    Superseded by composition (`bundle_document`, `compile_components`, `compose`): a merged
+    rule list lets the policy sorted first override the others. Kept for callers that want one
+    spec for reading; the operator no longer ships it.
+
     Rules are concatenated in the order given (callers sort by policy name) with their names
     prefixed by the policy's, so the first matching rule across all policies decides. What
     protects is united: masks, denied functions and requireWhere; the tighter row limit wins;
@@ -653,3 +657,83 @@ def merge_specs(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
     if guard:
         merged["guardrails"] = guard
     return merged
+
+
+BUNDLE_FIELDS = frozenset({"policies"})
+"""Fields of a bundle document: ``policies``, a list of ``{name, spec}``."""
+
+
+def is_bundle(doc: Any) -> bool:
+    """Whether ``doc`` is a bundle (several named policy specs) rather than one policy spec."""
+    return isinstance(doc, Mapping) and "policies" in doc and "apiVersion" not in doc
+
+
+def bundle_document(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The bundle the operator ships for one workload: every policy that binds it, by name and
+    spec, composed by the sidecar (`compose`), never merged into one rule list."""
+    return {"policies": [{"name": name, "spec": dict(spec)} for name, spec in specs]}
+
+
+def compile_components(
+    specs: Sequence[tuple[str, Any]], *, source: str = "bundle", mask_key: str = "", path: str = ""
+) -> tuple[compose.Component, ...]:
+    """Compile each named spec and check that they compose; raise `PolicyInvalid` listing every
+    problem, each path naming its policy (``policies[1](baseline).rules[0]...``)."""
+    out = _Collector()
+    found: list[compose.Component] = []
+    for i, (name, spec) in enumerate(specs):
+        where = f"{path}[{i}]({name})" if path else str(name)
+        try:
+            compiled = compile_policy(spec, source=f"{source}: {name}", mask_key=mask_key)
+        except PolicyInvalid as err:
+            for problem in err.problems:
+                out.add(f"{where}.{problem.path}" if problem.path else where, problem.message)
+            continue
+        found.append(compose.Component(name=str(name), policy=compiled))
+    if not out.problems:
+        try:
+            compose.prepared(found)
+        except compose.CompositionInvalid as err:
+            for name, message in err.problems:
+                out.add(name, message)
+    if out.problems:
+        raise PolicyInvalid(out.problems, source=source)
+    return tuple(found)
+
+
+def compile_bundle(doc: Any, *, source: str = "bundle", mask_key: str = "") -> tuple[compose.Component, ...]:
+    """A bundle document (see `bundle_document`) → its components; `PolicyInvalid` otherwise."""
+    out = _Collector()
+    if not isinstance(doc, Mapping):
+        out.add("", f"a bundle must be a mapping, got {_kind(doc)}")
+        raise PolicyInvalid(out.problems, source=source)
+    _unknown_fields(doc, BUNDLE_FIELDS, "", out)
+    specs: list[tuple[str, Any]] = []
+    raw = doc.get("policies")
+    if not isinstance(raw, list):
+        out.add("policies", f"must be a list of {{name, spec}}, got {_kind(raw)}")
+        raw = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
+            out.add(f"policies[{i}]", "must be a mapping with a name and a spec")
+            continue
+        _unknown_fields(item, frozenset({"name", "spec"}), f"policies[{i}]", out)
+        specs.append((item["name"], item.get("spec") or {}))
+    if out.problems:
+        raise PolicyInvalid(out.problems, source=source)
+    if not specs:
+        return ()
+    return compile_components(specs, source=source, mask_key=mask_key, path="policies")
+
+
+def load_text(
+    text: str, *, source: str = "policy", mask_key: str = ""
+) -> model.CompiledPolicy | tuple[compose.Component, ...]:
+    """Parse YAML: a bundle (→ its components) or one policy (→ its compiled policy)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PolicyInvalid([Problem(path="", message=f"not valid YAML: {err}")], source=source) from err
+    if is_bundle(doc):
+        return compile_bundle(doc, source=source, mask_key=mask_key)
+    return compile_policy(doc, source=source, mask_key=mask_key)

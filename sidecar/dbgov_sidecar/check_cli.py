@@ -7,10 +7,11 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from dbgov_policy import compile as policy_compile
-from dbgov_policy import decide, engine, model
+from dbgov_policy import compose, decide, engine, model
 from dbgov_sidecar import policyfile
 
 MARK = {"allow": "ALLOW", "mask": "MASK", "approve": "APPROVE", "block": "BLOCK"}
@@ -27,7 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--policy",
         required=True,
-        help="policy file: a DatabaseAccessPolicy spec, or the whole resource",
+        action="append",
+        help="policy file: a DatabaseAccessPolicy spec, the whole resource, or an operator bundle; "
+        "give it several times to judge as the composition of those policies (each judges on its "
+        "own, the strictest answer wins), as when several policies bind one workload",
     )
     p.add_argument(
         "--format",
@@ -58,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
-        policy = policyfile.load_policy_file(args.policy, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
+        judge = judge_of(args.policy)
     except policy_compile.PolicyInvalid as exc:
         print(f"dbgov check: {exc}", file=err)
         return 2
@@ -67,17 +71,62 @@ def run(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys
     except ValueError as exc:
         print(f"dbgov check: {exc}", file=err)
         return 2
-    rules = tuple(r for r in policy.rules if r.subjects is None or r.subjects.matches(identity))
-    eng = engine.Engine(dataclasses.replace(policy, rules=rules))
-    session = engine.SessionContext()
+    judged = judge(identity)
     for sql in args.sql:
         text = sys.stdin.read() if sql == "-" else sql
-        d = eng.decide(text, session=session)
+        d = judged(text)
         if args.format == "json":
             out.write(json.dumps({"sql": text, **d.as_dict()}, ensure_ascii=False) + "\n")
         else:
             out.write(explain(text, d))
     return 0
+
+
+Judge = Callable[[model.Identity | None], Callable[[str], decide.Decision]]
+
+
+def judge_of(paths: Sequence[str]) -> Judge:
+    """What decides for an identity: one policy file's engine, or the composition of every
+    policy in the files given (a bundle's policies by their names, a file's by its path)."""
+    key = os.environ.get("DBGOV_MASK_KEY", "")
+    components: list[compose.Component] = []
+    problems: list[policy_compile.Problem] = []
+    for path in paths:
+        try:
+            loaded = policyfile.load_file(path, mask_key=key)
+        except policy_compile.PolicyInvalid as exc:
+            problems.extend(
+                dataclasses.replace(p, path=f"{path}: {p.path}" if p.path else path) for p in exc.problems
+            )
+            continue
+        if isinstance(loaded, model.CompiledPolicy):
+            components.append(compose.Component(name=path, policy=loaded))
+        else:
+            components.extend(loaded)
+    if problems:
+        raise policy_compile.PolicyInvalid(problems, source=", ".join(paths))
+    if len(components) == 1 and len(paths) == 1 and isinstance(loaded, model.CompiledPolicy):
+        policy = components[0].policy
+
+        def single(identity: model.Identity | None) -> Callable[[str], decide.Decision]:
+            rules = tuple(r for r in policy.rules if r.subjects is None or r.subjects.matches(identity))
+            eng = engine.Engine(dataclasses.replace(policy, rules=rules))
+            session = engine.SessionContext()
+            return lambda text: eng.decide(text, session=session)
+
+        return single
+    try:
+        composed = compose.Composed(components)
+    except compose.CompositionInvalid as exc:
+        found = [policy_compile.Problem(path=name, message=message) for name, message in exc.problems]
+        raise policy_compile.PolicyInvalid(found, source=", ".join(paths)) from exc
+
+    def several(identity: model.Identity | None) -> Callable[[str], decide.Decision]:
+        scoped = composed.for_rules(lambda r: r.subjects is None or r.subjects.matches(identity))
+        session = scoped.new_context()
+        return lambda text: scoped.decide(text, session=session)
+
+    return several
 
 
 def identity_of(args: argparse.Namespace) -> model.Identity | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from dbgov_policy import engine
+from dbgov_policy import compile as policy_compile
+from dbgov_policy import compose, engine, model
 from dbgov_sidecar import policy_port, policyfile
 
 log = logging.getLogger("dbgov.policy")
@@ -15,8 +17,29 @@ log = logging.getLogger("dbgov.policy")
 def load(path: str, *, max_statement_size: int = engine.MAX_STATEMENT_SIZE) -> policy_port.Policy:
     """Compile ``path`` with ``dbgov_policy`` and wrap its engine (raises on invalid policy);
     the engine refuses statement texts longer than ``max_statement_size`` bytes."""
-    compiled = policyfile.load_policy_file(path, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
-    return policy_port.EnginePolicy(engine.Engine(compiled, max_statement_size=max_statement_size))
+    loaded = policyfile.load_file(path, mask_key=os.environ.get("DBGOV_MASK_KEY", ""))
+    return build(loaded, max_statement_size=max_statement_size)
+
+
+def build(
+    loaded: model.CompiledPolicy | Sequence[compose.Component],
+    *,
+    max_statement_size: int = engine.MAX_STATEMENT_SIZE,
+) -> policy_port.Policy:
+    """The policy the proxy decides with: one policy's engine (also a bundle of one, its rules
+    named ``policy/rule``), or the composition of a bundle's policies. A bundle of none refuses
+    every statement (its workload is bound by no policy)."""
+    if isinstance(loaded, model.CompiledPolicy):
+        return policy_port.EnginePolicy(engine.Engine(loaded, max_statement_size=max_statement_size))
+    if not loaded:
+        nothing = policy_compile.compile_policy({"default": "block"})
+        return policy_port.EnginePolicy(engine.Engine(nothing, max_statement_size=max_statement_size))
+    if len(loaded) == 1:
+        (only,) = loaded
+        rules = tuple(dataclasses.replace(r, name=f"{only.name}/{r.name}") for r in only.policy.rules)
+        named = dataclasses.replace(only.policy, rules=rules)
+        return policy_port.EnginePolicy(engine.Engine(named, max_statement_size=max_statement_size))
+    return policy_port.ComposedPolicy(compose.Composed(loaded, max_statement_size=max_statement_size))
 
 
 def problems_of(err: Exception) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbgov_policy import engine, mask, model
+from dbgov_policy import compose, engine, mask, model
 
 
 class Decision(Protocol):
@@ -165,6 +165,34 @@ def for_identity(policy: Policy, identity: model.Identity | None) -> Policy:
     return policy if scoped is None else scoped(identity)
 
 
+def session_context(
+    *,
+    search_path: tuple[str, ...] | None,
+    columns: TableColumns | None,
+    inherits: Inherits | None,
+    ancestors: Ancestors | None,
+    writable_at_login: bool,
+) -> engine.SessionContext:
+    """An engine session context from what the session knows of its database."""
+    ctx = engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
+    if columns:
+        ctx.columns = {model.QualifiedName(schema=s, name=t): names for (s, t), names in columns.items()}
+    if inherits:
+        ctx.inherits = {
+            model.QualifiedName(schema=s, name=t): tuple(model.QualifiedName(schema=a, name=b) for a, b in up)
+            for (s, t), up in inherits.items()
+        }
+    if ancestors:
+        ctx.ancestors = {
+            model.QualifiedName(schema=s, name=t): tuple(
+                (model.QualifiedName(schema=a, name=b), c) for a, b, c in below
+            )
+            for (s, t), below in ancestors.items()
+        }
+    ctx.names.writable_at_login = writable_at_login
+    return ctx
+
+
 class EnginePolicy:
     """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
 
@@ -240,27 +268,13 @@ class EnginePolicy:
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
     ) -> object:
-        ctx = (
-            engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
+        return session_context(
+            search_path=search_path,
+            columns=columns,
+            inherits=inherits,
+            ancestors=ancestors,
+            writable_at_login=writable_at_login,
         )
-        if columns:
-            ctx.columns = {model.QualifiedName(schema=s, name=t): names for (s, t), names in columns.items()}
-        if inherits:
-            ctx.inherits = {
-                model.QualifiedName(schema=s, name=t): tuple(
-                    model.QualifiedName(schema=a, name=b) for a, b in up
-                )
-                for (s, t), up in inherits.items()
-            }
-        if ancestors:
-            ctx.ancestors = {
-                model.QualifiedName(schema=s, name=t): tuple(
-                    (model.QualifiedName(schema=a, name=b), c) for a, b, c in below
-                )
-                for (s, t), below in ancestors.items()
-            }
-        ctx.names.writable_at_login = writable_at_login
-        return ctx
 
     def decide(self, sql: str, context: object) -> Decision:
         assert isinstance(context, engine.SessionContext)
@@ -282,3 +296,108 @@ class EnginePolicy:
         """``Engine.cached_shape``: the shape key and the one decision of every text of it."""
         assert isinstance(context, engine.SessionContext)
         return self._engine.cached_shape(sql, session=context)
+
+
+class ComposedPolicy:
+    """Adapts ``dbgov_policy.compose.Composed`` (several policies bind the workload) to ``Policy``:
+    each component judges with its own cached engine and the strictest answer wins."""
+
+    def __init__(self, composed: compose.Composed) -> None:
+        self._composed = composed
+        whole = composed.policy
+        self._scoped = any(r.subjects is not None for c in composed.components for r in c.policy.rules)
+        self._subsets: dict[tuple[tuple[int, ...], ...], ComposedPolicy] = {}
+        self._mode: str = whole.mode
+        self._max_rows_returned = whole.guardrails.max_rows_returned
+        self._max_rows_affected = whole.guardrails.max_rows_affected
+        self.mask_targets: tuple[tuple[str, str, str], ...] = tuple(
+            (m.table.schema, m.table.name, m.column) for m in whole.masks
+        )
+        """(schema, table, column) of every masked column, for checking result origins."""
+        self._masks = {f"{m.table.schema}.{m.table.name}.{m.column}": m for m in whole.masks}
+        self._mask_key = whole.mask_key
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The names of the composed policies."""
+        return self._composed.names
+
+    @property
+    def jwt_issuers(self) -> tuple[model.JwtIssuer, ...]:
+        """The issuers any of the policies trusts."""
+        return self._composed.policy.jwt_issuers
+
+    def for_identity(self, identity: model.Identity | None) -> ComposedPolicy:
+        """The composition as it applies to ``identity``: in each policy, rules scoped to other
+        subjects dropped (one composition per distinct subset, shared by its sessions)."""
+        if not self._scoped:
+            return self
+        chosen = tuple(
+            tuple(
+                i
+                for i, rule in enumerate(c.policy.rules)
+                if rule.subjects is None or rule.subjects.matches(identity)
+            )
+            for c in self._composed.components
+        )
+        found = self._subsets.get(chosen)
+        if found is None:
+            found = ComposedPolicy(
+                self._composed.for_rules(
+                    lambda rule: rule.subjects is None or rule.subjects.matches(identity)
+                )
+            )
+            found._scoped = False  # (its rules already apply to this identity)
+            if len(self._subsets) >= MAX_SUBSETS:
+                self._subsets.clear()
+            self._subsets[chosen] = found
+        return found
+
+    def mask_value(self, column: str, text: str) -> str | None:
+        """``text`` masked by the (strictest) strategy of ``column``, as the rewrite masks it."""
+        rule = self._masks.get(column)
+        return None if rule is None else mask.mask_text(rule, text, key=self._mask_key)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def max_rows_returned(self) -> int | None:
+        return self._max_rows_returned
+
+    @property
+    def max_rows_affected(self) -> int | None:
+        return self._max_rows_affected
+
+    def new_context(
+        self,
+        *,
+        search_path: tuple[str, ...] | None = None,
+        columns: TableColumns | None = None,
+        inherits: Inherits | None = None,
+        ancestors: Ancestors | None = None,
+        writable_at_login: bool = False,
+    ) -> object:
+        template = session_context(
+            search_path=search_path,
+            columns=columns,
+            inherits=inherits,
+            ancestors=ancestors,
+            writable_at_login=writable_at_login,
+        )
+        return self._composed.new_context(template)
+
+    def decide(self, sql: str, context: object) -> Decision:
+        assert isinstance(context, compose.Context)
+        return self._composed.decide(sql, session=context)
+
+    @property
+    def shape_key(self) -> Any:
+        """``Engine.shape_key`` (see ``EnginePolicy.shape_key``)."""
+        return engine.Engine.shape_key
+
+    def cached_shape(self, sql: str, context: object) -> tuple[str, Decision] | None:
+        """``Composed.cached_shape``: the shape key and the one composed decision of its texts."""
+        assert isinstance(context, compose.Context)
+        return self._composed.cached_shape(sql, session=context)
