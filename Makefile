@@ -21,21 +21,26 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # The full suite CI runs: lint, unit, integration (real PostgreSQL), e2e (real kube-apiserver).
-test: setup lint tools
+test: setup lint tools node-deps
 	$(PY) -m pytest -n 2 tests
 
 # Fast loop while iterating: unit tests only.
 test-unit: setup
 	$(PY) -m pytest -n 2 tests/unit
 
-# kube-apiserver, etcd and helm for the e2e tests, built from the Go modules pinned in
+# kube-apiserver, etcd, kubelet, pause and helm for the e2e tests, built from the Go modules pinned in
 # hack/tools/ into ~/.cache/dbgov/tools (override: DBGOV_TOOLS_DIR); cached per version.
-.PHONY: tools crds e2e kind-e2e
+.PHONY: tools node-deps crds e2e kind-e2e
 tools:
 	hack/build-tools.sh
 
+# containerd, runc, the CNI plugins and debootstrap from Debian's packages, for the e2e node that
+# runs real pods (tests/e2e/node.py); installs only what is missing (needs root, as CI runs).
+node-deps:
+	hack/install-node-deps.sh
+
 # e2e tests only: a real etcd + kube-apiserver started by the test session.
-e2e: setup tools
+e2e: setup tools node-deps
 	$(PY) -m pytest -n 2 tests/e2e
 
 # Copy the canonical CRDs (crds/) into the chart; tests/unit/test_chart.py fails if they differ.
