@@ -1,13 +1,16 @@
 """Which policies bind which ServiceAccount, and the policy bundle each sidecar loads.
 
-A bundle is one ConfigMap per ServiceAccount holding the merged spec of every valid policy that
-binds it. The ServiceAccount is the unit because it is what the sidecar proves with its
+A bundle is one ConfigMap per ServiceAccount holding every policy that binds it, each by name
+with its spec, for the sidecar to compose (``dbgov_policy.compose``: each policy judges every
+statement on its own and the strictest answer wins; rules are never merged, so neither a
+policy's name nor anyone's order decides). A composition that does not compile is not shipped:
+the bundle keeps its previous content and every policy involved reports why. The ServiceAccount is the unit because it is what the sidecar proves with its
 projected token; a policy's ``podSelector`` is a convenience that names the ServiceAccounts of
 the pods it selects. Policies govern one database each (``databaseRef``), so the bundle has a
 file per database (``policy.<database>.yaml``, what a pod annotated ``dbgov.io/database`` loads)
-and ``policy.yaml`` for pods that name none: the merge of everything when all of it is about one
-database, and a refuse-everything spec when it is not (merging rules written for different
-databases would let one database's grants leak into another). Pure: the handlers list the
+and ``policy.yaml`` for pods that name none: the composition of every policy that binds the
+ServiceAccount, whatever database it is about (composition only ever narrows, so a policy for
+another database can add refusals but never grants). Pure: the handlers list the
 objects and apply the plan.
 """
 
@@ -64,6 +67,9 @@ class Bundle:
     policies: tuple[str, ...]
     files: Mapping[str, str]
     """ConfigMap key -> bundle file (YAML)."""
+    problems: tuple[policy_compile.Problem, ...] = ()
+    """Why the composition does not compile; then ``files`` is empty and the bundle in the
+    cluster is left as it is (never a bundle the sidecar would refuse)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +78,8 @@ class Plan:
 
     bundles: tuple[Bundle, ...]
     bound: Mapping[str, tuple[str, ...]]
+    problems: Mapping[str, tuple[policy_compile.Problem, ...]] = field(default_factory=dict)
+    """Policy name -> why a composition it is part of does not compile (naming the others)."""
 
 
 def subjects(spec: Mapping[str, Any]) -> tuple[Subjects, tuple[policy_compile.Problem, ...]]:
@@ -145,29 +153,59 @@ def plan(
     prefix: str,
 ) -> Plan:
     """Bundles for every ServiceAccount that a policy names, an enrolled pod runs as, or that
-    already has a bundle (``known_service_accounts``); one bound by nothing gets the empty merge,
-    which refuses every statement."""
-    valid = sorted((p for p in policies if p.valid), key=lambda p: p.name)
+    already has a bundle (``known_service_accounts``); one bound by nothing gets the empty
+    bundle, which refuses every statement. A policy whose subjects can be read binds even when
+    the rest of it is invalid: the compositions it is part of then do not compile, their
+    bundles stay as they were, and ``Plan.problems`` says so on every policy involved."""
+    valid = sorted((p for p in policies if not subjects(p.spec)[1]), key=lambda p: p.name)
     parsed = {p.name: subjects(p.spec)[0] for p in valid}
     accounts = set(known_service_accounts) | {w.service_account for w in workloads}
     for found in parsed.values():
         accounts |= found.service_accounts
     bundles = []
     bound: dict[str, list[str]] = {p.name: [] for p in policies}
+    failed: dict[str, list[policy_compile.Problem]] = {}
     for account in sorted(accounts):
         names = tuple(p.name for p in valid if binds(parsed[p.name], service_account=account, pods=workloads))
         for name in names:
             bound[name].append(account)
         binding = [p for p in valid if p.name in names]
+        wanted = {w.database for w in workloads if w.service_account == account}
+        try:
+            files = _files(binding, wanted=wanted)
+            trouble: tuple[policy_compile.Problem, ...] = ()
+        except policy_compile.PolicyInvalid as err:
+            files, trouble = {}, err.problems
+            for name in names:
+                failed.setdefault(name, []).append(_involved(name, account, names, trouble))
         bundles.append(
             Bundle(
                 service_account=account,
                 config_map=prefix + account,
                 policies=names,
-                files=_files(binding, wanted={w.database for w in workloads if w.service_account == account}),
+                files=files,
+                problems=trouble,
             )
         )
-    return Plan(bundles=tuple(bundles), bound={k: tuple(v) for k, v in bound.items()})
+    return Plan(
+        bundles=tuple(bundles),
+        bound={k: tuple(v) for k, v in bound.items()},
+        problems={k: tuple(v) for k, v in failed.items()},
+    )
+
+
+def _involved(
+    name: str, account: str, names: Sequence[str], found: Sequence[policy_compile.Problem]
+) -> policy_compile.Problem:
+    """What a policy reports when a composition it is part of does not compile."""
+    others = [n for n in names if n != name]
+    listing = "; ".join(str(p) for p in found)
+    beside = f" with {', '.join(others)}" if others else ""
+    message = (
+        f"the bundle of ServiceAccount {account} ({name}{beside}) does not compile, so it is not "
+        f"updated and keeps its previous policies: {listing}"
+    )
+    return policy_compile.Problem(path="", message=message)
 
 
 def database_key(database: str) -> str:
@@ -183,28 +221,34 @@ def database(spec: Mapping[str, Any]) -> str:
 
 def _files(binding: Sequence[Policy], *, wanted: Iterable[str] = ()) -> dict[str, str]:
     """Bundle files for the policies (sorted by name) that bind one ServiceAccount, with a file
-    for every database in ``wanted`` (what its pods name) even if no policy is about it."""
-    generic = [p for p in binding if not database(p.spec)]
+    for every database in ``wanted`` (what its pods name) even if no policy is about it.
+    Raises ``PolicyInvalid`` (paths name the policy) when a composition does not compile."""
     governed = {database(p.spec) for p in binding} - {""}
     files = {
         database_key(db): _render([p for p in binding if database(p.spec) in ("", db)])
         for db in sorted(governed | (set(wanted) - {""}))
     }
     databases = sorted(governed)
-    if len(databases) <= 1:
-        files[BUNDLE_KEY] = _render(binding)
-    else:
+    note = ""
+    if len(databases) > 1:
         note = (
             f"policies for several databases ({', '.join(databases)}) bind this ServiceAccount: "
-            "a pod must name its database with the dbgov.io/database annotation"
+            "pods that name no database (dbgov.io/database) are judged by all of them"
         )
-        files[BUNDLE_KEY] = _render(generic, note=note)
+    files[BUNDLE_KEY] = _render(binding, note=note)
     return files
 
 
 def _render(policies: Sequence[Policy], *, note: str = "") -> str:
-    merged = policy_compile.merge_specs([(p.name, p.spec) for p in policies])
-    return render(merged, policies=[p.name for p in policies], note=note)
+    specs = [(p.name, _sidecar_spec(p.spec)) for p in policies]
+    policy_compile.compile_components(specs, source="the bundle")  # never ship what would not load
+    return render(policy_compile.bundle_document(specs), policies=[p.name for p in policies], note=note)
+
+
+def _sidecar_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A policy spec without the fields only the operator reads (anything else stays, so an
+    unknown field fails the composition as it fails the policy)."""
+    return {k: v for k, v in spec.items() if k not in policy_compile.CLUSTER_FIELDS}
 
 
 def render(merged: Mapping[str, Any], *, policies: Sequence[str], note: str = "") -> str:

@@ -12,6 +12,8 @@ from dbgov_policy import compile as policy_compile
 
 POLICY_VALID = "PolicyValid"
 READY = "Ready"
+COMPOSITION_INVALID = "CompositionInvalid"
+"""Ready's reason when a bundle the policy is in does not compile with the other policies."""
 
 
 def policy_status(
@@ -21,13 +23,26 @@ def policy_status(
     bound: Sequence[BoundWorkload],
     previous: Mapping[str, Any] | None,
     now: str,
+    composition: Sequence[policy_compile.Problem] = (),
 ) -> PolicyStatus:
-    """The status for a policy at ``generation`` given its problems and where it is bound."""
+    """The status for a policy at ``generation`` given its problems, where it is bound, and
+    why a composition it is part of does not compile (``composition``: it is then not Ready,
+    since the bundles it should be in keep their previous content)."""
     old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
     if problems:
         listing = "; ".join(describe(p) for p in problems)
         valid = _condition(POLICY_VALID, "False", "Invalid", listing, generation)
-        ready = _condition(READY, "False", "PolicyInvalid", "the policy binds nothing", generation)
+        ready = _condition(
+            READY,
+            "False",
+            "PolicyInvalid",
+            "invalid: the bundles of the workloads it binds keep their previous content until it is fixed",
+            generation,
+        )
+    elif composition:
+        valid = _condition(POLICY_VALID, "True", "Compiled", "the policy compiles", generation)
+        listing = "; ".join(str(p) for p in composition)
+        ready = _condition(READY, "False", COMPOSITION_INVALID, listing, generation)
     else:
         valid = _condition(POLICY_VALID, "True", "Compiled", "the policy compiles", generation)
         accounts = ", ".join(b["name"] for b in bound)

@@ -76,11 +76,21 @@ def _reconcile(
         ],
         prefix=config.sidecar.bundle_prefix,
     )
-    written = _write_bundles(api, plan.bundles, existing=existing, namespace=namespace)
+    shippable = [b for b in plan.bundles if not b.problems]  # (one that does not compile keeps its content)
+    written = _write_bundles(api, shippable, existing=existing, namespace=namespace)
     statuses = []
     for policy in live:
         bound = plan.bound.get(policy.name, ())
-        if _write_status(api, policy, problems=judged[policy.name], bound=bound, now=now, emit=emit):
+        composition = plan.problems.get(policy.name, ())
+        if _write_status(
+            api,
+            policy,
+            problems=judged[policy.name],
+            composition=composition,
+            bound=bound,
+            now=now,
+            emit=emit,
+        ):
             statuses.append(policy.name)
         changed = sorted(set(bound) & set(written))
         if changed:
@@ -113,6 +123,7 @@ def _write_status(
     policy: kubeapi.PolicyObject,
     *,
     problems: Sequence[policy_compile.Problem],
+    composition: Sequence[policy_compile.Problem] = (),
     bound: Sequence[str],
     now: datetime.datetime,
     emit: Emit,
@@ -126,6 +137,7 @@ def _write_status(
         bound=workloads,
         previous=policy.status,
         now=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        composition=composition,
     )
     if conditions.same(policy.status, status):
         return False
@@ -136,6 +148,8 @@ def _write_status(
         if problems:
             message = "; ".join(map(conditions.describe, problems))
             emit(policy.body, "Warning", "PolicyInvalid", message)
+        elif composition:
+            emit(policy.body, "Warning", conditions.COMPOSITION_INVALID, ready["message"])
         else:
             emit(policy.body, "Normal", "PolicyReady", ready["message"])
     return True

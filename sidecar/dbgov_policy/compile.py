@@ -690,7 +690,7 @@ def compile_components(
                 out.add(f"{where}.{problem.path}" if problem.path else where, problem.message)
             continue
         found.append(compose.Component(name=str(name), policy=compiled))
-    if not out.problems:
+    if found and not out.problems:  # (a bundle of no policy is valid: it refuses everything)
         try:
             compose.prepared(found)
         except compose.CompositionInvalid as err:

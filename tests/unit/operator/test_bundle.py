@@ -31,8 +31,10 @@ def test_service_account_subject_binds_even_before_pods_exist() -> None:
     assert (only.service_account, only.config_map) == ("orders", "dbgov-policy-orders")
     assert only.policies == ("read-orders",)
     assert plan.bound == {"read-orders": ("orders",)}
-    merged = yaml.safe_load(only.files["policy.yaml"])
-    assert merged["rules"][0]["name"] == "read-orders/read"
+    composed = yaml.safe_load(only.files["policy.yaml"])
+    assert [p["name"] for p in composed["policies"]] == ["read-orders"]
+    assert composed["policies"][0]["spec"]["rules"][0]["name"] == "read"
+    assert "subjects" not in composed["policies"][0]["spec"]  # (the operator's, not the sidecar's)
 
 
 def test_pod_selector_binds_the_service_accounts_of_matching_pods() -> None:
@@ -47,28 +49,45 @@ def test_pod_selector_binds_the_service_accounts_of_matching_pods() -> None:
     assert plan.bound == {"agents": ("agent",)}
 
 
-def test_several_policies_merge_in_name_order() -> None:
+def test_several_policies_are_shipped_as_components_never_merged() -> None:
     agents = {**AGENTS, "subjects": {"serviceAccounts": ["orders"]}}
     plan = bundle.plan([_policy("zz-agents", agents), _policy("read-orders", READ_ORDERS)], [], prefix="p-")
     (only,) = plan.bundles
     assert only.policies == ("read-orders", "zz-agents")
-    merged = yaml.safe_load(only.files["policy.yaml"])
-    assert [r["name"] for r in merged["rules"]] == ["read-orders/read", "zz-agents/read"]
-    assert merged["masks"] == AGENTS["masks"]
+    composed = yaml.safe_load(only.files["policy.yaml"])
+    assert [p["name"] for p in composed["policies"]] == ["read-orders", "zz-agents"]
+    assert composed["policies"][1]["spec"]["masks"] == AGENTS["masks"]
+    assert "rules" not in composed
 
 
-def test_invalid_policy_binds_nothing_and_known_accounts_fall_back_to_block() -> None:
-    plan = bundle.plan(
-        [_policy("read-orders", READ_ORDERS, valid=False)],
-        [],
-        known_service_accounts=["orders"],
-        prefix="p-",
-    )
+def test_a_composition_that_does_not_compile_is_not_shipped_and_names_every_policy() -> None:
+    clash = {
+        "subjects": {"serviceAccounts": ["orders"]},
+        "rules": [{"name": "r", "verdict": "allow", "tabels": ["orders"]}],
+    }
+    plan = bundle.plan([_policy("read-orders", READ_ORDERS), _policy("typo", clash)], [], prefix="p-")
+    (only,) = plan.bundles
+    assert only.files == {} and only.problems
+    assert [p.path for p in only.problems] == ["typo.rules[0].tabels"]
+    for name, other in (("read-orders", "typo"), ("typo", "read-orders")):
+        (problem,) = plan.problems[name]
+        assert f"({name} with {other}) does not compile" in problem.message
+        assert "typo.rules[0].tabels" in problem.message
+
+
+def test_known_accounts_bound_by_nothing_fall_back_to_block() -> None:
+    plan = bundle.plan([], [], known_service_accounts=["orders"], prefix="p-")
     (only,) = plan.bundles
     assert only.policies == ()
-    assert yaml.safe_load(only.files["policy.yaml"])["default"] == "block"
+    assert yaml.safe_load(only.files["policy.yaml"]) == {"policies": []}
     assert "no policy binds" in only.files["policy.yaml"]
-    assert plan.bound == {"read-orders": ()}
+
+
+def test_a_policy_with_unreadable_subjects_binds_nothing() -> None:
+    broken = {**READ_ORDERS, "subjects": {"serviceAcounts": ["orders"]}}
+    plan = bundle.plan([_policy("read-orders", broken)], [], known_service_accounts=["orders"], prefix="p-")
+    (only,) = plan.bundles
+    assert only.policies == () and plan.bound == {"read-orders": ()}
 
 
 def test_render_is_deterministic() -> None:
@@ -148,7 +167,7 @@ def test_one_database_fills_both_files() -> None:
     assert only.files["policy.yaml"] == only.files["policy.orders-db.yaml"]
 
 
-def test_several_databases_get_a_file_each_and_policy_yaml_blocks() -> None:
+def test_several_databases_get_a_file_each_and_policy_yaml_composes_them_all() -> None:
     analytics = _on("analytics", {**AGENTS, "subjects": {"serviceAccounts": ["orders"]}})
     plan = bundle.plan(
         [_policy("read-orders", _on("orders-db", READ_ORDERS)), _policy("analytics", analytics)],
@@ -158,13 +177,12 @@ def test_several_databases_get_a_file_each_and_policy_yaml_blocks() -> None:
     (only,) = plan.bundles
     assert set(only.files) == {"policy.yaml", "policy.orders-db.yaml", "policy.analytics.yaml"}
     orders = yaml.safe_load(only.files["policy.orders-db.yaml"])
-    assert [r["name"] for r in orders["rules"]] == ["read-orders/read"]
-    assert orders["masks"] == []
+    assert [p["name"] for p in orders["policies"]] == ["read-orders"]
     analytics_file = yaml.safe_load(only.files["policy.analytics.yaml"])
-    assert [r["name"] for r in analytics_file["rules"]] == ["analytics/read"]
+    assert [p["name"] for p in analytics_file["policies"]] == ["analytics"]
     fallback = only.files["policy.yaml"]
     assert "several databases (analytics, orders-db)" in fallback
-    assert (yaml.safe_load(fallback)["default"], yaml.safe_load(fallback)["rules"]) == ("block", [])
+    assert [p["name"] for p in yaml.safe_load(fallback)["policies"]] == ["analytics", "read-orders"]
 
 
 def test_a_policy_without_database_applies_to_every_database_file() -> None:
@@ -180,7 +198,7 @@ def test_a_policy_without_database_applies_to_every_database_file() -> None:
     )
     (only,) = plan.bundles
     for key in ("policy.orders-db.yaml", "policy.analytics.yaml", "policy.yaml"):
-        assert "everywhere/read" in only.files[key], key
+        assert "everywhere" in [p["name"] for p in yaml.safe_load(only.files[key])["policies"]], key
 
 
 def test_injection_names_the_same_database_file() -> None:
@@ -195,6 +213,5 @@ def test_pods_get_a_file_for_the_database_they_name() -> None:
     plan = bundle.plan([_policy("read-orders", _on("orders-db", READ_ORDERS))], pods, prefix="p-")
     (only,) = plan.bundles
     assert set(only.files) == {"policy.yaml", "policy.orders-db.yaml", "policy.reports.yaml"}
-    reports = yaml.safe_load(only.files["policy.reports.yaml"])
-    assert (reports["default"], reports["rules"]) == ("block", [])
-    assert yaml.safe_load(only.files["policy.yaml"])["rules"] != []
+    assert yaml.safe_load(only.files["policy.reports.yaml"]) == {"policies": []}
+    assert yaml.safe_load(only.files["policy.yaml"])["policies"] != []

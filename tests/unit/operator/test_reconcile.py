@@ -83,7 +83,8 @@ def test_valid_policy_gets_a_bundle_and_ready_status(api: FakeApi) -> None:
     outcome = _run(api, events)
     assert outcome.bundles_written == ("orders",)
     text = api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]
-    assert yaml.safe_load(text)["rules"][0]["name"] == "read/read"
+    (component,) = yaml.safe_load(text)["policies"]
+    assert (component["name"], component["spec"]["rules"][0]["name"]) == ("read", "read")
     status = api.policies["read"]["status"]
     assert status["boundWorkloads"] == 1
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
@@ -104,17 +105,23 @@ def test_second_run_writes_nothing_and_says_nothing(api: FakeApi) -> None:
     assert events == []
 
 
-def test_invalid_policy_is_reported_and_excluded(api: FakeApi) -> None:
+def test_invalid_policy_is_reported_on_every_policy_and_the_bundle_keeps_its_content(api: FakeApi) -> None:
     api.add_policy("read", GOOD)
+    _run(api)
+    before = api.config_maps["dbgov-policy-orders"]["data"]
     api.add_policy("broken", BAD)
     events: list[tuple[str, str, str]] = []
     _run(api, events)
     valid = {c["type"]: c for c in api.policies["broken"]["status"]["conditions"]}["PolicyValid"]
     assert valid["status"] == "False"
     assert valid["message"].startswith("spec.rules[0].statements[0]: unknown statement class")
-    annotations = api.config_maps["dbgov-policy-orders"]["metadata"]["annotations"]
-    assert annotations["dbgov.io/policies"] == "read"
+    ready = {c["type"]: c for c in api.policies["read"]["status"]["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "CompositionInvalid")
+    assert "(read with broken) does not compile" in ready["message"]
+    assert "broken.rules[0].statements[0]" in ready["message"]
+    assert api.config_maps["dbgov-policy-orders"]["data"] == before
     assert ("broken", "Warning", "PolicyInvalid") in events
+    assert ("read", "Warning", "CompositionInvalid") in events
 
 
 def test_policy_change_rewrites_the_bundle(api: FakeApi) -> None:
@@ -126,7 +133,8 @@ def test_policy_change_rewrites_the_bundle(api: FakeApi) -> None:
     outcome = _run(api)
     assert outcome.bundles_written == ("orders",)
     text = api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]
-    assert [r["name"] for r in yaml.safe_load(text)["rules"]] == ["read/read", "read/w"]
+    (component,) = yaml.safe_load(text)["policies"]
+    assert [r["name"] for r in component["spec"]["rules"]] == ["read", "w"]
 
 
 def test_deleted_policy_leaves_a_blocking_bundle(api: FakeApi) -> None:
@@ -135,8 +143,7 @@ def test_deleted_policy_leaves_a_blocking_bundle(api: FakeApi) -> None:
     api.policies["read"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     outcome = _run(api)
     assert outcome.bundles_written == ("orders",)
-    merged = yaml.safe_load(api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"])
-    assert (merged["default"], merged["rules"]) == ("block", [])
+    assert yaml.safe_load(api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]) == {"policies": []}
 
 
 def test_pod_selector_follows_pods(api: FakeApi) -> None:
