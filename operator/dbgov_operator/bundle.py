@@ -16,13 +16,14 @@ objects and apply the plan.
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from dbgov_operator import annotations
 from dbgov_operator.kubetypes import ConfigMap
 from dbgov_policy import compile as policy_compile
+from dbgov_sidecar import bundle_signature
 
 BUNDLE_KEY = "policy.yaml"
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -260,9 +261,42 @@ def render(merged: Mapping[str, Any], *, policies: Sequence[str], note: str = ""
     return header + "\n" + yaml.safe_dump(dict(merged), sort_keys=True)
 
 
-def config_map(item: Bundle, *, namespace: str) -> ConfigMap:
-    """The ConfigMap body for a bundle."""
-    return {
+class Signs(Protocol):
+    """The operator's signing key as the bundler uses it (``signing.Signer``)."""
+
+    def sign(self, content: str, *, namespace: str, service_account: str, file: str, generation: int) -> str:
+        """The ``.sig`` text of one bundle file."""
+        ...
+
+    def verifies(
+        self, content: str, signature_text: str | None, *, namespace: str, service_account: str, file: str
+    ) -> int | None:
+        """The generation of a valid signature of this key over ``content``, or None."""
+        ...
+
+
+def config_map(
+    item: Bundle,
+    *,
+    namespace: str,
+    signer: Signs | None = None,
+    generation: int = 0,
+    owner: Mapping[str, str] | None = None,
+) -> ConfigMap:
+    """The ConfigMap body for a bundle: every file signed by ``signer`` at ``generation`` (a
+    ``<file>.sig`` key beside it), owned by ``owner`` (the ServiceAccount's ``name`` and ``uid``)
+    so that deleting the ServiceAccount collects its bundle."""
+    data = dict(item.files)
+    if signer is not None:
+        for key, content in item.files.items():
+            data[key + bundle_signature.SUFFIX] = signer.sign(
+                content,
+                namespace=namespace,
+                service_account=item.service_account,
+                file=key,
+                generation=generation,
+            )
+    body: ConfigMap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
@@ -274,20 +308,71 @@ def config_map(item: Bundle, *, namespace: str) -> ConfigMap:
             },
             "annotations": {annotations.BUNDLE_POLICIES: ",".join(item.policies)},
         },
-        "data": dict(item.files),
+        "data": data,
     }
+    if owner is not None:
+        # No blockOwnerDeletion: setting it needs the right to update the ServiceAccount's
+        # finalizers, and nothing needs the ServiceAccount to wait for its bundle.
+        body["metadata"]["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "name": owner["name"], "uid": owner["uid"]}
+        ]
+    return body
 
 
-def is_current(existing: Mapping[str, Any], desired: ConfigMap) -> bool:
-    """Whether an existing ConfigMap already holds ``desired`` (so no write is needed)."""
+def signed_generation(existing: Mapping[str, Any], *, signer: Signs, namespace: str) -> int | None:
+    """The newest generation among the valid signatures of ours in an existing bundle ConfigMap
+    (None if there is none): a rewrite must sign above it, or sidecars would take it for a
+    rollback."""
+    data = existing.get("data") or {}
+    account = ((existing.get("metadata") or {}).get("labels") or {}).get(annotations.BUNDLE_SERVICE_ACCOUNT)
+    found = [
+        signer.verifies(
+            content,
+            data.get(key + bundle_signature.SUFFIX),
+            namespace=namespace,
+            service_account=str(account or ""),
+            file=key,
+        )
+        for key, content in data.items()
+        if not key.endswith(bundle_signature.SUFFIX)
+    ]
+    generations = [g for g in found if g is not None]
+    return max(generations) if generations else None
+
+
+def is_current(existing: Mapping[str, Any], desired: ConfigMap, *, signer: Signs | None = None) -> bool:
+    """Whether an existing ConfigMap already holds ``desired`` (so no write is needed): the same
+    files and no other keys, each file with a valid signature of ``signer`` for this bundle (the
+    signatures themselves differ by generation), our labels, annotations and owner."""
     meta = existing.get("metadata") or {}
     labels = meta.get("labels") or {}
     notes = meta.get("annotations") or {}
     want = desired["metadata"]
+    data = existing.get("data") or {}
+    if set(data) != set(desired["data"]) or not all(
+        data[key] == value
+        for key, value in desired["data"].items()
+        if not key.endswith(bundle_signature.SUFFIX)
+    ):
+        return False
+    if signer is not None:
+        for key, content in data.items():
+            if key.endswith(bundle_signature.SUFFIX):
+                continue
+            generation = signer.verifies(
+                content,
+                data.get(key + bundle_signature.SUFFIX),
+                namespace=want["namespace"],
+                service_account=want["labels"][annotations.BUNDLE_SERVICE_ACCOUNT],
+                file=key,
+            )
+            if generation is None:
+                return False
+    owners = [(o.get("uid"), o.get("kind")) for o in meta.get("ownerReferences") or []]
     return (
-        (existing.get("data") or {}) == desired["data"]
-        and all(labels.get(k) == v for k, v in want["labels"].items())
+        all(labels.get(k) == v for k, v in want["labels"].items())
         and all(notes.get(k) == v for k, v in want["annotations"].items())
+        and all((o["uid"], o["kind"]) in owners for o in want.get("ownerReferences", []))
     )
 
 

@@ -78,6 +78,9 @@ class CredentialEndpoint:
     """``https://.../v1/credentials`` of the operator's credential endpoint."""
     ca_pem: str
     """PEM CA bundle of the operator's serving certificate (the webhook's)."""
+    bundle_key: str = ""
+    """The operator's bundle signing public key (base64): the sidecar refuses a policy bundle
+    file that does not verify against it, and gets the file's ``.sig`` beside it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,6 +217,7 @@ def inject(
             sidecar=sidecar,
             bundle=sidecar.bundle_prefix + service_account,
             key=_policy_file(overrides.database),
+            signed=endpoint is not None and bool(endpoint.bundle_key),
         ),
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
@@ -763,10 +767,13 @@ def _sidecar_container(
 def _endpoint_env(endpoint: CredentialEndpoint) -> list[EnvVar]:
     """The credential endpoint and its CA for the sidecar. The CA travels in the pod spec: the
     operator's namespace is not the pod's, and a CA bundle is public."""
-    return [
+    env: list[EnvVar] = [
         {"name": "DBGOV_CREDENTIAL_URL", "value": endpoint.url},
         {"name": "DBGOV_CREDENTIAL_CA", "value": endpoint.ca_pem},
     ]
+    if endpoint.bundle_key:
+        env.append({"name": "DBGOV_BUNDLE_KEY", "value": endpoint.bundle_key})
+    return env
 
 
 def _policy_file(database: str | None) -> str:
@@ -786,7 +793,9 @@ def _field_env(name: str, path: str) -> EnvVar:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _volumes(*, sidecar: settings.SidecarSettings, bundle: str, key: str) -> list[Volume]:
+def _volumes(
+    *, sidecar: settings.SidecarSettings, bundle: str, key: str, signed: bool = False
+) -> list[Volume]:
     token: Volume = {
         "name": TOKEN_VOLUME,
         "projected": {
@@ -807,7 +816,11 @@ def _volumes(*, sidecar: settings.SidecarSettings, bundle: str, key: str) -> lis
     # without its policy. Later bundle changes still reach the mounted file.
     policy: Volume = {
         "name": POLICY_VOLUME,
-        "configMap": {"name": bundle, "optional": False, "items": [{"key": key, "path": key}]},
+        "configMap": {
+            "name": bundle,
+            "optional": False,
+            "items": [{"key": k, "path": k} for k in (key, *([f"{key}.sig"] if signed else []))],
+        },
     }
     return [token, policy]
 

@@ -46,6 +46,8 @@ class Api(Protocol):
     def list_workloads(self, namespace: str) -> list[bundle.Workload]: ...
     def list_bundles(self, namespace: str) -> dict[str, Mapping[str, Any]]: ...
     def write_bundle(self, desired: ConfigMap, *, existing: Mapping[str, Any] | None) -> None: ...
+    def delete_bundle(self, *, namespace: str, name: str, resource_version: str | None) -> None: ...
+    def list_service_accounts(self, namespace: str) -> dict[str, str]: ...
     def patch_policy_status(self, *, namespace: str, name: str, status: PolicyStatus) -> None: ...
 
 
@@ -98,7 +100,18 @@ class KubeApi:
         meta = desired["metadata"]
         try:
             if existing is None:
-                self._core.create_namespaced_config_map(meta["namespace"], dict(desired))
+                try:
+                    self._core.create_namespaced_config_map(meta["namespace"], dict(desired))
+                except ApiException as err:
+                    if err.status != 409:
+                        raise
+                    # There, but not listed as ours: someone removed its labels. Take it back.
+                    found = self._core.read_namespaced_config_map(meta["name"], meta["namespace"])
+                    taken: dict[str, Any] = {
+                        **desired,
+                        "metadata": {**meta, "resourceVersion": found.metadata.resource_version},
+                    }
+                    self._core.replace_namespaced_config_map(meta["name"], meta["namespace"], taken)
             else:
                 version = (existing.get("metadata") or {}).get("resourceVersion")
                 body: dict[str, Any] = {**desired, "metadata": {**meta, "resourceVersion": version}}
@@ -109,6 +122,23 @@ class KubeApi:
             if err.status == 403 and "NamespaceTerminating" in str(err.body):
                 raise NamespaceTerminating(meta["namespace"]) from err
             raise
+
+    def delete_bundle(self, *, namespace: str, name: str, resource_version: str | None) -> None:
+        # Only the version we judged unneeded: one rewritten meanwhile is judged again.
+        options = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
+        try:
+            self._core.delete_namespaced_config_map(name, namespace, body=options)
+        except ApiException as err:
+            if err.status == 404:
+                return
+            if err.status == 409:
+                raise Conflict(f"ConfigMap {namespace}/{name}") from err
+            raise
+
+    def list_service_accounts(self, namespace: str) -> dict[str, str]:
+        """ServiceAccount name -> uid (a bundle's owner)."""
+        listed = self._core.list_namespaced_service_account(namespace)
+        return {item.metadata.name: item.metadata.uid for item in listed.items}
 
     def patch_policy_status(self, *, namespace: str, name: str, status: PolicyStatus) -> None:
         try:

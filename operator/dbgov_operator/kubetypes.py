@@ -115,11 +115,19 @@ class Volume(TypedDict):
     configMap: NotRequired[ConfigMapVolumeSource]
 
 
+class OwnerReference(TypedDict):
+    apiVersion: str
+    kind: str
+    name: str
+    uid: str
+
+
 class ObjectMeta(TypedDict):
     name: str
     namespace: str
     labels: dict[str, str]
     annotations: dict[str, str]
+    ownerReferences: NotRequired[list[OwnerReference]]
 
 
 class ConfigMap(TypedDict):

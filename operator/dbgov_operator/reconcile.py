@@ -1,8 +1,13 @@
 """Bring one namespace's policy bundles and policy statuses in line with its policies and pods.
 
-Level-triggered: every policy event (create, update, resume, delete) and every enrolled pod
-reconciles the whole namespace from a fresh read, and writes only what differs. So an operator
-restart re-reads everything and, when nothing changed, writes nothing and says nothing.
+Level-triggered: every policy event (create, update, resume, delete), every enrolled pod and
+every change to a bundle ConfigMap (a namespace user's edit or deletion: drift) reconciles the
+whole namespace from a fresh read, and writes only what differs. So an operator restart
+re-reads everything and, when nothing changed, writes nothing and says nothing. Bundles are
+signed (a rewrite gets a newer generation than any signature of ours it replaces), owned by
+their ServiceAccount, and deleted once no policy names their ServiceAccount and no enrolled pod
+runs as it. A bundle a running pod still mounts is never deleted: the kubelet would keep the
+last content in the pod, so it gets the refuse-everything merge instead.
 """
 
 import datetime
@@ -29,6 +34,8 @@ class Outcome:
 
     bundles_written: tuple[str, ...]
     statuses_written: tuple[str, ...]
+    bundles_deleted: tuple[str, ...] = ()
+    """ConfigMaps of bundles nothing needs any more."""
 
 
 def problems(spec: Mapping[str, Any]) -> tuple[policy_compile.Problem, ...]:
@@ -49,10 +56,12 @@ def reconcile_namespace(
     config: settings.Settings,
     now: datetime.datetime,
     emit: Emit,
+    signer: bundle.Signs | None = None,
 ) -> Outcome:
-    """Reconcile ``namespace``; one at a time per namespace within this process."""
+    """Reconcile ``namespace``; one at a time per namespace within this process. ``signer``
+    signs every bundle file (None only in tests of what is signed-agnostic)."""
     with _lock(namespace):
-        return _reconcile(api, namespace=namespace, config=config, now=now, emit=emit)
+        return _reconcile(api, namespace=namespace, config=config, now=now, emit=emit, signer=signer)
 
 
 def _reconcile(
@@ -62,6 +71,7 @@ def _reconcile(
     config: settings.Settings,
     now: datetime.datetime,
     emit: Emit,
+    signer: bundle.Signs | None,
 ) -> Outcome:
     live = [p for p in api.list_policies(namespace) if not p.deleting]
     judged = {p.name: problems(p.spec) for p in live}
@@ -69,15 +79,18 @@ def _reconcile(
     plan = bundle.plan(
         [bundle.Policy(name=p.name, spec=p.spec, valid=not judged[p.name]) for p in live],
         api.list_workloads(namespace),
-        known_service_accounts=[
-            account
-            for account in map(kubeapi.bundle_service_account, existing.values())
-            if account is not None
-        ],
         prefix=config.sidecar.bundle_prefix,
     )
-    shippable = [b for b in plan.bundles if not b.problems]  # (one that does not compile keeps its content)
-    written = _write_bundles(api, shippable, existing=existing, namespace=namespace)
+    written = _write_bundles(
+        api,
+        [b for b in plan.bundles if not b.problems],  # (one that does not compile keeps its content)
+        existing=existing,
+        namespace=namespace,
+        signer=signer,
+        owners=api.list_service_accounts(namespace),
+        now=now,
+    )
+    deleted = _delete_unneeded(api, existing=existing, keep={b.config_map for b in plan.bundles})
     statuses = []
     for policy in live:
         bound = plan.bound.get(policy.name, ())
@@ -96,7 +109,9 @@ def _reconcile(
         if changed:
             message = f"policy bundle updated for ServiceAccount(s): {', '.join(changed)}"
             emit(policy.body, "Normal", "BundleUpdated", message)
-    return Outcome(bundles_written=tuple(written), statuses_written=tuple(statuses))
+    return Outcome(
+        bundles_written=tuple(written), statuses_written=tuple(statuses), bundles_deleted=tuple(deleted)
+    )
 
 
 def _write_bundles(
@@ -105,17 +120,52 @@ def _write_bundles(
     *,
     existing: Mapping[str, Mapping[str, Any]],
     namespace: str,
+    signer: bundle.Signs | None,
+    owners: Mapping[str, str],
+    now: datetime.datetime,
 ) -> list[str]:
     """Write the bundles that differ; return the ServiceAccounts whose bundle was written."""
     written = []
     for item in bundles:
-        desired = bundle.config_map(item, namespace=namespace)
         current = existing.get(item.config_map)
-        if current is not None and bundle.is_current(current, desired):
+        previous = None
+        if current is not None and signer is not None:
+            previous = bundle.signed_generation(current, signer=signer, namespace=namespace)
+        uid = owners.get(item.service_account)
+        desired = bundle.config_map(
+            item,
+            namespace=namespace,
+            signer=signer,
+            generation=signing_generation(previous, now=now),
+            owner={"name": item.service_account, "uid": uid} if uid else None,
+        )
+        if current is not None and bundle.is_current(current, desired, signer=signer):
             continue
         api.write_bundle(desired, existing=current)
         written.append(item.service_account)
     return written
+
+
+def signing_generation(previous: int | None, *, now: datetime.datetime) -> int:
+    """The generation of a new signature: the time in milliseconds, and always above the
+    ``previous`` (verified) one of the same bundle, whatever the clocks of replicas say."""
+    stamp = int(now.timestamp() * 1000)
+    return stamp if previous is None else max(stamp, previous + 1)
+
+
+def _delete_unneeded(
+    api: kubeapi.Api, *, existing: Mapping[str, Mapping[str, Any]], keep: set[str]
+) -> list[str]:
+    """Delete the bundle ConfigMaps no policy and no enrolled pod needs; return their names."""
+    deleted = []
+    for name, body in sorted(existing.items()):
+        if name in keep:
+            continue
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        namespace = str((body.get("metadata") or {}).get("namespace") or "")
+        api.delete_bundle(namespace=namespace, name=name, resource_version=version)
+        deleted.append(name)
+    return deleted
 
 
 def _write_status(

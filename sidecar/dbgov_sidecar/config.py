@@ -80,6 +80,12 @@ class Settings:
     """CA bundle (PEM text or path) the operator's certificate must verify against (DBGOV_CREDENTIAL_CA)."""
     pod_uid: str | None = None
     """This pod's uid; the operator's verified identity must name it (DBGOV_POD_UID)."""
+    bundle_key: str | None = None
+    """The operator's Ed25519 public key (base64 or PEM): the policy file must carry its signature for this namespace and ServiceAccount; unset: the file is not signed (DBGOV_BUNDLE_KEY)."""
+    pod_namespace: str | None = None
+    """This pod's namespace, which a signed policy bundle must name (DBGOV_POD_NAMESPACE)."""
+    service_account: str | None = None
+    """This pod's ServiceAccount, which a signed policy bundle must name (DBGOV_SERVICE_ACCOUNT)."""
 
 
 INT_FIELDS = frozenset(

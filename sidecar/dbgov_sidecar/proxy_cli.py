@@ -17,7 +17,16 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO, TypeVar
 
-from dbgov_sidecar import audit, config, metrics, policies, policy_port, proxy, workload_identity
+from dbgov_sidecar import (
+    audit,
+    config,
+    metrics,
+    policies,
+    policy_port,
+    policyfile,
+    proxy,
+    workload_identity,
+)
 
 log = logging.getLogger("dbgov.proxy")
 
@@ -74,9 +83,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from(args)
     try:
+        trust = policyfile.trust(
+            key=settings.bundle_key,
+            namespace=settings.pod_namespace,
+            service_account=settings.service_account,
+        )
+    except ValueError as err:
+        print(f"dbgov proxy: {err}", file=sys.stderr)
+        return 2
+    try:
         holder = policies.PolicyHolder(
             settings.policy,
             loader=functools.partial(policies.load, max_statement_size=settings.max_statement_size),
+            trust=trust,
         )
     except Exception as err:
         for problem in policies.problems_of(err):
@@ -199,7 +218,9 @@ async def _serve(settings: config.Settings, cfg: proxy.ProxyConfig, holder: poli
         audit_ok = None
         if audit_log is not None and audit_log.failure_policy == "fail-closed":
             audit_ok = audit.Healthy(audit_log)
-        server = proxy.Proxy(cfg, policy=holder, audit=proxy.Recorder(audit_log, counters), audit_ok=audit_ok)
+        recorder = proxy.Recorder(audit_log, counters)
+        holder.attach_audit(recorder)  # bundle_rejected events, those of the first load too
+        server = proxy.Proxy(cfg, policy=holder, audit=recorder, audit_ok=audit_ok)
         await _bind(server.start(), setting="listen", address=settings.listen, serves="accept clients")
         counters.gauges["dbgov_upstream_errors_total"] = lambda: server.stats["upstream_errors"]
         counters.gauges["dbgov_policy_reloads_total"] = lambda: holder.reloads

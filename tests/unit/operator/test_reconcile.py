@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dbgov_operator import bundle, kubeapi, reconcile, settings
+from dbgov_operator import bundle, kubeapi, reconcile, settings, signing
 from dbgov_operator.kubetypes import ConfigMap, PolicyStatus
+from dbgov_sidecar import bundle_signature
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 CONFIG = settings.Settings()
@@ -31,6 +32,7 @@ class FakeApi:
         self.pods: list[bundle.Workload] = []
         self.config_maps: dict[str, dict[str, Any]] = {}
         self.writes: list[str] = []
+        self.service_accounts: dict[str, str] = {}
 
     def add_policy(self, name: str, spec: dict[str, Any], generation: int = 1) -> None:
         meta = {"name": name, "namespace": "apps", "generation": generation, "uid": name}
@@ -58,6 +60,13 @@ class FakeApi:
     def write_bundle(self, desired: ConfigMap, *, existing: Mapping[str, Any] | None) -> None:
         self.config_maps[desired["metadata"]["name"]] = dict(desired)
         self.writes.append(f"configmap/{desired['metadata']['name']}")
+
+    def delete_bundle(self, *, namespace: str, name: str, resource_version: str | None) -> None:
+        del self.config_maps[name]
+        self.writes.append(f"delete/{name}")
+
+    def list_service_accounts(self, namespace: str) -> dict[str, str]:
+        return dict(self.service_accounts)
 
     def patch_policy_status(self, *, namespace: str, name: str, status: PolicyStatus) -> None:
         self.policies[name]["status"] = dict(status)
@@ -137,13 +146,63 @@ def test_policy_change_rewrites_the_bundle(api: FakeApi) -> None:
     assert [r["name"] for r in component["spec"]["rules"]] == ["read", "w"]
 
 
-def test_deleted_policy_leaves_a_blocking_bundle(api: FakeApi) -> None:
+def test_deleted_policy_leaves_a_blocking_bundle_while_a_pod_runs_as_its_account(api: FakeApi) -> None:
     api.add_policy("read", GOOD)
+    api.pods.append(bundle.Workload(service_account="orders"))
     _run(api)
     api.policies["read"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     outcome = _run(api)
     assert outcome.bundles_written == ("orders",)
     assert yaml.safe_load(api.config_maps["dbgov-policy-orders"]["data"]["policy.yaml"]) == {"policies": []}
+
+
+def test_bundle_nothing_needs_is_deleted(api: FakeApi) -> None:
+    # No policy names the account and no enrolled pod runs as it: the bundle does not linger.
+    api.add_policy("read", GOOD)
+    _run(api)
+    api.policies["read"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    outcome = _run(api)
+    assert outcome.bundles_deleted == ("dbgov-policy-orders",)
+    assert api.config_maps == {}
+    assert _run(api).bundles_deleted == ()
+
+
+def test_signed_bundle_is_current_until_changed_and_resigned_above_its_generation(api: FakeApi) -> None:
+    signer = signing.generate()
+    api.add_policy("read", GOOD)
+    api.service_accounts["orders"] = "uid-orders"
+    reconcile.reconcile_namespace(api, namespace="apps", config=CONFIG, now=NOW, emit=_quiet, signer=signer)
+    body = api.config_maps["dbgov-policy-orders"]
+    assert set(body["data"]) == {"policy.yaml", "policy.yaml.sig", "policy.db.yaml", "policy.db.yaml.sig"}
+    assert body["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "name": "orders", "uid": "uid-orders"}
+    ]
+    first = bundle_signature.parse(body["data"]["policy.yaml.sig"]).generation
+    later = NOW + datetime.timedelta(hours=1)
+    again = reconcile.reconcile_namespace(
+        api, namespace="apps", config=CONFIG, now=later, emit=_quiet, signer=signer
+    )
+    assert again.bundles_written == ()
+    # A namespace user's edit (content, or a signature moved from another file) is rewritten,
+    # signed above the old generation even when the clock went back.
+    original = body["data"]["policy.yaml"]
+    body["data"]["policy.yaml"] = body["data"]["policy.yaml"].replace("block", "allow")
+    earlier = NOW - datetime.timedelta(days=1)
+    fixed = reconcile.reconcile_namespace(
+        api, namespace="apps", config=CONFIG, now=earlier, emit=_quiet, signer=signer
+    )
+    assert fixed.bundles_written == ("orders",)
+    data = api.config_maps["dbgov-policy-orders"]["data"]
+    assert data["policy.yaml"] == original
+    assert bundle_signature.parse(data["policy.yaml.sig"]).generation == first + 1
+    data["policy.yaml.sig"] = data["policy.db.yaml.sig"]
+    assert reconcile.reconcile_namespace(
+        api, namespace="apps", config=CONFIG, now=NOW, emit=_quiet, signer=signer
+    ).bundles_written == ("orders",)
+
+
+def _quiet(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    return None
 
 
 def test_pod_selector_follows_pods(api: FakeApi) -> None:
