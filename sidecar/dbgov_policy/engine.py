@@ -118,6 +118,39 @@ class SessionContext:
     """(``inherits``, ``ancestors``, engine, the engine of its that decides this session's
     statements) when either map is not empty: set by the engine (a reloaded policy is another
     engine)."""
+    masking_views: mask.Views | None = None
+    """Minted credentials: masked tables are read through the operator's masking views (the
+    role may not read their masked columns); None: through the tables themselves."""
+
+    def use_views(self, names: Mapping[tuple[str, str], str]) -> None:
+        """Read masked tables through these masking views ((schema, table) → view name in
+        ``dbgov_masked``), from the session's catalog at login. Call after ``inherits`` and
+        ``ancestors`` are set: ``ONLY`` of a table with descendants cannot be read through a view."""
+        parents = {a for ups in self.inherits.values() for a in ups} | set(self.ancestors)
+        self.masking_views = mask.Views(
+            names={model.QualifiedName(schema=s, name=t): v for (s, t), v in names.items()},
+            inherited=frozenset(parents | set(self.inherits)),
+        )
+
+
+def _cache_path(ctx: SessionContext) -> tuple[str, ...]:
+    """The search_path part of cache keys; sessions reading through masking views key apart
+    (their rewrites can refuse what the table form rewrites, ONLY of an inherited table)."""
+    if ctx.masking_views is None:
+        return ctx.search_path
+    return (*ctx.search_path, "\0masking-views")
+
+
+def _unprovable(decision: verdicts.Decision, err: mask.RewriteError) -> verdicts.Decision:
+    return dataclasses.replace(
+        decision,
+        verdict="block",
+        rule="guardrail:mask-unprovable",
+        reason=f"masked columns are read but the query cannot be rewritten safely: {err}",
+        hint="Simplify the statement, or select only columns that are not masked.",
+        sqlstate=verdicts.POLICY_SQLSTATE,
+        rewritten=None,
+    )
 
 
 Inherits = Mapping[model.QualifiedName, tuple[model.QualifiedName, ...]]
@@ -201,7 +234,7 @@ class Engine:
         ctx = session if session is not None else SessionContext()
         if (ctx.inherits or ctx.ancestors) and not self._is_view:
             return self.for_session(ctx).decide(sql, session=ctx)
-        exact = (ctx.search_path, sql)
+        exact = (_cache_path(ctx), sql)
         entry = self._exact.get(exact)
         key: tuple[tuple[str, ...], str] | None = None
         if entry is None:
@@ -211,7 +244,7 @@ class Engine:
                     self.stats.uncacheable += 1
                     return statement_too_large(size, self.max_statement_size)
             try:
-                key = (ctx.search_path, shape_key(sql))
+                key = (_cache_path(ctx), shape_key(sql))
             except (pg_parser.ParseError, ValueError, RecursionError):
                 key = None
             if key is not None:
@@ -223,7 +256,12 @@ class Engine:
             self.stats.hits += 1
             if entry.template is None:
                 return entry.decision
-            rewritten = mask.rewrite_like(sql, entry.template, self.policy, ctx.columns)
+            try:
+                rewritten = mask.rewrite_like(
+                    sql, entry.template, self.policy, ctx.columns, ctx.masking_views
+                )
+            except mask.RewriteError as err:
+                return _unprovable(entry.decision, err)
             if rewritten is not None:
                 return dataclasses.replace(entry.decision, rewritten=rewritten)
             # Same shape, other tokens (a $1 where the cached text had a constant): rewrite from
@@ -278,10 +316,13 @@ class Engine:
         if found is None or template is None:
             return None
         key, entry = found
-        policy, columns = self.policy, ctx.columns
+        policy, columns, views = self.policy, ctx.columns, ctx.masking_views
 
         def rewrite(text: str) -> str | None:
-            return mask.rewrite_like(text, template, policy, columns)
+            try:
+                return mask.rewrite_like(text, template, policy, columns, views)
+            except mask.RewriteError:
+                return None  # (the slow path decides it, and refuses it)
 
         return key, entry.decision, rewrite
 
@@ -292,7 +333,7 @@ class Engine:
             key = shape_key(sql)
         except (pg_parser.ParseError, ValueError, RecursionError):
             return None
-        entry = self._cache.get((ctx.search_path, key))
+        entry = self._cache.get((_cache_path(ctx), key))
         return None if entry is None else (key, entry)
 
     def _remember_exact(self, exact: tuple[tuple[str, ...], str], entry: _Entry) -> None:
@@ -325,7 +366,7 @@ class Engine:
             ctx.names, prepared=set(ctx.names.prepared), cursors=set(ctx.names.cursors)
         )
         decision, refs = verdicts.decide(self.policy, analysis, known=known, fingerprint=fingerprint)
-        decision, template = self._rewrite(sql, decision, refs, ctx.columns)
+        decision, template = self._rewrite(sql, decision, refs, ctx)
         if decision.verdict in {"allow", "mask"} or self.policy.mode == "dry-run":
             self._apply_effects(analysis, ctx)
         stateful = any(
@@ -335,23 +376,14 @@ class Engine:
         return decision, template, cacheable
 
     def _rewrite(
-        self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef], columns: mask.Columns
+        self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef], ctx: SessionContext
     ) -> tuple[verdicts.Decision, mask.Template | None]:
         if not refs or decision.verdict not in {"mask", "approve"}:
             return decision, None
         try:
-            rewritten, template = mask.rewrite(sql, refs, self.policy, columns)
+            rewritten, template = mask.rewrite(sql, refs, self.policy, ctx.columns, ctx.masking_views)
         except mask.RewriteError as err:
-            blocked = dataclasses.replace(
-                decision,
-                verdict="block",
-                rule="guardrail:mask-unprovable",
-                reason=f"masked columns are read but the query cannot be rewritten safely: {err}",
-                hint="Simplify the statement, or select only columns that are not masked.",
-                sqlstate=verdicts.POLICY_SQLSTATE,
-                rewritten=None,
-            )
-            return blocked, None
+            return _unprovable(decision, err), None
         return dataclasses.replace(decision, rewritten=rewritten), template
 
     def _with_rewrite(
@@ -361,7 +393,7 @@ class Engine:
         refs = [
             ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
         ]
-        return self._rewrite(sql, cached, refs, ctx.columns)
+        return self._rewrite(sql, cached, refs, ctx)
 
     def _apply_effects(self, analysis: analyze.Analysis, ctx: SessionContext) -> None:
         for unit in analysis.units:

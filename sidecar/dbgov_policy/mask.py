@@ -23,6 +23,20 @@ The masked column keeps its type the same way, and every other column is a plain
 table, so PostgreSQL flattens the subquery: a `WHERE id = 5` uses the index on `id` instead of
 masking every row of the table first (which the form above makes it do).
 
+With minted credentials (docs/credentials.md) the workload's role may not read a masked
+table's masked columns, and ``jsonb_populate_record(src, ...)`` needs the whole row: there the
+rewrite reads the table through the operator's masking view instead (``views``: table → view
+name in schema ``dbgov_masked``), which applies the same masks already:
+
+    (SELECT src.id, src.name, (jsonb_populate_record(NULL::public.customers,
+       jsonb_build_object('ssn', src.ssn))).ssn AS ssn FROM dbgov_masked."<view>" AS src) c
+
+The view returns masked columns as text; ``jsonb_populate_record`` over a NULL of the table's
+row type turns them back into the column's type (NULL where the mask yields NULL), exactly as
+the default form does, so both modes return the same values and types. A row type needs no
+privilege on the table. ONLY cannot be honoured through a view (it reads the descendants too),
+so ``FROM ONLY t`` of a masked table with descendants is refused in this mode.
+
 Splicing works on UTF-8 bytes because libpg_query reports byte offsets.
 """
 
@@ -41,6 +55,8 @@ from dbgov_policy import analyze, model
 TEXT_TYPES = "ARRAY['text','character varying','character','name','citext']::pg_catalog.text[]"
 SRC = "__dbgov_src"
 OUT = "__dbgov_m"
+VIEW_SCHEMA = "dbgov_masked"
+"""The operator's schema of masking views (``dbgov_operator.grants.MASKED_SCHEMA``)."""
 
 
 class RewriteError(ValueError):
@@ -127,9 +143,13 @@ def masking_subquery(
     only: bool,
     key: str,
     columns: Sequence[str] | None = None,
+    view: str | None = None,
 ) -> str:
     """The subquery that stands for ``rel``; ``columns``, the table's columns in order when the
-    catalog is known, make it one PostgreSQL flattens (see the module docstring)."""
+    catalog is known, make it one PostgreSQL flattens (see the module docstring); ``view``, the
+    name of ``rel``'s masking view in ``dbgov_masked``, reads that instead of the table."""
+    if view is not None:
+        return view_subquery(rel, masks, view=view, columns=columns)
     source = f"{'ONLY ' if only else ''}{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
     masked = {m.column: m for m in masks}
     if columns is not None and masked.keys() <= set(columns):
@@ -150,6 +170,29 @@ def masking_subquery(
     return (
         f"(SELECT {OUT}.* FROM {source} AS {SRC} CROSS JOIN LATERAL "
         f"pg_catalog.jsonb_populate_record({SRC}, pg_catalog.jsonb_build_object({pairs})) AS {OUT})"
+    )
+
+
+def view_subquery(
+    rel: model.QualifiedName, masks: Sequence[model.Mask], *, view: str, columns: Sequence[str] | None
+) -> str:
+    """The subquery that stands for ``rel`` read through its masking view ``view`` (the view has
+    masked the values already; they only get their column's type back)."""
+    source = f"{quote_ident(VIEW_SCHEMA)}.{quote_ident(view)}"
+    row_type = f"NULL::{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
+    masked = {m.column for m in masks}
+    if columns is not None and masked <= set(columns):
+        fields = []
+        for column in columns:
+            value = f"{SRC}.{quote_ident(column)}"
+            if column in masked:
+                record = f"pg_catalog.jsonb_populate_record({row_type}, pg_catalog.jsonb_build_object({quote_literal(column)}, {value}))"
+                value = f"({record}).{quote_ident(column)} AS {quote_ident(column)}"
+            fields.append(value)
+        return f"(SELECT {', '.join(fields)} FROM {source} AS {SRC})"
+    return (
+        f"(SELECT {OUT}.* FROM {source} AS {SRC} CROSS JOIN LATERAL "
+        f"pg_catalog.jsonb_populate_record({row_type}, pg_catalog.to_jsonb({SRC})) AS {OUT})"
     )
 
 
@@ -256,10 +299,25 @@ Columns = Mapping[model.QualifiedName, tuple[str, ...]]
 """The known columns of tables, in order (from the catalog)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Views:
+    """Masked tables read through the operator's masking views (minted credentials)."""
+
+    names: Mapping[model.QualifiedName, str]
+    """Masked table → the name of its view in ``dbgov_masked``."""
+    inherited: frozenset[model.QualifiedName] = frozenset()
+    """Tables with descendants: ``ONLY`` of one cannot be read through its view."""
+
+
 def rewrite(
-    sql: str, refs: Sequence[analyze.ReadRef], policy: model.CompiledPolicy, columns: Columns | None = None
+    sql: str,
+    refs: Sequence[analyze.ReadRef],
+    policy: model.CompiledPolicy,
+    columns: Columns | None = None,
+    views: Views | None = None,
 ) -> tuple[str, Template]:
-    """`sql` with every masked-table reference in `refs` replaced by its masking subquery."""
+    """`sql` with every masked-table reference in `refs` replaced by its masking subquery
+    (reading the table's masking view when ``views`` is given)."""
     tokens = _code_tokens(sql)
     starts = {t.start: i for i, t in enumerate(tokens)}
     slots: list[tuple[int, analyze.ReadRef]] = []
@@ -271,7 +329,7 @@ def rewrite(
         if ref.location not in starts:
             raise RewriteError(f"no token starts at byte {ref.location}")
         slots.append((starts[ref.location], ref))
-    out_text = _splice(sql, tokens, slots, policy, columns)
+    out_text = _splice(sql, tokens, slots, policy, columns, views=views)
     try:
         if len(pg_parser.split(out_text)) != len(pg_parser.split(sql)):
             raise RewriteError("the rewrite changed the number of statements")
@@ -281,13 +339,17 @@ def rewrite(
 
 
 def rewrite_like(
-    sql: str, template: Template, policy: model.CompiledPolicy, columns: Columns | None = None
+    sql: str,
+    template: Template,
+    policy: model.CompiledPolicy,
+    columns: Columns | None = None,
+    views: Views | None = None,
 ) -> str | None:
     """Rewrite `sql` at the template's positions; None when its tokens are not the same shape."""
     tokens = _code_tokens(sql)
     if tuple(t.name for t in tokens) != template.token_names:
         return None
-    return _splice(sql, tokens, template.slots, policy, columns)
+    return _splice(sql, tokens, template.slots, policy, columns, views=views)
 
 
 def _splice(
@@ -296,12 +358,15 @@ def _splice(
     slots: Sequence[tuple[int, analyze.ReadRef]],
     policy: model.CompiledPolicy,
     columns: Columns | None = None,
+    *,
+    views: Views | None = None,
 ) -> str:
     data = sql.encode()
     splices: list[tuple[int, int, bytes]] = []
     for idx, ref in slots:
         known = None if columns is None else columns.get(ref.rel)
-        sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key, known)
+        view = _view_for(ref, views)
+        sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key, known, view=view)
         if ref.copy_columns is not None:
             cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
             text = f"(SELECT {cols} FROM {sub} AS {quote_ident(ref.rel.name)})"
@@ -328,6 +393,26 @@ def _splice(
     return data.decode()
 
 
+def _view_for(ref: analyze.ReadRef, views: Views | None) -> str | None:
+    """The masking view ``ref`` is read through, in views mode (None: the table itself)."""
+    if views is None:
+        return None
+    view = views.names.get(ref.rel)
+    if view is None:
+        # Fail closed: the minted role cannot read this table's masked columns, and reading its
+        # unmasked ones through a form that needs the whole row would fail less clearly.
+        raise RewriteError(
+            f"{ref.rel} is masked but the database has no masking view of it this role may read "
+            "(the operator has not created it yet, or the policy and the grants differ)"
+        )
+    if ref.only and ref.rel in views.inherited:
+        raise RewriteError(
+            f"ONLY {ref.rel} cannot be read through its masking view, which also returns the rows "
+            "of its descendants; read it without ONLY"
+        )
+    return view
+
+
 @functools.lru_cache(maxsize=256)
 def _subquery_for(
     rel: model.QualifiedName,
@@ -335,5 +420,7 @@ def _subquery_for(
     only: bool,
     key: str,
     columns: tuple[str, ...] | None,
+    *,
+    view: str | None = None,
 ) -> str:
-    return masking_subquery(rel, masks, only=only, key=key, columns=columns)
+    return masking_subquery(rel, masks, only=only, key=key, columns=columns, view=view)

@@ -18,7 +18,7 @@ import yaml
 
 from dbgov_policy import compile as policy_compile
 from dbgov_policy import engine, model
-from dbgov_sidecar import login, proxy, session, tokens
+from dbgov_sidecar import login, proxy, session, tokens, workload_identity
 from dbgov_sidecar.pgwire import auth, framing
 
 
@@ -194,6 +194,40 @@ def upstream_config(settings: Settings) -> proxy.UpstreamConfig:
         sslcert=query.get("sslcert"),
         sslkey=query.get("sslkey"),
     )
+
+
+def minted_upstream(
+    base: proxy.UpstreamConfig, login: Callable[[], workload_identity.Credentials]
+) -> proxy.UpstreamSource:
+    """Cluster mode: each new upstream connection logs in with the credentials ``login`` gives
+    now (the operator's answer: host, port, dbname, sslmode, CA, user, password), the static
+    upstream settings only where the answer has none. No credentials, or expired ones, raise
+    ``NoUpstreamCredentials``: the client is refused rather than logged in with static ones."""
+
+    def current() -> proxy.UpstreamConfig:
+        try:
+            creds = login()
+        except workload_identity.NoCredentials as err:
+            raise proxy.NoUpstreamCredentials(err.reason) from err
+        sslmode = creds.sslmode or base.sslmode
+        if sslmode not in SSLMODES:
+            raise proxy.NoUpstreamCredentials(
+                f"the operator's answer has sslmode {sslmode!r}, not one of {', '.join(SSLMODES)}"
+            )
+        return dataclasses.replace(
+            base,
+            host=creds.host or base.host,
+            port=creds.port or base.port,
+            database=creds.dbname or base.database,
+            sslmode=sslmode,
+            sslrootcert=None if creds.ca_pem else base.sslrootcert,
+            ssl_ca_pem=creds.ca_pem or base.ssl_ca_pem,
+            user=creds.user,
+            password=creds.password,
+            masking_views=True,
+        )
+
+    return current
 
 
 def _channel_binding(value: str) -> str:

@@ -109,6 +109,28 @@ class UpstreamConfig:
     """PEM key for ``sslcert`` (None: the key is in the same file)."""
     connect_timeout: float = 10.0
     """Seconds allowed for connecting and logging in."""
+    ssl_ca_pem: str | None = field(default=None, repr=False)
+    """CA bundle as PEM text (minted credentials carry it), used instead of ``sslrootcert``."""
+    masking_views: bool = False
+    """The role is a minted one: it reads masked tables through the operator's masking views
+    (``dbgov_masked``), since it may not read their masked columns."""
+
+    def tls_key(self) -> tuple[str, str | None, str | None, str | None, str | None]:
+        """What the TLS context depends on (contexts are cached by it, never by the password)."""
+        return (self.sslmode, self.sslrootcert, self.ssl_ca_pem, self.sslcert, self.sslkey)
+
+
+class NoUpstreamCredentials(Exception):
+    """Cluster mode has no usable database credentials now: new client logins get FATAL 57P03."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+UpstreamSource = Callable[[], UpstreamConfig]
+"""The upstream to log in to, read when a new upstream connection is made (cluster mode: the
+current minted credentials); raises ``NoUpstreamCredentials``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +166,9 @@ class ProxyConfig:
     """Run steady-state statements through the compiled lane when it is built (``_lane.pyx``)."""
     token_verifier: tokens.Verifier | None = None
     """Verifies the JWTs clients give as their password (with ``session.client_token``)."""
+    upstream_source: UpstreamSource | None = None
+    """Cluster mode: where and as whom each new upstream connection logs in, read at connect
+    time (minted credentials renew); None: always ``upstream``."""
 
 
 class Proxy:
@@ -178,11 +203,28 @@ class Proxy:
         self._client_tls = _server_tls(config.tls_cert, config.tls_key)
         self._client_binding = _channel_binding(config.tls_cert) if self._client_tls is not None else None
         self._upstream_tls = _client_tls(config.upstream)
+        self._tls_contexts: dict[
+            tuple[str, str | None, str | None, str | None, str | None], ssl.SSLContext | None
+        ] = {config.upstream.tls_key(): self._upstream_tls}
         if self._client_tls is not None:
             config = dataclasses.replace(
                 config, session=dataclasses.replace(config.session, tls_available=True)
             )
             self.config = config
+
+    def upstream_now(self) -> UpstreamConfig:
+        """The upstream a new connection logs in to (raises ``NoUpstreamCredentials``)."""
+        source = self.config.upstream_source
+        return self.config.upstream if source is None else source()
+
+    def upstream_tls(self, cfg: UpstreamConfig) -> ssl.SSLContext | None:
+        """The TLS context for ``cfg`` (made once per TLS setting: renewals keep the CA)."""
+        key = cfg.tls_key()
+        if key not in self._tls_contexts:
+            if len(self._tls_contexts) > 16:
+                self._tls_contexts.clear()
+            self._tls_contexts[key] = _client_tls(cfg)
+        return self._tls_contexts[key]
 
     def drain_lanes(self) -> None:
         """Audit and count what every session's lane finished."""
@@ -242,19 +284,20 @@ class Proxy:
     async def forward_cancel(self, pid: int, secret: int) -> None:
         """Send the upstream CancelRequest for the session holding our key (pid, secret)."""
         conn = self.keys.get((pid, secret))
-        if conn is None or conn.upstream_key is None:
+        if conn is None or conn.upstream_key is None or conn.upstream_cfg is None:
             return
         upstream_pid, upstream_secret = conn.upstream_key
-        cfg = self.config.upstream
+        cfg = conn.upstream_cfg  # the server that session is on
+        tls = self.upstream_tls(cfg)
         with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
             async with asyncio.timeout(cfg.connect_timeout):
                 reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
                 try:
-                    if self._upstream_tls is not None:
+                    if tls is not None:
                         writer.write(messages.ssl_request())
                         answer = await reader.readexactly(1)
                         if answer == b"S":
-                            await writer.start_tls(self._upstream_tls, server_hostname=cfg.host)
+                            await writer.start_tls(tls, server_hostname=cfg.host)
                     writer.write(messages.cancel_request(upstream_pid, upstream_secret))
                     await writer.drain()
                     await reader.read(1)  # the server closes when done
@@ -270,6 +313,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.upstream_key: tuple[int, int] | None = None
+        self.upstream_cfg: UpstreamConfig | None = None
+        """Where this session's upstream connection went (for its cancel requests)."""
         self.session: session.Session | None = None
         self._key: tuple[int, int] | None = None
         self.address = ""
@@ -497,11 +542,24 @@ class ClientConnection(asyncio.Protocol):
         self.pump()
 
     async def _connect(self, params: dict[str, str]) -> None:
-        cfg = self.proxy.config.upstream
         assert self.session is not None
         try:
+            cfg = self.proxy.upstream_now()
+        except NoUpstreamCredentials as err:
+            log.info("client %s refused: no database credentials (%s)", self.address, err.reason)
+            message = f"the sidecar has no database credentials yet: {err.reason}"
+            refusal = messages.error_response(code="57P03", message=message, severity="FATAL")
+            self.session.upstream_failed(error=refusal, reason=message)
+            self.pump()
+            return
+        except Exception:  # a bug: the client gets a FATAL at once, not a silent hang
+            self._internal_error()
+            return
+        if cfg.database is not None and self.proxy.config.upstream_source is not None:
+            params = {**params, "database": cfg.database}  # the minted role's database, not the client's
+        try:
             async with asyncio.timeout(cfg.connect_timeout):
-                up = await self._login(params)
+                up = await self._login(params, cfg)
         except login.UpstreamRefused as err:
             self.proxy.stats["upstream_errors"] += 1
             self.session.upstream_failed(error=err.error, reason=str(err))
@@ -523,6 +581,7 @@ class ClientConnection(asyncio.Protocol):
                 up.close()
                 return
             self.upstream = up
+            self.upstream_cfg = cfg
             try:
                 self.session.upstream_ready(
                     parameter_status=up.login_state.parameter_status,
@@ -533,6 +592,8 @@ class ClientConnection(asyncio.Protocol):
                     search_path=up.login_state.search_path,
                     inherits=up.inherits,
                     ancestors=up.ancestors,
+                    db_user=cfg.user,
+                    views=up.views if cfg.masking_views else None,
                 )
             except Exception:
                 self._internal_error()
@@ -577,8 +638,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.set_protocol(self)
         up.transport.set_protocol(up)
 
-    async def _login(self, params: dict[str, str]) -> UpstreamConnection:
-        cfg = self.proxy.config.upstream
+    async def _login(self, params: dict[str, str], cfg: UpstreamConfig) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         state = login.UpstreamLogin(
             user=cfg.user,
@@ -589,7 +649,7 @@ class ClientConnection(asyncio.Protocol):
         )
         _, up = await loop.create_connection(lambda: UpstreamConnection(self, state), cfg.host, cfg.port)
         try:
-            tls = self.proxy._upstream_tls
+            tls = self.proxy.upstream_tls(cfg)
             if tls is not None:
                 up.write(messages.ssl_request())
                 answer = await up.read_ssl_answer()
@@ -609,38 +669,40 @@ class ClientConnection(asyncio.Protocol):
                 reply = state.on_message(await up.read_message())
                 if reply:
                     up.write(reply)
-            catalog = await self._masked_attributes(up)
+            catalog = await self._masked_attributes(up, views=cfg.masking_views)
             up.masked_attrs, up.table_columns = catalog.attrs, catalog.columns
             up.inherits, up.ancestors = catalog.inherits, catalog.ancestors
+            up.views = catalog.views
         except BaseException:
             up.close()
             raise
         return up
 
-    async def _masked_attributes(self, up: UpstreamConnection) -> MaskCatalog:
+    async def _masked_attributes(self, up: UpstreamConnection, *, views: bool = False) -> MaskCatalog:
         """Looked up on the new connection: (table OID, attnum) → name of every masked column
         (also as a column of the masked tables' descendants, and of their ancestors where they
         have a column of that name), (schema, table) → every column of each masked table,
         descendant and ancestor, in order, each descendant → its masked ancestors, and each
         ancestor → the masked columns below it it has by name.
 
+        With ``views`` (a minted role) also the masking views this role may read, by the
+        table each reads.
+
         A failed lookup fails the login: without it, the descendants (and the masked tables'
         rows read through their ancestors) would be read in clear."""
         targets = getattr(self.proxy.policy(), "mask_targets", ())
         if not targets:
             return MaskCatalog()
-        up.write(
-            messages.query(
-                "; ".join(
-                    (
-                        masked_columns_query(targets),
-                        table_columns_query(targets),
-                        descendants_query(targets),
-                        ancestors_query(targets),
-                    )
-                )
-            )
-        )
+        queries = [
+            masked_columns_query(targets),
+            table_columns_query(targets),
+            descendants_query(targets),
+            ancestors_query(targets),
+        ]
+        if views:
+            queries.append(MASKING_VIEWS_QUERY)
+        up.write(messages.query("; ".join(queries)))
+        masking_views: dict[tuple[str, str], str] = {}
         found: dict[tuple[int, int], str] = {}
         columns: dict[tuple[str, str], list[str]] = {}
         inherits: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -665,6 +727,9 @@ class ClientConnection(asyncio.Protocol):
                 elif results == 3 and len(row) == 5:
                     schema, table, low_schema, low_table, column = (v.decode() for v in row)  # type: ignore[union-attr]
                     ancestors.setdefault((schema, table), []).append((low_schema, low_table, column))
+                elif results == 4 and len(row) == 3:
+                    view, schema, table = (v.decode() for v in row)  # type: ignore[union-attr]
+                    masking_views.setdefault((schema, table), view)  # (ordered by view name)
             elif msg.type == messages.COMMAND_COMPLETE:
                 results += 1
             elif msg.type == messages.ERROR_RESPONSE:
@@ -679,6 +744,7 @@ class ClientConnection(asyncio.Protocol):
                     columns={table: tuple(names) for table, names in columns.items()},
                     inherits={table: tuple(up) for table, up in inherits.items()},
                     ancestors={table: tuple(below) for table, below in ancestors.items()},
+                    views=masking_views,
                 )
 
     def close(self, reason: str) -> None:
@@ -764,6 +830,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self.inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self.ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
+        self.views: dict[tuple[str, str], str] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -858,6 +925,25 @@ class MaskCatalog:
     )
     """(schema, table) of each ancestor → (schema, table, column) of each masked column below it
     that it has by name."""
+    views: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    """(schema, table) → the name of the masking view in ``dbgov_masked`` the role may read for
+    it (a minted role only)."""
+
+
+MASKING_VIEWS_QUERY = (
+    "SELECT DISTINCT v.relname, sn.nspname, s.relname FROM pg_catalog.pg_class v "
+    "JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace "
+    "JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid "
+    "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+    "AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+    "JOIN pg_catalog.pg_class s ON s.oid = d.refobjid "
+    "JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace "
+    "WHERE vn.nspname = 'dbgov_masked' AND v.relkind = 'v' AND s.oid <> v.oid "
+    "AND sn.nspname <> 'dbgov_masked' AND s.relkind IN ('r', 'p', 'f') "
+    "AND pg_catalog.has_table_privilege(v.oid, 'SELECT') ORDER BY 1, 2, 3"
+)
+"""Catalog query: each masking view the session's role may read (the operator's, in
+``dbgov_masked``) and the schema and table it reads, from the view rule's dependencies."""
 
 
 def _masked_tree(targets: tuple[tuple[str, str, str], ...]) -> str:
@@ -968,8 +1054,9 @@ def _client_tls(cfg: UpstreamConfig) -> ssl.SSLContext | None:
     if cfg.sslmode == "disable":
         return None
     # As libpq: `require` with a root CA given verifies the chain, exactly as verify-ca.
-    if cfg.sslmode in ("verify-ca", "verify-full") or (cfg.sslmode == "require" and cfg.sslrootcert):
-        ctx = ssl.create_default_context(cafile=cfg.sslrootcert)
+    root = cfg.sslrootcert or cfg.ssl_ca_pem
+    if cfg.sslmode in ("verify-ca", "verify-full") or (cfg.sslmode == "require" and root):
+        ctx = ssl.create_default_context(cafile=cfg.sslrootcert, cadata=cfg.ssl_ca_pem)
         ctx.check_hostname = cfg.sslmode == "verify-full"  # verify-ca: the chain, not the name
     elif cfg.sslmode in ("allow", "prefer", "require"):
         ctx = ssl.create_default_context()

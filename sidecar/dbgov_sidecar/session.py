@@ -428,6 +428,10 @@ class Session:
         self._ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
         self._writable_at_login = False
         """The server reported default_transaction_read_only off at login."""
+        self._masking_views: dict[tuple[str, str], str] | None = None
+        """A minted role: masked tables are read through these views (see ``upstream_ready``)."""
+        self._db_user = config.upstream_user
+        """The role this session's upstream connection logged in as (audited as ``db_user``)."""
         self._identity_fields: audit.Segment | None = None
         self._scram: auth.ScramServer | None = None
         self._binding: bytes | None = None
@@ -781,6 +785,8 @@ class Session:
         table_columns: policy_port.TableColumns | None = None,
         inherits: policy_port.Inherits | None = None,
         ancestors: policy_port.Ancestors | None = None,
+        db_user: str | None = None,
+        views: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
@@ -792,7 +798,10 @@ class Session:
         tables (partitions, inheritance children), which the policy masks as the tables they
         descend from; ``ancestors``: the ancestors of masked tables (partitioned roots,
         inheritance parents), whose reads include the masked tables' rows, with the masked
-        columns they have by name.
+        columns they have by name. ``db_user``: the role the connection logged in as (minted
+        credentials change at renewal; each session audits its own). ``views``: with minted
+        credentials, (schema, table) → the operator's masking view of it the role may read;
+        masked tables are then read through them (the role may not read masked columns).
         """
         reported = dict(messages.decode_parameter_status(raw) for raw in parameter_status)
         for name, expected in _READ_AS_JUDGED.items():
@@ -810,6 +819,9 @@ class Session:
         self._table_columns = dict(table_columns or {})
         self._inherits = dict(inherits or {})
         self._ancestors = dict(ancestors or {})
+        self._masking_views = None if views is None else dict(views)
+        if db_user is not None:
+            self._db_user = db_user
         pid, secret = self._backend_key
         self.to_client += messages.authentication(messages.AUTH_OK)
         for raw in parameter_status:
@@ -1561,6 +1573,9 @@ class Session:
             tree["writable_at_login"] = True
         self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns, **tree)
         self._context_kind = type(policy)
+        use_views = getattr(self._context, "use_views", None)
+        if self._masking_views is not None and use_views is not None:
+            use_views(self._masking_views)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:
         """Audit the refusal, queue its error, and return the marker to send upstream.
@@ -2178,7 +2193,7 @@ class Session:
             "client_addr": self._client_info.address,
             "database": self._config.upstream_database or self.params.get("database"),
             "workload": None if self._config.workload is None else self._config.workload(),
-            "db_user": self._config.upstream_user,
+            "db_user": self._db_user,
         }
 
     def _identity_segment(self) -> audit.Segment:

@@ -8,6 +8,13 @@ endpoint over HTTPS, verifying the operator's certificate against the CA injecti
 and refuses clients until an answer arrives; it retries with backoff and logs why. Credentials,
 when the operator sends them, stay in memory only.
 
+Minted credentials expire (the role's VALID UNTIL), so the sidecar presents again at the
+answer's ``renewAt`` (or a margin before ``validUntil``) and swaps the new credentials in as one
+object: a new upstream connection reads them when it connects (:meth:`WorkloadIdentity.login`),
+while open sessions keep the connections they logged in with (VALID UNTIL only stops new
+logins). A failed renewal retries with backoff; once ``validUntil`` passes with no renewal, new
+logins are refused (fail closed). Each step is an audit event without secrets.
+
 The request is one blocking ``urllib`` call in a thread (stdlib only); the answer's parsing is
 pure (:func:`parse_answer`).
 """
@@ -37,6 +44,20 @@ FIRST_RETRY, MAX_RETRY = 1.0, 30.0
 """Backoff between failed attempts, doubling from the first to the last."""
 REFRESH = 300.0
 """Seconds between presentations once verified (sooner when the answer expires sooner)."""
+RENEW_MARGIN = 60.0
+"""Without ``renewAt``: present again this long before ``validUntil`` (or at two thirds of the
+time left, when less remains)."""
+
+AuditWrite = Callable[[dict[str, Any]], None]
+"""Where credential events go (the proxy's audit log)."""
+
+
+class NoCredentials(Exception):
+    """No usable database credentials now; ``reason`` says why (for the client's FATAL)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Unverified(Exception):
@@ -72,11 +93,61 @@ class Workload:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credentials:
-    """Database credentials the operator minted for this workload (memory only)."""
+    """Database credentials the operator minted for this workload (memory only): the answer's
+    ``credentials`` object (docs/credentials.md, "The credential endpoint's answer"). Empty or
+    None fields are the ones the answer did not give (the static upstream settings apply)."""
 
     user: str
     password: str = field(repr=False)
     valid_until: datetime.datetime
+    renew_at: datetime.datetime | None = None
+    """When to present again for a renewal (None: a margin before ``valid_until``)."""
+    database: str = ""
+    """The ``Database`` resource the role is for."""
+    host: str = ""
+    port: int | None = None
+    dbname: str = ""
+    sslmode: str = ""
+    ca_pem: str | None = field(default=None, repr=False)
+    """CA bundle (PEM) the database's certificate must verify against."""
+    mask_key: str = field(default="", repr=False)
+    """HMAC key of ``hash`` masks, the one the masking views use."""
+    policies: tuple[str, ...] = ()
+
+    def audit_fields(self) -> dict[str, Any]:
+        """What a credentials event says about them (never the password or the key)."""
+        return {
+            "db_user": self.user,
+            "database": self.database or None,
+            "valid_until": _iso(self.valid_until),
+            "renew_at": _iso(self.renew_at) if self.renew_at is not None else None,
+        }
+
+
+def parse_credentials(raw: Any) -> Credentials:
+    """The answer's ``credentials`` object (raises KeyError/TypeError/ValueError when malformed)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"credentials must be an object, not {type(raw).__name__}")
+    user, password = str(raw["user"]), str(raw["password"])
+    if not user or not password:
+        raise ValueError("credentials without a user or a password")
+    port = raw.get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise ValueError(f"credentials port {port!r} is not a port number")
+    return Credentials(
+        user=user,
+        password=password,
+        valid_until=_time(raw["validUntil"]),
+        renew_at=_time(raw["renewAt"]) if raw.get("renewAt") else None,
+        database=str(raw.get("database") or ""),
+        host=str(raw.get("host") or ""),
+        port=port,
+        dbname=str(raw.get("dbname") or ""),
+        sslmode=str(raw.get("sslmode") or ""),
+        ca_pem=str(raw["caPem"]) if raw.get("caPem") else None,
+        mask_key=str(raw.get("maskKey") or ""),
+        policies=tuple(str(p) for p in raw.get("policies") or ()),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,11 +173,7 @@ def parse_answer(body: bytes, *, pod_uid: str | None = None) -> Verified:
             node=str(ident.get("node") or ""),
         )
         raw = answer.get("credentials")
-        credentials = None
-        if raw:
-            credentials = Credentials(
-                user=str(raw["user"]), password=str(raw["password"]), valid_until=_time(raw["validUntil"])
-            )
+        credentials = parse_credentials(raw) if raw else None
         expires = _time(answer["expiresAt"]) if answer.get("expiresAt") else None
     except (ValueError, KeyError, TypeError) as err:
         raise Unverified(f"the operator's answer is not what dbgov expects ({err!r})") from err
@@ -177,14 +244,22 @@ class WorkloadIdentity:
         ca: str,
         pod_uid: str | None = None,
         clock: Callable[[], float] = time.time,
+        audit: AuditWrite | None = None,
     ) -> None:
         self._url, self._token_file, self._pod_uid = url, token_file, pod_uid
         self._context = ssl_context(ca)
         self._clock = clock
+        self._audit = audit
         self.current: Verified | None = None
         self.reason = "the operator has not been asked yet"
         """Why there is no verified identity (while :attr:`current` is ``None``)."""
         self.verified = asyncio.Event()
+        self._held: Credentials | None = None
+        """The credentials new logins use: swapped as one object, kept while a renewal fails."""
+        self._renewal_failure: str | None = None
+        self._expired_announced = False
+        self.on_credentials: list[Callable[[Credentials], None]] = []
+        """Called with each new set of credentials (the proxy reloads its policy on a new mask key)."""
 
     def audit_fields(self) -> dict[str, str] | None:
         """The ``workload`` audit field; ``None`` until verified (sessions refuse clients)."""
@@ -192,8 +267,28 @@ class WorkloadIdentity:
 
     @property
     def credentials(self) -> Credentials | None:
-        """The minted database credentials of the latest answer, if any."""
-        return None if self.current is None else self.current.credentials
+        """The minted database credentials new logins use (the latest received), if any."""
+        return self._held
+
+    def login(self) -> Credentials:
+        """The credentials to log in upstream with now, read at each new connection; raises
+        :class:`NoCredentials` when there are none yet or they expired (fail closed)."""
+        held = self._held
+        if held is None:
+            if self.current is None:
+                raise NoCredentials(f"the operator has not verified this sidecar yet ({self.reason})")
+            raise NoCredentials(
+                "the operator verified this sidecar but sent no database credentials (no policy "
+                "binds this workload to a Database, or minting is off)"
+            )
+        if self._clock() >= held.valid_until.timestamp():
+            self._announce_expiry(held)
+            why = f"; renewing failed: {self._renewal_failure}" if self._renewal_failure else ""
+            raise NoCredentials(
+                f"the credentials of role {held.user} expired at {_iso(held.valid_until)} and were "
+                f"not renewed{why}"
+            )
+        return held
 
     async def verify_once(self) -> Verified:
         """Present the token once; on success the answer becomes :attr:`current`."""
@@ -205,8 +300,44 @@ class WorkloadIdentity:
                 "workload identity verified by the operator: %s", json.dumps(verified.workload.audit_fields())
             )
         self.current = verified
+        if verified.credentials is not None:
+            self._take(verified.credentials)
         self.verified.set()
         return verified
+
+    def _take(self, new: Credentials) -> None:
+        """Swap in ``new`` (one assignment: a login reads the old or the new, never a mix)."""
+        old, self._held = self._held, new
+        self._renewal_failure = None
+        if old is not None and old == new:
+            return
+        self._expired_announced = False
+        kind = "credentials_received" if old is None else "credentials_renewed"
+        log.info("%s: role %s valid until %s", kind.replace("_", " "), new.user, _iso(new.valid_until))
+        self._emit(kind, new.audit_fields())
+        for callback in self.on_credentials:
+            callback(new)
+
+    def _emit(self, kind: str, fields: dict[str, Any]) -> None:
+        if self._audit is None:
+            return
+        workload = None if self.current is None else self.current.workload.audit_fields()
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        self._audit(
+            {"type": kind, "time": _iso(now), "session_id": "sidecar", "workload": workload, **fields}
+        )
+
+    def _announce_expiry(self, held: Credentials) -> None:
+        if self._expired_announced or self._held is not held:
+            return
+        self._expired_announced = True
+        log.warning(
+            "dbgov: the credentials of role %s expired at %s without a renewal; new client logins "
+            "are refused until the operator renews them (open sessions continue)",
+            held.user,
+            _iso(held.valid_until),
+        )
+        self._emit("credentials_expired", {**held.audit_fields(), "reason": self._renewal_failure})
 
     async def run(self) -> None:
         """Present the token until verified (backing off), then again before the answer expires."""
@@ -225,18 +356,58 @@ class WorkloadIdentity:
                     state,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if self._held is not None:
+                    self._renewal_failure = err.reason
+                    self._emit(
+                        "warning",
+                        {
+                            "warning": "credentials renewal failed",
+                            "reason": err.reason,
+                            "retry_in": delay,
+                            **self._held.audit_fields(),
+                        },
+                    )
+                await self._sleep(delay)
                 delay = min(delay * 2, MAX_RETRY)
                 continue
             delay = FIRST_RETRY
-            await asyncio.sleep(self._refresh_in(verified))
+            await self._sleep(self._refresh_in(verified))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking at the held credentials' expiry on the way to announce it."""
+        held = self._held
+        if held is not None and not self._expired_announced:
+            until_expiry = held.valid_until.timestamp() - self._clock()
+            if 0 <= until_expiry < seconds:
+                await asyncio.sleep(until_expiry)
+                seconds -= until_expiry
+                if self._held is held and self._clock() >= held.valid_until.timestamp():
+                    self._announce_expiry(held)
+        await asyncio.sleep(max(0.0, seconds))
 
     def _refresh_in(self, verified: Verified) -> float:
-        if verified.expires_at is None:
-            return REFRESH
-        left = verified.expires_at.timestamp() - self._clock()
-        return max(FIRST_RETRY, min(REFRESH, left / 2))
+        now = self._clock()
+        wait = REFRESH
+        if verified.expires_at is not None:
+            wait = min(wait, (verified.expires_at.timestamp() - now) / 2)
+        held = verified.credentials
+        if held is not None:
+            left = held.valid_until.timestamp() - now
+            renew = held.renew_at.timestamp() - now if held.renew_at is not None else None
+            latest = left - RENEW_MARGIN if left > 3 * RENEW_MARGIN else left * 2 / 3
+            renew = latest if renew is None else min(renew, latest)  # never after validUntil - margin
+            if renew <= FIRST_RETRY:  # renewAt passed and the operator kept the role: not every second
+                renew = left / 3
+            wait = min(REFRESH, renew)
+        return max(FIRST_RETRY, wait)
 
 
 def _time(text: Any) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    when = datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"time {text!r} has no time zone")
+    return when
+
+
+def _iso(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
