@@ -7,7 +7,6 @@ reconciler; this module only moves data between kopf, the Kubernetes API and tho
 import asyncio
 import contextlib
 import copy
-import dataclasses
 import datetime
 import logging
 import time
@@ -15,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
+import kubernetes
 
 from dbgov_operator import (
     annotations,
+    bundle,
     conditions,
     credential_server,
     databases,
@@ -26,7 +27,6 @@ from dbgov_operator import (
     kubeapi,
     reconcile,
     runtime,
-    signing,
     webhook,
 )
 
@@ -36,14 +36,13 @@ DATABASE_TICK_SECONDS = 1.0
 """How often the Database timer wakes; each Database is checked every
 ``database_check_seconds`` (a setting), and at once when its spec changes."""
 _database_checked: dict[str, float] = {}
-POD_INJECTION_ID = "inject.pods.dbgov.io"
-POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
+POD_INJECTION_ID = webhook.POD_INJECTION_ID
+POLICY_VALIDATION_ID = webhook.POLICY_VALIDATION_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
 
 _rotation: asyncio.Task[None] | None = None
 _credentials: credential_server.CredentialServer | None = None
-_signer: signing.Signer | None = None
 
 
 @kopf.on.startup()
@@ -55,10 +54,12 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
         await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
     except webhook.CertificatePending as err:
         raise kopf.TemporaryError(f"waiting for the webhook certificate: {err}", delay=5) from err
-    await _load_signing_key(config)
     await _start_credential_endpoint(config)
-    settings.admission.server = webhook.server(config)
-    settings.admission.managed = config.webhook.managed_name
+    # Not kopf's managed mode: the operator writes the configurations itself, with the
+    # namespaceSelector and short timeouts enrollment needs (see webhook.py).
+    settings.admission.server = webhook.server(
+        config, publish=lambda found: webhook.publish(config, client=runtime.client(), client_config=found)
+    )
     settings.persistence.finalizer = f"{annotations.PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=annotations.PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -69,22 +70,6 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
     settings.posting.level = logging.WARNING
     _rotation = asyncio.create_task(_rotate_certificates(), name="dbgov certificate rotation")
     logger.info("dbgov operator started (webhook configurations: %s)", config.webhook.managed_name)
-
-
-async def _load_signing_key(config: Any) -> None:
-    """The bundle signing key, from (or generated into) its Secret; a Secret holding no usable
-    key stops the operator rather than being replaced (sidecars trust the key it held)."""
-    global _signer  # noqa: PLW0603 -- the one signing key of this process
-    name = config.sidecar.bundle_signing_secret
-    try:
-        _signer = await asyncio.to_thread(signing.ensure, runtime.client(), name=name, namespace=config.namespace)
-    except signing.SigningKeyUnusable as err:
-        raise kopf.PermanentError(str(err)) from err
-    except Exception as err:
-        raise kopf.TemporaryError(
-            f"cannot read or create the bundle signing key Secret {config.namespace}/{name}: {err}",
-            delay=5,
-        ) from err
 
 
 async def _start_credential_endpoint(config: Any) -> None:
@@ -122,7 +107,9 @@ async def stop(**_: Any) -> None:
 @kopf.on.resume(*POLICY, backoff=RETRY_SECONDS)
 @kopf.on.create(*POLICY, backoff=RETRY_SECONDS)
 @kopf.on.update(*POLICY, backoff=RETRY_SECONDS)
-@kopf.on.delete(*POLICY, backoff=RETRY_SECONDS)
+# optional: no finalizer on policies, so one is never left Terminating when no operator runs
+# (uninstalled, scaled to zero); a deletion missed meanwhile is caught up by the next reconcile.
+@kopf.on.delete(*POLICY, backoff=RETRY_SECONDS, optional=True)
 def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     """Any policy change: recompile the namespace's policies, bundles and statuses."""
     _reconcile(namespace, logger)
@@ -133,20 +120,6 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
     """A new or gone enrolled pod may need a bundle, or change what a podSelector binds."""
     excluded = injection.excluded(namespace or "", config=runtime.current())
     if type in ("ADDED", "DELETED") and excluded is None:
-        _reconcile(namespace, logger)
-
-
-def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) -> bool:
-    """A bundle ConfigMap: ours by label, or by name (its labels may have been removed)."""
-    ours = labels.get(annotations.MANAGED_BY_LABEL) == annotations.MANAGED_BY_VALUE
-    return ours or (name or "").startswith(runtime.current().sidecar.bundle_prefix)
-
-
-@kopf.on.event("v1", "configmaps", when=_bundle_config_map)
-def bundle_changed(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """Drift: a bundle edited or deleted by anyone but us is rewritten within seconds (our own
-    writes come back here too, and find the namespace current)."""
-    if type in ("MODIFIED", "DELETED"):
         _reconcile(namespace, logger)
 
 
@@ -221,7 +194,9 @@ def validate_policy(spec: kopf.Spec, **kwargs: Any) -> None:
         )
 
 
-@kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"], labels=ENROLLED, persistent=True)
+# No label filter: in a namespace labelled dbgov.io/enforce=true every pod comes here (the
+# webhook configurations select which pods the apiserver sends; webhook.py).
+@kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"], persistent=True)
 def inject_pod(
     body: kopf.Body,
     namespace: str | None,
@@ -233,20 +208,48 @@ def inject_pod(
     """Add the dbgov sidecar to an enrolled pod (pods CREATE only)."""
     config = runtime.current()
     pod = dict(body)
-    decision = injection.decide(pod, namespace=namespace or "", config=config)
+    enforce = injection.enforced(_namespace_labels(namespace or ""))
+    decision = injection.decide(pod, namespace=namespace or "", config=config, enforce=enforce)
     if not decision.inject:
         logger.debug("Not injecting: %s", decision.reason)
         return
     try:
         endpoint = _credentials.endpoint if _credentials is not None else None
-        if endpoint is not None and _signer is not None:
-            endpoint = dataclasses.replace(endpoint, bundle_key=_signer.public_b64)
-        result = injection.inject(pod, sidecar=config.sidecar, endpoint=endpoint)
+        result = injection.inject(
+            pod,
+            sidecar=config.sidecar,
+            endpoint=endpoint,
+            enforce=enforce,
+            bound_databases=_bound_databases(pod, namespace=namespace or ""),
+        )
     except injection.InjectionRefused as err:
         raise kopf.AdmissionError(f"dbgov cannot inject this pod: {err}", code=400) from err
     replace_body(patch, result.pod)
     warnings.extend(result.warnings)
     logger.info("Injected the dbgov sidecar")
+
+
+def _namespace_labels(namespace: str) -> Mapping[str, str]:
+    """The namespace's labels, read now: enrollment follows them (an error refuses the pod)."""
+    found: Any = kubernetes.client.CoreV1Api(runtime.client()).read_namespace(namespace)
+    return dict(found.metadata.labels or {})
+
+
+def _bound_databases(pod: Mapping[str, Any], *, namespace: str) -> set[str] | None:
+    """The databases the policies binding ``pod`` name (read only when it names one)."""
+    meta = pod.get("metadata") or {}
+    if not (meta.get("annotations") or {}).get(annotations.DATABASE):
+        return None
+    workload = bundle.Workload(
+        service_account=(pod.get("spec") or {}).get("serviceAccountName") or "default",
+        labels=dict(meta.get("labels") or {}),
+    )
+    found: set[str] = set()
+    for policy in kubeapi.KubeApi(runtime.client()).list_policies(namespace):
+        subjects, problems = bundle.subjects(policy.spec)
+        if not problems and bundle.binds(subjects, service_account=workload.service_account, pods=[workload]):
+            found.add(bundle.database(policy.spec))
+    return found
 
 
 def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
@@ -263,8 +266,6 @@ def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
 def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
     if not namespace:
         return
-    if _signer is None:  # unsigned bundles would only be refused by every sidecar
-        raise kopf.TemporaryError("the bundle signing key is not loaded yet", delay=2)
     try:
         outcome = reconcile.reconcile_namespace(
             kubeapi.KubeApi(runtime.client()),
@@ -272,7 +273,6 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
             config=runtime.current(),
             now=_now(),
             emit=_emit,
-            signer=_signer,
         )
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err
@@ -280,11 +280,10 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
         logger.info("Namespace %s is being deleted; its bundles need no update", namespace)
         return
     logger.info(
-        "Reconciled %s: bundles %s, statuses %s, deleted %s",
+        "Reconciled %s: bundles %s, statuses %s",
         namespace,
         list(outcome.bundles_written),
         list(outcome.statuses_written),
-        list(outcome.bundles_deleted),
     )
 
 

@@ -41,9 +41,6 @@ class SidecarSettings:
     """Lifetime the kubelet requests for the projected token (it rotates it before expiry)."""
     bundle_prefix: str = "dbgov-policy-"
     """ConfigMap name prefix of the per-ServiceAccount policy bundle."""
-    bundle_signing_secret: str = "dbgov-bundle-signing-key"
-    """Secret (operator namespace) with the Ed25519 key that signs bundles; the operator creates
-    it when missing and never overwrites it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +75,9 @@ class WebhookSettings:
     """How often the operator checks whether the serving certificate is due for renewal."""
     timeout_seconds: int = 5
     """How long the apiserver waits for a webhook answer (1-30); failures stay closed (Fail)."""
+    owner_cluster_role: str = ""
+    """The chart's ClusterRole: the webhook configurations name it as their owner, so the garbage
+    collector deletes them with the release (empty: no owner, e.g. outside the chart)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,7 +144,6 @@ def from_env(env: Mapping[str, str]) -> Settings:
             env.get("DBGOV_TOKEN_EXPIRATION_SECONDS", side.token_expiration_seconds)
         ),
         bundle_prefix=env.get("DBGOV_BUNDLE_PREFIX", side.bundle_prefix),
-        bundle_signing_secret=env.get("DBGOV_BUNDLE_SIGNING_SECRET", side.bundle_signing_secret),
     )
     if sidecar.metrics_port == sidecar.proxy_port:
         raise ValueError(
@@ -166,6 +165,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
             env.get("DBGOV_WEBHOOK_ROTATION_CHECK_SECONDS", hook.rotation_check_seconds)
         ),
         timeout_seconds=int(env.get("DBGOV_WEBHOOK_TIMEOUT_SECONDS", hook.timeout_seconds)),
+        owner_cluster_role=env.get("DBGOV_WEBHOOK_OWNER_CLUSTERROLE", hook.owner_cluster_role),
     )
     if not 1 <= webhook.timeout_seconds <= 30:
         raise ValueError(

@@ -3,21 +3,31 @@
 All replicas share one CA and serving certificate through a Secret in the operator's namespace,
 so the ``caBundle`` kopf writes into the webhook configurations is the same whichever replica
 wrote it last. Certificates are written to files that kopf's server re-reads: when rotation
-changes them, kopf restarts the listener and re-publishes the configurations' ``caBundle``.
+changes them, kopf restarts the listener and the operator re-publishes the configurations.
+
+The operator writes its webhook configurations itself rather than through kopf's managed mode:
+kopf writes neither a ``namespaceSelector`` nor a timeout below the 30 s maximum, and enrollment
+needs both -- pods in a namespace labelled ``dbgov.io/enforce=true`` all go through the webhook,
+elsewhere only pods labelled ``dbgov.io/inject=true`` do, system namespaces and the operator's own
+never, and a slow answer fails (closed) in seconds. The chart creates the two configurations so
+that ``helm uninstall`` deletes them; the operator only fills them in (and creates them when run
+without the chart), with an ownerReference to the chart's ClusterRole where one is configured, so
+the garbage collector removes any the operator re-created while it was being uninstalled.
 """
 
+import asyncio
 import base64
 import datetime
 import logging
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from dbgov_operator import certs, settings
+from dbgov_operator import annotations, certs, settings
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +43,44 @@ _SECRET_KEYS = {
 }
 
 
+POD_INJECTION_ID = "inject.pods.dbgov.io"
+"""kopf handler id of the pod mutation; the webhook server routes ``<path>/<id>`` to it."""
+POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
+"""kopf handler id of the policy validation."""
+
+Publisher = Callable[[kopf.WebhookClientConfig], None]
+
+
 class ServiceWebhookServer(kopf.WebhookServer):
-    """kopf's HTTPS server, advertised to the apiserver as a ``service:`` reference.
+    """kopf's HTTPS server, advertised as a ``service:`` reference (with ``service``) or a URL,
+    publishing the webhook configurations each time it (re)starts listening (with ``publish``).
 
     kopf advertises ``url:`` client configs; inside a cluster the apiserver reaches webhooks
     through the Service instead (it usually cannot resolve cluster DNS names)."""
 
-    def __init__(self, *, service: str, namespace: str, service_port: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        service: tuple[str, str, int] | None = None,
+        publish: Publisher | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self._service = (service, namespace, service_port)
+        self._service = service
+        self._publish = publish
 
     async def __call__(self, fn: Any) -> AsyncIterator[kopf.WebhookClientConfig]:
-        name, namespace, port = self._service
-        async for client_config in super().__call__(fn):
-            yield {
-                "caBundle": client_config.get("caBundle"),
-                "service": {"name": name, "namespace": namespace, "port": port, "path": self.path},
-            }
+        async for advertised in super().__call__(fn):
+            client_config = advertised
+            if self._service is not None:
+                name, namespace, port = self._service
+                client_config = {
+                    "caBundle": advertised.get("caBundle"),
+                    "service": {"name": name, "namespace": namespace, "port": port, "path": self.path},
+                }
+            if self._publish is not None:
+                await asyncio.to_thread(self._publish, client_config)
+            yield client_config
 
 
 def hostnames(config: settings.Settings) -> tuple[str, ...]:
@@ -69,8 +100,9 @@ def lifetimes(config: settings.Settings) -> certs.Lifetimes:
     )
 
 
-def server(config: settings.Settings) -> kopf.WebhookServer:
-    """The webhook server, reading the certificate files :func:`sync_certificates` writes."""
+def server(config: settings.Settings, *, publish: Publisher | None = None) -> kopf.WebhookServer:
+    """The webhook server, reading the certificate files :func:`sync_certificates` writes, and
+    calling ``publish`` with its client config whenever it starts listening."""
     hook = config.webhook
     directory = pathlib.Path(hook.cert_dir)
     common: dict[str, Any] = {
@@ -83,13 +115,163 @@ def server(config: settings.Settings) -> kopf.WebhookServer:
         "file_check_interval": min(10.0, hook.rotation_check_seconds),
     }
     if hook.service_name:
-        return ServiceWebhookServer(
-            service=hook.service_name,
-            namespace=config.namespace,
-            service_port=hook.service_port,
+        service = (hook.service_name, config.namespace, hook.service_port)
+        return ServiceWebhookServer(service=service, publish=publish, **common)
+    return ServiceWebhookServer(host=hook.url_host, publish=publish, **common)
+
+
+# --------------------------------------------------------------------------------------------
+# The webhook configurations
+# --------------------------------------------------------------------------------------------
+
+
+def _client_config(client_config: kopf.WebhookClientConfig, handler_id: str) -> dict[str, Any]:
+    """The server's client config, pointed at one handler (kopf routes ``<path>/<id>``)."""
+    out: dict[str, Any] = {"caBundle": client_config.get("caBundle")}
+    if client_config.get("url"):
+        out["url"] = f"{str(client_config['url']).rstrip('/')}/{handler_id}"
+    service = client_config.get("service")
+    if service:
+        out["service"] = {**service, "path": f"{service.get('path') or ''}/{handler_id}"}
+    return out
+
+
+def excluded_namespaces(config: settings.Settings) -> list[str]:
+    """Namespaces no webhook of the operator's is ever called for: system ones and its own."""
+    return sorted({*config.system_namespaces, config.namespace})
+
+
+def mutating_webhooks(
+    config: settings.Settings, *, client_config: kopf.WebhookClientConfig
+) -> list[dict[str, Any]]:
+    """Two webhooks to the one injection handler: every pod in enforced namespaces, and pods
+    labelled ``dbgov.io/inject=true`` elsewhere. Both fail closed, within the timeout."""
+    outside = {
+        "key": annotations.NAMESPACE_NAME_LABEL,
+        "operator": "NotIn",
+        "values": excluded_namespaces(config),
+    }
+    enforce = {"key": annotations.ENFORCE, "values": [annotations.ENFORCE_ENABLED]}
+    common = _common(config, client_config=client_config, handler_id=POD_INJECTION_ID)
+    rules = [_rule("", "v1", "pods", ["CREATE"])]
+    return [
+        {
             **common,
-        )
-    return kopf.WebhookServer(host=hook.url_host, **common)
+            "name": f"enforced.{POD_INJECTION_ID}",
+            "rules": rules,
+            "namespaceSelector": {"matchExpressions": [outside, {**enforce, "operator": "In"}]},
+            "reinvocationPolicy": "IfNeeded",
+        },
+        {
+            **common,
+            "name": POD_INJECTION_ID,
+            "rules": rules,
+            "namespaceSelector": {"matchExpressions": [outside, {**enforce, "operator": "NotIn"}]},
+            "objectSelector": {"matchLabels": {annotations.INJECT: annotations.INJECT_ENABLED}},
+            "reinvocationPolicy": "IfNeeded",
+        },
+    ]
+
+
+def validating_webhooks(
+    config: settings.Settings, *, client_config: kopf.WebhookClientConfig
+) -> list[dict[str, Any]]:
+    """The policy validation, for policies in every namespace."""
+    return [
+        {
+            **_common(config, client_config=client_config, handler_id=POLICY_VALIDATION_ID),
+            "name": POLICY_VALIDATION_ID,
+            "rules": [_rule("dbgov.io", "v1alpha1", "databaseaccesspolicies", ["CREATE", "UPDATE"])],
+        }
+    ]
+
+
+def _common(
+    config: settings.Settings, *, client_config: kopf.WebhookClientConfig, handler_id: str
+) -> dict[str, Any]:
+    return {
+        "clientConfig": _client_config(client_config, handler_id),
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": "Fail",
+        "matchPolicy": "Equivalent",
+        "timeoutSeconds": config.webhook.timeout_seconds,
+    }
+
+
+def _rule(group: str, version: str, resource: str, operations: list[str]) -> dict[str, Any]:
+    return {
+        "apiGroups": [group],
+        "apiVersions": [version],
+        "resources": [resource],
+        "operations": operations,
+        "scope": "Namespaced",
+    }
+
+
+def publish(config: settings.Settings, *, client: Any, client_config: kopf.WebhookClientConfig) -> None:
+    """Write both webhook configurations (creating a missing one), retrying on conflicts."""
+    api: Any = kubernetes.client.AdmissionregistrationV1Api(client)
+    owner = _owner(config, client=client)
+    kinds = (
+        ("mutating", "mutating_webhook_configuration", mutating_webhooks),
+        ("validating", "validating_webhook_configuration", validating_webhooks),
+    )
+    for kind, noun, build in kinds:
+        webhooks = build(config, client_config=client_config)
+        logger.info("Reconfiguring the %s webhook %s.", kind, config.webhook.managed_name)
+        _write(api, noun=noun, name=config.webhook.managed_name, webhooks=webhooks, owner=owner)
+
+
+def _write(
+    api: Any, *, noun: str, name: str, webhooks: list[dict[str, Any]], owner: dict[str, Any] | None
+) -> None:
+    read, create, replace = (getattr(api, f"{verb}_{noun}") for verb in ("read", "create", "replace"))
+    for _ in range(5):
+        try:
+            current = api.api_client.sanitize_for_serialization(read(name))
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            current = None
+        meta = (current or {}).get("metadata") or {"name": name}
+        labels = {**(meta.get("labels") or {}), annotations.MANAGED_BY_LABEL: annotations.MANAGED_BY_VALUE}
+        meta = {**meta, "labels": labels}
+        if owner is not None:
+            others = [r for r in meta.get("ownerReferences") or [] if r.get("uid") != owner["uid"]]
+            meta["ownerReferences"] = [*others, owner]
+        body = {"metadata": meta, "webhooks": webhooks}
+        try:
+            if current is None:
+                create(body)
+            else:
+                replace(name, body)
+        except ApiException as err:
+            if err.status == 403:
+                raise RuntimeError(
+                    f"not allowed to write the {noun.replace('_', ' ')} {name!r} ({err.reason}); the chart "
+                    "creates it and lets the operator update it by name: is webhook.configurationName "
+                    "the same in the chart and DBGOV_WEBHOOK_CONFIGURATION?"
+                ) from err
+            if err.status in (404, 409):
+                continue  # deleted or changed meanwhile: read it again
+            raise
+        return
+    raise RuntimeError(f"could not settle the {noun.replace('_', ' ')} {name!r}")
+
+
+def _owner(config: settings.Settings, *, client: Any) -> dict[str, Any] | None:
+    """An ownerReference to the chart's ClusterRole, so the configurations go with the release."""
+    name = config.webhook.owner_cluster_role
+    if not name:
+        return None
+    role: Any = kubernetes.client.RbacAuthorizationV1Api(client).read_cluster_role(name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "name": name,
+        "uid": role.metadata.uid,
+    }
 
 
 class CertificatePending(Exception):
