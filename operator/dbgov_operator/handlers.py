@@ -7,6 +7,7 @@ reconciler; this module only moves data between kopf, the Kubernetes API and tho
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import datetime
 import logging
 import time
@@ -27,6 +28,7 @@ from dbgov_operator import (
     kubeapi,
     reconcile,
     runtime,
+    signing,
     webhook,
 )
 
@@ -43,6 +45,7 @@ RETRY_SECONDS = 3.0
 
 _rotation: asyncio.Task[None] | None = None
 _credentials: credential_server.CredentialServer | None = None
+_signer: signing.Signer | None = None
 
 
 @kopf.on.startup()
@@ -54,6 +57,7 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
         await asyncio.to_thread(webhook.sync_certificates, config, client=runtime.client(), now=_now())
     except webhook.CertificatePending as err:
         raise kopf.TemporaryError(f"waiting for the webhook certificate: {err}", delay=5) from err
+    await _load_signing_key(config)
     await _start_credential_endpoint(config)
     # Not kopf's managed mode: the operator writes the configurations itself, with the
     # namespaceSelector and short timeouts enrollment needs (see webhook.py).
@@ -70,6 +74,22 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
     settings.posting.level = logging.WARNING
     _rotation = asyncio.create_task(_rotate_certificates(), name="dbgov certificate rotation")
     logger.info("dbgov operator started (webhook configurations: %s)", config.webhook.managed_name)
+
+
+async def _load_signing_key(config: Any) -> None:
+    """The bundle signing key, from (or generated into) its Secret; a Secret holding no usable
+    key stops the operator rather than being replaced (sidecars trust the key it held)."""
+    global _signer  # noqa: PLW0603 -- the one signing key of this process
+    name = config.sidecar.bundle_signing_secret
+    try:
+        _signer = await asyncio.to_thread(signing.ensure, runtime.client(), name=name, namespace=config.namespace)
+    except signing.SigningKeyUnusable as err:
+        raise kopf.PermanentError(str(err)) from err
+    except Exception as err:
+        raise kopf.TemporaryError(
+            f"cannot read or create the bundle signing key Secret {config.namespace}/{name}: {err}",
+            delay=5,
+        ) from err
 
 
 async def _start_credential_endpoint(config: Any) -> None:
@@ -120,6 +140,20 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
     """A new or gone enrolled pod may need a bundle, or change what a podSelector binds."""
     excluded = injection.excluded(namespace or "", config=runtime.current())
     if type in ("ADDED", "DELETED") and excluded is None:
+        _reconcile(namespace, logger)
+
+
+def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) -> bool:
+    """A bundle ConfigMap: ours by label, or by name (its labels may have been removed)."""
+    ours = labels.get(annotations.MANAGED_BY_LABEL) == annotations.MANAGED_BY_VALUE
+    return ours or (name or "").startswith(runtime.current().sidecar.bundle_prefix)
+
+
+@kopf.on.event("v1", "configmaps", when=_bundle_config_map)
+def bundle_changed(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """Drift: a bundle edited or deleted by anyone but us is rewritten within seconds (our own
+    writes come back here too, and find the namespace current)."""
+    if type in ("MODIFIED", "DELETED"):
         _reconcile(namespace, logger)
 
 
@@ -215,6 +249,8 @@ def inject_pod(
         return
     try:
         endpoint = _credentials.endpoint if _credentials is not None else None
+        if endpoint is not None and _signer is not None:
+            endpoint = dataclasses.replace(endpoint, bundle_key=_signer.public_b64)
         result = injection.inject(
             pod,
             sidecar=config.sidecar,
@@ -266,6 +302,8 @@ def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
 def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
     if not namespace:
         return
+    if _signer is None:  # unsigned bundles would only be refused by every sidecar
+        raise kopf.TemporaryError("the bundle signing key is not loaded yet", delay=2)
     try:
         outcome = reconcile.reconcile_namespace(
             kubeapi.KubeApi(runtime.client()),
@@ -273,6 +311,7 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
             config=runtime.current(),
             now=_now(),
             emit=_emit,
+            signer=_signer,
         )
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err
@@ -280,10 +319,11 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
         logger.info("Namespace %s is being deleted; its bundles need no update", namespace)
         return
     logger.info(
-        "Reconciled %s: bundles %s, statuses %s",
+        "Reconciled %s: bundles %s, statuses %s, deleted %s",
         namespace,
         list(outcome.bundles_written),
         list(outcome.statuses_written),
+        list(outcome.bundles_deleted),
     )
 
 

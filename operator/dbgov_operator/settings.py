@@ -41,6 +41,9 @@ class SidecarSettings:
     """Lifetime the kubelet requests for the projected token (it rotates it before expiry)."""
     bundle_prefix: str = "dbgov-policy-"
     """ConfigMap name prefix of the per-ServiceAccount policy bundle."""
+    bundle_signing_secret: str = "dbgov-bundle-signing-key"
+    """Secret (operator namespace) with the Ed25519 key that signs bundles; the operator creates
+    it when missing and never overwrites it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +147,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
             env.get("DBGOV_TOKEN_EXPIRATION_SECONDS", side.token_expiration_seconds)
         ),
         bundle_prefix=env.get("DBGOV_BUNDLE_PREFIX", side.bundle_prefix),
+        bundle_signing_secret=env.get("DBGOV_BUNDLE_SIGNING_SECRET", side.bundle_signing_secret),
     )
     if sidecar.metrics_port == sidecar.proxy_port:
         raise ValueError(
