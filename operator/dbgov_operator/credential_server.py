@@ -24,7 +24,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import kubernetes
@@ -53,15 +53,57 @@ _MAX_TRACKED_CLIENTS = 4096  # rate-limit buckets kept; the least recently seen 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IssuedCredentials:
-    """Database credentials minted for one workload."""
+    """Database credentials minted for one workload: everything the sidecar needs to log in
+    upstream (docs/credentials.md, "The credential endpoint's answer")."""
 
     user: str
-    password: str
+    password: str = field(repr=False)
     valid_until: datetime.datetime
+    renew_at: datetime.datetime | None = None
+    """When the sidecar should present again (``valid_until`` - the policy's renewBefore)."""
+    database: str = ""
+    """The ``Database`` resource (same namespace) the role is for."""
+    host: str = ""
+    port: int = 5432
+    dbname: str = ""
+    sslmode: str = "verify-full"
+    ca_pem: str | None = field(default=None, repr=False)
+    """The CA bundle of the Database's ``caSecretRef`` (None: the system trust store)."""
+    mask_key: str = field(default="", repr=False)
+    """The HMAC key of ``hash`` masks, the same the masking views use."""
+    policies: tuple[str, ...] = ()
+    """The policies whose group roles the login role is a member of."""
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``credentials`` object of the endpoint's answer."""
+        return {
+            "database": self.database,
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "sslmode": self.sslmode,
+            "caPem": self.ca_pem,
+            "user": self.user,
+            "password": self.password,
+            "validUntil": _iso(self.valid_until),
+            "renewAt": _iso(self.renew_at) if self.renew_at is not None else None,
+            "maskKey": self.mask_key,
+            "policies": list(self.policies),
+        }
+
+
+class IssueRefused(Exception):
+    """The issuer will not give this workload credentials: an HTTP status, a machine-readable
+    code, a message the caller may read, and detail for the operator's log only."""
+
+    def __init__(self, *, status: int, code: str, message: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail or message}")
+        self.status, self.code, self.message, self.detail = status, code, message, detail or message
 
 
 class Issuer(Protocol):
-    """Mints (or renews) database credentials for a verified workload; ``None``: none to give."""
+    """Mints (or renews) database credentials for a verified workload; ``None``: none to give;
+    raises :class:`IssueRefused` to refuse with a reason."""
 
     def issue(self, workload: identity.Identity) -> IssuedCredentials | None: ...
 
@@ -251,17 +293,21 @@ class CredentialServer:
         token: str,
         bound: identity.BoundToken | None,
     ) -> web.Response:
-        issued = await asyncio.to_thread(self._issuer.issue, workload)
+        try:
+            issued = await asyncio.to_thread(self._issuer.issue, workload)
+        except IssueRefused as err:
+            return self._error(
+                client,
+                status=err.status,
+                code=err.code,
+                detail=err.detail,
+                message=err.message,
+                workload=workload.as_json(),
+            )
         expires = token_expiry(token)
         if issued is not None:
             expires = min(expires, issued.valid_until) if expires is not None else issued.valid_until
-        credentials = None
-        if issued is not None:
-            credentials = {
-                "user": issued.user,
-                "password": issued.password,
-                "validUntil": _iso(issued.valid_until),
-            }
+        credentials = issued.as_json() if issued is not None else None
         self._audit(
             {
                 "type": "credential_issue",
@@ -270,6 +316,7 @@ class CredentialServer:
                 "workload": workload.as_json(),
                 "credential_id": bound.credential_id if bound is not None else "",
                 "db_user": issued.user if issued is not None else None,
+                "database": issued.database if issued is not None else None,
                 "valid_until": _iso(issued.valid_until) if issued is not None else None,
             }
         )

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import kopf
 import kubernetes
+import psycopg
 
 from dbgov_operator import (
     annotations,
@@ -26,6 +27,7 @@ from dbgov_operator import (
     dbconn,
     injection,
     kubeapi,
+    minting,
     reconcile,
     runtime,
     signing,
@@ -38,6 +40,7 @@ DATABASE_TICK_SECONDS = 1.0
 """How often the Database timer wakes; each Database is checked every
 ``database_check_seconds`` (a setting), and at once when its spec changes."""
 _database_checked: dict[str, float] = {}
+_database_reaped: dict[str, float] = {}
 POD_INJECTION_ID = webhook.POD_INJECTION_ID
 POLICY_VALIDATION_ID = webhook.POLICY_VALIDATION_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
@@ -46,6 +49,7 @@ RETRY_SECONDS = 3.0
 _rotation: asyncio.Task[None] | None = None
 _credentials: credential_server.CredentialServer | None = None
 _signer: signing.Signer | None = None
+_minter: minting.Minter | None = None
 
 
 @kopf.on.startup()
@@ -93,12 +97,19 @@ async def _load_signing_key(config: Any) -> None:
 
 
 async def _start_credential_endpoint(config: Any) -> None:
-    """The HTTPS endpoint sidecars present their token to (the webhook's certificate)."""
-    global _credentials  # noqa: PLW0603 -- the one credential endpoint of this process
+    """The HTTPS endpoint sidecars present their token to (the webhook's certificate); it
+    mints database roles with the mask key from the operator's own Secret."""
+    global _credentials, _minter  # noqa: PLW0603 -- the one credential endpoint of this process
     if _credentials is not None:
         return  # a startup retried after the endpoint started
-    # Minting plugs in here: pass issuer=<a credential_server.Issuer> (default: identity only).
-    server = credential_server.CredentialServer(config, client=runtime.client())
+    try:
+        key = await asyncio.to_thread(
+            minting.ensure_mask_key, runtime.client(), namespace=config.namespace, name=config.mask_key_secret
+        )
+    except (minting.MaskKeyInvalid, kubernetes.client.exceptions.ApiException) as err:
+        raise kopf.TemporaryError(f"cannot read or create the mask key Secret: {err}", delay=5) from err
+    _minter = minting.Minter(config, client=runtime.client(), mask_key=key)
+    server = credential_server.CredentialServer(config, client=runtime.client(), issuer=_minter)
     try:
         await server.start()
     except OSError as err:
@@ -131,8 +142,10 @@ async def stop(**_: Any) -> None:
 # (uninstalled, scaled to zero); a deletion missed meanwhile is caught up by the next reconcile.
 @kopf.on.delete(*POLICY, backoff=RETRY_SECONDS, optional=True)
 def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """Any policy change: recompile the namespace's policies, bundles and statuses."""
+    """Any policy change: recompile the namespace's policies, bundles and statuses; revoke
+    what an unbound or deleted policy granted."""
     _reconcile(namespace, logger)
+    _reap_namespace(namespace, logger)
 
 
 @kopf.on.event("v1", "pods", labels=ENROLLED)
@@ -141,6 +154,8 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
     excluded = injection.excluded(namespace or "", config=runtime.current())
     if type in ("ADDED", "DELETED") and excluded is None:
         _reconcile(namespace, logger)
+    if type == "DELETED":
+        _reap_namespace(namespace, logger)  # its database roles go at once, not at the next reap
 
 
 def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) -> bool:
@@ -173,10 +188,32 @@ def database_timer(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_:
         _check_database(body, patch, logger)
 
 
+@kopf.timer(*DATABASE, interval=DATABASE_TICK_SECONDS)
+def database_reaper(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """Every ``reap_seconds`` (and first thing after a start): revoke the minted roles that
+    expired, whose pod is gone or whose policy no longer binds it, and orphans."""
+    uid = body.metadata.uid or ""
+    if _minter is None or time.monotonic() - _database_reaped.get(uid, 0.0) < runtime.current().reap_seconds:
+        return
+    _database_reaped[uid] = time.monotonic()
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    try:
+        _minter.reap(namespace, name)
+    except (credential_server.IssueRefused, psycopg.Error) as err:
+        logger.warning(
+            "Reaping Database %s/%s failed (next try in %ss): %s",
+            namespace,
+            name,
+            runtime.current().reap_seconds,
+            err,
+        )
+
+
 @kopf.on.delete(*DATABASE, optional=True)
 def database_deleted(body: kopf.Body, **_: Any) -> None:
     """Forget a deleted Database's last check (optional: no finalizer holds its deletion)."""
     _database_checked.pop(body.metadata.uid or "", None)
+    _database_reaped.pop(body.metadata.uid or "", None)
 
 
 def _check_database(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
@@ -325,6 +362,15 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
         list(outcome.statuses_written),
         list(outcome.bundles_deleted),
     )
+
+
+def _reap_namespace(namespace: str | None, logger: kopf.Logger) -> None:
+    if _minter is None or not namespace:
+        return
+    try:
+        _minter.reap_namespace(namespace)
+    except kubernetes.client.exceptions.ApiException as err:
+        logger.warning("Reaping the Databases of %s failed (the reaper retries): %s", namespace, err)
 
 
 def _emit(body: Mapping[str, Any], kind: reconcile.EventType, reason: str, message: str) -> None:

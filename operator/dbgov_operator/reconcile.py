@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dbgov_operator import bundle, conditions, kubeapi, settings
+from dbgov_operator import bundle, conditions, credentials, kubeapi, settings
 from dbgov_operator.kubetypes import BoundWorkload
 from dbgov_policy import compile as policy_compile
 
@@ -39,13 +39,18 @@ class Outcome:
 
 
 def problems(spec: Mapping[str, Any]) -> tuple[policy_compile.Problem, ...]:
-    """Every problem with a policy spec: the shared compiler's, then the operator's subjects."""
+    """Every problem with a policy spec: the shared compiler's, then the operator's subjects and
+    credentials."""
     found: list[policy_compile.Problem] = []
     try:
         policy_compile.compile_policy(dict(spec))
     except policy_compile.PolicyInvalid as err:
         found.extend(err.problems)
     found.extend(bundle.subjects(spec)[1])
+    try:
+        credentials.parse_credentials(spec.get("credentials"), path="credentials")
+    except policy_compile.PolicyInvalid as err:
+        found.extend(err.problems)
     return tuple(found)
 
 

@@ -130,6 +130,12 @@ class Settings:
     database_check_seconds: float = 60.0
     """Seconds between two connection checks of a Database (a rotated password, a moved or
     stopped server shows in its Ready condition within this time)."""
+    reap_seconds: float = 30.0
+    """Seconds between two reaper runs on a Database: minted roles whose pod is gone, whose
+    policy no longer binds it or whose VALID UNTIL passed are revoked within this time."""
+    mask_key_secret: str = "dbgov-mask-key"
+    """Secret (operator namespace) with the HMAC key of ``hash`` masks; the operator creates it
+    with 32 random bytes when missing and never overwrites it."""
 
 
 def from_env(env: Mapping[str, str]) -> Settings:
@@ -206,6 +212,8 @@ def from_env(env: Mapping[str, str]) -> Settings:
         database_check_seconds=float(
             env.get("DBGOV_DATABASE_CHECK_SECONDS", Settings().database_check_seconds)
         ),
+        reap_seconds=float(env.get("DBGOV_REAP_SECONDS", Settings().reap_seconds)),
+        mask_key_secret=env.get("DBGOV_MASK_KEY_SECRET", Settings().mask_key_secret),
     )
 
 

@@ -1,0 +1,606 @@
+"""Minting, renewing and revoking per-workload database roles: the credential endpoint's issuer
+and the reaper, wired from the pure plan (`credentials`, `grants`) and its I/O (`pgapply`).
+
+Why a module of its own: the plan is pure and the apply is plain SQL; what remains is deciding,
+from the Kubernetes objects, WHAT should exist on one database (which policies bind which live
+pods, which Database they name) and running one plan at a time per database. Both the issuer
+(a sidecar presents its token) and the reaper (a timer per Database, pod deletion, policy
+changes) build the same desired state from a fresh read, so an operator restarted, or killed
+mid-cycle, converges: everything it needs is in the database's roles and their COMMENTs.
+
+Decisions taken here (docs/credentials.md says them to operators):
+- The desired state covers the whole database: every live pod that holds a usable login role
+  there and is still bound, plus the presenting pod. A plan for one workload only would revoke
+  everyone else's roles (`credentials.plan` revokes what is not desired).
+- Only the presenting pod's role is created or renewed. Others are neither created (a pod gets
+  a role when its sidecar asks) nor renewed (a role whose sidecar stops presenting expires and
+  is reaped); the reaper creates and renews nothing.
+- Every presentation rotates the password: the operator keeps no password (PostgreSQL holds
+  only the SCRAM verifier), so the only way to answer one is to set a new one. Open sessions
+  stay; new logins need the new password.
+- A Database is identified as ``<namespace>/<name>`` in role names and COMMENTs: roles are
+  cluster-wide, and two namespaces may each have a Database of the same name on one server.
+- One plan at a time per database: a session-level advisory lock on the admin connection
+  (several threads and replicas may issue and reap at once).
+"""
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import kubernetes
+import psycopg
+from kubernetes.client.exceptions import ApiException
+
+from dbgov_operator import (
+    annotations,
+    bundle,
+    credential_server,
+    credentials,
+    databases,
+    dbconn,
+    grants,
+    identity,
+    kubeapi,
+    pgapply,
+    reconcile,
+    settings,
+    webhook,
+)
+from dbgov_policy import compile as policy_compile
+
+logger = logging.getLogger(__name__)
+
+DATABASES = "databases"
+MASK_KEY_FIELD = "maskKey"
+"""The Secret key holding the mask HMAC key (text, at least :data:`MASK_KEY_MIN_LENGTH`)."""
+MASK_KEY_BYTES = 32
+MASK_KEY_MIN_LENGTH = 32
+LOCK_KEY = 0x6462_6776_6D69_6E74  # "dbgvmint": serialises plans on one database
+LOCK_TIMEOUT = "30s"
+
+Audit = Callable[[dict[str, Any]], None]
+
+
+# -- the mask key -----------------------------------------------------------------------------
+
+
+class MaskKeyInvalid(RuntimeError):
+    """The mask key Secret exists but holds no usable key (names the Secret and the fix)."""
+
+
+def ensure_mask_key(client: Any, *, namespace: str, name: str) -> str:
+    """The mask HMAC key from Secret ``namespace/name``, created with 32 random bytes (URL-safe
+    text) when missing. Never overwritten: the Secret is created immutable, and a replica that
+    loses the create race reads the winner's key."""
+    core: Any = kubernetes.client.CoreV1Api(client)
+    for _ in range(3):
+        found = webhook.read_secret(client, name=name, namespace=namespace)
+        if found is not None:
+            return mask_key_of(found.data or {}, where=f"{namespace}/{name}")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "immutable": True,
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {annotations.MANAGED_BY_LABEL: annotations.MANAGED_BY_VALUE},
+            },
+            "data": {MASK_KEY_FIELD: _b64(secrets.token_urlsafe(MASK_KEY_BYTES))},
+        }
+        try:
+            core.create_namespaced_secret(namespace, body)
+            logger.info("Created the mask key Secret %s/%s", namespace, name)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            logger.info("Another replica created the mask key Secret %s/%s; reading it", namespace, name)
+    raise RuntimeError(f"could not read or create the mask key Secret {namespace}/{name}")
+
+
+def mask_key_of(data: Mapping[str, str], *, where: str) -> str:
+    """The key in a Secret's ``data`` (base64, as the API returns it)."""
+    try:
+        key = base64.b64decode(data.get(MASK_KEY_FIELD) or "", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        key = ""
+    if len(key.strip()) < MASK_KEY_MIN_LENGTH:
+        raise MaskKeyInvalid(
+            f"the mask key Secret {where} has no text key {MASK_KEY_FIELD!r} of at least "
+            f"{MASK_KEY_MIN_LENGTH} characters; delete the Secret and the operator creates one, or "
+            "put a random key in it"
+        )
+    return key.strip()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# -- pure decisions ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """A valid DatabaseAccessPolicy of the namespace."""
+
+    name: str
+    spec: Mapping[str, Any]
+
+    @property
+    def database(self) -> str:
+        return bundle.database(self.spec)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Pod:
+    """A live pod of the namespace, as binding needs it."""
+
+    name: str
+    uid: str
+    service_account: str
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    database: str = ""
+    """Its ``dbgov.io/database`` annotation ("" if none)."""
+
+    @classmethod
+    def from_api(cls, body: Mapping[str, Any]) -> "Pod":
+        meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+        return cls(
+            name=str(meta.get("name") or ""),
+            uid=str(meta.get("uid") or ""),
+            service_account=str(spec.get("serviceAccountName") or "default"),
+            labels=dict(meta.get("labels") or {}),
+            database=str((meta.get("annotations") or {}).get(annotations.DATABASE) or ""),
+        )
+
+
+def database_id(*, namespace: str, name: str) -> str:
+    """How roles name a Database (cluster-wide unique): ``<namespace>/<name>``."""
+    return f"{namespace}/{name}"
+
+
+def refused(status: int, code: str, message: str, detail: str = "") -> credential_server.IssueRefused:
+    return credential_server.IssueRefused(status=status, code=code, message=message, detail=detail)
+
+
+def valid_policies(objects: Sequence[kubeapi.PolicyObject]) -> list[Policy]:
+    """The namespace's policies that are not being deleted and have no problem (an invalid
+    policy binds nothing, as for the bundles)."""
+    return [
+        Policy(name=p.name, spec=p.spec)
+        for p in sorted(objects, key=lambda p: p.name)
+        if not p.deleting and not reconcile.problems(p.spec)
+    ]
+
+
+def binding(policies: Sequence[Policy], pod: Pod) -> list[Policy]:
+    """The policies with a ``databaseRef`` that bind ``pod`` (its ServiceAccount or labels)."""
+    workload = bundle.Workload(service_account=pod.service_account, labels=pod.labels, database=pod.database)
+    return [
+        p
+        for p in policies
+        if p.database
+        and bundle.binds(bundle.subjects(p.spec)[0], service_account=pod.service_account, pods=[workload])
+    ]
+
+
+def choose_database(bound: Sequence[Policy], pod: Pod) -> str:
+    """The Database the pod gets credentials for; refuses (409) when none or ambiguous."""
+    names = sorted({p.database for p in bound})
+    where = f"pod {pod.name} (ServiceAccount {pod.service_account})"
+    if not names:
+        raise refused(
+            409,
+            "no_policy",
+            "no valid DatabaseAccessPolicy with a databaseRef in the pod's namespace binds this pod",
+            f"{where}: no valid policy with a databaseRef binds it",
+        )
+    if pod.database:
+        if pod.database not in names:
+            raise refused(
+                409,
+                "database_not_bound",
+                f"the pod's {annotations.DATABASE} annotation names {pod.database!r}, but the policies "
+                f"binding it govern {', '.join(names)}",
+            )
+        return pod.database
+    if len(names) > 1:
+        raise refused(
+            409,
+            "database_ambiguous",
+            f"policies for several databases bind this pod ({', '.join(names)}); name one with the "
+            f"{annotations.DATABASE} annotation",
+        )
+    return names[0]
+
+
+def credentials_spec(bound: Sequence[Policy]) -> credentials.CredentialsSpec:
+    """The shortest TTL (and renewBefore) of the policies binding a pod on one database."""
+    specs = [credentials.parse_credentials(p.spec.get("credentials")) for p in bound]
+    return min(specs, key=lambda s: (s.ttl, s.renew_before), default=credentials.CredentialsSpec())
+
+
+def compile_groups(
+    policies: Sequence[Policy], catalog: grants.Catalog, *, namespace: str, database: str, mask_key: str
+) -> tuple[dict[str, credentials.DesiredGroup], dict[str, str]]:
+    """Each policy's group (compiled grants), and why the others cannot be compiled."""
+    groups: dict[str, credentials.DesiredGroup] = {}
+    failed: dict[str, str] = {}
+    for policy in policies:
+        try:
+            compiled = policy_compile.compile_policy(dict(policy.spec), source=policy.name, mask_key=mask_key)
+            role = credentials.group_role_name(namespace=namespace, policy=policy.name, database=database)
+            compiled_grants = grants.compile_grants(compiled, catalog, group_role=role)
+        except (policy_compile.PolicyInvalid, ValueError) as err:
+            failed[policy.name] = str(err)
+            continue
+        groups[policy.name] = credentials.DesiredGroup(
+            namespace=namespace, policy=policy.name, grants=compiled_grants
+        )
+    return groups, failed
+
+
+def desired_state(
+    *,
+    namespace: str,
+    database: str,
+    policies: Sequence[Policy],
+    groups: Mapping[str, credentials.DesiredGroup],
+    pods: Sequence[Pod],
+    actual: credentials.Actual,
+    now: datetime.datetime,
+    presenting: Pod | None = None,
+) -> credentials.Desired:
+    """What should exist on ``database`` (``policies`` are those naming it, ``groups`` the ones
+    that compiled): a login for every live pod that holds a usable role there and is still
+    bound, and for the presenting pod (rotated); the groups of the policies they are bound by."""
+    roles = {r.name: r for r in actual.roles}
+    usable = [p for p in policies if p.name in groups]
+    logins: list[credentials.DesiredLogin] = []
+    for pod in pods:
+        mine = presenting is not None and pod.uid == presenting.uid
+        current = roles.get(credentials.login_role_name(pod_uid=pod.uid, database=database))
+        if not mine and (current is None or not _usable(current, now)):
+            continue  # nothing to keep (a role is created when its sidecar asks for it)
+        bound = binding(usable, pod)
+        if not bound:
+            continue  # unbound: its role, if any, is revoked
+        logins.append(
+            credentials.DesiredLogin(
+                workload=credentials.Workload(
+                    namespace=namespace,
+                    service_account=pod.service_account,
+                    pod_name=pod.name,
+                    pod_uid=pod.uid,
+                ),
+                policies=tuple(p.name for p in bound),
+                credentials=credentials_spec(bound),
+                rotate_password=mine,
+            )
+        )
+    used = {name for login in logins for name in login.policies}
+    return credentials.Desired(
+        database=database,
+        groups=tuple(g for name, g in sorted(groups.items()) if name in used),
+        logins=tuple(logins),
+        live_pods=frozenset(p.uid for p in pods),
+    )
+
+
+def _usable(role: credentials.ActualRole, now: datetime.datetime) -> bool:
+    return role.can_login and (role.valid_until is None or role.valid_until > now)
+
+
+def applicable(
+    actions: Sequence[credentials.Action], *, presenting_role: str | None
+) -> list[credentials.Action]:
+    """The plan's actions but creations and renewals of other pods' roles (and, for the reaper,
+    of any role): a role lives on only while its own sidecar presents."""
+    keep: list[credentials.Action] = []
+    for action in actions:
+        mints = isinstance(action, credentials.CreateLoginRole | credentials.RenewLoginRole)
+        if not mints or action.role == presenting_role:
+            keep.append(action)
+    return keep
+
+
+_EVENT_TYPES: Mapping[type, str] = {
+    credentials.CreateLoginRole: "credential_issued",
+    credentials.RenewLoginRole: "credential_renewed",
+    credentials.DisableLogin: "credential_revoked",
+    credentials.TerminateSessions: "credential_revoked",
+    credentials.DropRole: "credential_revoked",
+}
+
+
+def audit_event(action: credentials.Action, *, database: str, now: datetime.datetime) -> dict[str, Any]:
+    """The audit line of one applied action (never a password or key): issued, renewed,
+    revoked, or a group's grants changed."""
+    return {
+        "type": _EVENT_TYPES.get(type(action), "credential_grants_changed"),
+        "time": now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "database": database,
+        **action.audit(),
+    }
+
+
+# -- I/O: the issuer and the reaper -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Scope:
+    """One Database and what its plan reads from Kubernetes."""
+
+    namespace: str
+    name: str
+    target: databases.Target
+    policies: tuple[Policy, ...]
+    """The valid policies of the namespace that name this Database."""
+
+    @property
+    def database(self) -> str:
+        return database_id(namespace=self.namespace, name=self.name)
+
+
+class Minter:
+    """The credential endpoint's issuer, and the reaper the Database timer runs."""
+
+    def __init__(
+        self,
+        config: settings.Settings,
+        *,
+        client: Any,
+        mask_key: str,
+        audit: Audit | None = None,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        if len(mask_key) < MASK_KEY_MIN_LENGTH:
+            raise MaskKeyInvalid("the mask key is empty or short: ensure_mask_key reads it")
+        self._config = config
+        self._client = client
+        self._mask_key = mask_key
+        self._audit = audit if audit is not None else _print_line
+        self._clock = clock if clock is not None else (lambda: datetime.datetime.now(datetime.UTC))
+        self._core: Any = kubernetes.client.CoreV1Api(client)
+        self._custom: Any = kubernetes.client.CustomObjectsApi(client)
+
+    # ---- issue -------------------------------------------------------------------------------
+
+    def issue(self, workload: identity.Identity) -> credential_server.IssuedCredentials:
+        """Create or renew (rotating the password) the pod's role on the Database its policies
+        name; refuse with `IssueRefused` when none binds it or the database is not usable."""
+        namespace = workload.namespace
+        pod = self._pod(workload)
+        policies = self._policies(namespace)
+        name = choose_database(binding(policies, pod), pod)
+        scope = self._scope(namespace, name, policies)
+        role = credentials.login_role_name(pod_uid=pod.uid, database=scope.database)
+        secret = pgapply.new_secret()
+        try:
+            with self._session(scope) as conn:
+                applied, desired = self._converge(conn, scope, presenting=pod, secrets={role: secret})
+        except psycopg.Error as err:
+            raise refused(
+                503,
+                "database_unavailable",
+                f"minting on Database {name!r} failed; retry later",
+                f"{scope.database}: {' '.join(str(err).split())}",
+            ) from err
+        return self._answer(scope, role=role, secret=secret, applied=applied, desired=desired)
+
+    def _pod(self, workload: identity.Identity) -> Pod:
+        try:
+            body = self._core.read_namespaced_pod(workload.pod, workload.namespace)
+        except ApiException as err:
+            if err.status == 404:
+                raise refused(403, "pod_not_found", identity.REASONS["pod_not_found"]) from err
+            raise
+        pod = Pod.from_api(self._client.sanitize_for_serialization(body))
+        if pod.uid != workload.pod_uid:
+            raise refused(403, "pod_uid_mismatch", identity.REASONS["pod_uid_mismatch"])
+        return pod
+
+    def _answer(
+        self,
+        scope: _Scope,
+        *,
+        role: str,
+        secret: credentials.Secret,
+        applied: Sequence[credentials.Action],
+        desired: credentials.Desired,
+    ) -> credential_server.IssuedCredentials:
+        minted = [
+            a
+            for a in applied
+            if isinstance(a, credentials.CreateLoginRole | credentials.RenewLoginRole) and a.role == role
+        ]
+        login = [d for d in desired.logins if d.rotate_password]
+        if not minted or not login:
+            raise refused(503, "database_unavailable", "minting did not converge; retry later", role)
+        spec = login[0].credentials
+        valid_until = minted[-1].valid_until
+        return credential_server.IssuedCredentials(
+            user=role,
+            password=secret.password,
+            valid_until=valid_until,
+            renew_at=valid_until - spec.renew_before,
+            database=scope.name,
+            host=scope.target.host,
+            port=scope.target.port,
+            dbname=scope.target.dbname,
+            sslmode=scope.target.sslmode,
+            ca_pem=scope.target.ca_pem,
+            mask_key=self._mask_key,
+            policies=login[0].policies,
+        )
+
+    # ---- reap --------------------------------------------------------------------------------
+
+    def reap(self, namespace: str, name: str) -> list[credentials.Action]:
+        """Revoke what must go on one Database (expired, pod deleted, unbound, orphans) and
+        bring its groups' grants up to date; creates and renews nothing."""
+        scope = self._scope(namespace, name, self._policies(namespace))
+        with self._session(scope) as conn:
+            applied, _ = self._converge(conn, scope, presenting=None, secrets={})
+        return applied
+
+    def reap_namespace(self, namespace: str) -> None:
+        """Reap every Database of the namespace (a pod went, a policy changed); problems are
+        logged, the periodic reaper tries again."""
+        listed = self._custom.list_namespaced_custom_object(
+            kubeapi.GROUP, kubeapi.VERSION, namespace, DATABASES
+        )
+        for item in listed.get("items", []):
+            name = str(item["metadata"]["name"])
+            try:
+                self.reap(namespace, name)
+            except (credential_server.IssueRefused, psycopg.Error) as err:
+                logger.warning("Reaping Database %s/%s failed: %s", namespace, name, err)
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def _policies(self, namespace: str) -> list[Policy]:
+        return valid_policies(kubeapi.KubeApi(self._client).list_policies(namespace))
+
+    def _scope(self, namespace: str, name: str, policies: Sequence[Policy]) -> _Scope:
+        try:
+            body = self._custom.get_namespaced_custom_object(
+                kubeapi.GROUP, kubeapi.VERSION, namespace, DATABASES, name
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            raise refused(
+                409,
+                "database_missing",
+                f"the Database {name!r} the policies name does not exist in the pod's namespace",
+            ) from err
+        spec = dict(body.get("spec") or {})
+        admin_name, ca_name = databases.secret_names(spec)
+        admin = (
+            webhook.read_secret(self._client, name=admin_name, namespace=namespace) if admin_name else None
+        )
+        ca = webhook.read_secret(self._client, name=ca_name, namespace=namespace) if ca_name else None
+        target = databases.target(
+            spec,
+            admin_secret=(admin.data or {}) if admin is not None else None,
+            ca_secret=(ca.data or {}) if ca is not None else None,
+        )
+        if isinstance(target, databases.Problem):
+            raise refused(
+                409,
+                "database_not_ready",
+                f"the Database {name!r} is not ready ({target.reason})",
+                f"{namespace}/{name}: {target.message}",
+            )
+        mine = tuple(p for p in policies if p.database == name)
+        return _Scope(namespace=namespace, name=name, target=target, policies=mine)
+
+    @contextlib.contextmanager
+    def _session(self, scope: _Scope) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with dbconn.connect(scope.target) as conn:
+                conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+                conn.execute("SELECT pg_catalog.pg_advisory_lock(%s)", (LOCK_KEY,))
+                yield conn
+        except psycopg.OperationalError as err:
+            raise refused(
+                503,
+                "database_unavailable",
+                f"the operator cannot connect to Database {scope.name!r}; retry later",
+                f"{scope.database}: {' '.join(str(err).split())}",
+            ) from err
+
+    def _converge(
+        self,
+        conn: psycopg.Connection[Any],
+        scope: _Scope,
+        *,
+        presenting: Pod | None,
+        secrets: Mapping[str, credentials.Secret],
+    ) -> tuple[list[credentials.Action], credentials.Desired]:
+        """Read, plan, apply and audit one database (under the advisory lock)."""
+        catalog = pgapply.read_catalog(conn)
+        actual = pgapply.read_state(conn)
+        groups, failed = compile_groups(
+            scope.policies,
+            catalog,
+            namespace=scope.namespace,
+            database=scope.database,
+            mask_key=self._mask_key,
+        )
+        if presenting is not None:
+            broken = sorted(set(failed) & {p.name for p in binding(scope.policies, presenting)})
+            if broken:
+                detail = "; ".join(f"{name}: {failed[name]}" for name in broken)
+                raise refused(
+                    409,
+                    "policy_invalid",
+                    f"policy {', '.join(broken)} cannot be compiled into grants: {detail}",
+                )
+        for name, why in sorted(failed.items()):
+            logger.warning(
+                "Policy %s/%s grants nothing on %s: %s", scope.namespace, name, scope.database, why
+            )
+        now = self._clock()
+        pods = self._live_pods(scope.namespace, presenting)
+        desired = desired_state(
+            namespace=scope.namespace,
+            database=scope.database,
+            policies=scope.policies,
+            groups=groups,
+            pods=pods,
+            actual=actual,
+            now=now,
+            presenting=presenting,
+        )
+        role = (
+            credentials.login_role_name(pod_uid=presenting.uid, database=scope.database)
+            if presenting
+            else None
+        )
+        actions = applicable(
+            credentials.plan(desired, actual, now=now, secrets=secrets), presenting_role=role
+        )
+        applied: list[credentials.Action] = []
+        for batch in _by_role(actions):
+            for action in pgapply.apply(conn, batch):
+                applied.append(action)
+                self._audit(audit_event(action, database=scope.database, now=now))
+        return applied, desired
+
+    def _live_pods(self, namespace: str, presenting: Pod | None) -> list[Pod]:
+        listed = self._core.list_namespaced_pod(namespace)
+        pods = [Pod.from_api(self._client.sanitize_for_serialization(p)) for p in listed.items]
+        if presenting is not None and all(p.uid != presenting.uid for p in pods):
+            pods.append(presenting)  # read a moment ago; the list may lag behind
+        return pods
+
+
+def _by_role(actions: Sequence[credentials.Action]) -> Iterator[list[credentials.Action]]:
+    """Consecutive actions on one role: each batch is applied (one transaction) and audited
+    before the next, so an error later leaves no applied action unaudited."""
+    batch: list[credentials.Action] = []
+    for action in actions:
+        if batch and action.role != batch[-1].role:
+            yield batch
+            batch = []
+        batch.append(action)
+    if batch:
+        yield batch
+
+
+def _print_line(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
