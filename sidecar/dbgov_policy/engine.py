@@ -22,7 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from pglast import parser as pg_parser
 
@@ -122,14 +122,15 @@ class SessionContext:
     """Minted credentials: masked tables are read through the operator's masking views (the
     role may not read their masked columns); None: through the tables themselves."""
 
-    def use_views(self, names: Mapping[tuple[str, str], str]) -> None:
+    def use_views(
+        self, names: Mapping[tuple[str, str], str], *, parents: Iterable[tuple[str, str]] = ()
+    ) -> None:
         """Read masked tables through these masking views ((schema, table) → view name in
-        ``dbgov_masked``), from the session's catalog at login. Call after ``inherits`` and
-        ``ancestors`` are set: ``ONLY`` of a table with descendants cannot be read through a view."""
-        parents = {a for ups in self.inherits.values() for a in ups} | set(self.ancestors)
+        ``dbgov_masked``), from the session's catalog at login; ``parents``: those tables that
+        have children (``ONLY`` of one cannot be read through its view, which reads them too)."""
         self.masking_views = mask.Views(
             names={model.QualifiedName(schema=s, name=t): v for (s, t), v in names.items()},
-            inherited=frozenset(parents | set(self.inherits)),
+            inherited=frozenset(model.QualifiedName(schema=s, name=t) for s, t in parents),
         )
 
 

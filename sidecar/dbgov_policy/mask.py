@@ -374,6 +374,11 @@ def _splice(
         else:
             start, end = _name_span(tokens, idx, with_columns=False)
             sample = _sample_span(tokens, idx, end)
+            if sample is not None and view is not None:
+                raise RewriteError(
+                    f"TABLESAMPLE of {ref.rel} cannot be applied through its masking view (a view "
+                    "cannot be sampled); sample with a WHERE on random() instead"
+                )
             if sample is not None:
                 # `t TABLESAMPLE …` samples the table: the clause moves into the masking
                 # subquery, onto the table itself, and the rows sampled are masked as any others.

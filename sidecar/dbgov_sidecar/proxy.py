@@ -92,8 +92,8 @@ class UpstreamConfig:
     """Upstream port."""
     user: str = "postgres"
     """Role the proxy logs in as."""
-    password: str | None = None
-    """Password for that role (cleartext, md5 and SCRAM-SHA-256 are supported)."""
+    password: str | None = field(default=None, repr=False)
+    """Password for that role (cleartext, md5 and SCRAM-SHA-256 are supported); never shown."""
     database: str | None = None
     """Database to use (None: the one each client asks for)."""
     sslmode: str = "prefer"
@@ -594,6 +594,7 @@ class ClientConnection(asyncio.Protocol):
                     ancestors=up.ancestors,
                     db_user=cfg.user,
                     views=up.views if cfg.masking_views else None,
+                    view_parents=up.view_parents,
                 )
             except Exception:
                 self._internal_error()
@@ -672,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
             catalog = await self._masked_attributes(up, views=cfg.masking_views)
             up.masked_attrs, up.table_columns = catalog.attrs, catalog.columns
             up.inherits, up.ancestors = catalog.inherits, catalog.ancestors
-            up.views = catalog.views
+            up.views, up.view_parents = catalog.views, catalog.view_parents
         except BaseException:
             up.close()
             raise
@@ -703,6 +704,7 @@ class ClientConnection(asyncio.Protocol):
             queries.append(MASKING_VIEWS_QUERY)
         up.write(messages.query("; ".join(queries)))
         masking_views: dict[tuple[str, str], str] = {}
+        view_parents: set[tuple[str, str]] = set()
         found: dict[tuple[int, int], str] = {}
         columns: dict[tuple[str, str], list[str]] = {}
         inherits: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -727,9 +729,11 @@ class ClientConnection(asyncio.Protocol):
                 elif results == 3 and len(row) == 5:
                     schema, table, low_schema, low_table, column = (v.decode() for v in row)  # type: ignore[union-attr]
                     ancestors.setdefault((schema, table), []).append((low_schema, low_table, column))
-                elif results == 4 and len(row) == 3:
-                    view, schema, table = (v.decode() for v in row)  # type: ignore[union-attr]
+                elif results == 4 and len(row) == 4:
+                    view, schema, table, parent = (v.decode() for v in row)  # type: ignore[union-attr]
                     masking_views.setdefault((schema, table), view)  # (ordered by view name)
+                    if parent == "t":
+                        view_parents.add((schema, table))
             elif msg.type == messages.COMMAND_COMPLETE:
                 results += 1
             elif msg.type == messages.ERROR_RESPONSE:
@@ -745,6 +749,7 @@ class ClientConnection(asyncio.Protocol):
                     inherits={table: tuple(up) for table, up in inherits.items()},
                     ancestors={table: tuple(below) for table, below in ancestors.items()},
                     views=masking_views,
+                    view_parents=frozenset(view_parents),
                 )
 
     def close(self, reason: str) -> None:
@@ -831,6 +836,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self.ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
         self.views: dict[tuple[str, str], str] = {}
+        self.view_parents: frozenset[tuple[str, str]] = frozenset()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -928,10 +934,13 @@ class MaskCatalog:
     views: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
     """(schema, table) → the name of the masking view in ``dbgov_masked`` the role may read for
     it (a minted role only)."""
+    view_parents: frozenset[tuple[str, str]] = frozenset()
+    """Those of the ``views`` tables that have children (their views read the children too)."""
 
 
 MASKING_VIEWS_QUERY = (
-    "SELECT DISTINCT v.relname, sn.nspname, s.relname FROM pg_catalog.pg_class v "
+    "SELECT DISTINCT v.relname, sn.nspname, s.relname, EXISTS (SELECT FROM pg_catalog.pg_inherits i "
+    "WHERE i.inhparent = s.oid) FROM pg_catalog.pg_class v "
     "JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace "
     "JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid "
     "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
@@ -943,7 +952,8 @@ MASKING_VIEWS_QUERY = (
     "AND pg_catalog.has_table_privilege(v.oid, 'SELECT') ORDER BY 1, 2, 3"
 )
 """Catalog query: each masking view the session's role may read (the operator's, in
-``dbgov_masked``) and the schema and table it reads, from the view rule's dependencies."""
+``dbgov_masked``), the schema and table it reads (from the view rule's dependencies), and
+whether that table has children (then the view reads their rows too)."""
 
 
 def _masked_tree(targets: tuple[tuple[str, str, str], ...]) -> str:

@@ -41,11 +41,14 @@ CREATE TABLE shop.customers (
   id serial PRIMARY KEY, name text, email varchar(80), ssn text, card char(16), balance numeric(10,2)
 );
 CREATE TABLE shop.orders (id int PRIMARY KEY, customer_id int, qty int);
+CREATE TABLE shop.vip (perks text) INHERITS (shop.customers);
 INSERT INTO shop.customers (name, email, ssn, card, balance) VALUES
   ('Ada', 'ada@example.com', '123-45-6789', '4111111111111111', 10.50),
   ('Bob', 'bob@mail.example', '987-65-4321', '5500000000000004', 99.00),
   ('Cy', NULL, NULL, NULL, NULL);
 INSERT INTO shop.orders VALUES (1, 1, 2), (2, 2, 5);
+INSERT INTO shop.vip (name, email, ssn, card, balance, perks) VALUES
+  ('Vi', 'vi@vip.example', '555-55-5555', '3400000000000009', 1.00, 'lounge');
 """
 SPEC: dict[str, Any] = {
     "default": "block",
@@ -56,7 +59,7 @@ SPEC: dict[str, Any] = {
             "name": "read-shop",
             "verdict": "allow",
             "statements": ["select", "copy-to"],
-            "tables": ["shop.customers", "shop.orders"],
+            "tables": ["shop.customers", "shop.orders", "shop.vip"],
         },
     ],
     "masks": [
@@ -75,6 +78,9 @@ READS = [
     "SELECT o.qty, c.email FROM shop.orders o JOIN shop.customers c ON c.id = o.customer_id ORDER BY o.id",
     "WITH x AS (SELECT * FROM shop.customers) SELECT name, card FROM x ORDER BY 1",
     "SELECT upper(email) FROM shop.customers WHERE ssn IS NOT NULL ORDER BY 1",
+    "SELECT name, email, ssn, perks FROM shop.vip",
+    "SELECT name, ssn FROM shop.vip UNION ALL SELECT name, ssn FROM ONLY shop.orders o "
+    "JOIN shop.customers c ON false",
 ]
 
 
@@ -216,6 +222,7 @@ def test_masked_reads_through_the_views_equal_the_owners_masked_reads(
     assert full[0][2] == "***@example.com" and full[0][4] == "************1111"
     assert full[0][3] not in (None, "123-45-6789") and len(full[0][3]) == len("123-45-6789")
     assert full[0][5] is None  # a masked numeric is NULL, still numeric
+    assert len(full) == 4 and full[3][2] == "**@vip.example"  # the child's rows, masked too
     assert [t for _, t, _ in desc] == [23, 25, 1043, 25, 1042, 1700]  # int4 text varchar text bpchar numeric
     # Masked columns are expressions (no table OID), exactly as in the owner's mode.
     assert all(table == 0 for name, _, table in desc if name in ("email", "ssn", "card", "balance"))
@@ -233,6 +240,19 @@ def test_a_plain_table_and_a_blocked_statement(make_proxy: Callable[..., Any], m
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DROP TABLE shop.orders")
         assert conn.execute("SELECT current_user").fetchone() == (minted.role,)
+
+
+def test_only_of_an_inherited_masked_table_is_refused_through_views(
+    make_proxy: Callable[..., Any], minted: Minted
+) -> None:
+    """Its view reads the descendants too: ONLY cannot be honoured, so it is refused, not widened."""
+    running = minted_proxy(make_proxy, minted, Held(minted.credentials()).login)
+    with psycopg.connect(running.dsn(dbname=minted.database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute("SELECT email FROM ONLY shop.customers")
+        assert "ONLY shop.customers cannot be read through its masking view" in str(err.value)
+        # A child without children of its own reads the same with or without ONLY.
+        assert conn.execute("SELECT email FROM ONLY shop.vip").fetchall() == [("**@vip.example",)]
 
 
 def test_the_minted_role_cannot_read_a_masked_column_directly(minted: Minted) -> None:
@@ -411,7 +431,7 @@ def test_renewal_keeps_open_sessions_and_expiry_refuses_new_logins(
         assert first is not None and minted.password not in repr(first) and KEY not in repr(first)
         dsn = running.dsn(dbname=minted.database)
         with psycopg.connect(dsn, autocommit=True) as open_session:
-            assert open_session.execute("SELECT count(*) FROM shop.customers").fetchone() == (3,)
+            assert open_session.execute("SELECT count(*) FROM shop.customers").fetchone() == (4,)
             # The operator renews: a new password and VALID UNTIL (as RenewLoginRole with rotate).
             minted.converge(minted.desired(rotate=True), rotate=True)
             op.answer = answer(minted, valid_for=3, renew_in=60)
@@ -487,3 +507,112 @@ def test_no_view_for_a_masked_table_refuses_the_read(make_proxy: Callable[..., A
             conn.execute("SELECT email FROM shop.customers")
         assert "no masking view" in str(err.value)
         assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() == (2,)
+
+
+def test_tablesample_of_a_masked_table_is_refused_through_views(
+    make_proxy: Callable[..., Any], minted: Minted
+) -> None:
+    running = minted_proxy(make_proxy, minted, Held(minted.credentials()).login)
+    with psycopg.connect(running.dsn(dbname=minted.database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute("SELECT email FROM shop.customers TABLESAMPLE SYSTEM (100)")
+        assert "TABLESAMPLE of shop.customers cannot be applied through its masking view" in str(err.value)
+        assert conn.execute("SELECT qty FROM shop.orders TABLESAMPLE SYSTEM (100) ORDER BY 1").fetchall() == [
+            (2,),
+            (5,),
+        ]
+
+
+# --- the pure parts, without a network ------------------------------------------------------
+
+
+def test_credentials_parse_the_documented_answer_and_hide_their_secrets() -> None:
+    body = {
+        "identity": {
+            "namespace": "shop",
+            "serviceAccount": "orders",
+            "pod": "o-1",
+            "podUid": "u",
+            "node": "w",
+        },
+        "expiresAt": "2026-12-05T17:31:00Z",
+        "credentials": {
+            "database": "orders-db",
+            "host": "pg.shop.svc",
+            "port": 5432,
+            "dbname": "shop",
+            "sslmode": "verify-full",
+            "caPem": "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n",
+            "user": "dbgov_w_5f0c",
+            "password": "s3cret-pw",
+            "validUntil": "2026-12-05T17:31:00Z",
+            "renewAt": "2026-12-05T17:11:00Z",
+            "maskKey": "the-mask-key",
+            "policies": ["orders-read"],
+        },
+    }
+    verified = workload_identity.parse_answer(json.dumps(body).encode(), pod_uid="u")
+    creds = verified.credentials
+    assert creds is not None
+    assert (creds.host, creds.port, creds.dbname, creds.sslmode, creds.user) == (
+        "pg.shop.svc",
+        5432,
+        "shop",
+        "verify-full",
+        "dbgov_w_5f0c",
+    )
+    assert creds.renew_at == datetime.datetime(2026, 12, 5, 17, 11, tzinfo=datetime.UTC)
+    shown = repr(creds) + json.dumps(creds.audit_fields())
+    assert "s3cret-pw" not in shown and "the-mask-key" not in shown and "BEGIN" not in shown
+    base = proxy.UpstreamConfig(host="static", port=1, user="static", password="static-pw", database="d")
+    up = config.minted_upstream(base, lambda: creds)()
+    assert (up.host, up.port, up.database, up.user, up.password, up.sslmode) == (
+        "pg.shop.svc",
+        5432,
+        "shop",
+        "dbgov_w_5f0c",
+        "s3cret-pw",
+        "verify-full",
+    )
+    assert up.masking_views and up.ssl_ca_pem == creds.ca_pem and "s3cret-pw" not in repr(up)
+    for broken in ({**body["credentials"], "port": "x"}, {**body["credentials"], "validUntil": "17:00"}):
+        with pytest.raises(workload_identity.Unverified):
+            workload_identity.parse_answer(json.dumps({**body, "credentials": broken}).encode())
+
+
+def test_renewal_is_scheduled_at_renew_at_and_never_past_valid_until() -> None:
+    now = 1_000_000.0
+    identity = workload_identity.WorkloadIdentity(
+        url="https://127.0.0.1:1/v1/credentials",
+        token_file="/nonexistent",
+        ca=certifi_free_ca(),
+        clock=lambda: now,
+    )
+
+    def at(seconds: float) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(now + seconds, datetime.UTC)
+
+    def verified(valid: float, renew: float | None) -> workload_identity.Verified:
+        creds = workload_identity.Credentials(
+            user="u", password="p", valid_until=at(valid), renew_at=None if renew is None else at(renew)
+        )
+        workload = workload_identity.Workload(
+            namespace="n", service_account="s", pod="p", pod_uid="u", node=""
+        )
+        return workload_identity.Verified(workload=workload, credentials=creds, expires_at=at(valid))
+
+    assert identity._refresh_in(verified(900, 240)) == pytest.approx(240)
+    assert identity._refresh_in(verified(3600, 2400)) == pytest.approx(300)  # at least every 5 minutes
+    assert identity._refresh_in(verified(120, 600)) == pytest.approx(80)  # renewAt past validUntil
+    assert identity._refresh_in(verified(900, None)) == pytest.approx(300)
+    assert identity._refresh_in(verified(200, None)) == pytest.approx(140)
+    assert identity._refresh_in(verified(600, -5)) == pytest.approx(200)  # renewAt passed: not every second
+
+
+def certifi_free_ca() -> str:
+    """Any PEM CA will do for a WorkloadIdentity that never connects: the test suite's own."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp())
+    cert, _ = pg.make_certificate(directory)
+    return cert.read_text()
