@@ -211,11 +211,13 @@ def test_presenting_again_renews_rotates_and_keeps_open_sessions(env: Env, scene
     uid = _pod(env, scene.namespace, "orders-2")
     token = bound_token(env.cluster, scene.namespace, pod="orders-2", uid=uid)
     first = _issue(env, token)
+    stored = _valid_until(env, scene, first["user"])
     with _login(env, scene, first) as open_session:
         second = _issue(env, token)
         assert second["user"] == first["user"]  # the same role, renewed
         assert second["password"] != first["password"]
-        assert _time(second["validUntil"]) > _time(first["validUntil"])
+        assert _time(second["validUntil"]) >= _time(first["validUntil"])  # the answer has seconds
+        assert _valid_until(env, scene, first["user"]) > stored  # VALID UNTIL moved
         assert open_session.execute("SELECT count(*) FROM shop.orders").fetchone() == (2,)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         _login(env, scene, first)
@@ -473,6 +475,14 @@ def _login(env: Env, scene: Scene, cred: dict[str, Any]) -> psycopg.Connection[A
         autocommit=True,
         connect_timeout=5,
     )
+
+
+def _valid_until(env: Env, scene: Scene, role: str) -> datetime.datetime:
+    with _admin(env, scene) as admin:
+        row = admin.execute("SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    assert row is not None, role
+    found: datetime.datetime = row[0]
+    return found
 
 
 def _role_exists(env: Env, scene: Scene, role: str) -> bool:
