@@ -142,13 +142,18 @@ def peered(
     workdir = tmp_path_factory.mktemp("chart-peering")
     namespace = kube_cluster.create_namespace("dbgov")
     release, peering = f"p{uuid.uuid4().hex[:6]}", f"dbgov-{uuid.uuid4().hex[:6]}"
+    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"  # the chart creates it, the operator fills it in
     docs = kube.helm_template(
         kube_tools,
         CHART,
         home=helm_home,
         release=release,
         namespace=namespace,
-        sets=(f"operator.peering={peering}", "operator.replicas=2"),
+        sets=(
+            f"operator.peering={peering}",
+            "operator.replicas=2",
+            f"webhook.configurationName={configuration}",
+        ),
         include_crds=True,
     )
     kube_cluster.apply_documents(docs, namespace=namespace)
@@ -157,7 +162,6 @@ def peered(
         namespace=namespace, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
     )
     kubeconfig = operator_proc.token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
-    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     (deployment,) = _kinds(docs, "Deployment")
 
     def replica(suffix: str) -> Operator:

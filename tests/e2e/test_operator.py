@@ -59,12 +59,15 @@ def deployed(
     """Apply the chart's ServiceAccount and RBAC in a fresh release namespace and run the
     operator with a TokenRequest token for it; stop it and remove its webhooks afterwards."""
     release_ns = cluster.create_namespace("dbgov")
+    # The chart's RBAC lets the operator update its webhook configurations by name only.
+    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     docs = kube.helm_template(
         tools,
         CHART,
         home=helm_home,
         release=f"op-{uuid.uuid4().hex[:6]}",
         namespace=release_ns,
+        sets=(f"webhook.configurationName={configuration}",),
         show_only=("templates/serviceaccount.yaml", "templates/rbac.yaml"),
     )
     cluster.apply_documents(docs, namespace=release_ns)
@@ -73,7 +76,6 @@ def deployed(
         namespace=release_ns, name=account, audiences=(cluster.server,), expiration_seconds=3600
     )
     kubeconfig = token_kubeconfig(cluster, token=token, path=workdir / "kubeconfig")
-    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
     (port,) = kube.free_ports(1)
     operator_env = {
         **os.environ,
@@ -144,7 +146,8 @@ def wait_served(found: Installed) -> None:
         except ApiException:
             return False
         hooks = [*(mutating.webhooks or []), *(validating.webhooks or [])]
-        return len(hooks) == 2 and all(h.client_config.ca_bundle for h in hooks)
+        # pods of enforced namespaces, labelled pods elsewhere, policies
+        return len(hooks) == 3 and all(h.client_config.ca_bundle for h in hooks)
 
     wait_for("this operator process to publish its webhook configurations", published)
     wait_for("the operator's webhook configurations", served)
@@ -249,10 +252,10 @@ def test_webhook_ca_bundle_is_the_shared_secrets_ca(installed: Installed) -> Non
         installed.admission.read_mutating_webhook_configuration(installed.configuration),
         installed.admission.read_validating_webhook_configuration(installed.configuration),
     ):
-        (hook,) = config.webhooks
-        assert base64.b64decode(hook.client_config.ca_bundle) == ca
-        assert hook.failure_policy == "Fail"
-        assert hook.client_config.url.startswith("https://127.0.0.1:")
+        for hook in config.webhooks:
+            assert base64.b64decode(hook.client_config.ca_bundle) == ca
+            assert hook.failure_policy == "Fail"
+            assert hook.client_config.url.startswith("https://127.0.0.1:")
 
 
 def served_certificate(env: Installed) -> bytes:

@@ -39,6 +39,7 @@ def replicas(
     workdir = tmp_path_factory.mktemp("peering")
     release_ns = kube_cluster.create_namespace("dbgov")
     peering = f"dbgov-{uuid.uuid4().hex[:6]}"
+    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"  # the chart's RBAC names it
     # The peering CRD and object come from the chart, as helm would install them, nowhere else.
     docs = kube.helm_template(
         kube_tools,
@@ -46,7 +47,11 @@ def replicas(
         home=helm_home,
         release=f"peer-{uuid.uuid4().hex[:6]}",
         namespace=release_ns,
-        sets=(f"operator.peering={peering}", "operator.replicas=2"),
+        sets=(
+            f"operator.peering={peering}",
+            "operator.replicas=2",
+            f"webhook.configurationName={configuration}",
+        ),
         include_crds=True,
     )
     kube_cluster.apply_documents(docs, namespace=release_ns)
@@ -55,7 +60,6 @@ def replicas(
         namespace=release_ns, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
     )
     kubeconfig = operator_proc.token_kubeconfig(kube_cluster, token=token, path=workdir / "kubeconfig")
-    configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
 
     def operator(replica: str) -> Operator:
         (port,) = kube.free_ports(1)
