@@ -56,13 +56,15 @@ def _pod(
         "metadata": {"name": name, "labels": labels or {}, "annotations": pod_annotations or {}},
         "spec": {
             "serviceAccountName": "orders",
-            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            # Compliance set per container, as many charts do: the sidecar must carry its own.
             "containers": [
                 {
                     "name": "app",
                     "image": "example/app:1",
                     "env": [{"name": "PGHOST", "value": "orders.db.svc"}],
                     "securityContext": {
+                        "runAsNonRoot": True,
+                        "seccompProfile": {"type": "RuntimeDefault"},
                         "runAsUser": 1000,
                         "allowPrivilegeEscalation": False,
                         "capabilities": {"drop": ["ALL"]},
