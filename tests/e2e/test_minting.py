@@ -274,6 +274,29 @@ def test_unbinding_the_policy_revokes(env: Env, scene: Scene) -> None:
     assert (status, body["error"]["code"]) == (409, "no_policy")
 
 
+def test_deleting_the_policy_revokes_and_a_changed_policy_changes_the_grants(env: Env, scene: Scene) -> None:
+    uid = _pod(env, scene.namespace, "orders-7")
+    cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-7", uid=uid))
+    patch = {"spec": {"rules": [RULES[0]]}}  # no more INSERT on shop.orders
+    env.custom.patch_namespaced_custom_object(GROUP, VERSION, scene.namespace, PLURAL, scene.policy, patch)
+
+    def insert_refused() -> bool:
+        with _login(env, scene, cred) as conn:
+            try:
+                conn.execute("INSERT INTO shop.orders (customer_id, qty) VALUES (1, 1)")
+            except psycopg.errors.InsufficientPrivilege:
+                return True
+        return False
+
+    wait_for("the changed grants", insert_refused, timeout=20)
+    env.custom.delete_namespaced_custom_object(GROUP, VERSION, scene.namespace, PLURAL, scene.policy)
+    wait_for("the role to be dropped", lambda: not _role_exists(env, scene, cred["user"]), timeout=20)
+    line = wait_for(
+        "the revoke audit line", lambda: _audit(env, "credential_revoked", cred["user"], "DropRole")
+    )
+    assert line["reason"] == "policy-unbound"
+
+
 def test_an_expired_role_is_reaped(env: Env, scene: Scene) -> None:
     uid = _pod(env, scene.namespace, "orders-5")
     cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-5", uid=uid))
