@@ -395,6 +395,9 @@ def _unready(
         return "shutting down"
     if identity is not None and identity.current is None:
         return f"workload identity not verified by the operator ({identity.reason}); clients are refused"
+    missing = None if identity is None else identity.missing()
+    if missing is not None:
+        return f"no database credentials ({missing}); clients are refused"
     if isinstance(holder.current, policy_port.RefuseAll):
         return f"no policy loaded ({holder.current.reason}); every statement would be refused"
     if audit_log is not None and audit_log.failure_policy == "fail-closed" and not audit_log.healthy:

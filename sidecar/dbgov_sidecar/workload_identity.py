@@ -270,24 +270,34 @@ class WorkloadIdentity:
         """The minted database credentials new logins use (the latest received), if any."""
         return self._held
 
-    def login(self) -> Credentials:
-        """The credentials to log in upstream with now, read at each new connection; raises
-        :class:`NoCredentials` when there are none yet or they expired (fail closed)."""
+    def missing(self) -> str | None:
+        """Why a new login would be refused now (no credentials yet, or expired); None when
+        there are credentials to log in with. For /readyz: it announces nothing."""
         held = self._held
         if held is None:
             if self.current is None:
-                raise NoCredentials(f"the operator has not verified this sidecar yet ({self.reason})")
-            raise NoCredentials(
+                return f"the operator has not verified this sidecar yet ({self.reason})"
+            return (
                 "the operator verified this sidecar but sent no database credentials (no policy "
                 "binds this workload to a Database, or minting is off)"
             )
         if self._clock() >= held.valid_until.timestamp():
-            self._announce_expiry(held)
             why = f"; renewing failed: {self._renewal_failure}" if self._renewal_failure else ""
-            raise NoCredentials(
+            return (
                 f"the credentials of role {held.user} expired at {_iso(held.valid_until)} and were "
                 f"not renewed{why}"
             )
+        return None
+
+    def login(self) -> Credentials:
+        """The credentials to log in upstream with now, read at each new connection; raises
+        :class:`NoCredentials` when there are none yet or they expired (fail closed)."""
+        held, reason = self._held, self.missing()
+        if reason is not None:
+            if held is not None:
+                self._announce_expiry(held)
+            raise NoCredentials(reason)
+        assert held is not None
         return held
 
     async def verify_once(self) -> Verified:

@@ -428,6 +428,7 @@ def test_renewal_keeps_open_sessions_and_expiry_refuses_new_logins(
     try:
         _wait("credentials", lambda: identity.credentials is not None)
         first = identity.credentials
+        assert identity.missing() is None
         assert first is not None and minted.password not in repr(first) and KEY not in repr(first)
         dsn = running.dsn(dbname=minted.database)
         with psycopg.connect(dsn, autocommit=True) as open_session:
@@ -450,6 +451,7 @@ def test_renewal_keeps_open_sessions_and_expiry_refuses_new_logins(
                 psycopg.connect(dsn, connect_timeout=10)
             assert "the sidecar has no database credentials yet" in str(err.value)
             assert "expired" in str(err.value)
+            assert "expired" in (identity.missing() or "")  # /readyz says so too
             # The open session goes on (VALID UNTIL only stops new logins).
             assert open_session.execute("SELECT count(*) FROM shop.orders").fetchone() == (2,)
     finally:
