@@ -380,6 +380,17 @@ class Minter:
     def issue(self, workload: identity.Identity) -> credential_server.IssuedCredentials:
         """Create or renew (rotating the password) the pod's role on the Database its policies
         name; refuse with `IssueRefused` when none binds it or the database is not usable."""
+        try:
+            return self._issue(workload)
+        except (ApiException, OSError) as err:
+            raise refused(
+                503,
+                "kubernetes_unavailable",
+                "the operator cannot read the pod, policies or Database from the Kubernetes API; retry later",
+                f"{workload.namespace}/{workload.pod}: {err}",
+            ) from err
+
+    def _issue(self, workload: identity.Identity) -> credential_server.IssuedCredentials:
         namespace = workload.namespace
         pod = self._pod(workload)
         policies = self._policies(namespace)
