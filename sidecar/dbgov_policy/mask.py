@@ -304,7 +304,8 @@ class Views:
     """Masked tables read through the operator's masking views (minted credentials)."""
 
     names: Mapping[model.QualifiedName, str]
-    """Masked table → the name of its view in ``dbgov_masked``."""
+    """Masked table → the name of its view in ``dbgov_masked`` (``""``: the role may read
+    several, one per policy, and none is known to apply every mask; reads are refused)."""
     inherited: frozenset[model.QualifiedName] = frozenset()
     """Tables with descendants: ``ONLY`` of one cannot be read through its view."""
 
@@ -409,6 +410,12 @@ def _view_for(ref: analyze.ReadRef, views: Views | None) -> str | None:
         raise RewriteError(
             f"{ref.rel} is masked but the database has no masking view of it this role may read "
             "(the operator has not created it yet, or the policy and the grants differ)"
+        )
+    if not view:
+        raise RewriteError(
+            f"the role may read several masking views of {ref.rel} (one per policy binding this "
+            "workload), each applying only its own policy's masks: none is known to mask every "
+            "column the policies mask together"
         )
     if ref.only and ref.rel in views.inherited:
         raise RewriteError(

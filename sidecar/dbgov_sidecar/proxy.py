@@ -731,7 +731,10 @@ class ClientConnection(asyncio.Protocol):
                     ancestors.setdefault((schema, table), []).append((low_schema, low_table, column))
                 elif results == 4 and len(row) == 4:
                     view, schema, table, parent = (v.decode() for v in row)  # type: ignore[union-attr]
-                    masking_views.setdefault((schema, table), view)  # (ordered by view name)
+                    # Several (one per policy binding the pod): each masks only its own policy's
+                    # columns, none is known to mask all the composed policy masks ('' refuses).
+                    known = masking_views.get((schema, table))
+                    masking_views[(schema, table)] = view if known in (None, view) else ""
                     if parent == "t":
                         view_parents.add((schema, table))
             elif msg.type == messages.COMMAND_COMPLETE:
@@ -933,7 +936,8 @@ class MaskCatalog:
     that it has by name."""
     views: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
     """(schema, table) → the name of the masking view in ``dbgov_masked`` the role may read for
-    it (a minted role only)."""
+    it (a minted role only); ``""`` where it may read several, one per policy binding the pod:
+    each masks only its own policy's columns, so none is used (reads of that table are refused)."""
     view_parents: frozenset[tuple[str, str]] = frozenset()
     """Those of the ``views`` tables that have children (their views read the children too)."""
 

@@ -618,3 +618,27 @@ def certifi_free_ca() -> str:
     directory = Path(tempfile.mkdtemp())
     cert, _ = pg.make_certificate(directory)
     return cert.read_text()
+
+
+def test_several_masking_views_of_a_table_refuse_its_reads(
+    make_proxy: Callable[..., Any], minted: Minted
+) -> None:
+    """Two policies binding a pod give its role one view each, each masking only its own
+    policy's columns: the proxy cannot know either masks all, so it reads through neither."""
+    other = "shop.customers.other-policy"
+    minted.admin.execute(
+        sql.SQL(
+            "CREATE VIEW {}.{} WITH (security_barrier) AS SELECT id, name, email FROM shop.customers"
+        ).format(sql.Identifier(grants.MASKED_SCHEMA), sql.Identifier(other))
+    )
+    minted.admin.execute(
+        sql.SQL("GRANT SELECT ON {}.{} TO {}").format(
+            sql.Identifier(grants.MASKED_SCHEMA), sql.Identifier(other), sql.Identifier(minted.group)
+        )
+    )
+    running = minted_proxy(make_proxy, minted, Held(minted.credentials()).login)
+    with psycopg.connect(running.dsn(dbname=minted.database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute("SELECT email FROM shop.customers")
+        assert "several masking views of shop.customers" in str(err.value)
+        assert conn.execute("SELECT email FROM shop.vip").fetchall() == [("**@vip.example",)]
