@@ -158,6 +158,14 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
         _reap_namespace(namespace, logger)  # its database roles go at once, not at the next reap
 
 
+@kopf.on.event(*POLICY)
+def policy_gone(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """A policy is gone at once (it carries no finalizer, so the delete handler may not run):
+    the bundles it bound are recomputed, and deleted if nothing else needs them."""
+    if type == "DELETED":
+        _reconcile(namespace, logger)
+
+
 def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) -> bool:
     """A bundle ConfigMap: ours by label, or by name (its labels may have been removed)."""
     ours = labels.get(annotations.MANAGED_BY_LABEL) == annotations.MANAGED_BY_VALUE

@@ -25,6 +25,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from dbgov_operator import certs
+from dbgov_policy import compile as policy_compile
+from dbgov_sidecar import policies
 
 from . import kube, operator_proc
 from .operator_proc import (
@@ -323,7 +325,13 @@ def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, 
     assert status["workloads"] == [{"kind": "ServiceAccount", "name": "orders", "serviceAccount": "orders"}]
     config_map = wait_for("the orders bundle", lambda: bundle(installed, namespace, "orders"))
     # One database: the per-database file and the default file carry the same policy.
-    assert set(config_map.data) == {"policy.yaml", "policy.orders-db.yaml"}
+    # Each file signed by the operator (tests/e2e/test_bundle_integrity.py).
+    assert set(config_map.data) == {
+        "policy.yaml",
+        "policy.yaml.sig",
+        "policy.orders-db.yaml",
+        "policy.orders-db.yaml.sig",
+    }
     assert config_map.data["policy.yaml"] == config_map.data["policy.orders-db.yaml"]
     merged = yaml.safe_load(config_map.data["policy.yaml"])
     assert merged["rules"] == [{"name": "orders-read/read", "verdict": "allow", "statements": ["select"]}]
@@ -397,6 +405,12 @@ def test_policy_change_updates_the_bundle(installed: Installed, namespace: str) 
 
 
 def test_deleting_a_policy_leaves_a_blocking_bundle(installed: Installed, namespace: str) -> None:
+    # While an enrolled pod runs as the ServiceAccount its bundle stays (the kubelet would keep a
+    # deleted ConfigMap's last content in the pod) and refuses everything; without one it goes
+    # (tests/e2e/test_bundle_integrity.py).
+    running = pod("orders-app", labels=ENROLLED)
+    running["spec"]["serviceAccountName"] = "orders"
+    installed.core.create_namespaced_pod(namespace, running)
     create_policy(installed, namespace, policy("orders-read"))
     wait_ready(installed, namespace, "orders-read")
     installed.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "orders-read")
@@ -408,11 +422,16 @@ def test_deleting_a_policy_leaves_a_blocking_bundle(installed: Installed, namesp
             return err.status == 404
         return False
 
-    wait_for("the policy to be gone (finalizer released)", gone)
-    found = bundle(installed, namespace, "orders")
-    assert found is not None
-    merged = yaml.safe_load(found.data["policy.yaml"])
-    assert (merged["default"], merged["rules"]) == ("block", [])
+    wait_for("the policy to be gone", gone)
+
+    def refusing() -> bool:
+        found = bundle(installed, namespace, "orders")
+        assert found is not None
+        loaded = policy_compile.load_text(found.data["policy.yaml"])
+        decide = policies.build(loaded)
+        return decide.decide("SELECT 1", decide.new_context()).verdict == "block"
+
+    wait_for("the bundle to refuse everything", refusing)
 
 
 def test_pod_selector_binds_the_service_account_of_a_new_pod(installed: Installed, namespace: str) -> None:
@@ -527,7 +546,7 @@ def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace
         volumes = {v.name: v for v in seen.spec.volumes}
         assert volumes["dbgov-policy"].config_map.name == "dbgov-policy-orders"
         assert volumes["dbgov-policy"].config_map.optional is False
-        assert [i.key for i in volumes["dbgov-policy"].config_map.items] == ["policy.yaml"]
+        assert [i.key for i in volumes["dbgov-policy"].config_map.items] == ["policy.yaml", "policy.yaml.sig"]
         projected = volumes["dbgov-token"].projected.sources[0].service_account_token
         assert projected.audience == "dbgov"
         env = {e.name: e.value for e in seen.spec.containers[0].env}
@@ -684,9 +703,17 @@ def test_a_new_pod_gets_the_bundle_file_it_mounts(installed: Installed, namespac
     app["spec"]["serviceAccountName"] = "reporting"
     created = installed.core.create_namespaced_pod(namespace, app)
     volume = next(v for v in created.spec.volumes if v.name == "dbgov-policy")
-    assert [i.key for i in volume.config_map.items] == ["policy.reports-db.yaml"]
+    assert [i.key for i in volume.config_map.items] == [
+        "policy.reports-db.yaml",
+        "policy.reports-db.yaml.sig",
+    ]
     found = wait_for("the reporting bundle", lambda: bundle(installed, namespace, "reporting"))
-    assert set(found.data) == {"policy.yaml", "policy.reports-db.yaml"}
+    assert set(found.data) == {
+        "policy.yaml",
+        "policy.yaml.sig",
+        "policy.reports-db.yaml",
+        "policy.reports-db.yaml.sig",
+    }
     merged = yaml.safe_load(found.data["policy.reports-db.yaml"])
     assert (merged["default"], merged["rules"]) == ("block", [])
 
