@@ -224,6 +224,31 @@ def database_deleted(body: kopf.Body, **_: Any) -> None:
     _database_reaped.pop(body.metadata.uid or "", None)
 
 
+@kopf.on.event(*DATABASE)
+def database_gone(type: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """A deleted Database (no finalizer holds it): revoke every role minted there while its
+    admin Secret is still readable; best effort, a deletion missed leaves them to expire."""
+    if type != "DELETED" or _minter is None:
+        return
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    try:
+        _minter.retire(namespace, name, dict(body.spec))
+    except (credential_server.IssueRefused, psycopg.Error, kubernetes.client.exceptions.ApiException) as err:
+        logger.warning(
+            "Database %s/%s deleted; its minted roles were not revoked (they expire): %s",
+            namespace,
+            name,
+            err,
+        )
+
+
+@kopf.on.event(*POLICY)
+def policy_gone_reap(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """A deleted policy (no finalizer, so its delete handler may not run): revoke what it granted."""
+    if type == "DELETED":
+        _reap_namespace(namespace, logger)
+
+
 def _check_database(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     _database_checked[body.metadata.uid or ""] = time.monotonic()
     namespace, spec = body.metadata.namespace or "", dict(body.spec)

@@ -466,6 +466,15 @@ class Minter:
             applied, _ = self._converge(conn, scope, presenting=None, secrets={})
         return applied
 
+    def retire(self, namespace: str, name: str, spec: Mapping[str, Any]) -> list[credentials.Action]:
+        """A Database was deleted: revoke every role minted there and drop its groups and views
+        (with nothing desired, the plan revokes all of them), while its admin Secret is still
+        readable. Best effort: a deletion the operator did not see leaves the roles to expire."""
+        scope = self._scope_of(namespace, name, spec, ())
+        with self._session(scope) as conn:
+            applied, _ = self._converge(conn, scope, presenting=None, secrets={})
+        return applied
+
     def reap_namespace(self, namespace: str) -> None:
         """Reap every Database of the namespace (a pod went, a policy changed); problems are
         logged, the periodic reaper tries again."""
@@ -497,7 +506,11 @@ class Minter:
                 "database_missing",
                 f"the Database {name!r} the policies name does not exist in the pod's namespace",
             ) from err
-        spec = dict(body.get("spec") or {})
+        return self._scope_of(namespace, name, dict(body.get("spec") or {}), policies)
+
+    def _scope_of(
+        self, namespace: str, name: str, spec: Mapping[str, Any], policies: Sequence[Policy]
+    ) -> _Scope:
         admin_name, ca_name = databases.secret_names(spec)
         admin = (
             webhook.read_secret(self._client, name=admin_name, namespace=namespace) if admin_name else None

@@ -297,6 +297,18 @@ def test_deleting_the_policy_revokes_and_a_changed_policy_changes_the_grants(env
     assert line["reason"] == "policy-unbound"
 
 
+def test_deleting_the_database_revokes_its_roles_and_groups(env: Env, scene: Scene) -> None:
+    uid = _pod(env, scene.namespace, "orders-8")
+    cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-8", uid=uid))
+    group = credentials.group_role_name(
+        namespace=scene.namespace, policy=scene.policy, database=scene.database_id
+    )
+    assert _role_exists(env, scene, group)
+    env.custom.delete_namespaced_custom_object(GROUP, VERSION, scene.namespace, "databases", scene.database)
+    wait_for("the login role to be dropped", lambda: not _role_exists(env, scene, cred["user"]), timeout=20)
+    wait_for("the group role to be dropped", lambda: not _role_exists(env, scene, group), timeout=20)
+
+
 def test_an_expired_role_is_reaped(env: Env, scene: Scene) -> None:
     uid = _pod(env, scene.namespace, "orders-5")
     cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-5", uid=uid))
