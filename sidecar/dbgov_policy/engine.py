@@ -123,14 +123,20 @@ class SessionContext:
     role may not read their masked columns); None: through the tables themselves."""
 
     def use_views(
-        self, names: Mapping[tuple[str, str], str], *, parents: Iterable[tuple[str, str]] = ()
+        self,
+        names: Mapping[tuple[str, str], str],
+        *,
+        parents: Iterable[tuple[str, str]] = (),
+        masked: Mapping[tuple[str, str], frozenset[str]] | None = None,
     ) -> None:
         """Read masked tables through these masking views ((schema, table) → view name in
         ``dbgov_masked``), from the session's catalog at login; ``parents``: those tables that
-        have children (``ONLY`` of one cannot be read through its view, which reads them too)."""
+        have children (``ONLY`` of one cannot be read through its view, which reads them too);
+        ``masked``: the columns each view masks."""
         self.masking_views = mask.Views(
             names={model.QualifiedName(schema=s, name=t): v for (s, t), v in names.items()},
             inherited=frozenset(model.QualifiedName(schema=s, name=t) for s, t in parents),
+            masked={model.QualifiedName(schema=s, name=t): c for (s, t), c in (masked or {}).items()},
         )
 
 

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping, Sequence
 
 from pglast import parser as pg_parser
@@ -308,6 +309,33 @@ class Views:
     several, one per policy, and none is known to apply every mask; reads are refused)."""
     inherited: frozenset[model.QualifiedName] = frozenset()
     """Tables with descendants: ``ONLY`` of one cannot be read through its view."""
+    masked: Mapping[model.QualifiedName, frozenset[str]] = dataclasses.field(default_factory=dict)
+    """Masked table → the columns its view computes rather than passes through (what it masks),
+    from the view's definition (``view_masked_columns``): the policy's masked columns must all
+    be among them, or the view would return a column raw that the policy masks."""
+
+
+def view_masked_columns(definition: str) -> frozenset[str] | None:
+    """The output columns of a view's query (``pg_get_viewdef``) that are not a table column
+    passed through under its own name: the ones the view computes (masks). None when the text
+    is not one plain SELECT (nothing is then trusted to be masked)."""
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(definition))
+        (stmt,) = tree["stmts"]
+        targets = stmt["stmt"]["SelectStmt"]["targetList"]
+    except (pg_parser.ParseError, ValueError, KeyError, TypeError):
+        return None
+    computed = set()
+    for target in targets:
+        res = target.get("ResTarget", {})
+        ref = res.get("val", {}).get("ColumnRef")
+        last = (ref or {}).get("fields", [{}])[-1].get("String", {}).get("sval")
+        name = res.get("name") or last
+        if name is None:
+            return None
+        if ref is None or last != name:
+            computed.add(name)
+    return frozenset(computed)
 
 
 def rewrite(
@@ -366,7 +394,7 @@ def _splice(
     splices: list[tuple[int, int, bytes]] = []
     for idx, ref in slots:
         known = None if columns is None else columns.get(ref.rel)
-        view = _view_for(ref, views)
+        view = _view_for(ref, views, policy.masks_for(ref.rel))
         sub = _subquery_for(ref.rel, policy.masks_for(ref.rel), ref.only, policy.mask_key, known, view=view)
         if ref.copy_columns is not None:
             cols = ", ".join(quote_ident(c) for c in ref.copy_columns) or "*"
@@ -399,7 +427,7 @@ def _splice(
     return data.decode()
 
 
-def _view_for(ref: analyze.ReadRef, views: Views | None) -> str | None:
+def _view_for(ref: analyze.ReadRef, views: Views | None, masks_of: Sequence[model.Mask] = ()) -> str | None:
     """The masking view ``ref`` is read through, in views mode (None: the table itself)."""
     if views is None:
         return None
@@ -416,6 +444,13 @@ def _view_for(ref: analyze.ReadRef, views: Views | None) -> str | None:
             f"the role may read several masking views of {ref.rel} (one per policy binding this "
             "workload), each applying only its own policy's masks: none is known to mask every "
             "column the policies mask together"
+        )
+    masks = {m.column for m in masks_of}
+    unmasked = sorted(masks - views.masked.get(ref.rel, frozenset()))
+    if unmasked:
+        raise RewriteError(
+            f"the masking view of {ref.rel} passes {', '.join(unmasked)} through unmasked, which "
+            "the policy masks (the operator has not applied this policy to the database yet)"
         )
     if ref.only and ref.rel in views.inherited:
         raise RewriteError(

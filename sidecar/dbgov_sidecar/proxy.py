@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dbgov_policy import mask
 from dbgov_sidecar import audit, login, metrics, policy_port, session, tokens
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
@@ -595,6 +596,7 @@ class ClientConnection(asyncio.Protocol):
                     db_user=cfg.user,
                     views=up.views if cfg.masking_views else None,
                     view_parents=up.view_parents,
+                    view_masks=up.view_masks,
                 )
             except Exception:
                 self._internal_error()
@@ -674,6 +676,7 @@ class ClientConnection(asyncio.Protocol):
             up.masked_attrs, up.table_columns = catalog.attrs, catalog.columns
             up.inherits, up.ancestors = catalog.inherits, catalog.ancestors
             up.views, up.view_parents = catalog.views, catalog.view_parents
+            up.view_masks = catalog.view_masks
         except BaseException:
             up.close()
             raise
@@ -705,6 +708,7 @@ class ClientConnection(asyncio.Protocol):
         up.write(messages.query("; ".join(queries)))
         masking_views: dict[tuple[str, str], str] = {}
         view_parents: set[tuple[str, str]] = set()
+        view_masks: dict[tuple[str, str], frozenset[str]] = {}
         found: dict[tuple[int, int], str] = {}
         columns: dict[tuple[str, str], list[str]] = {}
         inherits: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -729,8 +733,9 @@ class ClientConnection(asyncio.Protocol):
                 elif results == 3 and len(row) == 5:
                     schema, table, low_schema, low_table, column = (v.decode() for v in row)  # type: ignore[union-attr]
                     ancestors.setdefault((schema, table), []).append((low_schema, low_table, column))
-                elif results == 4 and len(row) == 4:
-                    view, schema, table, parent = (v.decode() for v in row)  # type: ignore[union-attr]
+                elif results == 4 and len(row) == 5:
+                    view, schema, table, parent, definition = (v.decode() for v in row)  # type: ignore[union-attr]
+                    view_masks[(schema, table)] = mask.view_masked_columns(definition) or frozenset()
                     # Several (one per policy binding the pod): each masks only its own policy's
                     # columns, none is known to mask all the composed policy masks ('' refuses).
                     known = masking_views.get((schema, table))
@@ -753,6 +758,7 @@ class ClientConnection(asyncio.Protocol):
                     ancestors={table: tuple(below) for table, below in ancestors.items()},
                     views=masking_views,
                     view_parents=frozenset(view_parents),
+                    view_masks=view_masks,
                 )
 
     def close(self, reason: str) -> None:
@@ -840,6 +846,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
         self.views: dict[tuple[str, str], str] = {}
         self.view_parents: frozenset[tuple[str, str]] = frozenset()
+        self.view_masks: dict[tuple[str, str], frozenset[str]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -940,11 +947,13 @@ class MaskCatalog:
     each masks only its own policy's columns, so none is used (reads of that table are refused)."""
     view_parents: frozenset[tuple[str, str]] = frozenset()
     """Those of the ``views`` tables that have children (their views read the children too)."""
+    view_masks: dict[tuple[str, str], frozenset[str]] = dataclasses.field(default_factory=dict)
+    """(schema, table) → the columns its view masks (computes rather than passes through)."""
 
 
 MASKING_VIEWS_QUERY = (
     "SELECT DISTINCT v.relname, sn.nspname, s.relname, EXISTS (SELECT FROM pg_catalog.pg_inherits i "
-    "WHERE i.inhparent = s.oid) FROM pg_catalog.pg_class v "
+    "WHERE i.inhparent = s.oid), pg_catalog.pg_get_viewdef(v.oid) FROM pg_catalog.pg_class v "
     "JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace "
     "JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid "
     "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
@@ -957,7 +966,8 @@ MASKING_VIEWS_QUERY = (
 )
 """Catalog query: each masking view the session's role may read (the operator's, in
 ``dbgov_masked``), the schema and table it reads (from the view rule's dependencies), and
-whether that table has children (then the view reads their rows too)."""
+whether that table has children (then the view reads their rows too), and the view's query
+(which columns it masks)."""
 
 
 def _masked_tree(targets: tuple[tuple[str, str, str], ...]) -> str:

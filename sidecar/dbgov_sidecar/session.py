@@ -431,6 +431,7 @@ class Session:
         self._masking_views: dict[tuple[str, str], str] | None = None
         """A minted role: masked tables are read through these views (see ``upstream_ready``)."""
         self._view_parents: frozenset[tuple[str, str]] = frozenset()
+        self._view_masks: dict[tuple[str, str], frozenset[str]] = {}
         self._db_user = config.upstream_user
         """The role this session's upstream connection logged in as (audited as ``db_user``)."""
         self._identity_fields: audit.Segment | None = None
@@ -789,6 +790,7 @@ class Session:
         db_user: str | None = None,
         views: Mapping[tuple[str, str], str] | None = None,
         view_parents: frozenset[tuple[str, str]] = frozenset(),
+        view_masks: Mapping[tuple[str, str], frozenset[str]] | None = None,
     ) -> None:
         """Upstream login succeeded: finish the client's startup and start relaying.
 
@@ -804,7 +806,8 @@ class Session:
         credentials change at renewal; each session audits its own). ``views``: with minted
         credentials, (schema, table) → the operator's masking view of it the role may read;
         masked tables are then read through them (the role may not read masked columns);
-        ``view_parents``: those tables that have children (ONLY of one cannot be read so).
+        ``view_parents``: those tables that have children (ONLY of one cannot be read so);
+        ``view_masks``: the columns each view masks (the policy's must all be among them).
         """
         reported = dict(messages.decode_parameter_status(raw) for raw in parameter_status)
         for name, expected in _READ_AS_JUDGED.items():
@@ -824,6 +827,7 @@ class Session:
         self._ancestors = dict(ancestors or {})
         self._masking_views = None if views is None else dict(views)
         self._view_parents = view_parents
+        self._view_masks = dict(view_masks or {})
         if db_user is not None:
             self._db_user = db_user
         pid, secret = self._backend_key
@@ -1579,7 +1583,7 @@ class Session:
         self._context_kind = type(policy)
         use_views = getattr(self._context, "use_views", None)
         if self._masking_views is not None and use_views is not None:
-            use_views(self._masking_views, parents=self._view_parents)
+            use_views(self._masking_views, parents=self._view_parents, masked=self._view_masks)
 
     def _refuse(self, statement: _Statement, now: float, *, sync_id: int | None = None) -> str:
         """Audit the refusal, queue its error, and return the marker to send upstream.

@@ -29,7 +29,7 @@ from psycopg import sql
 import pg
 from dbgov_operator import credentials, grants, pgapply
 from dbgov_policy import compile as policy_compile
-from dbgov_policy import engine, model
+from dbgov_policy import engine, mask, model
 from dbgov_sidecar import config, policy_port, proxy, session, workload_identity
 
 pytestmark = pytest.mark.integration
@@ -642,3 +642,30 @@ def test_several_masking_views_of_a_table_refuse_its_reads(
             conn.execute("SELECT email FROM shop.customers")
         assert "several masking views of shop.customers" in str(err.value)
         assert conn.execute("SELECT email FROM shop.vip").fetchall() == [("**@vip.example",)]
+
+
+def test_a_view_that_does_not_mask_what_the_policy_masks_is_not_read(
+    make_proxy: Callable[..., Any], minted: Minted
+) -> None:
+    """The bundle changed before the operator replaced the view (or the policies differ): a view
+    passing a masked column through raw is refused, never read as if it masked it."""
+    view = grants.view_name(model.QualifiedName(schema="shop", name="vip"), group_role=minted.group)
+    name = sql.SQL("{}.{}").format(sql.Identifier(grants.MASKED_SCHEMA), sql.Identifier(view))
+    (definition,) = minted.admin.execute(
+        "SELECT pg_get_viewdef(%s::regclass)", (f'dbgov_masked."{view}"',)
+    ).fetchone() or ("",)
+    assert mask.view_masked_columns(definition) == {"email", "ssn", "card", "balance"}
+    # As an older policy would have it: ssn passed through.
+    (table,) = [t for t in pgapply.read_catalog(minted.admin).tables if t.name == "vip"]
+    masks = tuple(m for m in POLICY.masks if m.column != "ssn")
+    older = grants.masking_view(table, masks, group_role=minted.group, key=KEY)
+    assert mask.view_masked_columns(older.select_sql) == {"email", "card", "balance"}
+    minted.admin.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS ").format(name) + sql.SQL(older.select_sql))
+    running = minted_proxy(make_proxy, minted, Held(minted.credentials()).login)
+    with psycopg.connect(running.dsn(dbname=minted.database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute("SELECT name, ssn FROM shop.vip")
+        assert "masking view of shop.vip passes ssn through unmasked" in str(err.value)
+        assert conn.execute("SELECT email FROM shop.customers WHERE name = 'Ada'").fetchall() == [
+            ("***@example.com",)
+        ]
