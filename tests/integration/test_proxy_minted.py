@@ -669,3 +669,19 @@ def test_a_view_that_does_not_mask_what_the_policy_masks_is_not_read(
         assert conn.execute("SELECT email FROM shop.customers WHERE name = 'Ada'").fetchall() == [
             ("***@example.com",)
         ]
+
+
+def test_repeated_masked_shapes_stay_masked_on_the_compiled_lane(
+    make_proxy: Callable[..., Any], minted: Minted
+) -> None:
+    """Once a masked shape is learnt, the lane rewrites each text itself: through the views too."""
+    running = minted_proxy(make_proxy, minted, Held(minted.credentials()).login)
+    with psycopg.connect(running.dsn(dbname=minted.database), autocommit=True) as conn:
+        for i in range(1, 4):
+            for _ in range(5):
+                got = conn.execute(f"SELECT id, email, ssn FROM shop.customers WHERE id = {i}").fetchall()
+                assert got[0][1] in ("***@example.com", "***@mail.example", None), got
+                assert got[0][2] not in ("123-45-6789", "987-65-4321"), got
+    statements = [e for e in running.events if e.get("type") == "statement"]
+    assert len(statements) == 15 and {e["enforced"] for e in statements} == {"mask"}
+    assert running.counters.lane_statements >= 5  # (the lane did take some of them)
