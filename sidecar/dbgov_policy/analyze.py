@@ -178,9 +178,15 @@ class Unit:
     column_names: set[str] = dataclasses.field(default_factory=set)
     """Every name in a column reference, qualifiers included (``t.addr`` may be the field of a
     composite column ``t``)."""
+    unpinned_names: list[str] = dataclasses.field(default_factory=list)
+    """Relation names without a schema in the body of a function that does not pin its
+    search_path: judged under the session's path, but resolved under the caller's when it runs."""
     assigned_columns: set[str] = dataclasses.field(default_factory=set)
     """Columns of the target an UPDATE, an upsert's DO UPDATE or a MERGE's UPDATE assigns."""
     row_names: set[str] = dataclasses.field(default_factory=set)
+    qualified_refs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    """(qualifier, name) of references `q.name` (the last two names): a column of q, or, when q
+    has no such column, the function name(q) of q's whole row."""
     """Names a column reference uses alone (``RETURNING t``): perhaps a whole-row reference."""
     has_star: bool = False
     non_relation_object: bool = False
@@ -347,6 +353,9 @@ class _Walker:
         """The next unit runs later, but what it nests runs with it (a prepared statement)."""
         self.shown = 0
         """Depth inside EXPLAIN and stored definitions (see ``Unit.shown``)."""
+        self.unpinned_body = 0
+        """Depth inside the body of a function or procedure that does not pin its search_path:
+        it runs under its caller's path, which nobody knows when it is created."""
         self.column_defaults = 0
         """Depth inside a new table's columns and constraints: their expressions (defaults,
         CHECKs, generated columns) run when rows are written later, not when the table is made."""
@@ -585,6 +594,8 @@ class _Walker:
             # the WITH names (`WITH t AS (...) UPDATE t` updates the table t).
             return
         rels = self.candidates(schema, name)
+        if self.unpinned_body and not schema and rels and rels[0].schema != "pg_catalog":
+            _unpinned_name(unit, name)
         alias_node = rv.get("alias")
         alias = str(alias_node.get("aliasname")) if isinstance(alias_node, dict) else None
         for rel in rels:
@@ -642,6 +653,10 @@ class _Walker:
                 unit.column_names.add(str(n[1].get("sval", "")))
                 if len(items) == 1:
                     unit.row_names.add(str(n[1].get("sval", "")))
+        nodes = [_node(i) for i in items]
+        strings = [str(n[1].get("sval", "")) for n in nodes if n is not None and n[0] == "String"]
+        if len(strings) >= 2 and len(strings) == len(items):
+            unit.qualified_refs.add((strings[-2], strings[-1]))
 
     def operator(self, name: Any, unit: Unit) -> None:
         parts = _strings(name)
@@ -668,7 +683,10 @@ class _Walker:
         if schema in (None, "pg_catalog"):
             if bare == "set_config":
                 self.set_config(fields.get("args", []), unit)
-            if bare in guards.BUILTIN_EFFECTS and not self.column_defaults:
+            # A serial column's `DEFAULT nextval(...)` advances its sequence when rows are
+            # inserted, as every insert into a serial table does; other effects in a new table's
+            # expressions (locks, notifications, resets) run at each insert unseen, so they count.
+            if bare in guards.BUILTIN_EFFECTS and not (self.column_defaults and bare == "nextval"):
                 unit.extra_classes.add(guards.BUILTIN_EFFECTS[bare])
                 unit.effects.append(bare)
             if bare in guards.STATEMENT_TEXT_FUNCTIONS:
@@ -770,6 +788,12 @@ class _Walker:
                 _Rows(target=frozenset({str(name)}), unqualified_is_target=False, others={"excluded": False}),
                 self.sensitive,
             )
+
+    def _on_TransactionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        # BEGIN READ WRITE / START TRANSACTION READ WRITE set this transaction's characteristics
+        # as SET TRANSACTION does, and are judged the same way.
+        if str(f.get("kind")) in {"TRANS_STMT_BEGIN", "TRANS_STMT_START"} and f.get("options"):
+            unit.settings.extend(_transaction_characteristics("transaction", f.get("options")))
 
     def _on_UpdateStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self._dml(f, unit, scope, "whereClause")
@@ -983,23 +1007,59 @@ class _Walker:
             language = str(lang_node[1].get("sval", "")).lower()
         body = _node(opts.get("as"))
         sql_body = f.get("sql_body")
+        pinned: tuple[str, ...] | None = None
         for item in f.get("options", []) or []:
             n = _node(item)
             if n and n[0] == "DefElem" and n[1].get("defname") == "set":
                 self.visit(n[1].get("arg"), unit, scope, "target")
-        if sql_body is not None:
-            self.in_body += 1
-            try:
-                self.visit(sql_body, unit, scope, "target")
-            finally:
-                self.in_body -= 1
-            return
-        texts = _strings(body[1].get("items")) if body and body[0] == "List" else []
-        if body and body[0] == "String":
-            texts = [str(body[1].get("sval", ""))]
-        if not texts:
-            return
-        self._body(language, texts[0], unit, scope)
+                pinned = _pinned_path(n[1].get("arg"), self.search_path, pinned)
+        # The body runs under the path the function pins, or under its caller's, whatever that
+        # is then: names in it are judged under the pinned path, and without one must be qualified.
+        saved = self.search_path
+        if pinned is not None:
+            self.search_path = pinned
+        else:
+            self.unpinned_body += 1
+        try:
+            if sql_body is not None:
+                self.in_body += 1
+                try:
+                    self.visit(sql_body, unit, scope, "target")
+                finally:
+                    self.in_body -= 1
+                return
+            texts = _strings(body[1].get("items")) if body and body[0] == "List" else []
+            if body and body[0] == "String":
+                texts = [str(body[1].get("sval", ""))]
+            if texts:
+                self._body(language, texts[0], unit, scope)
+        finally:
+            self.search_path = saved
+            if pinned is None:
+                self.unpinned_body -= 1
+
+    def _on_AlterFunctionStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
+        self.fields("AlterFunctionStmt", f, unit, scope, "target")
+        for item in f.get("actions") or []:
+            n = _node(item)
+            arg = (
+                _node(n[1].get("arg"))
+                if n and n[0] == "DefElem" and n[1].get("defname") in {"set", "reset"}
+                else None
+            )
+            if arg is None or arg[0] != "VariableSetStmt":
+                continue
+            name = str(arg[1].get("name") or "").lower()
+            if name == "search_path" or str(arg[1].get("kind")) == "VAR_RESET_ALL":
+                unit.findings.append(
+                    Finding(
+                        guard="function-search-path",
+                        reason="changing an existing function's search_path changes which tables its "
+                        "body names, and dbgov judged that body where the function was created",
+                        hint="CREATE OR REPLACE the function with its SET search_path, so dbgov judges "
+                        "the body under it.",
+                    )
+                )
 
     def _on_DoStmt(self, f: dict[str, Any], unit: Unit, scope: frozenset[str]) -> None:
         self.sensitive.flag = True
@@ -1410,6 +1470,29 @@ def _pins(value: Any, names: frozenset[str], unqualified: bool, sensitive: _Sens
         text = pattern.get("sval", "") if isinstance(pattern, dict) else None
         return isinstance(text, str) and not text.startswith(("%", "_"))
     return False
+
+
+def _pinned_path(
+    arg: Any, session_path: tuple[str, ...], current: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """The search_path a function's `SET search_path ...` clause pins (`FROM CURRENT`: the
+    session's), or ``current`` when the clause sets something else. None also when a schema in it
+    depends on the caller (`"$user"`)."""
+    n = _node(arg)
+    if n is None or n[0] != "VariableSetStmt" or str(n[1].get("name") or "").lower() != "search_path":
+        return current
+    if str(n[1].get("kind")) == "VAR_SET_CURRENT":
+        return session_path
+    values = [_const_text(a) for a in n[1].get("args") or []]
+    if any(v is None or v == "$user" for v in values):
+        return None
+    schemas = [s.strip() for v in values for s in str(v).split(",")]
+    return tuple(s for s in schemas if s and s not in {"pg_catalog", "pg_temp"})
+
+
+def _unpinned_name(unit: Unit, name: str) -> None:
+    if name not in unit.unpinned_names:
+        unit.unpinned_names.append(name)
 
 
 def _assigned(target_list: Any) -> set[str]:

@@ -14,7 +14,7 @@ A query string's verdict is the strictest of its statements.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from dbgov_policy import analyze, classes, compile, guards, model, names
 
@@ -122,6 +122,9 @@ class Names:
     prepared: set[str] = dataclasses.field(default_factory=set)
     cursors: set[str] = dataclasses.field(default_factory=set)
     writable_at_login: bool = False
+    table_columns: Mapping[model.QualifiedName, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """The columns of masked tables in the session's database (from the catalog at login): what
+    tells `t.id` (a column) from `t.row_to_json` (a function of the whole row)."""
     """The server reported ``default_transaction_read_only`` off when the session logged in:
     turning read-only off again only restores what the role and database gave the session."""
 
@@ -333,7 +336,12 @@ def _mask_key_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str |
     return None
 
 
-def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | None:
+def _mask_problem(
+    policy: model.CompiledPolicy,
+    unit: analyze.Unit,
+    *,
+    columns: Mapping[model.QualifiedName, tuple[str, ...]],
+) -> str | None:
     """Why masking cannot be proven for this statement, or None."""
     masked = policy.masked_tables
     for schema in unit.renamed_schemas:
@@ -385,8 +393,24 @@ def _mask_problem(policy: model.CompiledPolicy, unit: analyze.Unit) -> str | Non
                 "save(update_fields=...) or Hibernate's @DynamicUpdate, or mark the mask writable)"
             )
         whole_row = {target.rel.name, *([target.alias] if target.alias else [])}
-        # `"t"."id"` names the table only to qualify a column; `RETURNING t` is the whole row.
+        # `"t"."id"` names the table only to qualify a column; `RETURNING t` is the whole row,
+        # and so is `t.x` when x is no column of t: PostgreSQL then calls x(t) (`t.row_to_json`).
         used = (unit.column_names & cols) | (unit.row_names & whole_row)
+        known = columns.get(target.rel)
+        calls = sorted(
+            f"{q}.{n}" for q, n in unit.qualified_refs if q in whole_row and n not in (known or ())
+        )
+        if calls and not used and not unit.has_star:
+            if known is None:
+                return (
+                    f"without {target.rel}'s columns dbgov cannot tell whether {calls[0]} is a column "
+                    f"or a function of the whole row (PostgreSQL reads t.f as f(t) when t has no column "
+                    "f); the proxy reads the columns from the catalog, `dbgov check` cannot"
+                )
+            return (
+                f"{calls[0]} is no column of {target.rel}: PostgreSQL calls that function with the "
+                "whole row, masked columns included"
+            )
         if used or unit.has_star:
             what = ", ".join(sorted(used)) if used else "*"
             return (
@@ -416,7 +440,7 @@ def judge_unit(policy: model.CompiledPolicy, unit: analyze.Unit, known: Names) -
                 f"{verb} it through dbgov first, so its statement is checked.",
             )
     base = _rule_verdict(policy, unit, setting_ok)
-    return _guardrails(policy, unit, base)
+    return _guardrails(policy, unit, base, columns=known.table_columns)
 
 
 def _rule_verdict(policy: model.CompiledPolicy, unit: analyze.Unit, setting_ok: _Verdict | None) -> _Verdict:
@@ -500,7 +524,13 @@ def _denied_function(denied: frozenset[str], fn: str) -> str | None:
     return None
 
 
-def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict) -> _Verdict:
+def _guardrails(
+    policy: model.CompiledPolicy,
+    unit: analyze.Unit,
+    base: _Verdict,
+    *,
+    columns: Mapping[model.QualifiedName, tuple[str, ...]],
+) -> _Verdict:
     g = policy.guardrails
     if unit.cls.fine in g.require_where and unit.where_constrains is False:
         return _block(
@@ -542,7 +572,7 @@ def _guardrails(policy: model.CompiledPolicy, unit: analyze.Unit, base: _Verdict
                 "texts that include a masking rewrite are never shown.",
             )
     if base.verdict != "block" and policy.masks:
-        problem = _mask_problem(policy, unit)
+        problem = _mask_problem(policy, unit, columns=columns)
         if problem is not None:
             return _block(
                 "guardrail:mask-unprovable",
@@ -615,6 +645,16 @@ def decide(
     for index, unit in enumerate(analysis.units):
         _user_function_extra(policy, unit)
         v = judge_unit(policy, unit, known)
+        if v.verdict != "block" and unit.unpinned_names:
+            # Judged under the session's path, the statement passed; where the function will run
+            # nobody knows yet (any other reason to refuse it was said first).
+            name = unit.unpinned_names[0]
+            v = _block(
+                "guardrail:unpinned-function-body",
+                f"the function body names {name} without a schema, and a function runs under its "
+                "caller's search_path, so dbgov cannot know now which table that will be",
+                f"Qualify the name (schema.{name}) or give the function SET search_path = <schemas>.",
+            )
         if v.verdict != "block" and _changes_resolution(unit) and index < last:
             v = _block(
                 "guardrail:guarded-setting",

@@ -370,14 +370,24 @@ class Engine:
             if problem is not None:
                 return verdicts.blocked_unparseable(problem, fingerprint), None, False
         known = dataclasses.replace(
-            ctx.names, prepared=set(ctx.names.prepared), cursors=set(ctx.names.cursors)
+            ctx.names,
+            prepared=set(ctx.names.prepared),
+            cursors=set(ctx.names.cursors),
+            table_columns=ctx.columns,
         )
         decision, refs = verdicts.decide(self.policy, analysis, known=known, fingerprint=fingerprint)
         decision, template = self._rewrite(sql, decision, refs, ctx)
         if decision.verdict in {"allow", "mask"} or self.policy.mode == "dry-run":
             self._apply_effects(analysis, ctx)
+        masked = self.policy.masked_tables
         stateful = any(
-            u.names_used or u.names_defined or u.names_dropped or u.settings for u in analysis.units
+            u.names_used
+            or u.names_defined
+            or u.names_dropped
+            or u.settings
+            # `t.x` in a write to a masked table: a column or a function, by this database's catalog
+            or (u.qualified_refs and any(t.rel in masked for t in u.targets))
+            for u in analysis.units
         )
         cacheable = analysis.error is None and not analysis.literal_sensitive and not stateful
         return decision, template, cacheable

@@ -56,6 +56,10 @@ AGENT_SESSION: tuple[tuple[str, str], ...] = (
     ("a bounded DELETE is fine", "DELETE FROM shop.orders WHERE id = 17"),
     (
         "changing customer data needs a human",
+        "UPDATE shop.customers SET name = 'Ann Lee' WHERE id = 42",
+    ),
+    (
+        "a column the agent only sees masked cannot be overwritten blind",
         "UPDATE shop.customers SET email = 'new@example.com' WHERE id = 42",
     ),
     ("no privilege games", "SET ROLE postgres"),

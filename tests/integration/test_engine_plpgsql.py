@@ -88,7 +88,7 @@ def test_functions_that_return_values_and_triggers_run(governed: RunningProxy, d
     dsn = f"host=127.0.0.1 port={governed.port} user=app dbname={database} sslmode=disable"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            "CREATE OR REPLACE FUNCTION total_qty() RETURNS bigint LANGUAGE plpgsql AS $$"
+            "CREATE OR REPLACE FUNCTION total_qty() RETURNS bigint LANGUAGE plpgsql SET search_path = public AS $$"
             "DECLARE r record; n bigint := 0; BEGIN FOR r IN SELECT qty FROM orders LOOP "
             "n := n + r.qty; END LOOP; RETURN n; END$$"
         )

@@ -159,8 +159,10 @@ SIDE_EFFECTS = [
     "SELECT nextval('tickets')",
     "SELECT pg_advisory_lock(4242)",
     "SELECT set_config('app.tenant', '2', false)",
-    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
 ]
+# READ WRITE where the database made sessions read-only: test_proxy_protocol.py
+# (test_read_write_restores_a_session_the_server_started_writable); where the server started the
+# session writable, it only restores that.
 
 
 def test_side_effects_are_not_reads(governed: str, pg_server: pg.PgServer, database: str) -> None:

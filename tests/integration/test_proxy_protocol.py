@@ -467,6 +467,8 @@ def test_read_write_restores_a_session_the_server_started_writable(
         conn.execute("SET default_transaction_read_only = off")
         with conn.transaction():
             conn.execute("SET TRANSACTION READ WRITE")
+        conn.execute("START TRANSACTION READ WRITE")
+        conn.execute("COMMIT")
         assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
     with pg.scratch_database(pg_server, "readonly", "SELECT 1") as name:
         with psycopg.connect(pg_server.dsn(user="postgres", dbname="postgres"), autocommit=True) as admin:
@@ -476,9 +478,10 @@ def test_read_write_restores_a_session_the_server_started_writable(
             for sql in (
                 "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
                 "SET default_transaction_read_only = off",
+                "BEGIN READ WRITE",
+                "START TRANSACTION ISOLATION LEVEL READ COMMITTED, READ WRITE",
             ):
-                with pytest.raises(
-                    psycopg.errors.InsufficientPrivilege, match="default_transaction_read_only"
-                ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="transaction_read_only"):
                     conn.execute(sql)
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, sql
             assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)

@@ -61,7 +61,7 @@ def test_a_cte_name_still_shadows_what_is_read(sql: str) -> None:
     [
         "SELECT * FROM secrets FOR UPDATE",
         "DO $$BEGIN PERFORM 1 FROM secrets FOR SHARE; END$$",
-        "CREATE FUNCTION f() RETURNS SETOF int LANGUAGE sql AS $$SELECT id FROM secrets FOR KEY SHARE$$",
+        "CREATE FUNCTION f() RETURNS SETOF int LANGUAGE sql SET search_path = public AS $$SELECT id FROM secrets FOR KEY SHARE$$",
         "CREATE VIEW v AS SELECT * FROM orders o, secrets s FOR UPDATE OF s",
         "DECLARE c CURSOR FOR SELECT * FROM (SELECT * FROM secrets) s FOR NO KEY UPDATE",
     ],
