@@ -86,7 +86,9 @@ async def _load_signing_key(config: Any) -> None:
     global _signer  # noqa: PLW0603 -- the one signing key of this process
     name = config.sidecar.bundle_signing_secret
     try:
-        _signer = await asyncio.to_thread(signing.ensure, runtime.client(), name=name, namespace=config.namespace)
+        _signer = await asyncio.to_thread(
+            signing.ensure, runtime.client(), name=name, namespace=config.namespace
+        )
     except signing.SigningKeyUnusable as err:
         raise kopf.PermanentError(str(err)) from err
     except Exception as err:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
-from dbgov_policy import classes, compose, model, names
+from dbgov_policy import classes, model, names
+
+if TYPE_CHECKING:  # compose decides with engines, whose decide module imports this one
+    from dbgov_policy import compose
 
 SPEC_FIELDS = frozenset({"mode", "default", "rules", "guardrails", "masks", "authentication"})
 #: Fields of a DatabaseAccessPolicy spec that the operator reads; accepted and not judged here.
@@ -679,6 +682,8 @@ def compile_components(
 ) -> tuple[compose.Component, ...]:
     """Compile each named spec and check that they compose; raise `PolicyInvalid` listing every
     problem, each path naming its policy (``policies[1](baseline).rules[0]...``)."""
+    from dbgov_policy import compose  # noqa: PLC0415 -- see the TYPE_CHECKING import
+
     out = _Collector()
     found: list[compose.Component] = []
     for i, (name, spec) in enumerate(specs):

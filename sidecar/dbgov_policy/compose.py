@@ -232,8 +232,10 @@ class Composed:
         components: Sequence[Component],
         *,
         cache_size: int = 8192,
-        max_statement_size: int = engine.MAX_STATEMENT_SIZE,
+        max_statement_size: int | None = None,
     ) -> None:
+        # (engine imports compile, which imports this module: its constant is read at call time)
+        size = engine.MAX_STATEMENT_SIZE if max_statement_size is None else max_statement_size
         self._given = tuple(components)
         self.components = prepared(components)
         self.policy = summary(components)
@@ -241,8 +243,7 @@ class Composed:
         self.names = tuple(c.name for c in self.components)
         self.deciders = deciding(self.components)
         self.engines = tuple(
-            engine.Engine(c.policy, cache_size=cache_size, max_statement_size=max_statement_size)
-            for c in self.components
+            engine.Engine(c.policy, cache_size=cache_size, max_statement_size=size) for c in self.components
         )
         self._combined: dict[tuple[int, ...], tuple[tuple[verdicts.Decision, ...], verdicts.Decision]] = {}
 
