@@ -2,7 +2,9 @@
 
 Every test collected under tests/e2e gets the `e2e` marker. Each pytest process (each xdist
 worker) starts its own control plane on the first test that needs one: it is ready in seconds,
-and separate ports and data directories keep workers from seeing each other's objects.
+and separate ports and data directories keep workers from seeing each other's objects. Real pods
+need a node (node.py), of which a machine runs one: `e2e_node` takes a machine-wide lock for the
+module that uses it, so another worker's module waits rather than sharing it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from . import kube
+from . import images, kube, node
 
 E2E_DIR = Path(__file__).parent
 
@@ -76,3 +78,46 @@ def namespace(kube_cluster: kube.KubeCluster) -> Iterator[str]:
         yield name
     finally:
         kube_cluster.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def node_tools() -> node.NodeTools:
+    """containerd, runc, the CNI plugins, kubelet and pause; fails (never skips) when missing."""
+    try:
+        return node.find_node_tools()
+    except node.NodeMissingError as err:
+        pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pod_images(node_tools: node.NodeTools) -> dict[str, images.Image]:
+    """The sidecar image (Dockerfile.sidecar as written) and the test app image (psql), built
+    once per content (cached under ~/.cache/dbgov/images; one xdist worker builds, others wait)."""
+    try:
+        return {"sidecar": images.sidecar_image(), "app": images.app_image()}
+    except images.ImageBuildError as err:
+        pytest.fail(f"could not build the pod images: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def e2e_node(
+    kube_cluster: kube.KubeCluster,
+    node_tools: node.NodeTools,
+    pod_images: dict[str, images.Image],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[node.Node]:
+    """A real node (containerd + kubelet) registered to this worker's cluster, with the pod
+    images imported. One node per machine: it holds a machine-wide lock for the module using it
+    (another xdist worker's module waits), and is stopped by PID at the module's end."""
+    workdir = tmp_path_factory.mktemp("node")
+    with node.machine_lock():
+        try:
+            started = node.Node.start(cluster=kube_cluster, tools=node_tools, workdir=workdir)
+        except (RuntimeError, TimeoutError) as err:
+            pytest.fail(f"the e2e node did not start (logs in {workdir}): {err}", pytrace=False)
+        try:
+            for image in pod_images.values():
+                started.import_image(image)
+            yield started
+        finally:
+            started.stop()
