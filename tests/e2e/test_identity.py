@@ -149,25 +149,30 @@ def refused(endpoint: Endpoint, token: str | None) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def verified(endpoint: Endpoint, token: str) -> bool:
+    """The token passed TokenReview and the pod checks: credentials (200), or the refusal that
+    comes only after them, no policy binding the pod (409 no_policy: these pods have none)."""
+    status, body = endpoint.post(token)
+    return status == 200 or (status == 409 and body.get("error", {}).get("code") == "no_policy")
+
+
 def test_a_pod_bound_token_gets_that_pods_identity(
     endpoint: Endpoint, kube_cluster: kube.KubeCluster, namespace: str
 ) -> None:
     uid = make_pod(kube_cluster, namespace, "orders-1")
     token = bound_token(kube_cluster, namespace, pod="orders-1", uid=uid)
     status, body = endpoint.post(token)
-    assert status == 200, body
-    assert body["identity"] == {
+    # Verified, and then refused credentials: no policy binds the pod (minting: test_minting.py).
+    assert (status, body["error"]["code"]) == (409, "no_policy"), body
+    line = wait_for("the refusal audit line", lambda: _audit_line(endpoint, "credential_refusal", uid))
+    assert line["code"] == "no_policy"
+    assert line["workload"] == {
         "namespace": namespace,
         "serviceAccount": ACCOUNT,
         "pod": "orders-1",
         "podUid": uid,
         "node": "",  # stored, never scheduled
     }
-    assert body["credentials"] is None  # the default issuer: identity only
-    exp = _claims(token)[1]["exp"]
-    assert body["expiresAt"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
-    line = wait_for("the issue audit line", lambda: _audit_line(endpoint, "credential_issue", uid))
-    assert line["workload"]["podUid"] == uid and line["credential_id"].startswith("JTI=")
 
 
 def test_no_token_a_forged_one_and_an_unbound_one_are_refused(
@@ -208,7 +213,7 @@ def test_an_expired_token_is_refused(
     key = serialization.load_pem_private_key(kube_cluster.pki.sa_private.read_bytes(), password=None)
     now = int(time.time())
     still_good = resigned(real, key=key)  # proves the re-signing itself is accepted
-    assert endpoint.post(still_good)[0] == 200
+    assert verified(endpoint, still_good)
     expired = resigned(real, key=key, iat=now - 1200, nbf=now - 1200, exp=now - 600)
     assert refused(endpoint, expired) == (401, "token_expired")
 
@@ -218,7 +223,7 @@ def test_a_token_of_a_deleted_pod_is_refused(
 ) -> None:
     uid = make_pod(kube_cluster, namespace, "orders-5")
     token = bound_token(kube_cluster, namespace, pod="orders-5", uid=uid)
-    assert endpoint.post(token)[0] == 200
+    assert verified(endpoint, token)
     delete_pod(kube_cluster, namespace, "orders-5")
     wait_for("the pod to be gone", lambda: _gone(kube_cluster, namespace, "orders-5"))
     # The apiserver checks the bound object too, from its own informer cache, which may still
@@ -228,7 +233,7 @@ def test_a_token_of_a_deleted_pod_is_refused(
     new_uid = make_pod(kube_cluster, namespace, "orders-5")
     assert new_uid != uid
     assert refused(endpoint, token) in {(403, "pod_uid_mismatch"), (401, "token_invalid")}
-    assert endpoint.post(bound_token(kube_cluster, namespace, pod="orders-5", uid=new_uid))[0] == 200
+    assert verified(endpoint, bound_token(kube_cluster, namespace, pod="orders-5", uid=new_uid))
 
 
 def test_a_token_of_a_terminating_pod_is_refused(
@@ -278,7 +283,7 @@ def _audit_line(endpoint: Endpoint, kind: str, needle: str) -> dict[str, Any] | 
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_proxy_refuses_clients_until_verified_then_audits_its_workload(
+def test_the_proxy_serves_no_one_before_its_identity_is_verified_and_credentials_minted(
     endpoint: Endpoint,
     kube_cluster: kube.KubeCluster,
     namespace: str,
@@ -332,29 +337,23 @@ def test_the_proxy_refuses_clients_until_verified_then_audits_its_workload(
 
         token_file.write_text(token)  # the kubelet rotates the token: the next attempt reads it
 
-        def served() -> bool:
-            assert proc.poll() is None, log_file.read_text()
-            try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    return conn.execute("SELECT 1").fetchone() == (1,)
-            except psycopg.OperationalError:
-                return False
+        # The token passes now, but no policy binds the pod, so the operator answers no_policy
+        # and mints nothing: the sidecar goes on refusing every client and never falls back to
+        # the static upstream login (served with minted credentials: test_sidecar_minted.py).
+        wait_for("the operator's no_policy in the proxy's log", lambda: "no_policy" in log_file.read_text())
+        assert "refused" in refusal_of(dsn, proc, log_file)
+    events = [json.loads(line) for line in audit_file.read_text().splitlines()] if audit_file.exists() else []
+    assert not [e for e in events if e["type"] == "statement"], events
 
-        wait_for("the verified sidecar to serve", served, timeout=60)
-    events = [json.loads(line) for line in audit_file.read_text().splitlines()]
-    statements = [e for e in events if e["type"] == "statement"]
-    assert statements, events
-    expected = {
-        "namespace": namespace,
-        "serviceAccount": ACCOUNT,
-        "pod": "orders-proxy",
-        "podUid": uid,
-        "node": "",
-    }
-    for event in events:
-        assert event["workload"] == expected, event
-        assert event["db_user"] == "app", event
-        assert event["identity"] is None  # no per-client JWT here: the workload is the identity
+
+def refusal_of(dsn: str, proc: subprocess.Popen[bytes], log_file: Path) -> str:
+    """The FATAL a client gets (the test fails if it is served)."""
+    assert proc.poll() is None, log_file.read_text()
+    try:
+        psycopg.connect(dsn).close()
+    except psycopg.OperationalError as err:
+        return f"refused: {err}"
+    raise AssertionError("a client was served without a verified identity and minted credentials")
 
 
 @contextlib.contextmanager
