@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -26,7 +27,7 @@ import pg
 
 from . import images, kube, node
 from .operator_proc import Installed, create_policy, policy, wait_for, wait_ready
-from .test_operator import deployed
+from .test_operator import deployed, wait_served
 
 ACCOUNT = "orders"
 SIDECAR = "dbgov-proxy"
@@ -68,12 +69,9 @@ def operator(
         yield found
 
 
-@pytest.fixture
-def governed(operator: Installed, namespace: str, pg_relay: node.Relay) -> str:
-    """A namespace with the app's ServiceAccount (no controller creates it here), the Database
-    its policy names (the test PostgreSQL, through the relay; the operator mints the sidecar's
-    login there) and a policy: selects on shop.customers allowed, email masked, all else blocked."""
-    operator.core.create_namespaced_service_account(namespace, {"metadata": {"name": ACCOUNT}})
+def create_database(operator: Installed, namespace: str, relay: node.Relay) -> None:
+    """The Database the policy names: the test PostgreSQL through the relay, with its admin
+    Secret (the operator mints the sidecar's login there once it verified the pod's token)."""
     admin = {"username": "postgres", "password": pg.SUPERUSER_PASSWORD}
     operator.core.create_namespaced_secret(
         namespace,
@@ -88,13 +86,21 @@ def governed(operator: Installed, namespace: str, pg_relay: node.Relay) -> str:
         "metadata": {"name": "orders-db"},
         "spec": {
             "host": node.GATEWAY,
-            "port": pg_relay.port,
+            "port": relay.port,
             "dbname": "shop",
             "sslmode": "disable",
             "adminSecretRef": {"name": "orders-db-admin"},
         },
     }
     operator.custom.create_namespaced_custom_object("dbgov.io", "v1alpha1", namespace, "databases", database)
+
+
+@pytest.fixture
+def policed(operator: Installed, namespace: str) -> str:
+    """A namespace with the app's ServiceAccount (no controller creates it here) and a policy
+    for it: selects on shop.customers allowed, email masked, everything else blocked; the
+    Database it names is not there yet."""
+    operator.core.create_namespaced_service_account(namespace, {"metadata": {"name": ACCOUNT}})
     body = policy(
         "orders-read",
         rules=[{"name": "read", "verdict": "allow", "statements": ["select"], "tables": ["shop.customers"]}],
@@ -105,7 +111,16 @@ def governed(operator: Installed, namespace: str, pg_relay: node.Relay) -> str:
     return namespace
 
 
-def app_pod(name: str, *, script: str, app: images.Image, relay: node.Relay) -> dict[str, Any]:
+@pytest.fixture
+def governed(operator: Installed, policed: str, pg_relay: node.Relay) -> str:
+    """`policed`, and the Database its policy names."""
+    create_database(operator, policed, pg_relay)
+    return policed
+
+
+def app_pod(
+    name: str, *, script: str, app: images.Image, relay: node.Relay, enrolled: bool = True
+) -> dict[str, Any]:
     """An enrolled pod on the node whose app runs ``script`` (sh -c) with psql pointed at the
     database as an app would be: PGHOST/PGPORT name the upstream; the webhook repoints them."""
     env = {
@@ -119,7 +134,7 @@ def app_pod(name: str, *, script: str, app: images.Image, relay: node.Relay) -> 
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": {"dbgov.io/inject": "true"}},
+        "metadata": {"name": name, "labels": {"dbgov.io/inject": "true"} if enrolled else {}},
         "spec": {
             "nodeName": node.NODE_NAME,
             "serviceAccountName": ACCOUNT,
@@ -208,27 +223,46 @@ def _started(status: client.V1ContainerStatus) -> datetime.datetime:
 
 
 def test_startup_probe_holds_the_app_until_the_proxy_is_ready(
+    *,
     operator: Installed,
-    governed: str,
+    policed: str,
     e2e_node: node.Node,
     pod_images: dict[str, images.Image],
     pg_relay: node.Relay,
 ) -> None:
-    # One attempt, no retry: it succeeds only if the proxy already listens and has its policy.
-    script = 'date +%s.%N; psql -XAt -c "SELECT 1"'
-    operator.core.create_namespaced_pod(
-        governed, app_pod("first", script=script, app=pod_images["app"], relay=pg_relay)
+    # The Database is missing, so the operator refuses the sidecar's token: the proxy runs but
+    # is not ready. The app makes one attempt, no retry: it can only succeed if it starts after
+    # the proxy is ready.
+    script = 'psql -XAt -c "SELECT 1"'
+    core = operator.core
+    core.create_namespaced_pod(
+        policed, app_pod("first", script=script, app=pod_images["app"], relay=pg_relay)
     )
-    done = finished(operator.core, governed, "first", e2e_node)
-    why = explain(operator.core, governed, "first", e2e_node)
+
+    def held() -> client.V1Pod | None:
+        found = core.read_namespaced_pod("first", policed)
+        proxies = found.status.init_container_statuses or []
+        running = bool(proxies) and proxies[0].state.running is not None
+        return found if running and proxies[0].started is False else None
+
+    wait_for("the sidecar to run, not yet started (startup probe failing)", held, timeout=POD_TIMEOUT_S)
+    time.sleep(4)  # several probe periods (1 s) in which the app must stay unstarted
+    waiting = core.read_namespaced_pod("first", policed)
+    why = explain(core, policed, "first", e2e_node)
+    (app,) = waiting.status.container_statuses
+    assert app.state.waiting is not None and app.state.running is None and app.state.terminated is None, why
+    assert "database_missing" in logs(core, policed, "first", SIDECAR), why
+    assert waiting.status.phase == "Pending"
+
+    create_database(operator, policed, pg_relay)
+    done = finished(core, policed, "first", e2e_node)
+    why = explain(core, policed, "first", e2e_node)
     assert done.status.phase == "Succeeded", why
-    first_statement = float(logs(operator.core, governed, "first", "app").splitlines()[0])
+    assert logs(core, policed, "first", "app").strip() == "1", why
     (proxy,) = done.status.init_container_statuses
     (app,) = done.status.container_statuses
     assert _started(proxy) <= _started(app)
-    sidecar_log = logs(operator.core, governed, "first", SIDECAR)
-    assert "SELECT 1" in sidecar_log, why
-    assert first_statement > 0
+    assert "SELECT 1" in logs(core, policed, "first", SIDECAR), why
 
 
 def test_policy_change_reaches_the_running_sidecar(
@@ -283,3 +317,83 @@ def test_node_timings_are_reported(e2e_node: node.Node) -> None:
     """Not a proof: prints the node's start and import times for the CI budget (issue 12)."""
     assert e2e_node.timings["ready"] < node.START_TIMEOUT_S * 2
     print({k: round(v, 1) for k, v in e2e_node.timings.items()})
+
+
+LOOP = (
+    "for i in $(seq 1 {n}); do "
+    'if n=$(psql -XAt -c "SELECT count(*) FROM shop.orders" 2>/dev/null); then echo "orders=$n"; '
+    "else echo refused; fi; sleep 0.5; done"
+)
+"""An app asking for shop.orders every half second and printing what it got."""
+
+
+def test_tampered_bundle_is_refused_by_the_running_sidecar(
+    *,
+    operator: Installed,
+    governed: str,
+    e2e_node: node.Node,
+    pod_images: dict[str, images.Image],
+    pg_relay: node.Relay,
+) -> None:
+    core = operator.core
+    core.create_namespaced_pod(
+        governed, app_pod("victim", script=LOOP.format(n=120), app=pod_images["app"], relay=pg_relay)
+    )
+
+    def app_log() -> str:
+        try:
+            return logs(core, governed, "victim", "app")
+        except ApiException:
+            return ""
+
+    wait_for("the app to be refused shop.orders", lambda: "refused" in app_log(), timeout=POD_TIMEOUT_S)
+    bundle_name = f"dbgov-policy-{ACCOUNT}"
+    good = core.read_namespaced_config_map(bundle_name, governed).data
+    lax = yaml.safe_load(good["policy.yaml"])
+    lax.update({"default": "allow", "rules": [], "masks": []})
+    # The operator repairs a tampered bundle within a second; stopped, it leaves the tampered
+    # ConfigMap for the kubelet to deliver, so what refuses it here is the sidecar alone.
+    operator.operator.stop()
+    try:
+        core.patch_namespaced_config_map(
+            bundle_name, governed, {"data": {"policy.yaml": yaml.safe_dump(lax)}}
+        )
+
+        def rejected() -> bool:
+            return "bad_signature" in logs(core, governed, "victim", SIDECAR)
+
+        wait_for("the sidecar to reject the tampered bundle", rejected, timeout=60)
+        seen = len(app_log().splitlines())
+        time.sleep(3)
+        after = app_log().splitlines()[seen:]
+        why = explain(core, governed, "victim", e2e_node)
+        assert after and set(after) == {"refused"}, why
+        assert "orders=" not in app_log(), why
+    finally:
+        operator.operator.start()
+        wait_served(operator)
+
+
+def test_unlabelled_pod_in_an_enforced_namespace_runs_with_its_sidecar(
+    *,
+    operator: Installed,
+    governed: str,
+    e2e_node: node.Node,
+    pod_images: dict[str, images.Image],
+    pg_relay: node.Relay,
+    pg_server: pg.PgServer,
+) -> None:
+    core = operator.core
+    core.patch_namespace(governed, {"metadata": {"labels": {"dbgov.io/enforce": "true"}}})
+    real = pg_server.psql(FIRST_EMAIL, user="app", dbname="shop").strip()
+    pod = app_pod(
+        "plain", script=f'psql -XAt -c "{FIRST_EMAIL}"', app=pod_images["app"], relay=pg_relay, enrolled=False
+    )
+    created = core.create_namespaced_pod(governed, pod)
+    assert [c.name for c in created.spec.init_containers or []] == [SIDECAR]
+    done = finished(core, governed, "plain", e2e_node)
+    why = explain(core, governed, "plain", e2e_node)
+    assert done.status.phase == "Succeeded", why
+    masked = "*" * real.index("@") + real[real.index("@") :]
+    assert logs(core, governed, "plain", "app").strip() == masked, why
+    assert FIRST_EMAIL in logs(core, governed, "plain", SIDECAR), why
