@@ -26,6 +26,9 @@ from dbgov_policy import compile as policy_compile
 from dbgov_sidecar import bundle_signature
 
 BUNDLE_KEY = "policy.yaml"
+CLUSTER_PREFIX = "cluster:"
+"""How a ClusterDatabaseAccessPolicy is named among a bundle's components (no namespaced policy
+can take such a name: ``:`` is not allowed in object names)."""
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -37,6 +40,11 @@ class Subjects:
     """ServiceAccount names (same namespace)."""
     pod_selector: Mapping[str, Any] | None = None
     """A label selector (``matchLabels`` / ``matchExpressions``) over enrolled pods."""
+    namespace_selector: Mapping[str, Any] | None = None
+    """A cluster policy's label selector over namespaces (None for a namespaced policy)."""
+    every: bool = False
+    """A cluster policy naming neither serviceAccounts nor a podSelector: it binds every
+    ServiceAccount that has a bundle in the namespaces it selects."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,22 +91,28 @@ class Plan:
     """Policy name -> why a composition it is part of does not compile (naming the others)."""
 
 
-def subjects(spec: Mapping[str, Any]) -> tuple[Subjects, tuple[policy_compile.Problem, ...]]:
-    """Read ``spec.subjects``; problems carry field paths like the policy compiler's."""
+def subjects(
+    spec: Mapping[str, Any], *, cluster: bool = False
+) -> tuple[Subjects, tuple[policy_compile.Problem, ...]]:
+    """Read ``spec.subjects``; problems carry field paths like the policy compiler's. A
+    ``cluster`` policy (ClusterDatabaseAccessPolicy) must say which namespaces it selects
+    (``namespaceSelector``, ``{}`` for all) and, naming no workloads, binds every one there."""
     raw = spec.get("subjects")
     problems: list[policy_compile.Problem] = []
+    known = ("serviceAccounts", "podSelector", *(("namespaceSelector",) if cluster else ()))
 
     def problem(path: str, message: str) -> None:
         problems.append(policy_compile.Problem(path=path, message=message))
 
     if raw is None:
-        problem("subjects", "required: name serviceAccounts and/or a podSelector")
+        wanted = "a namespaceSelector" if cluster else "serviceAccounts and/or a podSelector"
+        problem("subjects", f"required: name {wanted}")
         return Subjects(), tuple(problems)
     if not isinstance(raw, Mapping):
         problem("subjects", "must be a mapping")
         return Subjects(), tuple(problems)
-    for key in sorted(set(raw) - {"serviceAccounts", "podSelector"}):
-        problem(f"subjects.{key}", "unknown field (expected serviceAccounts, podSelector)")
+    for key in sorted(set(raw) - set(known)):
+        problem(f"subjects.{key}", f"unknown field (expected {', '.join(known)})")
     names = raw.get("serviceAccounts", [])
     if not isinstance(names, list):
         problem("subjects.serviceAccounts", "must be a list of ServiceAccount names")
@@ -109,13 +123,31 @@ def subjects(spec: Mapping[str, Any]) -> tuple[Subjects, tuple[policy_compile.Pr
     selector = raw.get("podSelector")
     if selector is not None:
         problems.extend(_selector_problems(selector, "subjects.podSelector"))
-    if not names and selector is None:
+    namespaces = raw.get("namespaceSelector")
+    if cluster and namespaces is None:
+        problem("subjects.namespaceSelector", "required: the namespaces this policy applies in ({} for all)")
+    elif namespaces is not None:
+        problems.extend(_selector_problems(namespaces, "subjects.namespaceSelector"))
+    if not cluster and not names and selector is None:
         problem("subjects", "binds nothing: name serviceAccounts and/or a podSelector")
     found = Subjects(
         service_accounts=frozenset(n for n in names if isinstance(n, str) and n),
         pod_selector=selector if isinstance(selector, Mapping) else None,
+        namespace_selector=namespaces if cluster and isinstance(namespaces, Mapping) else None,
+        every=cluster and not names and selector is None,
     )
     return found, tuple(problems)
+
+
+def selects_namespace(spec: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a cluster policy applies in a namespace with ``labels``: its namespaceSelector
+    matches them (a cluster policy whose subjects cannot be read selects no namespace)."""
+    found, problems = subjects(spec, cluster=True)
+    return (
+        not problems
+        and found.namespace_selector is not None
+        and selector_matches(found.namespace_selector, labels)
+    )
 
 
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -138,7 +170,7 @@ def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> 
 
 def binds(policy_subjects: Subjects, *, service_account: str, pods: Iterable[Workload]) -> bool:
     """Whether a policy binds ``service_account``, given the enrolled pods running as it."""
-    if service_account in policy_subjects.service_accounts:
+    if policy_subjects.every or service_account in policy_subjects.service_accounts:
         return True
     selector = policy_subjects.pod_selector
     return selector is not None and any(
@@ -152,19 +184,28 @@ def plan(
     *,
     known_service_accounts: Iterable[str] = (),
     prefix: str,
+    cluster: Sequence[Policy] = (),
 ) -> Plan:
     """Bundles for every ServiceAccount that a policy names, an enrolled pod runs as, or that
     already has a bundle (``known_service_accounts``); one bound by nothing gets the empty
     bundle, which refuses every statement. A policy whose subjects can be read binds even when
     the rest of it is invalid: the compositions it is part of then do not compile, their
-    bundles stay as they were, and ``Plan.problems`` says so on every policy involved."""
-    valid = sorted((p for p in policies if not subjects(p.spec)[1]), key=lambda p: p.name)
-    parsed = {p.name: subjects(p.spec)[0] for p in valid}
+    bundles stay as they were, and ``Plan.problems`` says so on every policy involved.
+
+    ``cluster``: the cluster policies that select this namespace, each named
+    ``cluster:<name>`` (:func:`cluster_component`). They join the composition of every
+    ServiceAccount they bind as components like any other (so the strictest answer wins and
+    their names decide nothing); they add no ServiceAccount of their own to the namespace."""
+    readable = [p for p in policies if not subjects(p.spec)[1]]
+    readable += [p for p in cluster if not subjects(p.spec, cluster=True)[1]]
+    valid = sorted(readable, key=lambda p: p.name)
+    parsed = {p.name: subjects(p.spec, cluster=p.name.startswith(CLUSTER_PREFIX))[0] for p in valid}
     accounts = set(known_service_accounts) | {w.service_account for w in workloads}
-    for found in parsed.values():
-        accounts |= found.service_accounts
+    for name, found in parsed.items():
+        if not name.startswith(CLUSTER_PREFIX):
+            accounts |= found.service_accounts
     bundles = []
-    bound: dict[str, list[str]] = {p.name: [] for p in policies}
+    bound: dict[str, list[str]] = {p.name: [] for p in (*policies, *cluster)}
     failed: dict[str, list[policy_compile.Problem]] = {}
     for account in sorted(accounts):
         names = tuple(p.name for p in valid if binds(parsed[p.name], service_account=account, pods=workloads))
@@ -193,6 +234,11 @@ def plan(
         bound={k: tuple(v) for k, v in bound.items()},
         problems={k: tuple(v) for k, v in failed.items()},
     )
+
+
+def cluster_component(name: str) -> str:
+    """The component name of the ClusterDatabaseAccessPolicy ``name`` in bundles and plans."""
+    return CLUSTER_PREFIX + name
 
 
 def _involved(

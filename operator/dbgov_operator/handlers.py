@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
@@ -21,6 +21,7 @@ import psycopg
 from dbgov_operator import (
     annotations,
     bundle,
+    cluster_policies,
     conditions,
     credential_server,
     databases,
@@ -35,6 +36,7 @@ from dbgov_operator import (
 )
 
 POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.POLICIES)
+CLUSTER_POLICY = (kubeapi.GROUP, kubeapi.VERSION, kubeapi.CLUSTER_POLICIES)
 DATABASE = (kubeapi.GROUP, kubeapi.VERSION, "databases")
 DATABASE_TICK_SECONDS = 1.0
 """How often the Database timer wakes; each Database is checked every
@@ -43,6 +45,7 @@ _database_checked: dict[str, float] = {}
 _database_reaped: dict[str, float] = {}
 POD_INJECTION_ID = webhook.POD_INJECTION_ID
 POLICY_VALIDATION_ID = webhook.POLICY_VALIDATION_ID
+CLUSTER_POLICY_VALIDATION_ID = webhook.CLUSTER_POLICY_VALIDATION_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
 
@@ -50,6 +53,8 @@ _rotation: asyncio.Task[None] | None = None
 _credentials: credential_server.CredentialServer | None = None
 _signer: signing.Signer | None = None
 _minter: minting.Minter | None = None
+_cluster = cluster_policies.Tracker()
+"""What each namespace's last reconcile found for each ClusterDatabaseAccessPolicy."""
 
 
 @kopf.on.startup()
@@ -148,6 +153,58 @@ def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> No
     what an unbound or deleted policy granted."""
     _reconcile(namespace, logger)
     _reap_namespace(namespace, logger)
+
+
+@kopf.on.resume(*CLUSTER_POLICY, backoff=RETRY_SECONDS)
+@kopf.on.create(*CLUSTER_POLICY, backoff=RETRY_SECONDS)
+@kopf.on.update(*CLUSTER_POLICY, backoff=RETRY_SECONDS)
+@kopf.on.delete(*CLUSTER_POLICY, backoff=RETRY_SECONDS, optional=True)  # no finalizer, as policies
+def reconcile_cluster_policy(
+    name: str | None, spec: kopf.Spec, old: Any, logger: kopf.Logger, **_: Any
+) -> None:
+    """A cluster policy changed: reconcile every namespace it selects now, selected before (its
+    old spec, or where it was last found) and so may have to leave; then its own status."""
+    before = dict((old or {}).get("spec") or {}) if isinstance(old, Mapping) else {}
+    _reconcile_cluster_scope(name or "", specs=(dict(spec), before), logger=logger)
+
+
+@kopf.on.event(*CLUSTER_POLICY)
+def cluster_policy_gone(
+    type: str | None, name: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any
+) -> None:
+    """A deleted cluster policy (no finalizer, so its delete handler may not run) leaves every
+    bundle it was in at once."""
+    if type == "DELETED":
+        _reconcile_cluster_scope(name or "", specs=(dict(body.spec),), logger=logger)
+        _cluster.forget(name or "")
+
+
+@kopf.on.event("v1", "namespaces")
+def namespace_labels_changed(
+    type: str | None, name: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any
+) -> None:
+    """A namespace's labels decide which cluster policies apply there: when that set changes
+    (a label added or removed, a new namespace), the namespace is reconciled at once."""
+    namespace = name or ""
+    if type == "DELETED":
+        _cluster.record(namespace, selecting=(), outcome=None)
+        return
+    policies = kubeapi.KubeApi(runtime.client()).list_cluster_policies()
+    now = {p.name for p in cluster_policies.selecting(policies, dict(body.metadata.labels or {}))}
+    if now != _cluster.policies_in(namespace):
+        _reconcile(namespace, logger)
+
+
+def _reconcile_cluster_scope(name: str, *, specs: Sequence[Mapping[str, Any]], logger: kopf.Logger) -> None:
+    api = kubeapi.KubeApi(runtime.client())
+    everywhere = api.list_namespaces()
+    namespaces = _cluster.namespaces(name)
+    for spec in specs:
+        namespaces |= cluster_policies.matching_namespaces(spec, everywhere)
+    for namespace in sorted(namespaces):
+        _reconcile(namespace, logger)
+        _reap_namespace(namespace, logger)  # minted grants follow the composition
+    _write_cluster_statuses({name}, api=api)
 
 
 @kopf.on.event("v1", "pods", labels=ENROLLED)
@@ -300,6 +357,22 @@ def validate_policy(spec: kopf.Spec, **kwargs: Any) -> None:
         )
 
 
+@kopf.on.validate(
+    *CLUSTER_POLICY, id=CLUSTER_POLICY_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True
+)
+def validate_cluster_policy(spec: kopf.Spec, **kwargs: Any) -> None:
+    """Refuse a cluster policy that cannot take effect, every problem with its field path."""
+    old: kopf.Body | None = kwargs.get("old")  # None on CREATE
+    if old is not None and old.get("spec") == dict(spec):
+        return  # metadata only: see validate_policy
+    problems = reconcile.problems(dict(spec), cluster=True)
+    if problems:
+        listing = "\n".join(f"  - {conditions.describe(p)}" for p in problems)
+        raise kopf.AdmissionError(
+            f"ClusterDatabaseAccessPolicy is invalid ({len(problems)} problem(s)):\n{listing}", code=422
+        )
+
+
 # No label filter: in a namespace labelled dbgov.io/enforce=true every pod comes here (the
 # webhook configurations select which pods the apiserver sends; webhook.py).
 @kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"], persistent=True)
@@ -353,11 +426,17 @@ def _bound_databases(pod: Mapping[str, Any], *, namespace: str) -> set[str] | No
         labels=dict(meta.get("labels") or {}),
     )
     found: set[str] = set()
-    for policy in kubeapi.KubeApi(runtime.client()).list_policies(namespace):
+    api = kubeapi.KubeApi(runtime.client())
+    for policy in api.list_policies(namespace):
         subjects, problems = bundle.subjects(policy.spec)
         if not problems and bundle.binds(subjects, service_account=workload.service_account, pods=[workload]):
             found.add(bundle.database(policy.spec))
-    return found
+    # A cluster policy's databaseRef counts as well; one without (every database) names none.
+    for policy in cluster_policies.selecting(api.list_cluster_policies(), _namespace_labels(namespace)):
+        subjects, problems = bundle.subjects(policy.spec, cluster=True)
+        if not problems and bundle.binds(subjects, service_account=workload.service_account, pods=[workload]):
+            found.add(bundle.database(policy.spec))
+    return found - {""}
 
 
 def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
@@ -376,20 +455,30 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
         return
     if _signer is None:  # unsigned bundles would only be refused by every sidecar
         raise kopf.TemporaryError("the bundle signing key is not loaded yet", delay=2)
+    api = kubeapi.KubeApi(runtime.client())
+    labels = api.namespace_labels(namespace)
+    if labels is None:
+        _cluster.record(namespace, selecting=(), outcome=None)
+        return  # the namespace is gone, and its bundles with it
+    baselines = cluster_policies.selecting(api.list_cluster_policies(), labels)
+    involved = _cluster.policies_in(namespace) | {p.name for p in baselines}
     try:
         outcome = reconcile.reconcile_namespace(
-            kubeapi.KubeApi(runtime.client()),
+            api,
             namespace=namespace,
             config=runtime.current(),
             now=_now(),
             emit=_emit,
             signer=_signer,
+            cluster=baselines,
         )
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err
     except kubeapi.NamespaceTerminating:
         logger.info("Namespace %s is being deleted; its bundles need no update", namespace)
         return
+    _cluster.record(namespace, selecting=[p.name for p in baselines], outcome=outcome)
+    _write_cluster_statuses(involved, api=api)
     logger.info(
         "Reconciled %s: bundles %s, statuses %s, deleted %s",
         namespace,
@@ -397,6 +486,28 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
         list(outcome.statuses_written),
         list(outcome.bundles_deleted),
     )
+
+
+def _write_cluster_statuses(names: set[str], *, api: kubeapi.KubeApi) -> None:
+    """Write the status of the cluster policies ``names`` (all their namespaces) that differ."""
+    if not names:
+        return
+    live = {p.name: p for p in api.list_cluster_policies() if not p.deleting}
+    with _cluster.lock:
+        for name in sorted(names & set(live)):
+            policy = live[name]
+            desired = cluster_policies.status(
+                policy, found=_cluster.found(name), now=_now().strftime("%Y-%m-%dT%H:%M:%SZ")
+            )
+            if not _cluster.needs_write(name, desired, policy.status):
+                continue
+            api.patch_cluster_policy_status(name=name, status=desired)
+            _cluster.written(name, desired)
+            ready = {c["type"]: c for c in desired["conditions"]}[conditions.READY]
+            before = {c.get("type"): c for c in policy.status.get("conditions") or []}
+            if (before.get(conditions.READY) or {}).get("status") != ready["status"]:
+                kind: reconcile.EventType = "Normal" if ready["status"] == "True" else "Warning"
+                _emit(policy.body, kind, ready["reason"], ready["message"])
 
 
 def _reap_namespace(namespace: str | None, logger: kopf.Logger) -> None:

@@ -17,6 +17,7 @@ from dbgov_operator.kubetypes import ConfigMap, PolicyStatus
 GROUP = "dbgov.io"
 VERSION = "v1alpha1"
 POLICIES = "databaseaccesspolicies"
+CLUSTER_POLICIES = "clusterdatabaseaccesspolicies"
 
 
 class Conflict(Exception):
@@ -63,17 +64,42 @@ class KubeApi:
 
     def list_policies(self, namespace: str) -> list[PolicyObject]:
         listed = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, POLICIES)
-        return [
-            PolicyObject(
-                name=item["metadata"]["name"],
-                generation=int(item["metadata"].get("generation") or 0),
-                spec=item.get("spec") or {},
-                status=item.get("status") or {},
-                deleting=bool(item["metadata"].get("deletionTimestamp")),
-                body=item,
+        return [policy_object(item) for item in listed.get("items", [])]
+
+    def list_cluster_policies(self) -> list[PolicyObject]:
+        """Every ClusterDatabaseAccessPolicy (cluster-scoped)."""
+        try:
+            listed = self._custom.list_cluster_custom_object(GROUP, VERSION, CLUSTER_POLICIES)
+        except ApiException as err:
+            if err.status == 404:
+                return []  # the kind is not installed: there is no baseline to apply
+            raise
+        return [policy_object(item) for item in listed.get("items", [])]
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """A namespace's labels, read now (None when it is gone): which cluster policies apply."""
+        try:
+            found = self._core.read_namespace(namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return dict(found.metadata.labels or {})
+
+    def list_namespaces(self) -> dict[str, dict[str, str]]:
+        """Every namespace's labels, by name (where a cluster policy's selector applies)."""
+        listed = self._core.list_namespace()
+        return {item.metadata.name: dict(item.metadata.labels or {}) for item in listed.items}
+
+    def patch_cluster_policy_status(self, *, name: str, status: Mapping[str, Any]) -> None:
+        try:
+            self._custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, CLUSTER_POLICIES, name, {"status": dict(status)}
             )
-            for item in listed.get("items", [])
-        ]
+        except ApiException as err:
+            if err.status == 404:
+                return  # deleted meanwhile: nothing left to report on
+            raise
 
     def list_workloads(self, namespace: str) -> list[bundle.Workload]:
         selector = f"{annotations.INJECT}={annotations.INJECT_ENABLED}"
@@ -149,6 +175,18 @@ class KubeApi:
             if err.status == 404:
                 return  # deleted meanwhile: nothing left to report on
             raise
+
+
+def policy_object(item: Mapping[str, Any]) -> PolicyObject:
+    """A listed (Cluster)DatabaseAccessPolicy body as the reconciler sees it."""
+    return PolicyObject(
+        name=item["metadata"]["name"],
+        generation=int(item["metadata"].get("generation") or 0),
+        spec=item.get("spec") or {},
+        status=item.get("status") or {},
+        deleting=bool(item["metadata"].get("deletionTimestamp")),
+        body=item,
+    )
 
 
 def bundle_service_account(config_map: Mapping[str, Any]) -> str | None:

@@ -13,7 +13,7 @@ last content in the pod, so it gets the refuse-everything merge instead.
 import datetime
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dbgov_operator import bundle, conditions, credentials, kubeapi, settings
@@ -36,17 +36,22 @@ class Outcome:
     statuses_written: tuple[str, ...]
     bundles_deleted: tuple[str, ...] = ()
     """ConfigMaps of bundles nothing needs any more."""
+    cluster_bound: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """ClusterDatabaseAccessPolicy name -> the ServiceAccounts of this namespace it binds (every
+    cluster policy that selects the namespace has an entry; its status aggregates them)."""
+    cluster_problems: Mapping[str, tuple[policy_compile.Problem, ...]] = field(default_factory=dict)
+    """ClusterDatabaseAccessPolicy name -> why a composition here it is part of does not compile."""
 
 
-def problems(spec: Mapping[str, Any]) -> tuple[policy_compile.Problem, ...]:
+def problems(spec: Mapping[str, Any], *, cluster: bool = False) -> tuple[policy_compile.Problem, ...]:
     """Every problem with a policy spec: the shared compiler's, then the operator's subjects and
-    credentials."""
+    credentials (``cluster``: a ClusterDatabaseAccessPolicy's, whose subjects name namespaces)."""
     found: list[policy_compile.Problem] = []
     try:
         policy_compile.compile_policy(dict(spec))
     except policy_compile.PolicyInvalid as err:
         found.extend(err.problems)
-    found.extend(bundle.subjects(spec)[1])
+    found.extend(bundle.subjects(spec, cluster=cluster)[1])
     try:
         credentials.parse_credentials(spec.get("credentials"), path="credentials")
     except policy_compile.PolicyInvalid as err:
@@ -62,11 +67,16 @@ def reconcile_namespace(
     now: datetime.datetime,
     emit: Emit,
     signer: bundle.Signs | None = None,
+    cluster: Sequence[kubeapi.PolicyObject] = (),
 ) -> Outcome:
     """Reconcile ``namespace``; one at a time per namespace within this process. ``signer``
-    signs every bundle file (None only in tests of what is signed-agnostic)."""
+    signs every bundle file (None only in tests of what is signed-agnostic). ``cluster``: the
+    ClusterDatabaseAccessPolicies whose namespaceSelector matches the namespace; they join the
+    compositions they bind, and their statuses are the caller's (they span namespaces)."""
     with _lock(namespace):
-        return _reconcile(api, namespace=namespace, config=config, now=now, emit=emit, signer=signer)
+        return _reconcile(
+            api, namespace=namespace, config=config, now=now, emit=emit, signer=signer, cluster=cluster
+        )
 
 
 def _reconcile(
@@ -77,14 +87,24 @@ def _reconcile(
     now: datetime.datetime,
     emit: Emit,
     signer: bundle.Signs | None,
+    cluster: Sequence[kubeapi.PolicyObject],
 ) -> Outcome:
     live = [p for p in api.list_policies(namespace) if not p.deleting]
     judged = {p.name: problems(p.spec) for p in live}
+    baselines = [p for p in cluster if not p.deleting]
     existing = api.list_bundles(namespace)
     plan = bundle.plan(
         [bundle.Policy(name=p.name, spec=p.spec, valid=not judged[p.name]) for p in live],
         api.list_workloads(namespace),
         prefix=config.sidecar.bundle_prefix,
+        cluster=[
+            bundle.Policy(
+                name=bundle.cluster_component(p.name),
+                spec=p.spec,
+                valid=not problems(p.spec, cluster=True),
+            )
+            for p in baselines
+        ],
     )
     written = _write_bundles(
         api,
@@ -114,8 +134,13 @@ def _reconcile(
         if changed:
             message = f"policy bundle updated for ServiceAccount(s): {', '.join(changed)}"
             emit(policy.body, "Normal", "BundleUpdated", message)
+    components = {p.name: bundle.cluster_component(p.name) for p in baselines}
     return Outcome(
-        bundles_written=tuple(written), statuses_written=tuple(statuses), bundles_deleted=tuple(deleted)
+        bundles_written=tuple(written),
+        statuses_written=tuple(statuses),
+        bundles_deleted=tuple(deleted),
+        cluster_bound={name: plan.bound.get(c, ()) for name, c in components.items()},
+        cluster_problems={name: plan.problems[c] for name, c in components.items() if c in plan.problems},
     )
 
 

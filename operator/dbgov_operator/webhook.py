@@ -47,6 +47,8 @@ POD_INJECTION_ID = "inject.pods.dbgov.io"
 """kopf handler id of the pod mutation; the webhook server routes ``<path>/<id>`` to it."""
 POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
 """kopf handler id of the policy validation."""
+CLUSTER_POLICY_VALIDATION_ID = "validate.clusterpolicies.dbgov.io"
+"""kopf handler id of the ClusterDatabaseAccessPolicy validation."""
 
 Publisher = Callable[[kopf.WebhookClientConfig], None]
 
@@ -176,13 +178,26 @@ def mutating_webhooks(
 def validating_webhooks(
     config: settings.Settings, *, client_config: kopf.WebhookClientConfig
 ) -> list[dict[str, Any]]:
-    """The policy validation, for policies in every namespace."""
+    """The policy validation, for policies in every namespace, and for cluster policies."""
     return [
         {
             **_common(config, client_config=client_config, handler_id=POLICY_VALIDATION_ID),
             "name": POLICY_VALIDATION_ID,
             "rules": [_rule("dbgov.io", "v1alpha1", "databaseaccesspolicies", ["CREATE", "UPDATE"])],
-        }
+        },
+        {
+            **_common(config, client_config=client_config, handler_id=CLUSTER_POLICY_VALIDATION_ID),
+            "name": CLUSTER_POLICY_VALIDATION_ID,
+            "rules": [
+                _rule(
+                    "dbgov.io",
+                    "v1alpha1",
+                    "clusterdatabaseaccesspolicies",
+                    ["CREATE", "UPDATE"],
+                    scope="Cluster",
+                )
+            ],
+        },
     ]
 
 
@@ -199,13 +214,15 @@ def _common(
     }
 
 
-def _rule(group: str, version: str, resource: str, operations: list[str]) -> dict[str, Any]:
+def _rule(
+    group: str, version: str, resource: str, operations: list[str], *, scope: str = "Namespaced"
+) -> dict[str, Any]:
     return {
         "apiGroups": [group],
         "apiVersions": [version],
         "resources": [resource],
         "operations": operations,
-        "scope": "Namespaced",
+        "scope": scope,
     }
 
 

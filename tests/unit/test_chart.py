@@ -131,8 +131,15 @@ def test_one_crd_per_kind_named_after_it() -> None:
         assert name == f"dbgov.io_{spec['names']['plural']}.yaml"
         assert [v["name"] for v in spec["versions"]] == ["v1alpha1"]
         kinds[spec["names"]["kind"]] = spec
-    assert sorted(kinds) == ["AccessRequest", "Database", "DatabaseAccessPolicy"]
+    assert sorted(kinds) == [
+        "AccessRequest",
+        "ClusterDatabaseAccessPolicy",
+        "Database",
+        "DatabaseAccessPolicy",
+    ]
     assert kinds["DatabaseAccessPolicy"]["names"]["shortNames"] == ["dap"]
+    assert kinds["ClusterDatabaseAccessPolicy"]["names"]["shortNames"] == ["cdap"]
+    assert kinds["ClusterDatabaseAccessPolicy"]["scope"] == "Cluster"
 
 
 def _untyped_nodes(schema: dict[str, Any], where: str) -> list[str]:
