@@ -66,11 +66,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from dbgov_policy import compile as policy_compile
-from dbgov_policy import mask, model
+from dbgov_policy import compose, mask, model
 
 MASKED_SCHEMA = "dbgov_masked"
 """The operator's schema for masking views and the HMAC key table."""
@@ -391,3 +391,35 @@ def _swap(expr: str, literal: str, column: str) -> str:
             "to follow dbgov_policy.mask.mask_expression"
         )
     return expr.replace(literal, column)
+
+
+def compile_composed_grants(
+    policies: Sequence[model.CompiledPolicy], catalog: Catalog, *, group_role: str
+) -> GroupGrants:
+    """The privileges and masking views of ``group_role`` for several policies composed (a
+    namespace's policy under the cluster baselines that bind the same workload): as in the proxy,
+    the strictest answer wins, so a privilege is granted only where every policy grants it, and
+    the masks are the union (each column its strictest mask), so no policy's masked column is
+    granted raw and the masking views mask what any policy masks."""
+    if not policies:
+        raise ValueError("a composition needs at least one policy")
+    masks = compose.union_masks(policies)
+    each = [
+        compile_grants(dataclasses.replace(p, masks=masks), catalog, group_role=group_role) for p in policies
+    ]
+    privileges = set(each[0].privileges)
+    for other in each[1:]:
+        privileges &= other.privileges
+    readable = {
+        (p.schema, p.name)
+        for p in privileges
+        if p.object_type in ("table", "column") and p.privilege == "SELECT"
+    }
+    views = tuple(v for v in each[0].views if (v.source.schema, v.source.name) in readable)
+    masked_usage = Privilege(object_type="schema", schema=MASKED_SCHEMA, privilege="USAGE")
+    if views:
+        privileges.add(masked_usage)
+    else:
+        privileges.discard(masked_usage)
+    pads = each[0].pads if any(v.uses_key for v in views) else None
+    return GroupGrants(privileges=frozenset(privileges), views=views, pads=pads)

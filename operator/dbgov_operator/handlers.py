@@ -193,6 +193,7 @@ def namespace_labels_changed(
     now = {p.name for p in cluster_policies.selecting(policies, dict(body.metadata.labels or {}))}
     if now != _cluster.policies_in(namespace):
         _reconcile(namespace, logger)
+        _reap_namespace(namespace, logger)  # minted grants follow the baselines in force there
 
 
 def _reconcile_cluster_scope(name: str, *, specs: Sequence[Mapping[str, Any]], logger: kopf.Logger) -> None:

@@ -132,14 +132,23 @@ def _b64(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """A valid DatabaseAccessPolicy of the namespace."""
+    """A valid DatabaseAccessPolicy of the namespace, or a ClusterDatabaseAccessPolicy that
+    selects it (named ``cluster:<name>``), or a namespace policy under the cluster baselines
+    that bind a pod (``restricted_by``; named ``<policy>+cluster:<name>...``, its own group)."""
 
     name: str
     spec: Mapping[str, Any]
+    restricted_by: tuple["Policy", ...] = ()
+    """Cluster baselines composed with this policy: its group holds only what every one of
+    them grants too, and masks what any of them masks."""
 
     @property
     def database(self) -> str:
         return bundle.database(self.spec)
+
+    @property
+    def cluster(self) -> bool:
+        return self.name.startswith(bundle.CLUSTER_PREFIX)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +191,35 @@ def valid_policies(objects: Sequence[kubeapi.PolicyObject]) -> list[Policy]:
         for p in sorted(objects, key=lambda p: p.name)
         if not p.deleting and not reconcile.problems(p.spec)
     ]
+
+
+def baselines(objects: Sequence[kubeapi.PolicyObject], labels: Mapping[str, str]) -> list[Policy]:
+    """The cluster policies that select a namespace with ``labels`` (not being deleted, subjects
+    readable). An invalid one is kept: its group cannot compile, so the pods it binds get no
+    credentials rather than the namespace policy's grants without the baseline (fail closed)."""
+    return [
+        Policy(name=bundle.cluster_component(p.name), spec=p.spec)
+        for p in sorted(objects, key=lambda p: p.name)
+        if not p.deleting and bundle.selects_namespace(p.spec, labels)
+    ]
+
+
+def effective(bound: Sequence[Policy], cluster: Sequence[Policy], pod: Pod) -> list[Policy]:
+    """The groups a pod gets from the namespace policies that bind it (``bound``): each under
+    the cluster baselines (``cluster``, already those about this database or every one) that
+    bind the pod, so a baseline's block removes the privilege whatever the namespace allows."""
+    workload = bundle.Workload(service_account=pod.service_account, labels=pod.labels, database=pod.database)
+    over = tuple(
+        c
+        for c in cluster
+        if bundle.binds(
+            bundle.subjects(c.spec, cluster=True)[0], service_account=pod.service_account, pods=[workload]
+        )
+    )
+    if not over:
+        return list(bound)
+    suffix = "".join(f"+{c.name}" for c in over)
+    return [Policy(name=p.name + suffix, spec=p.spec, restricted_by=over) for p in bound]
 
 
 def binding(policies: Sequence[Policy], pod: Pod) -> list[Policy]:
@@ -227,7 +265,9 @@ def choose_database(bound: Sequence[Policy], pod: Pod) -> str:
 
 def credentials_spec(bound: Sequence[Policy]) -> credentials.CredentialsSpec:
     """The shortest TTL (and renewBefore) of the policies binding a pod on one database."""
-    specs = [credentials.parse_credentials(p.spec.get("credentials")) for p in bound]
+    specs = [
+        credentials.parse_credentials(q.spec.get("credentials")) for p in bound for q in (p, *p.restricted_by)
+    ]
     return min(specs, key=lambda s: (s.ttl, s.renew_before), default=credentials.CredentialsSpec())
 
 
@@ -239,9 +279,12 @@ def compile_groups(
     failed: dict[str, str] = {}
     for policy in policies:
         try:
-            compiled = policy_compile.compile_policy(dict(policy.spec), source=policy.name, mask_key=mask_key)
+            compiled = [
+                policy_compile.compile_policy(dict(p.spec), source=p.name, mask_key=mask_key)
+                for p in (policy, *policy.restricted_by)
+            ]
             role = credentials.group_role_name(namespace=namespace, policy=policy.name, database=database)
-            compiled_grants = grants.compile_grants(compiled, catalog, group_role=role)
+            compiled_grants = grants.compile_composed_grants(compiled, catalog, group_role=role)
         except (policy_compile.PolicyInvalid, ValueError) as err:
             failed[policy.name] = str(err)
             continue
@@ -261,19 +304,20 @@ def desired_state(
     actual: credentials.Actual,
     now: datetime.datetime,
     presenting: Pod | None = None,
+    cluster: Sequence[Policy] = (),
 ) -> credentials.Desired:
     """What should exist on ``database`` (``policies`` are those naming it, ``groups`` the ones
-    that compiled): a login for every live pod that holds a usable role there and is still
-    bound, and for the presenting pod (rotated); the groups of the policies they are bound by."""
+    that compiled, ``cluster`` the baselines about it): a login for every live pod that holds a
+    usable role there and is still bound, and for the presenting pod (rotated); the groups of
+    the policies they are bound by, each under the baselines binding the pod (:func:`effective`)."""
     roles = {r.name: r for r in actual.roles}
-    usable = [p for p in policies if p.name in groups]
     logins: list[credentials.DesiredLogin] = []
     for pod in pods:
         mine = presenting is not None and pod.uid == presenting.uid
         current = roles.get(credentials.login_role_name(pod_uid=pod.uid, database=database))
         if not mine and (current is None or not _usable(current, now)):
             continue  # nothing to keep (a role is created when its sidecar asks for it)
-        bound = binding(usable, pod)
+        bound = [p for p in effective(binding(policies, pod), cluster, pod) if p.name in groups]
         if not bound:
             continue  # unbound: its role, if any, is revoked
         logins.append(
@@ -347,6 +391,8 @@ class _Scope:
     target: databases.Target
     policies: tuple[Policy, ...]
     """The valid policies of the namespace that name this Database."""
+    cluster: tuple[Policy, ...] = ()
+    """The cluster policies selecting the namespace that are about this Database (or every one)."""
 
     @property
     def database(self) -> str:
@@ -506,10 +552,23 @@ class Minter:
                 "database_missing",
                 f"the Database {name!r} the policies name does not exist in the pod's namespace",
             ) from err
-        return self._scope_of(namespace, name, dict(body.get("spec") or {}), policies)
+        return self._scope_of(
+            namespace, name, dict(body.get("spec") or {}), policies, cluster=self._baselines(namespace)
+        )
+
+    def _baselines(self, namespace: str) -> list[Policy]:
+        api = kubeapi.KubeApi(self._client)
+        labels = api.namespace_labels(namespace)
+        return baselines(api.list_cluster_policies(), labels) if labels is not None else []
 
     def _scope_of(
-        self, namespace: str, name: str, spec: Mapping[str, Any], policies: Sequence[Policy]
+        self,
+        namespace: str,
+        name: str,
+        spec: Mapping[str, Any],
+        policies: Sequence[Policy],
+        *,
+        cluster: Sequence[Policy] = (),
     ) -> _Scope:
         admin_name, ca_name = databases.secret_names(spec)
         admin = (
@@ -529,7 +588,8 @@ class Minter:
                 f"{namespace}/{name}: {target.message}",
             )
         mine = tuple(p for p in policies if p.database == name)
-        return _Scope(namespace=namespace, name=name, target=target, policies=mine)
+        about = tuple(c for c in cluster if c.database in ("", name))
+        return _Scope(namespace=namespace, name=name, target=target, policies=mine, cluster=about)
 
     @contextlib.contextmanager
     def _session(self, scope: _Scope) -> Iterator[psycopg.Connection[Any]]:
@@ -557,15 +617,22 @@ class Minter:
         """Read, plan, apply and audit one database (under the advisory lock)."""
         catalog = pgapply.read_catalog(conn)
         actual = pgapply.read_state(conn)
+        pods = self._live_pods(scope.namespace, presenting)
+        candidates = {p.name: p for p in scope.policies}
+        for pod in pods:  # each namespace policy under the baselines binding each pod
+            candidates.update(
+                (p.name, p) for p in effective(binding(scope.policies, pod), scope.cluster, pod)
+            )
         groups, failed = compile_groups(
-            scope.policies,
+            list(candidates.values()),
             catalog,
             namespace=scope.namespace,
             database=scope.database,
             mask_key=self._mask_key,
         )
         if presenting is not None:
-            broken = sorted(set(failed) & {p.name for p in binding(scope.policies, presenting)})
+            mine = effective(binding(scope.policies, presenting), scope.cluster, presenting)
+            broken = sorted(set(failed) & {p.name for p in mine})
             if broken:
                 detail = "; ".join(f"{name}: {failed[name]}" for name in broken)
                 raise refused(
@@ -578,7 +645,6 @@ class Minter:
                 "Policy %s/%s grants nothing on %s: %s", scope.namespace, name, scope.database, why
             )
         now = self._clock()
-        pods = self._live_pods(scope.namespace, presenting)
         desired = desired_state(
             namespace=scope.namespace,
             database=scope.database,
@@ -588,6 +654,7 @@ class Minter:
             actual=actual,
             now=now,
             presenting=presenting,
+            cluster=scope.cluster,
         )
         role = (
             credentials.login_role_name(pod_uid=presenting.uid, database=scope.database)

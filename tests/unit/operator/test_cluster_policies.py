@@ -2,14 +2,26 @@
 namespace's bundles (a component like any other: the strictest answer wins, its name decides
 nothing), its aggregated status, its webhook, and its CRD kept in step with the namespaced one."""
 
+import datetime
 import pathlib
 from typing import Any
 
 import pytest
 import yaml
 
-from dbgov_operator import bundle, cluster_policies, kubeapi, reconcile, settings, webhook
+from dbgov_operator import (
+    bundle,
+    cluster_policies,
+    credentials,
+    grants,
+    kubeapi,
+    minting,
+    reconcile,
+    settings,
+    webhook,
+)
 from dbgov_policy import compile as policy_compile
+from dbgov_policy import model
 from dbgov_sidecar import policies
 
 NO_DDL: dict[str, Any] = {"name": "no-ddl", "verdict": "block", "statements": ["ddl", "dcl"]}
@@ -305,3 +317,120 @@ def test_the_cluster_crd_keeps_the_namespaced_spec_plus_a_namespace_selector() -
     assert status["conditions"] == namespaced["properties"]["status"]["properties"]["conditions"]
     columns = [c["name"] for c in cluster_crd["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns[0] == "Ready"
+
+
+# -- minting: a baseline's blocks reach the minted grants -------------------------------------
+
+MINT_CATALOG = grants.Catalog(
+    schemas=("public", "shop"),
+    tables=(
+        grants.Table(schema="shop", name="orders", columns=("id", "qty")),
+        grants.Table(schema="shop", name="secrets", columns=("id", "token")),
+        grants.Table(schema="shop", name="customers", columns=("id", "email")),
+    ),
+)
+NS, DB = "shop", "shop/orders-db"
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+KEY = "k" * 32
+LOCKDOWN: dict[str, Any] = {
+    "subjects": {"namespaceSelector": {"matchLabels": {"env": "prod"}}},
+    "default": "allow",
+    "rules": [NO_DDL, {"name": "no-secrets", "verdict": "block", "tables": ["shop.secrets"]}],
+    "masks": [{"table": "shop.customers", "column": "email", "strategy": "redact"}],
+}
+
+
+def _privileges(found: grants.GroupGrants) -> set[str]:
+    return {str(p) for p in found.privileges}
+
+
+def _mint_pod(uid: str = "u1", sa: str = "orders", **labels: str) -> minting.Pod:
+    return minting.Pod(name=f"pod-{uid}", uid=uid, service_account=sa, labels=labels)
+
+
+def test_the_baselines_of_a_namespace_are_the_cluster_policies_selecting_it() -> None:
+    objects = [_object("lockdown", LOCKDOWN), _object("gone", LOCKDOWN, deleting=True)]
+    assert [p.name for p in minting.baselines(objects, {"env": "prod"})] == ["cluster:lockdown"]
+    assert minting.baselines(objects, {"env": "dev"}) == []
+
+
+def test_a_namespace_policy_under_a_baseline_is_its_own_group() -> None:
+    app = minting.Policy(name="app", spec=EVERYTHING)
+    baseline = minting.Policy(name="cluster:lockdown", spec=LOCKDOWN)
+    (found,) = minting.effective([app], [baseline], _mint_pod())
+    assert (found.name, found.restricted_by) == ("app+cluster:lockdown", (baseline,))
+    assert minting.effective([app], [], _mint_pod()) == [app]
+    only_agents = minting.Policy(
+        name="cluster:agents",
+        spec={
+            **LOCKDOWN,
+            "subjects": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"team": "ai"}}},
+        },
+    )
+    assert minting.effective([app], [only_agents], _mint_pod()) == [app]
+    assert minting.effective([app], [only_agents], _mint_pod(team="ai"))[0].name == "app+cluster:agents"
+
+
+def test_a_table_the_baseline_blocks_gets_no_privilege_whatever_the_namespace_allows() -> None:
+    app = minting.Policy(name="app", spec=EVERYTHING)
+    alone, failed = minting.compile_groups([app], MINT_CATALOG, namespace=NS, database=DB, mask_key=KEY)
+    assert failed == {}
+    assert "SELECT on table shop.secrets" in _privileges(alone["app"].grants)
+    assert "CREATE on schema shop" in _privileges(alone["app"].grants)
+    (under,) = minting.effective([app], [minting.Policy(name="cluster:lockdown", spec=LOCKDOWN)], _mint_pod())
+    groups, failed = minting.compile_groups([under], MINT_CATALOG, namespace=NS, database=DB, mask_key=KEY)
+    assert failed == {}
+    held = _privileges(groups[under.name].grants)
+    assert not [p for p in held if "shop.secrets" in p]
+    assert "CREATE on schema shop" not in held  # ddl blocked
+    assert not [p for p in held if p.startswith(("REFERENCES", "TRIGGER"))]
+    assert {"SELECT on table shop.orders", "INSERT on table shop.orders"} <= held
+    # The baseline's mask: email is never granted raw, and is read through a masking view.
+    assert "SELECT on column shop.customers(id)" in held
+    assert "SELECT on column shop.customers(email)" not in held
+    assert "SELECT on table shop.customers" not in held
+    (view,) = groups[under.name].grants.views
+    assert view.source == model.QualifiedName(schema="shop", name="customers")
+
+
+def test_the_minted_login_joins_the_restricted_group_only() -> None:
+    app = minting.Policy(name="app", spec=EVERYTHING)
+    baseline = minting.Policy(name="cluster:lockdown", spec=LOCKDOWN)
+    pod = _mint_pod()
+    candidates = minting.effective([app], [baseline], pod)
+    groups, _ = minting.compile_groups(candidates, MINT_CATALOG, namespace=NS, database=DB, mask_key=KEY)
+    desired = minting.desired_state(
+        namespace=NS,
+        database=DB,
+        policies=[app],
+        groups=groups,
+        pods=[pod],
+        actual=credentials.Actual(roles=()),
+        now=NOW,
+        presenting=pod,
+        cluster=[baseline],
+    )
+    (login,) = desired.logins
+    assert login.policies == ("app+cluster:lockdown",)
+    assert [g.policy for g in desired.groups] == ["app+cluster:lockdown"]
+
+
+def test_an_invalid_baseline_leaves_the_pod_without_a_group_rather_than_unrestricted() -> None:
+    app = minting.Policy(name="app", spec=EVERYTHING)
+    broken = minting.Policy(name="cluster:broken", spec={**LOCKDOWN, "default": "permit"})
+    pod = _mint_pod()
+    candidates = minting.effective([app], [broken], pod)
+    groups, failed = minting.compile_groups(candidates, MINT_CATALOG, namespace=NS, database=DB, mask_key=KEY)
+    assert set(failed) == {"app+cluster:broken"} and groups == {}
+    desired = minting.desired_state(
+        namespace=NS,
+        database=DB,
+        policies=[app],
+        groups=groups,
+        pods=[pod],
+        actual=credentials.Actual(roles=()),
+        now=NOW,
+        presenting=pod,
+        cluster=[broken],
+    )
+    assert desired.logins == () and desired.groups == ()
