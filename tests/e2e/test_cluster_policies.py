@@ -16,14 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+import pg
 from dbgov_policy import compile as policy_compile
-from dbgov_sidecar import policies, policy_port
+from dbgov_sidecar import embedded_pg, policies, policy_port
 
-from . import kube
+from . import kube, test_minting
 from .operator_proc import GROUP, VERSION, Installed, create_policy, policy, wait_for
+from .test_identity import Endpoint, bound_token
 from .test_operator import bundle, deployed
 
 CLUSTER_PLURAL = "clusterdatabaseaccesspolicies"
@@ -32,16 +35,27 @@ RUN_LABEL = "dbgov.io/e2e-run"
 
 
 @pytest.fixture(scope="module")
-def installed(
+def minting_env(  # noqa: PLR0917 -- pytest fixtures are positional
     kube_cluster: kube.KubeCluster,
     kube_tools: kube.Tools,
     dbgov_crds: list[str],
     helm_home: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Installed]:
+    pg_server: pg.PgServer,
+) -> Iterator[test_minting.Env]:
+    """The operator (with its credential endpoint) and a real PostgreSQL."""
     workdir = tmp_path_factory.mktemp("cluster-policies")
-    with deployed(kube_cluster, kube_tools, helm_home=helm_home, workdir=workdir) as found:
-        yield found
+    (port,) = kube.free_ports(1)
+    settings = {"DBGOV_CREDENTIAL_PORT": str(port), "DBGOV_REAP_SECONDS": "2"}
+    with deployed(kube_cluster, kube_tools, helm_home=helm_home, workdir=workdir, env=settings) as found:
+        ca = (workdir / "certs" / "ca.crt").read_text()
+        endpoint = Endpoint(installed=found, url=f"https://127.0.0.1:{port}/v1/credentials", ca_pem=ca)
+        yield test_minting.Env(endpoint=endpoint, installed=found, cluster=kube_cluster, pg_server=pg_server)
+
+
+@pytest.fixture(scope="module")
+def installed(minting_env: test_minting.Env) -> Installed:
+    return minting_env.installed
 
 
 @pytest.fixture
@@ -256,3 +270,43 @@ def test_a_composition_that_cannot_compile_is_reported_on_the_baseline_and_the_n
     assert on_baseline["status"] == "False"
     assert f"in namespace {namespace}" in on_baseline["message"]
     assert "configured differently" in on_baseline["message"]
+
+
+def test_a_baseline_block_reaches_the_minted_roles_grants(
+    minting_env: test_minting.Env, namespace: str, run: str, baselines: list[str]
+) -> None:
+    """Enforced twice: a table the baseline blocks gets no privilege on the pod's minted role,
+    and DDL neither, though the namespace's own policy allows everything (real PostgreSQL,
+    the credentials used directly, bypassing any proxy)."""
+    env = minting_env
+    with pg.scratch_database(env.pg_server, "cdap", test_minting.SCHEMA) as dbname:
+        scene = test_minting.Scene(namespace=namespace, dbname=dbname, database="orders-db", policy="")
+        try:
+            test_minting._secret(
+                env, namespace, "pg-admin", username="postgres", password=embedded_pg.SUPERUSER_PASSWORD
+            )
+            test_minting._database(env, namespace, name="orders-db", dbname=dbname)
+            _allow_everything(env.installed, namespace)
+            uid = test_minting._pod(env, namespace, "orders-1")
+            token = bound_token(env.cluster, namespace, pod="orders-1", uid=uid)
+
+            alone = test_minting._issue(env, token)
+            assert alone["policies"] == ["aaa-allow-everything"]
+            with test_minting._login(env, scene, alone) as conn:
+                assert conn.execute("SELECT note FROM shop.secrets").fetchall() == [("launch codes",)]
+
+            name = f"lockdown-{run}"
+            secrets = {"name": "no-secrets", "verdict": "block", "tables": ["shop.secrets"]}
+            _create_baseline(env.installed, baselines, _baseline(name, run=run, rules=[NO_DDL, secrets]))
+            _label(env.installed, namespace, {"env": "prod", RUN_LABEL: run})
+            _bundle_with(env.installed, namespace, present={"aaa-allow-everything", f"cluster:{name}"})
+
+            under = test_minting._issue(env, token)
+            assert under["policies"] == [f"aaa-allow-everything+cluster:{name}"]
+            with test_minting._login(env, scene, under) as conn:
+                assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() == (2,)
+                for refused in ("SELECT note FROM shop.secrets", "CREATE TABLE shop.mine (id int)"):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        conn.execute(refused)
+        finally:
+            test_minting._drop_roles(env, scene)
