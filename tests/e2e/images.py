@@ -118,9 +118,8 @@ def base_rootfs(name: str) -> Path:
     """The root filesystem standing in for FROM ``name`` (cached; built by debootstrap)."""
     if name not in FROM_IMAGES:
         raise ImageBuildError(f"FROM {name}: no Debian stand-in known; add it to images.FROM_IMAGES")
+    target = cache_dir() / f"base-{_base_key(name)}"
     packages = FROM_IMAGES[name]
-    key = hashlib.sha256(repr((SUITE, MIRROR, "minbase", packages)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"base-{key}"
     if (target / ".complete").exists():
         return target
     if shutil.which("debootstrap") is None:
@@ -155,6 +154,10 @@ def unmount_under(directory: Path) -> None:
             return
         for mount in sorted(set(mounts), key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+
+
+def _base_key(name: str) -> str:
+    return hashlib.sha256(repr((SUITE, MIRROR, "minbase", FROM_IMAGES[name])).encode()).hexdigest()[:16]
 
 
 def _debs_dir() -> Path:
@@ -468,7 +471,9 @@ def image_from_dockerfile(
 ) -> Image:
     """The image ``text`` builds from ``context``, cached by a hash of the Dockerfile, the files
     its COPYs take (``files``: (path, name) pairs) and the FROM stand-ins."""
-    sha = hashlib.sha256(text.encode() + repr(sorted(FROM_IMAGES.items())).encode() + SUITE.encode())
+    bases = sorted({rest.split()[0] for keyword, rest in instructions(text) if keyword == "FROM"})
+    stand_ins = [(base, FROM_IMAGES.get(base)) for base in bases]
+    sha = hashlib.sha256(text.encode() + repr(stand_ins).encode() + SUITE.encode() + MIRROR.encode())
     for path, name in sorted(files, key=lambda item: item[1]):
         sha.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     key = sha.hexdigest()[:16]
@@ -479,8 +484,8 @@ def image_from_dockerfile(
     with _locked("build"):
         if archive.exists():
             return Image(ref=ref, archive=archive)
+        _remove_interrupted_builds()
         workdir = cache_dir() / f"work-{repository}-{key}"
-        shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         try:
             stage = build_dockerfile(text, context=context, workdir=workdir)
@@ -493,6 +498,17 @@ def image_from_dockerfile(
             if stale != archive:
                 stale.unlink(missing_ok=True)
     return Image(ref=ref, archive=archive)
+
+
+def _remove_interrupted_builds() -> None:
+    """Work folders of builds that were killed, and root filesystems no FROM stand-in uses any
+    more (only one build runs at a time, under the lock; pause images build under their own)."""
+    current = {f"base-{_base_key(name)}" for name in FROM_IMAGES}
+    leftovers = [p for p in cache_dir().glob("work-*") if not p.name.startswith("work-pause-")]
+    leftovers += [p for p in cache_dir().glob("base-*") if p.name not in current]
+    for stale in leftovers:
+        unmount_under(stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 SIDECAR_DOCKERFILE = kube.REPO_ROOT / "Dockerfile.sidecar"
