@@ -46,6 +46,7 @@ _database_reaped: dict[str, float] = {}
 POD_INJECTION_ID = webhook.POD_INJECTION_ID
 POLICY_VALIDATION_ID = webhook.POLICY_VALIDATION_ID
 CLUSTER_POLICY_VALIDATION_ID = webhook.CLUSTER_POLICY_VALIDATION_ID
+POD_GUARD_ID = webhook.POD_GUARD_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
 
@@ -409,6 +410,26 @@ def inject_pod(
     replace_body(patch, result.pod)
     warnings.extend(result.warnings)
     logger.info("Injected the dbgov sidecar")
+
+
+# subresource "*": the pod itself and the subresources the configuration sends (webhook.py:
+# ephemeralcontainers, resize); the label filter is the configuration's objectSelector.
+@kopf.on.validate("v1", "pods", id=POD_GUARD_ID, operations=["UPDATE"], subresource="*", persistent=True)
+def guard_pod(namespace: str | None, subresource: str | None, **kwargs: Any) -> None:
+    """Refuse updates that would undo or bypass an enrolled pod's sidecar (issue 12)."""
+    old: kopf.Body | None = kwargs.get("old")
+    new: kopf.Body | None = kwargs.get("new")
+    if old is None or new is None:
+        return
+    config = runtime.current()
+    # The namespace is read only when an ephemeral container is added (the one rule it decides).
+    enforce = subresource == "ephemeralcontainers" and injection.enforced(_namespace_labels(namespace or ""))
+    problems = injection.update_problems(
+        dict(old), dict(new), enforce=enforce, allow_debug=config.sidecar.allow_debug_containers
+    )
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise kopf.AdmissionError(f"dbgov refuses this change to an enrolled pod:\n{listing}", code=403)
 
 
 def _namespace_labels(namespace: str) -> Mapping[str, str]:

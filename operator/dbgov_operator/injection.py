@@ -158,10 +158,9 @@ def decide(
         return Decision(inject=False, reason=reason)
     if not enforce and labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
         return Decision(inject=False, reason=f"not labeled {annotations.INJECT}=true")
-    if (meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED:
-        return Decision(inject=False, reason="already injected")
-    if any(c.get("name") == SIDECAR_NAME for c in _all_containers(pod)):
-        return Decision(inject=False, reason=f"already has a {SIDECAR_NAME} container")
+    # Nothing is "already injected" at CREATE: the webhook runs once per CREATE (its
+    # reinvocationPolicy is Never), so a pod arriving with a sidecar or the status annotation made
+    # them itself, and inject() refuses it (refuse_claims).
     return Decision(inject=True, reason="namespace enforces dbgov" if enforce else "enrolled")
 
 
@@ -181,6 +180,7 @@ def inject(
     pod is labelled enrolled whatever its own label said. ``bound_databases``: the ``databaseRef``
     names of the policies binding this pod; ``dbgov.io/database`` must be one of them (``None``:
     not checked, for callers without a cluster)."""
+    refuse_claims(pod, sidecar=sidecar)
     out: dict[str, Any] = copy.deepcopy(dict(pod))
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
@@ -222,6 +222,224 @@ def inject(
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
     return Injection(pod=out, warnings=tuple(warnings))
+
+
+# --------------------------------------------------------------------------------------------
+# What a pod may not claim at CREATE, and what may not change once it is injected
+# --------------------------------------------------------------------------------------------
+
+DBGOV_VOLUMES = (TOKEN_VOLUME, POLICY_VOLUME)
+"""The volumes the webhook adds: the sidecar's token and its signed policy bundle."""
+
+_RECREATE = (
+    "(a manifest exported from a running pod, or kubectl debug --copy-to, carries what the webhook "
+    "added: create the pod from its template instead, and the webhook adds its own)"
+)
+
+
+def refuse_claims(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> None:
+    """Refuse a pod being created with what only the webhook may add, or with a way to the
+    sidecar's token: the pod's own claims are never trusted (every problem listed)."""
+    problems = claims(pod, sidecar=sidecar)
+    if not problems:
+        return
+    spec = pod.get("spec") or {}
+    copied = annotations.STATUS in ((pod.get("metadata") or {}).get("annotations") or {}) or any(
+        c.get("name") == SIDECAR_NAME for _, c in _named_containers(spec)
+    )
+    raise InjectionRefused(annotation=None, reason="; ".join(problems) + (f" {_RECREATE}" if copied else ""))
+
+
+def claims(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> list[str]:
+    """What in ``pod``, being created, pretends to be dbgov's or reaches the sidecar's secrets."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    problems: list[str] = []
+    status = (meta.get("annotations") or {}).get(annotations.STATUS)
+    if status is not None:
+        problems.append(
+            f"annotation {annotations.STATUS}={status!r}: only the dbgov webhook writes it, as it injects "
+            "the sidecar, and a pod cannot arrive with it"
+        )
+    for kind, container in _named_containers(spec):
+        if container.get("name") == SIDECAR_NAME:
+            problems.append(
+                f"{kind} container {SIDECAR_NAME!r}: the name is the dbgov sidecar's, which only the "
+                "webhook adds"
+            )
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("name") in DBGOV_VOLUMES:
+                problems.append(
+                    f"{kind} container {container.get('name')!r} mounts volume {mount['name']!r}, the "
+                    "name of the volume the webhook adds for the dbgov sidecar (its token or policy "
+                    "bundle), which only the sidecar mounts"
+                )
+    for volume in spec.get("volumes") or []:
+        problems.extend(_volume_claims(volume, audience=sidecar.token_audience))
+    for field in ("shareProcessNamespace", "hostPID"):
+        if spec.get(field) is True:
+            problems.append(
+                f"spec.{field}: true lets the pod's other containers see the dbgov sidecar's process and "
+                "read its token and database credentials through /proc; remove it from enrolled pods"
+            )
+    return problems
+
+
+def _volume_claims(volume: Mapping[str, Any], *, audience: str) -> list[str]:
+    name = volume.get("name")
+    if name in DBGOV_VOLUMES:
+        return [f"volume {name!r}: the name is the one the webhook gives the dbgov sidecar's own volume"]
+    sources = (volume.get("projected") or {}).get("sources") or []
+    if any((s.get("serviceAccountToken") or {}).get("audience") == audience for s in sources):
+        return [
+            f"volume {name!r} projects a ServiceAccount token for audience {audience!r}, the dbgov "
+            "sidecar's: with it a container could ask for the pod's database credentials itself, "
+            "bypassing the proxy; only the sidecar presents that audience"
+        ]
+    return []
+
+
+def injected(pod: Mapping[str, Any]) -> bool:
+    """Whether ``pod`` (stored, so admitted through the webhook) carries the dbgov sidecar."""
+    meta = pod.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED:
+        return True
+    return _sidecar_of(pod) is not None
+
+
+def update_problems(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    *,
+    enforce: bool,
+    allow_debug: bool,
+) -> list[str]:
+    """Why a pod UPDATE (main resource, ``ephemeralcontainers`` or ``resize``) must be refused.
+
+    ``dbgov.io/`` labels and annotations never change after CREATE (they decide enrollment, the
+    bundle and the database). Of an injected pod: the sidecar, its volumes and the app containers'
+    environment stay as admitted, and an ephemeral container may neither mount the sidecar's
+    volumes nor join its process namespace; in an enforced namespace (``enforce``) none is added
+    unless the chart allows debug containers (``allow_debug``)."""
+    problems = _metadata_changes(old, new)
+    if not injected(old):
+        return problems
+    problems += _sidecar_changes(old, new)
+    problems += _volume_changes(old, new)
+    problems += _env_changes(old, new)
+    problems += _ephemeral_problems(old, new, enforce=enforce, allow_debug=allow_debug)
+    return problems
+
+
+def _metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for field, noun in (("labels", "label"), ("annotations", "annotation")):
+        before = (old.get("metadata") or {}).get(field) or {}
+        after = (new.get("metadata") or {}).get(field) or {}
+        for key in sorted({*before, *after}):
+            if key.startswith(f"{annotations.PREFIX}/") and before.get(key) != after.get(key):
+                problems.append(
+                    f"{noun} {key}: {_shown(before.get(key))} -> {_shown(after.get(key))}: dbgov's "
+                    f"{noun}s on a pod are fixed when it is created (they decide its enrollment, bundle "
+                    "and database); change the pod template and create a new pod"
+                )
+    return problems
+
+
+def _shown(value: str | None) -> str:
+    return "(none)" if value is None else repr(value)
+
+
+def _sidecar_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    before = _sidecar_of(old)
+    if before is None:
+        return []
+    after = _sidecar_of(new)
+    if after is None:
+        return [f"the {SIDECAR_NAME} container is removed: an enrolled pod keeps its dbgov sidecar"]
+    changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+    if not changed:
+        return []
+    detail = ", ".join(
+        f"image {before.get('image')!r} -> {after.get('image')!r}" if k == "image" else k for k in changed
+    )
+    return [
+        f"the {SIDECAR_NAME} container changes ({detail}): the dbgov sidecar stays as the webhook "
+        "injected it (another image would hold the pod's dbgov token and get its database credentials); "
+        "roll out a new pod instead"
+    ]
+
+
+def _volume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    def ours(pod: Mapping[str, Any]) -> dict[str, Any]:
+        volumes = (pod.get("spec") or {}).get("volumes") or []
+        return {v.get("name"): v for v in volumes if v.get("name") in DBGOV_VOLUMES}
+
+    before, after = ours(old), ours(new)
+    return [
+        f"volume {name!r} changes: it is the dbgov sidecar's, as the webhook made it"
+        for name in sorted(before)
+        if before[name] != after.get(name)
+    ]
+
+
+def _env_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Changes to the app containers' environment (Kubernetes refuses them in pod updates today;
+    checked so that a future API allowing them cannot point an app past the proxy)."""
+    after = {c.get("name"): c for _, c in _named_containers(new.get("spec") or {})}
+    problems: list[str] = []
+    for kind, container in _named_containers(old.get("spec") or {}):
+        name = container.get("name")
+        if name == SIDECAR_NAME or kind == "ephemeral":
+            continue
+        other = after.get(name) or {}
+        for field in ("env", "envFrom"):
+            if (container.get(field) or []) != (other.get(field) or []):
+                problems.append(
+                    f"{kind} container {name!r}: {field} changes; the webhook pointed the app at the "
+                    "dbgov proxy when the pod was created, and it stays so"
+                )
+    return problems
+
+
+def _ephemeral_problems(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, enforce: bool, allow_debug: bool
+) -> list[str]:
+    existing = {c.get("name") for c in (old.get("spec") or {}).get("ephemeralContainers") or []}
+    problems: list[str] = []
+    for container in (new.get("spec") or {}).get("ephemeralContainers") or []:
+        name = container.get("name")
+        if name in existing:
+            continue
+        where = f"ephemeral container {name!r}"
+        if enforce and not allow_debug:
+            problems.append(
+                f"{where}: this namespace is labelled {annotations.ENFORCE}=true and the platform does "
+                "not allow debug containers in its pods (chart value sidecar.allowDebugContainers)"
+            )
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("name") in DBGOV_VOLUMES:
+                problems.append(
+                    f"{where} mounts volume {mount['name']!r}, the dbgov sidecar's (its token or policy "
+                    "bundle): only the sidecar mounts it"
+                )
+        if container.get("targetContainerName") == SIDECAR_NAME:
+            problems.append(
+                f"{where} targets {SIDECAR_NAME}: it would share the sidecar's process namespace and "
+                "could read its token and database credentials through /proc; target the app's container"
+            )
+    return problems
+
+
+def _sidecar_of(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    init = (pod.get("spec") or {}).get("initContainers") or []
+    return next((c for c in init if c.get("name") == SIDECAR_NAME), None)
+
+
+def _named_containers(spec: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every container of a pod spec with its kind (``init``, ``app``, ``ephemeral``)."""
+    kinds = (("initContainers", "init"), ("containers", "app"), ("ephemeralContainers", "ephemeral"))
+    return [(kind, c) for field, kind in kinds for c in spec.get(field) or []]
 
 
 def rewrite_database_url(url: str, *, port: int) -> str | None:
@@ -823,8 +1041,3 @@ def _volumes(
         },
     }
     return [token, policy]
-
-
-def _all_containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    spec = pod.get("spec") or {}
-    return [*spec.get("initContainers", []), *spec.get("containers", [])]

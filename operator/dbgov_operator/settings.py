@@ -22,6 +22,9 @@ class SidecarSettings:
     """The sidecar image, pinned by the platform (the chart, by digest where given)."""
     allow_image_override: bool = False
     """Whether a pod may name another image with ``dbgov.io/sidecar-image`` (refused if not)."""
+    allow_debug_containers: bool = False
+    """Whether ephemeral (debug) containers may be added to enrolled pods in namespaces labelled
+    ``dbgov.io/enforce=true``; never one mounting the sidecar's volumes or targeting it."""
     resources: Mapping[str, Any] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -145,6 +148,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
     sidecar = SidecarSettings(
         image=env.get("DBGOV_SIDECAR_IMAGE", side.image),
         allow_image_override=_flag(env, "DBGOV_SIDECAR_ALLOW_IMAGE_OVERRIDE"),
+        allow_debug_containers=_flag(env, "DBGOV_SIDECAR_ALLOW_DEBUG_CONTAINERS"),
         resources=_json(env, "DBGOV_SIDECAR_RESOURCES", side.resources),
         proxy_port=int(env.get("DBGOV_PROXY_PORT", side.proxy_port)),
         metrics_port=int(env.get("DBGOV_SIDECAR_METRICS_PORT", side.metrics_port)),

@@ -9,7 +9,11 @@ The operator writes its webhook configurations itself rather than through kopf's
 kopf writes neither a ``namespaceSelector`` nor a timeout below the 30 s maximum, and enrollment
 needs both -- pods in a namespace labelled ``dbgov.io/enforce=true`` all go through the webhook,
 elsewhere only pods labelled ``dbgov.io/inject=true`` do, system namespaces and the operator's own
-never, and a slow answer fails (closed) in seconds. The chart creates the two configurations so
+never, and a slow answer fails (closed) in seconds. Injection runs once per CREATE
+(``reinvocationPolicy: Never``): a pod arriving with dbgov's sidecar or status annotation made them
+itself and is refused. Enrolled pods' UPDATEs (the pod, ``pods/ephemeralcontainers``,
+``pods/resize``) go to a validating webhook selected by the ``dbgov.io/inject=true`` label, which the
+apiserver matches against the old object as well as the new, so removing the label is seen too. The chart creates the two configurations so
 that ``helm uninstall`` deletes them; the operator only fills them in (and creates them when run
 without the chart), with an ownerReference to the chart's ClusterRole where one is configured, so
 the garbage collector removes any the operator re-created while it was being uninstalled.
@@ -49,6 +53,10 @@ POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
 """kopf handler id of the policy validation."""
 CLUSTER_POLICY_VALIDATION_ID = "validate.clusterpolicies.dbgov.io"
 """kopf handler id of the ClusterDatabaseAccessPolicy validation."""
+POD_GUARD_ID = "validate.pods.dbgov.io"
+"""kopf handler id of the validation of enrolled pods' updates (and ephemeral containers)."""
+POD_GUARD_SUBRESOURCES = ("ephemeralcontainers", "resize")
+"""Pod subresources that change a pod's spec after admission, besides the pod itself."""
 
 Publisher = Callable[[kopf.WebhookClientConfig], None]
 
@@ -147,12 +155,12 @@ def mutating_webhooks(
     config: settings.Settings, *, client_config: kopf.WebhookClientConfig
 ) -> list[dict[str, Any]]:
     """Two webhooks to the one injection handler: every pod in enforced namespaces, and pods
-    labelled ``dbgov.io/inject=true`` elsewhere. Both fail closed, within the timeout."""
-    outside = {
-        "key": annotations.NAMESPACE_NAME_LABEL,
-        "operator": "NotIn",
-        "values": excluded_namespaces(config),
-    }
+    labelled ``dbgov.io/inject=true`` elsewhere. Both fail closed, within the timeout, and are
+    never called again for the same CREATE: the handler refuses a pod that already carries a
+    sidecar, which after a reinvocation would be its own (``IfNeeded`` bought nothing before
+    either: the second call injected nothing). A later mutating webhook is the cluster admin's
+    and trusted; enrolled pods' updates are validated (:func:`validating_webhooks`)."""
+    outside = _outside(config)
     enforce = {"key": annotations.ENFORCE, "values": [annotations.ENFORCE_ENABLED]}
     common = _common(config, client_config=client_config, handler_id=POD_INJECTION_ID)
     rules = [_rule("", "v1", "pods", ["CREATE"])]
@@ -162,7 +170,7 @@ def mutating_webhooks(
             "name": f"enforced.{POD_INJECTION_ID}",
             "rules": rules,
             "namespaceSelector": {"matchExpressions": [outside, {**enforce, "operator": "In"}]},
-            "reinvocationPolicy": "IfNeeded",
+            "reinvocationPolicy": "Never",
         },
         {
             **common,
@@ -170,15 +178,27 @@ def mutating_webhooks(
             "rules": rules,
             "namespaceSelector": {"matchExpressions": [outside, {**enforce, "operator": "NotIn"}]},
             "objectSelector": {"matchLabels": {annotations.INJECT: annotations.INJECT_ENABLED}},
-            "reinvocationPolicy": "IfNeeded",
+            "reinvocationPolicy": "Never",
         },
     ]
+
+
+def _outside(config: settings.Settings) -> dict[str, Any]:
+    return {
+        "key": annotations.NAMESPACE_NAME_LABEL,
+        "operator": "NotIn",
+        "values": excluded_namespaces(config),
+    }
 
 
 def validating_webhooks(
     config: settings.Settings, *, client_config: kopf.WebhookClientConfig
 ) -> list[dict[str, Any]]:
-    """The policy validation, for policies in every namespace, and for cluster policies."""
+    """The policy validation, for policies in every namespace, and for cluster policies; the
+    update validation of enrolled pods (every injected pod carries ``dbgov.io/inject=true``: the
+    webhook sets it in enforced namespaces, and elsewhere it is what enrolled the pod)."""
+    pods = [_rule("", "v1", "pods", ["UPDATE"])]
+    pods += [_rule("", "v1", f"pods/{sub}", ["UPDATE"]) for sub in POD_GUARD_SUBRESOURCES]
     return [
         {
             **_common(config, client_config=client_config, handler_id=POLICY_VALIDATION_ID),
@@ -197,6 +217,14 @@ def validating_webhooks(
                     scope="Cluster",
                 )
             ],
+        },
+        {
+            **_common(config, client_config=client_config, handler_id=POD_GUARD_ID),
+            "name": POD_GUARD_ID,
+            "rules": pods,
+            "namespaceSelector": {"matchExpressions": [_outside(config)]},
+            # Matched against the old object too: a change removing the label still comes here.
+            "objectSelector": {"matchLabels": {annotations.INJECT: annotations.INJECT_ENABLED}},
         },
     ]
 

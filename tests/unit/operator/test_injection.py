@@ -69,11 +69,13 @@ def test_patch_from_diff_reproduces_the_injected_pod(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_second_admission_is_a_no_op(case: str) -> None:
+def test_an_injected_pod_created_again_is_refused(case: str) -> None:
+    """Nothing is already injected at CREATE (the webhook runs once per CREATE): a pod arriving
+    with the webhook's own output, exactly as it made it, copied it and is refused."""
     pod = injection.inject(_load(TESTDATA / f"{case}.pod.yaml"), sidecar=CONFIG.sidecar).pod
-    decision = injection.decide(pod, namespace="apps", config=CONFIG)
-    assert not decision.inject
-    assert decision.reason == "already injected"
+    assert injection.decide(pod, namespace="apps", config=CONFIG).inject
+    with pytest.raises(injection.InjectionRefused, match="only the dbgov webhook writes it"):
+        injection.inject(pod, sidecar=CONFIG.sidecar)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -84,12 +86,13 @@ def test_sidecar_mounts_each_path_once_read_only(case: str) -> None:
     assert all(m["readOnly"] is True for m in sidecar["volumeMounts"])
 
 
-def test_sidecar_without_status_annotation_is_not_injected_again() -> None:
+def test_sidecar_without_status_annotation_is_refused() -> None:
     pod = injection.inject(_load(TESTDATA / "basic.pod.yaml"), sidecar=CONFIG.sidecar).pod
     del pod["metadata"]["annotations"][annotations.STATUS]
-    assert injection.decide(pod, namespace="apps", config=CONFIG) == injection.Decision(
-        inject=False, reason="already has a dbgov-proxy container"
-    )
+    with pytest.raises(injection.InjectionRefused) as caught:
+        injection.inject(pod, sidecar=CONFIG.sidecar)
+    assert "init container 'dbgov-proxy': the name is the dbgov sidecar's" in str(caught.value)
+    assert "volume 'dbgov-policy'" in str(caught.value)
 
 
 @pytest.mark.parametrize(
