@@ -13,8 +13,16 @@ Roles (deterministic, ≤ 63 bytes, cluster-wide in PostgreSQL, so the database 
   dbgov_g_<hash(namespace, policy, database)>  group role: holds the policy's grants, NOLOGIN
   dbgov_w_<hash(pod uid, database)>            login role of one pod: member of its groups,
                                                SCRAM password, VALID UNTIL now + TTL
-Both carry a JSON COMMENT naming their owner (`Owner`). A plan only touches roles whose owner
-names its database, plus any `dbgov_` role whose owner cannot be read (the orphan reaper).
+  dbgov_q_<hash(database)>                     quarantine: NOLOGIN, no privilege, no member;
+                                               owns what a dropped role left with no group
+All carry a JSON COMMENT naming their owner (`Owner`). A plan only touches roles it can prove
+the operator made for ITS database (`owned`): the COMMENT names the database and the role's name
+is the hash that COMMENT's fields give (a minted role cannot change its own COMMENT: that needs
+CREATEROLE). Any other `dbgov_` role, a DBA's `dbgov_dba` say, is never touched (`unmanaged`).
+
+Revocation never hands a workload's objects to the admin: `DropRole` reassigns them to the
+workload's group role (its rights are the policy's, so a view or SECURITY DEFINER function it
+owns gets no more) or, with no group left, to the quarantine role, which has no rights at all.
 
 Passwords and the SCRAM verifier are made by the caller (`pgapply.new_secret`) and passed in,
 so the plan stays pure; PostgreSQL receives only the verifier, never the plaintext.
@@ -36,6 +44,7 @@ from dbgov_policy import compile as policy_compile
 PREFIX = "dbgov_"
 GROUP_PREFIX = "dbgov_g_"
 LOGIN_PREFIX = "dbgov_w_"
+QUARANTINE_PREFIX = "dbgov_q_"
 COMMENT_VERSION = 1
 
 MIN_TTL = datetime.timedelta(minutes=1)
@@ -148,13 +157,23 @@ def login_role_name(*, pod_uid: str, database: str) -> str:
     return LOGIN_PREFIX + _hash("login", pod_uid, database)
 
 
+def quarantine_role_name(database: str) -> str:
+    """The database's quarantine role (owns a revoked role's objects when it has no group):
+    `dbgov_q_` + 32 hex digits."""
+    return QUARANTINE_PREFIX + _hash("quarantine", database)
+
+
+def quarantine_owner(database: str) -> Owner:
+    return Owner(kind="quarantine", database=database)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Owner:
     """Who a role belongs to; kept as the role's COMMENT (JSON) so reaping needs no memory."""
 
-    kind: Literal["group", "login"]
-    namespace: str
+    kind: Literal["group", "login", "quarantine"]
     database: str
+    namespace: str = ""
     policy: str = ""
     service_account: str = ""
     pod_name: str = ""
@@ -171,7 +190,7 @@ class Owner:
             data = json.loads(text or "")
             if not isinstance(data, dict) or data.pop("dbgov", None) != COMMENT_VERSION:
                 return None
-            if data.get("kind") not in ("group", "login"):
+            if data.get("kind") not in ("group", "login", "quarantine"):
                 return None
             return cls(**{k: str(v) for k, v in data.items()})  # type: ignore[arg-type]
         except (ValueError, TypeError):
@@ -180,6 +199,34 @@ class Owner:
     def audit(self) -> dict[str, str]:
         """The identity fields an audit event names."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+    def role_name(self) -> str:
+        """The only name a role with this owner can have (the hash of its fields)."""
+        match self.kind:
+            case "group":
+                return group_role_name(namespace=self.namespace, policy=self.policy, database=self.database)
+            case "login":
+                return login_role_name(pod_uid=self.pod_uid, database=self.database)
+            case "quarantine":
+                return quarantine_role_name(self.database)
+
+
+def provable_owner(role: ActualRole) -> Owner | None:
+    """The owner of a role the operator provably made: its COMMENT is an owner whose fields hash
+    to the role's name. None for anything else (a DBA's `dbgov_dba`, a hand-made look-alike)."""
+    owner = Owner.from_comment(role.comment)
+    return owner if owner is not None and owner.role_name() == role.name else None
+
+
+def owned(role: ActualRole, database: str) -> Owner | None:
+    """``role``'s owner when the operator made it for ``database``; None otherwise."""
+    owner = provable_owner(role)
+    return owner if owner is not None and owner.database == database else None
+
+
+def unmanaged(actual: Actual) -> tuple[str, ...]:
+    """The `dbgov_` roles that no plan may touch: named like ours, not provably ours."""
+    return tuple(r.name for r in actual.roles if r.name.startswith(PREFIX) and provable_owner(r) is None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -375,7 +422,16 @@ class TerminateSessions(_Action):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DropRole(_Action):
-    """REASSIGN OWNED BY the role TO the admin, DROP OWNED BY it, DROP ROLE."""
+    """Give what the role owns to ``reassign_to`` (never the admin), DROP OWNED BY it (its
+    privileges), DROP ROLE; in every database of the server where it owns something."""
+
+    reassign_to: str
+    """A group role of the login, or the database's quarantine role."""
+    quarantine: Owner
+    """The quarantine role's owner: it is created when first needed."""
+
+    def audit(self) -> dict[str, Any]:
+        return {**_Action.audit(self), "reassignTo": self.reassign_to}
 
 
 Action = (
@@ -425,9 +481,9 @@ def plan(
     groups = {group_role_name(namespace=g.namespace, policy=g.policy, database=db): g for g in desired.groups}
     logins = {login_role_name(pod_uid=d.workload.pod_uid, database=db): d for d in desired.logins}
     _check_bindings(desired, groups)
-    ours = [(r, Owner.from_comment(r.comment)) for r in actual.roles if r.name.startswith(PREFIX)]
-    ours = [(r, o) for r, o in ours if o is None or o.database == db]
+    ours = [(r, o) for r in actual.roles if (o := owned(r, db)) is not None and o.kind != "quarantine"]
     actual_roles = {r.name: r for r, _ in ours}
+    quarantine = quarantine_owner(db)
 
     actions: list[Action] = []
     if any(g.grants.views for g in groups.values()) and not actual.masking_schema:
@@ -435,26 +491,39 @@ def plan(
     for name, group in sorted(groups.items()):
         actions.extend(_group_actions(name, group, db, actual, exists=name in actual_roles))
 
-    revoked: list[tuple[str, Reason, Owner | None]] = []
+    revoked: list[tuple[ActualRole, Reason, Owner]] = []
     keep: dict[str, ActualRole] = {}
     for role, owner in sorted(ours, key=lambda item: item[0].name):
         reason = _revocation(role, owner, logins, groups, desired, now=now)
         if reason is None:
             keep[role.name] = role
-        elif not role.name.startswith(GROUP_PREFIX):
-            revoked.append((role.name, reason, owner))
-    actions.extend(DisableLogin(role=n, reason=r, owner=o) for n, r, o in revoked)
-    actions.extend(TerminateSessions(role=n, reason=r, owner=o) for n, r, o in revoked)
-    actions.extend(DropRole(role=n, reason=r, owner=o) for n, r, o in revoked)
+        elif owner.kind == "login":
+            revoked.append((role, reason, owner))
+    actions.extend(DisableLogin(role=r.name, reason=why, owner=o) for r, why, o in revoked)
+    actions.extend(TerminateSessions(role=r.name, reason=why, owner=o) for r, why, o in revoked)
+    # A group that stays first (one dropped later hands everything on to the quarantine).
+    own_groups = sorted((r.name not in groups, r.name) for r, o in ours if o.kind == "group")
+    actions.extend(
+        DropRole(
+            role=r.name,
+            reason=why,
+            owner=o,
+            # The objects a migration created are its group's, which the next pod of the
+            # policy may alter; with no group left, the quarantine role's.
+            reassign_to=next((g for _, g in own_groups if g in r.member_of), quarantine.role_name()),
+            quarantine=quarantine,
+        )
+        for r, why, o in revoked
+    )
 
     for name, login in sorted(logins.items()):
         actions.extend(_login_actions(name, login, keep.get(name), db, secrets=secrets, now=now))
 
     for role, owner in sorted(ours, key=lambda item: item[0].name):
-        if role.name in keep or not role.name.startswith(GROUP_PREFIX):
+        if role.name in keep or owner.kind != "group":
             continue
         reason = _revocation(role, owner, logins, groups, desired, now=now) or "orphan"
-        actions.extend(_drop_group(role.name, reason, owner, actual))
+        actions.extend(_drop_group(role.name, reason, owner, actual, quarantine=quarantine))
     return tuple(actions)
 
 
@@ -473,22 +542,16 @@ def _check_bindings(desired: Desired, groups: Mapping[str, DesiredGroup]) -> Non
 
 def _revocation(
     role: ActualRole,
-    owner: Owner | None,
+    owner: Owner,
     logins: Mapping[str, DesiredLogin],
     groups: Mapping[str, DesiredGroup],
     desired: Desired,
     *,
     now: datetime.datetime,
 ) -> Reason | None:
-    """Why ``role`` must go, or None when it stays."""
-    if owner is None:
-        return "orphan"
+    """Why ``role`` (provably the operator's, for this database) must go, or None when it stays."""
     if owner.kind == "group":
-        if role.name.startswith(GROUP_PREFIX) and role.name in groups:
-            return None
-        return "policy-unbound" if role.name.startswith(GROUP_PREFIX) else "orphan"
-    if not role.name.startswith(LOGIN_PREFIX):
-        return "orphan"
+        return None if role.name in groups else "policy-unbound"
     if role.valid_until is not None and role.valid_until <= now:
         return "expired"
     if role.name in logins:
@@ -582,7 +645,9 @@ def _secret(secrets: Mapping[str, Secret], name: str, w: Workload) -> Secret:
         ) from None
 
 
-def _drop_group(name: str, reason: Reason, owner: Owner | None, actual: Actual) -> Sequence[Action]:
+def _drop_group(
+    name: str, reason: Reason, owner: Owner, actual: Actual, *, quarantine: Owner
+) -> Sequence[Action]:
     out: list[Action] = [
         DropMaskingView(role=name, reason=reason, owner=owner, view=v.name)
         for v in sorted(actual.views, key=lambda v: v.name)
@@ -590,5 +655,9 @@ def _drop_group(name: str, reason: Reason, owner: Owner | None, actual: Actual) 
     ]
     if name in actual.key_digests:
         out.append(SetMaskKey(role=name, reason=reason, owner=owner, pads=None))
-    out.append(DropRole(role=name, reason=reason, owner=owner))
+    out.append(
+        DropRole(
+            role=name, reason=reason, owner=owner, reassign_to=quarantine.role_name(), quarantine=quarantine
+        )
+    )
     return out

@@ -22,6 +22,12 @@ Decisions taken here (docs/credentials.md says them to operators):
   cluster-wide, and two namespaces may each have a Database of the same name on one server.
 - One plan at a time per database: a session-level advisory lock on the admin connection
   (several threads and replicas may issue and reap at once).
+- One role's failure never blocks the others: the plan is applied role by role, and a role
+  whose revocation fails (it owns objects in a database the operator cannot clean up, say)
+  stays NOLOGIN, is logged with the reason and audited (`credential_revoke_failed`), and is
+  tried again by the next plan; only a failure on the presenting pod's own role (or its groups)
+  refuses that pod. `dbgov_` roles the operator cannot prove it made are never touched and
+  are logged once.
 """
 
 import base64
@@ -66,6 +72,9 @@ MASK_KEY_BYTES = 32
 MASK_KEY_MIN_LENGTH = 32
 LOCK_KEY = 0x6462_6776_6D69_6E74  # "dbgvmint": serialises plans on one database
 LOCK_TIMEOUT = "30s"
+
+_reported_unmanaged: set[str] = set()
+"""`dbgov_` roles already logged as not the operator's (logged once per process)."""
 
 Audit = Callable[[dict[str, Any]], None]
 
@@ -664,12 +673,54 @@ class Minter:
         actions = applicable(
             credentials.plan(desired, actual, now=now, secrets=secrets), presenting_role=role
         )
+        _report_unmanaged(actual)
+        own_roles = (
+            {role}
+            | {
+                credentials.group_role_name(namespace=scope.namespace, policy=p, database=scope.database)
+                for d in desired.logins
+                if d.rotate_password
+                for p in d.policies
+            }
+            if role
+            else set()
+        )
         applied: list[credentials.Action] = []
         for batch in _by_role(actions):
-            for action in pgapply.apply(conn, batch):
+            try:
+                done = pgapply.apply(conn, batch, connect=self._connect_to(scope))
+            except (psycopg.Error, pgapply.RoleNotDropped) as err:
+                if batch[0].role in own_roles and not isinstance(err, pgapply.RoleNotDropped):
+                    raise
+                self._failed(batch[0], err, database=scope.database, now=now)
+                continue
+            for action in done:
                 applied.append(action)
                 self._audit(audit_event(action, database=scope.database, now=now))
         return applied, desired
+
+    def _connect_to(self, scope: _Scope) -> pgapply.Connect:
+        """Admin connections to the server's other databases (cleaning up a revoked role)."""
+
+        def connect(dbname: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+            return dbconn.connect(dataclasses.replace(scope.target, dbname=dbname))
+
+        return connect
+
+    def _failed(
+        self, action: credentials.Action, err: Exception, *, database: str, now: datetime.datetime
+    ) -> None:
+        """One role's actions failed: the others go on; log and audit why (the next plan retries)."""
+        reason = " ".join(str(err).split())
+        logger.warning(
+            "Database %s: %s on role %s failed: %s", database, type(action).__name__, action.role, reason
+        )
+        event = audit_event(action, database=database, now=now)
+        event.update(type="credential_revoke_failed" if _revoking(action) else "credential_apply_failed")
+        event["error"] = reason
+        if isinstance(err, pgapply.RoleNotDropped):
+            event["databases"] = list(err.databases)
+        self._audit(event)
 
     def _live_pods(self, namespace: str, presenting: Pod | None) -> list[Pod]:
         listed = self._core.list_namespaced_pod(namespace)
@@ -677,6 +728,21 @@ class Minter:
         if presenting is not None and all(p.uid != presenting.uid for p in pods):
             pods.append(presenting)  # read a moment ago; the list may lag behind
         return pods
+
+
+def _revoking(action: credentials.Action) -> bool:
+    return isinstance(action, credentials.DisableLogin | credentials.TerminateSessions | credentials.DropRole)
+
+
+def _report_unmanaged(actual: credentials.Actual) -> None:
+    for name in credentials.unmanaged(actual):
+        if name not in _reported_unmanaged:
+            _reported_unmanaged.add(name)
+            logger.info(
+                "Role %s is named like a dbgov role but the operator did not make it (no owner COMMENT "
+                "whose hash is its name); it is never touched. Rename it to silence this",
+                name,
+            )
 
 
 def _by_role(actions: Sequence[credentials.Action]) -> Iterator[list[credentials.Action]]:

@@ -11,6 +11,16 @@ batches several roles into one for bulk work). `TerminateSessions` runs outside 
 after the NOLOGIN before it has committed: a session terminated before NOLOGIN is visible
 could log straight back in.
 
+Revocation hands nothing to the admin. A revoked role's objects (a view a migration made, a
+SECURITY DEFINER function) go to its group role or the database's quarantine role, never to
+the admin (a superuser): a view owned by the admin reads masked columns raw, a SECURITY
+DEFINER function owned by it runs anything as superuser. Before they change hands, views are
+made `security_invoker` (readers need their own rights) and SECURITY DEFINER routines lose
+every grant (PUBLIC's too), so only their new owner's members may call them, with its rights.
+A role that owns objects in OTHER databases of the server (any role may connect where PUBLIC
+has CONNECT) is cleaned up there too when the caller can connect there (``connect``); when
+that fails its DROP ROLE fails with `RoleNotDropped` naming those databases.
+
 The connection must be to the governed database, as the admin role (superuser, or CREATEROLE
 with the role memberships REASSIGN OWNED needs; it owns the masking views and reads the tables
 they mask), with autocommit on.
@@ -18,10 +28,11 @@ they mask), with autocommit on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -35,6 +46,27 @@ SCRAM_ITERATIONS = 4096
 """PostgreSQL's default scram_iterations."""
 TERMINATE_WAIT_MS = 5000
 """How long pg_terminate_backend waits for each session to exit."""
+
+
+Connect = Callable[[str], contextlib.AbstractContextManager[psycopg.Connection[Any]]]
+"""Opens an autocommit admin connection to another database of the same server, by name."""
+
+
+class RoleNotDropped(RuntimeError):
+    """DROP ROLE failed because the role still owns objects or holds privileges somewhere the
+    operator could not clean up; the role stays NOLOGIN and the next plan tries again."""
+
+    def __init__(self, *, role: str, databases: Sequence[str], cause: str) -> None:
+        self.role = role
+        self.databases = tuple(databases)
+        self.cause = cause
+        where = ", ".join(self.databases) or "this database"
+        super().__init__(
+            f"role {role} cannot be dropped: it still owns objects or holds privileges in database(s) "
+            f"{where} ({cause}); it stays NOLOGIN and is retried. Let the operator's admin connect "
+            "there, or run REASSIGN OWNED BY / DROP OWNED BY it in each of them; REVOKE CONNECT ON "
+            "DATABASE <db> FROM PUBLIC keeps minted roles out of databases they are not meant for"
+        )
 
 
 def new_secret(password: str | None = None) -> credentials.Secret:
@@ -232,12 +264,15 @@ def apply(
     actions: Sequence[credentials.Action],
     *,
     roles_per_transaction: int = 1,
+    connect: Connect | None = None,
 ) -> list[credentials.Action]:
     """Execute ``actions`` in order; return those applied (for the audit events).
 
-    The connection's current user is the admin: it receives what revoked roles owned
-    (REASSIGN OWNED) and owns the masking views. An error stops the run with the transaction
-    in progress rolled back; reading the state and planning again converges.
+    The connection's current user is the admin: it owns the masking views. A revoked role's
+    objects go where its `DropRole` says (its group or the quarantine role); ``connect`` opens
+    the other databases where it owns something (without it they are not cleaned up and
+    its drop fails with `RoleNotDropped`). An error stops the run with the transaction in
+    progress rolled back; reading the state and planning again converges.
     """
     if not conn.autocommit:
         raise ValueError("pgapply.apply needs an autocommit connection: it commits per role itself")
@@ -246,9 +281,18 @@ def apply(
         if len(batch) == 1 and isinstance(batch[0], credentials.TerminateSessions):
             _terminate(conn, batch[0])
         else:
+            # Other databases first, each committed on its own: the drop below needs them clean.
+            left = {
+                a.role: _disown_elsewhere(conn, a, connect)
+                for a in batch
+                if isinstance(a, credentials.DropRole) and connect is not None
+            }
             with conn.transaction():
                 for action in batch:
-                    _execute(conn, action)
+                    if isinstance(action, credentials.DropRole):
+                        _drop_role(conn, action, cleanup=left.get(action.role, ()))
+                    else:
+                        _execute(conn, action)
         done.extend(batch)
     return done
 
@@ -320,7 +364,7 @@ def _execute(conn: psycopg.Connection[Any], action: credentials.Action) -> None:
             if _exists(conn, action.role):
                 conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(action.role)))
         case credentials.DropRole():
-            _drop_role(conn, action.role)
+            _drop_role(conn, action, cleanup=())
         case credentials.TerminateSessions():
             raise AssertionError("TerminateSessions runs outside a transaction")
 
@@ -410,12 +454,99 @@ def _renew(conn: psycopg.Connection[Any], action: credentials.RenewLoginRole) ->
     conn.execute(query)
 
 
-def _drop_role(conn: psycopg.Connection[Any], role: str) -> None:
+_HOLDING = """
+SELECT DISTINCT d.datname FROM pg_catalog.pg_shdepend s
+JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+  AND s.refobjid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(r)s)
+  AND d.datname <> pg_catalog.current_database()
+ORDER BY 1
+"""
+"""The other databases where the role owns objects or holds privileges."""
+
+_OWNS_HERE = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend s
+  JOIN pg_catalog.pg_database d ON d.oid = s.dbid AND d.datname = pg_catalog.current_database()
+  WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype = 'o'
+    AND s.refobjid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(r)s))
+"""
+
+# regclass / regprocedure text is PostgreSQL's own quoted, schema-qualified name of the object,
+# made to be read back as SQL: it carries no text from outside the catalog unquoted.
+_OWN_VIEWS = """
+SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_class c
+WHERE c.relkind = 'v' AND c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(r)s)
+ORDER BY c.oid
+"""
+_OWN_DEFINER_ROUTINES = """
+SELECT p.oid::pg_catalog.regprocedure::text,
+       ARRAY(SELECT DISTINCT g.rolname FROM pg_catalog.aclexplode(p.proacl) a
+             JOIN pg_catalog.pg_roles g ON g.oid = a.grantee WHERE a.grantee <> p.proowner)
+FROM pg_catalog.pg_proc p
+WHERE p.prosecdef AND p.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(r)s)
+ORDER BY p.oid
+"""
+
+
+def _drop_role(
+    conn: psycopg.Connection[Any], action: credentials.DropRole, *, cleanup: Sequence[str]
+) -> None:
+    role = action.role
     if not _exists(conn, role):
         return
-    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(_ident(role)))
-    conn.execute(sql.SQL("DROP OWNED BY {}").format(_ident(role)))
-    conn.execute(sql.SQL("DROP ROLE {}").format(_ident(role)))
+    elsewhere = [str(row[0]) for row in conn.execute(_HOLDING, {"r": role})]
+    if _scalar(conn, _OWNS_HERE, {"r": role}):
+        target = action.reassign_to if _exists(conn, action.reassign_to) else action.quarantine.role_name()
+        _disown(conn, role, target=target, quarantine=action.quarantine)
+    conn.execute(sql.SQL("DROP OWNED BY {}").format(_ident(role)))  # its privileges, here and shared
+    try:
+        conn.execute(sql.SQL("DROP ROLE {}").format(_ident(role)))
+    except psycopg.errors.DependentObjectsStillExist as err:
+        detail = " ".join(f"{err.diag.message_primary or err}: {err.diag.message_detail or ''}".split())
+        if cleanup:
+            detail += "; cleaning up failed: " + "; ".join(cleanup)
+        elif elsewhere:
+            detail += "; the operator was given no connection to clean up there"
+        raise RoleNotDropped(role=role, databases=elsewhere, cause=detail) from err
+
+
+def _disown(conn: psycopg.Connection[Any], role: str, *, target: str, quarantine: credentials.Owner) -> None:
+    """Defang the role's views and SECURITY DEFINER routines in the connected database, then
+    REASSIGN OWNED BY it TO ``target`` (created first when it is the quarantine role)."""
+    if target == quarantine.role_name() and not _exists(conn, target):
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(_ident(target)))
+        _comment(conn, target, quarantine)
+    if int(_scalar(conn, "SELECT pg_catalog.current_setting('server_version_num')::int", {})) >= 150000:
+        for (view,) in conn.execute(_OWN_VIEWS, {"r": role}).fetchall():
+            conn.execute(sql.SQL("ALTER VIEW {} SET (security_invoker = true)").format(sql.SQL(view)))
+    for routine, grantees in conn.execute(_OWN_DEFINER_ROUTINES, {"r": role}).fetchall():
+        conn.execute(sql.SQL("REVOKE ALL ON ROUTINE {} FROM PUBLIC").format(sql.SQL(routine)))
+        for grantee in grantees:
+            conn.execute(
+                sql.SQL("REVOKE ALL ON ROUTINE {} FROM {}").format(sql.SQL(routine), _ident(grantee))
+            )
+    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(_ident(role), _ident(target)))
+
+
+def _disown_elsewhere(
+    conn: psycopg.Connection[Any], action: credentials.DropRole, connect: Connect
+) -> list[str]:
+    """Clean up what the role owns in the server's other databases: their objects go to the
+    quarantine role (the group's grants are this database's only), its privileges are revoked.
+    Returns why a database could not be cleaned up (the DROP ROLE then fails naming it)."""
+    failed: list[str] = []
+    if not _exists(conn, action.role):
+        return failed
+    for (name,) in conn.execute(_HOLDING, {"r": action.role}).fetchall():
+        try:
+            with connect(str(name)) as other, other.transaction():
+                if _scalar(other, _OWNS_HERE, {"r": action.role}):
+                    quarantine = action.quarantine.role_name()
+                    _disown(other, action.role, target=quarantine, quarantine=action.quarantine)
+                other.execute(sql.SQL("DROP OWNED BY {}").format(_ident(action.role)))
+        except psycopg.Error as err:
+            failed.append(f"{name}: {' '.join(str(err).split())}")
+    return failed
 
 
 def _terminate(conn: psycopg.Connection[Any], action: credentials.Action) -> None:

@@ -11,6 +11,7 @@ they are unique per test, and every test drops its roles at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 import uuid
@@ -82,6 +83,18 @@ SPEC: dict[str, Any] = {
 }
 POLICY = policy_compile.compile_policy(SPEC, mask_key=KEY)
 CREDS = credentials.parse_credentials(SPEC["credentials"])
+MIGRATION = policy_compile.compile_policy(
+    {
+        "default": "block",
+        "rules": [
+            {"name": "read", "verdict": "allow", "statements": ["select"], "tables": ["shop.*"]},
+            {"name": "ddl", "verdict": "allow", "statements": ["create"], "tables": ["shop.*"]},
+        ],
+        "masks": SPEC["masks"],
+    },
+    mask_key=KEY,
+)
+"""A migration job's policy: it may create objects in schema shop; email and ssn are masked."""
 
 
 class Minter:
@@ -99,11 +112,15 @@ class Minter:
         )
 
     def desired(
-        self, pods: list[credentials.Workload], *, live: list[credentials.Workload] | None = None
+        self,
+        pods: list[credentials.Workload],
+        *,
+        live: list[credentials.Workload] | None = None,
+        policy: model.CompiledPolicy = POLICY,
     ) -> credentials.Desired:
         group = credentials.group_role_name(namespace="team-a", policy="shop-policy", database=self.database)
         catalog = pgapply.read_catalog(self.admin)
-        compiled = grants.compile_grants(POLICY, catalog, group_role=group)
+        compiled = grants.compile_grants(policy, catalog, group_role=group)
         return credentials.Desired(
             database=self.database,
             groups=(credentials.DesiredGroup(namespace="team-a", policy="shop-policy", grants=compiled),)
@@ -141,8 +158,10 @@ class Minter:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
 
     def our_roles(self) -> list[str]:
+        """The database's group and login roles (its quarantine role, which outlives them, aside)."""
         rows = self.admin.execute(
             "SELECT rolname FROM pg_roles WHERE starts_with(rolname, 'dbgov_') "
+            "AND NOT starts_with(rolname, 'dbgov_q_') "
             "AND shobj_description(oid, 'pg_authid')::jsonb ->> 'database' = %s",
             (self.database,),
         )
@@ -153,6 +172,9 @@ class Minter:
         try:
             pgapply.apply(self.admin, self.plan(credentials.Desired(database=self.database)))
             assert self.our_roles() == []
+            quarantine = credentials.quarantine_role_name(self.database)
+            if _exists(self.admin, quarantine):
+                self.admin.execute(f'DROP OWNED BY "{quarantine}"; DROP ROLE "{quarantine}"')
         finally:
             self.admin.close()
 
@@ -196,6 +218,10 @@ def _granted(m: Minter, role: str) -> set[tuple[str, ...]]:
         (role, role),
     ).fetchall()
     return {tuple(r) for r in [*tables, *columns, *others]}
+
+
+def _exists(conn: psycopg.Connection[Any], role: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
 
 
 def _row(conn: psycopg.Connection[Any], query: str, *params: Any) -> tuple[Any, ...]:
@@ -414,32 +440,159 @@ def test_half_applied_plans_converge_without_orphans(minter: Minter) -> None:
         assert minter.plan(minter.desired([])) == ()
 
 
-def test_reaper_removes_roles_without_a_live_owner(minter: Minter) -> None:
+def test_reaper_removes_roles_without_a_live_owner_and_leaves_dbgov_named_roles_it_did_not_make(
+    minter: Minter,
+) -> None:
+    """Attack F6: a DBA's `dbgov_dba` (no dbgov COMMENT), a hand-made `dbgov_w_...` and one with
+    a forged owner COMMENT whose hash is not its name were set NOLOGIN, their sessions killed
+    and their failing DROP broke every tenant's plan. Only provably minted roles are reaped."""
     pod = minter.workload(1)
     minter.converge(minter.desired([pod]))
-    orphan = f"dbgov_w_orphan_{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    dba, lookalike, forged = f"dbgov_dba_{tag}", f"dbgov_w_orphan_{tag}", f"dbgov_g_forged_{tag}"
     foreign = credentials.login_role_name(pod_uid="elsewhere", database="another_db")
     owner = credentials.Owner(kind="login", namespace="x", database="another_db", pod_uid="elsewhere")
-    minter.admin.execute(f'CREATE ROLE "{orphan}" LOGIN')
+    claim = credentials.Owner(
+        kind="group", namespace="team-a", policy="shop-policy", database=minter.database
+    )
+    minter.admin.execute(f"CREATE ROLE \"{dba}\" LOGIN PASSWORD 'dba-pw'")
+    minter.admin.execute(f"COMMENT ON ROLE \"{dba}\" IS 'human DBA account for the dbgov team'")
+    minter.admin.execute(
+        f'CREATE TABLE public.important_{tag} (x int); ALTER TABLE public.important_{tag} OWNER TO "{dba}"'
+    )
+    minter.admin.execute(f'CREATE ROLE "{lookalike}" LOGIN')
+    minter.admin.execute(f'CREATE ROLE "{forged}" LOGIN; COMMENT ON ROLE "{forged}" IS \'{claim.comment()}\'')
     minter.admin.execute(
         f'CREATE ROLE "{foreign}" LOGIN; COMMENT ON ROLE "{foreign}" IS \'{owner.comment()}\''
     )
+    dsn = minter.server.dsn(user=dba, password="dba-pw", dbname=minter.database)
     try:
-        # A fresh operator (nothing in memory) that knows of no live pod at all.
-        actions = minter.plan(credentials.Desired(database=minter.database))
-        drops = {(a.role, a.reason) for a in actions if isinstance(a, credentials.DropRole)}
-        assert drops == {
-            (orphan, "orphan"),
-            (minter.role(pod), "pod-deleted"),
-            (_group(minter), "policy-unbound"),
-        }
-        pgapply.apply(minter.admin, actions)
+        with psycopg.connect(dsn, autocommit=True) as dba_session:
+            # A fresh operator (nothing in memory) that knows of no live pod at all.
+            actions = minter.plan(credentials.Desired(database=minter.database))
+            assert {a.role for a in actions} == {minter.role(pod), _group(minter)}
+            drops = {(a.role, a.reason) for a in actions if isinstance(a, credentials.DropRole)}
+            assert drops == {(minter.role(pod), "pod-deleted"), (_group(minter), "policy-unbound")}
+            pgapply.apply(minter.admin, actions)
+            assert dba_session.execute(f"SELECT count(*) FROM public.important_{tag}").fetchone() == (0,)
         left = {
-            r[0]
-            for r in minter.admin.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, 'dbgov_')")
+            r[0]: r[1]
+            for r in minter.admin.execute(
+                "SELECT rolname, rolcanlogin FROM pg_roles WHERE starts_with(rolname, 'dbgov_')"
+            )
         }
-        mine = {orphan, foreign, minter.role(pod), _group(minter)}
-        assert left & mine == {foreign}  # another database's role is that database's plan's to judge
+        for untouched in (dba, lookalike, forged, foreign):
+            assert left.get(untouched) is True, untouched  # still there, still LOGIN
+        assert set(credentials.unmanaged(pgapply.read_state(minter.admin))) >= {dba, lookalike, forged}
     finally:
-        minter.admin.execute(f'DROP ROLE IF EXISTS "{foreign}"')
-        minter.admin.execute(f'DROP ROLE IF EXISTS "{orphan}"')
+        minter.admin.execute(f"DROP TABLE IF EXISTS public.important_{tag}")
+        for name in (foreign, lookalike, forged, dba):
+            minter.admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def test_a_revoked_roles_objects_never_become_superuser_owned(minter: Minter) -> None:
+    """Attack F1: REASSIGN OWNED ... TO CURRENT_USER gave a migration's view over a masked table
+    and its SECURITY DEFINER function to the admin, a superuser: the next workload read the
+    masked columns raw through the view and became superuser through the function."""
+    first, second = minter.workload(1), minter.workload(2)
+    minter.converge(minter.desired([first, second], policy=MIGRATION))
+    with minter.connect(first) as conn:
+        assert _refused(conn, "SELECT email FROM shop.customers") == "42501"
+        conn.execute("CREATE VIEW shop.leak AS SELECT id, email, ssn FROM shop.customers")
+        conn.execute("GRANT SELECT ON shop.leak TO PUBLIC")
+        conn.execute(
+            "CREATE FUNCTION shop.run(q text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER "
+            "AS $$ DECLARE r text; BEGIN EXECUTE q INTO r; RETURN r; END $$"
+        )
+        conn.execute("GRANT EXECUTE ON FUNCTION shop.run(text) TO PUBLIC")
+        conn.execute("CREATE TABLE shop.migrated (id int)")  # what the next job must alter
+    minter.converge(minter.desired([second], policy=MIGRATION))  # the first pod is gone
+    assert not _exists(minter.admin, minter.role(first))
+    owners = minter.admin.execute(
+        "SELECT r.rolname, r.rolsuper FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
+        "WHERE c.oid IN ('shop.leak'::regclass, 'shop.migrated'::regclass) "
+        "UNION ALL SELECT r.rolname, r.rolsuper FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
+        "WHERE p.oid = 'shop.run(text)'::regprocedure"
+    ).fetchall()
+    assert {super_ for _, super_ in owners} == {False}, owners
+    role = minter.role(second)
+    with minter.connect(second) as conn:
+        for leak in ("SELECT * FROM shop.leak", "SELECT email FROM shop.leak"):
+            assert _refused(conn, leak) == "42501", leak
+        assert _refused(conn, f"SELECT shop.run('ALTER ROLE \"{role}\" SUPERUSER')") == "42501"
+        assert _refused(conn, "SELECT shop.run('SELECT rolpassword::text FROM pg_authid LIMIT 1')") == "42501"
+        assert _value(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+        assert _value(conn, "SELECT shop.run('SELECT current_user::text')") == _group(minter)
+        conn.execute("ALTER TABLE shop.migrated ADD COLUMN note text")  # the group owns it: the job may
+    assert {name for name, _ in owners} == {_group(minter)}
+    assert _value(minter.admin, "SELECT reloptions FROM pg_class WHERE oid = 'shop.leak'::regclass") == [
+        "security_invoker=true"
+    ]
+    # Nobody but the owning group may run its SECURITY DEFINER function any more (PUBLIC's grant is gone).
+    assert (
+        _value(
+            minter.admin, "SELECT has_function_privilege('public', 'shop.run(text)'::regprocedure, 'EXECUTE')"
+        )
+        is False
+    )
+    # The policy unbound: the group goes too, and its objects to the powerless quarantine role.
+    minter.converge(minter.desired([]))
+    quarantine = credentials.quarantine_role_name(minter.database)
+    attrs = _row(
+        minter.admin,
+        "SELECT rolcanlogin, rolsuper, rolinherit, (SELECT count(*) FROM pg_auth_members WHERE roleid = r.oid "
+        "OR member = r.oid) FROM pg_roles r WHERE rolname = %s",
+        quarantine,
+    )
+    assert attrs == (False, False, False, 0)
+    assert (
+        _value(
+            minter.admin, "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'shop.leak'::regclass"
+        )
+        == quarantine
+    )
+    assert (
+        _value(
+            minter.admin,
+            "SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE oid = 'shop.run(text)'::regprocedure",
+        )
+        == quarantine
+    )
+
+
+def test_a_role_owning_objects_in_another_database_is_cleaned_up_there_or_reported(
+    minter: Minter, pg_server: pg.PgServer
+) -> None:
+    """Attack F5: a minted role may connect to other databases of the server (PUBLIC has CONNECT)
+    and create a large object there; REASSIGN/DROP OWNED work per database, so DROP ROLE failed
+    and aborted the whole plan for every pod of the Database."""
+    pod, other = minter.workload(1), minter.workload(2)
+    minter.converge(minter.desired([pod, other]))
+    with pg.scratch_database(pg_server, "elsewhere", "") as elsewhere:
+        role = minter.role(pod)
+        dsn = minter.server.dsn(user=role, password=minter.secrets[role].password, dbname=elsewhere)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            lo = _value(conn, "SELECT lo_create(0)")
+        revoke = minter.plan(minter.desired([other]))
+        # Without a way into that database: the role stays, NOLOGIN, and the error names it.
+        with pytest.raises(pgapply.RoleNotDropped) as err:
+            pgapply.apply(minter.admin, revoke)
+        assert err.value.databases == (elsewhere,) and elsewhere in str(err.value)
+        assert "REVOKE CONNECT ON DATABASE" in str(err.value)
+        assert _row(minter.admin, "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", role) == (False,)
+        # With it, the object goes to the quarantine role there and the role is dropped.
+
+        @contextlib.contextmanager
+        def connect(dbname: str) -> Iterator[psycopg.Connection[Any]]:
+            with psycopg.connect(minter.server.dsn(user="postgres", dbname=dbname), autocommit=True) as c:
+                yield c
+
+        pgapply.apply(minter.admin, minter.plan(minter.desired([other])), connect=connect)
+        assert not _exists(minter.admin, role)
+        with connect(elsewhere) as admin:
+            owner = _value(
+                admin, "SELECT pg_get_userbyid(lomowner) FROM pg_largeobject_metadata WHERE oid = %s", lo
+            )
+        assert owner == credentials.quarantine_role_name(minter.database)
+        with minter.connect(other) as still:
+            assert still.execute("SELECT count(*) FROM shop.products").fetchone() == (1,)

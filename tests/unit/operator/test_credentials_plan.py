@@ -150,22 +150,18 @@ CASES: list[dict[str, Any]] = [
         ],
     },
     {
-        "id": "orphans-without-an-owner-are-reaped",
+        # A DBA's dbgov_dba, a hand-made look-alike, a forged COMMENT on a name that is not
+        # its hash: none is provably the operator's, so no plan touches it (attack F6).
+        "id": "dbgov-named-roles-the-operator-did-not-make-are-left-alone",
         "bound": [],
         "roles": [
             _role("dbgov_w_handmade", comment=None),
             _role("dbgov_g_handmade", comment='{"dbgov": 99}'),
             _role("dbgov_x", comment="not json"),
+            _role("dbgov_dba", comment="human DBA account"),
+            _role("dbgov_w_forged", comment=_owner("W1")),
         ],
-        "expect": [
-            ("DisableLogin", "dbgov_w_handmade", "orphan"),
-            ("DisableLogin", "dbgov_x", "orphan"),
-            ("TerminateSessions", "dbgov_w_handmade", "orphan"),
-            ("TerminateSessions", "dbgov_x", "orphan"),
-            ("DropRole", "dbgov_w_handmade", "orphan"),
-            ("DropRole", "dbgov_x", "orphan"),
-            ("DropRole", "dbgov_g_handmade", "orphan"),
-        ],
+        "expect": [],
     },
     {
         "id": "another-databases-roles-are-left-alone",
@@ -254,6 +250,44 @@ def test_created_login_carries_ttl_groups_owner_and_no_password_in_audit() -> No
     }
     assert "pw" not in repr(event) and "pw" not in repr(create) and "SCRAM" not in repr(create)
     assert credentials.Owner.from_comment(create.owner.comment() if create.owner else None) == create.owner
+
+
+def test_a_revoked_roles_objects_go_to_its_group_or_the_quarantine_never_the_admin() -> None:
+    quarantine = credentials.quarantine_role_name(DB)
+    kept = credentials.plan(
+        _desired({"bound": [2]}),
+        credentials.Actual(roles=(_role("G"), _role("W1"), _role("W2"))),
+        now=NOW,
+        secrets=_secrets(),
+    )
+    (drop,) = [a for a in kept if isinstance(a, credentials.DropRole)]
+    assert (drop.role, drop.reassign_to) == (_login(1), G)  # the group stays: the next pod may alter them
+    assert drop.audit()["reassignTo"] == G
+    gone = credentials.plan(
+        _desired({"bound": []}), credentials.Actual(roles=(_role("G"), _role("W1"))), now=NOW, secrets={}
+    )
+    drops = [(a.role, a.reassign_to) for a in gone if isinstance(a, credentials.DropRole)]
+    assert drops == [(_login(1), G), (G, quarantine)]  # the group is dropped after, handing on
+    groupless = credentials.plan(
+        _desired({"bound": []}), credentials.Actual(roles=(_role("W1", member_of=()),)), now=NOW, secrets={}
+    )
+    assert [(a.role, a.reassign_to) for a in groupless if isinstance(a, credentials.DropRole)] == [
+        (_login(1), quarantine)
+    ]
+    # The quarantine role is the operator's (provably) and is never revoked.
+    q = credentials.ActualRole(
+        name=quarantine,
+        can_login=False,
+        valid_until=None,
+        comment=credentials.quarantine_owner(DB).comment(),
+    )
+    assert credentials.owned(q, DB) == credentials.quarantine_owner(DB)
+    assert (
+        credentials.plan(_desired({"bound": []}), credentials.Actual(roles=(q,)), now=NOW, secrets={}) == ()
+    )
+    assert credentials.unmanaged(credentials.Actual(roles=(q, _role("dbgov_dba", comment=None)))) == (
+        "dbgov_dba",
+    )
 
 
 def test_rotation_renews_with_the_new_secret() -> None:

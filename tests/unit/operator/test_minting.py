@@ -178,7 +178,12 @@ def test_only_the_presenting_role_is_created_or_renewed() -> None:
     actions: list[credentials.Action] = [
         credentials.CreateLoginRole(role=mine, reason="issued", secret=secret, valid_until=until, groups=()),
         credentials.RenewLoginRole(role=theirs, reason="renewed", valid_until=until),
-        credentials.DropRole(role="dbgov_w_x", reason="expired"),
+        credentials.DropRole(
+            role="dbgov_w_x",
+            reason="expired",
+            reassign_to="dbgov_g_y",
+            quarantine=credentials.quarantine_owner(DB),
+        ),
         credentials.GrantPrivileges(role="dbgov_g_y", reason="grants-changed", privileges=()),
     ]
     assert minting.applicable(actions, presenting_role=mine) == [actions[0], actions[2], actions[3]]
@@ -208,7 +213,13 @@ def test_audit_lines_say_issued_renewed_revoked_and_never_the_password() -> None
         "credential_renewed": credentials.RenewLoginRole(
             role="r", reason="renewed", owner=owner, valid_until=until, secret=secret
         ),
-        "credential_revoked": credentials.DropRole(role="r", reason="pod-deleted", owner=owner),
+        "credential_revoked": credentials.DropRole(
+            role="r",
+            reason="pod-deleted",
+            owner=owner,
+            reassign_to="g",
+            quarantine=credentials.quarantine_owner(DB),
+        ),
         "credential_grants_changed": credentials.GrantPrivileges(role="g", reason="issued", privileges=()),
     }
     for kind, action in cases.items():
