@@ -24,7 +24,7 @@ import pg
 from dbgov_policy import compile as policy_compile
 from dbgov_sidecar import embedded_pg, policies, policy_port
 
-from . import kube, test_minting
+from . import kube, test_minting, test_operator
 from .operator_proc import GROUP, VERSION, Installed, create_policy, policy, wait_for
 from .test_identity import Endpoint, bound_token
 from .test_operator import bundle, deployed
@@ -32,6 +32,7 @@ from .test_operator import bundle, deployed
 CLUSTER_PLURAL = "clusterdatabaseaccesspolicies"
 NO_DDL: dict[str, Any] = {"name": "no-ddl", "verdict": "block", "statements": ["ddl", "dcl"]}
 RUN_LABEL = "dbgov.io/e2e-run"
+ENROLLED = {"dbgov.io/inject": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +311,26 @@ def test_a_baseline_block_reaches_the_minted_roles_grants(
                         conn.execute(refused)
         finally:
             test_minting._drop_roles(env, scene)
+
+
+def test_a_pod_may_name_the_database_a_baseline_binding_it_is_about(
+    installed: Installed, namespace: str, run: str, baselines: list[str]
+) -> None:
+    """``dbgov.io/database`` must name a Database a policy binding the pod is about: a
+    baseline's ``databaseRef`` counts, in the namespaces it selects only."""
+    name = f"reports-{run}"
+    _create_baseline(installed, baselines, _baseline(name, run=run, databaseRef={"name": "reports-db"}))
+
+    def enrolled(pod: str) -> dict[str, Any]:
+        body = test_operator.pod(pod, labels=ENROLLED, annotations={"dbgov.io/database": "reports-db"})
+        body["spec"]["serviceAccountName"] = "reporting"
+        return body
+
+    refused = test_operator.rejection(
+        lambda: installed.core.create_namespaced_pod(namespace, enrolled("before"))
+    )
+    assert refused.status == 400 and "reports-db" in str(refused.body)
+    _label(installed, namespace, {"env": "prod", RUN_LABEL: run})
+    created = installed.core.create_namespaced_pod(namespace, enrolled("after"))
+    volume = next(v for v in created.spec.volumes if v.name == "dbgov-policy")
+    assert next(i.key for i in volume.config_map.items) == "policy.reports-db.yaml"
