@@ -3,11 +3,14 @@
 The operator runs as the chart's ServiceAccount with the chart's RBAC (test_operator.deployed);
 each test is one bypass a namespace user had: dropping the inject label, naming busybox as the
 sidecar image, loading another database's laxer policy with ``dbgov.io/database``, and a
-PodSecurity ``restricted`` namespace refusing every enrolled pod.
+PodSecurity ``restricted`` namespace refusing every enrolled pod; and the second attack round's
+(F2-F4): a pod claiming ``dbgov.io/status: injected``, a container named ``dbgov-proxy``, the
+sidecar's image patched after admission and an ephemeral container mounting its token.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +183,121 @@ def test_webhooks_scope_by_namespace_and_answer_fast(operator: Installed) -> Non
         operator.core.patch_namespace(
             operator.namespace, {"metadata": {"labels": {"dbgov.io/enforce": None}}}
         )
+    guard: Any = operator.admission.read_validating_webhook_configuration(operator.configuration)
+    (pods,) = [h for h in guard.webhooks if h.name == webhook.POD_GUARD_ID]
+    assert {r for rule in pods.rules for r in rule.resources} == {
+        "pods",
+        "pods/ephemeralcontainers",
+        "pods/resize",
+    }
+    assert pods.object_selector.match_labels == {"dbgov.io/inject": "true"}
+    assert pods.failure_policy == "Fail" and pods.timeout_seconds == 5
+    assert all(h.reinvocation_policy == "Never" for h in hooks.values())
+
+
+# -- the pod's own claims at CREATE (F2, F3) -----------------------------------------------------
+
+
+def test_f2_a_pod_claiming_to_be_injected_is_refused(operator: Installed) -> None:
+    namespace = _namespace(operator, ENFORCED)
+    message = _refused(operator, namespace, _pod("forged", pod_annotations={"dbgov.io/status": "injected"}))
+    assert "annotation dbgov.io/status='injected': only the dbgov webhook writes it" in message
+    # Outside enforcement the same holds for an enrolled pod.
+    elsewhere = _namespace(operator, {})
+    body = _pod("forged", labels={"dbgov.io/inject": "true"}, pod_annotations={"dbgov.io/status": "x"})
+    assert "annotation dbgov.io/status='x'" in _refused(operator, elsewhere, body)
+
+
+@pytest.mark.parametrize("kind", ["initContainers", "containers"])
+def test_f3_a_container_named_like_the_sidecar_is_refused(operator: Installed, kind: str) -> None:
+    namespace = _namespace(operator, ENFORCED)
+    body = _pod("fake")
+    body["spec"].setdefault(kind, []).append({"name": "dbgov-proxy", "image": "busybox", "command": ["true"]})
+    message = _refused(operator, namespace, body)
+    noun = "init" if kind == "initContainers" else "app"
+    assert f"{noun} container 'dbgov-proxy': the name is the dbgov sidecar's" in message
+
+
+def test_an_app_mounting_the_sidecars_token_volume_is_refused(operator: Installed) -> None:
+    """The webhook adds volume dbgov-token; a mount naming it would resolve to the sidecar's token
+    once the mutated pod is validated."""
+    namespace = _namespace(operator, ENFORCED)
+    body = _pod("thief")
+    body["spec"]["containers"][0]["volumeMounts"] = [{"name": "dbgov-token", "mountPath": "/stolen"}]
+    message = _refused(operator, namespace, body)
+    assert "app container 'app' mounts volume 'dbgov-token'" in message
+
+
+# -- after admission (F4) ----------------------------------------------------------------------------
+
+
+def _patch_refused(call: Any) -> str:
+    with pytest.raises(ApiException) as caught:
+        call()
+    assert caught.value.status == 403, caught.value.body
+    message: str = json.loads(caught.value.body)["message"]
+    return message
+
+
+def test_f4_the_sidecars_image_cannot_be_patched(operator: Installed) -> None:
+    namespace = _namespace(operator, ENFORCED)
+    created = _create(operator, namespace, _pod("app"))
+    (index,) = [i for i, c in enumerate(created.spec.init_containers) if c.name == "dbgov-proxy"]
+    core: Any = operator.core
+    swap = [{"op": "replace", "path": f"/spec/initContainers/{index}/image", "value": "evil/forwarder:1"}]
+    message = _patch_refused(lambda: core.patch_namespaced_pod("app", namespace, swap))
+    assert "dbgov refuses this change to an enrolled pod" in message
+    assert "evil/forwarder:1" in message
+    stored = core.read_namespaced_pod("app", namespace)
+    assert stored.spec.init_containers[index].image == created.spec.init_containers[index].image
+    # The app's own image is the app's to change.
+    app = [{"op": "replace", "path": "/spec/containers/0/image", "value": "example/app:2"}]
+    assert core.patch_namespaced_pod("app", namespace, app).spec.containers[0].image == "example/app:2"
+
+
+def test_f4_an_ephemeral_container_cannot_mount_the_token(operator: Installed) -> None:
+    namespace = _namespace(operator, {})  # debug containers are allowed here, but not this one
+    _create(operator, namespace, _pod("app", labels={"dbgov.io/inject": "true"}))
+    core: Any = operator.core
+
+    def add(container: dict[str, Any]) -> Any:
+        body = {"spec": {"ephemeralContainers": [container]}}
+        return core.patch_namespaced_pod_ephemeralcontainers("app", namespace, body)
+
+    thief = {
+        "name": "dbg",
+        "image": "evil/psql:1",
+        "volumeMounts": [{"name": "dbgov-token", "mountPath": "/t"}],
+    }
+    assert "ephemeral container 'dbg' mounts volume 'dbgov-token'" in _patch_refused(lambda: add(thief))
+    peer = {"name": "peer", "image": "busybox", "targetContainerName": "dbgov-proxy"}
+    assert "targets dbgov-proxy" in _patch_refused(lambda: add(peer))
+    # A debug container on the app, without the sidecar's volumes, is still allowed here.
+    added = add({"name": "debug", "image": "busybox", "targetContainerName": "app"})
+    assert [c.name for c in added.spec.ephemeral_containers] == ["debug"]
+
+
+def test_an_enforced_namespace_admits_no_debug_container_by_default(operator: Installed) -> None:
+    namespace = _namespace(operator, ENFORCED)
+    _create(operator, namespace, _pod("app"))
+    core: Any = operator.core
+    body = {"spec": {"ephemeralContainers": [{"name": "debug", "image": "busybox"}]}}
+    message = _patch_refused(lambda: core.patch_namespaced_pod_ephemeralcontainers("app", namespace, body))
+    assert "sidecar.allowDebugContainers" in message
+
+
+def test_enrollment_labels_and_annotations_cannot_be_removed(operator: Installed) -> None:
+    namespace = _namespace(operator, {})
+    _create(operator, namespace, _pod("app", labels={"dbgov.io/inject": "true"}))
+    core: Any = operator.core
+    unlabel = {"metadata": {"labels": {"dbgov.io/inject": None}}}
+    assert "label dbgov.io/inject: 'true' -> (none)" in _patch_refused(
+        lambda: core.patch_namespaced_pod("app", namespace, unlabel)
+    )
+    unmark = {"metadata": {"annotations": {"dbgov.io/status": None}}}
+    assert "annotation dbgov.io/status: 'injected' -> (none)" in _patch_refused(
+        lambda: core.patch_namespaced_pod("app", namespace, unmark)
+    )
+    # Other metadata is the app's (controllers and tools label pods all the time).
+    other = {"metadata": {"labels": {"tier": "web"}}}
+    assert core.patch_namespaced_pod("app", namespace, other).metadata.labels["tier"] == "web"
