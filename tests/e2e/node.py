@@ -45,6 +45,8 @@ GATEWAY = f"{SUBNET_PREFIX}.1"
 """The bridge's address on the host: what pods reach host services at (see `Relay`)."""
 CNI_BIN_DIR = Path("/usr/lib/cni")
 LOCK_FILE = Path("/run/lock/dbgov-e2e-node.lock")
+RUNTIME_PREFIX = "/run/dbgov-e2e-node-"
+"""containerd's socket and state, short paths (a unix socket path has at most 107 bytes)."""
 START_TIMEOUT_S = 60.0
 DEBIAN_PACKAGES = {"containerd": "containerd", "ctr": "containerd", "runc": "runc"}
 
@@ -130,7 +132,7 @@ class Node:
         began = time.monotonic()
         _clean_machine_state()
         # unix socket paths are limited to 108 bytes: keep the runtime's short
-        runtime = Path(f"/run/dbgov-e2e-node-{os.getpid()}")
+        runtime = Path(f"{RUNTIME_PREFIX}{os.getpid()}")
         runtime.mkdir(parents=True, exist_ok=True)
         node = cls(cluster=cluster, tools=tools, workdir=workdir, socket=runtime / "containerd.sock")
         try:
@@ -226,7 +228,9 @@ state = "{runtime / "state"}"
         self.timings[f"import {image.ref}"] = time.monotonic() - began
 
     def _start_kubelet(self) -> None:
-        root = self.workdir / "kubelet"
+        # Beside containerd's state, so a node whose test process was killed leaves its mounts
+        # where the next node start finds and removes them (`_clean_machine_state`).
+        root = self.socket.parent / "kubelet"
         root.mkdir(parents=True, exist_ok=True)
         port, healthz = kube.free_ports(2)
         config = {
@@ -295,12 +299,12 @@ state = "{runtime / "state"}"
         for process in reversed(self.processes):
             process.stop(timeout=20)
         self.processes.clear()
+        with contextlib.suppress(ApiException):  # the cluster outlives the node: no NotReady ghost
+            client.CoreV1Api(self.cluster.api_client()).delete_node(NODE_NAME)
         _kill_shims(self.socket)
         images.unmount_under(self.workdir)
         images.unmount_under(self.socket.parent)
         _clean_machine_state()
-        with contextlib.suppress(OSError):
-            _remove_tree(self.socket.parent)
 
     def _drain(self, timeout: float = 30.0) -> None:
         """Delete every pod bound to the node and let the kubelet tear them down (CNI and
@@ -362,9 +366,10 @@ def _wait(what: str, probe: Any, *, process: kube.Process, timeout: float) -> No
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (log: {process.log})")
 
 
-def _kill_shims(address: Path) -> None:
+def _kill_shims(address: Path | str) -> None:
     """containerd-shim processes outlive containerd by design; kill those serving this node's
-    containerd (their command line names its socket), and their containers with them."""
+    containerd (their command line names its socket, or starts with ``address``), and their
+    containers with them."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -372,7 +377,7 @@ def _kill_shims(address: Path) -> None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and b"containerd-shim" in argv[0] and str(address).encode() in argv:
+        if argv and b"containerd-shim" in argv[0] and any(a.startswith(str(address).encode()) for a in argv):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(proc.name), signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -381,7 +386,12 @@ def _kill_shims(address: Path) -> None:
 
 def _clean_machine_state() -> None:
     """The machine-wide leftovers of a node (ours, or one killed before it could clean up):
-    the bridge and the kubepods cgroups, depth first. Only called holding the machine lock."""
+    shims and containerd state of a node whose test process died, the bridge and the kubepods
+    cgroups, depth first. Only called holding the machine lock, so no live node is touched."""
+    _kill_shims(RUNTIME_PREFIX)
+    for stale in Path(RUNTIME_PREFIX).parent.glob(Path(RUNTIME_PREFIX).name + "*"):
+        images.unmount_under(stale)
+        _remove_tree(stale)
     subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         top = hierarchy / "kubepods"

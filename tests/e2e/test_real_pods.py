@@ -3,11 +3,15 @@
 The kubelet-less operator tests check the pod the webhook writes; these run it. A node
 (node.py: containerd + kubelet) registered to this session's apiserver runs enrolled pods whose
 sidecar is the image Dockerfile.sidecar builds (images.py, no registry) and whose app is psql.
+Proved here: the app reaches PostgreSQL through its sidecar (masked column masked, DDL refused,
+both audited), the startup probe holds the app until the proxy is ready, a policy change
+reaches the running sidecar, a tampered bundle is refused by it, and an unlabelled pod in an
+enforced namespace runs with it.
+
 The operator runs as a process under the chart's RBAC (test_operator.deployed); the test
 PostgreSQL stays on 127.0.0.1 and pods reach it through a relay on the node bridge's address,
 the upstream the app names. The operator's webhook and credential endpoint listen on that
-address too, so the apiserver and the sidecars reach the same process.
-"""
+address too, so the apiserver and the sidecars reach the same process."""
 
 from __future__ import annotations
 
@@ -313,10 +317,12 @@ def test_policy_change_reaches_the_running_sidecar(
     print(f"policy change reached the running sidecar in {time.monotonic() - began:.1f}s")
 
 
-def test_node_timings_are_reported(e2e_node: node.Node) -> None:
-    """Not a proof: prints the node's start and import times for the CI budget (issue 12)."""
-    assert e2e_node.timings["ready"] < node.START_TIMEOUT_S * 2
+def test_node_starts_within_its_budget(e2e_node: node.Node) -> None:
+    """The node's share of CI's time: Ready within seconds, each image imported within a minute
+    (measured here: Ready 1.2 s, imports 6-8 s). Prints the timings for the record."""
     print({k: round(v, 1) for k, v in e2e_node.timings.items()})
+    assert e2e_node.timings["ready"] < 30
+    assert all(v < 60 for k, v in e2e_node.timings.items() if k.startswith("import "))
 
 
 LOOP = (
@@ -325,6 +331,15 @@ LOOP = (
     "else echo refused; fi; sleep 0.5; done"
 )
 """An app asking for shop.orders every half second and printing what it got."""
+
+
+def loosened(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The issue's tampering: every policy in the bundle allows everything, masks nothing (a
+    bundle of policies by name, or one merged policy)."""
+    lax = {"default": "allow", "rules": [], "masks": []}
+    if "policies" in bundle:
+        return {**bundle, "policies": [{**p, "spec": {**p["spec"], **lax}} for p in bundle["policies"]]}
+    return {**bundle, **lax}
 
 
 def test_tampered_bundle_is_refused_by_the_running_sidecar(
@@ -349,8 +364,7 @@ def test_tampered_bundle_is_refused_by_the_running_sidecar(
     wait_for("the app to be refused shop.orders", lambda: "refused" in app_log(), timeout=POD_TIMEOUT_S)
     bundle_name = f"dbgov-policy-{ACCOUNT}"
     good = core.read_namespaced_config_map(bundle_name, governed).data
-    lax = yaml.safe_load(good["policy.yaml"])
-    lax.update({"default": "allow", "rules": [], "masks": []})
+    lax = loosened(yaml.safe_load(good["policy.yaml"]))
     # The operator repairs a tampered bundle within a second; stopped, it leaves the tampered
     # ConfigMap for the kubelet to deliver, so what refuses it here is the sidecar alone.
     operator.operator.stop()
