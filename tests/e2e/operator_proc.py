@@ -149,6 +149,9 @@ def loopback_webhook_env(*, port: int, cert_dir: Path, configuration: str) -> di
         "DBGOV_WEBHOOK_CERT_DIR": str(cert_dir),
         "DBGOV_WEBHOOK_CERT_SECRET": CERT_SECRET,
         "DBGOV_WEBHOOK_CONFIGURATION": configuration,
+        # Several operators on one machine: each binds its credential endpoint to a free port
+        # and tells sidecars that one (in a cluster each replica has the pod's own 9444).
+        "DBGOV_CREDENTIAL_PORT": "0",
     }
 
 
