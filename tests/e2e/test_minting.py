@@ -350,7 +350,9 @@ def test_roles_left_while_the_operator_was_stopped_are_reaped_after_a_restart(en
 
 
 def test_refusals_name_their_reason_and_give_no_credentials(env: Env, namespace: str) -> None:
-    uid = _pod(env, namespace, "lonely")
+    # Not enrolled: the validating webhook refuses dbgov.io/ annotation changes on enrolled pods,
+    # and this test flips dbgov.io/database on one pod (minting reads it whatever the label).
+    uid = _pod(env, namespace, "lonely", labels={})
     token = bound_token(env.cluster, namespace, pod="lonely", uid=uid)
     assert _refused(env, token) == (409, "no_policy")
     _policy(env, namespace, name="p-missing", database="nowhere")
