@@ -13,7 +13,9 @@ INJECT: Final = f"{PREFIX}/inject"
 """Pod label, set by users: ``"true"`` enrolls the pod; the webhook adds the dbgov sidecar.
 
 In a namespace labelled :data:`ENFORCE` the label is not the pod's choice: every pod is injected
-(the webhook sets it to ``"true"``), and ``"false"`` is ignored with a warning."""
+(the webhook sets it to ``"true"``), and ``"false"`` is ignored with a warning. Every injected pod
+carries it, and it selects the pods whose updates the operator validates: once a pod exists, no
+``dbgov.io/`` label or annotation of it may be added, changed or removed."""
 
 INJECT_ENABLED: Final = "true"
 """The only value of :data:`INJECT` that enrolls a pod."""
@@ -34,7 +36,8 @@ namespaceSelector excludes system namespaces and the operator's own by it."""
 STATUS: Final = f"{PREFIX}/status"
 """Pod annotation, written by the webhook: ``"injected"`` once the sidecar was added.
 
-A pod that already carries it is never injected again."""
+Never trusted from the pod: the webhook runs once per CREATE, so an enrolled pod that arrives
+with it (or with a container named ``dbgov-proxy``) made it itself and is refused."""
 
 STATUS_INJECTED: Final = "injected"
 """The value of :data:`STATUS` on a pod the webhook has injected."""
