@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from dbgov_operator import webhook
+from dbgov_operator import settings, webhook
 
 from . import kube
 from .operator_proc import Installed, create_policy, policy, wait_ready
@@ -235,7 +235,7 @@ def _patch_refused(call: Any) -> str:
     with pytest.raises(ApiException) as caught:
         call()
     assert caught.value.status == 403, caught.value.body
-    message: str = json.loads(caught.value.body)["message"]
+    message: str = json.loads(str(caught.value.body))["message"]
     return message
 
 
@@ -301,3 +301,15 @@ def test_enrollment_labels_and_annotations_cannot_be_removed(operator: Installed
     # Other metadata is the app's (controllers and tools label pods all the time).
     other = {"metadata": {"labels": {"tier": "web"}}}
     assert core.patch_namespaced_pod("app", namespace, other).metadata.labels["tier"] == "web"
+
+
+def test_the_chart_value_allowing_debug_containers_reaches_the_operator(
+    kube_tools: kube.Tools, helm_home: Path
+) -> None:
+    from .test_operator_chart_env import _operator_env
+
+    def allowed(*sets: str) -> bool:
+        return settings.from_env(_operator_env(kube_tools, helm_home, *sets)).sidecar.allow_debug_containers
+
+    assert not allowed()
+    assert allowed("sidecar.allowDebugContainers=true")
