@@ -326,7 +326,7 @@ def test_an_expired_role_is_reaped(env: Env, scene: Scene) -> None:
 def test_roles_left_while_the_operator_was_stopped_are_reaped_after_a_restart(env: Env, scene: Scene) -> None:
     uid = _pod(env, scene.namespace, "orders-6", labels={})  # not enrolled: no pod event either
     cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-6", uid=uid))
-    stray = "dbgov_w_" + uuid.uuid4().hex
+    stray = "dbgov_w_" + uuid.uuid4().hex  # named like a minted role, but no COMMENT proves it
     operator = env.installed.operator
     operator.stop()
     try:
@@ -339,9 +339,148 @@ def test_roles_left_while_the_operator_was_stopped_are_reaped_after_a_restart(en
     wait_for(
         "the dead pod's role to be reaped", lambda: not _role_exists(env, scene, cred["user"]), timeout=30
     )
-    wait_for("the orphan to be reaped", lambda: not _role_exists(env, scene, stray), timeout=30)
-    line = wait_for("the orphan's audit line", lambda: _audit(env, "credential_revoked", stray, "DropRole"))
-    assert line["reason"] == "orphan"
+    # A dbgov_ role the operator cannot prove it made is never touched (attack F6), only logged.
+    wait_for(
+        "the stray role to be logged",
+        lambda: f"Role {stray} is named like a dbgov role" in operator.all_logs(),
+    )
+    try:
+        with _admin(env, scene) as admin:
+            assert admin.execute(
+                "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (stray,)
+            ).fetchone() == (True,)
+        assert _audit(env, "credential_revoked", stray) is None
+    finally:
+        with _admin(env, scene) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{stray}"')
+
+
+# --------------------------------------------------------------------------------------------
+# attack findings on revocation (F1, F5, F6)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_revoked_migrations_view_and_definer_function_give_the_next_pod_nothing(
+    env: Env, scene: Scene
+) -> None:
+    """F1: the admin (a superuser) received a revoked role's objects; the next pod read masked
+    columns raw through a view and became superuser through a SECURITY DEFINER function."""
+    ddl = {"name": "migrate", "verdict": "allow", "statements": ["create"], "tables": ["shop.*"]}
+    patch = {"spec": {"rules": [*RULES, ddl]}}
+    env.custom.patch_namespaced_custom_object(GROUP, VERSION, scene.namespace, PLURAL, scene.policy, patch)
+    uid = _pod(env, scene.namespace, "mig-1")
+    first = _issue(env, bound_token(env.cluster, scene.namespace, pod="mig-1", uid=uid))
+    with _login(env, scene, first) as conn:
+        conn.execute("CREATE VIEW shop.leak AS SELECT id, email, ssn FROM shop.customers")
+        conn.execute("GRANT SELECT ON shop.leak TO PUBLIC")
+        conn.execute(
+            "CREATE FUNCTION shop.run(q text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER "
+            "AS $$ DECLARE r text; BEGIN EXECUTE q INTO r; RETURN r; END $$"
+        )
+        conn.execute("GRANT EXECUTE ON FUNCTION shop.run(text) TO PUBLIC")
+    env.core.delete_namespaced_pod("mig-1", scene.namespace, grace_period_seconds=0)
+    wait_for("the role to be dropped", lambda: not _role_exists(env, scene, first["user"]), timeout=20)
+    uid2 = _pod(env, scene.namespace, "mig-2")
+    second = _issue(env, bound_token(env.cluster, scene.namespace, pod="mig-2", uid=uid2))
+    with _login(env, scene, second) as conn:
+        for leak in ("SELECT * FROM shop.leak", "SELECT email FROM shop.leak"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(leak)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT shop.run(%s)", (f'ALTER ROLE "{second["user"]}" SUPERUSER',))
+        assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (
+            False,
+        )
+    with _admin(env, scene) as admin:
+        owners = admin.execute(
+            "SELECT r.rolsuper FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = 'shop.leak'::regclass "
+            "UNION ALL SELECT r.rolsuper FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
+            "WHERE p.oid = 'shop.run(text)'::regprocedure"
+        ).fetchall()
+    assert owners == [(False,), (False,)]
+    line = wait_for(
+        "the revoke audit line", lambda: _audit(env, "credential_revoked", first["user"], "DropRole")
+    )
+    assert line["reassignTo"].startswith(credentials.GROUP_PREFIX)
+
+
+def test_a_role_with_objects_in_another_database_blocks_no_other_pod(env: Env, scene: Scene) -> None:
+    """F5: a large object in another database made the revoked role's DROP fail, and the whole
+    plan with it: every other pod of the Database got 503 database_unavailable."""
+    uid = _pod(env, scene.namespace, "lo-1")
+    cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="lo-1", uid=uid))
+    with pg.scratch_database(env.pg_server, "elsewhere", "") as elsewhere:
+        with _login(env, scene, {**cred, "dbname": elsewhere}) as conn:
+            conn.execute("SELECT lo_create(0)")
+        with _admin(env, scene) as admin:  # the operator cannot clean up there: reported, retried
+            admin.execute(f'ALTER DATABASE "{elsewhere}" ALLOW_CONNECTIONS false')
+        env.core.delete_namespaced_pod("lo-1", scene.namespace, grace_period_seconds=0)
+
+        def disabled() -> bool:
+            with _admin(env, scene) as admin:
+                found = admin.execute(
+                    "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (cred["user"],)
+                ).fetchone()
+            return found == (False,)
+
+        wait_for("the revoked role to be NOLOGIN", disabled, timeout=20)
+        # Another pod of the Database still gets credentials (it got 503 database_unavailable).
+        uid2 = _pod(env, scene.namespace, "lo-2")
+        other = _issue(env, bound_token(env.cluster, scene.namespace, pod="lo-2", uid=uid2))
+        with _login(env, scene, other) as conn:
+            assert conn.execute("SELECT count(*) FROM shop.orders").fetchone() == (2,)
+        failed = wait_for(
+            "the revoke-failed audit line",
+            lambda: _audit(env, "credential_revoke_failed", cred["user"]),
+            timeout=20,
+        )
+        assert failed["databases"] == [elsewhere] and elsewhere in failed["error"]
+        assert _role_exists(env, scene, cred["user"]) and disabled()  # it stays, NOLOGIN, retried
+        with _admin(env, scene) as admin:
+            admin.execute(f'ALTER DATABASE "{elsewhere}" ALLOW_CONNECTIONS true')
+        wait_for("the role to be dropped", lambda: not _role_exists(env, scene, cred["user"]), timeout=20)
+
+
+def test_a_dbas_dbgov_named_role_is_left_alone(env: Env, scene: Scene) -> None:
+    """F6: any dbgov_ role without a dbgov COMMENT was an orphan of every Database: a DBA's
+    dbgov_dba was set NOLOGIN, its sessions killed, and its failing DROP broke every tenant."""
+    dba = f"dbgov_dba_{uuid.uuid4().hex[:8]}"
+    with _admin(env, scene) as admin:
+        admin.execute(f"CREATE ROLE \"{dba}\" LOGIN PASSWORD 'dba-pw'")
+        admin.execute(f"COMMENT ON ROLE \"{dba}\" IS 'human DBA account for the dbgov team'")
+        admin.execute(f'CREATE TABLE public.important (x int); ALTER TABLE public.important OWNER TO "{dba}"')
+    try:
+        session = psycopg.connect(
+            env.pg_server.dsn(user=dba, password="dba-pw", dbname=scene.dbname), autocommit=True
+        )
+        with session:
+            uid = _pod(env, scene.namespace, "dba-1")
+            _issue(env, bound_token(env.cluster, scene.namespace, pod="dba-1", uid=uid))
+            env.core.delete_namespaced_pod("dba-1", scene.namespace, grace_period_seconds=0)  # a reap runs
+            wait_for(
+                "a reap",
+                lambda: _audit(
+                    env,
+                    "credential_revoked",
+                    credentials.login_role_name(pod_uid=uid, database=scene.database_id),
+                    "DropRole",
+                ),
+                timeout=20,
+            )
+            assert session.execute("SELECT count(*) FROM public.important").fetchone() == (0,)
+        with _admin(env, scene) as admin:
+            assert admin.execute(
+                "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (dba,)
+            ).fetchone() == (True,)
+            owner = admin.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'important'").fetchone()
+        assert owner == (dba,)
+        logs = env.installed.operator.all_logs
+        wait_for("the DBA role to be logged", lambda: f"Role {dba} is named like a dbgov role" in logs())
+        assert logs().count(f"Role {dba} is named like a dbgov role") == 1
+        assert _audit(env, "credential_revoked", dba) is None
+    finally:
+        with _admin(env, scene) as admin:
+            admin.execute(f'DROP TABLE IF EXISTS public.important; DROP ROLE IF EXISTS "{dba}"')
 
 
 # --------------------------------------------------------------------------------------------
