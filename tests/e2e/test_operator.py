@@ -729,7 +729,9 @@ def test_a_new_pod_gets_the_bundle_file_it_mounts(installed: Installed, namespac
     assert [p["name"] for p in shipped["policies"]] == ["reports-read"]
 
 
-def test_second_admission_does_not_inject_twice(installed: Installed, namespace: str) -> None:
+def test_a_copy_of_an_injected_pod_is_refused(installed: Installed, namespace: str) -> None:
+    # The webhook runs once per CREATE, so a pod arriving with its sidecar and status annotation
+    # made them itself (issue 12, attack finding F2): refused, never trusted as injected.
     first = installed.core.create_namespaced_pod(namespace, pod("once", labels=ENROLLED))
     again = installed.core.api_client.sanitize_for_serialization(first)
     again["metadata"] = {
@@ -738,10 +740,11 @@ def test_second_admission_does_not_inject_twice(installed: Installed, namespace:
         "annotations": again["metadata"]["annotations"],
     }
     again.pop("status", None)
-    second = installed.core.create_namespaced_pod(namespace, copy.deepcopy(again))
-    assert [c.name for c in second.spec.init_containers] == ["dbgov-proxy"]
-    assert [v.name for v in second.spec.volumes] == [v.name for v in first.spec.volumes]
-    assert [e.name for e in second.spec.containers[0].env] == ["PGHOST", "PGPORT"]
+    with pytest.raises(ApiException) as caught:
+        installed.core.create_namespaced_pod(namespace, copy.deepcopy(again))
+    message = str(caught.value.body)
+    assert "annotation dbgov.io/status='injected'" in message
+    assert "init container 'dbgov-proxy': the name is the dbgov sidecar's" in message
 
 
 def test_unlabeled_pod_is_untouched(installed: Installed, namespace: str) -> None:
