@@ -170,6 +170,9 @@ class Pod:
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     database: str = ""
     """Its ``dbgov.io/database`` annotation ("" if none)."""
+    injected: bool = False
+    """The webhook injected the sidecar at its CREATE (its status annotation and enrollment label,
+    which the pod may neither claim at CREATE nor add later)."""
 
     @classmethod
     def from_api(cls, body: Mapping[str, Any]) -> "Pod":
@@ -180,6 +183,8 @@ class Pod:
             service_account=str(spec.get("serviceAccountName") or "default"),
             labels=dict(meta.get("labels") or {}),
             database=str((meta.get("annotations") or {}).get(annotations.DATABASE) or ""),
+            injected=(meta.get("annotations") or {}).get(annotations.STATUS) == annotations.STATUS_INJECTED
+            and (meta.get("labels") or {}).get(annotations.INJECT) == annotations.INJECT_ENABLED,
         )
 
 
@@ -455,6 +460,16 @@ class Minter:
         secret = pgapply.new_secret()
         try:
             with self._session(scope) as conn:
+                if not pod.injected:
+                    # A pod bound by a policy but without the sidecar (never enrolled, or a token
+                    # requested for it by hand) would hold database credentials the proxy never sees.
+                    raise refused(
+                        403,
+                        "pod_not_injected",
+                        "credentials go only to pods the dbgov webhook injected with its sidecar; "
+                        "enroll the pod (label dbgov.io/inject=true, or an enforced namespace)",
+                        f"{namespace}/{pod.name}",
+                    )
                 applied, desired = self._converge(conn, scope, presenting=pod, secrets={role: secret})
         except psycopg.Error as err:
             raise refused(

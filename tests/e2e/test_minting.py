@@ -324,7 +324,7 @@ def test_an_expired_role_is_reaped(env: Env, scene: Scene) -> None:
 
 
 def test_roles_left_while_the_operator_was_stopped_are_reaped_after_a_restart(env: Env, scene: Scene) -> None:
-    uid = _pod(env, scene.namespace, "orders-6", labels={})  # not enrolled: no pod event either
+    uid = _pod(env, scene.namespace, "orders-6")
     cred = _issue(env, bound_token(env.cluster, scene.namespace, pod="orders-6", uid=uid))
     stray = "dbgov_w_" + uuid.uuid4().hex  # named like a minted role, but no COMMENT proves it
     operator = env.installed.operator
@@ -514,6 +514,14 @@ def test_refusals_name_their_reason_and_give_no_credentials(env: Env, namespace:
         "lonely", namespace, {"metadata": {"annotations": {"dbgov.io/database": "nowhere"}}}
     )
     assert _refused(env, token) == (409, "database_not_ready")
+    # Bound, its database reachable and ready: still no credentials for a pod the webhook never
+    # injected (its sidecar would not be there to see what they are used for).
+    _database(env, namespace, name="reachable", dbname="shop")
+    _policy(env, namespace, name="p-reachable", database="reachable")
+    env.core.patch_namespaced_pod(
+        "lonely", namespace, {"metadata": {"annotations": {"dbgov.io/database": "reachable"}}}
+    )
+    assert _refused(env, token) == (403, "pod_not_injected")
 
 
 def test_the_webhook_refuses_bad_credentials_settings_with_every_path(env: Env, namespace: str) -> None:
