@@ -75,7 +75,8 @@ def test_template_renders_the_operator_objects(kube_tools: kube.Tools, helm_home
             "MutatingWebhookConfiguration",
             "ValidatingWebhookConfiguration",
         ]
-        + ["CustomResourceDefinition"] * 3
+        # policies, cluster policies, databases, access requests
+        + ["CustomResourceDefinition"] * 4
     )
     (deploy,) = by_kind(docs, "Deployment")
     pod = deploy["spec"]["template"]["spec"]

@@ -593,13 +593,13 @@ def test_sidecar_gets_the_apps_tls_file_mounts_read_only(installed: Installed, n
     ]
     assert stored["spec"]["initContainers"][0]["volumeMounts"][2:] == expected
     assert [m.name for m in created.spec.init_containers[0].volume_mounts][2:] == ["db-ca", "db-client"]
-    # Admitted again as stored (a controller re-creating it): no second sidecar, no second mount.
+    # Created again from the stored pod (its sidecar, volumes and status annotation included): a
+    # pod cannot arrive claiming what only the webhook adds (controllers create from templates).
     again = copy.deepcopy(stored)
     again["metadata"] = {k: stored["metadata"][k] for k in ("labels", "annotations")} | {"name": "tls-again"}
     again.pop("status", None)
-    second = installed.core.create_namespaced_pod(namespace, again)
-    assert [c.name for c in second.spec.init_containers] == ["dbgov-proxy"]
-    assert [m.name for m in second.spec.init_containers[0].volume_mounts][2:] == ["db-ca", "db-client"]
+    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, again))
+    assert error.status == 400 and "only the dbgov webhook writes it" in error.body
 
 
 def test_tls_file_outside_every_mount_refuses_the_pod(installed: Installed, namespace: str) -> None:
