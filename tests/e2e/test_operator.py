@@ -502,9 +502,22 @@ def test_policy_stored_while_validation_was_off_is_reported_and_still_deletable(
 ) -> None:
     # As if the policy predates the webhook, or a stricter compiler release: switch the
     # validating webhook off, store an invalid policy, then let a restart put the webhook back.
-    installed.admission.delete_validating_webhook_configuration(installed.configuration)
     bad = policy("stale", rules=[{"name": "r", "verdict": "allow", "statements": ["selekt"]}])
-    create_policy(installed, namespace, bad)
+
+    def stored() -> bool:
+        # The operator writes its webhook configurations back when it checks its certificate
+        # (every 2 s here): delete and create at once, again until the create slips through.
+        with contextlib.suppress(ApiException):
+            installed.admission.delete_validating_webhook_configuration(installed.configuration)
+        try:
+            create_policy(installed, namespace, bad)
+        except ApiException as err:
+            if err.status != 422:
+                raise
+            return False
+        return True
+
+    wait_for("the invalid policy stored while validation was off", stored)
 
     def reported() -> dict[str, Any] | None:
         status = get_policy(installed, namespace, "stale").get("status") or {}
