@@ -17,6 +17,18 @@ import pgserver
 OUT = pathlib.Path(__file__).resolve().parent.parent / "sidecar/dbgov_policy/_pgcatalog.py"
 
 
+WHOLE_ROW_QUERY = (
+    "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+    "WHERE n.nspname = 'pg_catalog' AND p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1 "
+    "AND (p.proargtypes[0] IN ('record'::regtype, 'anyelement'::regtype, 'anycompatible'::regtype, "
+    "'\"any\"'::regtype, 'anynonarray'::regtype, 'anycompatiblenonarray'::regtype) "
+    "OR (SELECT t.typtype = 'c' FROM pg_type t WHERE t.oid = p.proargtypes[0]))"
+)
+"""Built-in functions (and aggregates) one argument of a row type can call: PostgreSQL reads
+``t.f`` as ``f(t)`` when t has no column f (functional notation), so a qualified column
+reference may be a call of one of these with the whole row."""
+
+
 def _names(srv: pgserver.PostgresServer, sql: str) -> list[str]:
     out = srv.psql(f"COPY ({sql}) TO STDOUT")
     return sorted({line for line in out.splitlines() if line})
@@ -42,6 +54,7 @@ def main() -> None:
             "WHERE n.nspname = 'information_schema'",
         )
         operators = _names(srv, "SELECT oprname FROM pg_operator")
+        whole_row = _names(srv, WHOLE_ROW_QUERY)
         srv.cleanup()
 
     def block(name: str, doc: str, items: list[str]) -> str:
@@ -58,13 +71,20 @@ def main() -> None:
             '"""Every function name in information_schema (SQL helpers of its views; they only read)."""',
             information_schema,
         )
+        + block(
+            "WHOLE_ROW_FUNCTIONS",
+            '"""Built-in functions a whole row can be passed to alone, so `t.f` may call f(t) (functional\n'
+            'notation): single-argument (or defaulted) functions of record, composite or polymorphic type."""',
+            whole_row,
+        )
         + block("OPERATORS", '"""Every operator name in pg_catalog."""', operators)
         + block("PG_CATALOG_RELATIONS", '"""Tables and views in pg_catalog."""', catalog).rstrip("\n")
         + "\n"
     )
     print(
         f"wrote {OUT}: {len(functions)} functions, "
-        f"{len(information_schema)} information_schema functions, {len(operators)} operators, {len(catalog)} relations"
+        f"{len(information_schema)} information_schema functions, {len(whole_row)} whole-row functions, "
+        f"{len(operators)} operators, {len(catalog)} relations"
     )
 
 

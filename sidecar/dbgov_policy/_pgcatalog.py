@@ -2720,6 +2720,53 @@ INFORMATION_SCHEMA_FUNCTIONS: frozenset[str] = frozenset(
 )
 """Every function name in information_schema (SQL helpers of its views; they only read)."""
 
+WHOLE_ROW_FUNCTIONS: frozenset[str] = frozenset(
+    (
+        "any_out",
+        "any_value",
+        "anycompatible_out",
+        "anycompatiblenonarray_out",
+        "anyelement_out",
+        "anynonarray_out",
+        "array_agg",
+        "concat",
+        "count",
+        "cume_dist",
+        "dense_rank",
+        "first_value",
+        "hash_record",
+        "json_agg",
+        "json_agg_strict",
+        "json_build_array",
+        "json_build_object",
+        "jsonb_agg",
+        "jsonb_agg_strict",
+        "jsonb_build_array",
+        "jsonb_build_object",
+        "lag",
+        "last_value",
+        "lead",
+        "mode",
+        "num_nonnulls",
+        "num_nulls",
+        "percent_rank",
+        "pg_collation_for",
+        "pg_column_compression",
+        "pg_column_size",
+        "pg_typeof",
+        "quote_literal",
+        "quote_nullable",
+        "rank",
+        "record_out",
+        "record_send",
+        "row_to_json",
+        "to_json",
+        "to_jsonb",
+    )
+)
+"""Built-in functions a whole row can be passed to alone, so `t.f` may call f(t) (functional
+notation): single-argument (or defaulted) functions of record, composite or polymorphic type."""
+
 OPERATORS: frozenset[str] = frozenset(
     (
         "!!",

@@ -7,7 +7,10 @@ data-modifying CTEs, EXPLAIN ANALYZE, PREPARE, DECLARE, rule actions, function a
 bodies), its class, the relations it reads and writes, the functions it calls, the hard
 guardrails it trips, and where masked tables would have to be rewritten.
 
-The walk is policy-independent; `decide` applies a policy to the result.
+The walk is policy-independent; `decide` applies a policy to the result. What it needs of the
+session's database is which function names are PostgreSQL's own (``Functions``): a name that a
+function outside pg_catalog also has may call that function (PostgreSQL picks the overload whose
+argument types match best, before path order), and ``t.f`` calls ``f(t)`` when t has no column f.
 """
 
 from __future__ import annotations
@@ -95,6 +98,23 @@ FUNCTION_DEFELEMS = frozenset(
         "subtype_diff",
     }
 )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Functions:
+    """What the catalog of the session's database says about function names, read at login and
+    again after DDL: without it (``dbgov check``) a name is judged by pg_catalog's names alone."""
+
+    names: frozenset[str] = frozenset()
+    """Names of the functions, aggregates and procedures in every schema but pg_catalog,
+    information_schema and the system's own (``pg_*``): an unqualified call of one may be of it,
+    whatever overloads pg_catalog has, so it is judged as a user function."""
+    columns: frozenset[tuple[str, str, str]] = frozenset()
+    """(schema, relation, column) of every column named like one of ``names`` or a whole-row
+    built-in (``_pgcatalog.WHOLE_ROW_FUNCTIONS``): where ``t.f`` is a column, not ``f(t)``."""
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.columns)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,6 +207,10 @@ class Unit:
     qualified_refs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     """(qualifier, name) of references `q.name` (the last two names): a column of q, or, when q
     has no such column, the function name(q) of q's whole row."""
+    row_calls: list[tuple[str | None, str]] = dataclasses.field(default_factory=list)
+    """(qualifier, name) of references `q.name` and `(expr).name` whose name is a function's that
+    takes a whole row: calls of it unless the catalog says q has such a column (``_row_calls``);
+    qualifier None: of an expression, never a relation."""
     """Names a column reference uses alone (``RETURNING t``): perhaps a whole-row reference."""
     has_star: bool = False
     non_relation_object: bool = False
@@ -240,8 +264,11 @@ def parse_tree(sql: str) -> list[dict[str, Any]]:
     return stmts
 
 
-def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis:
-    """Analyze a query string as one simple-query message would carry it."""
+def analyze(
+    sql: str, *, search_path: tuple[str, ...] = ("public",), functions: Functions | None = None
+) -> Analysis:
+    """Analyze a query string as one simple-query message would carry it; ``functions``: what the
+    session's catalog says of function names (None: only pg_catalog's names are known)."""
     if "\x00" in sql:
         return Analysis(units=(), error="the query text contains a NUL character")
     try:
@@ -250,7 +277,7 @@ def analyze(sql: str, *, search_path: tuple[str, ...] = ("public",)) -> Analysis
         return Analysis(units=(), error=f"PostgreSQL's parser rejects it: {err}")
     except (ValueError, RecursionError) as err:
         return Analysis(units=(), error=f"cannot parse: {err}")
-    walker = _Walker(search_path=search_path)
+    walker = _Walker(search_path=search_path, functions=functions)
     try:
         for raw in stmts:
             node = raw.get("stmt")
@@ -341,8 +368,11 @@ def _option_flag(arg: Any) -> bool:
 
 
 class _Walker:
-    def __init__(self, *, search_path: tuple[str, ...]) -> None:
+    def __init__(self, *, search_path: tuple[str, ...], functions: Functions | None = None) -> None:
         self.search_path = search_path
+        self.functions = functions
+        self.user_names = functions.names if functions is not None else frozenset()
+        """Names a function outside pg_catalog has: an unqualified call may be of that one."""
         self.units: list[Unit] = []
         self.sensitive = _Sensitive()
         self.in_body = 0
@@ -405,6 +435,8 @@ class _Walker:
                 self.fields(kind, fields, unit, scope, "target")
         finally:
             self.shown -= shows
+        if unit.row_calls:
+            self._row_calls(unit)
         if unit.cls.coarse in {"ddl", "dcl"} and not unit.writes:
             unit.non_relation_object = True
         if kind in WHOLE_DATABASE_NODES and not unit.writes:
@@ -478,6 +510,9 @@ class _Walker:
             self.func_call(fields, unit, scope, role)
         elif kind == "ColumnRef":
             self.column_ref(fields, unit)
+        elif kind == "A_Indirection":
+            self._field_selections(fields, unit)
+            self.fields(kind, fields, unit, scope, role)
         elif kind == "A_Expr":
             if fields.get("kind") not in NON_OPERATOR_EXPRS:
                 self.operator(fields.get("name"), unit)
@@ -657,6 +692,44 @@ class _Walker:
         strings = [str(n[1].get("sval", "")) for n in nodes if n is not None and n[0] == "String"]
         if len(strings) >= 2 and len(strings) == len(items):
             unit.qualified_refs.add((strings[-2], strings[-1]))
+            if strings[-1] in self.user_names or strings[-1] in _pgcatalog.WHOLE_ROW_FUNCTIONS:
+                unit.row_calls.append((strings[-2], strings[-1]))
+
+    def _field_selections(self, fields: dict[str, Any], unit: Unit) -> None:
+        """``(x).f``, ``(expr).f``: a field of a composite value, or, when it has no field f, the
+        call f(value) (functional notation), as for ``x.f``."""
+        arg = _node(fields.get("arg"))
+        qualifier: str | None = None
+        if arg is not None and arg[0] == "ColumnRef":
+            parts = arg[1].get("fields") or []
+            names = _strings(parts)
+            qualifier = names[0] if len(parts) == 1 and len(names) == 1 else None
+        for item in fields.get("indirection") or []:
+            n = _node(item)
+            if n is not None and n[0] == "String":
+                name = str(n[1].get("sval", ""))
+                if name in self.user_names or name in _pgcatalog.WHOLE_ROW_FUNCTIONS:
+                    unit.row_calls.append((qualifier, name))
+            qualifier = None  # (what follows selects from the value before it, not from x)
+
+    def _row_calls(self, unit: Unit) -> None:
+        """``q.f`` is a column when the catalog says every relation q may name in this statement
+        has one named f; otherwise (q names no relation here, or one without that column, or the
+        catalog is not known) PostgreSQL calls f with q's whole row, which is judged as the call."""
+        columns = self.functions.columns if self.functions is not None else frozenset()
+        for qualifier, name in dict.fromkeys(unit.row_calls):
+            named: list[ReadRef | TargetRef] = [*unit.read_refs, *unit.targets]
+            rels = [
+                ref.rel for ref in named if qualifier is not None and (ref.alias or ref.rel.name) == qualifier
+            ]
+            if rels and all((rel.schema, rel.name, name) in columns for rel in rels):
+                continue
+            if name in unit.functions:
+                continue
+            unit.functions.append(name)
+            self.function_findings(name, name, 1, unit)
+            if name in self.user_names:
+                unit.user_functions.append(name)
 
     def operator(self, name: Any, unit: Unit) -> None:
         parts = _strings(name)
@@ -691,7 +764,9 @@ class _Walker:
                 unit.effects.append(bare)
             if bare in guards.STATEMENT_TEXT_FUNCTIONS:
                 unit.shows_statements.append(f"{bare}()")
-            if bare not in _pgcatalog.FUNCTIONS:
+            if bare not in _pgcatalog.FUNCTIONS or (schema is None and bare in self.user_names):
+                # A function of that name outside pg_catalog may be the one PostgreSQL calls:
+                # the overload whose argument types fit best wins, whatever the path order.
                 unit.user_functions.append(qualified)
         elif schema != "information_schema" or bare not in _pgcatalog.INFORMATION_SCHEMA_FUNCTIONS:
             # information_schema's own helpers (pgjdbc's getPrimaryKeys calls _pg_expandarray) are

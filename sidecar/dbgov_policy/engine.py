@@ -14,6 +14,11 @@ close to linear in its size (a slow statement stalls every other session): texts
 faster than the text) only sees texts up to ``SHAPE_MAX_SIZE``, sqlglot's second opinion
 only texts up to ``crosscheck.MAX_SIZE``, and the analysis runs with the cyclic garbage
 collector paused.
+
+Decisions that depend on the session's catalog (descendants and ancestors of masked tables,
+which function names a user function also has) are made by an engine derived for those facts,
+with a cache of its own (``for_session``), so a cached decision is never served to a session
+whose database says otherwise.
 """
 
 from __future__ import annotations
@@ -114,10 +119,14 @@ class SessionContext:
     """Ancestors of masked tables in this session's database (partitioned roots, inheritance
     parents, any height) → the masked columns below them they share by name: a read of one
     includes the masked tables' rows, so it is masked in those columns."""
-    view: tuple[Inherits, Ancestors, Engine, Engine] | None = None
-    """(``inherits``, ``ancestors``, engine, the engine of its that decides this session's
-    statements) when either map is not empty: set by the engine (a reloaded policy is another
-    engine)."""
+    functions: analyze.Functions | None = None
+    """Function names outside pg_catalog in this session's database, and the columns named like
+    a function that takes a whole row (from the catalog at login and after DDL); None: not known
+    (judged by pg_catalog's names alone, as ``dbgov check`` does)."""
+    view: tuple[Inherits, Ancestors, analyze.Functions | None, Engine, Engine] | None = None
+    """(``inherits``, ``ancestors``, ``functions``, engine, the engine of its that decides this
+    session's statements) when any of them is not empty: set by the engine (a reloaded policy is
+    another engine)."""
     masking_views: mask.Views | None = None
     """Minted credentials: masked tables are read through the operator's masking views (the
     role may not read their masked columns); None: through the tables themselves."""
@@ -167,7 +176,8 @@ Ancestors = Mapping[model.QualifiedName, tuple[tuple[model.QualifiedName, str], 
 """Ancestor → (masked table below it, masked column it also has), from the catalog."""
 
 MAX_VIEWS = 16
-"""Distinct descendant maps an engine keeps a derived engine for (one per database, usually)."""
+"""Distinct catalog facts (descendant maps, function names) an engine keeps a derived engine for
+(one per database, usually; a database's DDL makes another)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,43 +213,48 @@ class Engine:
         self.stats = CacheStats()
         self._cache: collections.OrderedDict[tuple[tuple[str, ...], str], _Entry] = collections.OrderedDict()
         self._exact: dict[tuple[tuple[str, ...], str], _Entry] = {}
-        self._views: dict[tuple[frozenset[object], frozenset[object]], Engine] = {}
+        self._views: dict[tuple[frozenset[object], frozenset[object], analyze.Functions | None], Engine] = {}
         self._is_view = False
+        self.functions: analyze.Functions | None = None
+        """The function facts this engine's decisions (and its cache) assume (``for_session``)."""
 
     def for_session(self, ctx: SessionContext) -> Engine:
         """The engine that decides ``ctx``'s statements: this one, or, when the session's database
-        has descendants or ancestors of masked tables, one whose policy masks them too (with a
-        cache of its own, since the same text is masked differently there). Found once per
-        session."""
-        if not (ctx.inherits or ctx.ancestors) or self._is_view:
+        has descendants or ancestors of masked tables, one whose policy masks them too, or when it
+        has functions outside pg_catalog, one that judges their names as theirs (with a cache of
+        its own, since the same text is decided differently there). Found once per session, and
+        again when the session learns other facts (after DDL)."""
+        if not (ctx.inherits or ctx.ancestors or ctx.functions) or self._is_view:
             return self
         view_of = ctx.view
         if (
             view_of is not None
             and view_of[0] is ctx.inherits
             and view_of[1] is ctx.ancestors
-            and view_of[2] is self
+            and view_of[2] is ctx.functions
+            and view_of[3] is self
         ):
-            return view_of[3]
-        key = (frozenset(ctx.inherits.items()), frozenset(ctx.ancestors.items()))
+            return view_of[4]
+        functions = ctx.functions or None
+        key = (frozenset(ctx.inherits.items()), frozenset(ctx.ancestors.items()), functions)
         view = self._views.get(key)
         if view is None:
-            view = Engine(
-                self.policy.with_descendants(ctx.inherits, ctx.ancestors),
-                cache_size=self.cache_size,
-                max_statement_size=self.max_statement_size,
-            )
+            policy = self.policy
+            if ctx.inherits or ctx.ancestors:
+                policy = policy.with_descendants(ctx.inherits, ctx.ancestors)
+            view = Engine(policy, cache_size=self.cache_size, max_statement_size=self.max_statement_size)
             view.stats = self.stats
             view._is_view = True
+            view.functions = functions
             if len(self._views) >= MAX_VIEWS:
                 self._views.clear()
             self._views[key] = view
-        ctx.view = (ctx.inherits, ctx.ancestors, self, view)
+        ctx.view = (ctx.inherits, ctx.ancestors, ctx.functions, self, view)
         return view
 
     def decide(self, sql: str, *, session: SessionContext | None = None) -> verdicts.Decision:
         ctx = session if session is not None else SessionContext()
-        if (ctx.inherits or ctx.ancestors) and not self._is_view:
+        if (ctx.inherits or ctx.ancestors or ctx.functions) and not self._is_view:
             return self.for_session(ctx).decide(sql, session=ctx)
         exact = (_cache_path(ctx), sql)
         entry = self._exact.get(exact)
@@ -301,7 +316,11 @@ class Engine:
         """The shape key of ``sql`` and the decision the cache holds for it, when the cache
         decides every text of that shape with the same decision (nothing to rewrite); None when
         ``sql`` is not cached or not normalizable. Does not count as a use."""
-        if session is not None and (session.inherits or session.ancestors) and not self._is_view:
+        if (
+            session is not None
+            and (session.inherits or session.ancestors or session.functions)
+            and not self._is_view
+        ):
             return self.for_session(session).cached_shape(sql, session=session)
         found = self._peek(sql, session)
         if found is None or found[1].template is not None:
@@ -316,7 +335,7 @@ class Engine:
         a text's tokens do not fit the shape's template). None when ``sql`` is not such a shape.
         Does not count as a use."""
         ctx = session if session is not None else SessionContext()
-        if (ctx.inherits or ctx.ancestors) and not self._is_view:
+        if (ctx.inherits or ctx.ancestors or ctx.functions) and not self._is_view:
             return self.for_session(ctx).cached_rewrite(sql, session=ctx)
         found = self._peek(sql, ctx)
         template = None if found is None else found[1].template
@@ -352,7 +371,7 @@ class Engine:
     def _first_sight(
         self, sql: str, ctx: SessionContext
     ) -> tuple[verdicts.Decision, mask.Template | None, bool]:
-        analysis = analyze.analyze(sql, search_path=ctx.search_path)
+        analysis = self._analyze(sql, ctx)
         try:
             fingerprint = pg_parser.fingerprint(sql) if analysis.error is None else ""
         except pg_parser.ParseError:
@@ -392,6 +411,11 @@ class Engine:
         cacheable = analysis.error is None and not analysis.literal_sensitive and not stateful
         return decision, template, cacheable
 
+    def _analyze(self, sql: str, ctx: SessionContext) -> analyze.Analysis:
+        if self.functions is None:
+            return analyze.analyze(sql, search_path=ctx.search_path)
+        return analyze.analyze(sql, search_path=ctx.search_path, functions=self.functions)
+
     def _rewrite(
         self, sql: str, decision: verdicts.Decision, refs: list[analyze.ReadRef], ctx: SessionContext
     ) -> tuple[verdicts.Decision, mask.Template | None]:
@@ -406,7 +430,7 @@ class Engine:
     def _with_rewrite(
         self, sql: str, ctx: SessionContext, cached: verdicts.Decision
     ) -> tuple[verdicts.Decision, mask.Template | None]:
-        analysis = analyze.analyze(sql, search_path=ctx.search_path)
+        analysis = self._analyze(sql, ctx)
         refs = [
             ref for unit in analysis.units for ref in unit.read_refs if ref.rel in self.policy.masked_tables
         ]

@@ -8,16 +8,64 @@ see. Fed one server message at a time; returns what to send back.
 Once logged in it asks the server for the session's effective search_path (only schemas that
 exist, as PostgreSQL resolves names), because the policy engine must resolve unqualified
 names exactly as the server will: a guess would let `orders` be judged as public.orders while
-the server reads another schema's table.
+the server reads another schema's table. In the same round trip it reads which function names
+exist outside pg_catalog (``FUNCTIONS_QUERY``): `lower(42)` calls a user's `public.lower(int)`
+when one exists, and `t.f` a user's `f(t)`, so those names cannot be judged as built-ins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from dbgov_policy import _pgcatalog
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 SEARCH_PATH_QUERY = "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s"
+
+MAX_FUNCTION_FACTS = 50_000
+"""Most rows of ``FUNCTIONS_QUERY`` dbgov keeps (function names, and columns named like one). A
+database with more is refused (the login fails, a session that reads them after DDL ends), since
+judging its calls without knowing them all could take a user's function for a built-in."""
+
+FUNCTIONS_QUERY = (
+    "WITH f AS (SELECT DISTINCT p.proname::pg_catalog.text AS name FROM pg_catalog.pg_proc p "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+    "WHERE n.nspname <> 'information_schema' AND n.nspname OPERATOR(pg_catalog.!~) '^pg_') "
+    "(SELECT '', '', name FROM f UNION ALL "
+    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, a.attname::pg_catalog.text "
+    "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+    "AND (a.attname::pg_catalog.text IN (SELECT name FROM f) "
+    f"OR a.attname::pg_catalog.text = ANY ('{{{','.join(sorted(_pgcatalog.WHOLE_ROW_FUNCTIONS))}}}'"
+    f"::pg_catalog.text[]))) LIMIT {MAX_FUNCTION_FACTS + 1}"
+)
+"""Catalog query: rows ('', '', name) of every function, aggregate and procedure name outside pg_catalog,
+information_schema and the system's schemas (``pg_*``: pg_toast, pg_temp_N, whose functions no
+unqualified name reaches), and rows (schema, relation, column) of every column named like one of
+them or like a whole-row built-in (there `t.f` is the column, not `f(t)`)."""
+
+
+class TooManyFunctions(ConnectionError):
+    """The catalog lists more function facts than ``MAX_FUNCTION_FACTS``."""
+
+
+def function_facts(
+    rows: list[tuple[str, str, str]],
+) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:
+    """``FUNCTIONS_QUERY``'s rows as (function names, columns named like a function); raises
+    ``TooManyFunctions`` (fail closed) when the catalog has more than dbgov keeps."""
+    if len(rows) > MAX_FUNCTION_FACTS:
+        raise TooManyFunctions(
+            f"the database has more than {MAX_FUNCTION_FACTS} function names outside pg_catalog "
+            "(and columns named like them); dbgov cannot tell its calls of built-ins from calls of "
+            "those, so it refuses the session (drop unused functions, or ask for a higher limit)"
+        )
+    names = frozenset(name for schema, _, name in rows if not schema)
+    columns = frozenset(row for row in rows if row[0])
+    return names, columns
+
+
 CHANNEL_BINDING = ("disable", "prefer", "require")
 
 
@@ -61,7 +109,12 @@ class UpstreamLogin:
         self.backend_key: tuple[int, int] | None = None
         self.search_path: tuple[str, ...] | None = None
         """The schemas unqualified names resolve in, once ``done``."""
+        self.functions: tuple[frozenset[str], frozenset[tuple[str, str, str]]] | None = None
+        """Function names outside pg_catalog and the columns named like one (``function_facts``),
+        once ``done``."""
         self._schemas: list[str] | None = None
+        self._facts: list[tuple[str, str, str]] = []
+        self._results = 0
 
     def startup(self) -> bytes:
         """The StartupMessage to send first."""
@@ -89,7 +142,7 @@ class UpstreamLogin:
         elif msg.type == messages.READY_FOR_QUERY:
             messages.decode_ready_for_query(msg.data)
             self._schemas = []
-            return messages.query(SEARCH_PATH_QUERY)
+            return messages.query(f"{SEARCH_PATH_QUERY}; {FUNCTIONS_QUERY}")
         elif msg.type != messages.NEGOTIATE_PROTOCOL_VERSION:
             raise ProtocolViolation(f"unexpected server message {chr(msg.type)!r} during login")
         return b""
@@ -97,15 +150,24 @@ class UpstreamLogin:
     def _on_probe(self, msg: framing.Message) -> bytes:
         assert self._schemas is not None
         if msg.type == messages.DATA_ROW:
-            (name,) = messages.decode_data_row(msg.data)
-            if name is not None:
-                self._schemas.append(name.decode())
+            row = messages.decode_data_row(msg.data)
+            if self._results == 0 and len(row) == 1 and row[0] is not None:
+                self._schemas.append(row[0].decode())
+            elif self._results == 1 and len(row) == 3 and None not in row:
+                self._facts.append(tuple(v.decode() for v in row))  # type: ignore[arg-type, union-attr]
+                if len(self._facts) > MAX_FUNCTION_FACTS:
+                    function_facts(self._facts)  # (raises)
+        elif msg.type == messages.COMMAND_COMPLETE:
+            self._results += 1
         elif msg.type == messages.ERROR_RESPONSE:
             raise UpstreamRefused(msg.data)
         elif msg.type == messages.READY_FOR_QUERY:
+            if self._results < 2:
+                raise ProtocolViolation("the server did not answer the catalog queries after login")
             self.search_path = tuple(self._schemas)
+            self.functions = function_facts(self._facts)
             self.done = True
-        elif msg.type not in (messages.ROW_DESCRIPTION, messages.COMMAND_COMPLETE, messages.NOTICE_RESPONSE):
+        elif msg.type not in (messages.ROW_DESCRIPTION, messages.NOTICE_RESPONSE):
             raise ProtocolViolation(f"unexpected server message {chr(msg.type)!r} reading search_path")
         return b""
 

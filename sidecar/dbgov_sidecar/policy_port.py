@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbgov_policy import compose, engine, mask, model
+from dbgov_policy import analyze, compose, engine, mask, model
 
 
 class Decision(Protocol):
@@ -50,6 +50,12 @@ Ancestors = Mapping[tuple[str, str], tuple[tuple[str, str, str], ...]]
 height) -> (schema, table, column) of each masked column below it that it has by name."""
 
 
+FunctionNames = tuple[frozenset[str], frozenset[tuple[str, str, str]]]
+"""(names of the functions, aggregates and procedures outside pg_catalog and information_schema,
+(schema, relation, column) of every column named like one of them or like a built-in that takes a
+whole row), from the catalog: which calls and ``t.f`` references may run a user's function."""
+
+
 class Policy(Protocol):
     """A loaded policy: decides statements for one session context at a time."""
 
@@ -73,12 +79,14 @@ class Policy(Protocol):
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
+        functions: FunctionNames | None = None,
     ) -> object:
         """Per-session state the engine keeps (prepared statement and cursor names, search_path);
         ``columns``: the columns of masked tables (and of their descendants) in the session's
         database, in order; ``inherits``: the descendants of masked tables there; ``ancestors``:
         the ancestors of masked tables there; ``writable_at_login``: the server reported
-        default_transaction_read_only off at login (READ WRITE then restores it)."""
+        default_transaction_read_only off at login (READ WRITE then restores it); ``functions``:
+        the function names outside pg_catalog there (None: not known)."""
 
     def decide(self, sql: str, context: object) -> Decision:
         """The decision for one statement text."""
@@ -118,6 +126,7 @@ class AllowAll:
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
+        functions: FunctionNames | None = None,
     ) -> object:
         return None
 
@@ -147,6 +156,7 @@ class RefuseAll:
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
+        functions: FunctionNames | None = None,
     ) -> object:
         return None
 
@@ -172,6 +182,7 @@ def session_context(
     inherits: Inherits | None,
     ancestors: Ancestors | None,
     writable_at_login: bool,
+    functions: FunctionNames | None = None,
 ) -> engine.SessionContext:
     """An engine session context from what the session knows of its database."""
     ctx = engine.SessionContext() if search_path is None else engine.SessionContext(search_path=search_path)
@@ -190,7 +201,24 @@ def session_context(
             for (s, t), below in ancestors.items()
         }
     ctx.names.writable_at_login = writable_at_login
+    ctx.functions = _functions(functions)
     return ctx
+
+
+def _functions(functions: FunctionNames | None) -> analyze.Functions | None:
+    if functions is None:
+        return None
+    names, columns = functions
+    return analyze.Functions(names=frozenset(names), columns=frozenset(columns))
+
+
+def learn_functions(context: object, functions: FunctionNames) -> None:
+    """The session read the function names of its database again (after DDL): later statements
+    are judged by them (an engine context, or each part of a composition's)."""
+    facts = _functions(functions)
+    for part in getattr(context, "parts", (context,)):
+        if isinstance(part, engine.SessionContext):
+            part.functions = facts
 
 
 class EnginePolicy:
@@ -267,6 +295,7 @@ class EnginePolicy:
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
+        functions: FunctionNames | None = None,
     ) -> object:
         return session_context(
             search_path=search_path,
@@ -274,6 +303,7 @@ class EnginePolicy:
             inherits=inherits,
             ancestors=ancestors,
             writable_at_login=writable_at_login,
+            functions=functions,
         )
 
     def decide(self, sql: str, context: object) -> Decision:
@@ -378,6 +408,7 @@ class ComposedPolicy:
         inherits: Inherits | None = None,
         ancestors: Ancestors | None = None,
         writable_at_login: bool = False,
+        functions: FunctionNames | None = None,
     ) -> object:
         template = session_context(
             search_path=search_path,
@@ -386,7 +417,10 @@ class ComposedPolicy:
             ancestors=ancestors,
             writable_at_login=writable_at_login,
         )
-        return self._composed.new_context(template)
+        context = self._composed.new_context(template)
+        if functions is not None:
+            learn_functions(context, functions)
+        return context
 
     def decide(self, sql: str, context: object) -> Decision:
         assert isinstance(context, compose.Context)

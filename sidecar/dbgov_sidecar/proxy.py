@@ -593,6 +593,7 @@ class ClientConnection(asyncio.Protocol):
                     search_path=up.login_state.search_path,
                     inherits=up.inherits,
                     ancestors=up.ancestors,
+                    functions=up.login_state.functions,
                     db_user=cfg.user,
                     views=up.views if cfg.masking_views else None,
                     view_parents=up.view_parents,

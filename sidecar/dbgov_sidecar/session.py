@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbgov_policy import model
-from dbgov_sidecar import audit, metrics, policy_port, redact
+from dbgov_sidecar import audit, login, metrics, policy_port, redact
 from dbgov_sidecar.pgwire import AuthenticationFailed, ProtocolViolation, auth, framing, messages
 
 try:  # the compiled steady-state lane (setup.py); without it every statement takes the Python path
@@ -67,16 +67,25 @@ _CONFIRMS = frozenset(
 )
 
 
-def _probe(name: str) -> bytes:
-    """The probe's messages, under a statement and portal name of the session's own."""
-    return (
+def _probe(name: str, *, functions: bool = False) -> bytes:
+    """The probe's messages, under a statement and portal name of the session's own; with
+    ``functions``, the function names outside pg_catalog are read again too (after DDL)."""
+    out = (
         messages.parse(name, "SELECT s FROM unnest(pg_catalog.current_schemas(false)) AS s")
         + messages.bind(name, name)
         + messages.execute(name)
         + messages.close("P", name)
         + messages.close("S", name)
-        + messages.SYNC_MESSAGE
     )
+    if functions:
+        out += (
+            messages.parse(name, login.FUNCTIONS_QUERY)
+            + messages.bind(name, name)
+            + messages.execute(name)
+            + messages.close("P", name)
+            + messages.close("S", name)
+        )
+    return out + messages.SYNC_MESSAGE
 
 
 _PROBE_REPLIES = frozenset(
@@ -426,6 +435,11 @@ class Session:
         self._table_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._inherits: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._ancestors: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {}
+        self._functions: policy_port.FunctionNames | None = None
+        """Function names outside pg_catalog and columns named like one, from the catalog (at login,
+        and again whenever search_path is read back); None: not known (never read again)."""
+        self._functions_epoch = 0
+        """How often ``_functions`` changed after login (the lane forgets what it learned)."""
         self._writable_at_login = False
         """The server reported default_transaction_read_only off at login."""
         self._masking_views: dict[tuple[str, str], str] | None = None
@@ -496,6 +510,9 @@ class Session:
         """search_path changed inside the open transaction block: its end may undo the change."""
         self._probe: list[str] | None = None
         """Schemas read so far while the search_path probe is in flight."""
+        self._probe_facts: list[tuple[str, str, str]] | None = None
+        """Rows of ``login.FUNCTIONS_QUERY`` read so far by that probe (None: not asked)."""
+        self._probe_results = 0
 
     @property
     def held_input(self) -> int:
@@ -595,6 +612,9 @@ class Session:
             and self._affected_limit == getattr(policy, "max_rows_affected", None)
         )
         search_path = getattr(self._context, "search_path", None)
+        if self._functions_epoch and search_path is not None:
+            # (other function names: what the lane learnt under the old ones is forgotten too)
+            search_path = (*search_path, f"\0functions {self._functions_epoch}")
         if ready:
             self._portal_bound.pop("", None)  # the lane binds the unnamed portal without telling
         lane.arm(ready, policy, search_path, shape_key, -1 if self._row_limit is None else self._row_limit)
@@ -787,6 +807,7 @@ class Session:
         table_columns: policy_port.TableColumns | None = None,
         inherits: policy_port.Inherits | None = None,
         ancestors: policy_port.Ancestors | None = None,
+        functions: policy_port.FunctionNames | None = None,
         db_user: str | None = None,
         views: Mapping[tuple[str, str], str] | None = None,
         view_parents: frozenset[tuple[str, str]] = frozenset(),
@@ -802,7 +823,9 @@ class Session:
         tables (partitions, inheritance children), which the policy masks as the tables they
         descend from; ``ancestors``: the ancestors of masked tables (partitioned roots,
         inheritance parents), whose reads include the masked tables' rows, with the masked
-        columns they have by name. ``db_user``: the role the connection logged in as (minted
+        columns they have by name. ``functions``: function names outside pg_catalog and columns
+        named like one (``login.function_facts``), read again with search_path after DDL; None:
+        not known. ``db_user``: the role the connection logged in as (minted
         credentials change at renewal; each session audits its own). ``views``: with minted
         credentials, (schema, table) → the operator's masking view of it the role may read;
         masked tables are then read through them (the role may not read masked columns);
@@ -825,6 +848,7 @@ class Session:
         self._table_columns = dict(table_columns or {})
         self._inherits = dict(inherits or {})
         self._ancestors = dict(ancestors or {})
+        self._functions = functions
         self._masking_views = None if views is None else dict(views)
         self._view_parents = view_parents
         self._view_masks = dict(view_masks or {})
@@ -1487,7 +1511,11 @@ class Session:
             self._path_volatile = True
             return
         self._probe = []
-        self.to_server += _probe(f"dbgov_search_path_{self._marker_tag}")
+        self._probe_facts = [] if self._functions is not None else None
+        self._probe_results = 0
+        self.to_server += _probe(
+            f"dbgov_search_path_{self._marker_tag}", functions=self._probe_facts is not None
+        )
 
     def _on_probe(self, msgs: list[framing.Message], now: float) -> None:
         probe = self._probe
@@ -1495,9 +1523,13 @@ class Session:
         for msg in msgs:
             mtype = msg.type
             if mtype == messages.DATA_ROW:
-                (value,) = messages.decode_data_row(msg.data)
-                if value is not None:
-                    probe.append(value.decode())
+                row = messages.decode_data_row(msg.data)
+                if len(row) == 1 and row[0] is not None:
+                    probe.append(row[0].decode())
+                elif len(row) == 3 and self._probe_facts is not None and None not in row:
+                    self._probe_facts.append(tuple(v.decode() for v in row))  # type: ignore[arg-type, union-attr]
+            elif mtype == messages.COMMAND_COMPLETE:
+                self._probe_results += 1
             elif mtype == messages.READY_FOR_QUERY:
                 status = messages.decode_ready_for_query(msg.data)
                 self._probe = None
@@ -1505,6 +1537,8 @@ class Session:
                 self._path_volatile = status != "I"
                 self.txn_status = status
                 self._learn_path(tuple(probe))
+                if self._probe_facts is not None and not self._learn_functions(self._probe_facts):
+                    return
             elif mtype == messages.ERROR_RESPONSE:
                 fields = messages.decode_fields(msg.data)
                 self._fatal(
@@ -1520,6 +1554,23 @@ class Session:
                 self.to_client += msg.data
             elif mtype not in _PROBE_REPLIES:
                 raise ProtocolViolation(f"unexpected server message {chr(mtype)!r} reading search_path")
+
+    def _learn_functions(self, rows: list[tuple[str, str, str]]) -> bool:
+        """The function names the server's catalog has now (read back with search_path): later
+        statements are judged by them. False (the session ended) when they could not be read."""
+        self._probe_facts = None
+        try:
+            if self._probe_results < 2:
+                raise login.TooManyFunctions("the server did not answer the function names query")
+            facts = login.function_facts(rows)
+        except login.TooManyFunctions as err:
+            self._fatal("08P01", f"dbgov: could not read the database's function names again: {err}")
+            return False
+        if facts != self._functions:
+            self._functions = facts
+            self._functions_epoch += 1
+            policy_port.learn_functions(self._context, facts)
+        return True
 
     def _learn_path(self, path: tuple[str, ...]) -> None:
         """The server's search_path: later statements are judged in it; statements prepared under
@@ -1579,6 +1630,8 @@ class Session:
             tree["ancestors"] = self._ancestors
         if self._writable_at_login:
             tree["writable_at_login"] = True
+        if self._functions is not None:
+            tree["functions"] = self._functions
         self._context = policy.new_context(search_path=self._search_path, columns=self._table_columns, **tree)
         self._context_kind = type(policy)
         use_views = getattr(self._context, "use_views", None)
