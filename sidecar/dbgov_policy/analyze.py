@@ -108,7 +108,8 @@ class Functions:
     names: frozenset[str] = frozenset()
     """Names of the functions, aggregates and procedures in every schema but pg_catalog,
     information_schema and the system's own (``pg_*``): an unqualified call of one may be of it,
-    whatever overloads pg_catalog has, so it is judged as a user function."""
+    whatever overloads pg_catalog has, so it is judged as a user function; ``operator <name>``
+    likewise for operators."""
     columns: frozenset[tuple[str, str, str]] = frozenset()
     """(schema, relation, column) of every column named like one of ``names`` or a whole-row
     built-in (``_pgcatalog.WHOLE_ROW_FUNCTIONS``): where ``t.f`` is a column, not ``f(t)``."""
@@ -737,7 +738,12 @@ class _Walker:
             return
         op = parts[-1]
         schema = parts[0] if len(parts) > 1 else None
-        if (schema in (None, "pg_catalog")) and op in _pgcatalog.OPERATORS:
+        if (
+            schema in (None, "pg_catalog")
+            and op in _pgcatalog.OPERATORS
+            # (a user's operator of that name may fit the operands better, as a function may)
+            and (schema is not None or f"operator {op}" not in self.user_names)
+        ):
             return
         qualified = f"{schema}.{op}" if schema else op
         unit.user_functions.append(f"operator {qualified}")

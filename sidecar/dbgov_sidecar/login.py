@@ -27,10 +27,28 @@ MAX_FUNCTION_FACTS = 50_000
 database with more is refused (the login fails, a session that reads them after DDL ends), since
 judging its calls without knowing them all could take a user's function for a built-in."""
 
+_SUPERUSER_EXTENSION = (
+    "EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid "
+    "JOIN pg_catalog.pg_roles r ON r.oid = e.extowner "
+    "WHERE d.classid = 'pg_catalog.{catalog}'::pg_catalog.regclass AND d.objid = {oid} "
+    "AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.deptype = 'e' "
+    "AND r.rolsuper)"
+)
+"""A member of an extension a superuser owns (installed by the platform team: pgvector's
+``sum(vector)`` and ``=``, citext's ``max(citext)``): its code is the extension's, which no
+database user can change or add to (ALTER EXTENSION ... ADD takes owning the extension), so its
+names are judged as built-ins are. A trusted extension a user created is that user's: its members
+count as the user's functions."""
+
 FUNCTIONS_QUERY = (
     "WITH f AS (SELECT DISTINCT p.proname::pg_catalog.text AS name FROM pg_catalog.pg_proc p "
     "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-    "WHERE n.nspname <> 'information_schema' AND n.nspname OPERATOR(pg_catalog.!~) '^pg_') "
+    "WHERE n.nspname <> 'information_schema' AND n.nspname OPERATOR(pg_catalog.!~) '^pg_' "
+    f"AND NOT {_SUPERUSER_EXTENSION.format(catalog='pg_proc', oid='p.oid')} "
+    "UNION SELECT 'operator ' OPERATOR(pg_catalog.||) o.oprname FROM pg_catalog.pg_operator o "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace "
+    "WHERE n.nspname <> 'information_schema' AND n.nspname OPERATOR(pg_catalog.!~) '^pg_' "
+    f"AND NOT {_SUPERUSER_EXTENSION.format(catalog='pg_operator', oid='o.oid')}) "
     "(SELECT '', '', name FROM f UNION ALL "
     "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, a.attname::pg_catalog.text "
     "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
@@ -40,9 +58,9 @@ FUNCTIONS_QUERY = (
     f"OR a.attname::pg_catalog.text = ANY ('{{{','.join(sorted(_pgcatalog.WHOLE_ROW_FUNCTIONS))}}}'"
     f"::pg_catalog.text[]))) LIMIT {MAX_FUNCTION_FACTS + 1}"
 )
-"""Catalog query: rows ('', '', name) of every function, aggregate and procedure name outside pg_catalog,
-information_schema and the system's schemas (``pg_*``: pg_toast, pg_temp_N, whose functions no
-unqualified name reaches), and rows (schema, relation, column) of every column named like one of
+"""Catalog query: rows ('', '', name) of every function, aggregate and procedure name (and
+``operator <name>`` of every operator) outside pg_catalog, information_schema and the system's
+schemas (``pg_*``: pg_toast, pg_temp_N, whose functions no unqualified name reaches), and rows (schema, relation, column) of every column named like one of
 them or like a whole-row built-in (there `t.f` is the column, not `f(t)`)."""
 
 

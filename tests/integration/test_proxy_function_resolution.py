@@ -134,3 +134,42 @@ def test_a_builtin_call_stays_allowed_and_cached_without_an_overload(
             rows = conn.execute(f"SELECT lower(status) FROM shop.orders WHERE id = {i}").fetchall()
             assert rows == [("paid",) if i == 2 else ("open",)]
         assert eng.stats.misses == misses  # decided from the cache (or the lane it taught)
+
+
+def test_a_user_operator_of_a_builtin_name_is_a_user_function(
+    governed: tuple[RunningProxy, engine.Engine, str], pg_server: pg.PgServer
+) -> None:
+    proxy, _, database = governed
+    sql = "SELECT 'a'::text + 'b'::text"
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            conn.execute(sql)  # (forwarded: pg_catalog has no + of text)
+        _direct(
+            pg_server,
+            database,
+            "CREATE FUNCTION public.glue(a text, b text) RETURNS text LANGUAGE sql "
+            "AS 'INSERT INTO public.audit VALUES (''glued'') RETURNING a || b'; "
+            "CREATE OPERATOR public.+ (leftarg = text, rightarg = text, function = public.glue)",
+        )
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn:
+        _refused(conn, sql, "operator +")
+        # Judged by name, without the operands' types: every unqualified + may be the user's.
+        _refused(conn, "SELECT 1 + 2", "operator +")
+        assert conn.execute("SELECT 1 OPERATOR(pg_catalog.+) 2").fetchall() == [(3,)]
+    assert _direct(pg_server, database, "SELECT count(*) FROM public.audit") == [(0,)]
+
+
+def test_a_superuser_extension_is_the_platform_teams(
+    governed: tuple[RunningProxy, engine.Engine, str], pg_server: pg.PgServer
+) -> None:
+    """pgvector (installed by a superuser) has sum(vector), avg(vector), + and = of its own: they
+    are its code, not a user's, so sum(id) and = stay built-ins; a user's own overload still counts."""
+    proxy, _, database = governed
+    with psycopg.connect(pg_server.dsn(user="postgres", dbname=database), autocommit=True) as admin:
+        admin.execute("CREATE EXTENSION vector")
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(id), avg(id) FROM shop.orders WHERE id = 1 OR id + 0 = 2").fetchall()
+        assert conn.execute("SELECT '[1,2]'::vector + '[3,4]'::vector").fetchall() == [("[4,6]",)]
+    _direct(pg_server, database, "CREATE FUNCTION public.sum(n int) RETURNS int LANGUAGE sql AS 'SELECT n'")
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn:
+        _refused(conn, "SELECT sum(id) FROM shop.orders", "sum")
