@@ -221,15 +221,11 @@ def learn_functions(context: object, functions: FunctionNames) -> None:
             part.functions = facts
 
 
-class EnginePolicy:
-    """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
+class _CompiledFacts:
+    """What a policy adapter reads from its compiled policy once (a compiled policy never
+    changes): mode, row limits and masks, which the hot path asks for on every statement."""
 
-    def __init__(self, eng: engine.Engine) -> None:
-        self._engine = eng
-        self._scoped = any(rule.subjects is not None for rule in eng.policy.rules)
-        self._subsets: dict[tuple[int, ...], EnginePolicy] = {}
-        # A compiled policy never changes: read what the hot path needs once.
-        policy = eng.policy
+    def __init__(self, policy: model.CompiledPolicy) -> None:
         self._mode: str = policy.mode
         self._max_rows_returned = policy.guardrails.max_rows_returned
         self._max_rows_affected = policy.guardrails.max_rows_affected
@@ -239,6 +235,34 @@ class EnginePolicy:
         """(schema, table, column) of every masked column, for checking result origins."""
         self._masks = {f"{m.table.schema}.{m.table.name}.{m.column}": m for m in policy.masks}
         self._mask_key = policy.mask_key
+
+    def mask_value(self, column: str, text: str) -> str | None:
+        """``text`` masked by the strategy of ``column`` ("schema.table.column"), exactly as the
+        rewrite masks it in the database; None (NULL) for a column the policy does not mask."""
+        rule = self._masks.get(column)
+        return None if rule is None else mask.mask_text(rule, text, key=self._mask_key)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def max_rows_returned(self) -> int | None:
+        return self._max_rows_returned
+
+    @property
+    def max_rows_affected(self) -> int | None:
+        return self._max_rows_affected
+
+
+class EnginePolicy(_CompiledFacts):
+    """Adapts ``dbgov_policy.engine.Engine`` to ``Policy``."""
+
+    def __init__(self, eng: engine.Engine) -> None:
+        self._engine = eng
+        self._scoped = any(rule.subjects is not None for rule in eng.policy.rules)
+        self._subsets: dict[tuple[int, ...], EnginePolicy] = {}
+        super().__init__(eng.policy)
 
     @property
     def jwt_issuers(self) -> tuple[model.JwtIssuer, ...]:
@@ -268,24 +292,6 @@ class EnginePolicy:
                 self._subsets.clear()
             self._subsets[chosen] = found
         return found
-
-    def mask_value(self, column: str, text: str) -> str | None:
-        """``text`` masked by the strategy of ``column`` ("schema.table.column"), exactly as the
-        rewrite masks it in the database; None (NULL) for a column the policy does not mask."""
-        rule = self._masks.get(column)
-        return None if rule is None else mask.mask_text(rule, text, key=self._mask_key)
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @property
-    def max_rows_returned(self) -> int | None:
-        return self._max_rows_returned
-
-    @property
-    def max_rows_affected(self) -> int | None:
-        return self._max_rows_affected
 
     def new_context(
         self,
@@ -328,7 +334,7 @@ class EnginePolicy:
         return self._engine.cached_shape(sql, session=context)
 
 
-class ComposedPolicy:
+class ComposedPolicy(_CompiledFacts):
     """Adapts ``dbgov_policy.compose.Composed`` (several policies bind the workload) to ``Policy``:
     each component judges with its own cached engine and the strictest answer wins."""
 
@@ -337,15 +343,7 @@ class ComposedPolicy:
         whole = composed.policy
         self._scoped = any(r.subjects is not None for c in composed.components for r in c.policy.rules)
         self._subsets: dict[tuple[tuple[int, ...], ...], ComposedPolicy] = {}
-        self._mode: str = whole.mode
-        self._max_rows_returned = whole.guardrails.max_rows_returned
-        self._max_rows_affected = whole.guardrails.max_rows_affected
-        self.mask_targets: tuple[tuple[str, str, str], ...] = tuple(
-            (m.table.schema, m.table.name, m.column) for m in whole.masks
-        )
-        """(schema, table, column) of every masked column, for checking result origins."""
-        self._masks = {f"{m.table.schema}.{m.table.name}.{m.column}": m for m in whole.masks}
-        self._mask_key = whole.mask_key
+        super().__init__(whole)  # (union masks with the stricter strategy, the smaller limits)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -382,23 +380,6 @@ class ComposedPolicy:
                 self._subsets.clear()
             self._subsets[chosen] = found
         return found
-
-    def mask_value(self, column: str, text: str) -> str | None:
-        """``text`` masked by the (strictest) strategy of ``column``, as the rewrite masks it."""
-        rule = self._masks.get(column)
-        return None if rule is None else mask.mask_text(rule, text, key=self._mask_key)
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @property
-    def max_rows_returned(self) -> int | None:
-        return self._max_rows_returned
-
-    @property
-    def max_rows_affected(self) -> int | None:
-        return self._max_rows_affected
 
     def new_context(
         self,
