@@ -686,6 +686,9 @@ def _audit(env: Env, kind: str, role: str, action: str = "") -> dict[str, Any] |
 def _drop_roles(env: Env, scene: Scene) -> None:
     """Drop the roles minted for this scene's database (cluster-wide objects outlive it)."""
     with _admin(env, scene) as admin:
+        # The operator's reaper may be revoking the same roles: take its lock, as it does, so the
+        # two never drop one role at once (a deadlock on pg_class otherwise).
+        admin.execute("SELECT pg_catalog.pg_advisory_lock(%s)", (minting.LOCK_KEY,))
         names = [
             row[0]
             for row in admin.execute(
