@@ -484,7 +484,11 @@ class KubeCluster:
                 f"--tls-cert-file={pki.serving.cert}",
                 f"--tls-private-key-file={pki.serving.key}",
                 f"--client-ca-file={pki.client_ca.path}",
-                "--authorization-mode=RBAC",
+                # Node first, as kubeadm does: the kubelet runs as system:node:<name> and gets
+                # what its pods need (their ConfigMaps, Secrets and tokens), no more; with
+                # NodeRestriction a node asks tokens only for pods bound to itself.
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
                 f"--service-account-issuer={self.server}",
@@ -507,6 +511,21 @@ class KubeCluster:
         _wait_until(what="kube-apiserver", process=apiserver, probe=ready)
 
     def _write_kubeconfig(self) -> None:
+        self.write_kubeconfig(path=self.kubeconfig, user="admin", credentials=self.pki.admin)
+
+    def client_certificate(self, *, name: str, user: str, groups: Sequence[str] = ()) -> CertKey:
+        """A client certificate of the cluster's client CA: the apiserver authenticates it as
+        `user` (CN) in `groups` (O), e.g. ``system:node:<name>`` in ``system:nodes``."""
+        return self.pki.client_ca.issue(
+            directory=self.workdir / "pki",
+            name=name,
+            common_name=user,
+            organizations=groups,
+            client=True,
+        )
+
+    def write_kubeconfig(self, *, path: Path, user: str, credentials: CertKey) -> Path:
+        """A kubeconfig for this cluster that presents `credentials` (a client certificate)."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -521,18 +540,19 @@ class KubeCluster:
             ],
             "users": [
                 {
-                    "name": "admin",
+                    "name": user,
                     "user": {
-                        "client-certificate": str(self.pki.admin.cert),
-                        "client-key": str(self.pki.admin.key),
+                        "client-certificate": str(credentials.cert),
+                        "client-key": str(credentials.key),
                     },
                 }
             ],
-            "contexts": [{"name": "dbgov-e2e", "context": {"cluster": "dbgov-e2e", "user": "admin"}}],
+            "contexts": [{"name": "dbgov-e2e", "context": {"cluster": "dbgov-e2e", "user": user}}],
             "current-context": "dbgov-e2e",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
 
     def stop(self) -> None:
         """Stop the processes this cluster started, newest first, by PID."""

@@ -39,6 +39,10 @@ from . import images, kube
 NODE_NAME = "localhost"
 """The apiserver reaches the kubelet (logs, exec) by the node's hostname: this one resolves to
 the loopback address the kubelet listens on."""
+NODE_USER = f"system:node:{NODE_NAME}"
+"""Who the kubelet is to the apiserver (its client certificate's CN)."""
+NODES_GROUP = "system:nodes"
+"""The group every node is in (its client certificate's O)."""
 BRIDGE = "dbgove2e0"
 SUBNET_PREFIX = "10.244.77"
 GATEWAY = f"{SUBNET_PREFIX}.1"
@@ -267,7 +271,7 @@ state = "{runtime / "state"}"
         argv: list[str | Path] = [
             self.tools.kubelet,
             "--config", path,
-            "--kubeconfig", self.cluster.kubeconfig,
+            "--kubeconfig", self._node_kubeconfig(),
             "--root-dir", root,
             "--cert-dir", self.workdir / "kubelet-pki",
             "--hostname-override", NODE_NAME,
@@ -275,6 +279,18 @@ state = "{runtime / "state"}"
             "--v", "2",
         ]  # fmt: skip
         self.processes.append(kube.Process.start(name="kubelet", argv=argv, log=self.workdir / "kubelet.log"))
+
+    def _node_kubeconfig(self) -> Path:
+        """The kubelet's own identity, as a real node has: a client certificate of the cluster's
+        client CA for ``system:node:<name>`` in ``system:nodes``. The apiserver's Node
+        authorizer gives it what its pods need and NodeRestriction keeps it to its own pods
+        (tokens included), never the admin's rights."""
+        credentials = self.cluster.client_certificate(
+            name=f"node-{NODE_NAME}", user=NODE_USER, groups=[NODES_GROUP]
+        )
+        return self.cluster.write_kubeconfig(
+            path=self.workdir / "kubelet.kubeconfig", user=NODE_USER, credentials=credentials
+        )
 
     def _wait_ready(self) -> None:
         core = client.CoreV1Api(self.cluster.api_client())
