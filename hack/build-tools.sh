@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the e2e control plane (kube-apiserver, etcd), the e2e node (kubelet and its pod sandbox
-# binary, pause) and helm from the Go modules pinned under hack/tools/, into a cache outside the
-# repository:
+# Builds the e2e control plane (kube-apiserver, etcd, kube-controller-manager), the e2e node
+# (kubelet and its pod sandbox binary, pause) and helm from the Go modules pinned under
+# hack/tools/, into a cache outside the repository:
 #
 #   ${DBGOV_TOOLS_DIR:-$HOME/.cache/dbgov/tools}/<name>-<version>/<name>
 #
@@ -92,6 +92,10 @@ build etcd "${ETCD_VERSION}" "${tools_src}/etcd" go.etcd.io/etcd/server/v3 etcd_
 build helm "${HELM_VERSION}" "${tools_src}/helm" helm.sh/helm/v3/cmd/helm helm_ldflags
 build kube-apiserver "${KUBE_VERSION}" "${tools_src}/kube-apiserver" \
   k8s.io/kubernetes/cmd/kube-apiserver kube_ldflags
+# Only the garbage-collection e2e tests run it (tests/e2e/test_garbage_collection.py). Its own
+# module (its go.mod says why); the same release and version ldflags as kube-apiserver.
+build kube-controller-manager "${KUBE_VERSION}" "${tools_src}/kube-controller-manager" \
+  k8s.io/kubernetes/cmd/kube-controller-manager kube_ldflags
 # The real-pods node (tests/e2e/node.py). Its own module: cadvisor and the container runtime
 # clients must not move the apiserver's dependency versions. About 4 minutes cold on 2 cores.
 build kubelet "${KUBE_VERSION}" "${tools_src}/kubelet" k8s.io/kubernetes/cmd/kubelet kube_ldflags
