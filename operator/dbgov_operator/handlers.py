@@ -234,11 +234,26 @@ def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) ->
 
 
 @kopf.on.event("v1", "configmaps", when=_bundle_config_map)
-def bundle_changed(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+def bundle_changed(
+    type: str | None, namespace: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any
+) -> None:
     """Drift: a bundle edited or deleted by anyone but us is rewritten within seconds (our own
-    writes come back here too, and find the namespace current)."""
-    if type in ("MODIFIED", "DELETED"):
+    writes come back here too, and find the namespace current). One the garbage collector
+    deleted with its ServiceAccount is not put back (the reconcile checks the owner is gone)."""
+    if type == "MODIFIED":
         _reconcile(namespace, logger)
+    elif type == "DELETED":
+        _reconcile(namespace, logger, collected=_service_account_owners(body))
+
+
+def _service_account_owners(body: Mapping[str, Any]) -> dict[str, str]:
+    """ServiceAccount name -> uid of the ServiceAccount ownerReferences of a deleted bundle."""
+    references = (body.get("metadata") or {}).get("ownerReferences") or []
+    return {
+        str(ref["name"]): str(ref["uid"])
+        for ref in references
+        if ref.get("kind") == "ServiceAccount" and ref.get("name") and ref.get("uid")
+    }
 
 
 @kopf.on.resume(*DATABASE, backoff=RETRY_SECONDS)
@@ -472,7 +487,9 @@ def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
     patch.fns.append(_replace)
 
 
-def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
+def _reconcile(
+    namespace: str | None, logger: kopf.Logger, *, collected: Mapping[str, str] | None = None
+) -> None:
     if not namespace:
         return
     if _signer is None:  # unsigned bundles would only be refused by every sidecar
@@ -493,6 +510,7 @@ def _reconcile(namespace: str | None, logger: kopf.Logger) -> None:
             emit=_emit,
             signer=_signer,
             cluster=baselines,
+            collected=collected,
         )
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err

@@ -68,14 +68,25 @@ def reconcile_namespace(
     emit: Emit,
     signer: bundle.Signs | None = None,
     cluster: Sequence[kubeapi.PolicyObject] = (),
+    collected: Mapping[str, str] | None = None,
 ) -> Outcome:
     """Reconcile ``namespace``; one at a time per namespace within this process. ``signer``
     signs every bundle file (None only in tests of what is signed-agnostic). ``cluster``: the
     ClusterDatabaseAccessPolicies whose namespaceSelector matches the namespace; they join the
-    compositions they bind, and their statuses are the caller's (they span namespaces)."""
+    compositions they bind, and their statuses are the caller's (they span namespaces).
+    ``collected``: ServiceAccount name -> the owner uid of a bundle just deleted; while no
+    ServiceAccount of that name and uid exists, the garbage collector deleted it with its owner,
+    and it is not created again."""
     with _lock(namespace):
         return _reconcile(
-            api, namespace=namespace, config=config, now=now, emit=emit, signer=signer, cluster=cluster
+            api,
+            namespace=namespace,
+            config=config,
+            now=now,
+            emit=emit,
+            signer=signer,
+            cluster=cluster,
+            collected=collected or {},
         )
 
 
@@ -88,6 +99,7 @@ def _reconcile(
     emit: Emit,
     signer: bundle.Signs | None,
     cluster: Sequence[kubeapi.PolicyObject],
+    collected: Mapping[str, str],
 ) -> Outcome:
     live = [p for p in api.list_policies(namespace) if not p.deleting]
     judged = {p.name: problems(p.spec) for p in live}
@@ -106,13 +118,19 @@ def _reconcile(
             for p in baselines
         ],
     )
+    owners = api.list_service_accounts(namespace)
     written = _write_bundles(
         api,
-        [b for b in plan.bundles if not b.problems],  # (one that does not compile keeps its content)
+        [
+            b
+            for b in plan.bundles
+            if not b.problems  # (one that does not compile keeps its content)
+            and not _collected_with_owner(b, existing=existing, owners=owners, collected=collected)
+        ],
         existing=existing,
         namespace=namespace,
         signer=signer,
-        owners=api.list_service_accounts(namespace),
+        owners=owners,
         now=now,
     )
     deleted = _delete_unneeded(api, existing=existing, keep={b.config_map for b in plan.bundles})
@@ -174,6 +192,21 @@ def _write_bundles(
         api.write_bundle(desired, existing=current)
         written.append(item.service_account)
     return written
+
+
+def _collected_with_owner(
+    item: bundle.Bundle,
+    *,
+    existing: Mapping[str, Mapping[str, Any]],
+    owners: Mapping[str, str],
+    collected: Mapping[str, str],
+) -> bool:
+    """Whether ``item`` is a bundle the garbage collector just deleted with its ServiceAccount:
+    writing it again would put back, ownerless, a bundle for a ServiceAccount that is gone."""
+    account = item.service_account
+    return (
+        account in collected and item.config_map not in existing and owners.get(account) != collected[account]
+    )
 
 
 def signing_generation(previous: int | None, *, now: datetime.datetime) -> int:

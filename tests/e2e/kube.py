@@ -709,3 +709,102 @@ def running_cluster(workdir: Path) -> Iterator[KubeCluster]:
     finally:
         cluster.stop()
         cluster.remove_data()
+
+
+# --------------------------------------------------------------------------------------------
+# kube-controller-manager (garbage collection and namespace deletion, for the modules that ask)
+# --------------------------------------------------------------------------------------------
+
+GC_CONTROLLERS = ("garbage-collector-controller", "namespace-controller")
+"""What the garbage-collection tests need: ownerReferences honoured, deleted namespaces emptied
+and finalized. Nothing else (no ServiceAccount tokens, no Deployments, no node lifecycle)."""
+
+CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
+"""The controller-manager's own identity; RBAC bootstrap lets it create one ServiceAccount per
+controller in kube-system, whose bootstrap roles (system:controller:...) each controller then uses
+(`--use-service-account-credentials`), as in a real cluster."""
+
+GC_SYNCED = "all resource monitors have synced"
+"""What the garbage collector logs once it watches every resource and starts collecting."""
+
+
+def find_controller_manager() -> Path:
+    """The pinned kube-controller-manager, or ToolsMissingError saying how to build it."""
+    versions = read_versions()
+    binary = tools_dir() / f"kube-controller-manager-{versions['KUBE_VERSION']}" / "kube-controller-manager"
+    if not _is_exe(binary):
+        raise ToolsMissingError(
+            f"e2e binary is not built: {binary}. Run `make tools` (hack/build-tools.sh; "
+            "kube-controller-manager takes about 5 minutes after kube-apiserver, longer cold)."
+        )
+    return binary
+
+
+def start_controller_manager(
+    cluster: KubeCluster,
+    *,
+    binary: Path,
+    workdir: Path,
+    controllers: Sequence[str] = GC_CONTROLLERS,
+) -> Process:
+    """Start kube-controller-manager against `cluster` running only `controllers`, with a client
+    certificate of its own; wait until the garbage collector watches every resource (when it is
+    one of them). The caller stops the returned process (by PID) when its tests are done: the
+    garbage collector deletes what other tests keep ownerless or owner-dangling on purpose."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert = cluster.pki.client_ca.issue(
+        directory=workdir,
+        name="kube-controller-manager",
+        common_name=CONTROLLER_MANAGER_USER,
+        client=True,
+    )
+    kubeconfig = workdir / "kubeconfig"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "dbgov-e2e",
+                "cluster": {
+                    "server": cluster.server,
+                    "certificate-authority": str(cluster.pki.serving_ca.path),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": CONTROLLER_MANAGER_USER,
+                "user": {"client-certificate": str(cert.cert), "client-key": str(cert.key)},
+            }
+        ],
+        "contexts": [
+            {"name": "dbgov-e2e", "context": {"cluster": "dbgov-e2e", "user": CONTROLLER_MANAGER_USER}}
+        ],
+        "current-context": "dbgov-e2e",
+    }
+    kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
+    kubeconfig.chmod(0o600)
+    process = Process.start(
+        name="kube-controller-manager",
+        log=workdir / "kube-controller-manager.log",
+        argv=[
+            binary,
+            f"--kubeconfig={kubeconfig}",
+            f"--controllers={','.join(controllers)}",
+            "--use-service-account-credentials=true",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--secure-port=0",  # no serving at all: readiness is read from its log
+        ],
+    )
+    if "garbage-collector-controller" in controllers:
+        try:
+            _wait_until(
+                what="kube-controller-manager's garbage collector",
+                process=process,
+                probe=lambda: GC_SYNCED in process.log.read_text(errors="replace"),
+            )
+        except BaseException:
+            process.stop()
+            raise
+    return process
