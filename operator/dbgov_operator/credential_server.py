@@ -47,6 +47,7 @@ _STATUS: Mapping[identity.ReasonCode, int] = {
     "pod_uid_mismatch": 403,
     "pod_terminating": 403,
     "service_account_mismatch": 403,
+    "node_mismatch": 403,
 }
 _MAX_TRACKED_CLIENTS = 4096  # rate-limit buckets kept; the least recently seen go first
 

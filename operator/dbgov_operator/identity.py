@@ -9,7 +9,12 @@ A token passes only when the apiserver authenticated it for our audience, it is 
 pod (projected tokens are; a plain TokenRequest for the ServiceAccount is not), and that pod
 still exists with the same uid, is not being deleted and runs as the token's ServiceAccount:
 a token copied out of a deleted pod, or one from a pod recreated under the same name, gets
-nothing.
+nothing. A token that names a node (the apiserver adds the pod's node to tokens it mints for
+a scheduled pod, 1.30+) must name the pod's own node: a pod never moves, so any other node (or
+a node for a pod not scheduled) means the token was not minted for this pod's kubelet. A token
+without a node name is accepted for a scheduled pod (older apiservers, or the apiserver could
+not read the Node when it minted it); who may mint tokens for the dbgov audience at all is the
+chart's admission policy (nodes only) and NodeRestriction's (a node for its own pods only).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ ReasonCode = Literal[
     "pod_uid_mismatch",
     "pod_terminating",
     "service_account_mismatch",
+    "node_mismatch",
 ]
 
 REASONS: Mapping[ReasonCode, str] = {
@@ -48,6 +54,7 @@ REASONS: Mapping[ReasonCode, str] = {
     "pod_uid_mismatch": "a pod of that name exists, but it is not the pod the token was bound to",
     "pod_terminating": "the pod the token is bound to is being deleted",
     "service_account_mismatch": "the pod the token is bound to does not run as the token's ServiceAccount",
+    "node_mismatch": "the token names another node than the one the pod it is bound to runs on",
 }
 """Every refusal's code and what it means, as the operator logs it and tests read it."""
 
@@ -155,12 +162,18 @@ def check_pod(token: BoundToken, pod: Mapping[str, Any] | None) -> Identity | Re
             code="service_account_mismatch",
             detail=f"{where} runs as {account}, the token is {token.service_account}'s",
         )
+    node = str(spec.get("nodeName") or "")
+    if token.node and token.node != node:
+        return Refusal(
+            code="node_mismatch",
+            detail=f"{where} runs on node {node or '(none: not scheduled)'}, the token names {token.node}",
+        )
     return Identity(
         namespace=token.namespace,
         service_account=token.service_account,
         pod=token.pod,
         pod_uid=token.pod_uid,
-        node=str(spec.get("nodeName") or token.node or ""),
+        node=node,
     )
 
 
