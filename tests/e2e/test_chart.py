@@ -42,7 +42,8 @@ def test_helm_lint_strict_is_clean(kube_tools: kube.Tools, helm_home: Path) -> N
         ("operator.replicaCount=2", "additional properties 'replicaCount' not allowed", True),
         ("sidecar.proxyPort=0", "minimum", True),
         ("sidecar.metricsPort=70000", "maximum", True),
-        ("operator.replicas=2", "/operator/peering", True),  # schema if/then (template fails too)
+        # Standalone with the default two replicas: schema if/then (the template fails too).
+        ("operator.peering=", "/operator/peering", True),
         # Cross-field: only the template can check it, and helm lint reports a template `fail`
         # as [INFO], so only install/template refuse it.
         ("webhook.selfSigned.renewBeforeDays=90", "must be less than validityDays", False),
@@ -71,6 +72,14 @@ def test_template_renders_the_operator_objects(kube_tools: kube.Tools, helm_home
             "RoleBinding",
             "Service",
             "Deployment",
+            # two replicas by default: kopf peering (its CRD is in crds/) and a disruption budget
+            "ClusterKopfPeering",
+            "PodDisruptionBudget",
+            # bundles and dbgov-audience tokens (templates/admissionpolicies.yaml)
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicyBinding",
             # the chart owns them, so helm uninstall deletes them; the operator fills them in
             "MutatingWebhookConfiguration",
             "ValidatingWebhookConfiguration",
@@ -95,10 +104,65 @@ def test_template_renders_the_operator_objects(kube_tools: kube.Tools, helm_home
     assert (env["DBGOV_WEBHOOK_CERT_VALIDITY_DAYS"], env["DBGOV_WEBHOOK_RENEW_BEFORE_DAYS"]) == ("90", "30")
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert deploy["spec"]["strategy"]["type"] == "Recreate"  # standalone: never two operators
+    # Highly available by default: a rollout starts the new replica before an old one goes.
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert env["DBGOV_PEERING"] == "dbgov"  # the release's full name
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"] == {
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": selector},
+    }
+    (spread,) = pod["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"], spread["maxSkew"]) == (
+        "kubernetes.io/hostname",
+        "ScheduleAnyway",
+        1,
+    )
+    assert spread["labelSelector"] == {"matchLabels": selector}
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
     (service,) = by_kind(docs, "Service")
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "webhook"
+
+
+def test_standalone_is_an_explicit_opt_out(kube_tools: kube.Tools, helm_home: Path) -> None:
+    docs = render(kube_tools, helm_home, namespace="ns", sets=("operator.peering=", "operator.replicas=1"))
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}  # never two operators side by side
+    pod = deploy["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "topologySpreadConstraints" not in pod
+    assert by_kind(docs, "PodDisruptionBudget") == [] and by_kind(docs, "ClusterKopfPeering") == []
+    # Values set replace the spreading defaults; a named peering is used as given.
+    affinity = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    spread = [
+        {"maxSkew": 2, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+    ]
+    custom = kube.yaml_documents(
+        kube.helm(
+            kube_tools,
+            "template",
+            "dbgov",
+            CHART,
+            *("--set", "operator.peering=shared", "--set", "operator.replicas=3"),
+            *("--set", "podDisruptionBudget.minAvailable=2"),
+            *("--set-json", f"operator.affinity={json.dumps(affinity)}"),
+            *("--set-json", f"operator.topologySpreadConstraints={json.dumps(spread)}"),
+            home=helm_home,
+        ).stdout
+    )
+    (deploy,) = by_kind(custom, "Deployment")
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"]["template"]["spec"]["affinity"] == affinity
+    assert deploy["spec"]["template"]["spec"]["topologySpreadConstraints"] == spread
+    assert by_kind(custom, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == 2
+    assert by_kind(custom, "ClusterKopfPeering")[0]["metadata"]["name"] == "shared"
 
 
 def test_crds_in_the_chart_equal_crds_dir_and_are_gated(kube_tools: kube.Tools, helm_home: Path) -> None:
@@ -153,12 +217,14 @@ def test_rbac_is_least_privilege(kube_tools: kube.Tools, helm_home: Path) -> Non
     (cluster_role,) = by_kind(docs, "ClusterRole")
     secret_verbs = [r["verbs"] for r in cluster_role["rules"] if "secrets" in r["resources"]]
     assert secret_verbs == [["get"]]  # named admin secrets only; never list/watch cluster-wide
-    assert not any("kopf.dev" in r["apiGroups"] for r in cluster_role["rules"])
-    peered = render(
-        kube_tools, helm_home, namespace="x", sets=("operator.peering=dbgov", "operator.replicas=2")
+    # kopf peering, on by default: its own ClusterKopfPeering only, every verb by name.
+    (peering,) = [r for r in cluster_role["rules"] if "kopf.dev" in r["apiGroups"]]
+    assert peering["resourceNames"] == ["dbgov"]
+    assert peering["verbs"] == ["get", "list", "watch", "patch"]
+    standalone = render(
+        kube_tools, helm_home, namespace="x", sets=("operator.peering=", "operator.replicas=1")
     )
-    assert any("kopf.dev" in r["apiGroups"] for r in by_kind(peered, "ClusterRole")[0]["rules"])
-    assert by_kind(peered, "Deployment")[0]["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not any("kopf.dev" in r["apiGroups"] for r in by_kind(standalone, "ClusterRole")[0]["rules"])
 
 
 def test_chart_kube_version_constraint(kube_tools: kube.Tools, helm_home: Path) -> None:
@@ -175,6 +241,14 @@ def test_rendered_chart_applies_with_server_side_dry_run(
     kube_cluster: kube.KubeCluster, kube_tools: kube.Tools, helm_home: Path, namespace: str
 ) -> None:
     docs = render(kube_tools, helm_home, namespace=namespace, release=f"r{namespace}")
+    # helm creates crds/ (kopf's peering CRD) for real before it builds the templates; so does
+    # this test, or the dry-run could not map the ClusterKopfPeering.
+    with_crds = kube.helm_template(
+        kube_tools, CHART, home=helm_home, release="x", namespace="x", include_crds=True
+    )
+    kube_cluster.install_crds(
+        [d for d in by_kind(with_crds, "CustomResourceDefinition") if d["spec"]["group"] == "kopf.dev"]
+    )
     applied = [kube_cluster.apply_manifest(doc, namespace=namespace, dry_run=True) for doc in docs]
     assert [a.kind for a in applied] == [d["kind"] for d in docs]
     deploy = next(a for a in applied if a.kind == "Deployment")
@@ -294,8 +368,15 @@ def test_helm_install_and_uninstall_keep_the_crds(
     assert status["info"]["status"] == "deployed"
     apps = client.AppsV1Api(kube_cluster.api_client())
     rbac = client.RbacAuthorizationV1Api(kube_cluster.api_client())
-    assert apps.read_namespaced_deployment(f"{release}-dbgov", namespace).spec.replicas == 1
+    assert apps.read_namespaced_deployment(f"{release}-dbgov", namespace).spec.replicas == 2
     assert rbac.read_cluster_role(f"{release}-dbgov").rules
+    custom = client.CustomObjectsApi(kube_cluster.api_client())
+    disruption = client.PolicyV1Api(kube_cluster.api_client())
+    assert custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", f"{release}-dbgov")
+    assert (
+        disruption.read_namespaced_pod_disruption_budget(f"{release}-dbgov", namespace).spec.min_available
+        == 1
+    )
 
     # The session's CRDs were applied before the chart and are not the release's: helm leaves
     # them alone (templates/crds.yaml), and they outlive the uninstall.
@@ -303,6 +384,8 @@ def test_helm_install_and_uninstall_keep_the_crds(
     for read in (
         lambda: apps.read_namespaced_deployment(f"{release}-dbgov", namespace),
         lambda: rbac.read_cluster_role(f"{release}-dbgov"),
+        lambda: custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", f"{release}-dbgov"),
+        lambda: disruption.read_namespaced_pod_disruption_budget(f"{release}-dbgov", namespace),
     ):
         with pytest.raises(ApiException) as info:
             read()

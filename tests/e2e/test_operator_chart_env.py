@@ -52,7 +52,7 @@ def test_default_values_configure_an_in_cluster_operator(kube_tools: kube.Tools,
     assert config.webhook.cert_source == "operator"
     assert config.webhook.cert_secret
     assert config.webhook.listen_addr == "0.0.0.0"
-    assert config.peering == ""
+    assert config.peering == "rel-dbgov"  # two replicas by default, peering named after the release
     assert config.sidecar.token_audience == "dbgov"
     assert config.webhook.rotation_check_seconds == 300
 
@@ -61,7 +61,8 @@ def test_default_values_configure_an_in_cluster_operator(kube_tools: kube.Tools,
     ("sets", "check"),
     [
         (("webhook.certManager.enabled=true",), lambda c: c.webhook.cert_source == "cert-manager"),
-        (("operator.peering=dbgov", "operator.replicas=2"), lambda c: c.peering == "dbgov"),
+        (("operator.peering=dbgov",), lambda c: c.peering == "dbgov"),
+        (("operator.peering=", "operator.replicas=1"), lambda c: c.peering == ""),  # standalone
         (("sidecar.proxyPort=6432",), lambda c: c.sidecar.proxy_port == 6432),
         (("sidecar.metricsPort=9300",), lambda c: c.sidecar.metrics_port == 9300),
     ],

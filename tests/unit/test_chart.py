@@ -46,7 +46,9 @@ def test_values_yaml_validates_against_the_schema() -> None:
         (("sidecar", "metricsPort"), "9187"),
         (("sidecar", "tokenExpirationSeconds"), 60),
         (("webhook", "certManager", "duration"), "90 days"),
-        (("operator", "replicas"), 2),  # without operator.peering
+        (("operator", "peering"), ""),  # standalone with the default two replicas
+        (("operator", "peering"), "Not_A_Name"),
+        (("operator", "topologySpreadConstraints"), {"maxSkew": 1}),  # a list of them
         (("webhook", "rotationCheckSeconds"), 0),
     ],
 )
@@ -57,6 +59,28 @@ def test_schema_rejects_unknown_keys_and_bad_values(path: tuple[str, ...], value
         node = node[key]
     node[path[-1]] = value
     assert list(_validator().iter_errors(values)), f"{'.'.join(path)}={value!r} was accepted"
+
+
+def test_defaults_are_highly_available_and_standalone_is_an_explicit_opt_out() -> None:
+    """Two replicas with peering named after the release (null) and a PDB by default, so an
+    upgrade or drain never leaves the fail-closed webhooks unanswered; one standalone replica
+    only when asked for, and never several without peering."""
+    operator = _values()["operator"]
+    assert (operator["replicas"], operator["peering"]) == (2, None)
+    assert _values()["podDisruptionBudget"] == {"enabled": True, "minAvailable": 1}
+
+    def errors(**changes: Any) -> list[str]:
+        values = copy.deepcopy(_values())
+        values["operator"].update(changes)
+        return [e.message for e in _validator().iter_errors(values)]
+
+    assert errors(peering="", replicas=1) == []
+    assert errors(peering="shared-peers", replicas=3) == []
+    assert errors(peering=None, replicas=1) == []
+    assert errors(peering="", replicas=2)
+    without = copy.deepcopy(_values())
+    del without["operator"]["peering"]  # `--set operator.peering=null` removes the key
+    assert list(_validator().iter_errors(without)) == []
 
 
 def test_every_object_in_the_schema_is_closed() -> None:

@@ -66,3 +66,13 @@ app.kubernetes.io/component: operator
 {{- define "dbgov.webhookSecretName" -}}
 {{- printf "%s-webhook-tls" (include "dbgov.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* kopf peering name: operator.peering when it is a string ("" runs standalone), else (null,
+the default) named after the release. */}}
+{{- define "dbgov.peering" -}}
+{{- if kindIs "string" .Values.operator.peering }}
+{{- .Values.operator.peering }}
+{{- else }}
+{{- include "dbgov.fullname" . }}
+{{- end }}
+{{- end }}
