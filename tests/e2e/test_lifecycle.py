@@ -1,6 +1,10 @@
 """Install, upgrade and uninstall leave nothing behind, with real helm against a real apiserver
 (issue 12).
 
+The chart's defaults are used (two replicas with kopf peering, a PDB): the operator runs as a
+replica of that peering, and an upgrade with a changed value keeps the peering object and what
+the operator wrote, while the uninstall removes every object of the release but the CRDs.
+
 There is no kube-controller-manager here (kube.py), so no garbage collector: the webhook
 configurations must go with ``helm uninstall`` itself, which they do because the chart creates
 them and the operator only fills them in. The ownerReference to the chart's ClusterRole (for a
@@ -25,6 +29,24 @@ from .operator_proc import CHART, GROUP, PLURAL, VERSION, Operator
 
 def _helm(cluster: kube.KubeCluster, tools: kube.Tools, home: Path, *args: str) -> str:
     return kube.helm(tools, *args, "--kubeconfig", cluster.kubeconfig, home=home).stdout
+
+
+def _left_behind(cluster: kube.KubeCluster, docs: list[dict[str, Any]], namespace: str) -> list[str]:
+    """The release's objects still in the cluster, CRDs aside (helm keeps them on purpose)."""
+    dynamic = cluster.dynamic()
+    left = []
+    for doc in docs:
+        if doc["kind"] == "CustomResourceDefinition":
+            continue
+        resource = dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+        where = {"namespace": namespace} if resource.namespaced else {}
+        if not _gone(
+            lambda resource=resource, where=where, doc=doc: resource.get(
+                name=doc["metadata"]["name"], **where
+            )
+        ):
+            left.append(f"{doc['kind']}/{doc['metadata']['name']}")
+    return left
 
 
 def _gone(read: Any) -> bool:
@@ -75,9 +97,12 @@ def test_uninstall_leaves_no_webhook_configuration_and_policies_no_finalizer(  #
 ) -> None:
     name, release_ns = release
     configuration = f"dbgov-e2e-{uuid.uuid4().hex[:6]}"
-    sets = ("--set", f"webhook.configurationName={configuration}")
+    sets = ("--set", f"webhook.configurationName={configuration}")  # otherwise the defaults
     _helm(kube_cluster, kube_tools, helm_home, "install", name, str(CHART), "--namespace", release_ns, *sets)
-    account = f"{name}-dbgov"
+    manifest = kube.yaml_documents(
+        _helm(kube_cluster, kube_tools, helm_home, "get", "manifest", name, "--namespace", release_ns)
+    )
+    account = peering = f"{name}-dbgov"  # the peering is named after the release by default
     token = kube_cluster.service_account_token(
         namespace=release_ns, name=account, audiences=(kube_cluster.server,), expiration_seconds=3600
     )
@@ -95,6 +120,9 @@ def test_uninstall_leaves_no_webhook_configuration_and_policies_no_finalizer(  #
             ),
             "DBGOV_WEBHOOK_CERT_SECRET": f"{name}-dbgov-webhook-tls",
             "DBGOV_WEBHOOK_OWNER_CLUSTERROLE": account,
+            # as the chart's Deployment sets them: a replica of the default peering
+            "DBGOV_PEERING": peering,
+            "POD_ID": f"{name}-dbgov-6b7f9c-x1",
         },
     )
     env = operator_proc.installed(
@@ -123,6 +151,28 @@ def test_uninstall_leaves_no_webhook_configuration_and_policies_no_finalizer(  #
         operator_proc.create_policy(env, namespace, operator_proc.policy("orders-read"))
         ready = operator_proc.wait_ready(env, namespace, "orders-read")
         assert not ready["metadata"].get("finalizers")
+        peering_uid = env.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)[
+            "metadata"
+        ]["uid"]
+        # An upgrade with a changed value keeps what the operator wrote into the configurations
+        # (helm's three-way merge), the peering object and its keep-alives.
+        upgrade = (*sets, "--set", "operator.logLevel=DEBUG")
+        _helm(
+            kube_cluster,
+            kube_tools,
+            helm_home,
+            "upgrade",
+            name,
+            str(CHART),
+            "--namespace",
+            release_ns,
+            *upgrade,
+        )
+        assert operator_proc.validating_served(env)
+        kept = env.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+        assert kept["metadata"]["uid"] == peering_uid
+        assert operator.env["POD_ID"] in (kept.get("status") or {})
+        assert not operator_proc.get_policy(env, namespace, "orders-read")["metadata"].get("finalizers")
         _helm(kube_cluster, kube_tools, helm_home, "uninstall", name, "--namespace", release_ns)
         left = [
             kind
@@ -137,6 +187,8 @@ def test_uninstall_leaves_no_webhook_configuration_and_policies_no_finalizer(  #
         operator_proc.delete_webhook_configurations(env.admission, configuration)  # only on failure
     # helm deleted them with the release, before the operator stopped.
     assert left == []
+    assert _left_behind(kube_cluster, manifest, release_ns) == []
+    assert {d["kind"] for d in manifest} >= {"ClusterKopfPeering", "PodDisruptionBudget", "Deployment"}
     assert "Reconfiguring the validating webhook" in operator.log_text()
     assert _gone(lambda: rbac.read_cluster_role(account))
     # Without an operator, a policy deletes at once: no finalizer waits for one.
