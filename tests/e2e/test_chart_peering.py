@@ -436,7 +436,8 @@ def test_both_replicas_answer_the_webhook_and_the_credential_endpoint(
 def test_the_standby_takes_over_when_the_leader_stops(kube_cluster: kube.KubeCluster, peered: Peered) -> None:
     """A rolling update or drain stops the active replica (SIGTERM): kopf removes its keep-alive
     on the way out and the standby resumes handlers, well within the peering's lifetime (the
-    bound for a replica that dies without saying so). Runs last: it stops a replica."""
+    bound for a replica that dies without saying so). It stops a replica: the next test starts
+    it again."""
     leader, standby = _leader_and_standby(kube_cluster, peered)
     lifetime = int(operator_proc.peers(kube_cluster, peered.peering)[standby.env["POD_ID"]]["lifetime"])
     stopped = time.monotonic()
@@ -463,6 +464,39 @@ def test_the_standby_takes_over_when_the_leader_stops(kube_cluster: kube.KubeClu
     finally:
         kube_cluster.delete_namespace(namespace)
     print(f"takeover after SIGTERM of the active replica: {took:.2f}s (lifetime {lifetime}s)")
+
+
+def test_a_killed_leader_is_replaced_within_the_peering_lifetime(
+    kube_cluster: kube.KubeCluster, peered: Peered
+) -> None:
+    """A replica that dies without a word (SIGKILL, a lost node) leaves its keep-alive behind:
+    the standby resumes when it expires, at most the peering's lifetime later. Runs after the
+    SIGTERM test and starts the replica that one stopped again first."""
+    for op in peered.replicas:
+        if op.process is None:
+            op.start()
+    leader, standby = _leader_and_standby(kube_cluster, peered)
+    lifetime = int(operator_proc.peers(kube_cluster, peered.peering)[leader.env["POD_ID"]]["lifetime"])
+    assert leader.process is not None
+    killed = time.monotonic()
+    leader.process.popen.kill()  # the process this test module started, by PID
+    leader.process.popen.wait(timeout=10)
+    leader.process = None
+    operator_proc.wait_for(
+        "the standby to resume", lambda: operator_proc.active(standby), timeout=lifetime + 30
+    )
+    took = time.monotonic() - killed
+    assert took <= lifetime + 5, f"took over {took:.1f}s after SIGKILL, the peering's lifetime is {lifetime}s"
+    namespace = kube_cluster.create_namespace()
+    try:
+        _point_validation_at(peered.env, standby)
+        operator_proc.wait_for("the standby's webhook", lambda: operator_proc.validating_served(peered.env))
+        operator_proc.create_policy(peered.env, namespace, operator_proc.policy("orders-read"))
+        operator_proc.wait_ready(peered.env, namespace, "orders-read")
+        assert operator_proc.reconciled(standby, namespace)
+    finally:
+        kube_cluster.delete_namespace(namespace)
+    print(f"takeover after SIGKILL of the active replica: {took:.2f}s (lifetime {lifetime}s)")
 
 
 def _point_validation_at(env: Installed, operator: Operator) -> None:
