@@ -3,13 +3,15 @@
 The kubelet-less operator tests check the pod the webhook writes; these run it. A node
 (node.py: containerd + kubelet) registered to this session's apiserver runs enrolled pods whose
 sidecar is the image Dockerfile.sidecar builds (images.py, no registry) and whose app is psql.
-Proved here: the app reaches PostgreSQL through its sidecar (masked column masked, DDL refused,
-both audited), the startup probe holds the app until the proxy is ready, a policy change
-reaches the running sidecar, a tampered bundle is refused by it, and an unlabelled pod in an
-enforced namespace runs with it.
+Proved here: the app reaches PostgreSQL only through its sidecar (masked column masked, DDL
+refused, both audited; directly, holding no password, every login it can try is refused by
+PostgreSQL), the startup probe holds the app until the proxy is ready, a policy change reaches
+the running sidecar, a tampered bundle is refused by it, and an unlabelled pod in an enforced
+namespace runs with it.
 
-The operator runs as a process under the chart's RBAC (test_operator.deployed); the test
-PostgreSQL stays on 127.0.0.1 and pods reach it through a relay on the node bridge's address,
+The operator runs as a process under the chart's RBAC (test_operator.deployed). The pods'
+PostgreSQL (`pods_pg`, a server of this module's that admits no role over TCP without its
+password) stays on 127.0.0.1 and pods reach it through a relay on the node bridge's address,
 the upstream the app names. The operator's webhook and credential endpoint listen on that
 address too, so the apiserver and the sidecars reach the same process."""
 
@@ -17,17 +19,23 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
+import re
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, stream
 from kubernetes.client.exceptions import ApiException
 
 import pg
+from dbgov_operator import injection
 
 from . import images, kube, node
 from .operator_proc import Installed, create_policy, policy, wait_for, wait_ready
@@ -37,12 +45,28 @@ ACCOUNT = "orders"
 SIDECAR = "dbgov-proxy"
 POD_TIMEOUT_S = 90.0
 FIRST_EMAIL = "SELECT email FROM shop.customers WHERE id = 1"
+API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+STRICT_HBA = """\
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
+"""Every TCP login needs its password: the session's test server trusts ``trustuser`` on
+127.0.0.1, which is where every relayed connection comes from, so a pod could log in as it."""
 
 
 @pytest.fixture(scope="module")
-def pg_relay(pg_server: pg.PgServer, e2e_node: node.Node) -> Iterator[node.Relay]:
-    """The test PostgreSQL, reachable from pods at the bridge's address (it listens on loopback)."""
-    relay = node.Relay.start(target=(pg_server.host, pg_server.port))
+def pods_pg() -> Iterator[pg.PgServer]:
+    """The PostgreSQL pods reach: the test server's roles and shop schema, no role admitted over
+    TCP without its password (``STRICT_HBA``), every connection logged (``log_connections``) so a
+    test can tell from the server's side who logged in."""
+    with pg.running_server(hba=STRICT_HBA, settings={"log_connections": "on"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pg_relay(pods_pg: pg.PgServer, e2e_node: node.Node) -> Iterator[node.Relay]:
+    """`pods_pg`, reachable from pods at the bridge's address (it listens on loopback)."""
+    relay = node.Relay.start(target=(pods_pg.host, pods_pg.port))
     try:
         yield relay
     finally:
@@ -123,18 +147,41 @@ def governed(operator: Installed, policed: str, pg_relay: node.Relay) -> str:
 
 
 def app_pod(
-    name: str, *, script: str, app: images.Image, relay: node.Relay, enrolled: bool = True
+    name: str,
+    *,
+    script: str,
+    app: images.Image,
+    relay: node.Relay,
+    enrolled: bool = True,
+    api_token: str | None = None,
 ) -> dict[str, Any]:
     """An enrolled pod on the node whose app runs ``script`` (sh -c) with psql pointed at the
-    database as an app would be: PGHOST/PGPORT name the upstream; the webhook repoints them."""
+    database as an app would be: PGHOST/PGPORT name the upstream; the webhook repoints them. The
+    app is given no password: its sidecar logs in with the pod's minted role and admits it on
+    loopback (docs/credentials.md, "What the app is given"). ``api_token``: the API server's
+    audience, for which the app gets the ServiceAccount token every container of a real
+    cluster's pod gets (the ServiceAccount admission plugin is off in this fixture)."""
     env = {
         "PGHOST": node.GATEWAY,
         "PGPORT": str(relay.port),
         "PGUSER": "app",
-        "PGPASSWORD": pg.APP_PASSWORD,
         "PGDATABASE": "shop",
         "PGCONNECT_TIMEOUT": "3",
     }
+    container: dict[str, Any] = {
+        "name": "app",
+        "image": app.ref,
+        "imagePullPolicy": "Never",
+        "args": [script],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+    }
+    volumes: list[dict[str, Any]] = []
+    if api_token is not None:
+        token = {"serviceAccountToken": {"path": "token", "audience": api_token, "expirationSeconds": 3607}}
+        volumes.append({"name": "kube-api-access", "projected": {"sources": [token]}})
+        container["volumeMounts"] = [
+            {"name": "kube-api-access", "mountPath": API_TOKEN_DIR, "readOnly": True}
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -144,15 +191,8 @@ def app_pod(
             "serviceAccountName": ACCOUNT,
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 2,
-            "containers": [
-                {
-                    "name": "app",
-                    "image": app.ref,
-                    "imagePullPolicy": "Never",
-                    "args": [script],
-                    "env": [{"name": k, "value": v} for k, v in env.items()],
-                }
-            ],
+            "containers": [container],
+            "volumes": volumes,
         },
     }
 
@@ -187,6 +227,128 @@ def explain(core: client.CoreV1Api, namespace: str, name: str, e2e_node: node.No
     return "\n".join(parts)
 
 
+APP_ROLES = ("app", "trustuser", "md5user", "postgres")
+"""The test server's roles, each of which the app tries directly with no password."""
+
+INVENTORY = r"""
+echo "== env"; env | sort
+echo "== mounts"; awk '{print $5}' /proc/self/mountinfo | sort -u
+echo "== processes"  # pid, name, argv[0]
+for p in /proc/[0-9]*; do
+  echo "${p#/proc/} $(cat "$p/comm" 2>/dev/null) $(tr '\0' '\n' < "$p/cmdline" 2>/dev/null | head -n 1)"
+done
+echo "== listening"
+cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == "0A" {split($2, a, ":"); print a[2]}' | sort -u |
+  while read -r hex; do echo $((16#$hex)); done
+echo "== dbgov dirs"; ls -d /var/run/secrets/dbgov.io /etc/dbgov 2>&1
+"""
+"""What an app can learn about its own container: its environment, its mounts, the processes it
+sees, the ports listening in its pod."""
+
+SIDECAR_PORTS = r"""
+get() {{
+  exec 3<>/dev/tcp/127.0.0.1/{port} || return
+  printf 'GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n' "$1" >&3
+  cat <&3
+  exec 3<&-
+}}
+for path in /metrics /healthz /readyz /; do echo "== GET $path"; get "$path"; echo; done
+"""
+"""Every path of the sidecar's metrics port (bash's /dev/tcp: the app image has no HTTP client)."""
+
+DIRECT = r"""
+try_login() {{
+  if PGHOST={host} PGPORT={port} PGDATABASE=shop PGUSER="$1" PGPASSWORD="$2" \
+      psql -w -XAt -c "SELECT 'logged in as ' || current_user" > /tmp/out 2>&1; then
+    echo "DIRECT LOGIN $1: $(cat /tmp/out)"
+  else
+    echo "refused $1 ($3): $(head -c 160 /tmp/out | tr '\n' ' ')"
+  fi
+}}
+for user in {roles} {minted}; do try_login "$user" "" "no password"; done
+# every secret-looking thing in reach: each variable's value, each file on a mount the kubelet
+# made (whole and line by line), and each long word the sidecar's ports answered
+{{
+  env -0 | while IFS= read -r -d '' kv; do printf '%s\n' "${{kv#*=}}"; done
+  awk '{{print $5}}' /proc/self/mountinfo | grep -Ev '^/$|^/(proc|sys|dev)(/|$)' | sort -u |
+    while read -r mount; do
+      find "$mount" -xdev -type f -size -64k 2>/dev/null | while read -r file; do
+        cat "$file"; echo; tr -d '\n' < "$file"; echo
+      done
+    done
+  cat /tmp/sidecar-words 2>/dev/null
+}} | grep -v '^$' | sort -u > /tmp/candidates
+echo "candidates=$(wc -l < /tmp/candidates)"
+while IFS= read -r candidate; do
+  for user in {minted} app postgres; do try_login "$user" "$candidate" "a found string"; done
+done < /tmp/candidates
+"""
+"""The app, past its sidecar: the relay's address and port (what the app was configured with),
+as each role it knows of, with no password and with every string it can find."""
+
+
+def run_in(api: client.CoreV1Api, namespace: str, pod: str, *, container: str, script: str) -> str:
+    """Run ``script`` with bash in a running container, as ``kubectl exec`` does: stdout and stderr."""
+    out = stream.stream(
+        api.connect_get_namespaced_pod_exec,
+        pod,
+        namespace,
+        container=container,
+        command=["/bin/bash", "-c", script],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+        _request_timeout=300,
+    )
+    return str(out)
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """Output split at ``== name`` lines."""
+    found: dict[str, list[str]] = {}
+    current = found.setdefault("", [])
+    for line in text.splitlines():
+        if line.startswith("== "):
+            current = found.setdefault(line[3:], [])
+        else:
+            current.append(line)
+    return found
+
+
+def present_token(url: str, *, ca_pem: str, token: str) -> tuple[int, dict[str, Any]]:
+    """POST ``token`` to the operator's credential endpoint as a sidecar would: (status, JSON)."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    request = urllib.request.Request(
+        url, data=b"{}", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def server_log(server: pg.PgServer, *, since: int) -> str:
+    """What the server logged since byte ``since`` of its log."""
+    with (server.datadir / "server.log").open("rb") as log:
+        log.seek(since)
+        return log.read().decode(errors="replace")
+
+
+def log_size(server: pg.PgServer) -> int:
+    return (server.datadir / "server.log").stat().st_size
+
+
+def _run(path: str) -> str:
+    """``path`` as the container's mount table shows it (Debian's /var/run is a link to /run)."""
+    return "/run/" + path.removeprefix("/var/run/") if path.startswith("/var/run/") else path
+
+
+def env_of(container: client.V1Container) -> dict[str, str]:
+    return {e.name: e.value for e in container.env or [] if e.value is not None}
+
+
 def test_enrolled_pods_app_reaches_postgres_only_through_its_sidecar(
     *,
     operator: Installed,
@@ -194,29 +356,192 @@ def test_enrolled_pods_app_reaches_postgres_only_through_its_sidecar(
     e2e_node: node.Node,
     pod_images: dict[str, images.Image],
     pg_relay: node.Relay,
-    pg_server: pg.PgServer,
+    pods_pg: pg.PgServer,
+    kube_cluster: kube.KubeCluster,
 ) -> None:
-    real = pg_server.psql(FIRST_EMAIL, user="app", dbname="shop").strip()
-    script = f'echo "host=$PGHOST:$PGPORT"; psql -XAt -c "{FIRST_EMAIL}"; psql -XAt -c "DROP TABLE shop.orders"; echo "drop=$?"'
-    operator.core.create_namespaced_pod(
-        governed, app_pod("app", script=script, app=pod_images["app"], relay=pg_relay)
+    """No NetworkPolicy can keep an app from its database here: the app and its sidecar share one
+    network namespace, so whatever the sidecar reaches, the app reaches. What keeps the app out is
+    that it holds no credential: the sidecar logs in with the minted role whose password only it
+    received, and nothing of it is in the app's environment, mounts, process view or the answers
+    of the sidecar's ports. The app is given no password and tries every way in it has."""
+    core = operator.core
+    exec_api = client.CoreV1Api(kube_cluster.api_client())  # stream() swaps its client's transport
+    real = pods_pg.psql(FIRST_EMAIL, user="app", dbname="shop").strip()
+    since = log_size(pods_pg)
+    created = core.create_namespaced_pod(
+        governed,
+        app_pod(
+            "app",
+            script="sleep 300",
+            app=pod_images["app"],
+            relay=pg_relay,
+            # Named: this fixture's apiserver lists dbgov among its API audiences (kube.py), so
+            # a token projected without an audience would be one for dbgov too.
+            api_token=kube_cluster.server,
+        ),
     )
-    done = finished(operator.core, governed, "app", e2e_node)
-    why = explain(operator.core, governed, "app", e2e_node)
-    assert done.status.phase == "Succeeded", why
-    out = logs(operator.core, governed, "app", "app").splitlines()
-    # the webhook repointed the app at its in-pod proxy; the proxy holds the real upstream
-    assert out[0] == "host=127.0.0.1:5432", why
+    try:
+        _only_through_its_sidecar(
+            core=core,
+            exec_api=exec_api,
+            namespace=governed,
+            created=created,
+            e2e_node=e2e_node,
+            relay=pg_relay,
+            server=pods_pg,
+            real=real,
+            since=since,
+        )
+    finally:
+        core.delete_namespaced_pod("app", governed, grace_period_seconds=0)
+
+
+def _only_through_its_sidecar(
+    *,
+    core: client.CoreV1Api,
+    exec_api: client.CoreV1Api,
+    namespace: str,
+    created: client.V1Pod,
+    e2e_node: node.Node,
+    relay: node.Relay,
+    server: pg.PgServer,
+    real: str,
+    since: int,
+) -> None:
+    def app_running() -> client.V1Pod | None:
+        found = core.read_namespaced_pod("app", namespace)
+        statuses = found.status.container_statuses or []
+        return found if statuses and statuses[0].state.running is not None else None
+
+    try:
+        wait_for(
+            "the app to run (its sidecar started: verified, credentials held)",
+            app_running,
+            timeout=POD_TIMEOUT_S,
+        )
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{explain(core, namespace, 'app', e2e_node)}") from None
+    why = explain(core, namespace, "app", e2e_node)
+    (sidecar,) = created.spec.init_containers
+    assert sidecar.name == SIDECAR
+    sidecar_env = env_of(sidecar)
+    proxy_port = int(sidecar_env["DBGOV_LISTEN"].rpartition(":")[2])
+    metrics_port = int(sidecar_env["DBGOV_METRICS"].rpartition(":")[2])
+    minted = server.psql(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'dbgov_w_%' "
+        f"AND shobj_description(oid, 'pg_authid') LIKE '%{created.metadata.uid}%'"
+    ).strip()
+    assert minted.startswith("dbgov_w_"), why
+
+    # What the app holds: no password, no dbgov variable, none of the sidecar's volumes or processes.
+    seen = sections(run_in(exec_api, namespace, "app", container="app", script=INVENTORY))
+    env = {line.partition("=")[0]: line.partition("=")[2] for line in seen["env"] if "=" in line}
+    mounts = {_run(m) for m in seen["mounts"]}
+    assert {k: env[k] for k in ("PGHOST", "PGPORT", "PGUSER")} == {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(proxy_port),
+        "PGUSER": "app",
+    }, why
+    assert not [k for k in env if "PASS" in k or k.startswith("DBGOV_") or "TOKEN" in k], env
+    assert mounts & {_run(injection.TOKEN_DIR), injection.POLICY_DIR} == set(), mounts
+    assert {m for m in mounts if m.startswith("/run/secrets/")} == {_run(API_TOKEN_DIR)}, mounts
+    assert all("No such file or directory" in line for line in seen["dbgov dirs"]), seen["dbgov dirs"]
+    processes = [line for line in seen["processes"] if line.strip()]
+    # pid, name and argv[0] of each process the app sees: its own, from its own PID 1
+    assert processes and processes[0] == "1 sh /bin/sh", processes
+    assert not [p for p in processes if "dbgov" in p or "python" in p], processes
+    # The sidecar's view, for contrast: its token is there and its PID 1 is the proxy.
+    theirs = run_in(
+        exec_api,
+        namespace,
+        "app",
+        container=SIDECAR,
+        script=f"tr '\\0' ' ' < /proc/1/cmdline; echo; ls {injection.TOKEN_DIR}",
+    )
+    assert "dbgov" in theirs.splitlines()[0] and "token" in theirs.splitlines()[1:], theirs
+    sidecar_token = run_in(
+        exec_api, namespace, "app", container=SIDECAR, script=f"cat {injection.TOKEN_DIR}/token"
+    ).strip()
+    assert sidecar_token.count(".") == 2, "the sidecar's projected token is a JWT"
+    assert sorted(int(p) for p in seen["listening"]) == sorted({proxy_port, metrics_port}), seen["listening"]
+
+    # Through its sidecar: the masked email, DDL refused, both audited.
+    through = run_in(
+        exec_api,
+        namespace,
+        "app",
+        container="app",
+        script=f'psql -XAt -c "{FIRST_EMAIL}"; psql -XAt -c "DROP TABLE shop.orders"; echo "drop=$?"',
+    ).splitlines()
     masked = "*" * real.index("@") + real[real.index("@") :]
     assert real != masked
-    assert out[1] == masked, why
-    assert out[-1] == "drop=1", why
-    assert pg_server.psql("SELECT count(*) FROM shop.orders", user="app", dbname="shop").strip() != "0"
-    audit = logs(operator.core, governed, "app", SIDECAR)
+    assert through[0] == masked, through
+    assert [line for line in through if line.startswith("ERROR:")], through
+    assert through[-1] == "drop=1", through
+    assert server.psql("SELECT count(*) FROM shop.orders").strip() != "0"  # as postgres: see below
+
+    # The sidecar's metrics port, which the app reaches: counters and health, nothing secret.
+    answers = run_in(
+        exec_api, namespace, "app", container="app", script=SIDECAR_PORTS.format(port=metrics_port)
+    )
+    bodies = sections(answers)
+    assert bodies["GET /metrics"][0].startswith("HTTP/1.0 200"), answers[:500]
+    assert any(line.startswith("dbgov_") for line in bodies["GET /metrics"]), answers[:2000]
+    assert "ready" in bodies["GET /readyz"], bodies["GET /readyz"]
+    assert sidecar_token not in answers and "eyJ" not in answers
+    assert "password" not in answers.lower()
+    words = sorted(set(re.findall(r"[A-Za-z0-9_+/=.-]{16,}", answers)))
+    run_in(
+        exec_api,
+        namespace,
+        "app",
+        container="app",
+        script="cat > /tmp/sidecar-words <<'EOF'\n" + "\n".join(words) + "\nEOF",
+    )
+
+    # Past its sidecar: the relay (the upstream the app named) as every role, with every string.
+    tried = run_in(
+        exec_api,
+        namespace,
+        "app",
+        container="app",
+        script=DIRECT.format(host=node.GATEWAY, port=relay.port, roles=" ".join(APP_ROLES), minted=minted),
+    ).splitlines()
+    assert not [line for line in tried if line.startswith("DIRECT LOGIN")], tried
+    refusals = [line for line in tried if line.startswith("refused ")]
+    (count,) = [int(line.partition("=")[2]) for line in tried if line.startswith("candidates=")]
+    assert count >= len(words) and len(refusals) == len(APP_ROLES) + 1 + 3 * count, tried[-20:]
+    candidates = run_in(exec_api, namespace, "app", container="app", script="cat /tmp/candidates")
+    assert sidecar_token not in candidates
+
+    # The app's own ServiceAccount token (every real pod's, unless automounting is off) gets no
+    # credentials from the operator: it is not for the dbgov audience.
+    api_token = run_in(
+        exec_api, namespace, "app", container="app", script=f"cat {API_TOKEN_DIR}/token"
+    ).strip()
+    assert api_token.count(".") == 2 and api_token != sidecar_token
+    status, answer = present_token(
+        sidecar_env["DBGOV_CREDENTIAL_URL"], ca_pem=sidecar_env["DBGOV_CREDENTIAL_CA"], token=api_token
+    )
+    assert status in (401, 403) and answer["error"]["code"] == "wrong_audience", (status, answer)
+
+    # PostgreSQL's side: every attempt with a password reached it and was refused there; nobody
+    # but the operator's admin and the sidecar's minted role logged in while the pod ran.
+    log = server_log(server, since=since)
+    logged_in = set(re.findall(r"connection authorized: user=(\S+)", log))
+    assert minted in logged_in, log[-3000:]
+    assert logged_in <= {"postgres", minted}, logged_in
+    for user in (minted, "app", "postgres"):
+        failed = log.count(f'password authentication failed for user "{user}"')
+        assert failed >= count, (user, failed, count)
+    active = server.psql(
+        "SELECT DISTINCT usename FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    ).split()
+    assert set(active) <= {"postgres", minted}, active
+    audit = logs(core, namespace, "app", SIDECAR)
     assert FIRST_EMAIL in audit, why
     assert "DROP TABLE shop.orders" in audit, why
-    (sidecar,) = done.spec.init_containers
-    assert sidecar.image == pod_images["sidecar"].ref
+    assert sidecar.image.startswith("dbgov.test/sidecar:")
 
 
 def _started(status: client.V1ContainerStatus) -> datetime.datetime:
@@ -395,11 +720,11 @@ def test_unlabelled_pod_in_an_enforced_namespace_runs_with_its_sidecar(
     e2e_node: node.Node,
     pod_images: dict[str, images.Image],
     pg_relay: node.Relay,
-    pg_server: pg.PgServer,
+    pods_pg: pg.PgServer,
 ) -> None:
     core = operator.core
     core.patch_namespace(governed, {"metadata": {"labels": {"dbgov.io/enforce": "true"}}})
-    real = pg_server.psql(FIRST_EMAIL, user="app", dbname="shop").strip()
+    real = pods_pg.psql(FIRST_EMAIL, user="app", dbname="shop").strip()
     pod = app_pod(
         "plain", script=f'psql -XAt -c "{FIRST_EMAIL}"', app=pod_images["app"], relay=pg_relay, enrolled=False
     )
