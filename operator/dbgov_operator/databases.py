@@ -51,33 +51,179 @@ class Check:
     """CREATE on the database: the masking views live in a schema of the operator's own."""
 
 
-def secret_names(spec: Mapping[str, Any]) -> tuple[str, str | None]:
-    """The admin Secret's name and the CA Secret's name (None when there is none)."""
+# -- Secrets outside the Database's namespace ---------------------------------------------------
+#
+# The admin Secret is the key to the whole database (superuser or CREATEROLE). Kept in the
+# workload's namespace it is readable by whoever may read Secrets there (Kubernetes' `edit` role
+# may), so the platform keeps it in a namespace of its own and *grants* it: the Secret names the
+# namespaces whose Databases may use it, and pins the server it is for. The Database's own
+# host, port and dbname must equal the pins, so a namespace user cannot point the platform's
+# password at a server of their choosing (the operator would log in there as the admin, and any
+# server it logs in to learns enough to replay or relay it), nor use another team's Secret.
+# Annotations, not keys: the platform sees and reviews them with `kubectl get -o yaml` without
+# reading the password, and only those who may write the Secret can write them.
+
+ALLOWED_NAMESPACES_ANNOTATION = "dbgov.io/allowed-namespaces"
+"""Annotation on an admin or CA Secret, written by the platform: the namespaces (comma-separated,
+exact names) whose Databases may name it from another namespace."""
+HOST_ANNOTATION = "dbgov.io/host"
+"""Annotation on a cross-namespace admin Secret: the only ``spec.host`` it may be used with."""
+PORT_ANNOTATION = "dbgov.io/port"
+"""Annotation on a cross-namespace admin Secret: the only ``spec.port`` it may be used with."""
+DBNAME_ANNOTATION = "dbgov.io/dbname"
+"""Annotation on a cross-namespace admin Secret: the only ``spec.dbname`` it may be used with."""
+MIN_SSLMODE_ANNOTATION = "dbgov.io/min-sslmode"
+"""Annotation on a cross-namespace admin Secret: the weakest ``spec.sslmode`` it may be used with
+(default ``verify-full``: without it a network attacker could relay the admin's login)."""
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""libpq's sslmodes, weakest first."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SecretRef:
+    """A Secret a Database names, with its namespace resolved (the Database's when omitted)."""
+
+    field: str
+    """``adminSecretRef`` or ``caSecretRef``: the spec field, for messages."""
+    namespace: str
+    name: str
+
+    def where(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Secret:
+    """A Secret as read from the API: its ``data`` (base64) and its annotations."""
+
+    namespace: str
+    name: str
+    data: Mapping[str, str] = dataclasses.field(repr=False)
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def secret_refs(spec: Mapping[str, Any], *, namespace: str) -> tuple[SecretRef, SecretRef | None]:
+    """The admin Secret and the CA Secret (None when there is none) a Database in ``namespace``
+    names, each in its own ``namespace`` or the Database's."""
     admin = spec.get("adminSecretRef") or {}
     ca = spec.get("caSecretRef")
-    return str(admin.get("name") or ""), (str(ca.get("name")) if isinstance(ca, Mapping) else None)
+    admin_ref = SecretRef(
+        field="adminSecretRef",
+        namespace=str(admin.get("namespace") or namespace),
+        name=str(admin.get("name") or ""),
+    )
+    if not isinstance(ca, Mapping):
+        return admin_ref, None
+    ca_ref = SecretRef(
+        field="caSecretRef", namespace=str(ca.get("namespace") or namespace), name=str(ca.get("name") or "")
+    )
+    return admin_ref, ca_ref
+
+
+def granted(secret: Secret, *, ref: SecretRef, namespace: str, spec: Mapping[str, Any]) -> Problem | None:
+    """Why a Database in ``namespace`` may not use ``secret`` (None: it may).
+
+    A Secret in the Database's own namespace is always usable (whoever can write the Database
+    can read it anyway). One elsewhere must grant the namespace; an admin Secret must also pin
+    the Database's host, port and dbname, and an sslmode no weaker than its floor."""
+    if secret.namespace == namespace:
+        return None
+    allowed = _names(secret.annotations.get(ALLOWED_NAMESPACES_ANNOTATION, ""))
+    if namespace not in allowed:
+        return Problem(
+            reason="SecretNotGranted",
+            message=f"the Secret {ref.where()} named by spec.{ref.field} is in another namespace and "
+            f"is not granted to namespace {namespace!r}"
+            + (f" (it is granted to {', '.join(sorted(allowed))})" if allowed else "")
+            + f"; the platform must annotate it {ALLOWED_NAMESPACES_ANNOTATION}=<comma-separated "
+            f"namespaces including {namespace}>, or the Database must name a Secret of its own namespace",
+        )
+    if ref.field != "adminSecretRef":
+        return None
+    return _pinned(secret, ref=ref, spec=spec)
+
+
+def _pinned(secret: Secret, *, ref: SecretRef, spec: Mapping[str, Any]) -> Problem | None:
+    notes = secret.annotations
+    pins = {HOST_ANNOTATION: "host", PORT_ANNOTATION: "port", DBNAME_ANNOTATION: "dbname"}
+    missing = [key for key in pins if not notes.get(key, "").strip()]
+    if missing:
+        return Problem(
+            reason="TargetNotPinned",
+            message=f"the Secret {ref.where()} named by spec.adminSecretRef is used from another "
+            "namespace, so it must name the one server it is for; the platform must annotate it "
+            + ", ".join(f"{key}=<{pins[key]}>" for key in missing),
+        )
+    actual = {
+        HOST_ANNOTATION: _host(str(spec.get("host") or "")),
+        PORT_ANNOTATION: str(int(spec.get("port") or 5432)),
+        DBNAME_ANNOTATION: str(spec.get("dbname") or ""),
+    }
+    wanted = {
+        HOST_ANNOTATION: _host(notes[HOST_ANNOTATION]),
+        PORT_ANNOTATION: notes[PORT_ANNOTATION].strip(),
+        DBNAME_ANNOTATION: notes[DBNAME_ANNOTATION].strip(),
+    }
+    wrong = [
+        f"spec.{pins[key]} is {actual[key]!r}, the Secret's {key} is {wanted[key]!r}"
+        for key in pins
+        if actual[key] != wanted[key]
+    ]
+    floor = notes.get(MIN_SSLMODE_ANNOTATION, "verify-full").strip()
+    sslmode = str(spec.get("sslmode") or "verify-full")
+    if floor not in SSLMODES:
+        wrong.append(f"the Secret's {MIN_SSLMODE_ANNOTATION} {floor!r} is not an sslmode")
+    elif sslmode not in SSLMODES or SSLMODES.index(sslmode) < SSLMODES.index(floor):
+        wrong.append(
+            f"spec.sslmode {sslmode!r} is weaker than the Secret's {MIN_SSLMODE_ANNOTATION} {floor!r}"
+        )
+    if not wrong:
+        return None
+    return Problem(
+        reason="TargetMismatch",
+        message=f"the Secret {ref.where()} named by spec.adminSecretRef is for another server: "
+        + "; ".join(wrong)
+        + "; the operator did not connect. Point the Database at the server the Secret names, or "
+        "have the platform grant a Secret for this one",
+    )
+
+
+def _names(text: str) -> set[str]:
+    return {part.strip() for part in text.split(",") if part.strip()}
+
+
+def _host(text: str) -> str:
+    return text.strip().rstrip(".").lower()
 
 
 def target(
     spec: Mapping[str, Any],
     *,
-    admin_secret: Mapping[str, str] | None,
-    ca_secret: Mapping[str, str] | None,
+    namespace: str,
+    admin_secret: Secret | None,
+    ca_secret: Secret | None,
 ) -> Target | Problem:
-    """The connection target from the spec and the Secrets' ``data`` (base64, as the API returns
-    it; None: the Secret does not exist)."""
-    admin_ref = spec.get("adminSecretRef") or {}
-    admin_name = str(admin_ref.get("name") or "")
+    """The connection target from the spec of a Database in ``namespace`` and the Secrets it
+    names (None: the Secret does not exist), or why it cannot be used. Nothing here connects:
+    a Problem means the operator must not."""
+    admin_ref, ca_ref = secret_refs(spec, namespace=namespace)
+    admin_name = admin_ref.where() if admin_ref.namespace != namespace else admin_ref.name
     if admin_secret is None:
         return Problem(
             reason="AdminSecretMissing",
-            message=f"the Secret {admin_name!r} named by spec.adminSecretRef does not exist in this "
-            "namespace; create it with the admin role's username and password",
+            message=f"the Secret {admin_name!r} named by spec.adminSecretRef does not exist"
+            + (" in this namespace" if admin_ref.namespace == namespace else "")
+            + "; create it with the admin role's username and password",
         )
+    problem = granted(admin_secret, ref=admin_ref, namespace=namespace, spec=spec)
+    if problem is not None:
+        return problem
+    admin_ref_spec = spec.get("adminSecretRef") or {}
     fields: dict[str, str] = {}
     for role, default in (("usernameKey", "username"), ("passwordKey", "password")):
-        key = str(admin_ref.get(role) or default)
-        value = _decoded(admin_secret, key)
+        key = str(admin_ref_spec.get(role) or default)
+        value = _decoded(admin_secret.data, key)
         if not value:
             return Problem(
                 reason="AdminSecretIncomplete",
@@ -86,17 +232,20 @@ def target(
             )
         fields[role] = value
     ca_pem = None
-    ca_ref = spec.get("caSecretRef")
-    if isinstance(ca_ref, Mapping):
-        ca_name, ca_key = str(ca_ref.get("name") or ""), str(ca_ref.get("key") or "ca.crt")
-        ca_pem = _decoded(ca_secret or {}, ca_key) if ca_secret is not None else None
-        if not ca_pem or "-----BEGIN CERTIFICATE-----" not in ca_pem:
+    if ca_ref is not None:
+        ca_pem_or_problem = _ca(spec, ca_ref=ca_ref, ca_secret=ca_secret, namespace=namespace)
+        if isinstance(ca_pem_or_problem, Problem):
+            return ca_pem_or_problem
+        if admin_ref.namespace != namespace and ca_ref.namespace == namespace:
             return Problem(
-                reason="CASecretInvalid",
-                message=f"the Secret {ca_name!r} named by spec.caSecretRef "
-                + ("does not exist" if ca_secret is None else f"has no PEM certificate under {ca_key!r}")
-                + "; it must hold the CA bundle that signs the server's certificate",
+                reason="CASecretNotTrusted",
+                message=f"spec.adminSecretRef names the Secret {admin_name!r} of another namespace, but "
+                f"spec.caSecretRef names {ca_ref.name!r} in this one: whoever may write Secrets here "
+                "could swap the CA and intercept the admin's login. Name a CA Secret the platform "
+                f"keeps and grants (caSecretRef.namespace, e.g. {admin_ref.namespace!r}), or omit "
+                "caSecretRef to use the system trust store",
             )
+        ca_pem = ca_pem_or_problem
     return Target(
         host=str(spec["host"]),
         port=int(spec.get("port") or 5432),
@@ -106,6 +255,26 @@ def target(
         password=fields["passwordKey"],
         ca_pem=ca_pem,
     )
+
+
+def _ca(
+    spec: Mapping[str, Any], *, ca_ref: SecretRef, ca_secret: Secret | None, namespace: str
+) -> str | Problem:
+    ca_name = ca_ref.where() if ca_ref.namespace != namespace else ca_ref.name
+    ca_key = str((spec.get("caSecretRef") or {}).get("key") or "ca.crt")
+    if ca_secret is not None:
+        problem = granted(ca_secret, ref=ca_ref, namespace=namespace, spec=spec)
+        if problem is not None:
+            return problem
+    ca_pem = _decoded(ca_secret.data, ca_key) if ca_secret is not None else None
+    if not ca_pem or "-----BEGIN CERTIFICATE-----" not in ca_pem:
+        return Problem(
+            reason="CASecretInvalid",
+            message=f"the Secret {ca_name!r} named by spec.caSecretRef "
+            + ("does not exist" if ca_secret is None else f"has no PEM certificate under {ca_key!r}")
+            + "; it must hold the CA bundle that signs the server's certificate",
+        )
+    return ca_pem
 
 
 def judge(check: Check) -> Problem | None:

@@ -4,6 +4,8 @@ The I/O half of ``databases``: the Database controller checks a server with it, 
 (``pgapply``) runs its plans over the connection it opens. The password goes to libpq as a
 connection parameter, never into a connection string that an error message could echo; a CA
 bundle from a Secret is written to a private temporary file only for as long as the handshake.
+``resolve`` reads the Secrets a Database names (in its namespace or, granted, the platform's)
+and returns a target only when ``databases`` judges them usable: nothing connects before that.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import kubernetes.client
 import psycopg
+from kubernetes.client.exceptions import ApiException
 
 from dbgov_operator import databases
 
@@ -26,6 +30,51 @@ SELECT pg_catalog.current_setting('server_version'),
        pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')
 FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
 """
+
+
+def resolve(client: Any, *, namespace: str, spec: Mapping[str, Any]) -> databases.Target | databases.Problem:
+    """Read the Secrets a Database in ``namespace`` names and judge them: a target to connect
+    to, or why the operator must not (ApiException for anything but 403/404)."""
+    admin_ref, ca_ref = databases.secret_refs(spec, namespace=namespace)
+    read: dict[str, databases.Secret | None] = {}
+    for ref in (admin_ref, ca_ref):
+        if ref is None:
+            continue
+        found = _read(client, ref)
+        if isinstance(found, databases.Problem):
+            return found
+        read[ref.field] = found
+    return databases.target(
+        spec,
+        namespace=namespace,
+        admin_secret=read.get("adminSecretRef"),
+        ca_secret=read.get("caSecretRef"),
+    )
+
+
+def _read(client: Any, ref: databases.SecretRef) -> databases.Secret | databases.Problem | None:
+    if not ref.name:
+        return None
+    core: Any = kubernetes.client.CoreV1Api(client)  # models out, held untyped
+    try:
+        body = core.read_namespaced_secret(ref.name, ref.namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        if err.status == 403:
+            return databases.Problem(
+                reason="SecretNotReadable",
+                message=f"the operator may not read the Secret {ref.where()} named by spec.{ref.field}: "
+                f"grant it get on Secrets in namespace {ref.namespace!r} (chart values "
+                "rbac.platformSecretsNamespace or rbac.databaseSecretNamespaces)",
+            )
+        raise
+    return databases.Secret(
+        namespace=ref.namespace,
+        name=ref.name,
+        data=dict(body.data or {}),
+        annotations=dict(body.metadata.annotations or {}),
+    )
 
 
 @contextlib.contextmanager

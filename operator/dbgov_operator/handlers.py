@@ -328,15 +328,7 @@ def policy_gone_reap(type: str | None, namespace: str | None, logger: kopf.Logge
 def _check_database(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     _database_checked[body.metadata.uid or ""] = time.monotonic()
     namespace, spec = body.metadata.namespace or "", dict(body.spec)
-    admin_name, ca_name = databases.secret_names(spec)
-    client = runtime.client()
-    admin = webhook.read_secret(client, name=admin_name, namespace=namespace) if admin_name else None
-    ca = webhook.read_secret(client, name=ca_name, namespace=namespace) if ca_name else None
-    target = databases.target(
-        spec,
-        admin_secret=(admin.data or {}) if admin is not None else None,
-        ca_secret=(ca.data or {}) if ca is not None else None,
-    )
+    target = dbconn.resolve(runtime.client(), namespace=namespace, spec=spec)
     outcome = dbconn.check(target) if isinstance(target, databases.Target) else target
     previous = dict(body.status)
     desired = databases.status(

@@ -594,16 +594,9 @@ class Minter:
         *,
         cluster: Sequence[Policy] = (),
     ) -> _Scope:
-        admin_name, ca_name = databases.secret_names(spec)
-        admin = (
-            webhook.read_secret(self._client, name=admin_name, namespace=namespace) if admin_name else None
-        )
-        ca = webhook.read_secret(self._client, name=ca_name, namespace=namespace) if ca_name else None
-        target = databases.target(
-            spec,
-            admin_secret=(admin.data or {}) if admin is not None else None,
-            ca_secret=(ca.data or {}) if ca is not None else None,
-        )
+        # Judged again at every use: the Secret's grant and pins may have changed since the
+        # Database was last checked, and a refused Secret is never connected with.
+        target = dbconn.resolve(self._client, namespace=namespace, spec=spec)
         if isinstance(target, databases.Problem):
             raise refused(
                 409,
