@@ -21,6 +21,14 @@ What is not a per-statement verdict is combined explicitly:
 - mode: the refusals of a dry-run component are reported (in the decision's reason), never
   enforced, while enforce components decide; when every component is dry-run, they decide
   together and the proxy runs in dry-run.
+- end users: the proxy accepts a token from any issuer some policy declares (a namespace's own
+  rules may use its own identity provider), but a policy's subject-scoped rules match only
+  identities from issuers that policy may trust (``trusted_issuers``): its own, and those of
+  the cluster baselines (``CLUSTER_PREFIX``); a cluster baseline trusts only cluster baselines'
+  issuers. An issuer declared only by another namespaced policy is its author's to mint tokens
+  for, so to every other policy its identities are no identity at all, exactly like a session
+  without a token: a namespace user cannot satisfy a baseline's ``subjects`` with a token they
+  signed themselves. A policy alone keeps whatever issuer the proxy trusted.
 
 Pure: engines and decisions only, no I/O.
 """
@@ -32,6 +40,11 @@ from collections.abc import Callable, Sequence
 
 from dbgov_policy import decide as verdicts
 from dbgov_policy import engine, model
+
+CLUSTER_PREFIX = "cluster:"
+"""How a cluster baseline (ClusterDatabaseAccessPolicy) is named in a composition; the operator
+names its components so (``dbgov_operator.bundle.CLUSTER_PREFIX``). A namespaced policy cannot
+carry it: Kubernetes names cannot contain ':'."""
 
 STRATEGY_ORDER: tuple[model.Strategy, ...] = ("null", "redact", "hash", "email", "partial")
 """Mask strategies, strictest first: ``null`` reveals nothing, ``redact`` the length, ``hash``
@@ -122,6 +135,58 @@ def union_issuers(components: Sequence[Component]) -> tuple[model.JwtIssuer, ...
     return tuple(issuer for _, issuer in found.values())
 
 
+def is_cluster(component: Component) -> bool:
+    """Whether ``component`` is a cluster baseline (platform-owned) rather than a namespace's."""
+    return component.name.startswith(CLUSTER_PREFIX)
+
+
+def trusted_issuers(components: Sequence[Component]) -> tuple[frozenset[str], ...]:
+    """Per component, the issuers whose identities its subject-scoped rules may match: the
+    cluster baselines' issuers, and for a namespaced policy its own too; never an issuer that
+    only another namespaced policy declares (its author holds the keys)."""
+    platform = frozenset(i.issuer for c in components if is_cluster(c) for i in c.policy.jwt_issuers)
+    return tuple(
+        platform if is_cluster(c) else platform | {i.issuer for i in c.policy.jwt_issuers} for c in components
+    )
+
+
+def _trusting(component: Component, trusted: frozenset[str]) -> Component:
+    """``component`` with every subject-scoped rule limited to identities of ``trusted``."""
+    rules = tuple(
+        r
+        if r.subjects is None
+        else dataclasses.replace(r, subjects=dataclasses.replace(r.subjects, trusted=trusted))
+        for r in component.policy.rules
+    )
+    return dataclasses.replace(component, policy=dataclasses.replace(component.policy, rules=rules))
+
+
+def untrusted_subjects(components: Sequence[Component]) -> tuple[tuple[str, str], ...]:
+    """(policy, message) for every rule whose ``subjects.issuers`` names an issuer its policy may
+    not trust in this composition: the rule never applies to it (reported, not refused: which
+    issuers a policy may trust changes with the baselines, which its author does not control)."""
+    if len(components) < 2:
+        return ()
+    found: list[tuple[str, str]] = []
+    for component, trusted in zip(components, trusted_issuers(components), strict=True):
+        whose = (
+            "no cluster baseline" if is_cluster(component) else "neither this policy nor any cluster baseline"
+        )
+        for rule in component.policy.rules:
+            named_issuers = () if rule.subjects is None else rule.subjects.issuers or ()
+            found.extend(
+                (
+                    component.name,
+                    f"rule {rule.name}: subjects.issuers names {issuer!r}, which {whose} declares "
+                    "in authentication.jwt, so the rule never applies to its tokens in this composition; "
+                    "declare the issuer there, or remove it from the rule",
+                )
+                for issuer in named_issuers
+                if issuer not in trusted
+            )
+    return tuple(found)
+
+
 def deciding(components: Sequence[Component]) -> tuple[bool, ...]:
     """Which components decide (the enforce ones; all of them when every one is dry-run)."""
     enforce = tuple(c.policy.mode == "enforce" for c in components)
@@ -155,6 +220,8 @@ def prepared(components: Sequence[Component]) -> tuple[Component, ...]:
     if duplicates:
         raise CompositionInvalid([(n, "two policies of the composition have this name") for n in duplicates])
     whole = summary(components)
+    if len(components) > 1:
+        components = [_trusting(c, t) for c, t in zip(components, trusted_issuers(components), strict=True)]
     return tuple(
         dataclasses.replace(c, policy=dataclasses.replace(c.policy, masks=whole.masks)) if d else c
         for c, d in zip(components, deciding(components), strict=True)
@@ -301,14 +368,23 @@ class Composed:
 
     def for_rules(self, keep: Callable[[model.Rule], bool]) -> Composed:
         """This composition with only the rules ``keep`` accepts in each component (the rules
-        that apply to one end user); engines are new, with empty caches."""
+        that apply to one end user); engines are new, with empty caches. ``keep`` sees the rules
+        as composed (their ``subjects`` limited to the issuers their policy may trust)."""
         eng = self.engines[0]
         return Composed(
             [
                 dataclasses.replace(
-                    c, policy=dataclasses.replace(c.policy, rules=tuple(r for r in c.policy.rules if keep(r)))
+                    given,
+                    policy=dataclasses.replace(
+                        given.policy,
+                        rules=tuple(
+                            r
+                            for r, judged in zip(given.policy.rules, c.policy.rules, strict=True)
+                            if keep(judged)
+                        ),
+                    ),
                 )
-                for c in self._originals()
+                for given, c in zip(self._originals(), self.components, strict=True)
             ],
             cache_size=eng.cache_size,
             max_statement_size=eng.max_statement_size,

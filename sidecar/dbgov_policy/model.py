@@ -69,9 +69,16 @@ class Subjects:
     users: tuple[str, ...] | None = None
     issuers: tuple[str, ...] | None = None
     claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    trusted: frozenset[str] | None = None
+    """The issuers the rule's policy may trust, set by composition (``compose.prepared``), never
+    by a document: an identity from any other issuer is, to this rule, no identity at all (so a
+    namespace's own issuer cannot satisfy a baseline's subjects). None: whichever issuer the
+    proxy trusted (a policy alone)."""
 
     def matches(self, identity: Identity | None) -> bool:
         if identity is None:
+            return False
+        if self.trusted is not None and identity.issuer not in self.trusted:
             return False
         if self.issuers is not None and identity.issuer not in self.issuers:
             return False

@@ -352,12 +352,15 @@ class ComposedPolicy(_CompiledFacts):
 
     @property
     def jwt_issuers(self) -> tuple[model.JwtIssuer, ...]:
-        """The issuers any of the policies trusts."""
+        """The issuers any of the policies declares: a login from any of them is accepted (whose
+        rules it satisfies is ``for_identity``'s question)."""
         return self._composed.policy.jwt_issuers
 
     def for_identity(self, identity: model.Identity | None) -> ComposedPolicy:
         """The composition as it applies to ``identity``: in each policy, rules scoped to other
-        subjects dropped (one composition per distinct subset, shared by its sessions)."""
+        subjects dropped (one composition per distinct subset, shared by its sessions). A policy's
+        subjects match only identities of issuers it may trust (``compose.trusted_issuers``): a
+        token signed by an issuer only another namespaced policy declares is, to it, no token."""
         if not self._scoped:
             return self
         chosen = tuple(
