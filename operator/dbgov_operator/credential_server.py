@@ -70,8 +70,6 @@ class IssuedCredentials:
     sslmode: str = "verify-full"
     ca_pem: str | None = field(default=None, repr=False)
     """The CA bundle of the Database's ``caSecretRef`` (None: the system trust store)."""
-    mask_key: str = field(default="", repr=False)
-    """The HMAC key of ``hash`` masks, the same the masking views use."""
     policies: tuple[str, ...] = ()
     """The policies whose group roles the login role is a member of."""
 
@@ -88,7 +86,6 @@ class IssuedCredentials:
             "password": self.password,
             "validUntil": _iso(self.valid_until),
             "renewAt": _iso(self.renew_at) if self.renew_at is not None else None,
-            "maskKey": self.mask_key,
             "policies": list(self.policies),
         }
 

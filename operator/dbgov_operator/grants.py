@@ -357,13 +357,13 @@ def masking_view(table: Table, masks: tuple[model.Mask, ...], *, group_role: str
         if m is None:
             fields.append(src)
             continue
+        if m.strategy == "hash" and not key:
+            raise ValueError(
+                f"{table.schema}.{table.name}.{column} has a hash mask but the mask key is empty: "
+                "give the operator its HMAC key Secret (an empty key makes hashes guessable)"
+            )
         expr = mask.mask_expression(m, src, key=key)
         if m.strategy == "hash":
-            if not key:
-                raise ValueError(
-                    f"{table.schema}.{table.name}.{column} has a hash mask but the mask key is empty: "
-                    "give the operator its HMAC key Secret (an empty key makes hashes guessable)"
-                )
             expr = _swap(expr, _pad_literal(pads.ipad), "k.ipad")
             expr = _swap(expr, _pad_literal(pads.opad), "k.opad")
             uses_key = True

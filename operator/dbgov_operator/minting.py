@@ -522,7 +522,6 @@ class Minter:
             dbname=scope.target.dbname,
             sslmode=scope.target.sslmode,
             ca_pem=scope.target.ca_pem,
-            mask_key=self._mask_key,
             policies=login[0].policies,
         )
 

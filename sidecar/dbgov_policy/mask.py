@@ -108,6 +108,13 @@ def mask_expression(mask: model.Mask, column_sql: str, *, key: str) -> str:
         kept = _op(stars(_op(n, "-", str(k))), "||", f"pg_catalog.right({c}, {k})")
         body = f"CASE WHEN {_op(n, '>', str(k))} THEN {kept} ELSE {stars(n)} END"
     else:  # hash: HMAC-SHA256 with the deployment's key, hex, cut to the value's length
+        if not key:
+            # Keyless, the hash of a low-entropy value (an SSN, a phone number) is reversed
+            # offline by hashing every candidate: refuse rather than mask reversibly.
+            raise RewriteError(
+                f"the hash mask of {mask.table}.{mask.column} has no key: set DBGOV_MASK_KEY "
+                "(in a cluster the operator's masking views hash with its key instead)"
+            )
         ipad, opad = _hmac_pads(key)
         data = f"pg_catalog.convert_to({c}, 'UTF8')"
         ipad_sql = "E'\\\\x" + ipad + "'::pg_catalog.bytea"
@@ -132,6 +139,8 @@ def mask_text(mask: model.Mask, text: str, *, key: str) -> str | None:
         k = mask.keep_last
         return "*" * (n - k) + (text[n - k :] if k > 0 else "") if n > k else "*" * n
     if mask.strategy == "hash":
+        if not key:  # never a keyless (reversible) hash: NULL, as a failed mask
+            return None
         digest = hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
         return digest[: max(n, 1)]
     return "*" * n  # redact

@@ -82,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the proxy; returns the exit status."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from(args)
-    mask_key = MaskKey()
     try:
         trust = policyfile.trust(
             key=settings.bundle_key,
@@ -95,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         holder = policies.PolicyHolder(
             settings.policy,
-            loader=mask_key.loader(
-                functools.partial(policies.load, max_statement_size=settings.max_statement_size)
-            ),
+            loader=functools.partial(policies.load, max_statement_size=settings.max_statement_size),
             trust=trust,
         )
     except Exception as err:
@@ -116,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        return asyncio.run(_serve(settings, cfg, holder, mask_key))
+        return asyncio.run(_serve(settings, cfg, holder))
     except StartupError as err:
         print(f"dbgov proxy: {err}", file=sys.stderr)
         return 2
@@ -197,45 +194,6 @@ async def _flush_audit(audit_log: audit.AuditLog) -> None:
 _T = TypeVar("_T")
 
 
-class MaskKey:
-    """Cluster mode: the ``hash`` masks' key is the one the operator's answer carries (the key
-    its masking views use), not DBGOV_MASK_KEY; a new key reloads the policy."""
-
-    def __init__(self) -> None:
-        self.value: str | None = None
-
-    def loader(self, load: Callable[[str], policy_port.Policy]) -> Callable[[str], policy_port.Policy]:
-        """``load`` compiling with the operator's key once it arrived."""
-
-        def keyed(path: str) -> policy_port.Policy:
-            if self.value is None:
-                return load(path)
-            # policies.load reads the key from DBGOV_MASK_KEY: set only while it compiles.
-            before = os.environ.get("DBGOV_MASK_KEY")
-            os.environ["DBGOV_MASK_KEY"] = self.value
-            try:
-                return load(path)
-            finally:
-                if before is None:
-                    del os.environ["DBGOV_MASK_KEY"]
-                else:
-                    os.environ["DBGOV_MASK_KEY"] = before
-
-        return keyed
-
-    def follow(self, holder: policies.PolicyHolder) -> Callable[[workload_identity.Credentials], None]:
-        """What to call with new credentials: a changed mask key recompiles the policy."""
-
-        def on_credentials(creds: workload_identity.Credentials) -> None:
-            if not creds.mask_key or creds.mask_key == self.value:
-                return
-            self.value = creds.mask_key
-            if holder.path is not None and holder.reload():
-                log.error("dbgov: the policy could not be compiled with the operator's mask key")
-
-        return on_credentials
-
-
 class StartupError(Exception):
     """The proxy cannot start as configured; the message says which setting and what to do."""
 
@@ -244,7 +202,6 @@ async def _serve(
     settings: config.Settings,
     cfg: proxy.ProxyConfig,
     holder: policies.PolicyHolder,
-    mask_key: MaskKey | None = None,
 ) -> int:
     # Whatever started is stopped in reverse order, on SIGTERM or when a later step fails:
     # sessions drain before the metrics server closes and the audit sink is flushed last.
@@ -258,8 +215,6 @@ async def _serve(
             started.push_async_callback(_cancelled, flusher)
         identity = await _workload_identity(settings, started, audit_log)
         if identity is not None:
-            if mask_key is not None:
-                identity.on_credentials.append(mask_key.follow(holder))
             # Upstream logins use the operator's minted credentials, read at each connection;
             # db_user is the role each session actually logged in as.
             cfg = dataclasses.replace(

@@ -110,12 +110,10 @@ class Credentials:
     sslmode: str = ""
     ca_pem: str | None = field(default=None, repr=False)
     """CA bundle (PEM) the database's certificate must verify against."""
-    mask_key: str = field(default="", repr=False)
-    """HMAC key of ``hash`` masks, the one the masking views use."""
     policies: tuple[str, ...] = ()
 
     def audit_fields(self) -> dict[str, Any]:
-        """What a credentials event says about them (never the password or the key)."""
+        """What a credentials event says about them (never the password)."""
         return {
             "db_user": self.user,
             "database": self.database or None,
@@ -145,7 +143,6 @@ def parse_credentials(raw: Any) -> Credentials:
         dbname=str(raw.get("dbname") or ""),
         sslmode=str(raw.get("sslmode") or ""),
         ca_pem=str(raw["caPem"]) if raw.get("caPem") else None,
-        mask_key=str(raw.get("maskKey") or ""),
         policies=tuple(str(p) for p in raw.get("policies") or ()),
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import ssl
@@ -70,6 +71,7 @@ SPEC: dict[str, Any] = {
     ],
 }
 POLICY = policy_compile.compile_policy(SPEC, mask_key=KEY)
+SIDECAR_POLICY = policy_compile.compile_policy(SPEC)
 READS = [
     "SELECT * FROM shop.customers ORDER BY id",
     "SELECT id, email, ssn, card, balance FROM shop.customers c WHERE c.id = 1",
@@ -138,7 +140,6 @@ class Minted:
             port=self.server.port,
             dbname=self.database,
             sslmode="disable",
-            mask_key=KEY,
         )
 
     def close(self) -> None:
@@ -159,8 +160,10 @@ def minted(pg_server: pg.PgServer) -> Iterator[Minted]:
             m.close()
 
 
-def engine_policy() -> policy_port.EnginePolicy:
-    return policy_port.EnginePolicy(engine.Engine(POLICY))
+def engine_policy(*, keyed: bool = False) -> policy_port.EnginePolicy:
+    """The sidecar's policy: no mask key by default, as in a cluster (the operator answers none;
+    its masking views hash in the database); ``keyed`` for a proxy that masks by rewrite."""
+    return policy_port.EnginePolicy(engine.Engine(POLICY if keyed else SIDECAR_POLICY))
 
 
 class Held:
@@ -193,8 +196,9 @@ def minted_proxy(
 
 
 def owner_proxy(make_proxy: Callable[..., Any]) -> Any:
-    """The same policy with the proxy logged in as the tables' owner (no views needed)."""
-    return make_proxy(policy=engine_policy())
+    """The same policy with the proxy logged in as the tables' owner (no views needed: the
+    rewrite masks, hashing with the operator's key)."""
+    return make_proxy(policy=engine_policy(keyed=True))
 
 
 def rows(dsn: str, query: str) -> tuple[list[Any], list[tuple[str, int, int]]]:
@@ -371,7 +375,6 @@ def answer(m: Minted, *, valid_for: float, renew_in: float) -> dict[str, Any]:
             "password": m.password,
             "validUntil": iso(now + datetime.timedelta(seconds=valid_for)),
             "renewAt": iso(now + datetime.timedelta(seconds=renew_in)),
-            "maskKey": KEY,
             "policies": ["shop"],
         },
     }
@@ -549,7 +552,7 @@ def test_credentials_parse_the_documented_answer_and_hide_their_secrets() -> Non
             "password": "s3cret-pw",
             "validUntil": "2026-12-05T17:31:00Z",
             "renewAt": "2026-12-05T17:11:00Z",
-            "maskKey": "the-mask-key",
+            "maskKey": "the-mask-key",  # an older operator's: ignored, never kept
             "policies": ["orders-read"],
         },
     }
@@ -566,6 +569,7 @@ def test_credentials_parse_the_documented_answer_and_hide_their_secrets() -> Non
     assert creds.renew_at == datetime.datetime(2026, 12, 5, 17, 11, tzinfo=datetime.UTC)
     shown = repr(creds) + json.dumps(creds.audit_fields())
     assert "s3cret-pw" not in shown and "the-mask-key" not in shown and "BEGIN" not in shown
+    assert "the-mask-key" not in repr(dataclasses.astuple(creds))
     base = proxy.UpstreamConfig(host="static", port=1, user="static", password="static-pw", database="d")
     up = config.minted_upstream(base, lambda: creds)()
     assert (up.host, up.port, up.database, up.user, up.password, up.sslmode) == (

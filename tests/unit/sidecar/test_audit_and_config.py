@@ -257,7 +257,7 @@ def test_mask_decisions_of_one_shape_share_their_audit_fields() -> None:
     from dbgov_policy import engine
 
     text = (Path(__file__).resolve().parents[1] / "policy" / "policy.yaml").read_text()
-    decide = engine.Engine(policy_compile.load_policy_text(text)).decide
+    decide = engine.Engine(policy_compile.load_policy_text(text, mask_key="k")).decide
     decide("SELECT ssn FROM customers WHERE id = 1")
     first, second = (
         decide("SELECT ssn FROM customers WHERE id = 2"),
