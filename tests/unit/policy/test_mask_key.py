@@ -36,7 +36,10 @@ def test_with_a_key_the_same_read_is_masked_and_the_key_is_not_guessable() -> No
 
 
 def test_the_whole_table_is_refused_and_tables_without_a_hash_mask_need_no_key() -> None:
-    spec = {**SPEC, "masks": [*SPEC["masks"], {"table": "shop.users", "column": "email", "strategy": "email"}]}
+    spec = {
+        **SPEC,
+        "masks": [*SPEC["masks"], {"table": "shop.users", "column": "email", "strategy": "email"}],
+    }
     decide = engine.Engine(policy_compile.compile_policy(spec)).decide
     # the rewrite masks every masked column of the table it reads, the hash one too
     d = decide("SELECT email FROM shop.customers")
