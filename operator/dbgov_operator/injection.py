@@ -196,6 +196,8 @@ def inject(
     if enforce and not apps.upstream and overrides.database is None:
         raise InjectionRefused(annotation=None, reason=_NO_UPSTREAM_ENFORCED)
     warnings = list(apps.warnings)
+    if endpoint is not None:
+        warnings.extend(held_passwords(pod, url_env=overrides.url_env))
     labels = meta.get("labels") or {}
     if enforce and labels.get(annotations.INJECT) != annotations.INJECT_ENABLED:
         if annotations.INJECT in labels:
@@ -222,6 +224,46 @@ def inject(
     ]
     meta.setdefault("annotations", {})[annotations.STATUS] = annotations.STATUS_INJECTED
     return Injection(pod=out, warnings=tuple(warnings))
+
+
+PASSWORD_ENV = ("PGPASSWORD", "PGPASSFILE")
+"""libpq's variables that give a client its database password (directly, or a file of them)."""
+
+
+def held_passwords(pod: Mapping[str, Any], *, url_env: str | None) -> list[str]:
+    """Warnings for the database passwords ``pod``'s app containers are given.
+
+    With minted credentials (cluster mode) the sidecar logs in upstream with the pod's own role,
+    whose password only it receives, and admits the app on loopback without asking for one: the
+    app needs no password. One it holds anyway is a way to the database past the proxy (the app
+    shares the sidecar's network, so no NetworkPolicy can stop it), which only the credential
+    itself, retired, can close. Warned, not removed: an app may read the variable itself, it may
+    hold an end user's JWT for a policy's ``authentication.jwt`` (no database password), and a
+    Secret it came from stays readable elsewhere."""
+    found: list[str] = []
+    for kind, container in _named_containers(pod.get("spec") or {}):
+        if kind == "ephemeral" or container.get("name") == SIDECAR_NAME:
+            continue
+        for var in container.get("env") or []:
+            name = var.get("name")
+            url = str(var.get("value") or "")
+            if name in PASSWORD_ENV or (name == url_env and _url_password(url)):
+                found.append(f"{name} in container {container.get('name')!r}")
+    if not found:
+        return []
+    return [
+        f"{', '.join(found)} gives the app a database password, which it does not need: the dbgov "
+        "sidecar logs in with this pod's minted role (the app presents at most an end user's JWT, "
+        "where a policy's authentication.jwt asks for one). With a database password the app can log "
+        "in directly, past the proxy; remove it and retire that password's role"
+    ]
+
+
+def _url_password(url: str) -> bool:
+    try:
+        return bool(urllib.parse.urlsplit(url).password)
+    except ValueError:  # not a URL (a bad port, say): the webhook warns about it elsewhere or not at all
+        return False
 
 
 # --------------------------------------------------------------------------------------------
