@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dbgov_operator import identity
 
-from . import kube
+from . import images, kube, node
 from .operator_proc import GROUP, PLURAL, VERSION, Installed, token_kubeconfig, wait_for
 from .test_bundle_integrity import LAX, _bundle, _signed_bundle, _verifies
 from .test_operator import CHART, _start, deployed
@@ -283,7 +283,7 @@ def test_an_older_signed_bundle_cannot_be_put_back(
 
 def _body(env: Installed, namespace: str) -> dict[str, Any]:
     found = env.core.read_namespaced_config_map(BUNDLE, namespace)
-    return dict(client.ApiClient().sanitize_for_serialization(found))
+    return dict(env.core.api_client.sanitize_for_serialization(found))
 
 
 def test_without_the_binding_the_user_could_and_the_operator_repairs_under_it(
@@ -439,3 +439,50 @@ def test_a_node_gets_dbgov_tokens_for_its_own_pods_only(
         stranger.close()
         with contextlib.suppress(ApiException):
             core.delete_node(node_name)
+
+
+def test_the_real_kubelet_still_mints_the_sidecar_token_under_the_policy(
+    policies: Policies,
+    kube_cluster: kube.KubeCluster,
+    namespace: str,
+    e2e_node: node.Node,
+    pod_images: dict[str, images.Image],
+) -> None:
+    """The kubelet, as system:node:<name>, fills a projected dbgov-audience token volume (what
+    the injected sidecar reads) with the policy in force; as admin it would be refused."""
+    core = client.CoreV1Api(kube_cluster.api_client())
+    kube_cluster.create_service_account(namespace=namespace, name="orders")
+    token = {"serviceAccountToken": {"audience": AUDIENCE, "path": "token", "expirationSeconds": 3600}}
+    pod = {
+        "metadata": {"name": "token-reader"},
+        "spec": {
+            "nodeName": e2e_node.name,
+            "serviceAccountName": "orders",
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "app",
+                    "image": pod_images["app"].ref,
+                    "imagePullPolicy": "Never",
+                    "args": ["test -s /var/run/dbgov/token"],
+                    "volumeMounts": [
+                        {"name": "dbgov-token", "mountPath": "/var/run/dbgov", "readOnly": True}
+                    ],
+                }
+            ],
+            "volumes": [{"name": "dbgov-token", "projected": {"sources": [token]}}],
+        },
+    }
+    core.create_namespaced_pod(namespace, pod)
+
+    def done() -> str | None:
+        phase = core.read_namespaced_pod("token-reader", namespace).status.phase
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    try:
+        phase = wait_for("the pod to run to completion", done, timeout=90)
+    except AssertionError:
+        events = core.list_namespaced_event(namespace).items
+        raise AssertionError([e.message for e in events]) from None
+    assert phase == "Succeeded"
