@@ -3,8 +3,12 @@
 A bundle is one ConfigMap per ServiceAccount holding every policy that binds it, each by name
 with its spec, for the sidecar to compose (``dbgov_policy.compose``: each policy judges every
 statement on its own and the strictest answer wins; rules are never merged, so neither a
-policy's name nor anyone's order decides). A composition that does not compile is not shipped:
-the bundle keeps its previous content and every policy involved reports why. The ServiceAccount is the unit because it is what the sidecar proves with its
+policy's name nor anyone's order decides). A composition that does not compile fails closed:
+the bundle is replaced by one that refuses every statement, saying which policies do not compose
+and why, beside the cluster baselines that bind the ServiceAccount, and every policy involved
+reports why. Keeping the previous content instead would freeze the bundle: no later baseline
+would reach it and a replayed older bundle would never be repaired (issue 12, F3). The
+ServiceAccount is the unit because it is what the sidecar proves with its
 projected token; a policy's ``podSelector`` is a convenience that names the ServiceAccounts of
 the pods it selects. Policies govern one database each (``databaseRef``), so the bundle has a
 file per database (``policy.<database>.yaml``, what a pod annotated ``dbgov.io/database`` loads)
@@ -29,6 +33,9 @@ BUNDLE_KEY = "policy.yaml"
 CLUSTER_PREFIX = "cluster:"
 """How a ClusterDatabaseAccessPolicy is named among a bundle's components (no namespaced policy
 can take such a name: ``:`` is not allowed in object names)."""
+REFUSING = "dbgov:composition-invalid"
+"""The component of a bundle whose composition does not compile: one rule, named after why,
+blocks every statement (no policy can take this name either)."""
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -77,8 +84,8 @@ class Bundle:
     files: Mapping[str, str]
     """ConfigMap key -> bundle file (YAML)."""
     problems: tuple[policy_compile.Problem, ...] = ()
-    """Why the composition does not compile; then ``files`` is empty and the bundle in the
-    cluster is left as it is (never a bundle the sidecar would refuse)."""
+    """Why the composition does not compile; then ``files`` refuse every statement and say why
+    (:func:`refusing_files`): a bundle the sidecar loads, never one it would refuse."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +197,8 @@ def plan(
     already has a bundle (``known_service_accounts``); one bound by nothing gets the empty
     bundle, which refuses every statement. A policy whose subjects can be read binds even when
     the rest of it is invalid: the compositions it is part of then do not compile, their
-    bundles stay as they were, and ``Plan.problems`` says so on every policy involved.
+    bundles refuse every statement (:func:`refusing_files`), and ``Plan.problems`` says so on
+    every policy involved.
 
     ``cluster``: the cluster policies that select this namespace, each named
     ``cluster:<name>`` (:func:`cluster_component`). They join the composition of every
@@ -217,7 +225,8 @@ def plan(
             files = _files(binding, wanted=wanted)
             trouble: tuple[policy_compile.Problem, ...] = ()
         except policy_compile.PolicyInvalid as err:
-            files, trouble = {}, err.problems
+            trouble = err.problems
+            files = refusing_files(binding, account=account, problems=trouble, wanted=wanted)
             for name in names:
                 failed.setdefault(name, []).append(_involved(name, account, names, trouble))
         bundles.append(
@@ -249,10 +258,56 @@ def _involved(
     listing = "; ".join(str(p) for p in found)
     beside = f" with {', '.join(others)}" if others else ""
     message = (
-        f"the bundle of ServiceAccount {account} ({name}{beside}) does not compile, so it is not "
-        f"updated and keeps its previous policies: {listing}"
+        f"the bundle of ServiceAccount {account} ({name}{beside}) does not compile, so it refuses "
+        f"every statement until this is fixed: {listing}"
     )
     return policy_compile.Problem(path="", message=message)
+
+
+def refusing_files(
+    binding: Sequence[Policy],
+    *,
+    account: str,
+    problems: Sequence[policy_compile.Problem],
+    wanted: Iterable[str] = (),
+) -> dict[str, str]:
+    """The files of a bundle whose composition does not compile: the same files as
+    :func:`_files` would write, each the composition of a component that blocks every statement
+    (its one rule is named after which policies do not compose, why, and what to do, so a
+    refused client reads it in the error) with the cluster baselines that bind the
+    ServiceAccount, so no baseline is ever absent from what the sidecar enforces. If the
+    baselines cannot be composed either, the refusing component stands alone: it is stricter
+    than any of them."""
+    names = [p.name for p in binding]
+    listing = "; ".join(str(p) for p in problems)
+    own = [n for n in names if not n.startswith(CLUSTER_PREFIX)]
+    fix = (
+        f"fix or delete one of them (kubectl describe databaseaccesspolicy {' '.join(own)})"
+        if own
+        else "fix one of the ClusterDatabaseAccessPolicies"
+    )
+    reason = (
+        f"the policies binding ServiceAccount {account} ({', '.join(names) or 'none'}) do not compose, "
+        f"so every statement is refused until they do: {listing}; {fix}"
+    )
+    refuse = Policy(
+        name=REFUSING,
+        spec={"mode": "enforce", "default": "block", "rules": [{"name": reason, "verdict": "block"}]},
+        valid=True,
+    )
+    baselines = [p for p in binding if p.name.startswith(CLUSTER_PREFIX)]
+    governed = {database(p.spec) for p in binding} - {""}
+    note = f"the composition of {', '.join(names)} does not compile: every statement is refused"
+    files = {}
+    for key, db in [(database_key(d), d) for d in sorted(governed | (set(wanted) - {""}))] + [
+        (BUNDLE_KEY, "")
+    ]:
+        beside = [p for p in baselines if not db or database(p.spec) in ("", db)]
+        try:
+            files[key] = _render([refuse, *beside], note=note)
+        except policy_compile.PolicyInvalid:
+            files[key] = _render([refuse], note=note)
+    return files
 
 
 def database_key(database: str) -> str:

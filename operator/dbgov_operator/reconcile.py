@@ -10,8 +10,11 @@ runs as it. A bundle a running pod still mounts is never deleted: the kubelet wo
 last content in the pod, so it gets the refuse-everything merge instead.
 """
 
+import concurrent.futures
 import datetime
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +29,7 @@ Emit = Callable[[Mapping[str, Any], EventType, str, str], None]
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +63,141 @@ def problems(spec: Mapping[str, Any], *, cluster: bool = False) -> tuple[policy_
     return tuple(found)
 
 
+def conflicts(
+    api: kubeapi.Api,
+    *,
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    prefix: str,
+    cluster: Sequence[kubeapi.PolicyObject] = (),
+) -> tuple[policy_compile.Problem, ...]:
+    """What admitting the policy ``name`` with ``spec`` (valid alone) would break: for every
+    ServiceAccount whose composition compiles now and would not with it, why, naming the other
+    policies of that composition, with the field path of ``spec`` the conflict is about where
+    it can be told. Compositions already broken are not this policy's doing, so not reported."""
+    live = [p for p in api.list_policies(namespace) if not p.deleting and p.name != name]
+    workloads = api.list_workloads(namespace)
+    others = [bundle.Policy(name=p.name, spec=p.spec, valid=True) for p in live]
+    baselines = [
+        bundle.Policy(name=bundle.cluster_component(p.name), spec=p.spec, valid=True)
+        for p in cluster
+        if not p.deleting
+    ]
+    candidate = bundle.Policy(name=name, spec=spec, valid=True)
+    before = bundle.plan(others, workloads, prefix=prefix, cluster=baselines)
+    after = bundle.plan([*others, candidate], workloads, prefix=prefix, cluster=baselines)
+    broken = {b.service_account for b in before.bundles if b.problems}
+    found: list[policy_compile.Problem] = []
+    for item in after.bundles:
+        if not item.problems or name not in item.policies or item.service_account in broken:
+            continue
+        beside = ", ".join(p for p in item.policies if p != name)
+        for problem in item.problems:
+            message = (
+                f"would not compose with {beside} (which bind ServiceAccount {item.service_account} "
+                f"too): {problem}; its bundle would refuse every statement"
+            )
+            found.append(policy_compile.Problem(path=_conflict_path(name, spec, problem), message=message))
+    return tuple(found)
+
+
+def _conflict_path(name: str, spec: Mapping[str, Any], problem: policy_compile.Problem) -> str:
+    """The field of ``spec`` a composition problem is about: a JWT issuer it names, a path
+    inside this policy, else the policy as a whole ("")."""
+    issuers = ((spec.get("authentication") or {}).get("jwt") or {}).get("issuers") or []
+    for index, issuer in enumerate(issuers):
+        url = issuer.get("issuer") if isinstance(issuer, Mapping) else None
+        if isinstance(url, str) and repr(url) in problem.message:
+            return f"authentication.jwt.issuers[{index}]"
+    own = f"{name}."
+    return problem.path[len(own) :] if problem.path.startswith(own) else ""
+
+
+class _Request:
+    """A reconcile asked for and not started yet: whoever asks meanwhile joins it."""
+
+    __slots__ = ("collected", "future")
+
+    def __init__(self, collected: Mapping[str, str] | None = None) -> None:
+        self.collected: dict[str, str] = dict(collected or {})
+        self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+
+class Coalescer:
+    """Reconciles per namespace with nothing queueing behind them: at most one runs and at
+    most one waits, and every request made while one waits joins it. A burst of events (a
+    churn of patches to a bundle ConfigMap, many pods at once) thus costs at most two
+    reconciles, the last of which reads everything the burst changed; without it every event
+    ran a full reconcile of its own and the backlog starved the admission webhooks (issue 12,
+    F5). A reconcile that fails is tried again after ``retry`` seconds (with what asked since).
+
+    ``run(namespace, collected)`` reconciles; it runs on this class's threads, at most
+    ``parallel`` namespaces at once, each ``delay`` seconds after the request that started it
+    (so the events of one burst meet in one reconcile)."""
+
+    def __init__(
+        self,
+        run: Callable[[str, Mapping[str, str]], object],
+        *,
+        delay: float,
+        retry: float,
+        parallel: int = 2,
+    ) -> None:
+        self._run = run
+        self._delay = delay
+        self._retry = retry
+        self._slots = threading.BoundedSemaphore(parallel)
+        self._guard = threading.Lock()
+        self._waiting: dict[str, _Request] = {}
+        self._draining: set[str] = set()
+        self.runs = 0
+        """Reconciles run so far (what a burst cost)."""
+
+    def request(
+        self, namespace: str, *, collected: Mapping[str, str] | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Ask for a reconcile of ``namespace`` that starts after now; its future is done when
+        it is (with its error if it failed)."""
+        with self._guard:
+            waiting = self._waiting.get(namespace)
+            if waiting is None:
+                waiting = self._waiting[namespace] = _Request()
+            waiting.collected.update(collected or {})
+            if namespace not in self._draining:
+                self._draining.add(namespace)
+                threading.Thread(
+                    target=self._drain, args=(namespace,), name=f"dbgov reconcile {namespace}", daemon=True
+                ).start()
+            return waiting.future
+
+    def _drain(self, namespace: str) -> None:
+        while True:
+            time.sleep(self._delay)
+            with self._guard:
+                request = self._waiting.pop(namespace, None)
+                if request is None:
+                    self._draining.discard(namespace)
+                    return
+            with self._slots:
+                self.runs += 1
+                try:
+                    self._run(namespace, request.collected)
+                except Exception as err:  # any failure is retried, and told to who waits
+                    _log.warning("Reconciling %s failed (again in %ss): %s", namespace, self._retry, err)
+                    request.future.set_exception(err)
+                    self._again(namespace, request.collected)
+                    time.sleep(self._retry)
+                    continue
+            request.future.set_result(None)
+
+    def _again(self, namespace: str, collected: Mapping[str, str]) -> None:
+        with self._guard:
+            waiting = self._waiting.setdefault(namespace, _Request())
+            for key, value in collected.items():
+                waiting.collected.setdefault(key, value)
+
+
 def reconcile_namespace(
     api: kubeapi.Api,
     *,
@@ -75,8 +214,8 @@ def reconcile_namespace(
     ClusterDatabaseAccessPolicies whose namespaceSelector matches the namespace; they join the
     compositions they bind, and their statuses are the caller's (they span namespaces).
     ``collected``: ServiceAccount name -> the owner uid of a bundle just deleted; while no
-    ServiceAccount of that name and uid exists, the garbage collector deleted it with its owner,
-    and it is not created again."""
+    ServiceAccount of that name exists, the garbage collector deleted it with its owner, and it
+    is not created again (one recreated under the name gets it back, owned by its new uid)."""
     with _lock(namespace):
         return _reconcile(
             api,
@@ -124,8 +263,8 @@ def _reconcile(
         [
             b
             for b in plan.bundles
-            if not b.problems  # (one that does not compile keeps its content)
-            and not _collected_with_owner(b, existing=existing, owners=owners, collected=collected)
+            # (one that does not compile is written too: it refuses every statement and says why)
+            if not _collected_with_owner(b, existing=existing, owners=owners, collected=collected)
         ],
         existing=existing,
         namespace=namespace,
@@ -204,9 +343,7 @@ def _collected_with_owner(
     """Whether ``item`` is a bundle the garbage collector just deleted with its ServiceAccount:
     writing it again would put back, ownerless, a bundle for a ServiceAccount that is gone."""
     account = item.service_account
-    return (
-        account in collected and item.config_map not in existing and owners.get(account) != collected[account]
-    )
+    return account in collected and account not in owners and item.config_map not in existing
 
 
 def signing_generation(previous: int | None, *, now: datetime.datetime) -> int:

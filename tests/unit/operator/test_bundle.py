@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from dbgov_operator import bundle
+from dbgov_policy import compile as policy_compile
+from dbgov_sidecar import policies
 
 READ_ORDERS: dict[str, Any] = {
     "subjects": {"serviceAccounts": ["orders"]},
@@ -60,19 +62,25 @@ def test_several_policies_are_shipped_as_components_never_merged() -> None:
     assert "rules" not in composed
 
 
-def test_a_composition_that_does_not_compile_is_not_shipped_and_names_every_policy() -> None:
+def test_a_composition_that_does_not_compile_fails_closed_and_names_every_policy() -> None:
     clash = {
         "subjects": {"serviceAccounts": ["orders"]},
         "rules": [{"name": "r", "verdict": "allow", "tabels": ["orders"]}],
     }
     plan = bundle.plan([_policy("read-orders", READ_ORDERS), _policy("typo", clash)], [], prefix="p-")
     (only,) = plan.bundles
-    assert only.files == {} and only.problems
+    assert only.problems
     assert [p.path for p in only.problems] == ["typo.rules[0].tabels"]
     for name, other in (("read-orders", "typo"), ("typo", "read-orders")):
         (problem,) = plan.problems[name]
-        assert f"({name} with {other}) does not compile" in problem.message
+        assert f"({name} with {other}) does not compile, so it refuses every statement" in problem.message
         assert "typo.rules[0].tabels" in problem.message
+    loaded = policies.build(policy_compile.load_text(only.files["policy.yaml"]))
+    decision = loaded.decide("SELECT id FROM orders", loaded.new_context())
+    assert decision.verdict == "block"
+    assert decision.rule is not None and decision.rule.startswith(bundle.REFUSING + "/")
+    for said in ("read-orders, typo", "typo.rules[0].tabels: unknown field", "fix or delete one of them"):
+        assert said in decision.reason, decision.reason
 
 
 def test_known_accounts_bound_by_nothing_fall_back_to_block() -> None:

@@ -190,7 +190,10 @@ def test_a_composition_that_does_not_compile_is_reported_on_the_baseline_too() -
         cluster=[_cluster("baseline", {**BASELINE, "authentication": issuer("two")})],
     )
     (only,) = plan.bundles
-    assert only.files == {} and only.problems
+    assert only.problems
+    # fail closed, the baseline beside the refusal (a conflict with the namespace's policy
+    # must not take the baseline out of what the sidecar enforces)
+    assert f"from: {bundle.REFUSING}, cluster:baseline\n" in only.files["policy.yaml"]
     assert set(plan.problems) == {"app", "cluster:baseline"}
     assert "with cluster:baseline" in plan.problems["app"][0].message
     assert "(cluster:baseline with app)" in plan.problems["cluster:baseline"][0].message

@@ -114,7 +114,7 @@ def test_second_run_writes_nothing_and_says_nothing(api: FakeApi) -> None:
     assert events == []
 
 
-def test_invalid_policy_is_reported_on_every_policy_and_the_bundle_keeps_its_content(api: FakeApi) -> None:
+def test_invalid_policy_is_reported_on_every_policy_and_the_bundle_refuses_everything(api: FakeApi) -> None:
     api.add_policy("read", GOOD)
     _run(api)
     before = api.config_maps["dbgov-policy-orders"]["data"]
@@ -128,7 +128,10 @@ def test_invalid_policy_is_reported_on_every_policy_and_the_bundle_keeps_its_con
     assert (ready["status"], ready["reason"]) == ("False", "CompositionInvalid")
     assert "(read with broken) does not compile" in ready["message"]
     assert "broken.rules[0].statements[0]" in ready["message"]
-    assert api.config_maps["dbgov-policy-orders"]["data"] == before
+    after = api.config_maps["dbgov-policy-orders"]["data"]
+    assert set(after) == set(before)
+    for text in after.values():
+        assert f"from: {bundle.REFUSING}\n" in text
     assert ("broken", "Warning", "PolicyInvalid") in events
     assert ("read", "Warning", "CompositionInvalid") in events
 
