@@ -2,16 +2,24 @@
 
 The decisions live in pure modules (injection, bundle, conditions) and the namespace
 reconciler; this module only moves data between kopf, the Kubernetes API and those functions.
+
+Two things keep the admission webhooks prompt while the operator works (issue 12, F5): every
+reconcile goes through one ``reconcile.Coalescer`` (a burst of events is one reconcile soon
+after, never a queue of them), and the webhook handlers are coroutines that do their blocking
+work on a thread pool of their own, so they never wait for kopf's executor, which the sync
+handlers of events fill.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import kopf
@@ -49,6 +57,12 @@ CLUSTER_POLICY_VALIDATION_ID = webhook.CLUSTER_POLICY_VALIDATION_ID
 POD_GUARD_ID = webhook.POD_GUARD_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
+COALESCE_SECONDS = 0.25
+"""How long a reconcile request waits for the rest of its burst before the reconcile starts."""
+ADMISSION_THREADS = 4
+"""Threads for the blocking work of admission requests (their own: see the module docstring)."""
+_admission = concurrent.futures.ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="dbgov-admission")
+_log = logging.getLogger(__name__)
 
 _rotation: asyncio.Task[None] | None = None
 _credentials: credential_server.CredentialServer | None = None
@@ -152,7 +166,7 @@ async def stop(**_: Any) -> None:
 def reconcile_policy(namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     """Any policy change: recompile the namespace's policies, bundles and statuses; revoke
     what an unbound or deleted policy granted."""
-    _reconcile(namespace, logger)
+    _reconcile(namespace, logger, wait=True)
     _reap_namespace(namespace, logger)
 
 
@@ -193,7 +207,7 @@ def namespace_labels_changed(
     policies = kubeapi.KubeApi(runtime.client()).list_cluster_policies()
     now = {p.name for p in cluster_policies.selecting(policies, dict(body.metadata.labels or {}))}
     if now != _cluster.policies_in(namespace):
-        _reconcile(namespace, logger)
+        _reconcile(namespace, logger, wait=True)
         _reap_namespace(namespace, logger)  # minted grants follow the baselines in force there
 
 
@@ -203,8 +217,9 @@ def _reconcile_cluster_scope(name: str, *, specs: Sequence[Mapping[str, Any]], l
     namespaces = _cluster.namespaces(name)
     for spec in specs:
         namespaces |= cluster_policies.matching_namespaces(spec, everywhere)
-    for namespace in sorted(namespaces):
-        _reconcile(namespace, logger)
+    pending = {namespace: _coalescer.request(namespace) for namespace in sorted(namespaces)}
+    for namespace, done in pending.items():
+        done.result()
         _reap_namespace(namespace, logger)  # minted grants follow the composition
     _write_cluster_statuses({name}, api=api)
 
@@ -220,7 +235,7 @@ def enrolled_pod(type: str | None, namespace: str | None, logger: kopf.Logger, *
 
 
 @kopf.on.event(*POLICY)
-def policy_gone(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+async def policy_gone(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     """A policy is gone at once (it carries no finalizer, so the delete handler may not run):
     the bundles it bound are recomputed, and deleted if nothing else needs them."""
     if type == "DELETED":
@@ -234,12 +249,13 @@ def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) ->
 
 
 @kopf.on.event("v1", "configmaps", when=_bundle_config_map)
-def bundle_changed(
+async def bundle_changed(
     type: str | None, namespace: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any
 ) -> None:
     """Drift: a bundle edited or deleted by anyone but us is rewritten within seconds (our own
     writes come back here too, and find the namespace current). One the garbage collector
-    deleted with its ServiceAccount is not put back (the reconcile checks the owner is gone)."""
+    deleted with its ServiceAccount is not put back (the reconcile checks the owner is gone).
+    Only asks for a (coalesced) reconcile: a churn of patches is one reconcile, not thousands."""
     if type == "MODIFIED":
         _reconcile(namespace, logger)
     elif type == "DELETED":
@@ -350,7 +366,7 @@ def _check_database(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> 
 # persistent: the configurations keep these webhooks while the operator restarts, so requests
 # fail (closed) instead of slipping through un-injected or unvalidated.
 @kopf.on.validate(*POLICY, id=POLICY_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True)
-def validate_policy(spec: kopf.Spec, **kwargs: Any) -> None:
+async def validate_policy(spec: kopf.Spec, name: str | None, namespace: str | None, **kwargs: Any) -> None:
     """Refuse a policy that cannot take effect, listing every problem with its field path."""
     old: kopf.Body | None = kwargs.get("old")  # None on CREATE
     if old is not None and old.get("spec") == dict(spec):
@@ -358,23 +374,52 @@ def validate_policy(spec: kopf.Spec, **kwargs: Any) -> None:
         # invalid -- e.g. under an older, laxer compiler -- must still go through, or it could
         # not even be deleted; its status already says what is wrong with it.
         return
-    problems = reconcile.problems(dict(spec))
+    await _admitting(_judge_policy, dict(spec), name=name or "", namespace=namespace or "")
+
+
+def _judge_policy(spec: dict[str, Any], *, name: str, namespace: str) -> None:
+    """Its own problems first; then, valid alone, whether it would break a composition it
+    joins (the operator knows the other policies and the ServiceAccounts each binds). A race
+    or a later baseline still gets there: that bundle then refuses every statement."""
+    problems = reconcile.problems(spec)
     if problems:
         listing = "\n".join(f"  - {conditions.describe(p)}" for p in problems)
         raise kopf.AdmissionError(
             f"DatabaseAccessPolicy is invalid ({len(problems)} problem(s)):\n{listing}", code=422
+        )
+    api = kubeapi.KubeApi(runtime.client())
+    baselines = cluster_policies.selecting(api.list_cluster_policies(), _namespace_labels(namespace))
+    clashes = reconcile.conflicts(
+        api,
+        namespace=namespace,
+        name=name,
+        spec=spec,
+        prefix=runtime.current().sidecar.bundle_prefix,
+        cluster=baselines,
+    )
+    if clashes:
+        listing = "\n".join(f"  - {conditions.describe(p)}" for p in clashes)
+        raise kopf.AdmissionError(
+            f"DatabaseAccessPolicy {name} does not compose with the policies binding the same "
+            f"ServiceAccounts ({len(clashes)} problem(s)); give the conflicting settings the same "
+            f"values, or bind other ServiceAccounts:\n{listing}",
+            code=422,
         )
 
 
 @kopf.on.validate(
     *CLUSTER_POLICY, id=CLUSTER_POLICY_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True
 )
-def validate_cluster_policy(spec: kopf.Spec, **kwargs: Any) -> None:
+async def validate_cluster_policy(spec: kopf.Spec, **kwargs: Any) -> None:
     """Refuse a cluster policy that cannot take effect, every problem with its field path."""
     old: kopf.Body | None = kwargs.get("old")  # None on CREATE
     if old is not None and old.get("spec") == dict(spec):
         return  # metadata only: see validate_policy
-    problems = reconcile.problems(dict(spec), cluster=True)
+    await _admitting(_judge_cluster_policy, dict(spec))
+
+
+def _judge_cluster_policy(spec: dict[str, Any]) -> None:
+    problems = reconcile.problems(spec, cluster=True)
     if problems:
         listing = "\n".join(f"  - {conditions.describe(p)}" for p in problems)
         raise kopf.AdmissionError(
@@ -385,7 +430,7 @@ def validate_cluster_policy(spec: kopf.Spec, **kwargs: Any) -> None:
 # No label filter: in a namespace labelled dbgov.io/enforce=true every pod comes here (the
 # webhook configurations select which pods the apiserver sends; webhook.py).
 @kopf.on.mutate("v1", "pods", id=POD_INJECTION_ID, operations=["CREATE"], persistent=True)
-def inject_pod(
+async def inject_pod(
     body: kopf.Body,
     namespace: str | None,
     patch: kopf.Patch,
@@ -394,6 +439,17 @@ def inject_pod(
     **_: Any,
 ) -> None:
     """Add the dbgov sidecar to an enrolled pod (pods CREATE only)."""
+    await _admitting(_inject, body, namespace=namespace, patch=patch, warnings=warnings, logger=logger)
+
+
+def _inject(
+    body: kopf.Body,
+    *,
+    namespace: str | None,
+    patch: kopf.Patch,
+    warnings: list[str],
+    logger: kopf.Logger,
+) -> None:
     config = runtime.current()
     pod = dict(body)
     enforce = injection.enforced(_namespace_labels(namespace or ""))
@@ -422,12 +478,16 @@ def inject_pod(
 # subresource "*": the pod itself and the subresources the configuration sends (webhook.py:
 # ephemeralcontainers, resize); the label filter is the configuration's objectSelector.
 @kopf.on.validate("v1", "pods", id=POD_GUARD_ID, operations=["UPDATE"], subresource="*", persistent=True)
-def guard_pod(namespace: str | None, subresource: str | None, **kwargs: Any) -> None:
+async def guard_pod(namespace: str | None, subresource: str | None, **kwargs: Any) -> None:
     """Refuse updates that would undo or bypass an enrolled pod's sidecar (issue 12)."""
     old: kopf.Body | None = kwargs.get("old")
     new: kopf.Body | None = kwargs.get("new")
     if old is None or new is None:
         return
+    await _admitting(_guard, old, new, namespace=namespace, subresource=subresource)
+
+
+def _guard(old: kopf.Body, new: kopf.Body, *, namespace: str | None, subresource: str | None) -> None:
     config = runtime.current()
     # The namespace is read only when an ephemeral container is added (the one rule it decides).
     enforce = subresource == "ephemeralcontainers" and injection.enforced(_namespace_labels(namespace or ""))
@@ -437,6 +497,13 @@ def guard_pod(namespace: str | None, subresource: str | None, **kwargs: Any) -> 
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise kopf.AdmissionError(f"dbgov refuses this change to an enrolled pod:\n{listing}", code=403)
+
+
+async def _admitting(work: Callable[..., None], /, *args: Any, **kwargs: Any) -> None:
+    """Run an admission request's blocking work on the admission threads, off kopf's event
+    loop and its executor (its AdmissionError reaches kopf as raised)."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(_admission, functools.partial(work, *args, **kwargs))
 
 
 def _namespace_labels(namespace: str) -> Mapping[str, str]:
@@ -480,10 +547,25 @@ def replace_body(patch: kopf.Patch, new_body: Mapping[str, Any]) -> None:
 
 
 def _reconcile(
-    namespace: str | None, logger: kopf.Logger, *, collected: Mapping[str, str] | None = None
+    namespace: str | None,
+    logger: kopf.Logger,
+    *,
+    collected: Mapping[str, str] | None = None,
+    wait: bool = False,
 ) -> None:
+    """Ask for a reconcile of ``namespace`` (coalesced with every other request of the burst);
+    ``wait``: until it ran, raising its error (so kopf retries the handler)."""
+    del logger  # the reconcile logs on its own thread
     if not namespace:
         return
+    done = _coalescer.request(namespace, collected=collected)
+    if wait:
+        done.result()
+
+
+def _reconcile_now(namespace: str, collected: Mapping[str, str]) -> None:
+    """One reconcile of ``namespace`` (the coalescer's ``run``)."""
+    logger = _log
     if _signer is None:  # unsigned bundles would only be refused by every sidecar
         raise kopf.TemporaryError("the bundle signing key is not loaded yet", delay=2)
     api = kubeapi.KubeApi(runtime.client())
@@ -518,6 +600,9 @@ def _reconcile(
         list(outcome.statuses_written),
         list(outcome.bundles_deleted),
     )
+
+
+_coalescer = reconcile.Coalescer(_reconcile_now, delay=COALESCE_SECONDS, retry=RETRY_SECONDS)
 
 
 def _write_cluster_statuses(names: set[str], *, api: kubeapi.KubeApi) -> None:

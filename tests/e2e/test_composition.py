@@ -1,7 +1,8 @@
 """Several policies binding one workload, against a real kube-apiserver with the operator as a
-process under the chart's RBAC: none can loosen another, whatever they are called; a
-composition that does not compile is reported on every policy and never shipped; and a policy
-with a misspelt field is refused at apply time with every problem in one answer.
+process under the chart's RBAC: none can loosen another, whatever they are called; and a policy
+with a misspelt field is refused at apply time with every problem in one answer. A composition
+that does not compile (refused at apply time, or fail closed when it happens anyway) is
+test_composition_failclosed.py's.
 
 Each bundle is judged with the sidecar's own loader (``policies.build``), so "the sidecar would
 refuse this bundle" and "this bundle lets DROP TABLE through" are what is tested.
@@ -9,7 +10,6 @@ refuse this bundle" and "this bundle lets DROP TABLE through" are what is tested
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from .operator_proc import (
     VERSION,
     Installed,
     create_policy,
-    get_policy,
     policy,
     wait_for,
     wait_ready,
@@ -110,38 +109,6 @@ def test_a_baseline_and_an_app_policy_with_its_own_no_ddl_rule_load_in_the_sidec
     loaded = _sidecar_policy(installed, namespace, names={"baseline-security", "app"})
     assert _decide(loaded, "GRANT SELECT ON shop.orders TO PUBLIC").rule == "baseline-security/no-ddl"
     assert _decide(loaded, "SELECT 1").verdict == "allow"
-
-
-def _issuer(audience: str) -> dict[str, Any]:
-    issuer = {"issuer": "https://idp.example", "audiences": [audience], "algorithms": ["RS256"]}
-    return {"jwt": {"issuers": [{**issuer, "jwksUri": "https://idp.example/keys"}]}}
-
-
-def test_a_composition_that_does_not_compile_is_reported_on_every_policy_and_not_shipped(
-    installed: Installed, namespace: str
-) -> None:
-    create_policy(installed, namespace, policy("first", authentication=_issuer("one")))
-    wait_ready(installed, namespace, "first")
-    before = _sidecar_policy(installed, namespace, names={"first"})
-    assert _decide(before, "SELECT 1").verdict == "allow"
-    shipped = (bundle(installed, namespace, "orders") or pytest.fail("no bundle")).data
-    create_policy(installed, namespace, policy("second", authentication=_issuer("two")))
-
-    def reported(name: str) -> dict[str, Any] | None:
-        status = get_policy(installed, namespace, name).get("status") or {}
-        ready = {c["type"]: c for c in status.get("conditions") or []}.get("Ready", {})
-        return ready if ready.get("reason") == "CompositionInvalid" else None
-
-    for name, other in (("first", "second"), ("second", "first")):
-        ready = wait_for(f"{name}: Ready=False CompositionInvalid", functools.partial(reported, name))
-        assert ready["status"] == "False"
-        assert f"with {other}" in ready["message"]
-        assert "configured differently" in ready["message"]
-    found = bundle(installed, namespace, "orders")
-    assert found is not None
-    assert {k: v for k, v in (found.data or {}).items() if not k.endswith(".sig")} == {
-        k: v for k, v in (shipped or {}).items() if not k.endswith(".sig")
-    }
 
 
 def _refusal(installed: Installed, namespace: str, body: dict[str, Any]) -> str:
