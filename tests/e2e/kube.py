@@ -735,7 +735,7 @@ def find_controller_manager() -> Path:
     if not _is_exe(binary):
         raise ToolsMissingError(
             f"e2e binary is not built: {binary}. Run `make tools` (hack/build-tools.sh; "
-            "kube-controller-manager takes about 5 minutes after kube-apiserver, longer cold)."
+            "kube-controller-manager: about a minute beside the other builds, 20 cold)."
         )
     return binary
 
