@@ -735,7 +735,7 @@ def find_controller_manager() -> Path:
     if not _is_exe(binary):
         raise ToolsMissingError(
             f"e2e binary is not built: {binary}. Run `make tools` (hack/build-tools.sh; "
-            "kube-controller-manager: about a minute beside the other builds, 20 cold)."
+            "kube-controller-manager: a minute beside the other builds, 20 minutes alone cold)."
         )
     return binary
 
