@@ -11,6 +11,7 @@ last content in the pod, so it gets the refuse-everything merge instead.
 """
 
 import concurrent.futures
+import contextvars
 import datetime
 import logging
 import threading
@@ -115,12 +116,14 @@ def _conflict_path(name: str, spec: Mapping[str, Any], problem: policy_compile.P
 
 
 class _Request:
-    """A reconcile asked for and not started yet: whoever asks meanwhile joins it."""
+    """A reconcile asked for and not started yet: whoever asks meanwhile joins it. It runs in
+    the context of the first who asked (kopf's context variables: posting events needs them)."""
 
-    __slots__ = ("collected", "future")
+    __slots__ = ("collected", "context", "future")
 
-    def __init__(self, collected: Mapping[str, str] | None = None) -> None:
-        self.collected: dict[str, str] = dict(collected or {})
+    def __init__(self, context: contextvars.Context) -> None:
+        self.collected: dict[str, str] = {}
+        self.context = context
         self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
 
 
@@ -162,7 +165,7 @@ class Coalescer:
         with self._guard:
             waiting = self._waiting.get(namespace)
             if waiting is None:
-                waiting = self._waiting[namespace] = _Request()
+                waiting = self._waiting[namespace] = _Request(contextvars.copy_context())
             waiting.collected.update(collected or {})
             if namespace not in self._draining:
                 self._draining.add(namespace)
@@ -182,19 +185,19 @@ class Coalescer:
             with self._slots:
                 self.runs += 1
                 try:
-                    self._run(namespace, request.collected)
+                    request.context.run(self._run, namespace, request.collected)
                 except Exception as err:  # any failure is retried, and told to who waits
                     _log.warning("Reconciling %s failed (again in %ss): %s", namespace, self._retry, err)
                     request.future.set_exception(err)
-                    self._again(namespace, request.collected)
+                    self._again(namespace, request)
                     time.sleep(self._retry)
                     continue
             request.future.set_result(None)
 
-    def _again(self, namespace: str, collected: Mapping[str, str]) -> None:
+    def _again(self, namespace: str, failed: _Request) -> None:
         with self._guard:
-            waiting = self._waiting.setdefault(namespace, _Request())
-            for key, value in collected.items():
+            waiting = self._waiting.setdefault(namespace, _Request(failed.context.copy()))
+            for key, value in failed.collected.items():
                 waiting.collected.setdefault(key, value)
 
 

@@ -5,6 +5,7 @@ the coalescer turns a burst of requests into at most two reconciles and retries 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Mapping
@@ -142,3 +143,19 @@ def test_a_failed_reconcile_reaches_who_waits_and_is_tried_again() -> None:
     while len(calls) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(calls) == 2
+
+
+REQUESTER: contextvars.ContextVar[str] = contextvars.ContextVar("requester", default="none")
+
+
+def test_a_reconcile_runs_in_the_context_of_who_asked_for_it() -> None:
+    """kopf.event needs kopf's context variables, which the coalescer's threads lack."""
+    seen: list[str] = []
+    coalescer = reconcile.Coalescer(lambda ns, _: seen.append(REQUESTER.get()), delay=0.01, retry=0.05)
+    token = REQUESTER.set("kopf handler")
+    try:
+        done = coalescer.request("apps")
+    finally:
+        REQUESTER.reset(token)
+    done.result(timeout=5)
+    assert seen == ["kopf handler"]
