@@ -83,11 +83,19 @@ def _probe_bundle(cluster: kube.KubeCluster, namespace: str) -> int:
     return _status(lambda: core.create_namespaced_config_map(namespace, body, dry_run="All"))[0]
 
 
+PROBE_POD = "vap-probe"
+"""A pod in the release namespace (which the webhooks never touch) that probe tokens are bound to."""
+
+
 def _probe_token(cluster: kube.KubeCluster, namespace: str, account: str) -> int:
-    """As cluster admin, a dbgov-audience TokenRequest: 403 while the token policy holds."""
-    return _status(
-        lambda: cluster.service_account_token(namespace=namespace, name=account, audiences=(AUDIENCE,))
-    )[0]
+    """As cluster admin, a dbgov-audience TokenRequest bound to PROBE_POD: 403 while the token
+    policy holds."""
+    core = client.CoreV1Api(cluster.api_client())
+    pod = core.read_namespaced_pod(PROBE_POD, namespace)
+    bound = client.V1BoundObjectReference(kind="Pod", api_version="v1", name=PROBE_POD, uid=pod.metadata.uid)
+    spec = client.V1TokenRequestSpec(audiences=[AUDIENCE], expiration_seconds=600, bound_object_ref=bound)
+    request = client.AuthenticationV1TokenRequest(spec=spec)
+    return _status(lambda: core.create_namespaced_service_account_token(account, namespace, request))[0]
 
 
 def _wait_enforced(env: Installed, cluster: kube.KubeCluster, *, enforced: bool) -> None:
@@ -140,6 +148,14 @@ def policies(
             sorted(d["kind"] for d in docs)
             == ["ValidatingAdmissionPolicy"] * 2 + ["ValidatingAdmissionPolicyBinding"] * 2
         )
+        probe = {
+            "metadata": {"name": PROBE_POD},
+            "spec": {
+                "serviceAccountName": found.service_account,
+                "containers": [{"name": "probe", "image": "example/probe:1"}],
+            },
+        }
+        found.core.create_namespaced_pod(found.namespace, probe)
         try:
             kube_cluster.apply_documents(docs, namespace=found.namespace)
             _wait_enforced(found, kube_cluster, enforced=True)
@@ -380,9 +396,6 @@ def test_a_namespace_user_cannot_request_a_dbgov_token_for_a_pod(
     )
     assert user.name in message and f"{namespace}/orders" in message
     _refused(
-        lambda: _token_request(user.core, namespace, pod=None, uid=None, audiences=[AUDIENCE]), TOKEN_REFUSAL
-    )
-    _refused(
         lambda: _token_request(user.core, namespace, pod="orders-1", uid=uid, audiences=["vault", AUDIENCE]),
         TOKEN_REFUSAL,
     )
@@ -393,12 +406,21 @@ def test_a_namespace_user_cannot_request_a_dbgov_token_for_a_pod(
     # Other audiences are the user's business.
     other = _token_request(user.core, namespace, pod="orders-1", uid=uid, audiences=["vault"])
     assert jwt.decode(other.status.token, options={"verify_signature": False})["aud"] == ["vault"]
-    # No audience means the apiserver's own (--api-audiences, which lists dbgov here): the
-    # policy sees the defaulted list, so this is refused too rather than a dbgov token.
+    # No audience means the apiserver's own (--api-audiences): the policy sees the defaulted
+    # list, so a pod-bound token carries dbgov only from a node.
     status, message = _status(
         lambda: _token_request(user.core, namespace, pod="orders-1", uid=uid, audiences=[])
     )
-    assert (status, TOKEN_REFUSAL in message) == (403, True), message
+    if status == 200:
+        default = _token_request(user.core, namespace, pod="orders-1", uid=uid, audiences=[])
+        assert AUDIENCE not in jwt.decode(default.status.token, options={"verify_signature": False})["aud"]
+    else:
+        assert (status, TOKEN_REFUSAL in message) == (403, True), message
+    # A dbgov token bound to no pod is the user's to get (kube-controller-manager asks for unbound
+    # tokens with the default audiences), and the operator gives nothing for it.
+    unbound = _token_request(user.core, namespace, pod=None, uid=None, audiences=[AUDIENCE])
+    status, body = _credentials(policies, unbound.status.token)
+    assert (status, body["error"]["code"]) == (403, "not_pod_bound"), body
 
 
 def test_a_node_gets_dbgov_tokens_for_its_own_pods_only(
@@ -486,3 +508,58 @@ def test_the_real_kubelet_still_mints_the_sidecar_token_under_the_policy(
         events = core.list_namespaced_event(namespace).items
         raise AssertionError([e.message for e in events]) from None
     assert phase == "Succeeded"
+
+
+# --------------------------------------------------------------------------------------------
+# the garbage collector and the namespace controller (a real kube-controller-manager)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def controller_manager(
+    kube_cluster: kube.KubeCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[kube.Process]:
+    """kube-controller-manager (garbage collector and namespace controller, each with its own
+    ServiceAccount's credentials) for the tests below, stopped by PID at the module's end."""
+    try:
+        binary = kube.find_controller_manager()
+    except kube.ToolsMissingError as err:
+        pytest.fail(str(err), pytrace=False)
+    workdir = tmp_path_factory.mktemp("vap-controller-manager")
+    try:
+        process = kube.start_controller_manager(kube_cluster, binary=binary, workdir=workdir)
+    except (RuntimeError, TimeoutError) as err:
+        pytest.fail(f"kube-controller-manager did not start (logs in {workdir}): {err}", pytrace=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_the_collector_and_the_namespace_controller_still_delete_bundles(
+    policies: Policies, kube_cluster: kube.KubeCluster, controller_manager: kube.Process
+) -> None:
+    """A bundle is owned by its ServiceAccount: deleting that collects it, and deleting the
+    namespace deletes the rest, with the bundle policy in force (allowedDeleters)."""
+    env = policies.installed
+    core = client.CoreV1Api(kube_cluster.api_client())
+    namespace = kube_cluster.create_namespace("vap-gc")
+    for account in ("orders", "billing"):
+        kube_cluster.create_service_account(namespace=namespace, name=account)
+    _signed_bundle(env, namespace)
+    accounts = {"serviceAccounts": ["orders", "billing"]}
+    env.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "orders-read", {"spec": {"subjects": accounts}}
+    )
+    wait_for("the billing bundle", lambda: _bundle(env, namespace, "billing"))
+    core.delete_namespaced_service_account("orders", namespace)
+    wait_for("the collector to delete the orders bundle", lambda: _bundle(env, namespace) is None, 60)
+    assert _bundle(env, namespace, "billing") is not None
+    core.delete_namespace(namespace)
+
+    def gone() -> bool:
+        return _status(lambda: core.read_namespace(namespace))[0] == 404
+
+    wait_for(f"namespace {namespace} (and the billing bundle) to be deleted", gone, 120)
+    log = controller_manager.log.read_text(errors="replace")
+    assert "ValidatingAdmissionPolicy" not in log, "a controller's delete was refused by the policy"
