@@ -736,3 +736,53 @@ def test_unlabelled_pod_in_an_enforced_namespace_runs_with_its_sidecar(
     masked = "*" * real.index("@") + real[real.index("@") :]
     assert logs(core, governed, "plain", "app").strip() == masked, why
     assert FIRST_EMAIL in logs(core, governed, "plain", SIDECAR), why
+
+
+def _share_processes(pod: dict[str, Any]) -> None:
+    pod["spec"]["shareProcessNamespace"] = True
+
+
+def _host_pid(pod: dict[str, Any]) -> None:
+    pod["spec"]["hostPID"] = True
+
+
+def _project_dbgov_token(pod: dict[str, Any]) -> None:
+    token = {"serviceAccountToken": {"path": "token", "audience": "dbgov", "expirationSeconds": 3600}}
+    pod["spec"]["volumes"] = [{"name": "mine", "projected": {"sources": [token]}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "mine", "mountPath": "/mine"}]
+
+
+def _mount_sidecar_token(pod: dict[str, Any]) -> None:
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": injection.TOKEN_VOLUME, "mountPath": "/token", "readOnly": True}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_share_processes, "spec.shareProcessNamespace"),
+        (_host_pid, "spec.hostPID"),
+        (_project_dbgov_token, "for audience 'dbgov'"),
+        (_mount_sidecar_token, f"mounts volume {injection.TOKEN_VOLUME!r}"),
+    ],
+)
+def test_an_enrolled_pod_cannot_give_its_app_the_sidecars_processes_or_token(
+    *,
+    operator: Installed,
+    governed: str,
+    pod_images: dict[str, images.Image],
+    pg_relay: node.Relay,
+    change: Any,
+    named: str,
+) -> None:
+    """What the real-pods test above finds absent stays so: the webhook, as the apiserver calls
+    it, refuses a pod that would let its app see the sidecar's processes (and through /proc its
+    memory, the minted password) or hold a token for the sidecar's audience."""
+    pod = app_pod("nosy", script="sleep 1", app=pod_images["app"], relay=pg_relay)
+    change(pod)
+    with pytest.raises(ApiException) as caught:
+        operator.core.create_namespaced_pod(governed, pod)
+    assert caught.value.status == 400, caught.value.body
+    assert named in caught.value.body, caught.value.body
+    assert not operator.core.list_namespaced_pod(governed).items
