@@ -463,6 +463,18 @@ def _fine_to_coarse() -> dict[str, frozenset[str]]:
 FINE_TO_COARSE = _fine_to_coarse()
 
 
+WRITE_CLASSES = frozenset(
+    {"insert", "update", "delete", "merge", "truncate", "copy-from", "select-for-update"}
+)
+"""Statement classes that always write or row-lock a relation."""
+
+
+def writes_only(statements: frozenset[str] | None) -> bool:
+    """Whether a rule is about writes only (``[insert, update, delete]``): its tables are then
+    the ones written (or row-locked), and every statement it covers touches a relation."""
+    return statements is not None and statements <= WRITE_CLASSES
+
+
 def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
     """True when every statement `later` covers is already covered by `earlier` (for every
     session `later` applies to)."""
@@ -477,6 +489,14 @@ def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
                 return False
     if earlier.tables is not None:
         if later.tables is None:
+            return False
+        # An allow rule needs every relation among its tables, a block or approve rule any one:
+        # a statement joining one of the block's tables to another escapes an earlier allow, and
+        # one on no table at all (SELECT 1) an earlier block, where the later rule's classes
+        # allow such statements.
+        if earlier.verdict == "allow" and later.verdict != "allow":
+            return False
+        if earlier.verdict != "allow" and later.verdict == "allow" and not writes_only(later.statements):
             return False
         for pattern in later.tables:
             if not any(

@@ -169,10 +169,20 @@ def _covers_class(statements: frozenset[str] | None, unit: analyze.Unit) -> bool
 
 
 def _covers(rule: model.Rule, unit: analyze.Unit) -> bool:
+    """Whether ``rule`` decides ``unit``. An allow rule with ``tables`` must cover every relation
+    the statement touches (and no other object); a block or approve rule covers a statement
+    that touches any of its tables (of those it writes or row-locks, for a rule about writes
+    only): joining another table must not take a read of a blocked one out of its rule, and a
+    statement that touches none of them is not its business."""
     if not _covers_class(rule.statements, unit):
         return False
     if rule.tables is None:
         return True
+    if rule.verdict != "allow":
+        targets = (
+            _relations(unit) if not compile.writes_only(rule.statements) else (*unit.writes, *unit.locks)
+        )
+        return any(rule.covers_relation(rel) for rel in targets)
     if unit.non_relation_object:
         return False
     return all(rule.covers_relation(rel) for rel in _relations(unit))
