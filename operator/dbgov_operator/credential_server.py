@@ -41,6 +41,7 @@ _STATUS: Mapping[identity.ReasonCode, int] = {
     "token_invalid": 401,
     "token_expired": 401,
     "wrong_audience": 401,
+    "audience_not_exclusive": 401,
     "not_a_service_account": 403,
     "not_pod_bound": 403,
     "pod_not_found": 403,
@@ -260,6 +261,9 @@ class CredentialServer:
         bound = identity.read_review(status, audience=self._config.sidecar.token_audience)
         if isinstance(bound, identity.Refusal):
             return bound, None
+        broad = identity.exclusive_audience(token, audience=self._config.sidecar.token_audience)
+        if broad is not None:
+            return broad, None
         return identity.check_pod(bound, self._read_pod(bound.namespace, bound.pod)), bound
 
     def _review(self, token: str) -> Mapping[str, Any]:

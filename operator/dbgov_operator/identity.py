@@ -19,6 +19,8 @@ chart's admission policy (nodes only) and NodeRestriction's (a node for its own 
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +36,7 @@ ReasonCode = Literal[
     "token_invalid",
     "token_expired",
     "wrong_audience",
+    "audience_not_exclusive",
     "not_a_service_account",
     "not_pod_bound",
     "pod_not_found",
@@ -48,6 +51,10 @@ REASONS: Mapping[ReasonCode, str] = {
     "token_invalid": "the API server did not authenticate the token (forged, malformed or revoked)",
     "token_expired": "the token has expired; read the projected token file again (the kubelet rotates it)",
     "wrong_audience": "the token was not issued for the dbgov audience; project it with audience dbgov",
+    "audience_not_exclusive": (
+        "the token is valid for other audiences too (the Kubernetes API's, say: every pod holds "
+        "such a token); present the projected token whose only audience is dbgov"
+    ),
     "not_a_service_account": "the token is not a ServiceAccount's",
     "not_pod_bound": "the token is not bound to a pod; use the projected token the webhook mounts",
     "pod_not_found": "the pod the token is bound to does not exist (any more)",
@@ -141,6 +148,25 @@ def read_review(status: Mapping[str, Any], *, audience: str) -> BoundToken | Ref
         node=_one(extra, NODE_NAME_EXTRA),
         credential_id=_one(extra, CREDENTIAL_ID_EXTRA),
     )
+
+
+def exclusive_audience(token: str, *, audience: str) -> Refusal | None:
+    """Refuse a token whose ``aud`` names more than ``audience`` (read after the TokenReview
+    verified it, so its claims are the apiserver's). A pod's default ServiceAccount token is
+    for the apiserver's audiences; where a cluster lists dbgov among them (--api-audiences),
+    every container of every pod would hold a token TokenReview accepts for dbgov: the app
+    could fetch its sidecar's credentials itself. The sidecar's projected token names dbgov
+    alone."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        aud = claims["aud"]
+    except (IndexError, ValueError, KeyError, TypeError) as err:
+        return Refusal(code="token_invalid", detail=f"claims unreadable after review: {err}")
+    audiences = [aud] if isinstance(aud, str) else aud
+    if audiences != [audience]:
+        return Refusal(code="audience_not_exclusive", detail=f"aud {audiences!r}, need [{audience!r}] alone")
+    return None
 
 
 def check_pod(token: BoundToken, pod: Mapping[str, Any] | None) -> Identity | Refusal:

@@ -203,6 +203,23 @@ def test_wrong_audience_is_refused(
     assert refused(endpoint, token) == (401, "wrong_audience")
 
 
+def test_a_token_for_dbgov_and_other_audiences_is_refused(
+    endpoint: Endpoint, kube_cluster: kube.KubeCluster, namespace: str
+) -> None:
+    """Every pod holds a token for the apiserver's default audiences (kube-api-access); where a
+    cluster lists dbgov among them, as this test apiserver does, the app container's own token
+    would pass the TokenReview for dbgov: only the sidecar's dbgov-only token may."""
+    uid = make_pod(kube_cluster, namespace, "orders-7")
+    both = bound_token(
+        kube_cluster, namespace, pod="orders-7", uid=uid, audiences=(AUDIENCE, kube_cluster.server)
+    )
+    assert refused(endpoint, both) == (401, "audience_not_exclusive")
+    defaults = bound_token(kube_cluster, namespace, pod="orders-7", uid=uid, audiences=())
+    assert AUDIENCE in _claims(defaults)[1]["aud"]  # the apiserver's defaults name dbgov here
+    assert refused(endpoint, defaults) == (401, "audience_not_exclusive")
+    assert verified(endpoint, bound_token(kube_cluster, namespace, pod="orders-7", uid=uid))
+
+
 def test_an_expired_token_is_refused(
     endpoint: Endpoint, kube_cluster: kube.KubeCluster, namespace: str
 ) -> None:

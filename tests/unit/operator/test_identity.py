@@ -54,7 +54,38 @@ def test_review_and_pod_decide_the_identity(name: str) -> None:
 
 def test_every_reason_code_is_exercised_by_a_case_or_the_endpoint() -> None:
     codes = {c["expect"].get("refused") for c in DATA["cases"].values()} - {None}
-    assert set(identity.REASONS) - codes == {"missing_token"}  # the header, tested below
+    # the header and the token's own claims, tested below
+    assert set(identity.REASONS) - codes == {"missing_token", "audience_not_exclusive"}
+
+
+def _token(claims: object) -> str:
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+@pytest.mark.parametrize(
+    ("aud", "refused"),
+    [
+        (["dbgov"], None),
+        ("dbgov", None),
+        (["dbgov", "https://kubernetes.default.svc"], "audience_not_exclusive"),
+        (["https://kubernetes.default.svc", "dbgov"], "audience_not_exclusive"),
+        ([], "audience_not_exclusive"),
+    ],
+)
+def test_only_a_token_for_dbgov_alone_is_accepted(aud: object, refused: str | None) -> None:
+    got = identity.exclusive_audience(_token({"aud": aud, "sub": "x"}), audience="dbgov")
+    assert (got.code if got else None) == refused
+    if got is not None:
+        assert got.message == identity.REASONS[got.code]
+
+
+def test_unreadable_claims_are_an_invalid_token() -> None:
+    for token in ("not-a-jwt", "a.%%%.c", _token({"sub": "no aud"})):
+        got = identity.exclusive_audience(token, audience="dbgov")
+        assert got is not None and got.code == "token_invalid"
 
 
 @pytest.mark.parametrize(
