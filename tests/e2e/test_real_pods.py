@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -381,109 +382,127 @@ def test_enrolled_pods_app_reaches_postgres_only_through_its_sidecar(
         ),
     )
     try:
-        _only_through_its_sidecar(
-            core=core,
-            exec_api=exec_api,
-            namespace=governed,
-            created=created,
-            e2e_node=e2e_node,
-            relay=pg_relay,
-            server=pods_pg,
-            real=real,
-            since=since,
+        scene = _scene(
+            core=core, exec_api=exec_api, created=created, e2e_node=e2e_node, relay=pg_relay, server=pods_pg
         )
+        sidecar_token = _app_holds_nothing_of_the_sidecars(scene)
+        _through_its_sidecar(scene, real=real)
+        words = _sidecar_ports_leak_nothing(scene, sidecar_token=sidecar_token)
+        attempts = _every_direct_login_is_refused(scene, words=words, sidecar_token=sidecar_token)
+        _api_token_gets_nothing(scene, sidecar_token=sidecar_token)
+        _postgres_saw_only_the_sidecar(scene, since=since, attempts=attempts)
+        audit = logs(core, governed, "app", SIDECAR)
+        assert FIRST_EMAIL in audit and "DROP TABLE shop.orders" in audit, audit[-3000:]
     finally:
         core.delete_namespaced_pod("app", governed, grace_period_seconds=0)
 
 
-def _only_through_its_sidecar(
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scene:
+    """A running enrolled pod whose app tries its ways to the database, and what the checks need."""
+
+    exec_api: client.CoreV1Api
+    namespace: str
+    pod: str
+    sidecar_env: dict[str, str]
+    """The injected sidecar's literal variables (its ports, the operator's endpoint and CA)."""
+    minted: str
+    """The pod's minted role, read from pg_roles."""
+    server: pg.PgServer
+    relay: node.Relay
+
+    def run(self, script: str, *, container: str = "app") -> str:
+        return run_in(self.exec_api, self.namespace, self.pod, container=container, script=script)
+
+    def port(self, variable: str) -> int:
+        return int(self.sidecar_env[variable].rpartition(":")[2])
+
+
+def _scene(
     *,
     core: client.CoreV1Api,
     exec_api: client.CoreV1Api,
-    namespace: str,
     created: client.V1Pod,
     e2e_node: node.Node,
     relay: node.Relay,
     server: pg.PgServer,
-    real: str,
-    since: int,
-) -> None:
+) -> Scene:
+    """Wait for the app to run (so its sidecar is verified and holds credentials); find its role."""
+    namespace, name = created.metadata.namespace, created.metadata.name
+
     def app_running() -> client.V1Pod | None:
-        found = core.read_namespaced_pod("app", namespace)
+        found = core.read_namespaced_pod(name, namespace)
         statuses = found.status.container_statuses or []
         return found if statuses and statuses[0].state.running is not None else None
 
     try:
         wait_for(
-            "the app to run (its sidecar started: verified, credentials held)",
-            app_running,
-            timeout=POD_TIMEOUT_S,
+            "the app to run (its sidecar verified, credentials held)", app_running, timeout=POD_TIMEOUT_S
         )
     except AssertionError as err:
-        raise AssertionError(f"{err}\n{explain(core, namespace, 'app', e2e_node)}") from None
-    why = explain(core, namespace, "app", e2e_node)
+        raise AssertionError(f"{err}\n{explain(core, namespace, name, e2e_node)}") from None
     (sidecar,) = created.spec.init_containers
-    assert sidecar.name == SIDECAR
-    sidecar_env = env_of(sidecar)
-    proxy_port = int(sidecar_env["DBGOV_LISTEN"].rpartition(":")[2])
-    metrics_port = int(sidecar_env["DBGOV_METRICS"].rpartition(":")[2])
+    assert sidecar.name == SIDECAR and sidecar.image.startswith("dbgov.test/sidecar:")
     minted = server.psql(
         "SELECT rolname FROM pg_roles WHERE rolname LIKE 'dbgov_w_%' "
         f"AND shobj_description(oid, 'pg_authid') LIKE '%{created.metadata.uid}%'"
     ).strip()
-    assert minted.startswith("dbgov_w_"), why
+    assert minted.startswith("dbgov_w_"), explain(core, namespace, name, e2e_node)
+    return Scene(
+        exec_api=exec_api,
+        namespace=namespace,
+        pod=name,
+        sidecar_env=env_of(sidecar),
+        minted=minted,
+        server=server,
+        relay=relay,
+    )
 
-    # What the app holds: no password, no dbgov variable, none of the sidecar's volumes or processes.
-    seen = sections(run_in(exec_api, namespace, "app", container="app", script=INVENTORY))
+
+def _app_holds_nothing_of_the_sidecars(scene: Scene) -> str:
+    """No password, no dbgov variable, none of the sidecar's volumes or processes in the app's
+    container; the sidecar's own view for contrast. Returns the sidecar's projected token."""
+    seen = sections(scene.run(INVENTORY))
     env = {line.partition("=")[0]: line.partition("=")[2] for line in seen["env"] if "=" in line}
-    mounts = {_run(m) for m in seen["mounts"]}
-    assert {k: env[k] for k in ("PGHOST", "PGPORT", "PGUSER")} == {
-        "PGHOST": "127.0.0.1",
-        "PGPORT": str(proxy_port),
-        "PGUSER": "app",
-    }, why
+    wanted = {"PGHOST": "127.0.0.1", "PGPORT": str(scene.port("DBGOV_LISTEN")), "PGUSER": "app"}
+    assert {k: env.get(k) for k in wanted} == wanted, env
     assert not [k for k in env if "PASS" in k or k.startswith("DBGOV_") or "TOKEN" in k], env
+    mounts = {_run(m) for m in seen["mounts"]}
     assert mounts & {_run(injection.TOKEN_DIR), injection.POLICY_DIR} == set(), mounts
     assert {m for m in mounts if m.startswith("/run/secrets/")} == {_run(API_TOKEN_DIR)}, mounts
     assert all("No such file or directory" in line for line in seen["dbgov dirs"]), seen["dbgov dirs"]
-    processes = [line for line in seen["processes"] if line.strip()]
     # pid, name and argv[0] of each process the app sees: its own, from its own PID 1
+    processes = [line for line in seen["processes"] if line.strip()]
     assert processes and processes[0] == "1 sh /bin/sh", processes
     assert not [p for p in processes if "dbgov" in p or "python" in p], processes
-    # The sidecar's view, for contrast: its token is there and its PID 1 is the proxy.
-    theirs = run_in(
-        exec_api,
-        namespace,
-        "app",
-        container=SIDECAR,
-        script=f"tr '\\0' ' ' < /proc/1/cmdline; echo; ls {injection.TOKEN_DIR}",
-    )
-    assert "dbgov" in theirs.splitlines()[0] and "token" in theirs.splitlines()[1:], theirs
-    sidecar_token = run_in(
-        exec_api, namespace, "app", container=SIDECAR, script=f"cat {injection.TOKEN_DIR}/token"
-    ).strip()
-    assert sidecar_token.count(".") == 2, "the sidecar's projected token is a JWT"
-    assert sorted(int(p) for p in seen["listening"]) == sorted({proxy_port, metrics_port}), seen["listening"]
+    listening = sorted(int(p) for p in seen["listening"])
+    assert listening == sorted({scene.port("DBGOV_LISTEN"), scene.port("DBGOV_METRICS")}), listening
+    theirs = scene.run(
+        f"tr '\\0' ' ' < /proc/1/cmdline; echo; ls {injection.TOKEN_DIR}", container=SIDECAR
+    ).splitlines()
+    assert "dbgov" in theirs[0] and "token" in theirs[1:], theirs
+    token = scene.run(f"cat {injection.TOKEN_DIR}/token", container=SIDECAR).strip()
+    assert token.count(".") == 2, "the sidecar's projected token is a JWT"
+    return token
 
-    # Through its sidecar: the masked email, DDL refused, both audited.
-    through = run_in(
-        exec_api,
-        namespace,
-        "app",
-        container="app",
-        script=f'psql -XAt -c "{FIRST_EMAIL}"; psql -XAt -c "DROP TABLE shop.orders"; echo "drop=$?"',
+
+def _through_its_sidecar(scene: Scene, *, real: str) -> None:
+    """The app's way in: the masked email, DDL refused (and audited, checked by the caller)."""
+    through = scene.run(
+        f'psql -XAt -c "{FIRST_EMAIL}"; psql -XAt -c "DROP TABLE shop.orders"; echo "drop=$?"'
     ).splitlines()
     masked = "*" * real.index("@") + real[real.index("@") :]
     assert real != masked
     assert through[0] == masked, through
     assert [line for line in through if line.startswith("ERROR:")], through
     assert through[-1] == "drop=1", through
-    assert server.psql("SELECT count(*) FROM shop.orders").strip() != "0"  # as postgres: see below
+    assert scene.server.psql("SELECT count(*) FROM shop.orders").strip() != "0"
 
-    # The sidecar's metrics port, which the app reaches: counters and health, nothing secret.
-    answers = run_in(
-        exec_api, namespace, "app", container="app", script=SIDECAR_PORTS.format(port=metrics_port)
-    )
+
+def _sidecar_ports_leak_nothing(scene: Scene, *, sidecar_token: str) -> list[str]:
+    """The metrics port the app reaches answers counters and health, no token or password.
+    Returns its long words, which the app then tries as passwords too."""
+    answers = scene.run(SIDECAR_PORTS.format(port=scene.port("DBGOV_METRICS")))
     bodies = sections(answers)
     assert bodies["GET /metrics"][0].startswith("HTTP/1.0 200"), answers[:500]
     assert any(line.startswith("dbgov_") for line in bodies["GET /metrics"]), answers[:2000]
@@ -491,57 +510,52 @@ def _only_through_its_sidecar(
     assert sidecar_token not in answers and "eyJ" not in answers
     assert "password" not in answers.lower()
     words = sorted(set(re.findall(r"[A-Za-z0-9_+/=.-]{16,}", answers)))
-    run_in(
-        exec_api,
-        namespace,
-        "app",
-        container="app",
-        script="cat > /tmp/sidecar-words <<'EOF'\n" + "\n".join(words) + "\nEOF",
-    )
+    scene.run("cat > /tmp/sidecar-words <<'EOF'\n" + "\n".join(words) + "\nEOF")
+    return words
 
-    # Past its sidecar: the relay (the upstream the app named) as every role, with every string.
-    tried = run_in(
-        exec_api,
-        namespace,
-        "app",
-        container="app",
-        script=DIRECT.format(host=node.GATEWAY, port=relay.port, roles=" ".join(APP_ROLES), minted=minted),
-    ).splitlines()
+
+def _every_direct_login_is_refused(scene: Scene, *, words: list[str], sidecar_token: str) -> int:
+    """Past its sidecar, at the relay (the upstream the app named), as every role it knows of,
+    with no password and with every string it found. Returns how many strings it tried."""
+    script = DIRECT.format(
+        host=node.GATEWAY, port=scene.relay.port, roles=" ".join(APP_ROLES), minted=scene.minted
+    )
+    tried = scene.run(script).splitlines()
     assert not [line for line in tried if line.startswith("DIRECT LOGIN")], tried
     refusals = [line for line in tried if line.startswith("refused ")]
     (count,) = [int(line.partition("=")[2]) for line in tried if line.startswith("candidates=")]
     assert count >= len(words) and len(refusals) == len(APP_ROLES) + 1 + 3 * count, tried[-20:]
-    candidates = run_in(exec_api, namespace, "app", container="app", script="cat /tmp/candidates")
-    assert sidecar_token not in candidates
+    assert sidecar_token not in scene.run("cat /tmp/candidates")
+    return count
 
-    # The app's own ServiceAccount token (every real pod's, unless automounting is off) gets no
-    # credentials from the operator: it is not for the dbgov audience.
-    api_token = run_in(
-        exec_api, namespace, "app", container="app", script=f"cat {API_TOKEN_DIR}/token"
-    ).strip()
+
+def _api_token_gets_nothing(scene: Scene, *, sidecar_token: str) -> None:
+    """The app's own ServiceAccount token (every real pod's, unless automounting is off) gets no
+    credentials from the operator: it is not for the dbgov audience."""
+    api_token = scene.run(f"cat {API_TOKEN_DIR}/token").strip()
     assert api_token.count(".") == 2 and api_token != sidecar_token
     status, answer = present_token(
-        sidecar_env["DBGOV_CREDENTIAL_URL"], ca_pem=sidecar_env["DBGOV_CREDENTIAL_CA"], token=api_token
+        scene.sidecar_env["DBGOV_CREDENTIAL_URL"],
+        ca_pem=scene.sidecar_env["DBGOV_CREDENTIAL_CA"],
+        token=api_token,
     )
     assert status in (401, 403) and answer["error"]["code"] == "wrong_audience", (status, answer)
 
-    # PostgreSQL's side: every attempt with a password reached it and was refused there; nobody
-    # but the operator's admin and the sidecar's minted role logged in while the pod ran.
-    log = server_log(server, since=since)
+
+def _postgres_saw_only_the_sidecar(scene: Scene, *, since: int, attempts: int) -> None:
+    """PostgreSQL's side: every attempt with a password reached it and was refused there; nobody
+    but the operator's admin and the sidecar's minted role logged in while the pod ran."""
+    log = server_log(scene.server, since=since)
     logged_in = set(re.findall(r"connection authorized: user=(\S+)", log))
-    assert minted in logged_in, log[-3000:]
-    assert logged_in <= {"postgres", minted}, logged_in
-    for user in (minted, "app", "postgres"):
+    assert scene.minted in logged_in, log[-3000:]
+    assert logged_in <= {"postgres", scene.minted}, logged_in
+    for user in (scene.minted, "app", "postgres"):
         failed = log.count(f'password authentication failed for user "{user}"')
-        assert failed >= count, (user, failed, count)
-    active = server.psql(
+        assert failed >= attempts, (user, failed, attempts)
+    active = scene.server.psql(
         "SELECT DISTINCT usename FROM pg_stat_activity WHERE backend_type = 'client backend'"
     ).split()
-    assert set(active) <= {"postgres", minted}, active
-    audit = logs(core, namespace, "app", SIDECAR)
-    assert FIRST_EMAIL in audit, why
-    assert "DROP TABLE shop.orders" in audit, why
-    assert sidecar.image.startswith("dbgov.test/sidecar:")
+    assert set(active) <= {"postgres", scene.minted}, active
 
 
 def _started(status: client.V1ContainerStatus) -> datetime.datetime:
