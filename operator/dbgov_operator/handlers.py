@@ -13,6 +13,7 @@ handlers of events fill.
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import datetime
@@ -503,7 +504,8 @@ async def _admitting(work: Callable[..., None], /, *args: Any, **kwargs: Any) ->
     """Run an admission request's blocking work on the admission threads, off kopf's event
     loop and its executor (its AdmissionError reaches kopf as raised)."""
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(_admission, functools.partial(work, *args, **kwargs))
+    context = contextvars.copy_context()  # kopf's, for its loggers and events
+    await loop.run_in_executor(_admission, functools.partial(context.run, work, *args, **kwargs))
 
 
 def _namespace_labels(namespace: str) -> Mapping[str, str]:
