@@ -2,7 +2,8 @@
 
 Level-triggered: every policy event (create, update, resume, delete), every enrolled pod and
 every change to a bundle ConfigMap (a namespace user's edit or deletion: drift) reconciles the
-whole namespace from a fresh read, and writes only what differs. So an operator restart
+whole namespace from a fresh read (a burst of them coalesced into one: ``Coalescer``), and
+writes only what differs. So an operator restart
 re-reads everything and, when nothing changed, writes nothing and says nothing. Bundles are
 signed (a rewrite gets a newer generation than any signature of ours it replaces), owned by
 their ServiceAccount, and deleted once no policy names their ServiceAccount and no enrolled pod
