@@ -178,8 +178,13 @@ def app_pod(
     }
     volumes: list[dict[str, Any]] = []
     if api_token is not None:
-        token = {"serviceAccountToken": {"path": "token", "audience": api_token, "expirationSeconds": 3607}}
-        volumes.append({"name": "kube-api-access", "projected": {"sources": [token]}})
+        # "token" is exactly the automount's (no audience: the API server's own); "token-api"
+        # names the API server's URL, as the automount's would where dbgov is no API audience.
+        sources = [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"serviceAccountToken": {"path": "token-api", "audience": api_token, "expirationSeconds": 3607}},
+        ]
+        volumes.append({"name": "kube-api-access", "projected": {"sources": sources}})
         container["volumeMounts"] = [
             {"name": "kube-api-access", "mountPath": API_TOKEN_DIR, "readOnly": True}
         ]
@@ -376,8 +381,6 @@ def test_enrolled_pods_app_reaches_postgres_only_through_its_sidecar(
             script="sleep 300",
             app=pod_images["app"],
             relay=pg_relay,
-            # Named: this fixture's apiserver lists dbgov among its API audiences (kube.py), so
-            # a token projected without an audience would be one for dbgov too.
             api_token=kube_cluster.server,
         ),
     )
@@ -530,16 +533,16 @@ def _every_direct_login_is_refused(scene: Scene, *, words: list[str], sidecar_to
 
 
 def _api_token_gets_nothing(scene: Scene, *, sidecar_token: str) -> None:
-    """The app's own ServiceAccount token (every real pod's, unless automounting is off) gets no
-    credentials from the operator: it is not for the dbgov audience."""
-    api_token = scene.run(f"cat {API_TOKEN_DIR}/token").strip()
-    assert api_token.count(".") == 2 and api_token != sidecar_token
-    status, answer = present_token(
-        scene.sidecar_env["DBGOV_CREDENTIAL_URL"],
-        ca_pem=scene.sidecar_env["DBGOV_CREDENTIAL_CA"],
-        token=api_token,
-    )
-    assert status in (401, 403) and answer["error"]["code"] == "wrong_audience", (status, answer)
+    """The app's own ServiceAccount tokens (every real pod's, unless automounting is off) get no
+    credentials from the operator. This fixture's apiserver lists dbgov among its API audiences
+    (kube.py), so the automount's token is valid for dbgov too, among others: refused as not
+    exclusively dbgov's. One for the API server alone is not dbgov's at all."""
+    url, ca = scene.sidecar_env["DBGOV_CREDENTIAL_URL"], scene.sidecar_env["DBGOV_CREDENTIAL_CA"]
+    for name, code in (("token", "audience_not_exclusive"), ("token-api", "wrong_audience")):
+        api_token = scene.run(f"cat {API_TOKEN_DIR}/{name}").strip()
+        assert api_token.count(".") == 2 and api_token != sidecar_token
+        status, answer = present_token(url, ca_pem=ca, token=api_token)
+        assert status in (401, 403) and answer["error"]["code"] == code, (name, status, answer)
 
 
 def _postgres_saw_only_the_sidecar(scene: Scene, *, since: int, attempts: int) -> None:
