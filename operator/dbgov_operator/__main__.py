@@ -20,7 +20,7 @@ import sys
 import kopf
 import kubernetes
 
-from dbgov_operator import runtime, settings
+from dbgov_operator import kopf_timers, runtime, settings
 
 PEERINGS = ("kopf.dev", "clusterkopfpeerings")
 """kopf's cluster-wide peering resource (the operator always runs cluster-wide)."""
@@ -44,6 +44,8 @@ def main() -> int:
     )
     runtime.configure(config, client=api_client())
     from dbgov_operator import handlers  # noqa: F401, PLC0415 -- registers the handlers
+
+    kopf_timers.release_timer_finalizers()  # after the handlers registered their timers
 
     priority = config.peering_priority or random.SystemRandom().randint(1, 2**31 - 1)
     operator_settings = kopf.OperatorSettings()

@@ -287,7 +287,8 @@ def test_deleting_an_enforced_namespace_completes_with_no_finalizer_of_ours_left
     create_policy(installed, name, policy("orders-read"))
     wait_ready(installed, name, "orders-read")
     _signed_bundle(installed, name)
-    # A Database carries the operator's finalizer (kopf adds one for its timers).
+    # A Database, which the operator checks at once and then on its timers: kopf puts its
+    # finalizer on whatever a timer watches, unless told otherwise (kopf_timers).
     database = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "Database",
@@ -295,12 +296,7 @@ def test_deleting_an_enforced_namespace_completes_with_no_finalizer_of_ours_left
         "spec": {"host": "127.0.0.1", "port": 5432, "dbname": "shop", "adminSecretRef": {"name": "none"}},
     }
     installed.custom.create_namespaced_custom_object(GROUP, VERSION, name, "databases", database)
-
-    def database_finalized() -> bool:
-        found = installed.custom.get_namespaced_custom_object(GROUP, VERSION, name, "databases", "orders-db")
-        return FINALIZER in (found["metadata"].get("finalizers") or [])
-
-    wait_for("the operator's finalizer on the Database", database_finalized)
+    _handled_without_finalizer(installed, name)
     policy_body = installed.custom.get_namespaced_custom_object(GROUP, VERSION, name, PLURAL, "orders-read")
     assert FINALIZER not in (policy_body["metadata"].get("finalizers") or [])  # policies carry none
 
@@ -319,6 +315,57 @@ def test_deleting_an_enforced_namespace_completes_with_no_finalizer_of_ours_left
         wait_for(f"namespace {name} to be deleted", namespace_gone, COLLECT_SECONDS * 2)
     except AssertionError as err:
         raise AssertionError(f"{err}; left in it: {_leftovers(installed, name)}") from err
+
+
+def _handled_without_finalizer(env: Installed, namespace: str) -> None:
+    """The operator checked the Database (its Ready condition) and its timers ran over it for a
+    while (they tick every second), and it holds no finalizer of ours."""
+
+    def checked() -> bool:
+        found = env.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "databases", "orders-db")
+        return bool((found.get("status") or {}).get("conditions"))
+
+    wait_for("the operator's check of the Database", checked)
+    time.sleep(3.0)
+    found = env.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "databases", "orders-db")
+    assert FINALIZER not in (found["metadata"].get("finalizers") or []), found["metadata"]
+
+
+def test_a_namespace_with_a_database_goes_while_the_operator_is_stopped(
+    kube_cluster: kube.KubeCluster, installed: Installed, controller_manager: kube.Process
+) -> None:
+    """Uninstalled (or stopped) first, the operator must not leave a Database that cannot be
+    deleted: nothing of ours holds it."""
+    core = installed.core
+    name = f"gc-stopped-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    database = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Database",
+        "metadata": {"name": "orders-db"},
+        "spec": {"host": "127.0.0.1", "port": 5432, "dbname": "shop", "adminSecretRef": {"name": "none"}},
+    }
+    installed.custom.create_namespaced_custom_object(GROUP, VERSION, name, "databases", database)
+    _handled_without_finalizer(installed, name)
+    installed.operator.stop()
+    try:
+        core.delete_namespace(name)
+
+        def namespace_gone() -> bool:
+            try:
+                core.read_namespace(name)
+            except ApiException as err:
+                if err.status == 404:
+                    return True
+                raise
+            return False
+
+        try:
+            wait_for(f"namespace {name} to be deleted", namespace_gone, COLLECT_SECONDS * 2)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; left in it: {_leftovers(installed, name)}") from err
+    finally:
+        _start(installed)
 
 
 def _leftovers(env: Installed, namespace: str) -> list[tuple[str, str, list[str]]]:
