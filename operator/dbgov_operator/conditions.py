@@ -27,7 +27,7 @@ def policy_status(
 ) -> PolicyStatus:
     """The status for a policy at ``generation`` given its problems, where it is bound, and
     why a composition it is part of does not compile (``composition``: it is then not Ready,
-    since the bundles it should be in keep their previous content)."""
+    since the bundles it should be in refuse every statement until it is fixed)."""
     old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
     if problems:
         listing = "; ".join(describe(p) for p in problems)
@@ -36,7 +36,7 @@ def policy_status(
             READY,
             "False",
             "PolicyInvalid",
-            "invalid: the bundles of the workloads it binds keep their previous content until it is fixed",
+            "invalid: the bundles of the workloads it binds refuse every statement until it is fixed",
             generation,
         )
     elif composition:
