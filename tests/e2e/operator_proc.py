@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,6 +153,25 @@ def loopback_webhook_env(*, port: int, cert_dir: Path, configuration: str) -> di
         # and tells sidecars that one (in a cluster each replica has the pod's own 9444).
         "DBGOV_CREDENTIAL_PORT": "0",
     }
+
+
+def delete_cluster_scoped(cluster: kube.KubeCluster, docs: Sequence[Mapping[str, Any]]) -> None:
+    """Delete the cluster-scoped objects among applied chart ``docs`` (CRDs stay, as helm
+    leaves them): a release's admission policies, ClusterRoles and webhook configurations left
+    behind would judge every later test module in this apiserver (its bundle policy lets only
+    that release's operator write bundles)."""
+    dynamic = cluster.dynamic()
+    for doc in docs:
+        if doc["kind"] == "CustomResourceDefinition":
+            continue
+        resource = dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+        if resource.namespaced:
+            continue
+        try:
+            resource.delete(name=doc["metadata"]["name"])
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
 
 def delete_webhook_configurations(admission: client.AdmissionregistrationV1Api, name: str) -> None:

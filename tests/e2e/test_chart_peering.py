@@ -220,23 +220,8 @@ def peered(
         second.stop()
         # Every cluster-scoped object the chart made (webhook configurations, RBAC, the peering,
         # admission policies), as helm uninstall would; the CRDs stay, as helm leaves them.
-        _delete_cluster_scoped(kube_cluster, docs)
+        operator_proc.delete_cluster_scoped(kube_cluster, docs)
         kube_cluster.delete_namespace(namespace)
-
-
-def _delete_cluster_scoped(cluster: kube.KubeCluster, docs: list[dict[str, Any]]) -> None:
-    dynamic = cluster.dynamic()
-    for doc in docs:
-        if doc["kind"] == "CustomResourceDefinition":
-            continue
-        resource = dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
-        if resource.namespaced:
-            continue
-        try:
-            resource.delete(name=doc["metadata"]["name"])
-        except ApiException as err:
-            if err.status != 404:
-                raise
 
 
 def test_applied_chart_establishes_the_peering_crd_and_object(

@@ -98,6 +98,7 @@ def replicas(
         second.stop()
         operator_proc.delete_webhook_configurations(shared.admission, configuration)
         shared.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+        operator_proc.delete_cluster_scoped(kube_cluster, docs)
         kube_cluster.delete_namespace(release_ns)
 
 
