@@ -39,6 +39,7 @@ AUDIENCE = "dbgov"
 BUNDLE = "dbgov-policy-orders"
 BUNDLE_REFUSAL = "is written only by the dbgov operator"
 TOKEN_REFUSAL = "are minted only by the"
+EXEC_REFUSAL = "container of pod"
 ENFORCED_TIMEOUT = 30.0
 """A policy or binding holds once the apiserver's informer has compiled it (about a second)."""
 
@@ -146,7 +147,7 @@ def policies(
         )
         assert (
             sorted(d["kind"] for d in docs)
-            == ["ValidatingAdmissionPolicy"] * 2 + ["ValidatingAdmissionPolicyBinding"] * 2
+            == ["ValidatingAdmissionPolicy"] * 3 + ["ValidatingAdmissionPolicyBinding"] * 3
         )
         probe = {
             "metadata": {"name": PROBE_POD},
@@ -563,3 +564,33 @@ def test_the_collector_and_the_namespace_controller_still_delete_bundles(
     wait_for(f"namespace {namespace} (and the billing bundle) to be deleted", gone, 120)
     log = controller_manager.log.read_text(errors="replace")
     assert "ValidatingAdmissionPolicy" not in log, "a controller's delete was refused by the policy"
+
+
+def _exec(
+    cluster: kube.KubeCluster, namespace: str, pod: str, *, container: str, attach: bool = False
+) -> tuple[int, str]:
+    """A plain (not upgraded) exec or attach request: admission judges it before the pod is
+    even looked up, so a stored pod is enough to tell a refusal from the way on."""
+    core = client.CoreV1Api(cluster.api_client())
+    if attach:
+        return _status(
+            lambda: core.connect_post_namespaced_pod_attach(pod, namespace, container=container, stdin=True)
+        )
+    return _status(
+        lambda: core.connect_post_namespaced_pod_exec(pod, namespace, container=container, command=["sh"])
+    )
+
+
+def test_nobody_execs_into_or_attaches_to_the_sidecar(
+    policies: Policies, kube_cluster: kube.KubeCluster
+) -> None:
+    """A shell in dbgov-proxy reads its projected token (the operator answers it with the pod's
+    database credentials) and the proxy's memory: refused, cluster admins included."""
+    namespace = policies.installed.namespace
+    for attach in (False, True):
+        status, message = _exec(kube_cluster, namespace, PROBE_POD, container="dbgov-proxy", attach=attach)
+        assert status == 403 and EXEC_REFUSAL in message and "ValidatingAdmissionPolicy" in message, message
+        assert ("attach" if attach else "exec") in message
+        # the app container: past admission (the stored pod has no node to run it on)
+        status, message = _exec(kube_cluster, namespace, PROBE_POD, container="probe", attach=attach)
+        assert status != 403 and EXEC_REFUSAL not in message, (status, message)

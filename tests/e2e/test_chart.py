@@ -78,6 +78,8 @@ def test_template_renders_the_operator_objects(kube_tools: kube.Tools, helm_home
             # bundles and dbgov-audience tokens (templates/admissionpolicies.yaml)
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "ValidatingAdmissionPolicyBinding",
             "ValidatingAdmissionPolicyBinding",
             # the chart owns them, so helm uninstall deletes them; the operator fills them in
