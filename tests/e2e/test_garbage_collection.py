@@ -300,11 +300,16 @@ def test_deleting_an_enforced_namespace_completes_with_no_finalizer_of_ours_left
     policy_body = installed.custom.get_namespaced_custom_object(GROUP, VERSION, name, PLURAL, "orders-read")
     assert FINALIZER not in (policy_body["metadata"].get("finalizers") or [])  # policies carry none
 
-    core.delete_namespace(name)
+    _delete_namespace(installed, name)
+
+
+def _delete_namespace(env: Installed, name: str) -> None:
+    """Delete namespace ``name`` and wait until it is gone (the namespace controller empties it)."""
+    env.core.delete_namespace(name)
 
     def namespace_gone() -> bool:
         try:
-            core.read_namespace(name)
+            env.core.read_namespace(name)
         except ApiException as err:
             if err.status == 404:
                 return True
@@ -314,7 +319,7 @@ def test_deleting_an_enforced_namespace_completes_with_no_finalizer_of_ours_left
     try:
         wait_for(f"namespace {name} to be deleted", namespace_gone, COLLECT_SECONDS * 2)
     except AssertionError as err:
-        raise AssertionError(f"{err}; left in it: {_leftovers(installed, name)}") from err
+        raise AssertionError(f"{err}; left in it: {_leftovers(env, name)}") from err
 
 
 def _handled_without_finalizer(env: Installed, namespace: str) -> None:
@@ -349,21 +354,7 @@ def test_a_namespace_with_a_database_goes_while_the_operator_is_stopped(
     _handled_without_finalizer(installed, name)
     installed.operator.stop()
     try:
-        core.delete_namespace(name)
-
-        def namespace_gone() -> bool:
-            try:
-                core.read_namespace(name)
-            except ApiException as err:
-                if err.status == 404:
-                    return True
-                raise
-            return False
-
-        try:
-            wait_for(f"namespace {name} to be deleted", namespace_gone, COLLECT_SECONDS * 2)
-        except AssertionError as err:
-            raise AssertionError(f"{err}; left in it: {_leftovers(installed, name)}") from err
+        _delete_namespace(installed, name)
     finally:
         _start(installed)
 
