@@ -18,7 +18,7 @@ another database can add refusals but never grants). Pure: the handlers list the
 objects and apply the plan.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -190,12 +190,17 @@ def plan(
     workloads: Sequence[Workload],
     *,
     known_service_accounts: Iterable[str] = (),
+    existing: Collection[str] | None = None,
     prefix: str,
     cluster: Sequence[Policy] = (),
 ) -> Plan:
     """Bundles for every ServiceAccount that a policy names, an enrolled pod runs as, or that
     already has a bundle (``known_service_accounts``); one bound by nothing gets the empty
-    bundle, which refuses every statement. A policy whose subjects can be read binds even when
+    bundle, which refuses every statement. ``existing``: the ServiceAccounts of the namespace;
+    only they get a bundle and are bound (a bundle is owned by its ServiceAccount, so one for a
+    ServiceAccount that does not exist would be ownerless: nothing would ever collect it, and it
+    would be waiting for whoever creates the name). None takes every name to exist (what a new
+    policy would do once they do). A policy whose subjects can be read binds even when
     the rest of it is invalid: the compositions it is part of then do not compile, their
     bundles refuse every statement (:func:`refusing_files`), and ``Plan.problems`` says so on
     every policy involved.
@@ -212,6 +217,8 @@ def plan(
     for name, found in parsed.items():
         if not name.startswith(CLUSTER_PREFIX):
             accounts |= found.service_accounts
+    if existing is not None:
+        accounts &= set(existing)
     bundles = []
     bound: dict[str, list[str]] = {p.name: [] for p in (*policies, *cluster)}
     failed: dict[str, list[policy_compile.Problem]] = {}

@@ -250,27 +250,26 @@ def _bundle_config_map(name: str | None, labels: Mapping[str, str], **_: Any) ->
 
 
 @kopf.on.event("v1", "configmaps", when=_bundle_config_map)
-async def bundle_changed(
-    type: str | None, namespace: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any
-) -> None:
+async def bundle_changed(type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     """Drift: a bundle edited or deleted by anyone but us is rewritten within seconds (our own
     writes come back here too, and find the namespace current). One the garbage collector
-    deleted with its ServiceAccount is not put back (the reconcile checks the owner is gone).
-    Only asks for a (coalesced) reconcile: a churn of patches is one reconcile, not thousands."""
-    if type == "MODIFIED":
+    deleted with its ServiceAccount is not put back: bundles are only for ServiceAccounts that
+    exist. Only asks for a (coalesced) reconcile: a churn of patches is one reconcile, not
+    thousands."""
+    if type in ("MODIFIED", "DELETED"):
         _reconcile(namespace, logger)
-    elif type == "DELETED":
-        _reconcile(namespace, logger, collected=_service_account_owners(body))
 
 
-def _service_account_owners(body: Mapping[str, Any]) -> dict[str, str]:
-    """ServiceAccount name -> uid of the ServiceAccount ownerReferences of a deleted bundle."""
-    references = (body.get("metadata") or {}).get("ownerReferences") or []
-    return {
-        str(ref["name"]): str(ref["uid"])
-        for ref in references
-        if ref.get("kind") == "ServiceAccount" and ref.get("name") and ref.get("uid")
-    }
+@kopf.on.event("v1", "serviceaccounts")
+async def service_account_created(
+    type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any
+) -> None:
+    """A new ServiceAccount may be one a policy names or a pod runs as: only ServiceAccounts
+    that exist get a bundle, so its bundle is written now, owned by it. (Not on the listing at
+    startup, whose type is None: the policies' resume handlers reconcile every namespace with a
+    policy then. Not on deletion: the garbage collector takes the bundle with its owner.)"""
+    if type == "ADDED":
+        _reconcile(namespace, logger)
 
 
 @kopf.on.resume(*DATABASE, backoff=RETRY_SECONDS)
@@ -552,7 +551,6 @@ def _reconcile(
     namespace: str | None,
     logger: kopf.Logger,
     *,
-    collected: Mapping[str, str] | None = None,
     wait: bool = False,
 ) -> None:
     """Ask for a reconcile of ``namespace`` (coalesced with every other request of the burst);
@@ -560,12 +558,12 @@ def _reconcile(
     del logger  # the reconcile logs on its own thread
     if not namespace:
         return
-    done = _coalescer.request(namespace, collected=collected)
+    done = _coalescer.request(namespace)
     if wait:
         done.result()
 
 
-def _reconcile_now(namespace: str, collected: Mapping[str, str]) -> None:
+def _reconcile_now(namespace: str) -> None:
     """One reconcile of ``namespace`` (the coalescer's ``run``)."""
     logger = _log
     if _signer is None:  # unsigned bundles would only be refused by every sidecar
@@ -586,7 +584,6 @@ def _reconcile_now(namespace: str, collected: Mapping[str, str]) -> None:
             emit=_emit,
             signer=_signer,
             cluster=baselines,
-            collected=collected,
         )
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err

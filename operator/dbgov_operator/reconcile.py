@@ -1,14 +1,18 @@
 """Bring one namespace's policy bundles and policy statuses in line with its policies and pods.
 
-Level-triggered: every policy event (create, update, resume, delete), every enrolled pod and
-every change to a bundle ConfigMap (a namespace user's edit or deletion: drift) reconciles the
-whole namespace from a fresh read (a burst of them coalesced into one: ``Coalescer``), and
-writes only what differs. So an operator restart
+Level-triggered: every policy event (create, update, resume, delete), every enrolled pod, every
+new ServiceAccount and every change to a bundle ConfigMap (a namespace user's edit or deletion:
+drift) reconciles the whole namespace from a fresh read (a burst of them coalesced into one:
+``Coalescer``), and writes only what differs. So an operator restart
 re-reads everything and, when nothing changed, writes nothing and says nothing. Bundles are
-signed (a rewrite gets a newer generation than any signature of ours it replaces), owned by
-their ServiceAccount, and deleted once no policy names their ServiceAccount and no enrolled pod
-runs as it. A bundle a running pod still mounts is never deleted: the kubelet would keep the
-last content in the pod, so it gets the refuse-everything merge instead.
+signed (a rewrite gets a newer generation than any signature of ours it replaces), and exist
+only for ServiceAccounts that exist, each owned by its ServiceAccount: deleting one lets the
+garbage collector take its bundle, and no later reconcile writes it back (an ownerless bundle
+would never be collected, and would wait for whoever creates the name next). A bundle is
+deleted once no policy names its ServiceAccount and no enrolled pod runs as it, or once its
+ServiceAccount is gone. A bundle a running pod still mounts is never deleted for want of a
+policy: the kubelet would keep the last content in the pod, so it gets the refuse-everything
+merge instead.
 """
 
 import concurrent.futures
@@ -120,10 +124,9 @@ class _Request:
     """A reconcile asked for and not started yet: whoever asks meanwhile joins it. It runs in
     the context of the first who asked (kopf's context variables: posting events needs them)."""
 
-    __slots__ = ("collected", "context", "future")
+    __slots__ = ("context", "future")
 
     def __init__(self, context: contextvars.Context) -> None:
-        self.collected: dict[str, str] = {}
         self.context = context
         self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -136,13 +139,13 @@ class Coalescer:
     ran a full reconcile of its own and the backlog starved the admission webhooks (issue 12,
     F5). A reconcile that fails is tried again after ``retry`` seconds (with what asked since).
 
-    ``run(namespace, collected)`` reconciles; it runs on this class's threads, at most
+    ``run(namespace)`` reconciles; it runs on this class's threads, at most
     ``parallel`` namespaces at once, each ``delay`` seconds after the request that started it
     (so the events of one burst meet in one reconcile)."""
 
     def __init__(
         self,
-        run: Callable[[str, Mapping[str, str]], object],
+        run: Callable[[str], object],
         *,
         delay: float,
         retry: float,
@@ -158,16 +161,13 @@ class Coalescer:
         self.runs = 0
         """Reconciles run so far (what a burst cost)."""
 
-    def request(
-        self, namespace: str, *, collected: Mapping[str, str] | None = None
-    ) -> concurrent.futures.Future[None]:
+    def request(self, namespace: str) -> concurrent.futures.Future[None]:
         """Ask for a reconcile of ``namespace`` that starts after now; its future is done when
         it is (with its error if it failed)."""
         with self._guard:
             waiting = self._waiting.get(namespace)
             if waiting is None:
                 waiting = self._waiting[namespace] = _Request(contextvars.copy_context())
-            waiting.collected.update(collected or {})
             if namespace not in self._draining:
                 self._draining.add(namespace)
                 threading.Thread(
@@ -186,7 +186,7 @@ class Coalescer:
             with self._slots:
                 self.runs += 1
                 try:
-                    request.context.run(self._run, namespace, request.collected)
+                    request.context.run(self._run, namespace)
                 except Exception as err:  # any failure is retried, and told to who waits
                     _log.warning("Reconciling %s failed (again in %ss): %s", namespace, self._retry, err)
                     request.future.set_exception(err)
@@ -197,9 +197,7 @@ class Coalescer:
 
     def _again(self, namespace: str, failed: _Request) -> None:
         with self._guard:
-            waiting = self._waiting.setdefault(namespace, _Request(failed.context.copy()))
-            for key, value in failed.collected.items():
-                waiting.collected.setdefault(key, value)
+            self._waiting.setdefault(namespace, _Request(failed.context.copy()))
 
 
 def reconcile_namespace(
@@ -211,15 +209,11 @@ def reconcile_namespace(
     emit: Emit,
     signer: bundle.Signs | None = None,
     cluster: Sequence[kubeapi.PolicyObject] = (),
-    collected: Mapping[str, str] | None = None,
 ) -> Outcome:
     """Reconcile ``namespace``; one at a time per namespace within this process. ``signer``
     signs every bundle file (None only in tests of what is signed-agnostic). ``cluster``: the
     ClusterDatabaseAccessPolicies whose namespaceSelector matches the namespace; they join the
-    compositions they bind, and their statuses are the caller's (they span namespaces).
-    ``collected``: ServiceAccount name -> the owner uid of a bundle just deleted; while no
-    ServiceAccount of that name exists, the garbage collector deleted it with its owner, and it
-    is not created again (one recreated under the name gets it back, owned by its new uid)."""
+    compositions they bind, and their statuses are the caller's (they span namespaces)."""
     with _lock(namespace):
         return _reconcile(
             api,
@@ -229,7 +223,6 @@ def reconcile_namespace(
             emit=emit,
             signer=signer,
             cluster=cluster,
-            collected=collected or {},
         )
 
 
@@ -242,15 +235,18 @@ def _reconcile(
     emit: Emit,
     signer: bundle.Signs | None,
     cluster: Sequence[kubeapi.PolicyObject],
-    collected: Mapping[str, str],
 ) -> Outcome:
     live = [p for p in api.list_policies(namespace) if not p.deleting]
     judged = {p.name: problems(p.spec) for p in live}
     baselines = [p for p in cluster if not p.deleting]
+    # Read before the bundles: a ServiceAccount deleted after this is collected with the bundle
+    # written for it (its owner's uid is gone); one created after it reconciles the namespace.
+    owners = api.list_service_accounts(namespace)
     existing = api.list_bundles(namespace)
     plan = bundle.plan(
         [bundle.Policy(name=p.name, spec=p.spec, valid=not judged[p.name]) for p in live],
         api.list_workloads(namespace),
+        existing=owners,
         prefix=config.sidecar.bundle_prefix,
         cluster=[
             bundle.Policy(
@@ -261,15 +257,9 @@ def _reconcile(
             for p in baselines
         ],
     )
-    owners = api.list_service_accounts(namespace)
     written = _write_bundles(
         api,
-        [
-            b
-            for b in plan.bundles
-            # (one that does not compile is written too: it refuses every statement and says why)
-            if not _collected_with_owner(b, existing=existing, owners=owners, collected=collected)
-        ],
+        plan.bundles,  # (one that does not compile is written too: it refuses every statement and says why)
         existing=existing,
         namespace=namespace,
         signer=signer,
@@ -315,39 +305,30 @@ def _write_bundles(
     owners: Mapping[str, str],
     now: datetime.datetime,
 ) -> list[str]:
-    """Write the bundles that differ; return the ServiceAccounts whose bundle was written."""
+    """Write the bundles that differ, each owned by its ServiceAccount (``owners``: name -> uid;
+    a bundle for one not in it is never written); return the ServiceAccounts whose bundle was
+    written."""
     written = []
     for item in bundles:
+        uid = owners.get(item.service_account)
+        if not uid:
+            continue  # planned from the same read, so never; an ownerless bundle is never written
         current = existing.get(item.config_map)
         previous = None
         if current is not None and signer is not None:
             previous = bundle.signed_generation(current, signer=signer, namespace=namespace)
-        uid = owners.get(item.service_account)
         desired = bundle.config_map(
             item,
             namespace=namespace,
             signer=signer,
             generation=signing_generation(previous, now=now),
-            owner={"name": item.service_account, "uid": uid} if uid else None,
+            owner={"name": item.service_account, "uid": uid},
         )
         if current is not None and bundle.is_current(current, desired, signer=signer):
             continue
         api.write_bundle(desired, existing=current)
         written.append(item.service_account)
     return written
-
-
-def _collected_with_owner(
-    item: bundle.Bundle,
-    *,
-    existing: Mapping[str, Mapping[str, Any]],
-    owners: Mapping[str, str],
-    collected: Mapping[str, str],
-) -> bool:
-    """Whether ``item`` is a bundle the garbage collector just deleted with its ServiceAccount:
-    writing it again would put back, ownerless, a bundle for a ServiceAccount that is gone."""
-    account = item.service_account
-    return account in collected and account not in owners and item.config_map not in existing
 
 
 def signing_generation(previous: int | None, *, now: datetime.datetime) -> int:

@@ -93,6 +93,13 @@ def _verifies(env: Installed, namespace: str, data: dict[str, str], account: str
 
 
 def _signed_bundle(env: Installed, namespace: str) -> dict[str, str]:
+    """The orders-read policy and its ServiceAccount orders (bundles are written only for
+    ServiceAccounts that exist; a test may create it first), and the bundle, once signed."""
+    try:
+        env.core.create_namespaced_service_account(namespace, {"metadata": {"name": "orders"}})
+    except ApiException as err:
+        if err.status != 409:  # 409: the test created it first (for its uid)
+            raise
     create_policy(env, namespace, policy("orders-read"))
     wait_ready(env, namespace, "orders-read")
     found = wait_for(

@@ -152,6 +152,7 @@ def test_a_baseline_joins_the_bundles_of_prod_namespaces_and_no_namespace_policy
         name = f"baseline-security-{run}"
         _create_baseline(installed, baselines, _baseline(name, run=run))
         for namespace in (prod, dev):
+            test_operator.service_account(installed, namespace)
             _allow_everything(installed, namespace)
         component = f"cluster:{name}"
         loaded = _bundle_with(installed, prod, present={"aaa-allow-everything", component})
@@ -189,6 +190,7 @@ def test_relabelling_a_namespace_adds_and_removes_the_baseline_within_seconds(
     name = f"baseline-{run}"
     component = f"cluster:{name}"
     _create_baseline(installed, baselines, _baseline(name, run=run))
+    test_operator.service_account(installed, namespace)
     _allow_everything(installed, namespace)
     before = _bundle_with(installed, namespace, present={"aaa-allow-everything"}, absent={component})
     assert _decide(before, "DROP TABLE shop.orders").verdict == "allow"
@@ -234,6 +236,7 @@ def test_deleting_the_cluster_policy_takes_it_out_of_the_bundles(
     component = f"cluster:{name}"
     _label(installed, namespace, {"env": "prod", RUN_LABEL: run})
     _create_baseline(installed, baselines, _baseline(name, run=run))
+    test_operator.service_account(installed, namespace)
     _allow_everything(installed, namespace)
     joined = _bundle_with(installed, namespace, present={"aaa-allow-everything", component})
     assert _decide(joined, "DROP TABLE shop.orders").verdict == "block"
@@ -250,6 +253,7 @@ def test_a_composition_that_cannot_compile_is_reported_on_the_baseline_and_the_n
         return {"jwt": {"issuers": [{**one, "jwksUri": "https://idp.example/keys"}]}}
 
     _label(installed, namespace, {"env": "prod", RUN_LABEL: run})
+    test_operator.service_account(installed, namespace)
     create_policy(installed, namespace, policy("app", authentication=issuer("one")))
     name = f"baseline-{run}"
     _create_baseline(installed, baselines, _baseline(name, run=run, authentication=issuer("two")))

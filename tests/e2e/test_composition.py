@@ -31,7 +31,7 @@ from .operator_proc import (
     wait_for,
     wait_ready,
 )
-from .test_operator import bundle, deployed
+from .test_operator import bundle, deployed, service_account
 
 NO_DDL: dict[str, Any] = {"name": "no-ddl", "verdict": "block", "statements": ["ddl", "dcl"]}
 
@@ -73,6 +73,7 @@ def _decide(loaded: policy_port.Policy, sql: str) -> policy_port.Decision:
 def test_a_namespace_users_aaa_policy_cannot_override_the_security_baseline(
     installed: Installed, namespace: str
 ) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("baseline-security", default="allow", rules=[NO_DDL]))
     everything = [{"name": "anything", "verdict": "allow"}]
     create_policy(installed, namespace, policy("aaa-override", default="allow", rules=everything))
@@ -85,6 +86,7 @@ def test_a_namespace_users_aaa_policy_cannot_override_the_security_baseline(
 def test_a_policy_for_another_database_does_not_turn_policy_yaml_into_refuse_all(
     installed: Installed, namespace: str
 ) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("orders-read", default="allow", rules=[NO_DDL]))
     analytics = policy("analytics-read", default="allow", rules=[], databaseRef={"name": "analytics"})
     create_policy(installed, namespace, analytics)
@@ -98,6 +100,7 @@ def test_a_policy_for_another_database_does_not_turn_policy_yaml_into_refuse_all
 def test_a_baseline_and_an_app_policy_with_its_own_no_ddl_rule_load_in_the_sidecar(
     installed: Installed, namespace: str
 ) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("baseline-security", default="allow", rules=[NO_DDL]))
     app_rules = [
         {"name": "no-ddl", "verdict": "block", "statements": ["ddl"]},

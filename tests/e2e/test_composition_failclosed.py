@@ -33,7 +33,7 @@ from dbgov_sidecar import policies, policy_port
 from . import kube
 from .operator_proc import GROUP, PLURAL, VERSION, Installed, create_policy, get_policy, policy, wait_for
 from .test_bundle_integrity import _verifies
-from .test_operator import ENROLLED, bundle, deployed, pod
+from .test_operator import ENROLLED, bundle, deployed, pod, service_account
 
 CLUSTER_PLURAL = "clusterdatabaseaccesspolicies"
 RUN_LABEL = "dbgov.io/e2e-run"
@@ -125,6 +125,7 @@ def test_a_composition_that_stops_compiling_refuses_everything_takes_later_basel
     installed.core.patch_namespace(namespace, {"metadata": {"labels": {RUN_LABEL: run}}})
     own = policy("frz-own", subjects={"serviceAccounts": ["frz"]}, default="allow", rules=[])
     own["spec"]["authentication"] = _issuer("one")
+    service_account(installed, namespace, "frz")
     create_policy(installed, namespace, own)
     older = _bundle_of(installed, namespace, "frz", present={"frz-own"})
     assert _decide(_loaded(older), "DROP TABLE shop.orders").verdict == "allow"
@@ -238,6 +239,7 @@ def _churn(installed: Installed, namespace: str, *, names: list[str], stop: thre
 def test_a_churn_of_bundle_named_configmaps_is_coalesced_and_webhooks_stay_prompt(
     installed: Installed, namespace: str
 ) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("orders-read"))
     _bundle_of(installed, namespace, "orders", present={"orders-read"})
     names = [f"dbgov-policy-junk-{i}" for i in range(20)]

@@ -194,6 +194,41 @@ def test_deleting_a_service_account_collects_its_bundle_and_the_operator_lets_it
     _stays_gone(installed, gc_namespace)
 
 
+def test_a_collected_bundle_stays_gone_after_a_policy_edit_and_an_operator_restart(
+    installed: Installed, gc_namespace: str
+) -> None:
+    """Not only at the moment of collection: every later reconcile (a policy edit, a restart's
+    resume) writes bundles only for ServiceAccounts that exist, so none comes back ownerless."""
+    installed.core.create_namespaced_service_account(gc_namespace, {"metadata": {"name": "orders"}})
+    create_policy(installed, gc_namespace, policy("orders-read"))
+    wait_ready(installed, gc_namespace, "orders-read")
+    _signed_bundle(installed, gc_namespace)
+    installed.core.delete_namespaced_service_account("orders", gc_namespace)
+    wait_for(
+        "the collector to delete the bundle",
+        lambda: _bundle(installed, gc_namespace) is None,
+        COLLECT_SECONDS,
+    )
+
+    # The policy still names orders; editing it reconciles the namespace (observedGeneration 2).
+    installed.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, gc_namespace, PLURAL, "orders-read", {"spec": {"default": "approve"}}
+    )
+    edited = wait_ready(installed, gc_namespace, "orders-read")
+    assert edited["status"]["observedGeneration"] == 2
+    assert edited["status"]["boundWorkloads"] == 0
+    _stays_gone(installed, gc_namespace)
+
+    # A restart resumes every policy and reconciles the namespace from a fresh read.
+    installed.operator.stop()
+    _start(installed)
+    wait_for(
+        "the restarted operator to reconcile the namespace",
+        lambda: f"Reconciled {gc_namespace}" in installed.operator.log_text(),
+    )
+    _stays_gone(installed, gc_namespace)
+
+
 def test_a_service_account_recreated_under_its_name_gets_a_bundle_owned_by_its_new_uid(
     installed: Installed, gc_namespace: str
 ) -> None:

@@ -14,6 +14,7 @@ import datetime
 import os
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -188,6 +189,12 @@ def bundle(env: Installed, namespace: str, account: str) -> client.V1ConfigMap |
         raise
 
 
+def service_account(env: Installed, namespace: str, name: str = "orders") -> client.V1ServiceAccount:
+    """Create a ServiceAccount: bundles are written only for ServiceAccounts that exist, and this
+    apiserver runs no controller-manager (not even ``default`` exists)."""
+    return env.core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+
+
 def events_for(env: Installed, namespace: str, name: str) -> list[tuple[str, str]]:
     listed = env.core.list_namespaced_event(namespace)
     return sorted(
@@ -314,6 +321,7 @@ def test_serving_certificate_due_for_renewal_is_replaced_while_serving(
 
 
 def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, namespace: str) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("orders-read"))
     body = wait_ready(installed, namespace, "orders-read")
     status = body["status"]
@@ -360,6 +368,41 @@ def test_valid_policy_becomes_ready_and_writes_the_bundle(installed: Installed, 
     assert reasons
 
 
+SERVICE_ACCOUNT_BUNDLE_SECONDS = 5.0
+"""How soon a ServiceAccount created after its policy has its bundle (a watch event, then one
+coalesced reconcile: well under a second when idle)."""
+
+
+def test_a_service_account_created_after_its_policy_gets_its_bundle_within_seconds(
+    installed: Installed, namespace: str
+) -> None:
+    create_policy(installed, namespace, policy("orders-read"))
+    status = wait_ready(installed, namespace, "orders-read")["status"]
+    # Reconciled (the status is written) with no ServiceAccount orders: no bundle, nothing bound.
+    assert status["boundWorkloads"] == 0
+    assert bundle(installed, namespace, "orders") is None
+
+    start = time.monotonic()
+    account = service_account(installed, namespace)
+    found = wait_for(
+        "the bundle of the new ServiceAccount",
+        lambda: (
+            (cm := bundle(installed, namespace, "orders")) is not None and "policy.yaml.sig" in cm.data and cm
+        ),
+        timeout=SERVICE_ACCOUNT_BUNDLE_SECONDS * 2,
+    )
+    took = time.monotonic() - start
+    print(f"bundle of a new ServiceAccount written in {took:.2f}s")
+    assert took < SERVICE_ACCOUNT_BUNDLE_SECONDS
+    owners = [(o.api_version, o.kind, o.name, o.uid) for o in found.metadata.owner_references or []]
+    assert owners == [("v1", "ServiceAccount", "orders", account.metadata.uid)]
+    assert found.metadata.annotations["dbgov.io/policies"] == "orders-read"
+    wait_for(
+        "the policy to list the new ServiceAccount",
+        lambda: get_policy(installed, namespace, "orders-read")["status"].get("boundWorkloads") == 1,
+    )
+
+
 def test_invalid_policy_is_rejected_at_apply_time_with_field_paths(
     installed: Installed, namespace: str
 ) -> None:
@@ -392,6 +435,7 @@ def test_invalid_update_is_rejected_and_the_old_spec_stays(installed: Installed,
 
 
 def test_policy_change_updates_the_bundle(installed: Installed, namespace: str) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("orders-read"))
     wait_ready(installed, namespace, "orders-read")
     before = wait_for("the bundle", lambda: bundle(installed, namespace, "orders"))
@@ -422,6 +466,7 @@ def test_deleting_a_policy_leaves_a_blocking_bundle(installed: Installed, namesp
     # (tests/e2e/test_bundle_integrity.py).
     running = pod("orders-app", labels=ENROLLED)
     running["spec"]["serviceAccountName"] = "orders"
+    service_account(installed, namespace)
     installed.core.create_namespaced_pod(namespace, running)
     create_policy(installed, namespace, policy("orders-read"))
     wait_ready(installed, namespace, "orders-read")
@@ -452,6 +497,7 @@ def test_pod_selector_binds_the_service_account_of_a_new_pod(installed: Installe
     wait_ready(installed, namespace, "agents")
     agent = pod("agent-1", labels={**ENROLLED, "team": "ai"})
     agent["spec"]["serviceAccountName"] = "agent"
+    service_account(installed, namespace, "agent")
     installed.core.create_namespaced_pod(namespace, agent)
     found = wait_for("the agent bundle", lambda: bundle(installed, namespace, "agent"))
     assert found.metadata.annotations["dbgov.io/policies"] == "agents"
@@ -466,6 +512,7 @@ def test_pod_selector_binds_the_service_account_of_a_new_pod(installed: Installe
 
 
 def test_restart_resumes_without_duplicate_work(installed: Installed, namespace: str) -> None:
+    service_account(installed, namespace)
     create_policy(installed, namespace, policy("orders-read"))
     wait_ready(installed, namespace, "orders-read")
     wait_for(
@@ -503,6 +550,7 @@ def test_policy_stored_while_validation_was_off_is_reported_and_still_deletable(
     # As if the policy predates the webhook, or a stricter compiler release: switch the
     # validating webhook off, store an invalid policy, then let a restart put the webhook back.
     bad = policy("stale", rules=[{"name": "r", "verdict": "allow", "statements": ["selekt"]}])
+    service_account(installed, namespace)
 
     def stored() -> bool:
         # The operator writes its webhook configurations back when it checks its certificate
@@ -733,6 +781,7 @@ def test_a_new_pod_gets_the_bundle_file_it_mounts(installed: Installed, namespac
     wait_ready(installed, namespace, "reports-read")
     app = pod("reports", labels=ENROLLED, annotations={"dbgov.io/database": "reports-db"})
     app["spec"]["serviceAccountName"] = "reporting"
+    service_account(installed, namespace, "reporting")
     created = installed.core.create_namespaced_pod(namespace, app)
     volume = next(v for v in created.spec.volumes if v.name == "dbgov-policy")
     assert [i.key for i in volume.config_map.items] == [
@@ -780,6 +829,7 @@ def test_labeled_pod_in_kube_system_is_untouched(installed: Installed, namespace
         # a later pod elsewhere has its bundle, the kube-system pod's event was handled too.
         later = pod("later", labels=ENROLLED)
         later["spec"]["serviceAccountName"] = "later"
+        service_account(installed, namespace, "later")
         installed.core.create_namespaced_pod(namespace, later)
         wait_for("the later pod's bundle", lambda: bundle(installed, namespace, "later"))
         managed = installed.core.list_namespaced_config_map(

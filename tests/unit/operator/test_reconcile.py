@@ -32,7 +32,8 @@ class FakeApi:
         self.pods: list[bundle.Workload] = []
         self.config_maps: dict[str, dict[str, Any]] = {}
         self.writes: list[str] = []
-        self.service_accounts: dict[str, str] = {}
+        self.service_accounts: dict[str, str] = {"orders": "uid-orders", "agent": "uid-agent"}
+        """name -> uid: only these get bundles."""
 
     def add_policy(self, name: str, spec: dict[str, Any], generation: int = 1) -> None:
         meta = {"name": name, "namespace": "apps", "generation": generation, "uid": name}
@@ -216,3 +217,40 @@ def test_pod_selector_follows_pods(api: FakeApi) -> None:
     assert api.policies["agents"]["status"]["workloads"] == [
         {"kind": "ServiceAccount", "name": "agent", "serviceAccount": "agent"}
     ]
+
+
+def test_a_service_account_that_does_not_exist_gets_no_bundle_until_it_does(api: FakeApi) -> None:
+    del api.service_accounts["orders"]
+    api.add_policy("read", GOOD)
+    assert _run(api).bundles_written == ()
+    assert api.config_maps == {}
+    assert api.policies["read"]["status"]["boundWorkloads"] == 0
+    api.service_accounts["orders"] = "uid-new"
+    assert _run(api).bundles_written == ("orders",)
+    assert api.config_maps["dbgov-policy-orders"]["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "name": "orders", "uid": "uid-new"}
+    ]
+    assert api.policies["read"]["status"]["boundWorkloads"] == 1
+
+
+def test_a_bundle_collected_with_its_service_account_is_never_written_again(api: FakeApi) -> None:
+    api.add_policy("read", GOOD)
+    api.pods.append(bundle.Workload(service_account="orders"))  # even while a pod still runs as it
+    _run(api)
+    del api.service_accounts["orders"]
+    del api.config_maps["dbgov-policy-orders"]  # the garbage collector
+    api.policies["read"]["spec"] = {**GOOD, "default": "approve"}  # a later policy edit
+    api.policies["read"]["metadata"]["generation"] = 2
+    assert _run(api).bundles_written == ()
+    assert _run(api).bundles_written == ()  # and a restart
+    assert api.config_maps == {}
+
+
+def test_an_ownerless_bundle_of_a_gone_service_account_is_deleted(api: FakeApi) -> None:
+    # Left by an earlier operator, which wrote bundles for names that did not exist.
+    api.add_policy("read", GOOD)
+    _run(api)
+    api.config_maps["dbgov-policy-orders"]["metadata"].pop("ownerReferences")
+    del api.service_accounts["orders"]
+    assert _run(api).bundles_deleted == ("dbgov-policy-orders",)
+    assert api.config_maps == {}
