@@ -233,6 +233,17 @@ class Unit:
     effects: list[str] = dataclasses.field(default_factory=list)
     """Built-in functions it calls that change state (``guards.BUILTIN_EFFECTS``), by name."""
     renamed_schemas: list[str] = dataclasses.field(default_factory=list)
+    schemas_reached: set[str] = dataclasses.field(default_factory=set)
+    """Schemas whose tables the statement reaches without naming them: ALTER/DROP SCHEMA,
+    GRANT ... ON ALL TABLES IN SCHEMA, ALTER DEFAULT PRIVILEGES IN SCHEMA."""
+    reaches_unknown: bool = False
+    """It reaches relations nobody can name from its text: DROP ... CASCADE, TRUNCATE ...
+    CASCADE, DROP OWNED, REASSIGN OWNED, ALTER ... ALL IN TABLESPACE."""
+    makes_view: bool = False
+    """CREATE VIEW: a simple view is updatable, so writes through it reach what it reads."""
+    effect_classes: set[str] = dataclasses.field(default_factory=set)
+    """What else it does to rows, for block and approve rules: a MERGE's actions, COPY FROM's
+    insert, TRUNCATE's delete (an allow rule judges the statement's own class, as before)."""
     """Schemas it renames: the tables in them take new qualified names."""
     names_used: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """Session names the statement relies on: ("prepared"|"cursor", name)."""
@@ -368,6 +379,41 @@ def _option_flag(arg: Any) -> bool:
     return value not in {"false", "off", "0"}
 
 
+def _reach(kind: str, f: dict[str, Any], unit: Unit) -> None:
+    """What a statement reaches beyond the relations it names (``Unit.schemas_reached``,
+    ``reaches_unknown``, ``effect_classes``)."""
+    if f.get("behavior") == "DROP_CASCADE" and kind in {"DropStmt", "TruncateStmt"}:
+        unit.reaches_unknown = True  # dependents: other tables' columns, views, FK-linked rows
+    if kind in {"DropOwnedStmt", "ReassignOwnedStmt", "AlterTableMoveAllStmt"}:
+        unit.reaches_unknown = True
+    if kind == "DropStmt" and f.get("removeType") == "OBJECT_SCHEMA":
+        unit.schemas_reached.update(_strings(f.get("objects")))
+    elif kind == "GrantStmt" and f.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA":
+        unit.schemas_reached.update(_strings(f.get("objects")))
+    elif kind == "AlterOwnerStmt" and f.get("objectType") == "OBJECT_SCHEMA":
+        unit.schemas_reached.update(_strings([f.get("object")]))
+    elif kind == "RenameStmt" and f.get("renameType") == "OBJECT_SCHEMA":
+        unit.schemas_reached.add(str(f.get("subname", "")))
+    elif kind == "AlterDefaultPrivilegesStmt":
+        for option in f.get("options") or []:
+            n = _node(option)
+            if n is not None and n[1].get("defname") == "schemas":
+                arg = _node(n[1].get("arg"))
+                unit.schemas_reached.update(_strings(arg[1].get("items")) if arg and arg[0] == "List" else [])
+    elif kind == "MergeStmt":
+        actions = {"CMD_UPDATE": "update", "CMD_DELETE": "delete", "CMD_INSERT": "insert"}
+        for clause in f.get("mergeWhenClauses") or []:
+            n = _node(clause)
+            if n is not None and n[1].get("commandType") in actions:
+                unit.effect_classes.add(actions[n[1]["commandType"]])
+    elif kind == "CopyStmt" and f.get("is_from"):
+        unit.effect_classes.add("insert")
+    elif kind == "TruncateStmt":
+        unit.effect_classes.add("delete")
+    elif kind == "ViewStmt":
+        unit.makes_view = True
+
+
 class _Walker:
     def __init__(self, *, search_path: tuple[str, ...], functions: Functions | None = None) -> None:
         self.search_path = search_path
@@ -438,6 +484,7 @@ class _Walker:
             self.shown -= shows
         if unit.row_calls:
             self._row_calls(unit)
+        _reach(kind, fields, unit)
         if unit.cls.coarse in {"ddl", "dcl"} and not unit.writes:
             unit.non_relation_object = True
         if kind in WHOLE_DATABASE_NODES and not unit.writes:

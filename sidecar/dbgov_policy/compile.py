@@ -480,6 +480,12 @@ def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
     session `later` applies to)."""
     if earlier.subjects is not None and earlier.subjects != later.subjects:
         return False
+    if earlier.verdict == "allow" and later.verdict != "allow" and earlier.tables is not None:
+        # A block or approve rule decides any statement touching one of its tables: joining
+        # a table outside the earlier allow's takes the statement past it. (What a statement
+        # does besides its class, a user function's call, also passes an earlier allow without
+        # tables; a rule left only those is still reported: it is a misordering.)
+        return False
     if earlier.statements is not None:
         if later.statements is None:
             return False
@@ -490,12 +496,8 @@ def _shadows(earlier: model.Rule, later: model.Rule) -> bool:
     if earlier.tables is not None:
         if later.tables is None:
             return False
-        # An allow rule needs every relation among its tables, a block or approve rule any one:
-        # a statement joining one of the block's tables to another escapes an earlier allow, and
-        # one on no table at all (SELECT 1) an earlier block, where the later rule's classes
-        # allow such statements.
-        if earlier.verdict == "allow" and later.verdict != "allow":
-            return False
+        # A statement on no table at all (SELECT 1) escapes an earlier block with tables, where
+        # the later allow's classes allow such statements.
         if earlier.verdict != "allow" and later.verdict == "allow" and not writes_only(later.statements):
             return False
         for pattern in later.tables:

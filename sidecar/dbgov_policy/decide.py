@@ -168,24 +168,48 @@ def _covers_class(statements: frozenset[str] | None, unit: analyze.Unit) -> bool
     )
 
 
+def _does_any(statements: frozenset[str], unit: analyze.Unit) -> bool:
+    """Whether the statement does any of ``statements``: its own class, or anything else it
+    does (an upsert's update, a MERGE's actions, COPY FROM's insert, TRUNCATE's delete)."""
+    done = {unit.cls.coarse, unit.cls.fine, *unit.extra_classes, *unit.effect_classes}
+    done.update(c for fine in tuple(done) for c in compile.FINE_TO_COARSE.get(fine, frozenset()))
+    return bool(done & statements)
+
+
 def _covers(rule: model.Rule, unit: analyze.Unit) -> bool:
-    """Whether ``rule`` decides ``unit``. An allow rule with ``tables`` must cover every relation
-    the statement touches (and no other object); a block or approve rule covers a statement
-    that touches any of its tables (of those it writes or row-locks, for a rule about writes
-    only): joining another table must not take a read of a blocked one out of its rule, and a
-    statement that touches none of them is not its business."""
-    if not _covers_class(rule.statements, unit):
+    """Whether ``rule`` decides ``unit``.
+
+    An allow rule must list the statement's class and everything else it does, and, with
+    ``tables``, cover every relation the statement touches (and no other object). A block or
+    approve rule decides a statement that does any of its classes and touches any of its
+    tables: joining another table, or doing the held thing as part of another statement (a
+    MERGE's DELETE), must not take it out of its rule, and a statement that touches none of
+    its tables is not its business. What a statement reaches without naming it counts: a
+    schema's tables (ALTER/DROP SCHEMA, GRANT ... IN SCHEMA) and, for CASCADE and DROP OWNED,
+    any table at all. A rule about writes only (``[insert, update, delete]``) judges the
+    relations written or row-locked, and also DDL on one of its tables or a view over one (a
+    rename, a rewrite of a column, an updatable view all change what its writes reach)."""
+    if rule.verdict == "allow":
+        if not _covers_class(rule.statements, unit):
+            return False
+        if rule.tables is None:
+            return True
+        if unit.non_relation_object or unit.reaches_unknown or unit.schemas_reached:
+            return False
+        return all(rule.covers_relation(rel) for rel in _relations(unit))
+    writes_only = compile.writes_only(rule.statements)
+    ddl_on_table = writes_only and unit.cls.coarse == "ddl"
+    if rule.statements is not None and not ddl_on_table and not _does_any(rule.statements, unit):
         return False
     if rule.tables is None:
         return True
-    if rule.verdict != "allow":
-        targets = (
-            _relations(unit) if not compile.writes_only(rule.statements) else (*unit.writes, *unit.locks)
-        )
-        return any(rule.covers_relation(rel) for rel in targets)
-    if unit.non_relation_object:
-        return False
-    return all(rule.covers_relation(rel) for rel in _relations(unit))
+    if unit.reaches_unknown or any(p.schema_covered(s) for p in rule.tables for s in unit.schemas_reached):
+        return True
+    if not writes_only:
+        targets = _relations(unit)
+    else:  # what it writes or locks, and what a view it makes could be written through
+        targets = (*unit.writes, *unit.locks, *(unit.reads if unit.makes_view else ()))
+    return any(rule.covers_relation(rel) for rel in targets)
 
 
 def _relations(unit: analyze.Unit) -> tuple[model.QualifiedName, ...]:

@@ -46,6 +46,10 @@ class TablePattern:
     def matches(self, rel: QualifiedName) -> bool:
         return fnmatch.fnmatchcase(rel.schema, self.schema) and fnmatch.fnmatchcase(rel.name, self.name)
 
+    def schema_covered(self, schema: str) -> bool:
+        """Whether a table this pattern matches may live in ``schema``."""
+        return fnmatch.fnmatchcase(schema, self.schema)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:

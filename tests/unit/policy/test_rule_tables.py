@@ -128,3 +128,104 @@ def test_shadowing_follows_the_coverage_of_each_verdict() -> None:
     ]
     (only,) = problems(twice)
     assert "rule 'again' can never match" in only
+
+
+# What a statement reaches without naming it (found by an attacker who had not seen these tests)
+BLOCK_SALARIES = {"name": "no-salaries", "verdict": "block", "tables": ["shop.salaries"]}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER SCHEMA shop RENAME TO s2",  # then SELECT * FROM s2.salaries
+        "ALTER SCHEMA shop OWNER TO someone",
+        "DROP SCHEMA shop CASCADE",
+        "DROP SCHEMA shop",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA shop TO PUBLIC",
+        "ALTER DEFAULT PRIVILEGES IN SCHEMA shop GRANT SELECT ON TABLES TO PUBLIC",
+        "DROP OWNED BY CURRENT_USER",
+        "REASSIGN OWNED BY CURRENT_USER TO someone",
+        "DROP TYPE shop.grade CASCADE",  # drops the salaries column of that type
+        "DROP SEQUENCE shop.salaries_id_seq CASCADE",
+        "DROP FUNCTION shop.f() CASCADE",
+        "TRUNCATE shop.customers CASCADE",  # truncates the tables referencing it too
+        "ALTER TABLE ALL IN TABLESPACE pg_default SET TABLESPACE other",
+    ],
+)
+def test_a_block_rule_covers_what_reaches_its_tables_unnamed(sql: str) -> None:
+    assert decide([BLOCK_SALARIES], sql) == ("block", "no-salaries")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER SCHEMA other RENAME TO o2",
+        "DROP SCHEMA other",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA other TO x",
+    ],
+)
+def test_another_schema_is_not_its_business(sql: str) -> None:
+    assert decide([BLOCK_SALARIES], sql)[0] == "allow"
+
+
+def test_an_allow_rule_with_tables_never_covers_what_reaches_unnamed_tables() -> None:
+    rules = [{"name": "scratch", "verdict": "allow", "tables": ["scratch.*"]}]
+    for sql in ("TRUNCATE scratch.t CASCADE", "DROP SCHEMA scratch", "DROP OWNED BY CURRENT_USER"):
+        assert decide(rules, sql, default="block") == ("block", "default"), sql
+    assert decide(rules, "TRUNCATE scratch.t", default="block") == ("allow", "scratch")
+
+
+HOLD_DELETES = {"name": "hold", "verdict": "approve", "statements": ["delete"], "tables": ["shop.orders"]}
+WRITES = {
+    "name": "writes",
+    "verdict": "allow",
+    "statements": ["select", "insert", "update", "delete", "merge"],
+}
+
+
+@pytest.mark.parametrize(
+    ("held", "sql"),
+    [
+        (
+            ["delete"],
+            "MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN MATCHED THEN DELETE",
+        ),
+        (
+            ["update"],
+            "MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN MATCHED THEN UPDATE SET x = 1",
+        ),
+        (
+            ["insert"],
+            "MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN NOT MATCHED THEN INSERT VALUES (1)",
+        ),
+        (["update"], "INSERT INTO shop.orders VALUES (2, 1, 0) ON CONFLICT (id) DO UPDATE SET x = 999"),
+        (["insert"], "COPY shop.orders (id) FROM STDIN"),
+        (["delete"], "TRUNCATE shop.orders"),
+    ],
+)
+def test_an_approval_rule_holds_what_a_statement_does_besides_its_class(held: list[str], sql: str) -> None:
+    rules = [
+        {**HOLD_DELETES, "statements": held},
+        {**WRITES, "statements": [*WRITES["statements"], "copy", "truncate"]},
+    ]
+    assert decide(rules, sql, default="block") == ("approve", "hold")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE shop.orders RENAME TO o2",  # then DELETE FROM shop.o2
+        "CREATE VIEW public.ov AS SELECT * FROM shop.orders",  # then DELETE FROM public.ov
+        "ALTER TABLE shop.orders ALTER COLUMN qty TYPE bigint USING qty * 10",
+        "DROP TABLE shop.orders",
+    ],
+)
+def test_a_rule_about_writes_also_holds_ddl_that_changes_what_its_writes_reach(sql: str) -> None:
+    assert decide([HOLD_DELETES], sql) == ("approve", "hold")
+
+
+def test_a_copy_of_the_table_is_not_a_write_to_it() -> None:
+    assert decide([HOLD_DELETES], "CREATE TABLE scratch.copy AS SELECT * FROM shop.orders") == (
+        "allow",
+        "default",
+    )
