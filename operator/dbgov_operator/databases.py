@@ -236,15 +236,9 @@ def target(
         ca_pem_or_problem = _ca(spec, ca_ref=ca_ref, ca_secret=ca_secret, namespace=namespace)
         if isinstance(ca_pem_or_problem, Problem):
             return ca_pem_or_problem
-        if admin_ref.namespace != namespace and ca_ref.namespace == namespace:
-            return Problem(
-                reason="CASecretNotTrusted",
-                message=f"spec.adminSecretRef names the Secret {admin_name!r} of another namespace, but "
-                f"spec.caSecretRef names {ca_ref.name!r} in this one: whoever may write Secrets here "
-                "could swap the CA and intercept the admin's login. Name a CA Secret the platform "
-                f"keeps and grants (caSecretRef.namespace, e.g. {admin_ref.namespace!r}), or omit "
-                "caSecretRef to use the system trust store",
-            )
+        untrusted = _ca_not_trusted(admin_ref, ca_ref, namespace=namespace)
+        if untrusted is not None:
+            return untrusted
         ca_pem = ca_pem_or_problem
     return Target(
         host=str(spec["host"]),
@@ -254,6 +248,46 @@ def target(
         user=fields["usernameKey"],
         password=fields["passwordKey"],
         ca_pem=ca_pem,
+    )
+
+
+def grant_problem(
+    spec: Mapping[str, Any],
+    *,
+    namespace: str,
+    admin_secret: Secret | None,
+    ca_secret: Secret | None,
+) -> Problem | None:
+    """What refuses a Database in ``namespace`` at admission: the Secrets it names (None: not
+    read, or not there) are not granted to it or are for another server, or its CA is one the
+    namespace could swap. The same Problems :func:`target` gives (reason and message), so the
+    answer at ``kubectl apply`` is the status the controller would write; what the Secrets hold
+    (missing keys, no PEM) is left to the controller, which reports it."""
+    admin_ref, ca_ref = secret_refs(spec, namespace=namespace)
+    if admin_secret is not None:
+        problem = granted(admin_secret, ref=admin_ref, namespace=namespace, spec=spec)
+        if problem is not None:
+            return problem
+    if ca_ref is None:
+        return None
+    if ca_secret is not None:
+        problem = granted(ca_secret, ref=ca_ref, namespace=namespace, spec=spec)
+        if problem is not None:
+            return problem
+    return _ca_not_trusted(admin_ref, ca_ref, namespace=namespace)
+
+
+def _ca_not_trusted(admin_ref: SecretRef, ca_ref: SecretRef, *, namespace: str) -> Problem | None:
+    """A platform admin Secret with a CA from the Database's own namespace: refused."""
+    if admin_ref.namespace == namespace or ca_ref.namespace != namespace:
+        return None
+    return Problem(
+        reason="CASecretNotTrusted",
+        message=f"spec.adminSecretRef names the Secret {admin_ref.where()!r} of another namespace, but "
+        f"spec.caSecretRef names {ca_ref.name!r} in this one: whoever may write Secrets here "
+        "could swap the CA and intercept the admin's login. Name a CA Secret the platform "
+        f"keeps and grants (caSecretRef.namespace, e.g. {admin_ref.namespace!r}), or omit "
+        "caSecretRef to use the system trust store",
     )
 
 

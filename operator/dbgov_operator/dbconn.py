@@ -6,11 +6,14 @@ connection parameter, never into a connection string that an error message could
 bundle from a Secret is written to a private temporary file only for as long as the handshake.
 ``resolve`` reads the Secrets a Database names (in its namespace or, granted, the platform's)
 and returns a target only when ``databases`` judges them usable: nothing connects before that.
+``admission`` reads the same Secrets for the validating webhook, which refuses a Database whose
+Secrets are not granted to it before it is stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -50,6 +53,55 @@ def resolve(client: Any, *, namespace: str, spec: Mapping[str, Any]) -> database
         admin_secret=read.get("adminSecretRef"),
         ca_secret=read.get("caSecretRef"),
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Admission:
+    """What the validating webhook answers about a Database."""
+
+    refused: databases.Problem | None
+    """Why it is refused (the reason and message its status would carry), or None."""
+    warnings: tuple[str, ...] = ()
+    """What could not be judged now (a Secret not there yet, or not readable): the Database is
+    admitted and the controller reports it in its status."""
+
+
+def admission(client: Any, *, namespace: str, spec: Mapping[str, Any]) -> Admission:
+    """Read the Secrets a Database in ``namespace`` names and judge their grants now, so a
+    Database that could never be used is refused at ``kubectl apply`` rather than only reported
+    in its status afterwards (``databases.grant_problem``)."""
+    admin_ref, ca_ref = databases.secret_refs(spec, namespace=namespace)
+    read: dict[str, databases.Secret | None] = {}
+    warnings: list[str] = []
+    for ref in (admin_ref, ca_ref):
+        if ref is None or not ref.name:
+            continue
+        try:
+            found = _read(client, ref)
+        except ApiException as err:
+            found = databases.Problem(
+                reason="SecretNotReadable",
+                message=f"the operator could not read the Secret {ref.where()} named by spec.{ref.field} "
+                f"({err.status} {err.reason})",
+            )
+        if isinstance(found, databases.Problem):
+            warnings.append(
+                f"{found.message}; its grant was not checked, the Database's status will say more"
+            )
+            found = None
+        elif found is None:
+            warnings.append(
+                f"the Secret {ref.where()} named by spec.{ref.field} does not exist (yet); "
+                "the Database's status will say when it can be used"
+            )
+        read[ref.field] = found
+    refused = databases.grant_problem(
+        spec,
+        namespace=namespace,
+        admin_secret=read.get("adminSecretRef"),
+        ca_secret=read.get("caSecretRef"),
+    )
+    return Admission(refused=refused, warnings=tuple(warnings))
 
 
 def _read(client: Any, ref: databases.SecretRef) -> databases.Secret | databases.Problem | None:

@@ -55,6 +55,7 @@ _database_reaped: dict[str, float] = {}
 POD_INJECTION_ID = webhook.POD_INJECTION_ID
 POLICY_VALIDATION_ID = webhook.POLICY_VALIDATION_ID
 CLUSTER_POLICY_VALIDATION_ID = webhook.CLUSTER_POLICY_VALIDATION_ID
+DATABASE_VALIDATION_ID = webhook.DATABASE_VALIDATION_ID
 POD_GUARD_ID = webhook.POD_GUARD_ID
 ENROLLED = {annotations.INJECT: annotations.INJECT_ENABLED}
 RETRY_SECONDS = 3.0
@@ -424,6 +425,31 @@ def _judge_cluster_policy(spec: dict[str, Any]) -> None:
         listing = "\n".join(f"  - {conditions.describe(p)}" for p in problems)
         raise kopf.AdmissionError(
             f"ClusterDatabaseAccessPolicy is invalid ({len(problems)} problem(s)):\n{listing}", code=422
+        )
+
+
+@kopf.on.validate(*DATABASE, id=DATABASE_VALIDATION_ID, operations=["CREATE", "UPDATE"], persistent=True)
+async def validate_database(
+    spec: kopf.Spec, name: str | None, namespace: str | None, warnings: list[str], **kwargs: Any
+) -> None:
+    """Refuse a Database whose admin or CA Secret is not granted to its namespace or pinned to
+    another server, with the reason its status would give (a Secret the operator cannot read
+    now is a warning: the controller reports it)."""
+    old: kopf.Body | None = kwargs.get("old")  # None on CREATE
+    if old is not None and old.get("spec") == dict(spec):
+        return  # metadata only: see validate_policy
+    await _admitting(
+        _judge_database, dict(spec), name=name or "", namespace=namespace or "", warnings=warnings
+    )
+
+
+def _judge_database(spec: dict[str, Any], *, name: str, namespace: str, warnings: list[str]) -> None:
+    found = dbconn.admission(runtime.client(), namespace=namespace, spec=spec)
+    warnings.extend(found.warnings)
+    if found.refused is not None:
+        raise kopf.AdmissionError(
+            f"Database {name} cannot use its Secret ({found.refused.reason}): {found.refused.message}",
+            code=403,
         )
 
 

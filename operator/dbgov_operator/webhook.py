@@ -53,6 +53,8 @@ POLICY_VALIDATION_ID = "validate.policies.dbgov.io"
 """kopf handler id of the policy validation."""
 CLUSTER_POLICY_VALIDATION_ID = "validate.clusterpolicies.dbgov.io"
 """kopf handler id of the ClusterDatabaseAccessPolicy validation."""
+DATABASE_VALIDATION_ID = "validate.databases.dbgov.io"
+"""kopf handler id of the Database validation (its Secrets granted to its namespace)."""
 POD_GUARD_ID = "validate.pods.dbgov.io"
 """kopf handler id of the validation of enrolled pods' updates (and ephemeral containers)."""
 POD_GUARD_SUBRESOURCES = ("ephemeralcontainers", "resize")
@@ -195,6 +197,8 @@ def validating_webhooks(
     config: settings.Settings, *, client_config: kopf.WebhookClientConfig
 ) -> list[dict[str, Any]]:
     """The policy validation, for policies in every namespace, and for cluster policies; the
+    Database validation (a cross-namespace admin or CA Secret must be granted to the Database's
+    namespace and pinned to its server: refused at apply time, not only in its status); the
     update validation of enrolled pods (every injected pod carries ``dbgov.io/inject=true``: the
     webhook sets it in enforced namespaces, and elsewhere it is what enrolled the pod)."""
     pods = [_rule("", "v1", "pods", ["UPDATE"])]
@@ -217,6 +221,11 @@ def validating_webhooks(
                     scope="Cluster",
                 )
             ],
+        },
+        {
+            **_common(config, client_config=client_config, handler_id=DATABASE_VALIDATION_ID),
+            "name": DATABASE_VALIDATION_ID,
+            "rules": [_rule("dbgov.io", "v1alpha1", "databases", ["CREATE", "UPDATE"])],
         },
         {
             **_common(config, client_config=client_config, handler_id=POD_GUARD_ID),

@@ -7,8 +7,10 @@ namespace of its own, granted to one team and pinned to one server, and the char
 least-privilege setup the docs recommend (rbac.sameNamespaceDatabaseSecrets=false, the platform
 namespace in rbac.platformSecretsNamespace): the operator may read Secrets there and in its own
 namespace only. What is proven: the granted team mints and logs in; a team it is not granted to
-and a Database pointed at another server are refused with their reason, and the operator never
-connects there (a listening socket records every connection); the password is never logged.
+and a Database pointed at another server are refused at apply time by the operator's validating
+webhook with the reason their status would carry, and, stored anyway (as a Database that predates
+the webhook), refused by the controller, which never connects there (a listening socket records
+every connection); a grant taken back is noticed at use; the password is never logged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 import pg
 from dbgov_operator import databases
@@ -44,7 +47,7 @@ from .test_minting import (
     _policy,
     _refused,
 )
-from .test_operator import deployed
+from .test_operator import _start, deployed
 
 DATABASES = "databases"
 
@@ -173,8 +176,16 @@ def _admin_secret(platform: Platform, *, grant: str, dbname: str, port: int | No
 def _database(
     platform: Platform, namespace: str, *, secret: str, dbname: str, port: int | None = None
 ) -> str:
+    body = _database_body(platform, secret=secret, dbname=dbname, port=port)
+    platform.env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+    return str(body["metadata"]["name"])
+
+
+def _database_body(
+    platform: Platform, *, secret: str, dbname: str, port: int | None = None
+) -> dict[str, Any]:
     name = f"db-{uuid.uuid4().hex[:6]}"
-    body = {
+    return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "Database",
         "metadata": {"name": name},
@@ -186,8 +197,30 @@ def _database(
             "adminSecretRef": {"name": secret, "namespace": platform.namespace},
         },
     }
-    platform.env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
-    return name
+
+
+def _refused_at_apply(call: Any, reason: str) -> str:
+    """The validating webhook's refusal of ``call`` (a create or patch of a Database)."""
+    with pytest.raises(ApiException) as caught:
+        call()
+    message = str(caught.value.body)
+    assert caught.value.status == 403 and f"({reason})" in message, message
+    assert embedded_pg.SUPERUSER_PASSWORD not in message
+    return message
+
+
+def _stored_unvalidated(platform: Platform, namespace: str, body: dict[str, Any]) -> str:
+    """Store a Database past the validating webhook, as one that predates it (stored by an
+    older release): its configuration deleted, the Database created, the operator restarted
+    (which publishes the configuration again)."""
+    installed = platform.env.installed
+    installed.admission.delete_validating_webhook_configuration(installed.configuration)
+    try:
+        platform.env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+    finally:
+        installed.operator.stop()
+        _start(installed)
+    return str(body["metadata"]["name"])
 
 
 def _ready(platform: Platform, namespace: str, name: str, reason: str) -> dict[str, Any]:
@@ -257,7 +290,13 @@ def test_the_workload_namespace_keeps_no_secret_the_operator_reads(
             "adminSecretRef": {"name": "local-admin"},
         },
     }
-    env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+    # Not readable at admission either: admitted with a warning, the controller reports it.
+    _, status, headers = env.custom.create_namespaced_custom_object_with_http_info(
+        GROUP, VERSION, namespace, DATABASES, body
+    )
+    assert status == 201
+    warning = str(headers.get("Warning") or "")
+    assert f"may not read the Secret {namespace}/local-admin" in warning, headers
     ready = _ready(platform, namespace, "local", "SecretNotReadable")
     assert f"{namespace}/local-admin" in ready["message"] and "rbac." in ready["message"]
 
@@ -268,22 +307,29 @@ def test_a_secret_not_granted_to_the_namespace_is_refused_until_the_platform_gra
     env = platform.env
     with pg.scratch_database(env.pg_server, "plat", SCHEMA) as dbname:
         secret = _admin_secret(platform, grant="someone-else", dbname=dbname)
-        database = _database(platform, namespace, secret=secret, dbname=dbname)
-        ready = _ready(platform, namespace, database, "SecretNotGranted")
-        assert ready["status"] == "False"
-        assert databases.ALLOWED_NAMESPACES_ANNOTATION in ready["message"] and namespace in ready["message"]
+        body = _database_body(platform, secret=secret, dbname=dbname)
+
+        def create() -> None:
+            env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+
+        # Refused at apply time, with the reason and message the controller would report.
+        message = _refused_at_apply(create, "SecretNotGranted")
+        assert databases.ALLOWED_NAMESPACES_ANNOTATION in message and repr(namespace) in message
+        assert f"{platform.namespace}/{secret}" in message
+        # The platform grants it: admitted, and the check and the first request use it.
+        _annotate(platform, secret, **{databases.ALLOWED_NAMESPACES_ANNOTATION: namespace})
+        create()
+        database = str(body["metadata"]["name"])
+        _ready(platform, namespace, database, "Connected")
         with _scene(platform, namespace, dbname, database):
             uid = _pod(env, namespace, "orders-2")
             token = bound_token(env.cluster, namespace, pod="orders-2", uid=uid)
-            assert _refused(env, token) == (409, "database_not_ready")
-            # The platform grants it: the periodic check and the next request use it.
-            _annotate(platform, secret, **{databases.ALLOWED_NAMESPACES_ANNOTATION: namespace})
-            _ready(platform, namespace, database, "Connected")
             assert _issue(env, token)["user"].startswith("dbgov_w_")
             # ... and takes the grant back: checked again at use, not remembered.
             _annotate(platform, secret, **{databases.ALLOWED_NAMESPACES_ANNOTATION: "someone-else"})
             assert _refused(env, token) == (409, "database_not_ready")
-            _ready(platform, namespace, database, "SecretNotGranted")
+            ready = _ready(platform, namespace, database, "SecretNotGranted")
+            assert ready["status"] == "False" and databases.ALLOWED_NAMESPACES_ANNOTATION in ready["message"]
 
 
 def test_a_database_pointed_at_another_server_is_refused_and_never_connected(
@@ -292,8 +338,14 @@ def test_a_database_pointed_at_another_server_is_refused_and_never_connected(
     env = platform.env
     with pg.scratch_database(env.pg_server, "plat", SCHEMA) as dbname, _trap() as trap:
         secret = _admin_secret(platform, grant=namespace, dbname=dbname)
-        # A Database created against the trap, and one that was Ready and is moved there.
-        direct = _database(platform, namespace, secret=secret, dbname=dbname, port=trap.port)
+        # A Database created against the trap is refused at apply time...
+        direct = _database_body(platform, secret=secret, dbname=dbname, port=trap.port)
+        message = _refused_at_apply(
+            lambda: env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, direct),
+            "TargetMismatch",
+        )
+        assert "spec.port" in message and str(trap.port) in message
+        # ... and so is moving one that is Ready there: it keeps pointing at its server.
         moved = _database(platform, namespace, secret=secret, dbname=dbname)
         _ready(platform, namespace, moved, "Connected")
         with _scene(platform, namespace, dbname, moved):
@@ -301,14 +353,22 @@ def test_a_database_pointed_at_another_server_is_refused_and_never_connected(
             token = bound_token(env.cluster, namespace, pod="orders-3", uid=uid)
             assert _issue(env, token)["port"] == env.pg_server.port
             patch = {"spec": {"port": trap.port}}
-            env.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, moved, patch)
-            for name in (direct, moved):
-                ready = _ready(platform, namespace, name, "TargetMismatch")
-                assert "spec.port" in ready["message"] and str(trap.port) in ready["message"]
-            assert _refused(env, token) == (409, "database_not_ready")
-            # The reaper uses the Database every 2 s: let it try twice (refused both times).
-            failed = f"Reaping Database {namespace}/{moved} failed"
-            wait_for("two refused reaps", lambda: env.installed.operator.all_logs().count(failed) >= 2)
+            _refused_at_apply(
+                lambda: env.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, DATABASES, moved, patch
+                ),
+                "TargetMismatch",
+            )
+            kept = env.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, moved)
+            assert kept["spec"]["port"] == env.pg_server.port
+            assert _issue(env, token)["port"] == env.pg_server.port
+        # Stored anyway (it predates the webhook): the controller refuses it and never connects.
+        stored = _stored_unvalidated(platform, namespace, direct)
+        ready = _ready(platform, namespace, stored, "TargetMismatch")
+        assert "spec.port" in ready["message"] and str(trap.port) in ready["message"]
+        # The reaper uses the Database every 2 s: let it try twice (refused both times).
+        failed = f"Reaping Database {namespace}/{stored} failed"
+        wait_for("two refused reaps", lambda: env.installed.operator.all_logs().count(failed) >= 2)
         assert trap.accepted == []
 
 
@@ -320,7 +380,14 @@ def test_another_team_cannot_use_a_grant_made_to_one(
     try:
         with pg.scratch_database(env.pg_server, "plat", SCHEMA) as dbname:
             secret = _admin_secret(platform, grant=namespace, dbname=dbname)
-            theirs = _database(platform, team_b, secret=secret, dbname=dbname)
+            body = _database_body(platform, secret=secret, dbname=dbname)
+            message = _refused_at_apply(
+                lambda: env.custom.create_namespaced_custom_object(GROUP, VERSION, team_b, DATABASES, body),
+                "SecretNotGranted",
+            )
+            assert repr(team_b) in message and f"{platform.namespace}/{secret}" in message
+            # Stored anyway (it predates the webhook): refused by the controller, and at use.
+            theirs = _stored_unvalidated(platform, team_b, body)
             ready = _ready(platform, team_b, theirs, "SecretNotGranted")
             assert repr(team_b) in ready["message"] and f"{platform.namespace}/{secret}" in ready["message"]
             with _scene(platform, team_b, dbname, theirs):

@@ -150,8 +150,8 @@ def wait_served(found: Installed) -> None:
             return False
         hooks = [*(mutating.webhooks or []), *(validating.webhooks or [])]
         # pods of enforced namespaces, labelled pods elsewhere, policies, cluster policies,
-        # enrolled pods' updates
-        return len(hooks) == 5 and all(h.client_config.ca_bundle for h in hooks)
+        # Databases, enrolled pods' updates
+        return len(hooks) == 6 and all(h.client_config.ca_bundle for h in hooks)
 
     wait_for("this operator process to publish its webhook configurations", published)
     wait_for("the operator's webhook configurations", served)

@@ -74,7 +74,7 @@ def test_issued_certificate_is_served_and_its_ca_published(
 ) -> None:
     secret = installed.core.read_namespaced_secret(operator_proc.CERT_SECRET, installed.namespace)
     config = installed.admission.read_validating_webhook_configuration(installed.configuration)
-    assert len(config.webhooks) == 3  # policies, cluster policies, enrolled pods' updates
+    assert len(config.webhooks) == 4  # policies, cluster policies, Databases, enrolled pods' updates
     for hook in config.webhooks:
         assert base64.b64decode(hook.client_config.ca_bundle) == ISSUER.cert_pem
     pem = base64.b64decode(secret.data["tls.crt"]).decode()

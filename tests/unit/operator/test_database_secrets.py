@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dbgov_operator import databases
+from dbgov_operator import databases, settings, webhook
 
 PLATFORM = "dbgov-platform"
 PASSWORD = "s3cret-admin-password"
@@ -25,6 +25,10 @@ PINS = {
     databases.DBNAME_ANNOTATION: "orders",
     databases.MIN_SSLMODE_ANNOTATION: "verify-ca",
 }
+
+
+ADMISSION_REASONS = ("SecretNotGranted", "TargetNotPinned", "TargetMismatch", "CASecretNotTrusted")
+"""What the validating webhook refuses a Database for (the controller reports the rest)."""
 
 
 def _b64(text: str) -> str:
@@ -64,9 +68,13 @@ def _target(
     admin: databases.Secret | None = None,
     ca: databases.Secret | None = None,
 ) -> databases.Target | databases.Problem:
-    return databases.target(
-        spec, namespace=namespace, admin_secret=admin if admin is not None else _admin(), ca_secret=ca
-    )
+    admin_secret = admin if admin is not None else _admin()
+    found = databases.target(spec, namespace=namespace, admin_secret=admin_secret, ca_secret=ca)
+    # Every case is judged at admission too: the same refusal (reason and message), or none.
+    early = databases.grant_problem(spec, namespace=namespace, admin_secret=admin_secret, ca_secret=ca)
+    refused_early = isinstance(found, databases.Problem) and found.reason in ADMISSION_REASONS
+    assert early == (found if refused_early else None), (found, early)
+    return found
 
 
 def _problem(outcome: databases.Target | databases.Problem) -> databases.Problem:
@@ -192,3 +200,33 @@ def test_granted_judges_nothing_for_the_own_namespace() -> None:
     ref = databases.SecretRef(field="adminSecretRef", namespace="team-a", name="x")
     secret = databases.Secret(namespace="team-a", name="x", data={})
     assert databases.granted(secret, ref=ref, namespace="team-a", spec={}) is None
+
+
+def test_admission_refuses_only_what_the_grants_decide() -> None:
+    # What the Secret holds is the controller's to report: an admin Secret without its keys is
+    # admitted, though the Database cannot be used yet.
+    empty = databases.Secret(namespace=PLATFORM, name="orders-admin", data={}, annotations=PINS)
+    assert _problem(_target(_spec(), admin=empty)).reason == "AdminSecretIncomplete"
+    # Secrets not read (not there yet, or the operator may not read them) refuse nothing...
+    assert databases.grant_problem(_spec(), namespace="team-b", admin_secret=None, ca_secret=None) is None
+    # ... but a platform admin Secret with a CA of the workload's namespace needs no read.
+    spec = _spec(caSecretRef={"name": "pg-ca"})
+    problem = databases.grant_problem(spec, namespace="team-a", admin_secret=None, ca_secret=None)
+    assert problem is not None and problem.reason == "CASecretNotTrusted"
+
+
+def test_the_webhook_configuration_validates_databases_within_five_seconds_failing_closed() -> None:
+    config = settings.Settings(namespace="dbgov")
+    hooks = webhook.validating_webhooks(
+        config, client_config={"url": "https://127.0.0.1:1/x", "caBundle": "Y2E="}
+    )
+    (hook,) = [h for h in hooks if h["name"] == webhook.DATABASE_VALIDATION_ID]
+    (rule,) = hook["rules"]
+    assert (rule["apiGroups"], rule["resources"], rule["scope"]) == (
+        ["dbgov.io"],
+        ["databases"],
+        "Namespaced",
+    )
+    assert rule["operations"] == ["CREATE", "UPDATE"]  # the status subresource is not matched
+    assert hook["clientConfig"]["url"].endswith("/" + webhook.DATABASE_VALIDATION_ID)
+    assert (hook["failurePolicy"], hook["timeoutSeconds"], hook["sideEffects"]) == ("Fail", 5, "None")
