@@ -386,9 +386,8 @@ def _reach(kind: str, f: dict[str, Any], unit: Unit) -> None:
         unit.reaches_unknown = True  # dependents: other tables' columns, views, FK-linked rows
     if kind in {"DropOwnedStmt", "ReassignOwnedStmt", "AlterTableMoveAllStmt"}:
         unit.reaches_unknown = True
-    if kind == "DropStmt" and f.get("removeType") == "OBJECT_SCHEMA":
-        unit.schemas_reached.update(_strings(f.get("objects")))
-    elif kind == "GrantStmt" and f.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA":
+    dropped_schemas = kind == "DropStmt" and f.get("removeType") == "OBJECT_SCHEMA"
+    if dropped_schemas or (kind == "GrantStmt" and f.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA"):
         unit.schemas_reached.update(_strings(f.get("objects")))
     elif kind == "AlterOwnerStmt" and f.get("objectType") == "OBJECT_SCHEMA":
         unit.schemas_reached.update(_strings([f.get("object")]))
