@@ -522,6 +522,17 @@ def test_restart_resumes_without_duplicate_work(installed: Installed, namespace:
             >= {"PolicyReady", "BundleUpdated"}
         ),
     )
+    # ... and kopf has recorded the creation as handled (its diff base), which it writes once
+    # the handler's reconcile is done: that may be a later one than the reconcile that wrote
+    # the status (the ServiceAccount's own event asked for one first), and a restart before it
+    # would only find the creation unhandled.
+    handled = "dbgov.io/last-handled-configuration"
+    wait_for(
+        "kopf to record the creation as handled",
+        lambda: (
+            handled in (get_policy(installed, namespace, "orders-read")["metadata"].get("annotations") or {})
+        ),
+    )
     before_bundle = bundle(installed, namespace, "orders")
     before_policy = get_policy(installed, namespace, "orders-read")
     before_events = events_for(installed, namespace, "orders-read")
