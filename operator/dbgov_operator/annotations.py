@@ -86,3 +86,36 @@ BUNDLE_SERVICE_ACCOUNT: Final = f"{PREFIX}/service-account"
 BUNDLE_POLICIES: Final = f"{PREFIX}/policies"
 """ConfigMap annotation, written by the operator: comma-separated names of the policies merged
 into the bundle, in merge order."""
+
+FINALIZER: Final = f"{PREFIX}/finalizer"
+"""The finalizer kopf would put on the objects it handles. None of dbgov's objects keeps it:
+policies' delete handlers are optional and Databases' timers are registered without it
+(``kopf_timers``), so nothing is left Terminating once the operator is gone; kopf removes one
+an older release left."""
+
+LAST_HANDLED: Final = "last-handled-configuration"
+"""The key (under :data:`PREFIX`) of the annotation where kopf keeps the last spec it handled
+(its diff base), on policies and Databases."""
+
+# -- Secrets a Database names from another namespace (docs/credentials.md) ------------------
+
+SECRET_ALLOWED_NAMESPACES: Final = f"{PREFIX}/allowed-namespaces"
+"""Annotation on an admin or CA Secret, written by the platform: the namespaces (comma-separated,
+exact names) whose Databases may name it from another namespace."""
+
+SECRET_HOST: Final = f"{PREFIX}/host"
+"""Annotation on a cross-namespace admin Secret, written by the platform: the only ``spec.host``
+it may be used with."""
+
+SECRET_PORT: Final = f"{PREFIX}/port"
+"""Annotation on a cross-namespace admin Secret, written by the platform: the only ``spec.port``
+it may be used with."""
+
+SECRET_DBNAME: Final = f"{PREFIX}/dbname"
+"""Annotation on a cross-namespace admin Secret, written by the platform: the only
+``spec.dbname`` it may be used with."""
+
+SECRET_MIN_SSLMODE: Final = f"{PREFIX}/min-sslmode"
+"""Annotation on a cross-namespace admin Secret, written by the platform: the weakest
+``spec.sslmode`` it may be used with (default ``verify-full``: without it a network attacker
+could relay the admin's login)."""

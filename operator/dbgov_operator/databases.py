@@ -5,14 +5,13 @@ in; a connection target or the precise problem, and the status, come out. The co
 is opened by ``dbconn``; the kopf handler in ``handlers`` only moves data between them.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from dbgov_operator import annotations
 from dbgov_operator.kubetypes import Condition
 
 READY = "Ready"
@@ -61,20 +60,8 @@ class Check:
 # password at a server of their choosing (the operator would log in there as the admin, and any
 # server it logs in to learns enough to replay or relay it), nor use another team's Secret.
 # Annotations, not keys: the platform sees and reviews them with `kubectl get -o yaml` without
-# reading the password, and only those who may write the Secret can write them.
-
-ALLOWED_NAMESPACES_ANNOTATION = "dbgov.io/allowed-namespaces"
-"""Annotation on an admin or CA Secret, written by the platform: the namespaces (comma-separated,
-exact names) whose Databases may name it from another namespace."""
-HOST_ANNOTATION = "dbgov.io/host"
-"""Annotation on a cross-namespace admin Secret: the only ``spec.host`` it may be used with."""
-PORT_ANNOTATION = "dbgov.io/port"
-"""Annotation on a cross-namespace admin Secret: the only ``spec.port`` it may be used with."""
-DBNAME_ANNOTATION = "dbgov.io/dbname"
-"""Annotation on a cross-namespace admin Secret: the only ``spec.dbname`` it may be used with."""
-MIN_SSLMODE_ANNOTATION = "dbgov.io/min-sslmode"
-"""Annotation on a cross-namespace admin Secret: the weakest ``spec.sslmode`` it may be used with
-(default ``verify-full``: without it a network attacker could relay the admin's login)."""
+# reading the password, and only those who may write the Secret can write them (their names:
+# ``annotations.SECRET_*``).
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 """libpq's sslmodes, weakest first."""
@@ -129,14 +116,14 @@ def granted(secret: Secret, *, ref: SecretRef, namespace: str, spec: Mapping[str
     the Database's host, port and dbname, and an sslmode no weaker than its floor."""
     if secret.namespace == namespace:
         return None
-    allowed = _names(secret.annotations.get(ALLOWED_NAMESPACES_ANNOTATION, ""))
+    allowed = _names(secret.annotations.get(annotations.SECRET_ALLOWED_NAMESPACES, ""))
     if namespace not in allowed:
         return Problem(
             reason="SecretNotGranted",
             message=f"the Secret {ref.where()} named by spec.{ref.field} is in another namespace and "
             f"is not granted to namespace {namespace!r}"
             + (f" (it is granted to {', '.join(sorted(allowed))})" if allowed else "")
-            + f"; the platform must annotate it {ALLOWED_NAMESPACES_ANNOTATION}=<comma-separated "
+            + f"; the platform must annotate it {annotations.SECRET_ALLOWED_NAMESPACES}=<comma-separated "
             f"namespaces including {namespace}>, or the Database must name a Secret of its own namespace",
         )
     if ref.field != "adminSecretRef":
@@ -146,7 +133,11 @@ def granted(secret: Secret, *, ref: SecretRef, namespace: str, spec: Mapping[str
 
 def _pinned(secret: Secret, *, ref: SecretRef, spec: Mapping[str, Any]) -> Problem | None:
     notes = secret.annotations
-    pins = {HOST_ANNOTATION: "host", PORT_ANNOTATION: "port", DBNAME_ANNOTATION: "dbname"}
+    pins = {
+        annotations.SECRET_HOST: "host",
+        annotations.SECRET_PORT: "port",
+        annotations.SECRET_DBNAME: "dbname",
+    }
     missing = [key for key in pins if not notes.get(key, "").strip()]
     if missing:
         return Problem(
@@ -156,27 +147,27 @@ def _pinned(secret: Secret, *, ref: SecretRef, spec: Mapping[str, Any]) -> Probl
             + ", ".join(f"{key}=<{pins[key]}>" for key in missing),
         )
     actual = {
-        HOST_ANNOTATION: _host(str(spec.get("host") or "")),
-        PORT_ANNOTATION: str(int(spec.get("port") or 5432)),
-        DBNAME_ANNOTATION: str(spec.get("dbname") or ""),
+        annotations.SECRET_HOST: _host(str(spec.get("host") or "")),
+        annotations.SECRET_PORT: str(int(spec.get("port") or 5432)),
+        annotations.SECRET_DBNAME: str(spec.get("dbname") or ""),
     }
     wanted = {
-        HOST_ANNOTATION: _host(notes[HOST_ANNOTATION]),
-        PORT_ANNOTATION: notes[PORT_ANNOTATION].strip(),
-        DBNAME_ANNOTATION: notes[DBNAME_ANNOTATION].strip(),
+        annotations.SECRET_HOST: _host(notes[annotations.SECRET_HOST]),
+        annotations.SECRET_PORT: notes[annotations.SECRET_PORT].strip(),
+        annotations.SECRET_DBNAME: notes[annotations.SECRET_DBNAME].strip(),
     }
     wrong = [
         f"spec.{pins[key]} is {actual[key]!r}, the Secret's {key} is {wanted[key]!r}"
         for key in pins
         if actual[key] != wanted[key]
     ]
-    floor = notes.get(MIN_SSLMODE_ANNOTATION, "verify-full").strip()
+    floor = notes.get(annotations.SECRET_MIN_SSLMODE, "verify-full").strip()
     sslmode = str(spec.get("sslmode") or "verify-full")
     if floor not in SSLMODES:
-        wrong.append(f"the Secret's {MIN_SSLMODE_ANNOTATION} {floor!r} is not an sslmode")
+        wrong.append(f"the Secret's {annotations.SECRET_MIN_SSLMODE} {floor!r} is not an sslmode")
     elif sslmode not in SSLMODES or SSLMODES.index(sslmode) < SSLMODES.index(floor):
         wrong.append(
-            f"spec.sslmode {sslmode!r} is weaker than the Secret's {MIN_SSLMODE_ANNOTATION} {floor!r}"
+            f"spec.sslmode {sslmode!r} is weaker than the Secret's {annotations.SECRET_MIN_SSLMODE} {floor!r}"
         )
     if not wrong:
         return None

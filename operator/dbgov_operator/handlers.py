@@ -90,10 +90,10 @@ async def start(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) 
     settings.admission.server = webhook.server(
         config, publish=lambda found: webhook.publish(config, client=runtime.client(), client_config=found)
     )
-    settings.persistence.finalizer = f"{annotations.PREFIX}/finalizer"
+    settings.persistence.finalizer = annotations.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=annotations.PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=annotations.PREFIX, key="last-handled-configuration"
+        prefix=annotations.PREFIX, key=annotations.LAST_HANDLED
     )
     # Our own events say what changed; kopf's per-handler "succeeded" events would repeat on
     # every restart, so only its warnings and errors are posted.

@@ -431,7 +431,7 @@ def _to_secret(material: certs.WebhookCerts, *, name: str, namespace: str) -> di
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "dbgov"},
+            "labels": {annotations.MANAGED_BY_LABEL: annotations.MANAGED_BY_VALUE},
         },
         "data": {key: base64.b64encode(value).decode() for key, value in values.items()},
     }

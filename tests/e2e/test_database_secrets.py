@@ -13,8 +13,6 @@ the webhook), refused by the controller, which never connects there (a listening
 every connection); a grant taken back is noticed at use; the password is never logged.
 """
 
-from __future__ import annotations
-
 import base64
 import contextlib
 import socket
@@ -30,7 +28,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import pg
-from dbgov_operator import databases
+from dbgov_operator import annotations
 from dbgov_sidecar import embedded_pg
 
 from . import kube
@@ -158,11 +156,11 @@ def _admin_secret(platform: Platform, *, grant: str, dbname: str, port: int | No
     """The platform's admin Secret for `dbname` on the test server, granted to `grant`."""
     name = f"admin-{uuid.uuid4().hex[:6]}"
     notes = {
-        databases.ALLOWED_NAMESPACES_ANNOTATION: grant,
-        databases.HOST_ANNOTATION: "127.0.0.1",
-        databases.PORT_ANNOTATION: str(port or platform.env.pg_server.port),
-        databases.DBNAME_ANNOTATION: dbname,
-        databases.MIN_SSLMODE_ANNOTATION: "disable",  # the test server speaks no TLS
+        annotations.SECRET_ALLOWED_NAMESPACES: grant,
+        annotations.SECRET_HOST: "127.0.0.1",
+        annotations.SECRET_PORT: str(port or platform.env.pg_server.port),
+        annotations.SECRET_DBNAME: dbname,
+        annotations.SECRET_MIN_SSLMODE: "disable",  # the test server speaks no TLS
     }
     data = {"username": "postgres", "password": embedded_pg.SUPERUSER_PASSWORD}
     body = client.V1Secret(
@@ -314,10 +312,10 @@ def test_a_secret_not_granted_to_the_namespace_is_refused_until_the_platform_gra
 
         # Refused at apply time, with the reason and message the controller would report.
         message = _refused_at_apply(create, "SecretNotGranted")
-        assert databases.ALLOWED_NAMESPACES_ANNOTATION in message and repr(namespace) in message
+        assert annotations.SECRET_ALLOWED_NAMESPACES in message and repr(namespace) in message
         assert f"{platform.namespace}/{secret}" in message
         # The platform grants it: admitted, and the check and the first request use it.
-        _annotate(platform, secret, **{databases.ALLOWED_NAMESPACES_ANNOTATION: namespace})
+        _annotate(platform, secret, **{annotations.SECRET_ALLOWED_NAMESPACES: namespace})
         create()
         database = str(body["metadata"]["name"])
         _ready(platform, namespace, database, "Connected")
@@ -326,10 +324,10 @@ def test_a_secret_not_granted_to_the_namespace_is_refused_until_the_platform_gra
             token = bound_token(env.cluster, namespace, pod="orders-2", uid=uid)
             assert _issue(env, token)["user"].startswith("dbgov_w_")
             # ... and takes the grant back: checked again at use, not remembered.
-            _annotate(platform, secret, **{databases.ALLOWED_NAMESPACES_ANNOTATION: "someone-else"})
+            _annotate(platform, secret, **{annotations.SECRET_ALLOWED_NAMESPACES: "someone-else"})
             assert _refused(env, token) == (409, "database_not_ready")
             ready = _ready(platform, namespace, database, "SecretNotGranted")
-            assert ready["status"] == "False" and databases.ALLOWED_NAMESPACES_ANNOTATION in ready["message"]
+            assert ready["status"] == "False" and annotations.SECRET_ALLOWED_NAMESPACES in ready["message"]
 
 
 def test_a_database_pointed_at_another_server_is_refused_and_never_connected(

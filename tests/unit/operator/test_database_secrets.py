@@ -6,24 +6,22 @@ pins the host, port and dbname the Database names and an sslmode floor. Every re
 the reason and what the platform must annotate; nothing here connects.
 """
 
-from __future__ import annotations
-
 import base64
 from typing import Any
 
 import pytest
 
-from dbgov_operator import databases, settings, webhook
+from dbgov_operator import annotations, databases, settings, webhook
 
 PLATFORM = "dbgov-platform"
 PASSWORD = "s3cret-admin-password"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 PINS = {
-    databases.ALLOWED_NAMESPACES_ANNOTATION: "team-a, team-c",
-    databases.HOST_ANNOTATION: "pg.platform.svc",
-    databases.PORT_ANNOTATION: "5432",
-    databases.DBNAME_ANNOTATION: "orders",
-    databases.MIN_SSLMODE_ANNOTATION: "verify-ca",
+    annotations.SECRET_ALLOWED_NAMESPACES: "team-a, team-c",
+    annotations.SECRET_HOST: "pg.platform.svc",
+    annotations.SECRET_PORT: "5432",
+    annotations.SECRET_DBNAME: "orders",
+    annotations.SECRET_MIN_SSLMODE: "verify-ca",
 }
 
 
@@ -123,11 +121,11 @@ def test_a_same_namespace_secret_needs_no_annotation() -> None:
     ],
 )
 def test_a_secret_not_granted_to_the_namespace_is_refused(namespace: str, allowed: str | None) -> None:
-    admin = _admin(**{databases.ALLOWED_NAMESPACES_ANNOTATION: allowed})
+    admin = _admin(**{annotations.SECRET_ALLOWED_NAMESPACES: allowed})
     problem = _problem(_target(_spec(), namespace=namespace, admin=admin))
     assert problem.reason == "SecretNotGranted"
     assert f"{PLATFORM}/orders-admin" in problem.message and repr(namespace) in problem.message
-    assert databases.ALLOWED_NAMESPACES_ANNOTATION in problem.message
+    assert annotations.SECRET_ALLOWED_NAMESPACES in problem.message
 
 
 @pytest.mark.parametrize(
@@ -151,20 +149,20 @@ def test_host_comparison_ignores_case_and_the_root_dot() -> None:
 
 
 def test_the_sslmode_floor_defaults_to_verify_full() -> None:
-    admin = _admin(**{databases.MIN_SSLMODE_ANNOTATION: None})
+    admin = _admin(**{annotations.SECRET_MIN_SSLMODE: None})
     problem = _problem(_target(_spec(sslmode="verify-ca"), admin=admin))
     assert problem.reason == "TargetMismatch" and "'verify-full'" in problem.message
     assert isinstance(_target(_spec(), admin=admin), databases.Target)
-    bogus = _admin(**{databases.MIN_SSLMODE_ANNOTATION: "strict"})
+    bogus = _admin(**{annotations.SECRET_MIN_SSLMODE: "strict"})
     assert _problem(_target(_spec(), admin=bogus)).reason == "TargetMismatch"
 
 
 def test_an_unpinned_platform_secret_is_refused_naming_what_to_annotate() -> None:
-    admin = _admin(**{databases.PORT_ANNOTATION: None, databases.DBNAME_ANNOTATION: " "})
+    admin = _admin(**{annotations.SECRET_PORT: None, annotations.SECRET_DBNAME: " "})
     problem = _problem(_target(_spec(), admin=admin))
     assert problem.reason == "TargetNotPinned"
-    assert databases.PORT_ANNOTATION in problem.message and databases.DBNAME_ANNOTATION in problem.message
-    assert databases.HOST_ANNOTATION not in problem.message
+    assert annotations.SECRET_PORT in problem.message and annotations.SECRET_DBNAME in problem.message
+    assert annotations.SECRET_HOST not in problem.message
 
 
 def test_a_missing_platform_secret_names_its_namespace() -> None:
@@ -175,7 +173,7 @@ def test_a_missing_platform_secret_names_its_namespace() -> None:
 
 def test_a_platform_ca_must_be_granted_but_not_pinned() -> None:
     spec = _spec(caSecretRef={"name": "pg-ca", "namespace": PLATFORM})
-    granted = _ca(**{databases.ALLOWED_NAMESPACES_ANNOTATION: "team-a"})
+    granted = _ca(**{annotations.SECRET_ALLOWED_NAMESPACES: "team-a"})
     found = _target(spec, ca=granted)
     assert isinstance(found, databases.Target) and found.ca_pem == PEM
     problem = _problem(_target(spec, ca=_ca()))
@@ -192,7 +190,7 @@ def test_a_workload_admin_secret_may_use_a_granted_platform_ca() -> None:
     spec = _spec(
         adminSecretRef={"name": "orders-admin"}, caSecretRef={"name": "pg-ca", "namespace": PLATFORM}
     )
-    ca = _ca(**{databases.ALLOWED_NAMESPACES_ANNOTATION: "team-a"})
+    ca = _ca(**{annotations.SECRET_ALLOWED_NAMESPACES: "team-a"})
     assert isinstance(_target(spec, admin=_admin("team-a"), ca=ca), databases.Target)
 
 
