@@ -18,6 +18,9 @@ another database can add refusals but never grants). Pure: the handlers list the
 objects and apply the plan.
 """
 
+import functools
+import hashlib
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +40,50 @@ REFUSING = "dbgov:composition-invalid"
 """The component of a bundle whose composition does not compile: one rule, named after why,
 blocks every statement (no policy can take this name either)."""
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+NAME_MAX = 253
+"""The longest object name (a DNS subdomain): a ServiceAccount's name may take all of it."""
+LABEL_VALUE_MAX = 63
+"""The longest label value."""
+_DIGEST_CHARS = 10
+RENDER_CACHE_SIZE = 1024
+"""Compositions whose rendered (compiled) bundle file is kept: every ServiceAccount bound by
+the same policies has the same composition, and a policy webhook request plans every bundle of
+its namespace twice (issue 12, F4)."""
+
+
+def bounded(prefix: str, name: str, *, limit: int) -> str:
+    """``prefix + name`` when it fits in ``limit`` characters; else as much of it as fits
+    beside ``-`` and a digest of ``name``: stable, distinct for distinct names, still starting
+    with ``prefix`` and ending with an alphanumeric (valid as an object name and a label value)."""
+    whole = prefix + name
+    if len(whole) <= limit:
+        return whole
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST_CHARS]
+    kept = name[: max(limit - len(prefix) - _DIGEST_CHARS - 1, 0)].rstrip("-.")
+    return f"{prefix}{kept}-{digest}"
+
+
+def bundle_name(prefix: str, service_account: str) -> str:
+    """The name of the bundle ConfigMap of ``service_account``: ``prefix`` + its name, shortened
+    with a digest when that would pass the 253-character limit (issue 12, F2: a ServiceAccount
+    name may be 253 characters long; the write was refused and the namespace's reconcile with it)."""
+    return bounded(prefix, service_account, limit=NAME_MAX)
+
+
+def service_account_label(service_account: str) -> str:
+    """The value of the bundle's ServiceAccount label: its name, shortened with a digest past
+    the 63 characters a label value may hold (the full name is then in the annotation of the
+    same key)."""
+    return bounded("", service_account, limit=LABEL_VALUE_MAX)
+
+
+def bundle_service_account(metadata: Mapping[str, Any]) -> str | None:
+    """The ServiceAccount a bundle ConfigMap (its ``metadata``) is for: the annotation, written
+    when the name does not fit in the label, else the label."""
+    notes = metadata.get("annotations") or {}
+    labels = metadata.get("labels") or {}
+    value = notes.get(annotations.BUNDLE_SERVICE_ACCOUNT) or labels.get(annotations.BUNDLE_SERVICE_ACCOUNT)
+    return str(value) if value else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,7 +286,7 @@ def plan(
         bundles.append(
             Bundle(
                 service_account=account,
-                config_map=prefix + account,
+                config_map=bundle_name(prefix, account),
                 policies=names,
                 files=files,
                 problems=trouble,
@@ -349,9 +396,32 @@ def _files(binding: Sequence[Policy], *, wanted: Iterable[str] = ()) -> dict[str
 
 
 def _render(policies: Sequence[Policy], *, note: str = "") -> str:
-    specs = [(p.name, _sidecar_spec(p.spec)) for p in policies]
-    policy_compile.compile_components(specs, source="the bundle")  # never ship what would not load
-    return render(policy_compile.bundle_document(specs), policies=[p.name for p in policies], note=note)
+    # Keyed by content (names and specs), so an edited policy never meets its old rendering.
+    key = json.dumps([[p.name, _sidecar_spec(p.spec)] for p in policies], sort_keys=True, default=_plain)
+    rendered = _render_cached(key, note)
+    if isinstance(rendered, policy_compile.PolicyInvalid):
+        raise policy_compile.PolicyInvalid(rendered.problems, source=rendered.source)
+    return rendered
+
+
+def _plain(value: object) -> object:
+    """JSON for the mappings and sequences of a spec that are not dicts and lists."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    raise TypeError(f"a policy spec holds {type(value).__name__}, which is not JSON")
+
+
+@functools.lru_cache(maxsize=RENDER_CACHE_SIZE)
+def _render_cached(key: str, note: str) -> str | policy_compile.PolicyInvalid:
+    """A bundle file, or why its composition does not compile (kept too: it is as costly)."""
+    specs = [(str(name), dict(spec)) for name, spec in json.loads(key)]
+    try:
+        policy_compile.compile_components(specs, source="the bundle")  # never ship what would not load
+    except policy_compile.PolicyInvalid as err:
+        return err
+    return render(policy_compile.bundle_document(specs), policies=[name for name, _ in specs], note=note)
 
 
 def _sidecar_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,12 +482,14 @@ def config_map(
             "namespace": namespace,
             "labels": {
                 annotations.MANAGED_BY_LABEL: annotations.MANAGED_BY_VALUE,
-                annotations.BUNDLE_SERVICE_ACCOUNT: item.service_account,
+                annotations.BUNDLE_SERVICE_ACCOUNT: service_account_label(item.service_account),
             },
             "annotations": {annotations.BUNDLE_POLICIES: ",".join(item.policies)},
         },
         "data": data,
     }
+    if service_account_label(item.service_account) != item.service_account:
+        body["metadata"]["annotations"][annotations.BUNDLE_SERVICE_ACCOUNT] = item.service_account
     if owner is not None:
         # No blockOwnerDeletion: setting it needs the right to update the ServiceAccount's
         # finalizers, and nothing needs the ServiceAccount to wait for its bundle.
@@ -432,7 +504,7 @@ def signed_generation(existing: Mapping[str, Any], *, signer: Signs, namespace: 
     (None if there is none): a rewrite must sign above it, or sidecars would take it for a
     rollback."""
     data = existing.get("data") or {}
-    account = ((existing.get("metadata") or {}).get("labels") or {}).get(annotations.BUNDLE_SERVICE_ACCOUNT)
+    account = bundle_service_account(existing.get("metadata") or {})
     found = [
         signer.verifies(
             content,
@@ -471,7 +543,7 @@ def is_current(existing: Mapping[str, Any], desired: ConfigMap, *, signer: Signs
                 content,
                 data.get(key + bundle_signature.SUFFIX),
                 namespace=want["namespace"],
-                service_account=want["labels"][annotations.BUNDLE_SERVICE_ACCOUNT],
+                service_account=bundle_service_account(want) or "",
                 file=key,
             )
             if generation is None:

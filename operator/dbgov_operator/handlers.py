@@ -220,10 +220,20 @@ def _reconcile_cluster_scope(name: str, *, specs: Sequence[Mapping[str, Any]], l
     for spec in specs:
         namespaces |= cluster_policies.matching_namespaces(spec, everywhere)
     pending = {namespace: _coalescer.request(namespace) for namespace in sorted(namespaces)}
+    failed: dict[str, Exception] = {}
     for namespace, done in pending.items():
-        done.result()
+        try:
+            done.result()
+        except Exception as err:  # one namespace's failure stops none of the others (issue 12, F2)
+            failed[namespace] = err
         _reap_namespace(namespace, logger)  # minted grants follow the composition
     _write_cluster_statuses({name}, api=api)
+    if failed:
+        listing = "; ".join(f"{namespace}: {err}" for namespace, err in failed.items())
+        raise kopf.TemporaryError(
+            f"{len(failed)} of {len(pending)} namespace(s) not reconciled (retrying): {listing}",
+            delay=RETRY_SECONDS,
+        )
 
 
 @kopf.on.event("v1", "pods", labels=ENROLLED)
@@ -611,6 +621,10 @@ def _reconcile_now(namespace: str) -> None:
             signer=_signer,
             cluster=baselines,
         )
+    except reconcile.BundleWriteFailed as err:  # the rest was done: the statuses say what was not
+        _cluster.record(namespace, selecting=[p.name for p in baselines], outcome=err.outcome)
+        _write_cluster_statuses(involved, api=api)
+        raise
     except kubeapi.Conflict as err:
         raise kopf.TemporaryError(f"{err} changed meanwhile; retrying", delay=1) from err
     except kubeapi.NamespaceTerminating:

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dbgov_operator import annotations, settings
+from dbgov_operator import annotations, bundle, settings
 from dbgov_operator.kubetypes import Container, EnvVar, Probe, Volume, VolumeMount
 
 SIDECAR_NAME = "dbgov-proxy"
@@ -217,7 +217,7 @@ def inject(
         *spec.get("volumes", []),
         *_volumes(
             sidecar=sidecar,
-            bundle=sidecar.bundle_prefix + service_account,
+            bundle=bundle.bundle_name(sidecar.bundle_prefix, service_account),
             key=_policy_file(overrides.database),
             signed=endpoint is not None and bool(endpoint.bundle_key),
         ),

@@ -191,6 +191,4 @@ def policy_object(item: Mapping[str, Any]) -> PolicyObject:
 
 def bundle_service_account(config_map: Mapping[str, Any]) -> str | None:
     """The ServiceAccount a managed bundle ConfigMap is for."""
-    labels = (config_map.get("metadata") or {}).get("labels") or {}
-    value = labels.get(annotations.BUNDLE_SERVICE_ACCOUNT)
-    return str(value) if value else None
+    return bundle.bundle_service_account(config_map.get("metadata") or {})

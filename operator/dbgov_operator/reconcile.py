@@ -16,8 +16,10 @@ merge instead.
 """
 
 import concurrent.futures
+import contextlib
 import contextvars
 import datetime
+import json
 import logging
 import threading
 import time
@@ -50,7 +52,32 @@ class Outcome:
     """ClusterDatabaseAccessPolicy name -> the ServiceAccounts of this namespace it binds (every
     cluster policy that selects the namespace has an entry; its status aggregates them)."""
     cluster_problems: Mapping[str, tuple[policy_compile.Problem, ...]] = field(default_factory=dict)
-    """ClusterDatabaseAccessPolicy name -> why a composition here it is part of does not compile."""
+    """ClusterDatabaseAccessPolicy name -> why a composition here it is part of does not compile,
+    or why a bundle it is in could not be written."""
+    bundles_failed: Mapping[str, str] = field(default_factory=dict)
+    """ServiceAccount -> why its bundle could not be written (the others were: issue 12, F2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Written:
+    """What writing a namespace's bundles did, each on its own."""
+
+    written: list[str]
+    failed: dict[str, str]
+    """ServiceAccount -> why its bundle was not written."""
+    retry: Exception | None = None
+    """The first failure that may pass (a conflict, the API server unreachable): the reconcile
+    fails with it after everything else was done, so it runs again. One the API server would
+    refuse again (422: invalid) is reported, not retried."""
+
+
+class BundleWriteFailed(Exception):
+    """Some bundles of a namespace could not be written for a reason that may pass; the rest of
+    the namespace was reconciled (``outcome``, whose statuses already say so)."""
+
+    def __init__(self, message: str, *, outcome: Outcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def problems(spec: Mapping[str, Any], *, cluster: bool = False) -> tuple[policy_compile.Problem, ...]:
@@ -257,7 +284,7 @@ def _reconcile(
             for p in baselines
         ],
     )
-    written = _write_bundles(
+    result = _write_bundles(
         api,
         plan.bundles,  # (one that does not compile is written too: it refuses every statement and says why)
         existing=existing,
@@ -266,11 +293,16 @@ def _reconcile(
         owners=owners,
         now=now,
     )
+    written, failed = result.written, result.failed
     deleted = _delete_unneeded(api, existing=existing, keep={b.config_map for b in plan.bundles})
     statuses = []
     for policy in live:
-        bound = plan.bound.get(policy.name, ())
-        composition = plan.problems.get(policy.name, ())
+        # A status never claims a bundle that was not written: those are problems, named.
+        bound = tuple(a for a in plan.bound.get(policy.name, ()) if a not in failed)
+        composition = (
+            *plan.problems.get(policy.name, ()),
+            *_unwritten(failed, plan.bound.get(policy.name, ())),
+        )
         if _write_status(
             api,
             policy,
@@ -286,12 +318,40 @@ def _reconcile(
             message = f"policy bundle updated for ServiceAccount(s): {', '.join(changed)}"
             emit(policy.body, "Normal", "BundleUpdated", message)
     components = {p.name: bundle.cluster_component(p.name) for p in baselines}
-    return Outcome(
+    outcome = Outcome(
         bundles_written=tuple(written),
         statuses_written=tuple(statuses),
         bundles_deleted=tuple(deleted),
-        cluster_bound={name: plan.bound.get(c, ()) for name, c in components.items()},
-        cluster_problems={name: plan.problems[c] for name, c in components.items() if c in plan.problems},
+        cluster_bound={
+            name: tuple(a for a in plan.bound.get(c, ()) if a not in failed) for name, c in components.items()
+        },
+        cluster_problems={
+            name: found
+            for name, c in components.items()
+            if (found := (*plan.problems.get(c, ()), *_unwritten(failed, plan.bound.get(c, ()))))
+        },
+        bundles_failed=failed,
+    )
+    if result.retry is not None:
+        raise BundleWriteFailed(
+            f"bundles of ServiceAccount(s) {', '.join(sorted(failed))} in {namespace} were not written "
+            f"(the others were): {result.retry}",
+            outcome=outcome,
+        ) from result.retry
+    return outcome
+
+
+def _unwritten(failed: Mapping[str, str], bound: Sequence[str]) -> tuple[policy_compile.Problem, ...]:
+    """Why the bundles of ``bound`` among ``failed`` do not hold the policy: they keep what
+    they held before."""
+    return tuple(
+        policy_compile.Problem(
+            path="",
+            message=f"the bundle of ServiceAccount {account} could not be written, so it keeps its "
+            f"previous content (retried at the next change): {failed[account]}",
+        )
+        for account in bound
+        if account in failed
     )
 
 
@@ -304,31 +364,77 @@ def _write_bundles(
     signer: bundle.Signs | None,
     owners: Mapping[str, str],
     now: datetime.datetime,
-) -> list[str]:
+) -> _Written:
     """Write the bundles that differ, each owned by its ServiceAccount (``owners``: name -> uid;
-    a bundle for one not in it is never written); return the ServiceAccounts whose bundle was
-    written."""
-    written = []
+    a bundle for one not in it is never written), each on its own: one that fails is reported
+    and the others are written (one refused bundle held back every later baseline of the
+    namespace: issue 12, F2)."""
+    written: list[str] = []
+    failed: dict[str, str] = {}
+    retry: Exception | None = None
     for item in bundles:
-        uid = owners.get(item.service_account)
-        if not uid:
-            continue  # planned from the same read, so never; an ownerless bundle is never written
-        current = existing.get(item.config_map)
-        previous = None
-        if current is not None and signer is not None:
-            previous = bundle.signed_generation(current, signer=signer, namespace=namespace)
-        desired = bundle.config_map(
-            item,
-            namespace=namespace,
-            signer=signer,
-            generation=signing_generation(previous, now=now),
-            owner={"name": item.service_account, "uid": uid},
-        )
-        if current is not None and bundle.is_current(current, desired, signer=signer):
-            continue
-        api.write_bundle(desired, existing=current)
-        written.append(item.service_account)
-    return written
+        try:
+            if _write_bundle(
+                api, item, existing=existing, namespace=namespace, signer=signer, owners=owners, now=now
+            ):
+                written.append(item.service_account)
+        except kubeapi.NamespaceTerminating:
+            raise
+        except Exception as err:  # each bundle on its own: reported, and retried if it may pass
+            _log.warning("Writing the bundle of %s/%s failed: %s", namespace, item.service_account, err)
+            failed[item.service_account] = _why(err)
+            if retry is None and not _permanent(err):
+                retry = err
+    return _Written(written=written, failed=failed, retry=retry)
+
+
+def _permanent(err: Exception) -> bool:
+    """Whether the API server would refuse the same write again (invalid, forbidden): retrying
+    it at once would only loop; the next change to the namespace tries again."""
+    status = getattr(err, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (409, 429)
+
+
+def _why(err: Exception) -> str:
+    """A short reason: the API server's message, not its whole response."""
+    body = getattr(err, "body", None)
+    if isinstance(body, str | bytes):
+        with contextlib.suppress(ValueError):
+            message = json.loads(body).get("message")
+            if isinstance(message, str):
+                return message
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _write_bundle(
+    api: kubeapi.Api,
+    item: bundle.Bundle,
+    *,
+    existing: Mapping[str, Mapping[str, Any]],
+    namespace: str,
+    signer: bundle.Signs | None,
+    owners: Mapping[str, str],
+    now: datetime.datetime,
+) -> bool:
+    """Write one bundle if it differs; whether it was written."""
+    uid = owners.get(item.service_account)
+    if not uid:
+        return False  # planned from the same read, so never; an ownerless bundle is never written
+    current = existing.get(item.config_map)
+    previous = None
+    if current is not None and signer is not None:
+        previous = bundle.signed_generation(current, signer=signer, namespace=namespace)
+    desired = bundle.config_map(
+        item,
+        namespace=namespace,
+        signer=signer,
+        generation=signing_generation(previous, now=now),
+        owner={"name": item.service_account, "uid": uid},
+    )
+    if current is not None and bundle.is_current(current, desired, signer=signer):
+        return False
+    api.write_bundle(desired, existing=current)
+    return True
 
 
 def signing_generation(previous: int | None, *, now: datetime.datetime) -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from dbgov_operator import bundle, kubeapi, reconcile, settings, signing
 from dbgov_operator.kubetypes import ConfigMap, PolicyStatus
@@ -254,3 +255,50 @@ def test_an_ownerless_bundle_of_a_gone_service_account_is_deleted(api: FakeApi) 
     del api.service_accounts["orders"]
     assert _run(api).bundles_deleted == ("dbgov-policy-orders",)
     assert api.config_maps == {}
+
+
+# One bundle that cannot be written holds back none of the others (issue 12, F2).
+
+
+class RefusingApi(FakeApi):
+    """Refuses the write of one bundle with the API server's 422 (or a transient 500)."""
+
+    def __init__(self, refused: str, status: int) -> None:
+        super().__init__()
+        self.refused, self.status = refused, status
+
+    def write_bundle(self, desired: ConfigMap, *, existing: Mapping[str, Any] | None) -> None:
+        if desired["metadata"]["name"] == self.refused:
+            err = ApiException(status=self.status, reason="Invalid")
+            err.body = '{"message": "ConfigMap is invalid: metadata.name: Too long"}'
+            raise err
+        super().write_bundle(desired, existing=existing)
+
+
+def _bind(api: FakeApi, accounts: list[str]) -> None:
+    api.add_policy("p", {**GOOD, "subjects": {"serviceAccounts": accounts}})
+    api.service_accounts = {a: f"uid-{a}" for a in accounts}
+
+
+def test_a_refused_bundle_is_reported_and_the_others_are_written() -> None:
+    api = RefusingApi("dbgov-policy-agent", 422)
+    _bind(api, ["agent", "orders", "reports"])
+    outcome = _run(api)  # permanent: reported, not raised (no retry loop)
+    assert set(api.config_maps) == {"dbgov-policy-orders", "dbgov-policy-reports"}
+    assert outcome.bundles_failed == {"agent": "ConfigMap is invalid: metadata.name: Too long"}
+    status = api.policies["p"]["status"]
+    assert [w["name"] for w in status["workloads"]] == ["orders", "reports"]  # never claims agent's
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert "ServiceAccount agent could not be written" in ready["message"]
+    assert "Too long" in ready["message"]
+
+
+def test_a_transient_failure_writes_the_others_then_fails_for_a_retry() -> None:
+    api = RefusingApi("dbgov-policy-agent", 500)
+    _bind(api, ["agent", "orders"])
+    with pytest.raises(reconcile.BundleWriteFailed) as caught:
+        _run(api)
+    assert set(api.config_maps) == {"dbgov-policy-orders"}
+    assert caught.value.outcome.bundles_failed.keys() == {"agent"}
+    assert [w["name"] for w in api.policies["p"]["status"]["workloads"]] == ["orders"]
