@@ -324,6 +324,35 @@ def claims(pod: Mapping[str, Any], *, sidecar: settings.SidecarSettings) -> list
                 f"spec.{field}: true lets the pod's other containers see the dbgov sidecar's process and "
                 "read its token and database credentials through /proc; remove it from enrolled pods"
             )
+    if spec.get("hostNetwork") is True:
+        problems.append(
+            "spec.hostNetwork: true puts the sidecar's proxy on the node's loopback, where it admits "
+            "every process and pod of the node as this workload; remove it from enrolled pods"
+        )
+    problems.extend(_resolution_claims(spec))
+    return problems
+
+
+def _resolution_claims(spec: Mapping[str, Any]) -> list[str]:
+    """Name resolution the pod chooses is the sidecar's too (one network namespace): pointing
+    the database's name at the app's own listener would have the sidecar log in there."""
+    problems = []
+    if spec.get("hostAliases"):
+        problems.append(
+            "spec.hostAliases: the sidecar resolves names through the pod's /etc/hosts, so an alias "
+            "could send its database login to another server; remove it from enrolled pods"
+        )
+    if spec.get("dnsPolicy") == "None":
+        problems.append(
+            "spec.dnsPolicy: None lets the pod choose the resolver the sidecar asks for the database's "
+            "address; use ClusterFirst (the default) in enrolled pods"
+        )
+    dns = spec.get("dnsConfig") or {}
+    if dns.get("nameservers") or dns.get("searches"):
+        problems.append(
+            "spec.dnsConfig.nameservers/searches change how the sidecar resolves the database's name; "
+            "remove them from enrolled pods (dnsConfig.options are fine)"
+        )
     return problems
 
 

@@ -201,7 +201,8 @@ def minted_upstream(
 ) -> proxy.UpstreamSource:
     """Cluster mode: each new upstream connection logs in with the credentials ``login`` gives
     now (the operator's answer: host, port, dbname, sslmode, CA, user, password), the static
-    upstream settings only where the answer has none. No credentials, or expired ones, raise
+    upstream's host, port and dbname only where the answer has none, and never its TLS
+    settings. No credentials, or expired ones, raise
     ``NoUpstreamCredentials``: the client is refused rather than logged in with static ones."""
 
     def current() -> proxy.UpstreamConfig:
@@ -214,14 +215,22 @@ def minted_upstream(
             raise proxy.NoUpstreamCredentials(
                 f"the operator's answer has sslmode {sslmode!r}, not one of {', '.join(SSLMODES)}"
             )
+        # Nothing about how to reach or trust the server comes from the app's settings (the
+        # injected upstream is built from its PG* variables): its CA file, client certificate or
+        # channel_binding=disable would let the app stand in for the database and take the
+        # minted password. The operator's CA, or the system store; channel binding wherever TLS
+        # is not verified against a CA (sslmode=require), so a relay cannot use the exchange.
         return dataclasses.replace(
             base,
             host=creds.host or base.host,
             port=creds.port or base.port,
             database=creds.dbname or base.database,
             sslmode=sslmode,
-            sslrootcert=None if creds.ca_pem else base.sslrootcert,
-            ssl_ca_pem=creds.ca_pem or base.ssl_ca_pem,
+            sslrootcert=None,
+            sslcert=None,
+            sslkey=None,
+            channel_binding="require" if sslmode == "require" else "prefer",
+            ssl_ca_pem=creds.ca_pem,
             user=creds.user,
             password=creds.password,
             masking_views=True,

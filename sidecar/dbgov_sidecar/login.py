@@ -108,12 +108,17 @@ class UpstreamLogin:
         params: Mapping[str, str],
         nonce: str,
         channel_binding: str = "prefer",
+        scram_only: bool = False,
     ):
         if channel_binding not in CHANNEL_BINDING:
             raise ValueError(f"channel_binding must be one of {', '.join(CHANNEL_BINDING)}")
         self._user = user
         self._password = password
         self._channel_binding = channel_binding
+        self._scram_only = scram_only
+        """Minted credentials: the role has a SCRAM verifier, so a server that asks for the
+        password itself (cleartext, MD5) is not the database the operator named; the password
+        is never sent to it."""
         self.server_certificate: bytes | None = None
         """The upstream's TLS certificate (DER) once TLS is up; None without TLS."""
         self._params = {**params, "user": user}
@@ -192,6 +197,11 @@ class UpstreamLogin:
     def _on_auth(self, data: bytes) -> bytes:
         code, payload = messages.decode_authentication(data)
         if code == messages.AUTH_OK:
+            if self._scram_only and self._scram is None:
+                raise AuthenticationFailed(
+                    "the upstream logged the minted role in without asking for its password: this is "
+                    "not the database the operator named (or its pg_hba.conf trusts the connection)"
+                )
             if self._channel_binding == "require" and (self._scram is None or not self._scram_plus):
                 raise AuthenticationFailed(
                     "channel_binding=require, but the server logged us in without SCRAM-SHA-256-PLUS"
@@ -201,6 +211,13 @@ class UpstreamLogin:
             raise AuthenticationFailed(
                 f"channel_binding=require, but the server asks for authentication method {code}, "
                 "not SCRAM-SHA-256-PLUS"
+            )
+        if self._scram_only and code in (messages.AUTH_CLEARTEXT, messages.AUTH_MD5):
+            raise AuthenticationFailed(
+                f"the upstream asks for the password {'in cleartext' if code == messages.AUTH_CLEARTEXT else 'as MD5'}, "
+                "but the role the operator minted has a SCRAM-SHA-256 verifier: this is not the database "
+                "the operator named (or its pg_hba.conf does not use scram-sha-256); the minted password "
+                "is not sent"
             )
         if code == messages.AUTH_CLEARTEXT:
             return messages.password_message(self._need_password().encode() + b"\0")

@@ -114,7 +114,8 @@ class UpstreamConfig:
     """CA bundle as PEM text (minted credentials carry it), used instead of ``sslrootcert``."""
     masking_views: bool = False
     """The role is a minted one: it reads masked tables through the operator's masking views
-    (``dbgov_masked``), since it may not read their masked columns."""
+    (``dbgov_masked``), since it may not read their masked columns; and it logs in with SCRAM
+    only (its verifier is SCRAM's: a server asking for the password itself is an impostor)."""
 
     def tls_key(self) -> tuple[str, str | None, str | None, str | None, str | None]:
         """What the TLS context depends on (contexts are cached by it, never by the password)."""
@@ -650,6 +651,7 @@ class ClientConnection(asyncio.Protocol):
             params=params,
             nonce=secrets.token_urlsafe(18),
             channel_binding=cfg.channel_binding,
+            scram_only=cfg.masking_views,
         )
         _, up = await loop.create_connection(lambda: UpstreamConnection(self, state), cfg.host, cfg.port)
         try:

@@ -175,3 +175,28 @@ def test_require_refuses_every_way_around_binding() -> None:
 def test_an_unknown_channel_binding_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="disable, prefer, require"):
         login.UpstreamLogin(user="app", password="pw", params={}, nonce="N", channel_binding="maybe")
+
+
+def _minted() -> login.UpstreamLogin:
+    return login.UpstreamLogin(
+        user="dbgov_w_1", password="MINTED-SECRET", params={}, nonce="NONCE", scram_only=True
+    )
+
+
+def test_a_minted_login_never_sends_its_password_to_a_server_that_asks_for_it() -> None:
+    """An app that points its sidecar at a listener of its own (a hostAlias, its own DNS, a
+    Database host the pod resolves otherwise) and asks for a cleartext or MD5 password would
+    read the minted password and log in directly; a minted role's verifier is SCRAM's."""
+    for reply in (
+        messages.authentication(messages.AUTH_CLEARTEXT),
+        messages.authentication(messages.AUTH_MD5, b"salt"),
+        messages.authentication(messages.AUTH_OK),  # trust: not the server whose verifier it is
+    ):
+        state = _minted()
+        with pytest.raises(AuthenticationFailed, match="not the database the operator named"):
+            state.on_message(_message(reply))
+    # SCRAM still works, and a static (not minted) login still answers cleartext as libpq does
+    mechanism, _ = _first(_minted().on_message(_sasl(auth.SCRAM_SHA_256)))
+    assert mechanism == auth.SCRAM_SHA_256
+    static = login.UpstreamLogin(user="app", password="pw", params={}, nonce="N")
+    assert b"pw\0" in static.on_message(_message(messages.authentication(messages.AUTH_CLEARTEXT)))
