@@ -212,9 +212,22 @@ def _stored_unvalidated(platform: Platform, namespace: str, body: dict[str, Any]
     older release): its configuration deleted, the Database created, the operator restarted
     (which publishes the configuration again)."""
     installed = platform.env.installed
-    installed.admission.delete_validating_webhook_configuration(installed.configuration)
+
+    def stored() -> bool:
+        # The apiserver notices a deleted configuration a moment later, and the operator may
+        # write it back meanwhile: delete and create at once, again until the create slips through.
+        with contextlib.suppress(ApiException):
+            installed.admission.delete_validating_webhook_configuration(installed.configuration)
+        try:
+            platform.env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+        except ApiException as err:
+            if err.status != 403:
+                raise
+            return False
+        return True
+
     try:
-        platform.env.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, DATABASES, body)
+        wait_for("the Database stored while validation was off", stored)
     finally:
         installed.operator.stop()
         _start(installed)
