@@ -6,8 +6,11 @@ reconciler; this module only moves data between kopf, the Kubernetes API and tho
 Two things keep the admission webhooks prompt while the operator works (issue 12, F5): every
 reconcile goes through one ``reconcile.Coalescer`` (a burst of events is one reconcile soon
 after, never a queue of them), and the webhook handlers are coroutines that do their blocking
-work on a thread pool of their own, so they never wait for kopf's executor, which the sync
-handlers of events fill.
+work on thread pools of their own, so they never wait for kopf's executor, which the sync
+handlers of events fill. Pods have a pool of their own too: checking a policy against every
+composition it joins can be costly, and a flood of such checks made every pod admission time
+out, fail closed (issue 12, F4). Policy checks run one at a time per namespace, within a budget
+below the webhook's timeout: past it the policy is refused with "retry", never a pod.
 """
 
 import asyncio
@@ -64,6 +67,13 @@ COALESCE_SECONDS = 0.25
 ADMISSION_THREADS = 4
 """Threads for the blocking work of admission requests (their own: see the module docstring)."""
 _admission = concurrent.futures.ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="dbgov-admission")
+_pod_admission = concurrent.futures.ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="dbgov-pods")
+"""Pod injection and the enrolled pods' guard only: they never wait behind a policy's check."""
+POLICY_CHECK_SHARE = 0.6
+"""The share of the webhook timeout a policy's check may take (waiting for another check of its
+namespace included) before the policy is refused with "retry"."""
+_policy_checks: dict[str, asyncio.Future[None]] = {}
+"""Namespace -> the policy check running there (it runs on even when its request gave up)."""
 _log = logging.getLogger(__name__)
 
 _rotation: asyncio.Task[None] | None = None
@@ -385,7 +395,7 @@ async def validate_policy(spec: kopf.Spec, name: str | None, namespace: str | No
         # invalid -- e.g. under an older, laxer compiler -- must still go through, or it could
         # not even be deleted; its status already says what is wrong with it.
         return
-    await _admitting(_judge_policy, dict(spec), name=name or "", namespace=namespace or "")
+    await _checking_policy(_judge_policy, dict(spec), name=name or "", namespace=namespace or "")
 
 
 def _judge_policy(spec: dict[str, Any], *, name: str, namespace: str) -> None:
@@ -475,7 +485,9 @@ async def inject_pod(
     **_: Any,
 ) -> None:
     """Add the dbgov sidecar to an enrolled pod (pods CREATE only)."""
-    await _admitting(_inject, body, namespace=namespace, patch=patch, warnings=warnings, logger=logger)
+    await _admitting(
+        _inject, body, namespace=namespace, patch=patch, warnings=warnings, logger=logger, pool=_pod_admission
+    )
 
 
 def _inject(
@@ -520,7 +532,7 @@ async def guard_pod(namespace: str | None, subresource: str | None, **kwargs: An
     new: kopf.Body | None = kwargs.get("new")
     if old is None or new is None:
         return
-    await _admitting(_guard, old, new, namespace=namespace, subresource=subresource)
+    await _admitting(_guard, old, new, namespace=namespace, subresource=subresource, pool=_pod_admission)
 
 
 def _guard(old: kopf.Body, new: kopf.Body, *, namespace: str | None, subresource: str | None) -> None:
@@ -535,12 +547,62 @@ def _guard(old: kopf.Body, new: kopf.Body, *, namespace: str | None, subresource
         raise kopf.AdmissionError(f"dbgov refuses this change to an enrolled pod:\n{listing}", code=403)
 
 
-async def _admitting(work: Callable[..., None], /, *args: Any, **kwargs: Any) -> None:
-    """Run an admission request's blocking work on the admission threads, off kopf's event
-    loop and its executor (its AdmissionError reaches kopf as raised)."""
+async def _admitting(
+    work: Callable[..., None],
+    /,
+    *args: Any,
+    pool: concurrent.futures.Executor = _admission,
+    **kwargs: Any,
+) -> None:
+    """Run an admission request's blocking work on the admission threads (``pool``), off kopf's
+    event loop and its executor (its AdmissionError reaches kopf as raised)."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()  # kopf's, for its loggers and events
-    await loop.run_in_executor(_admission, functools.partial(context.run, work, *args, **kwargs))
+    await loop.run_in_executor(pool, functools.partial(context.run, work, *args, **kwargs))
+
+
+async def _checking_policy(work: Callable[..., None], /, *args: Any, name: str, namespace: str) -> None:
+    """A policy's check, one at a time per namespace, within its share of the webhook timeout:
+    one past it is refused (fail closed) with what to do, and its work runs on to completion
+    (so the next check of the namespace waits for it, and finds its compositions cached)."""
+    loop = asyncio.get_running_loop()
+    budget = runtime.current().webhook.timeout_seconds * POLICY_CHECK_SHARE
+    deadline = loop.time() + budget
+    while (running := _policy_checks.get(namespace)) is not None:
+        with contextlib.suppress(Exception):  # its outcome is its own request's
+            await asyncio.wait_for(asyncio.shield(running), max(deadline - loop.time(), 0))
+        if loop.time() >= deadline and _policy_checks.get(namespace) is not None:
+            raise _too_expensive(name, namespace=namespace, budget=budget)
+    if loop.time() >= deadline:
+        raise _too_expensive(name, namespace=namespace, budget=budget)
+    context = contextvars.copy_context()
+    check = loop.run_in_executor(
+        _admission, functools.partial(context.run, work, *args, name=name, namespace=namespace)
+    )
+    _policy_checks[namespace] = check
+    check.add_done_callback(functools.partial(_policy_check_done, namespace))
+    try:
+        await asyncio.wait_for(asyncio.shield(check), max(deadline - loop.time(), 0))
+    except TimeoutError:
+        raise _too_expensive(name, namespace=namespace, budget=budget) from None
+
+
+def _policy_check_done(namespace: str, check: asyncio.Future[None]) -> None:
+    if _policy_checks.get(namespace) is check:
+        del _policy_checks[namespace]
+    if not check.cancelled():
+        check.exception()  # retrieved: a request that gave up no longer awaits it
+
+
+def _too_expensive(name: str, *, namespace: str, budget: float) -> kopf.AdmissionError:
+    return kopf.AdmissionError(
+        f"DatabaseAccessPolicy {namespace}/{name} was not admitted: checking it against every "
+        f"policy binding the same ServiceAccounts takes longer than {budget:.1f} s now (policies "
+        f"of {namespace} are checked one at a time, and another check may be running). This is "
+        "not a problem with the policy: retry in a few seconds (compositions already checked "
+        "are cached).",
+        code=503,
+    )
 
 
 def _namespace_labels(namespace: str) -> Mapping[str, str]:
