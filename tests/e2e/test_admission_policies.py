@@ -566,6 +566,55 @@ def test_the_collector_and_the_namespace_controller_still_delete_bundles(
     assert "ValidatingAdmissionPolicy" not in log, "a controller's delete was refused by the policy"
 
 
+GARBAGE_COLLECTOR = "system:serviceaccount:kube-system:generic-garbage-collector"
+
+
+def _as_collector(cluster: kube.KubeCluster) -> Any:
+    """A CoreV1Api of the cluster admin impersonating the garbage collector's ServiceAccount
+    (its bootstrap RBAC lets it update any object)."""
+    impersonating = config.new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    impersonating.set_default_header("Impersonate-User", GARBAGE_COLLECTOR)
+    return client.CoreV1Api(impersonating)
+
+
+def test_an_orphaning_delete_of_a_service_account_completes_under_the_bundle_policy(
+    policies: Policies, kube_cluster: kube.KubeCluster, controller_manager: kube.Process
+) -> None:
+    """``kubectl delete sa orders --cascade=orphan``: the garbage collector removes the bundle's
+    ownerReference (an UPDATE) before it lets the ServiceAccount go; the bundle policy allows it
+    that update and nothing more (issue 12, F6: the deletion hung)."""
+    env = policies.installed
+    core = client.CoreV1Api(kube_cluster.api_client())
+    namespace = kube_cluster.create_namespace("vap-orphan")
+    try:
+        _signed_bundle(env, namespace)
+        owned = wait_for(
+            "the bundle owned", lambda: (cm := _bundle(env, namespace)) and cm.metadata.owner_references
+        )
+        assert [o.name for o in owned] == ["orders"]
+        # As the collector: changing the data is refused, removing the ownerReference is not.
+        collector = _as_collector(kube_cluster)
+        message = _refused(
+            lambda: collector.patch_namespaced_config_map(BUNDLE, namespace, {"data": {"policy.yaml": LAX}})
+        )
+        assert GARBAGE_COLLECTOR in message
+        _refused(
+            lambda: collector.patch_namespaced_config_map(
+                BUNDLE, namespace, {"metadata": {"ownerReferences": None, "labels": {"x": "y"}}}
+            )
+        )
+        core.delete_namespaced_service_account("orders", namespace, propagation_policy="Orphan")
+
+        def gone() -> bool:
+            return _status(lambda: core.read_namespaced_service_account("orders", namespace))[0] == 404
+
+        wait_for("the orphaning delete of ServiceAccount orders to complete", gone, 60)
+        log = controller_manager.log.read_text(errors="replace")
+        assert "ValidatingAdmissionPolicy" not in log, "the collector's update was refused by the policy"
+    finally:
+        kube_cluster.delete_namespace(namespace)
+
+
 def _exec(
     cluster: kube.KubeCluster, namespace: str, pod: str, *, container: str, attach: bool = False
 ) -> tuple[int, str]:
