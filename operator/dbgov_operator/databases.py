@@ -128,6 +128,20 @@ def granted(secret: Secret, *, ref: SecretRef, namespace: str, spec: Mapping[str
         )
     if ref.field != "adminSecretRef":
         return None
+    chosen = {
+        role: str(key)
+        for role, default in (("usernameKey", "username"), ("passwordKey", "password"))
+        if (key := (spec.get("adminSecretRef") or {}).get(role)) and key != default
+    }
+    if chosen:
+        # The team must not choose how the platform's Secret is read: naming its password as
+        # the username put the password into the connection error, the status and an Event.
+        return Problem(
+            reason="SecretKeysFixed",
+            message=f"spec.adminSecretRef.{' and '.join(sorted(chosen))} may not be set for a Secret in "
+            "another namespace: the platform's Secret is read by its keys username and password; "
+            "remove the field",
+        )
     return _pinned(secret, ref=ref, spec=spec)
 
 

@@ -180,8 +180,14 @@ def _reason(err: psycopg.OperationalError) -> str:
 
 
 def _message(err: psycopg.OperationalError, target: databases.Target) -> str:
+    """Why the operator could not connect, for the Database's status and Events, which the
+    Database's namespace reads: never the admin Secret's values (libpq's text names the user,
+    and a user or password can be any key of the Secret), so they are cut out of it."""
     text = " ".join(str(err).split())
-    where = f"{target.host}:{target.port}/{target.dbname} as {target.user!r} (sslmode={target.sslmode})"
+    for secret in {target.user, target.password}:
+        if secret:
+            text = text.replace(secret, "<from the admin Secret>")
+    where = f"{target.host}:{target.port}/{target.dbname} (sslmode={target.sslmode})"
     hint = {
         "AuthenticationFailed": "check the username and password in spec.adminSecretRef's Secret",
         "DatabaseMissing": "create the database or fix spec.dbname (immutable: recreate the Database)",

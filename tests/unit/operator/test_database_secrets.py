@@ -25,7 +25,13 @@ PINS = {
 }
 
 
-ADMISSION_REASONS = ("SecretNotGranted", "TargetNotPinned", "TargetMismatch", "CASecretNotTrusted")
+ADMISSION_REASONS = (
+    "SecretNotGranted",
+    "SecretKeysFixed",
+    "TargetNotPinned",
+    "TargetMismatch",
+    "CASecretNotTrusted",
+)
 """What the validating webhook refuses a Database for (the controller reports the rest)."""
 
 
@@ -228,3 +234,33 @@ def test_the_webhook_configuration_validates_databases_within_five_seconds_faili
     assert rule["operations"] == ["CREATE", "UPDATE"]  # the status subresource is not matched
     assert hook["clientConfig"]["url"].endswith("/" + webhook.DATABASE_VALIDATION_ID)
     assert (hook["failurePolicy"], hook["timeoutSeconds"], hook["sideEffects"]) == ("Fail", 5, "None")
+
+
+def test_a_team_cannot_choose_which_keys_of_the_platforms_secret_are_read() -> None:
+    """Naming the password key as the username put the platform's admin password into the
+    connection error, the Database's status and an Event its namespace reads."""
+    for ref in (
+        {"usernameKey": "password"},
+        {"passwordKey": "username"},
+        {"usernameKey": "x", "passwordKey": "y"},
+    ):
+        spec = _spec(adminSecretRef={"name": "orders-admin", "namespace": PLATFORM, **ref})
+        problem = _problem(_target(spec))
+        assert problem.reason == "SecretKeysFixed" and "remove the field" in problem.message
+    # the defaults spelt out are fine, and a Secret of the Database's own namespace keeps its keys
+    spelt = _spec(adminSecretRef={"name": "orders-admin", "namespace": PLATFORM, "usernameKey": "username"})
+    assert isinstance(_target(spelt), databases.Target)
+
+
+def test_a_connection_error_never_carries_the_admin_secrets_values() -> None:
+    import psycopg
+
+    from dbgov_operator import dbconn
+
+    target = databases.Target(
+        host="pg", port=5432, dbname="orders", sslmode="disable", user=PASSWORD, password="pw-2", ca_pem=None
+    )
+    err = psycopg.OperationalError(f'FATAL:  password authentication failed for user "{PASSWORD}" (pw-2)')
+    message = dbconn._message(err, target)
+    assert PASSWORD not in message and "pw-2" not in message
+    assert "password authentication failed" in message and "pg:5432/orders" in message
