@@ -28,7 +28,8 @@ test: setup lint tools node-deps
 test-unit: setup
 	$(PY) -m pytest -n 2 tests/unit
 
-# kube-apiserver, etcd, kubelet, pause and helm for the e2e tests, built from the Go modules pinned in
+# kube-apiserver, etcd, kube-controller-manager, kubelet, pause and helm for the e2e tests, built from
+# the Go modules pinned in
 # hack/tools/ into ~/.cache/dbgov/tools (override: DBGOV_TOOLS_DIR); cached per version.
 .PHONY: tools node-deps crds e2e kind-e2e
 tools:
