@@ -207,7 +207,13 @@ def inject(
             )
         # The reconciler and its pod watch find enrolled pods by this label.
         meta["labels"] = {**labels, annotations.INJECT: annotations.INJECT_ENABLED}
-    mounts = _upstream_file_mounts(apps.files, volumes=spec.get("volumes") or [])
+    # With minted credentials the sidecar trusts only the operator's answer (its CA, or the
+    # system store) and never opens the app's TLS files, so no app volume enters the sidecar:
+    # one at a path the app names (site-packages, the entrypoint, /etc/ssl/certs, /etc/hosts)
+    # ran the app's code inside the sidecar, with its token (found by an attacker).
+    mounts = (
+        [] if endpoint is not None else _upstream_file_mounts(apps.files, volumes=spec.get("volumes") or [])
+    )
     container = _sidecar_container(
         overrides=overrides, upstream=apps.upstream, sidecar=sidecar, endpoint=endpoint
     )

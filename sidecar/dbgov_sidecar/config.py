@@ -218,8 +218,8 @@ def minted_upstream(
         # Nothing about how to reach or trust the server comes from the app's settings (the
         # injected upstream is built from its PG* variables): its CA file, client certificate or
         # channel_binding=disable would let the app stand in for the database and take the
-        # minted password. The operator's CA, or the system store; channel binding wherever TLS
-        # is not verified against a CA (sslmode=require), so a relay cannot use the exchange.
+        # minted password. The operator's CA, or the system store; channel binding wherever the
+        # server's name is not verified (require, verify-ca), so a relay cannot use the exchange.
         return dataclasses.replace(
             base,
             host=creds.host or base.host,
@@ -229,7 +229,7 @@ def minted_upstream(
             sslrootcert=None,
             sslcert=None,
             sslkey=None,
-            channel_binding="require" if sslmode == "require" else "prefer",
+            channel_binding="require" if sslmode in ("require", "verify-ca") else "prefer",
             ssl_ca_pem=creds.ca_pem,
             user=creds.user,
             password=creds.password,

@@ -196,6 +196,11 @@ def _oid(body: bytes) -> str:
     return ".".join(map(str, parts))
 
 
+MAX_SCRAM_ITERATIONS = 1_000_000
+"""Iterations a server may ask of a SCRAM client (PostgreSQL's default is 4096; OWASP asks
+600,000 of PBKDF2-SHA256): above, the login is refused rather than the event loop stalled."""
+
+
 class ScramClient:
     """Client side of SCRAM-SHA-256 (-PLUS): first message, final message, server proof check.
 
@@ -245,6 +250,13 @@ class ScramClient:
             raise ProtocolViolation("SCRAM server-first-message has a bad salt or count") from err
         if iterations < 1:
             raise ProtocolViolation(f"SCRAM iteration count {iterations} is not positive")
+        if iterations > MAX_SCRAM_ITERATIONS:
+            # The derivation runs on the proxy's event loop: a server (or an impostor) asking for
+            # two billion rounds would stall every session of the sidecar.
+            raise ProtocolViolation(
+                f"SCRAM iteration count {iterations} is above {MAX_SCRAM_ITERATIONS:,}: refusing to "
+                "spend that long (PostgreSQL's default is 4096; lower scram_iterations for this role)"
+            )
         salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
         without_proof = b"c=" + base64.b64encode(self._header + self._binding) + b",r=" + nonce.encode()

@@ -10,6 +10,7 @@ login the app can try directly is refused. An app given a password by its own ma
 warned: it would not need it, and it is a way past the proxy.
 """
 
+import copy
 import pathlib
 from typing import Any
 
@@ -145,3 +146,33 @@ def test_without_minted_credentials_nothing_is_said_about_passwords() -> None:
     business."""
     pod = _pod([{"name": "PGHOST", "value": "db"}, {"name": "PGPASSWORD", "value": "app-pw"}])
     assert not [w for w in injection.inject(pod, sidecar=SIDECAR).warnings if HELD in w]
+
+
+def test_with_minted_credentials_no_app_volume_enters_the_sidecar() -> None:
+    """The app named a "CA file" in the sidecar's site-packages (a .pth runs at every start) and
+    the webhook mounted the app's ConfigMap there: the app's code ran in the sidecar, with its
+    token. With the credential endpoint the sidecar opens none of the app's TLS files."""
+    site = "/opt/dbgov/lib/python3.11/site-packages/zz_evil.pth"
+    pod = _pod(
+        [
+            {"name": "PGHOST", "value": "postgres.db"},
+            {"name": "PGSSLMODE", "value": "verify-full"},
+            {"name": "PGSSLROOTCERT", "value": site},
+            {"name": "PGSSLCERT", "value": "/etc/ssl/certs/client.pem"},
+        ]
+    )
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "evil", "mountPath": site, "subPath": "zz_evil.pth"},
+        {"name": "certs", "mountPath": "/etc/ssl/certs"},
+    ]
+    pod["spec"]["volumes"] = [
+        {"name": "evil", "configMap": {"name": "evil"}},
+        {"name": "certs", "configMap": {"name": "c"}},
+    ]
+    minted = injection.inject(copy.deepcopy(pod), sidecar=SIDECAR, endpoint=ENDPOINT).pod
+    (sidecar,) = [c for c in _containers(minted) if c["name"] == injection.SIDECAR_NAME]
+    assert {m["name"] for m in sidecar["volumeMounts"]} <= set(injection.DBGOV_VOLUMES)
+    # without the endpoint (the app's own static credentials) the files are still carried
+    static = injection.inject(copy.deepcopy(pod), sidecar=SIDECAR).pod
+    (sidecar,) = [c for c in _containers(static) if c["name"] == injection.SIDECAR_NAME]
+    assert {"evil", "certs"} <= {m["name"] for m in sidecar["volumeMounts"]}

@@ -57,6 +57,7 @@ def test_the_apps_tls_settings_never_reach_a_minted_login(ca_pem: str | None) ->
     assert up.channel_binding == "prefer" and up.masking_views
 
 
-def test_unverified_tls_requires_channel_binding() -> None:
-    up = config.minted_upstream(APP, lambda: _creds(sslmode="require", ca_pem=None))()
-    assert up.sslmode == "require" and up.channel_binding == "require"
+@pytest.mark.parametrize("sslmode", ["require", "verify-ca"])
+def test_tls_that_does_not_verify_the_name_requires_channel_binding(sslmode: str) -> None:
+    up = config.minted_upstream(APP, lambda: _creds(sslmode=sslmode, ca_pem=None))()
+    assert up.sslmode == sslmode and up.channel_binding == "require"

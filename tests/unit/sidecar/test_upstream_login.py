@@ -200,3 +200,11 @@ def test_a_minted_login_never_sends_its_password_to_a_server_that_asks_for_it() 
     assert mechanism == auth.SCRAM_SHA_256
     static = login.UpstreamLogin(user="app", password="pw", params={}, nonce="N")
     assert b"pw\0" in static.on_message(_message(messages.authentication(messages.AUTH_CLEARTEXT)))
+
+
+def test_a_server_cannot_stall_the_sidecar_with_a_huge_iteration_count() -> None:
+    state = _minted()
+    state.on_message(_sasl(auth.SCRAM_SHA_256))
+    server_first = b"r=NONCEserver,s=" + base64.b64encode(b"salt") + b",i=2000000000"
+    with pytest.raises(Exception, match="above 1,000,000"):
+        state.on_message(_message(messages.authentication(messages.AUTH_SASL_CONTINUE, server_first)))
