@@ -378,7 +378,9 @@ def _write_bundles(
                 api, item, existing=existing, namespace=namespace, signer=signer, owners=owners, now=now
             ):
                 written.append(item.service_account)
-        except kubeapi.NamespaceTerminating:
+        except (kubeapi.NamespaceTerminating, kubeapi.Conflict):
+            # Nothing is wrong with the bundle: the namespace is going, or someone wrote it since
+            # it was read (the whole reconcile runs again in a second, from a fresh read).
             raise
         except Exception as err:  # each bundle on its own: reported, and retried if it may pass
             _log.warning("Writing the bundle of %s/%s failed: %s", namespace, item.service_account, err)

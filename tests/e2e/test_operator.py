@@ -643,7 +643,13 @@ def test_labeled_pod_comes_back_with_the_sidecar(installed: Installed, namespace
         assert upstream["DBGOV_UPSTREAM"] == "postgresql://orders@db.prod:5432/orders"
 
 
-def test_sidecar_gets_the_apps_tls_file_mounts_read_only(installed: Installed, namespace: str) -> None:
+def test_with_minted_credentials_the_sidecar_gets_no_app_tls_mounts(
+    installed: Installed, namespace: str
+) -> None:
+    """The operator mints: the sidecar trusts only its answer and opens none of the app's TLS
+    files, so none of the app's volumes enters it (an app could have named a path inside the
+    sidecar's own code; the webhook would have mounted its volume there). The static-credential
+    form, which carries them, is in tests/unit/operator (injection golden files)."""
     url = (
         "postgresql://orders@db.prod:5432/orders?sslmode=verify-full&sslrootcert=/etc/db-ca/ca.crt"
         "&sslcert=/etc/db-client/tls.crt&sslkey=/etc/db-client/tls.key"
@@ -662,12 +668,8 @@ def test_sidecar_gets_the_apps_tls_file_mounts_read_only(installed: Installed, n
     stored = installed.core.api_client.sanitize_for_serialization(
         installed.core.read_namespaced_pod("tls-app", namespace)
     )
-    expected = [
-        {"name": "db-ca", "mountPath": "/etc/db-ca/ca.crt", "subPath": "ca.crt", "readOnly": True},
-        {"name": "db-client", "mountPath": "/etc/db-client", "readOnly": True},
-    ]
-    assert stored["spec"]["initContainers"][0]["volumeMounts"][2:] == expected
-    assert [m.name for m in created.spec.init_containers[0].volume_mounts][2:] == ["db-ca", "db-client"]
+    assert stored["spec"]["initContainers"][0]["volumeMounts"][2:] == []
+    assert [m.name for m in created.spec.init_containers[0].volume_mounts] == ["dbgov-token", "dbgov-policy"]
     # Created again from the stored pod (its sidecar, volumes and status annotation included): a
     # pod cannot arrive claiming what only the webhook adds (controllers create from templates).
     again = copy.deepcopy(stored)
@@ -677,13 +679,14 @@ def test_sidecar_gets_the_apps_tls_file_mounts_read_only(installed: Installed, n
     assert error.status == 400 and "only the dbgov webhook writes it" in error.body
 
 
-def test_tls_file_outside_every_mount_refuses_the_pod(installed: Installed, namespace: str) -> None:
+def test_a_tls_file_only_the_app_has_does_not_matter_with_minted_credentials(
+    installed: Installed, namespace: str
+) -> None:
     url = "postgresql://db.prod/orders?sslmode=verify-full&sslrootcert=/app/ca.pem"  # in the image
     app = pod("tls-baked", labels=ENROLLED, annotations={"dbgov.io/database-url-env": "DATABASE_URL"})
     app["spec"]["containers"][0]["env"] = [{"name": "DATABASE_URL", "value": url}]
-    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, app))
-    assert error.status == 400
-    assert "sslrootcert=/app/ca.pem, which no volumeMount of that container holds" in str(error.body)
+    created = installed.core.create_namespaced_pod(namespace, app)
+    assert [m.name for m in created.spec.init_containers[0].volume_mounts] == ["dbgov-token", "dbgov-policy"]
 
 
 def test_pg_tls_variables_reach_the_sidecar_and_the_app_gets_disable(
@@ -717,23 +720,24 @@ def test_pg_tls_variables_reach_the_sidecar_and_the_app_gets_disable(
         "postgresql://$(DBGOV_UPSTREAM_PGHOST):$(DBGOV_UPSTREAM_PGPORT)"
         "?sslmode=$(DBGOV_UPSTREAM_PGSSLMODE)&channel_binding=require&sslrootcert=/etc/db-ca/ca.crt"
     )
-    assert sidecar["volumeMounts"][2:] == [{"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True}]
+    assert sidecar["volumeMounts"][2:] == []  # minted: the sidecar opens none of the app's files
     env = {e["name"]: e for e in stored["spec"]["containers"][0]["env"]}
     assert env["PGSSLMODE"] == {"name": "PGSSLMODE", "value": "disable"}
     assert env["PGCHANNELBINDING"] == {"name": "PGCHANNELBINDING", "value": "disable"}
     assert (env["PGHOST"]["value"], env["PGPORT"]["value"]) == ("127.0.0.1", "5432")
 
 
-def test_an_unmounted_pgsslrootcert_refuses_the_pod(installed: Installed, namespace: str) -> None:
+def test_an_unmounted_pgsslrootcert_is_no_matter_with_minted_credentials(
+    installed: Installed, namespace: str
+) -> None:
     app = pod("pgenv-baked", labels=ENROLLED)
     app["spec"]["containers"][0]["env"] = [
         {"name": "PGHOST", "value": "db.prod"},
         {"name": "PGSSLMODE", "value": "verify-full"},
         {"name": "PGSSLROOTCERT", "value": "/app/ca.pem"},  # in the image
     ]
-    error = rejection(lambda: installed.core.create_namespaced_pod(namespace, app))
-    assert error.status == 400
-    assert "PGSSLROOTCERT in container 'app' names /app/ca.pem, which no volumeMount" in str(error.body)
+    created = installed.core.create_namespaced_pod(namespace, app)
+    assert [m.name for m in created.spec.init_containers[0].volume_mounts] == ["dbgov-token", "dbgov-policy"]
 
 
 def test_apiserver_accepts_the_native_sidecars_probes(installed: Installed, namespace: str) -> None:
