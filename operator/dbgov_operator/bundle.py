@@ -30,12 +30,14 @@ import yaml
 from dbgov_operator import annotations
 from dbgov_operator.kubetypes import ConfigMap
 from dbgov_policy import compile as policy_compile
+from dbgov_policy import compose
 from dbgov_sidecar import bundle_signature
 
 BUNDLE_KEY = "policy.yaml"
-CLUSTER_PREFIX = "cluster:"
+CLUSTER_PREFIX = compose.CLUSTER_PREFIX
 """How a ClusterDatabaseAccessPolicy is named among a bundle's components (no namespaced policy
-can take such a name: ``:`` is not allowed in object names)."""
+can take such a name: ``:`` is not allowed in object names); the composition tells baselines
+apart by it."""
 REFUSING = "dbgov:composition-invalid"
 """The component of a bundle whose composition does not compile: one rule, named after why,
 blocks every statement (no policy can take this name either)."""

@@ -121,3 +121,26 @@ def e2e_node(
             yield started
         finally:
             started.stop()
+
+
+@pytest.fixture(scope="module")
+def controller_manager(
+    kube_cluster: kube.KubeCluster, dbgov_crds: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[kube.Process]:
+    """kube-controller-manager (garbage collector and namespace controller only, each with its
+    own ServiceAccount's credentials) for the module that asks for it, stopped by PID at its end
+    so no other module ever runs beside a collector (it would take their ownerless objects)."""
+    try:
+        binary = kube.find_controller_manager()
+    except kube.ToolsMissingError as err:
+        pytest.fail(str(err), pytrace=False)
+    workdir = tmp_path_factory.mktemp("controller-manager")
+    try:
+        process = kube.start_controller_manager(kube_cluster, binary=binary, workdir=workdir)
+    except (RuntimeError, TimeoutError) as err:
+        pytest.fail(f"kube-controller-manager did not start (logs in {workdir}): {err}", pytrace=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+        assert process.popen.poll() is not None, "kube-controller-manager outlived its module"

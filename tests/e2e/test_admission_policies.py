@@ -516,27 +516,6 @@ def test_the_real_kubelet_still_mints_the_sidecar_token_under_the_policy(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def controller_manager(
-    kube_cluster: kube.KubeCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[kube.Process]:
-    """kube-controller-manager (garbage collector and namespace controller, each with its own
-    ServiceAccount's credentials) for the tests below, stopped by PID at the module's end."""
-    try:
-        binary = kube.find_controller_manager()
-    except kube.ToolsMissingError as err:
-        pytest.fail(str(err), pytrace=False)
-    workdir = tmp_path_factory.mktemp("vap-controller-manager")
-    try:
-        process = kube.start_controller_manager(kube_cluster, binary=binary, workdir=workdir)
-    except (RuntimeError, TimeoutError) as err:
-        pytest.fail(f"kube-controller-manager did not start (logs in {workdir}): {err}", pytrace=False)
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
 def test_the_collector_and_the_namespace_controller_still_delete_bundles(
     policies: Policies, kube_cluster: kube.KubeCluster, controller_manager: kube.Process
 ) -> None:
