@@ -229,3 +229,34 @@ def test_a_copy_of_the_table_is_not_a_write_to_it() -> None:
         "allow",
         "default",
     )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "PREPARE p AS MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN MATCHED THEN DELETE",
+        "WITH x AS (MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN MATCHED THEN DELETE"
+        " RETURNING 1) SELECT 1",
+        "BEGIN; MERGE INTO shop.orders o USING (VALUES (1)) v(id) ON o.id = v.id WHEN MATCHED THEN DELETE; COMMIT",
+    ],
+)
+def test_what_a_statement_does_is_judged_where_it_hides(sql: str) -> None:
+    """A prepared statement, a writable CTE or a batch: the held delete inside is held."""
+    assert decide([HOLD_DELETES], sql)[0] == "approve"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "BEGIN; DROP SCHEMA shop CASCADE; COMMIT",
+        'ALTER SCHEMA "shop" RENAME TO s2',
+        "ALTER SCHEMA SHOP RENAME TO s2",  # folded to shop, as the server does
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql SET search_path = pg_catalog AS $$ DROP SCHEMA shop CASCADE $$",
+    ],
+)
+def test_schema_reach_is_judged_in_batches_bodies_and_every_spelling(sql: str) -> None:
+    assert decide([BLOCK_SALARIES], sql)[0] == "block"
+
+
+def test_a_quoted_schema_of_another_case_is_another_schema() -> None:
+    assert decide([BLOCK_SALARIES], 'ALTER SCHEMA "Shop" RENAME TO s2')[0] == "allow"
